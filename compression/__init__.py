@@ -1,0 +1,50 @@
+"""Pure-PyTorch low-rank compression: layers, statistics, methods, allocation, surgery.
+
+Nothing in this package imports Lightning.  The public entry point is :func:`compress_`::
+
+    stats = collect_stats(model, names, calibration_batches)
+    report = compress_(model, CompressionConfig(method="svd_llm", ratio=0.2), stats)
+"""
+
+from compression.api import CompressionConfig, compress_
+from compression.lowrank import LowRankLinear, rank_for_ratio
+from compression.methods import (
+    METHODS,
+    ASVDConfig,
+    MethodConfig,
+    SVDConfig,
+    build_method,
+    method_config_from_dict,
+)
+from compression.plan import apply_plan, load_plan, merge_lowrank_, save_plan
+from compression.report import CompressionReport, LayerReport
+from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
+from compression.targets import eligible_linears, select_targets
+from compression.whitening import SVDLLMConfig, SVDLLMV2Config
+
+__all__ = [
+    "METHODS",
+    "ASVDConfig",
+    "ActivationStats",
+    "ChannelStats",
+    "CompressionConfig",
+    "CompressionReport",
+    "LayerReport",
+    "LowRankLinear",
+    "MethodConfig",
+    "SVDConfig",
+    "SVDLLMConfig",
+    "SVDLLMV2Config",
+    "StatsCollector",
+    "apply_plan",
+    "build_method",
+    "collect_stats",
+    "compress_",
+    "eligible_linears",
+    "load_plan",
+    "merge_lowrank_",
+    "method_config_from_dict",
+    "rank_for_ratio",
+    "save_plan",
+    "select_targets",
+]

@@ -1,0 +1,224 @@
+"""Decomposition methods: one config dataclass and one registered handler each.
+
+Every method factorizes a weight ``W (m x n)`` in some transformed space
+
+    W T = U Σ Vᵀ      (T an invertible n x n transform chosen from calibration statistics)
+
+keeps the top ``r`` singular triplets and maps back:
+
+    W' = U_r Σ_r V_rᵀ T⁻¹,   up = U_r Σ_r^(1-β),   down = Σ_r^β V_rᵀ T⁻¹        (β = 0.5 by default)
+
+The singular values of ``W T`` measure the loss the method optimises; the theoretical
+truncation loss at rank ``r`` is ``sqrt(Σ_{i>r} σ_i²)``:
+
+- ``svd``: ``T = I``; loss = ``‖W - W'‖_F``.
+- ``asvd``: ``T = diag(s)``, ``s_j = (mean_t |x_tj|)^α`` (or max); loss in the scaled space.
+- ``svd_llm`` / ``svd_llm_v2`` (:mod:`compression.whitening`): ``T T ᵀ = XᵀX``; the loss is
+  exactly the output error ``‖(W - W') Xᵀ‖_F`` on the calibration tokens.
+
+A handler has two steps so that rank allocation can look at every layer's spectrum
+before any layer is cut: :meth:`Method.spectrum` (singular values only) and
+:meth:`Method.decompose` (factors at a given rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from compression.stats import ChannelStats
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Factors:
+    """``up (m x r)``, ``down (r x n)`` in float64, and the truncation loss in the method's space."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    truncation_loss: float
+    total_energy: float  # ‖W T‖_F², so truncation_loss² / total_energy is the dropped fraction
+
+    @property
+    def relative_loss(self) -> float:
+        return (self.truncation_loss**2 / self.total_energy) ** 0.5 if self.total_energy > 0 else 0.0
+
+
+@dataclass
+class MethodConfig:
+    """Base of the per-method configs.  ``beta`` splits Σ: down gets Σ^β, up gets Σ^(1-β)."""
+
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.method_name(), **dataclasses.asdict(self)}
+
+    @classmethod
+    def method_name(cls) -> str:
+        for name, method in METHODS.items():
+            if method.config_type is cls:
+                return name
+        raise KeyError(f"{cls.__name__} is not registered")
+
+
+class Method:
+    """A registered decomposition; subclasses set ``name``, ``config_type`` and ``transform``."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[MethodConfig]]
+    needs: ClassVar[frozenset[str]] = frozenset()  # statistics fields: {"gram"} / {"abs"} / {}
+
+    def __init__(self, config: MethodConfig) -> None:
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"method {self.name!r} takes {self.config_type.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # -- to implement -----------------------------------------------------------------------------
+    def transformed(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> tuple[torch.Tensor, object]:
+        """``(W T, ctx)``: the matrix whose SVD is truncated and whatever ``unmap`` needs."""
+        raise NotImplementedError
+
+    def unmap(self, right: torch.Tensor, ctx: object) -> torch.Tensor:
+        """``right (r x n)`` in the transformed space -> ``right T⁻¹``."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------
+    def check_stats(self, stats: ChannelStats | None, name: str) -> None:
+        if not self.needs:
+            return
+        if stats is None:
+            raise ValueError(f"method {self.name!r} needs calibration statistics for layer {name!r}; none given")
+        if "gram" in self.needs and stats.gram is None:
+            raise ValueError(f"method {self.name!r} needs a Gram matrix for layer {name!r}; "
+                             "collect statistics with with_gram=True")
+        if stats.count == 0:
+            raise ValueError(f"statistics for layer {name!r} saw no tokens; did calibration run?")
+        stats.check_finite(name)
+
+    @torch.no_grad()
+    def spectrum(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:
+        """Singular values (descending, float64) of the transformed weight."""
+        self.check_stats(stats, name)
+        mat, _ = self.transformed(weight.detach().double(), stats, name)
+        return torch.linalg.svdvals(mat)
+
+    @torch.no_grad()
+    def decompose(self, weight: torch.Tensor, stats: ChannelStats | None, rank: int, name: str) -> Factors:
+        """Factors of ``weight (m x n)`` at ``rank``, in float64 on the weight's device."""
+        self.check_stats(stats, name)
+        mat, ctx = self.transformed(weight.detach().double(), stats, name)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        if not (torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()):
+            raise FloatingPointError(f"SVD of layer {name!r} produced non-finite values")
+        rank = min(rank, s.numel())
+        beta = self.config.beta
+        s_r = s[:rank]
+        up = u[:, :rank] * s_r.pow(1.0 - beta)
+        down = self.unmap(s_r.pow(beta)[:, None] * vh[:rank], ctx)
+        tail = s[rank:]
+        factors = Factors(up, down, float(tail.square().sum().sqrt()), float(s.square().sum()))
+        if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
+            raise FloatingPointError(f"decomposition of layer {name!r} produced non-finite factors")
+        return factors
+
+
+def build_method(config: MethodConfig | str, **kwargs: object) -> Method:
+    """Method from a config instance, or from a registered name plus that config's fields."""
+    if isinstance(config, str):
+        if config not in METHODS:
+            raise ValueError(f"unknown compression method {config!r}; choose one of {sorted(METHODS)}")
+        method_cls = METHODS[config]
+        try:
+            config = method_cls.config_type(**kwargs)
+        except TypeError as err:
+            fields = [f.name for f in dataclasses.fields(method_cls.config_type)]
+            raise ValueError(f"bad arguments for method {method_cls.name!r}: {err}; valid fields: {fields}") from None
+    elif kwargs:
+        raise ValueError("pass method arguments inside the config instance, not as keywords")
+    for method_cls in METHODS.values():
+        if type(config) is method_cls.config_type:
+            return method_cls(config)
+    raise ValueError(f"no method registered for config type {type(config).__name__}; known: {sorted(METHODS)}")
+
+
+def method_config_from_dict(data: dict) -> MethodConfig:
+    """Inverse of :meth:`MethodConfig.to_dict`."""
+    data = dict(data)
+    name = data.pop("name")
+    return build_method(name, **data).config
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SVDConfig(MethodConfig):
+    """Plain truncated SVD of the weight: no calibration data."""
+
+
+@register
+class SVD(Method):
+    name = "svd"
+    config_type = SVDConfig
+
+    def transformed(self, weight, stats, name):
+        return weight, None
+
+    def unmap(self, right, ctx):
+        return right
+
+
+@dataclass
+class ASVDConfig(MethodConfig):
+    """ASVD: scale input channels by ``s = stat^alpha`` before the SVD.
+
+    ``scaling``: ``"abs_mean"`` (mean |x| per channel) or ``"abs_max"``.
+    ``alpha``: the exponent (0.5 in the paper).  ``floor``: channels whose statistic is below
+    ``floor * max`` are clamped there so the inverse scaling stays finite.
+    """
+
+    scaling: str = "abs_mean"
+    alpha: float = 0.5
+    floor: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scaling not in ("abs_mean", "abs_max"):
+            raise ValueError(f"asvd scaling must be 'abs_mean' or 'abs_max', got {self.scaling!r}")
+        if not 0.0 < self.alpha <= 2.0:
+            raise ValueError(f"asvd alpha must lie in (0, 2], got {self.alpha}")
+        if not 0.0 < self.floor < 1.0:
+            raise ValueError(f"asvd floor must lie in (0, 1), got {self.floor}")
+
+
+@register
+class ASVD(Method):
+    name = "asvd"
+    config_type = ASVDConfig
+    needs = frozenset({"abs"})
+
+    def transformed(self, weight, stats, name):
+        cfg: ASVDConfig = self.config  # type: ignore[assignment]
+        stat = stats.abs_mean if cfg.scaling == "abs_mean" else stats.abs_max
+        stat = stat.to(weight.device, torch.float64)
+        if float(stat.max()) <= 0.0:
+            raise ValueError(f"asvd: every input channel of layer {name!r} was zero during calibration")
+        scale = stat.clamp_min(cfg.floor * float(stat.max())).pow(cfg.alpha)
+        return weight * scale, scale
+
+    def unmap(self, right, ctx):
+        return right / ctx

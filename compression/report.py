@@ -1,0 +1,103 @@
+"""What a compression run did, layer by layer, with the real parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One factorized layer.  ``truncation_loss = sqrt(Σ dropped σ²)`` in the method's space
+    (for ``svd_llm``/``svd_llm_v2`` the calibration output error ``‖(W-W')Xᵀ‖_F``)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    params_before: int
+    params_after: int
+    ratio_assigned: float
+    truncation_loss: float
+    relative_loss: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    allocation: str
+    ratio: float
+    layers: list[LayerReport]
+    model_params_before: int
+    model_params_after: int
+    plan: dict
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def targeted_params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def targeted_params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def params_ratio(self) -> float:
+        """Measured fraction of the targeted parameters removed (compare with ``ratio`` asked)."""
+        before = self.targeted_params_before
+        return 1.0 - self.targeted_params_after / before if before else 0.0
+
+    @property
+    def model_params_ratio(self) -> float:
+        """Measured fraction of the whole model's parameters removed."""
+        return 1.0 - self.model_params_after / self.model_params_before
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            "method": self.method,
+            "allocation": self.allocation,
+            "ratio_asked": self.ratio,
+            "layers": len(self.layers),
+            "targeted_params_before": self.targeted_params_before,
+            "targeted_params_after": self.targeted_params_after,
+            "params_ratio": self.params_ratio,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_params_ratio": self.model_params_ratio,
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.summary(),
+            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "skipped": dict(self.skipped),
+            "plan": self.plan,
+        }
+
+    def to_table(self, max_rows: int | None = None) -> str:
+        """A fixed-width text table (also logged to TensorBoard as text)."""
+        rows = self.layers if max_rows is None else self.layers[:max_rows]
+        width = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'rank':>5}  {'params':>17}  {'ratio':>6}  {'rel.loss':>8}"]
+        for r in rows:
+            shape = f"{r.out_features}x{r.in_features}"
+            params = f"{r.params_before}->{r.params_after}"
+            lines.append(
+                f"{r.name:<{width}}  {shape:>11}  {r.rank:>5}  {params:>17}  "
+                f"{1 - r.params_after / r.params_before:>6.3f}  {r.relative_loss:>8.4f}"
+            )
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        s = self.summary()
+        lines.append(
+            f"{self.method} / {self.allocation}: asked ratio {self.ratio:.3f}, removed {s['params_ratio']:.4f} of "
+            f"{s['targeted_params_before']:,} targeted parameters; model {s['model_params_before']:,} -> "
+            f"{s['model_params_after']:,} ({s['model_params_ratio']:.4f} removed) in {self.seconds:.1f} s"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Which ``nn.Linear`` layers a compression run touches.
+
+Patterns are shell-style globs (``fnmatch``) on the full module name; a pattern also
+matches any name that *ends* in ``.<pattern>``, so ``q_proj`` selects every
+``...self_attn.q_proj`` and ``model.layers.0.*`` one block.  Every pattern given --
+target, exclude or override -- must match at least one eligible layer, otherwise the run
+stops with the names that were available (a typo never silently compresses nothing).
+
+Default filter (always applied, reported as skips):
+- only plain ``nn.Linear`` (not subclasses, not layers of another kind);
+- not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly);
+- not an output layer whose weight is tied to an ``nn.Embedding``;
+- not a factor of an already compressed :class:`~compression.lowrank.LowRankLinear`, and
+  not an already compressed layer (rerunning compression changes nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from compression.lowrank import LowRankLinear
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
+
+
+@dataclass
+class Selection:
+    """Selected layer names, in model order, and ``name -> reason`` for eligible-looking skips."""
+
+    names: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _tied_embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """``(name -> layer)`` of layers the default filter allows, and ``name -> reason`` of the rest."""
+    embeddings = _tied_embedding_weights(model)
+    lowrank_children: set[str] = set()
+    mha_out: set[str] = set()
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LowRankLinear):
+            lowrank_children.update({prefix + "down", prefix + "up"})
+            skipped[name] = "already compressed"
+        elif isinstance(module, nn.MultiheadAttention):
+            mha_out.add(prefix + "out_proj")
+    eligible: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in lowrank_children:
+            continue
+        if name in mha_out:
+            skipped[name] = "nn.MultiheadAttention.out_proj (read directly by MHA)"
+        elif type(module) is not nn.Linear:
+            skipped[name] = f"not a plain nn.Linear ({type(module).__name__})"
+        elif id(module.weight) in embeddings:
+            skipped[name] = "weight tied to an input embedding"
+        else:
+            eligible[name] = module
+    return eligible, skipped
+
+
+def _unmatched_error(kind: str, pattern: str, names: Sequence[str]) -> ValueError:
+    preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return ValueError(
+        f"{kind} pattern {pattern!r} matches no eligible nn.Linear layer. "
+        f"Eligible layers ({len(names)}): {preview or 'none'}"
+    )
+
+
+def select_targets(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+) -> Selection:
+    """Eligible layers matching any of ``targets`` (all eligible layers when ``None``) minus ``exclude``.
+
+    ``overrides`` are further patterns that must each match a *selected* layer.
+    """
+    eligible, skipped = eligible_linears(model)
+    names = list(eligible)
+    if targets is not None and len(targets) == 0:
+        raise ValueError("targets is an empty list; give patterns, or None for every eligible layer")
+    if targets is None:
+        chosen = names
+    else:
+        for pattern in targets:
+            if not any(name_matches(n, pattern) for n in names):
+                raise _unmatched_error("target", pattern, names)
+        chosen = [n for n in names if any(name_matches(n, p) for p in targets)]
+    for pattern in exclude:
+        if not any(name_matches(n, pattern) for n in chosen):
+            raise _unmatched_error("exclude", pattern, chosen)
+    chosen = [n for n in chosen if not any(name_matches(n, p) for p in exclude)]
+    for pattern in overrides:
+        if not any(name_matches(n, pattern) for n in chosen):
+            raise _unmatched_error("override", pattern, chosen)
+    if not chosen:
+        raise ValueError("no layer left to compress after applying targets and excludes")
+    return Selection(chosen, skipped)
+
+
+def layer_type(name: str) -> str:
+    """Group key for per-type allocation: the name with its numeric parts replaced by ``*``.
+
+    ``model.layers.7.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``.
+    """
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))

@@ -1,0 +1,137 @@
+"""Truncation-aware whitening: SVD-LLM (Cholesky) and SVD-LLM V2 (eigendecomposition).
+
+With calibration tokens ``X (N x n)`` and Gram ``G = XᵀX``, the output error of a rank-r
+replacement ``W'`` of ``W (m x n)`` is
+
+    ‖(W - W') Xᵀ‖_F = ‖(W - W') T‖_F        for any T with T Tᵀ = G.
+
+So truncating the SVD of ``W T`` at rank r gives the *optimal* rank-r output error
+``sqrt(Σ_{i>r} σ_i(W T)²)`` (Eckart-Young), and ``W' = (W T)_r T⁻¹``.
+
+- ``svd_llm``: ``T = L = chol(G)``.  ``T⁻¹`` is applied with a triangular solve, never an
+  explicit inverse.  When G is not positive definite (dead channels, fewer tokens than
+  features, float rounding), a jitter ``ε · mean(diag G)`` is added -- relative to the
+  matrix scale, starting small and growing tenfold until the factorization succeeds --
+  with a warning naming the layer.
+- ``svd_llm_v2``: ``G = Q S Qᵀ`` (eigh), ``T = Q_k √S_k`` over the eigenvalues above
+  ``eig_rtol · max(S)``; the map back is the pseudo-inverse ``√S_k⁻¹ Q_kᵀ``.  This needs
+  no positive definiteness: directions no calibration token visited are simply dropped
+  (W' is zero there), which is still optimal for the output-error objective, e.g. when
+  there are fewer tokens than features.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from compression.methods import Method, MethodConfig, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SVDLLMConfig(MethodConfig):
+    """SVD-LLM whitening.
+
+    ``jitter``: first relative shift ``ε`` tried when the Gram is not positive definite
+    (added as ``ε · mean(diag G) · I``); multiplied by 10 per retry up to ``max_jitter``.
+    """
+
+    jitter: float = 1e-8
+    max_jitter: float = 1e-1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.jitter <= self.max_jitter:
+            raise ValueError(f"need 0 < jitter <= max_jitter, got {self.jitter} and {self.max_jitter}")
+
+
+def _gram(stats, weight: torch.Tensor, name: str) -> torch.Tensor:
+    gram = stats.gram.to(weight.device, torch.float64)
+    if gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"Gram of layer {name!r} is {tuple(gram.shape)}, weight has {weight.shape[1]} inputs")
+    scale = float(gram.diagonal().mean())
+    if scale <= 0.0:
+        raise ValueError(f"layer {name!r}: every calibration activation was zero; cannot whiten")
+    return gram
+
+
+def cholesky_with_jitter(gram: torch.Tensor, name: str, jitter: float, max_jitter: float) -> torch.Tensor:
+    """Lower ``L`` with ``L Lᵀ = G (+ ε·mean(diag G)·I)``; warns naming the layer when ε was needed."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return chol
+    scale = float(gram.diagonal().mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    eps = jitter
+    while eps <= max_jitter * (1 + 1e-12):
+        chol, info = torch.linalg.cholesky_ex(gram + (eps * scale) * eye)
+        if int(info) == 0:
+            log.warning(
+                "layer %r: Gram matrix not positive definite; added jitter %.1e x mean(diag) = %.3e. "
+                "More (or more varied) calibration tokens avoid this; svd_llm_v2 needs no jitter.",
+                name, eps, eps * scale,
+            )
+            return chol
+        eps *= 10.0
+    raise torch.linalg.LinAlgError(
+        f"layer {name!r}: Cholesky of the Gram matrix failed even with jitter {max_jitter:g} x mean(diag); "
+        "use method 'svd_llm_v2' (eigendecomposition, no positive definiteness needed)"
+    )
+
+
+@register
+class SVDLLM(Method):
+    name = "svd_llm"
+    config_type = SVDLLMConfig
+    needs = frozenset({"gram"})
+
+    def transformed(self, weight, stats, name):
+        cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
+        chol = cholesky_with_jitter(_gram(stats, weight, name), name, cfg.jitter, cfg.max_jitter)
+        return weight @ chol, chol
+
+    def unmap(self, right, ctx):
+        # right · L⁻¹ via a triangular solve of X L = right
+        return torch.linalg.solve_triangular(ctx, right, upper=False, left=False)
+
+
+@dataclass
+class SVDLLMV2Config(MethodConfig):
+    """SVD-LLM V2 loss-optimized truncation.
+
+    ``eig_rtol``: eigenvalues of the Gram below ``eig_rtol · max`` are treated as zero
+    (directions the calibration data never visited).
+    """
+
+    eig_rtol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.eig_rtol < 1.0:
+            raise ValueError(f"eig_rtol must lie in (0, 1), got {self.eig_rtol}")
+
+
+@register
+class SVDLLMV2(Method):
+    name = "svd_llm_v2"
+    config_type = SVDLLMV2Config
+    needs = frozenset({"gram"})
+
+    def transformed(self, weight, stats, name):
+        cfg: SVDLLMV2Config = self.config  # type: ignore[assignment]
+        evals, evecs = torch.linalg.eigh(_gram(stats, weight, name))
+        keep = evals > cfg.eig_rtol * float(evals.max())
+        dropped = int((~keep).sum())
+        if dropped:
+            log.info("layer %r: %d of %d Gram directions unseen in calibration are dropped", name, dropped,
+                     evals.numel())
+        q, root = evecs[:, keep], evals[keep].sqrt()
+        return (weight @ q) * root, (q, root)
+
+    def unmap(self, right, ctx):
+        q, root = ctx
+        return (right / root) @ q.T

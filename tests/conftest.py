@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models built in-process, deterministic seeds, CPU threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def make_tiny_llama(seed: int = 0, tie: bool = True):
+    """A random-init LLaMA with grouped-query attention (4 query heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def token_batches():
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128, (2, 24), generator=g)} for _ in range(4)]

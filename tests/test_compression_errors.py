@@ -1,0 +1,131 @@
+"""Bad input stops with a clear error naming the field or layer, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression import (
+    CompressionConfig,
+    LowRankLinear,
+    SVDLLMConfig,
+    build_method,
+    collect_stats,
+    compress_,
+    eligible_linears,
+)
+from compression.methods import Method
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    state, types = snap
+    assert [type(m) for m in model.modules()] == types
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(state[k], now[k]) for k in state)
+
+
+@pytest.fixture
+def stats(tiny_llama, token_batches):
+    return collect_stats(tiny_llama, list(eligible_linears(tiny_llama)[0]), token_batches)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_ratio_outside_open_interval(ratio):
+    with pytest.raises(ValueError, match=r"ratio must lie in \(0, 1\).*REMOVED"):
+        CompressionConfig("svd", ratio=ratio)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown compression method 'svdllm'.*svd_llm"):
+        CompressionConfig("svdllm")
+    with pytest.raises(ValueError, match="valid fields"):
+        build_method("asvd", alpah=0.5)
+    with pytest.raises(ValueError, match="scaling"):
+        build_method("asvd", scaling="rms")
+
+
+def test_unknown_allocation_and_bad_override():
+    with pytest.raises(ValueError, match="unknown allocation"):
+        CompressionConfig("svd", allocation="greedy")
+    with pytest.raises(ValueError, match="override 'q_proj'"):
+        CompressionConfig("svd", overrides={"q_proj": {"rank": 0}})
+    with pytest.raises(ValueError, match="override 'q_proj'"):
+        CompressionConfig("svd", overrides={"q_proj": {"keep": 3}})
+
+
+@pytest.mark.parametrize("field", ["targets", "exclude", "overrides"])
+def test_pattern_matching_nothing(tiny_llama, stats, field):
+    snap = snapshot(tiny_llama)
+    kwargs = {"targets": ["q_porj"], "exclude": ["q_porj"], "overrides": {"q_porj": {"ratio": 0.5}}}
+    with pytest.raises(ValueError, match=r"pattern 'q_porj' matches no eligible.*model.layers.0.self_attn.q_proj"):
+        compress_(tiny_llama, CompressionConfig("svd_llm", **{field: kwargs[field]}), stats)
+    assert_unchanged(tiny_llama, snap)
+
+
+@pytest.mark.parametrize("field", ["gram", "abs_sum", "abs_max"])
+def test_non_finite_statistics_name_layer_and_field(tiny_llama, stats, field):
+    snap = snapshot(tiny_llama)
+    getattr(stats["model.layers.1.mlp.down_proj"], field)[3] = float("inf") if field != "gram" else float("nan")
+    method = "asvd" if field != "gram" else "svd_llm"
+    with pytest.raises(FloatingPointError, match=rf"model.layers.1.mlp.down_proj.*{field}"):
+        compress_(tiny_llama, CompressionConfig(method, ratio=0.2), stats)
+    assert_unchanged(tiny_llama, snap)
+
+
+def test_missing_statistics(tiny_llama):
+    snap = snapshot(tiny_llama)
+    with pytest.raises(ValueError, match="needs calibration statistics for layer 'model.layers.0.self_attn.q_proj'"):
+        compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), stats=None)
+    assert_unchanged(tiny_llama, snap)
+
+
+def test_non_finite_weight(tiny_llama, stats):
+    tiny_llama.model.layers[0].mlp.up_proj.weight.data[1, 1] = float("nan")
+    snap = snapshot(tiny_llama)
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj"):
+        compress_(tiny_llama, CompressionConfig("svd", ratio=0.2))
+    # NaN != NaN, so compare structure only
+    assert [type(m) for m in tiny_llama.modules()] == snap[1]
+
+
+def test_failure_midway_restores_every_layer(tiny_llama, stats, monkeypatch):
+    snap = snapshot(tiny_llama)
+    original = Method.decompose
+    calls = []
+
+    def failing(self, weight, st, rank, name):
+        calls.append(name)
+        if len(calls) == 9:
+            raise FloatingPointError(f"SVD of layer {name!r} produced non-finite values")
+        return original(self, weight, st, rank, name)
+
+    monkeypatch.setattr(Method, "decompose", failing)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), stats)
+    assert len(calls) == 9
+    assert_unchanged(tiny_llama, snap)
+
+
+def test_cholesky_gives_up_with_advice():
+    stats_gram = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=torch.float64))  # indefinite
+    from compression import ChannelStats
+
+    s = ChannelStats(4)
+    s.gram, s.count = stats_gram, 10
+    with pytest.raises(torch.linalg.LinAlgError, match="svd_llm_v2"):
+        build_method(SVDLLMConfig(max_jitter=1e-2)).decompose(torch.randn(3, 4), s, 2, "odd")
+
+
+def test_mha_out_proj_is_never_targeted():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    model.add_module("mha", torch.nn.MultiheadAttention(8, 2))
+    eligible, skipped = eligible_linears(model)
+    assert list(eligible) == ["0"]
+    assert "mha.out_proj" in skipped
+    with pytest.raises(ValueError, match="'out_proj' matches no eligible"):
+        compress_(model, CompressionConfig("svd", targets=["out_proj"]))
