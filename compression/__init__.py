@@ -6,7 +6,7 @@ Nothing in this package imports Lightning.  The public entry point is :func:`com
     report = compress_(model, CompressionConfig(method="svd_llm", ratio=0.2), stats)
 """
 
-from compression.api import CompressionConfig, compress_
+from compression.api import Allocation, CompressionConfig, allocate, compress_
 from compression.lowrank import LowRankLinear, rank_for_ratio
 from compression.methods import (
     METHODS,
@@ -23,6 +23,8 @@ from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
 
 __all__ = [
+    "Allocation",
+    "allocate",
     "METHODS",
     "ASVDConfig",
     "ActivationStats",

@@ -4,7 +4,7 @@ Order of work, chosen so that bad input never leaves a half-compressed model:
 
 1. select target layers (every pattern must match), build the method, resolve overrides;
 2. check that statistics exist and are finite for every layer that needs them;
-3. allocate per-layer ratios (``uniform`` / ``v2``) and ranks;
+3. allocate per-layer ranks (:func:`allocate`: fixed ranks, overrides, ``uniform`` / ``v2``);
 4. decompose and swap layer by layer, keeping the originals; if any layer fails (e.g. a
    non-finite SVD), every swapped layer is put back before the error propagates.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from compression import allocation as alloc
 from compression.lowrank import LowRankLinear, linear_num_parameters, rank_for_ratio
-from compression.methods import Method, MethodConfig, build_method
+from compression.methods import MethodConfig, build_method
 from compression.plan import make_plan, set_submodule
 from compression.report import CompressionReport, LayerReport
 from compression.stats import ActivationStats
@@ -53,6 +53,8 @@ class CompressionConfig:
         overrides: ordered ``pattern -> {"ratio": x}`` or ``{"rank": r}``; the first
             matching pattern fixes that layer's ratio or rank, outside the allocation.
         max_ratio: upper bound on any one layer's removal ratio under ``v2``.
+        ranks: exact layer name -> rank, decided beforehand by an allocator (e.g. the
+            rank-reallocation callback); these layers skip ``allocation`` and ``overrides``.
         device: where the float64 maths runs (default: each layer's own device).
     """
 
@@ -63,6 +65,7 @@ class CompressionConfig:
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     max_ratio: float = 0.95
+    ranks: dict[str, int] = field(default_factory=dict)
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -79,42 +82,67 @@ class CompressionConfig:
                 _check_ratio(float(spec["ratio"]), f"override {pattern!r} ratio")
             elif int(spec["rank"]) < 1:
                 raise ValueError(f"override {pattern!r} rank must be >= 1, got {spec['rank']}")
+        for name, rank in self.ranks.items():
+            if int(rank) < 1:
+                raise ValueError(f"rank for layer {name!r} must be >= 1, got {rank}")
 
 
-def _resolve_ranks(
+@dataclass
+class Allocation:
+    """Per-layer decision: ``ranks[name]``, the removal ratio each stands for, and (for ``v2``)
+    the singular values it was derived from (float64, CPU)."""
+
+    ranks: dict[str, int]
+    ratios: dict[str, float]
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def allocate(
+    model: nn.Module,
     config: CompressionConfig,
-    method: Method,
-    layers: dict[str, nn.Linear],
-    stats: ActivationStats | None,
-    device: torch.device | None,
-) -> dict[str, tuple[int, float]]:
-    """``name -> (rank, assigned ratio)``."""
-    fixed: dict[str, dict[str, float]] = {}
+    stats: ActivationStats | None = None,
+    layers: dict[str, nn.Linear] | None = None,
+) -> Allocation:
+    """Decide every targeted layer's rank without touching the model.
+
+    Precedence: ``config.ranks`` (exact names) > ``config.overrides`` (first matching
+    pattern) > ``config.allocation`` over the remaining layers at ``config.ratio``.
+    """
+    if layers is None:
+        selection = select_targets(model, config.targets, config.exclude, list(config.overrides))
+        layers = {n: model.get_submodule(n) for n in selection.names}
+    unknown = sorted(set(config.ranks) - set(layers))
+    if unknown:
+        raise ValueError(f"ranks given for layers that are not targeted: {unknown[:5]}")
+    method = build_method(config.method)
+    device = torch.device(config.device) if config.device else None
+    fixed: dict[str, dict[str, float]] = {n: {"rank": int(r)} for n, r in config.ranks.items()}
     for name in layers:
+        if name in fixed:
+            continue
         for pattern, spec in config.overrides.items():
             if name_matches(name, pattern):
                 fixed[name] = dict(spec)
                 break
     free = [n for n in layers if n not in fixed]
     shapes = {n: (layers[n].out_features, layers[n].in_features) for n in layers}
+    spectra: dict[str, torch.Tensor] = {}
     if config.allocation == "v2" and free:
-        spectra = {
-            n: method.spectrum(_weight(layers[n], device), _stats_for(stats, n), n).cpu() for n in free
-        }
+        spectra = {n: method.spectrum(_weight(layers[n], device), _stats_for(stats, n), n).cpu() for n in free}
         ratios = alloc.v2_ratios({n: shapes[n] for n in free}, spectra, config.ratio, config.max_ratio)
     else:
         ratios = alloc.uniform_ratios(free, config.ratio)
-    out: dict[str, tuple[int, float]] = {}
+    out = Allocation({}, {}, spectra)
     for name in layers:
         m, n = shapes[name]
         if name in fixed and "rank" in fixed[name]:
             rank = int(fixed[name]["rank"])
             if rank > min(m, n):
-                raise ValueError(f"override rank {rank} for layer {name!r} exceeds min{(m, n)} = {min(m, n)}")
-            out[name] = (rank, 1.0 - rank * (m + n) / (m * n))
+                raise ValueError(f"rank {rank} for layer {name!r} exceeds min{(m, n)} = {min(m, n)}")
+            out.ranks[name], out.ratios[name] = rank, 1.0 - rank * (m + n) / (m * n)
         else:
             ratio = float(fixed[name]["ratio"]) if name in fixed else ratios[name]
-            out[name] = (rank_for_ratio(m, n, ratio), ratio)
+            out.ranks[name], out.ratios[name] = rank_for_ratio(m, n, ratio), ratio
     return out
 
 
@@ -152,13 +180,13 @@ def compress_(
             method.check_stats(_stats_for(stats, name), name)
     device = torch.device(config.device) if config.device else None
     model_params_before = sum(p.numel() for p in model.parameters())
-    ranks = _resolve_ranks(config, method, layers, stats, device)
+    allocation = allocate(model, config, stats, layers)
 
     swapped: list[tuple[str, nn.Linear]] = []
     reports: list[LayerReport] = []
     try:
         for name, layer in layers.items():
-            rank, ratio = ranks[name]
+            rank, ratio = allocation.ranks[name], allocation.ratios[name]
             factors = method.decompose(_weight(layer, device), _stats_for(stats, name), rank, name)
             rank = factors.up.shape[1]
             new = LowRankLinear.from_linear(layer, rank, factors.up, factors.down)

@@ -145,3 +145,20 @@ def test_whitening_beats_plain_svd_on_calibration_outputs(tiny_llama, token_batc
                 stats[r.name].gram + 1e-9 * torch.eye(w.shape[1], dtype=torch.float64)))))
         losses[method] = errs
     assert all(a <= b * (1 + 1e-6) for a, b in zip(losses["svd_llm"], losses["svd"]))
+
+
+def test_allocate_precedence_ranks_over_overrides_over_allocation(tiny_llama, token_batches):
+    from compression import allocate
+
+    stats = calibrate(tiny_llama, token_batches)
+    q0 = "model.layers.0.self_attn.q_proj"
+    config = CompressionConfig("svd_llm", ratio=0.2, allocation="v2", ranks={q0: 3},
+                               overrides={"q_proj": {"rank": 9}})
+    decided = allocate(tiny_llama, config, stats)
+    assert decided.ranks[q0] == 3 and decided.ranks["model.layers.1.self_attn.q_proj"] == 9
+    assert q0 not in decided.spectra and "model.layers.0.mlp.up_proj" in decided.spectra
+    assert not any(isinstance(m, LowRankLinear) for m in tiny_llama.modules())  # allocation never mutates
+    report = compress_(tiny_llama, config, stats)
+    assert {r.name: r.rank for r in report.layers} == decided.ranks
+    with pytest.raises(ValueError, match="not targeted"):
+        allocate(make_tiny_llama(), CompressionConfig("svd", ranks={"model.nope": 2}))
