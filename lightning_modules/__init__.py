@@ -1,1 +1,6 @@
-"""lightning_modules."""
+"""LightningModules: one generic compression module plus small per-family specs."""
+
+from lightning_modules.module import CompressionModule
+from lightning_modules.specs import CausalLMSpec, ModelSpec
+
+__all__ = ["CausalLMSpec", "CompressionModule", "ModelSpec"]

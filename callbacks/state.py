@@ -1,0 +1,47 @@
+"""What the compression callbacks hand to each other during one run.
+
+The state lives on the LightningModule (``pl_module.compression_state``), never as
+attributes on the layers being compressed.  Compression callbacks expose
+``run_compression_stage(trainer, pl_module)``; ``CompressionModule.configure_model`` calls
+them in ``trainer.callbacks`` order when fitting (collection -> reallocation -> truncation),
+before the strategy wraps the model.  Each checks that what it needs is there and says
+which callback to add or move when it is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lightning.pytorch import LightningModule, Trainer
+
+from compression import ActivationStats, Allocation, CompressionReport
+
+
+@dataclass
+class CompressionState:
+    stats: ActivationStats | None = None
+    allocation: Allocation | None = None
+    allocation_name: str = "uniform"
+    report: CompressionReport | None = None
+    dense_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+
+
+def get_state(pl_module: LightningModule) -> CompressionState:
+    state = getattr(pl_module, "compression_state", None)
+    if state is None:
+        state = CompressionState()
+        pl_module.compression_state = state
+    return state
+
+
+def already_compressed(pl_module: LightningModule) -> bool:
+    """True when the model carries a plan (compressed in this run or restored from a checkpoint)."""
+    return getattr(pl_module, "plan", None) is not None
+
+
+def find_callback(trainer: Trainer, cls: type, needed_by: str):
+    for cb in trainer.callbacks:
+        if isinstance(cb, cls):
+            return cb
+    raise RuntimeError(f"{needed_by} needs a {cls.__name__} callback in trainer.callbacks; add one to the config")

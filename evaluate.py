@@ -1,0 +1,17 @@
+"""Validate or test a dense model or a compressed checkpoint, as a LightningCLI.
+
+    python evaluate.py test --config configs/llm/eval.yaml --ckpt_path outputs/svd_llm/.../compressed.ckpt
+
+A compressed checkpoint carries its compression plan: the factored structure is rebuilt
+before the weights load, with no calibration.
+"""
+
+from lightning_modules.cli import EvaluationCLI
+
+
+def main() -> None:
+    EvaluationCLI()
+
+
+if __name__ == "__main__":
+    main()

