@@ -31,8 +31,8 @@ test-ddp: venv
 lint: venv
 	$(BIN)/ruff check .
 
-demo: venv
-	$(BIN)/python benchmarks/compress_tiny.py
+demo: venv           ## SmolLM2-135M, svd_llm at ratio 0.2, offline; prints dense vs compressed perplexity
+	$(BIN)/python train.py fit --config configs/llm/svd_llm.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

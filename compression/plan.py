@@ -7,25 +7,36 @@ compressed state dict (or checkpoint) can be loaded into a freshly built dense m
      "method": {"name": "svd_llm", "beta": 0.5, ...}, "ratio": 0.2, "allocation": "uniform",
      "layers": {"model.layers.0.self_attn.q_proj":
                 {"rank": 96, "in_features": 576, "out_features": 576, "bias": false}, ...}}
+
+Optional sections (QSVD), each rebuilt by :func:`apply_plan` in this order:
+
+- ``"rotation"``: residual-stream rotation and online Hadamard (:mod:`compression.rotation`);
+- ``"joint_groups"``: ``{"model.layers.0.self_attn": {"members": ["q_proj", "k_proj", "v_proj"],
+  "rank": 240, "in_features": 576, "out_features": [576, 192, 192], "bias": [false, false, false]}}``
+  (:mod:`compression.joint`);
+- ``"layers"`` as above;
+- ``"quantization"``: ``{"weight": {...}, "act": {...}, "layers": [names of QuantLinear]}``
+  (:mod:`compression.quant`), applied last because it names the factors of low-rank layers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 from torch import nn
 
+from compression.io import atomic_write_text
 from compression.lowrank import LowRankLinear
 
 PLAN_FORMAT = "svd-vggt/plan"
 PLAN_VERSION = 1
 
 
-def make_plan(method: dict, ratio: float, allocation: str, layers: dict[str, dict]) -> dict:
-    return {
+def make_plan(method: dict, ratio: float, allocation: str, layers: dict[str, dict],
+              joint_groups: dict[str, dict] | None = None, quantization: dict | None = None,
+              rotation: dict | None = None) -> dict:
+    plan = {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
         "method": dict(method),
@@ -33,6 +44,36 @@ def make_plan(method: dict, ratio: float, allocation: str, layers: dict[str, dic
         "allocation": allocation,
         "layers": {name: dict(spec) for name, spec in layers.items()},
     }
+    for key, value in (("joint_groups", joint_groups), ("quantization", quantization), ("rotation", rotation)):
+        if value:
+            plan[key] = value
+    return plan
+
+
+def merge_plans(*plans: dict) -> dict:
+    """One plan from several steps (e.g. rotation, joint QKV, per-matrix SVD, quantization).
+
+    ``method``/``ratio``/``allocation`` come from the last plan; sections are merged, and a
+    layer or group planned twice is an error.
+    """
+    if not plans:
+        raise ValueError("merge_plans needs at least one plan")
+    for p in plans:
+        validate_plan(p)
+    out = make_plan(plans[-1]["method"], plans[-1]["ratio"], plans[-1]["allocation"], {})
+    for p in plans:
+        for key in ("layers", "joint_groups"):
+            clash = set(out.get(key, {})) & set(p.get(key, {}))
+            if clash:
+                raise ValueError(f"plans both define {key} {sorted(clash)[:3]}")
+            if p.get(key):
+                out.setdefault(key, {}).update(p[key])
+        for key in ("quantization", "rotation"):
+            if key in p:
+                if key in out:
+                    raise ValueError(f"plans both define a {key!r} section")
+                out[key] = p[key]
+    return out
 
 
 def validate_plan(plan: dict) -> None:
@@ -44,6 +85,12 @@ def validate_plan(plan: dict) -> None:
         missing = {"rank", "in_features", "out_features", "bias"} - set(spec)
         if missing:
             raise ValueError(f"plan entry for layer {name!r} lacks {sorted(missing)}")
+    for name, spec in plan.get("joint_groups", {}).items():
+        missing = {"members", "rank", "in_features", "out_features", "bias"} - set(spec)
+        if missing:
+            raise ValueError(f"plan entry for joint group {name!r} lacks {sorted(missing)}")
+    if "quantization" in plan and "layers" not in plan["quantization"]:
+        raise ValueError("plan section 'quantization' lacks 'layers'")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -58,8 +105,28 @@ def apply_plan(model: nn.Module, plan: dict) -> list[str]:
     The factors are freshly initialised: load the compressed weights afterwards.  Layers
     already low-rank at the planned rank are left alone (so applying twice changes
     nothing).  Every entry is checked before anything is replaced; returns the names changed.
+    Optional ``rotation`` / ``joint_groups`` / ``quantization`` sections are rebuilt too (see
+    the module docstring); their changed names are included.
     """
     validate_plan(plan)
+    changed: list[str] = []
+    if "rotation" in plan:
+        from compression.rotation import apply_rotation_plan
+
+        changed += apply_rotation_plan(model, plan["rotation"])
+    if plan.get("joint_groups"):
+        from compression.joint import apply_joint_plan
+
+        changed += apply_joint_plan(model, plan["joint_groups"])
+    changed += _apply_lowrank(model, plan)
+    if "quantization" in plan:
+        from compression.quant import apply_quant_plan
+
+        changed += apply_quant_plan(model, plan["quantization"])
+    return changed
+
+
+def _apply_lowrank(model: nn.Module, plan: dict) -> list[str]:
     todo: list[tuple[str, nn.Linear, int]] = []
     for name, spec in plan["layers"].items():
         try:
@@ -94,20 +161,9 @@ def merge_lowrank_(model: nn.Module) -> list[str]:
 
 
 def save_plan(plan: dict, path: str | os.PathLike) -> None:
-    """Write the plan as JSON atomically (temp file in the same folder, then rename)."""
+    """Write the plan as JSON atomically."""
     validate_plan(plan)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(plan, indent=1, sort_keys=True))
 
 
 def load_plan(path: str | os.PathLike) -> dict:

@@ -26,7 +26,7 @@ class CompressionCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
         self._start = time.perf_counter()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", {"plugins": [AtomicCheckpointIO()]})
+        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO"}]})
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(CompressionModule, LightningDataModule, subclass_mode_data=True, **kwargs)
 
