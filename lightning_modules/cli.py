@@ -26,13 +26,15 @@ class CompressionCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
         self._start = time.perf_counter()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO"}]})
+        atomic_io = {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
+        kwargs.setdefault("trainer_defaults", {"plugins": [atomic_io]})
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(CompressionModule, LightningDataModule, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="After fit, test on every test corpus and print the dense-vs-compressed summary.")
+                            help="After fit, validate and test on every test corpus and print the dense-vs-compressed "
+                                 "summary.")
         parser.add_argument("--save_compressed", type=bool, default=True,
                             help="After fit, write <log_dir>/compressed.ckpt (atomic; carries the plan).")
 
@@ -47,6 +49,8 @@ class CompressionCLI(LightningCLI):
             self.trainer.save_checkpoint(ckpt)
         results = {}
         if cfg.get("test_after_fit", True) and self.datamodule is not None:
+            # validation logs val/ppl to TensorBoard even when fit trained nothing (max_steps: 0)
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             out = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             for d in out:
                 results.update({k: float(v) for k, v in d.items()})

