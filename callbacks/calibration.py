@@ -70,6 +70,14 @@ class WhiteningCollection(Callback):
         total = len(loader) if hasattr(loader, "__len__") else None
         if self.max_batches is not None and total is not None:
             total = min(total, self.max_batches)
+        # Lightning shards only the loaders it manages; this one is sharded here, round-robin by batch,
+        # so every batch is seen by exactly one rank (a DistributedSampler would pad with duplicates)
+        rank, world = trainer.global_rank, trainer.world_size
+        if world > 1 and total is not None:
+            if total < world:
+                raise ValueError(f"{total} calibration batches cannot be shared by {world} processes; "
+                                 "use more calibration samples or a smaller batch size")
+            total = len(range(rank, total, world))
         start = time.perf_counter()
         model = pl_module.model
         was_training = model.training
@@ -79,6 +87,8 @@ class WhiteningCollection(Callback):
             for i, batch in enumerate(loader):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
+                if i % world != rank:
+                    continue
                 pl_module.spec.calibration_forward(model, trainer.strategy.batch_to_device(batch))
                 bar.update(1)
         bar.close()

@@ -7,6 +7,7 @@ Nothing in this package imports Lightning.  The public entry point is :func:`com
 """
 
 from compression.api import Allocation, CompressionConfig, allocate, compress_
+from compression.export import load_compressed, save_compressed
 from compression.lowrank import LowRankLinear, rank_for_ratio
 from compression.methods import (
     METHODS,
@@ -16,13 +17,14 @@ from compression.methods import (
     build_method,
     method_config_from_dict,
 )
-from compression.plan import apply_plan, load_plan, merge_lowrank_, save_plan
+from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans, save_plan
 from compression.report import CompressionReport, LayerReport
 from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
 from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
 
 __all__ = [
+    "merge_plans",
     "Allocation",
     "allocate",
     "METHODS",
@@ -43,10 +45,12 @@ __all__ = [
     "collect_stats",
     "compress_",
     "eligible_linears",
+    "load_compressed",
     "load_plan",
     "merge_lowrank_",
     "method_config_from_dict",
     "rank_for_ratio",
+    "save_compressed",
     "save_plan",
     "select_targets",
 ]

@@ -6,8 +6,15 @@ restores a checkpoint and before the strategy wraps the model (DDP) or builds op
 1. build the dense model from the family spec, on the strategy's root device;
 2. if a checkpoint is being restored and it carries a compression plan (plain data), apply
    the plan so the factored structure exists before the weights load -- no recalibration;
-3. otherwise, when fitting, run the compression stages of the callbacks in
-   ``trainer.callbacks`` order (calibration -> rank reallocation -> truncation).
+3. when fitting, run the compression stages of the callbacks in ``trainer.callbacks`` order
+   (calibration -> rank reallocation -> truncation -> LoRA adapters); with a restored plan the
+   first three skip themselves, the adapters are re-attached before the weights load.
+
+Lightning tells ``configure_model`` the checkpoint only when it was set as
+``trainer.ckpt_path = PATH`` before ``fit``; with ``fit(ckpt_path=PATH)`` the path arrives
+after this hook, so the model is recalibrated and recompressed, then the checkpoint (whose
+plan must match) overwrites it -- correct, but slower; :meth:`on_load_checkpoint` also
+rebuilds the plan for ``validate``/``test``.
 
 Compressing any later (e.g. in ``on_fit_start``) would swap layers under an already built
 DDP wrapper and optimizer.
@@ -29,6 +36,7 @@ from lightning_modules.specs import ModelSpec
 log = logging.getLogger(__name__)
 
 PLAN_KEY = "compression_plan"
+LORA_KEY = "uv_lora"  # written by callbacks.lora.UVLoRA while adapters are attached
 
 
 class CompressionModule(LightningModule):
@@ -66,7 +74,9 @@ class CompressionModule(LightningModule):
         if self.plan is not None:
             changed = apply_plan(self.model, self.plan)
             log.info("rebuilt %d low-rank layers from the compression plan", len(changed))
-        elif trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING:
+            # with a restored plan the calibration/truncation stages skip themselves; stages that add
+            # structure (UVLoRA adapters) must still run so the checkpoint's state dict fits the model
             for callback in trainer.callbacks:
                 stage = getattr(callback, "run_compression_stage", None)
                 if stage is not None:
@@ -82,8 +92,28 @@ class CompressionModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         plan = checkpoint.get(PLAN_KEY)
         if plan is not None and self.model is not None:
+            if self.plan is not None and self.plan != plan:
+                raise ValueError(
+                    "this run compressed the model differently from the checkpoint's plan. Lightning names the "
+                    "checkpoint of `fit(ckpt_path=...)` only after configure_model, so the model was recalibrated; "
+                    "resume with `trainer.ckpt_path = PATH` before `trainer.fit(...)` to rebuild the plan instead"
+                )
             self.plan = plan
             apply_plan(self.model, plan)  # no-op when configure_model already rebuilt it
+        has_adapters = self.model is not None and any(".lora_" in n for n, _ in self.model.named_parameters())
+        lora = checkpoint.get(LORA_KEY)
+        if has_adapters and lora is None:
+            raise ValueError(
+                "this run attached LoRA adapters (UVLoRA) but the checkpoint holds none: UVLoRA resumes only "
+                "checkpoints saved during its stages; to recover a compressed model, run compression and UVLoRA "
+                "in one fit (configs/llm/lora.yaml)"
+            )
+        if lora is not None and not has_adapters and self.model is not None:
+            # a checkpoint saved mid-LoRA, loaded without the adapters (evaluation): fold them into the factors
+            from callbacks.lora import fold_lora_state_dict_
+
+            n = fold_lora_state_dict_(checkpoint["state_dict"], float(lora["scaling"]))
+            log.info("folded %d LoRA adapters of the checkpoint into the low-rank factors", n)
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""2-process DDP on CPU (gloo): sharded calibration equals one process over all the data; LoRA trains in sync.
+
+``tests/ddp_worker.py`` runs the whole Lightning pipeline (calibrate -> compress -> UVLoRA
+stages) with ``Trainer(strategy="ddp", devices=2)``, which re-launches the script for rank 1;
+each rank saves what it computed.  The reference is the same script with one device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "ddp_worker.py"
+
+pytestmark = pytest.mark.ddp
+
+
+def launch(out: Path, devices: int) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    return launch(base / "single", 1)[0], launch(base / "ddp", 2)
+
+
+def merged(state: dict) -> dict[str, torch.Tensor]:
+    """``up @ down`` per low-rank layer: the compressed weight, free of SVD sign conventions."""
+    return {k[: -len(".down.weight")]: state[k[: -len(".down.weight")] + ".up.weight"].double() @ v.double()
+            for k, v in state.items() if k.endswith(".down.weight")}
+
+
+def test_sharded_statistics_equal_one_process(runs):
+    single, (rank0, rank1) = runs
+    assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
+    ref, got = single["stats"], rank0["stats"]
+    assert got["owner"] == ref["owner"]
+    assert len(got["streams"]) == 8  # per block: attn input (q/k/v), o, mlp input (gate/up), down
+    for key, stream in ref["streams"].items():
+        other = got["streams"][key]
+        assert other["count"] == stream["count"] == 5 * 2 * 16  # every token exactly once
+        for field in ("gram", "abs_sum", "abs_max"):
+            torch.testing.assert_close(other[field], stream[field], rtol=1e-10, atol=1e-10)
+            assert torch.equal(other[field], rank1["stats"]["streams"][key][field])
+
+
+def test_sharded_compression_equals_one_process(runs):
+    single, (rank0, rank1) = runs
+    ref, got = merged(single["factors"]), merged(rank0["factors"])
+    assert len(ref) == 14 and ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
+        assert rank0["factors"][name + ".down.weight"].shape == single["factors"][name + ".down.weight"].shape
+    for key, value in rank0["factors"].items():
+        assert torch.equal(value, rank1["factors"][key])
+
+
+def test_lora_stages_train_in_sync(runs):
+    _, (rank0, rank1) = runs
+    # 8 training windows, batch 2, 2 ranks: 2 steps per epoch; stage 1 = 2 steps, stage 2 = 2 steps
+    assert rank0["stages"] == rank1["stages"] == [1.0, 1.0, 2.0, 2.0]
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (rank0, rank1))
+    assert rank0["losses"] != rank1["losses"]  # each rank trained on its own shard ...
+    for key, value in rank0["final"].items():  # ... yet gradients were all-reduced: identical weights
+        assert torch.equal(value, rank1["final"][key]), key
+    before, after = rank0["factors"], rank0["final"]
+    assert not any(".lora_" in k for k in after)  # merged and unwrapped at the end of fit
+    for side in ("down", "up"):
+        key = f"model.layers.0.self_attn.q_proj.{side}.weight"
+        assert after[key].shape == before[key].shape and not torch.equal(after[key], before[key])

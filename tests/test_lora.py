@@ -1,0 +1,279 @@
+"""UVLoRA on a tiny LLaMA: one side trains per stage, merges keep ranks, evaluation after LoRA matches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
+from callbacks.lora import fold_lora_state_dict_, lora_layers
+from compression import LowRankLinear
+from lightning_modules import CausalLMSpec, CompressionModule
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from tests.conftest import make_tiny_llama
+from tests.lightning_helpers import TinyTokens
+
+FACTOR = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on shared cores (10-25x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class OrderedTokens(TinyTokens):
+    """TinyTokens without shuffling: the same batches in the same order on every run."""
+
+    def train_dataloader(self):
+        return self._loader(8, 2, shuffle=False)
+
+
+class Recorder(Callback):
+    """Per optimizer step: the loss, the logged stage, and copies of one layer's factors and adapters."""
+
+    def __init__(self) -> None:
+        self.losses, self.stages, self.snapshots = [], [], []
+        self.grad_flags: dict[str, bool] = {}
+        self.logits_before_unwrap = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.grad_flags = {n: p.requires_grad for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.stages.append(float(trainer.callback_metrics["lora/stage"]))
+        layer = pl_module.model.get_submodule(FACTOR)
+        snap = {}
+        for side in ("down", "up"):
+            f = getattr(layer, side)
+            snap[side] = f.base_layer.weight.detach().clone()
+            snap[side + ".A"] = f.lora_A["default"].weight.detach().clone()
+            snap[side + ".B"] = f.lora_B["default"].weight.detach().clone()
+        self.snapshots.append(snap)
+
+    def on_train_end(self, trainer, pl_module):  # before UVLoRA.on_fit_end merges and unwraps
+        self.logits_before_unwrap = probe_logits(pl_module)
+
+
+def probe_logits(pl_module):
+    ids = torch.arange(16).view(1, 16) % 128
+    with torch.no_grad():
+        was = pl_module.model.training
+        pl_module.model.eval()
+        out = pl_module.model(input_ids=ids).logits
+        pl_module.model.train(was)
+    return out
+
+
+def lora_trainer(tmp_path, lora: UVLoRA, extra=(), **kw) -> Trainer:
+    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3), lora, *extra]
+    kw.setdefault("max_steps", -1)
+    kw.setdefault("max_epochs", 100)
+    return Trainer(accelerator="cpu", devices=1, callbacks=callbacks, enable_progress_bar=False,
+                   logger=CSVLogger(tmp_path, name="run"), plugins=[AtomicCheckpointIO()], enable_model_summary=False,
+                   num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False, deterministic=True, **kw)
+
+
+def changed(a, b) -> bool:
+    return not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("order", [["down", "up"], ["up", "down"]])
+def test_stages_train_one_side_each_and_merges_keep_ranks(tmp_path, order):
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
+    rec = Recorder()
+    t = lora_trainer(tmp_path, UVLoRA(order=order, steps=[3, 3], r=2, alpha=4, dropout=0.0), [rec])
+    t.fit(module, datamodule=OrderedTokens())
+    first, second = order
+
+    # only adapters require grad, both sides' (see callbacks/lora.py: DDP needs a fixed set)
+    assert rec.grad_flags and all(flag == (".lora_" in n) for n, flag in rec.grad_flags.items())
+    assert sum(rec.grad_flags.values()) == 14 * 2 * 2  # 14 layers x 2 sides x (A, B)
+    assert rec.stages == [1, 1, 1, 2, 2, 2]
+    s = rec.snapshots
+    # stage 1 (steps 0-2): only the first side's adapters move; the factors themselves stay put
+    assert changed(s[0][first + ".B"], s[2][first + ".B"])
+    assert torch.equal(s[0][second + ".A"], s[2][second + ".A"]) and not s[2][second + ".B"].any()
+    assert torch.equal(s[0][first], s[2][first]) and torch.equal(s[0][second], s[2][second])
+    # boundary: the first side merged into its factor (shape kept), its B zeroed and frozen from then on
+    assert changed(s[2][first], s[3][first]) and s[3][first].shape == s[2][first].shape
+    assert not s[3][first + ".B"].any() and not s[5][first + ".B"].any()
+    assert torch.equal(s[3][first + ".A"], s[5][first + ".A"]) and torch.equal(s[3][first], s[5][first])
+    assert changed(s[3][second + ".B"], s[5][second + ".B"]) and torch.equal(s[3][second], s[5][second])
+
+    # after fit: plain low-rank layers at the planned ranks, the merge changed no output
+    assert not lora_layers(module.model)
+    ranks = {n: m.rank for n, m in module.model.named_modules() if isinstance(m, LowRankLinear)}
+    assert ranks == {n: spec["rank"] for n, spec in module.plan["layers"].items()}
+    layer = module.model.get_submodule(FACTOR)
+    assert layer.down.weight.shape == (layer.rank, 64) and layer.up.weight.shape == (64, layer.rank)
+    torch.testing.assert_close(probe_logits(module), rec.logits_before_unwrap, rtol=0, atol=1e-5)
+    assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_epochs_per_stage_convert_to_steps(tmp_path):
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
+    rec, lora = Recorder(), UVLoRA(epochs=[1, 2], r=2, dropout=0.0)
+    lora_trainer(tmp_path, lora, [rec], accumulate_grad_batches=2).fit(module, datamodule=OrderedTokens())
+    assert lora.boundaries == [2, 6]  # 4 batches per epoch, 2 per optimizer step
+    assert rec.stages == [1.0] * 4 + [2.0] * 8  # logged per batch: 2 batches per step
+
+
+def test_recovery_lowers_training_loss_and_evaluates_the_same_after_reload(tmp_path):
+    dm = OrderedTokens()
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=2e-2)
+    rec = Recorder()
+    t = lora_trainer(tmp_path, UVLoRA(steps=[8, 8], r=4, alpha=8, dropout=0.0), [rec])
+    t.fit(module, datamodule=dm)
+    assert len(rec.losses) == 16
+    # 4 batches per epoch: compare the same batches in the first and the last epoch
+    assert sum(rec.losses[-4:]) < sum(rec.losses[:4]) - 0.05
+
+    in_memory = t.test(module, datamodule=dm, verbose=False)[0]
+    ckpt = tmp_path / "recovered.ckpt"
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert "uv_lora" not in saved and not any(".lora_" in k for k in saved["state_dict"])
+    fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=5)))
+    evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    reloaded = evaluator.test(fresh, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
+    assert reloaded.keys() == in_memory.keys() == {"test/ppl/a", "test/ppl/b"}
+    for key in in_memory:
+        assert reloaded[key] == pytest.approx(in_memory[key], rel=1e-6)
+
+
+class SaveAt(Callback):
+    """Save a checkpoint after optimizer step ``step`` (mid-stage: the adapters are attached)."""
+
+    def __init__(self, path, step: int) -> None:
+        self.path, self.step, self.ppl = path, step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            loader = trainer.datamodule.test_dataloader()[0]
+            self.ppl = pl_module.evaluate_loader(loader)["ppl"]
+
+
+def test_mid_lora_checkpoint_evaluates_with_adapters_folded(tmp_path):
+    dm = OrderedTokens()
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
+    saver = SaveAt(tmp_path / "mid.ckpt", step=5)
+    lora_trainer(tmp_path, UVLoRA(steps=[3, 3], r=2, alpha=4, dropout=0.0), [saver]).fit(module, datamodule=dm)
+    saved = torch.load(saver.path, weights_only=False)
+    assert saved["uv_lora"]["scaling"] == 2.0 and any(".lora_B." in k for k in saved["state_dict"])
+    fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=3)))
+    evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    out = evaluator.test(fresh, datamodule=dm, ckpt_path=saver.path, verbose=False)[0]
+    assert out["test/ppl/a"] == pytest.approx(saver.ppl, rel=1e-5)
+
+
+def test_fold_lora_state_dict_matches_the_adapted_layer():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=6, target_modules=["0"]), model)
+    torch.nn.init.normal_(model[0].lora_B["default"].weight)
+    x = torch.randn(3, 6)
+    expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fold_lora_state_dict_(state, scaling=3.0) == 1
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="order"):
+        UVLoRA(order=["down", "down"], steps=2)
+    with pytest.raises(ValueError, match="exactly one of"):
+        UVLoRA()
+    with pytest.raises(ValueError, match="one per stage"):
+        UVLoRA(steps=[1, 2, 3])
+
+
+def test_uvlora_before_truncation_is_explained(tmp_path):
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
+    t = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                callbacks=[UVLoRA(steps=1), WhiteningCollection(progress=False), SVDTruncation()])
+    with pytest.raises(RuntimeError, match="after SVDTruncation"):
+        t.fit(module, datamodule=TinyTokens())
+
+
+# -- instruction finetuning data (data/instruct.py) -------------------------------------------------
+RECORDS = [
+    {"instruction": "Say hi.", "input": "", "output": "hi"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Repeat.", "input": "abc", "output": "abc abc"},
+]
+
+
+@pytest.fixture(params=["json", "jsonl"])
+def alpaca_file(tmp_path, request):
+    import json
+
+    path = tmp_path / f"alpaca.{request.param}"
+    if request.param == "json":
+        path.write_text(json.dumps(RECORDS))
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return path
+
+
+def test_alpaca_prompts_are_masked_exactly(alpaca_file):
+    from data.instruct import IGNORE_INDEX, InstructionDataModule, alpaca_prompt
+    from tests.test_llm_data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    dm = InstructionDataModule(str(alpaca_file), tokenizer=tok, max_length=512, batch_size=3)
+    assert alpaca_prompt(RECORDS[0]).endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+    assert "### Input:\n2 and 3\n\n### Response:\n" in alpaca_prompt(RECORDS[1])
+    assert "### Input" not in alpaca_prompt(RECORDS[0])
+    batch = next(iter(dm._loader("train", batch_size=3)))  # unshuffled
+    eos = tok.eos_token_id
+    for i, record in enumerate(RECORDS):
+        prompt = tok(alpaca_prompt(record))["input_ids"]
+        response = tok(record["output"], add_special_tokens=False)["input_ids"] + [eos]
+        n = len(prompt) + len(response)
+        assert batch["input_ids"][i, :n].tolist() == prompt + response
+        assert batch["labels"][i, :n].tolist() == [IGNORE_INDEX] * len(prompt) + response
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all() and (batch["input_ids"][i, n:] == eos).all()
+    # the loss counts response tokens (and EOS) only
+    model = make_tiny_llama()
+    model.resize_token_embeddings(len(tok))
+    _, count = CausalLMSpec._nll(model, batch)
+    assert int(count) == sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1 for r in RECORDS)
+
+
+def test_alpaca_truncation_validation_split_and_calibration(tmp_path, alpaca_file):
+    from data.instruct import IGNORE_INDEX, InstructionDataModule, alpaca_prompt
+    from tests.test_llm_data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    short = len(tok(alpaca_prompt(RECORDS[0]))["input_ids"])  # the shortest prompt
+    dm = InstructionDataModule(str(alpaca_file), tokenizer=tok, max_length=short + 1)
+    dm.setup("fit")
+    train = dm._splits["train"]
+    assert len(train) == 1  # the two prompts with an input section do not fit: dropped
+    assert train[0]["input_ids"].numel() == short + 1 and train[0]["labels"].tolist()[-1] != IGNORE_INDEX
+    assert train[0]["labels"].tolist()[:-1] == [IGNORE_INDEX] * short
+    split = InstructionDataModule(str(alpaca_file), tokenizer=tok, val_size=1)
+    assert len(split.train_dataloader().dataset) == 2 and len(split.val_dataloader().dataset) == 1
+    calib = list(InstructionDataModule(str(alpaca_file), tokenizer=tok, calibration_samples=2).calibration_dataloader())
+    assert len(calib) == 2 and all(b["attention_mask"].all() for b in calib)  # one example a batch: no padding
+    with pytest.raises(ValueError, match="val_size"):
+        InstructionDataModule(str(alpaca_file), tokenizer=tok, val_size=3).setup()
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "x"}]')
+    with pytest.raises(ValueError, match="'instruction' and 'output'"):
+        InstructionDataModule(str(bad), tokenizer=tok).setup()

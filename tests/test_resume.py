@@ -1,0 +1,117 @@
+"""Resume inside UVLoRA stage 2 reproduces the uninterrupted run's per-step losses exactly (CPU, tiny LLaMA).
+
+The interrupted run stops at ``max_steps`` with ``ModelCheckpoint`` files saved along the way;
+the resumed run rebuilds the plan (no recalibration), re-attaches the adapters before the
+weights load, restores the stage from the global step and the callback's state, and must
+not redo stage 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
+from lightning_modules import CausalLMSpec, CompressionModule
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from tests.conftest import make_tiny_llama
+from tests.test_lora import OrderedTokens, Recorder
+
+STEPS = [4, 8]  # stage 1 = steps 0-3, stage 2 = steps 4-11; 4 batches per epoch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name, max_steps=-1, ckpt_path=None, seed=0, every=None, stateful=True):
+    lora = UVLoRA(steps=STEPS, r=2, alpha=4, dropout=0.0, learning_rate=[2e-2, 1e-2])
+    rec = Recorder()
+    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3), lora, rec]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
+                                         every_n_train_steps=every))
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=100, callbacks=callbacks,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, enable_checkpointing=bool(every), plugins=[AtomicCheckpointIO()],
+                      deterministic=True, default_root_dir=tmp_path / name)
+    # a fresh model with other weights: a resumed run must take everything from the checkpoint
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), learning_rate=5e-3)
+    if stateful:  # Lightning's stateful API: configure_model sees the path and rebuilds the plan
+        trainer.ckpt_path = ckpt_path
+        trainer.fit(module, datamodule=OrderedTokens())
+        trainer.ckpt_path = None  # or a later trainer.test() would load it again
+    else:
+        trainer.fit(module, datamodule=OrderedTokens(), ckpt_path=ckpt_path)
+    return module, rec, lora, trainer
+
+
+def test_resume_inside_stage_two_reproduces_losses(tmp_path):
+    full, full_rec, _, _ = run(tmp_path, "full")
+    assert len(full_rec.losses) == 12 and full_rec.stages == [1] * 4 + [2] * 8
+
+    _, cut_rec, _, _ = run(tmp_path, "cut", max_steps=8, every=2)
+    assert cut_rec.losses == full_rec.losses[:8]
+    ckpt = tmp_path / "ckpt" / "step=8.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("UVLoRA"))
+    assert state["boundaries"] == [4, 12] and state["merged"] == ["down"]
+    assert saved["uv_lora"]["scaling"] == 2.0
+
+    resumed, rec, lora, trainer = run(tmp_path, "resumed", ckpt_path=ckpt, seed=11)
+    # no recalibration, and stage 1 was not redone: the run starts at step 8, in stage 2, down side merged
+    assert getattr(resumed, "compression_state", None) is None
+    assert rec.stages == [2] * 4 and lora.merged == ["down", "up"]
+    assert trainer.global_step == 12
+    assert rec.losses == pytest.approx(full_rec.losses[8:], rel=1e-6, abs=1e-7)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_through_fit_ckpt_path_recalibrates_but_matches(tmp_path):
+    full, full_rec, _, _ = run(tmp_path, "full")
+    run(tmp_path, "cut", max_steps=8, every=8)
+    resumed, rec, _, _ = run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=8.ckpt", stateful=False)
+    assert resumed.compression_state.report is not None  # compressed again, then overwritten by the checkpoint
+    assert rec.losses == pytest.approx(full_rec.losses[8:], rel=1e-6, abs=1e-7)
+
+
+def test_resume_mid_epoch_inside_stage_two(tmp_path):
+    """Step 6 is in the middle of epoch 2: Lightning restarts the epoch's loader, so the batches differ."""
+    full, full_rec, _, _ = run(tmp_path, "full")
+    run(tmp_path, "cut", max_steps=6, every=6)
+    _, rec, lora, trainer = run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=6.ckpt", seed=11)
+    assert trainer.global_step == 12 and rec.stages == [2] * 6 and lora.merged == ["down", "up"]
+    assert all(torch.isfinite(torch.tensor(rec.losses)))
+
+
+def test_resume_with_other_stage_lengths_is_refused(tmp_path):
+    run(tmp_path, "cut", max_steps=4, every=4)
+    lora = UVLoRA(steps=[2, 8], r=2, alpha=4, dropout=0.0)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=100, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+                      callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3), lora])
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
+    trainer.ckpt_path = tmp_path / "ckpt" / "step=4.ckpt"
+    with pytest.raises(ValueError, match="same steps/epochs"):
+        trainer.fit(module, datamodule=OrderedTokens())
+
+
+def test_resume_from_a_checkpoint_without_adapters_is_explained(tmp_path):
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
+    t = Trainer(accelerator="cpu", devices=1, max_steps=0, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3)])
+    t.fit(module, datamodule=OrderedTokens())
+    t.save_checkpoint(tmp_path / "compressed.ckpt")
+    lora = UVLoRA(steps=2, r=2)
+    t2 = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                 callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3), lora])
+    with pytest.raises(ValueError, match="the checkpoint holds none"):
+        t2.fit(CompressionModule(CausalLMSpec(model=make_tiny_llama())), datamodule=OrderedTokens(),
+               ckpt_path=tmp_path / "compressed.ckpt")
