@@ -8,6 +8,8 @@ Nothing in this package imports Lightning.  The public entry point is :func:`com
 
 from compression.api import Allocation, CompressionConfig, allocate, compress_
 from compression.export import load_compressed, save_compressed
+from compression.gradient_allocation import GradientAllocation, gradient_allocation, gradient_importance
+from compression.joint import JointQKVConfig, compress_joint_, find_joint_groups, joint_rank_for_ratio
 from compression.lowrank import LowRankLinear, rank_for_ratio
 from compression.methods import (
     METHODS,
@@ -18,13 +20,25 @@ from compression.methods import (
     method_config_from_dict,
 )
 from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans, save_plan
+from compression.quant import ActQuantConfig, QuantLinear, WeightQuantConfig, quantize_model_
 from compression.report import CompressionReport, LayerReport
 from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
 from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
 
 __all__ = [
+    "ActQuantConfig",
+    "GradientAllocation",
+    "JointQKVConfig",
+    "QuantLinear",
+    "WeightQuantConfig",
+    "compress_joint_",
+    "find_joint_groups",
+    "gradient_allocation",
+    "gradient_importance",
+    "joint_rank_for_ratio",
     "merge_plans",
+    "quantize_model_",
     "Allocation",
     "allocate",
     "METHODS",

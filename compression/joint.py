@@ -1,0 +1,338 @@
+"""Joint QKV factorization (QSVD): one shared down projection, three up projections.
+
+The query, key and value projections of an attention block read the same normalized hidden
+state ``x (E)``.  Stack their weights along the outputs,
+
+    W = [W_q; W_k; W_v]            (m_q + m_k + m_v) x E      (GQA: m_k = m_v = kv_heads · head_dim)
+
+and factorize ``W`` once in the method's transformed space (``W T = U Σ Vᵀ``, T from the shared
+q/k/v statistics: ``I`` for ``svd``, ``diag(s^α)`` for ``asvd``, a Gram square root for
+``svd_llm`` / ``svd_llm_v2``).  Keeping ``r`` triplets gives
+
+    z = D x,  D = Σ_r^β V_rᵀ T⁻¹  (r x E, shared)           q = U_q z,  k = U_k z,  v = U_v z,
+    [U_q; U_k; U_v] = U_r Σ_r^(1-β)
+
+so ``z`` (r numbers per token) is everything the block needs to rebuild K and V: it is the
+latent KV cache (:mod:`compression.latent_cache`).
+
+Rank budget (weights of the three projections, biases aside):
+
+    dense                     E (m_q + m_k + m_v)
+    per-matrix SVD            r_q (E + m_q) + r_k (E + m_k) + r_v (E + m_v)
+    joint                     r (E + m_q + m_k + m_v)
+
+so a joint rank ``r`` saves weights only while ``r < E Σm / (E + Σm)``.  For multi-head
+attention (``m_q = m_k = m_v = E``) the joint cost is ``4 r E`` against ``3 E²`` and
+``R1 = 4r / (3E)``; the KV cache is ``r`` instead of ``2E`` per token, ``R2 = r / (2E)``.
+With GQA (``m_k = m_v = g``): ``R1 = r (E + m_q + 2g) / (E (m_q + 2g))`` and ``R2 = r / (2g)``;
+for SmolLM2-135M (E = m_q = 576, g = 192) ``R1 = 1536 r / 552960 = r / 360`` and ``R2 = r / 384``,
+so the latent is smaller than the K/V cache only for ``r < 384``.  At equal parameters
+with per-matrix SVD at removal ratio ρ the joint rank is ``floor((1-ρ) E Σm / (E + Σm))``.
+
+Module layout (state-dict keys of one block, the shared factor stored once):
+``self_attn.qkv_latent.down.weight`` (r x E), ``self_attn.{q,k,v}_proj.up.weight`` (m x r)
+[+ ``.up.bias``].  :class:`JointProjection` keeps a plain (non-module) reference to the shared
+:class:`JointLatent`, so HF attention still calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)``;
+the latent is computed once per input tensor (identity + version check) and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compression.lowrank import linear_num_parameters
+from compression.methods import Method, MethodConfig, build_method
+from compression.report import CompressionReport, LayerReport
+from compression.stats import ActivationStats
+from compression.whitening import SVDLLMConfig
+
+log = logging.getLogger(__name__)
+
+QKV = ("q_proj", "k_proj", "v_proj")
+LATENT_NAME = "qkv_latent"
+
+
+class FactorLinear(nn.Linear):
+    """A factor of a joint group: plain ``nn.Linear`` maths under its own type, so the default
+    target filter (plain ``nn.Linear`` only) never re-compresses it."""
+
+
+class JointLatent(nn.Module):
+    """``z = down(x)``: ``[..., E] -> [..., r]``, computed once per distinct input tensor."""
+
+    def __init__(self, in_features: int, rank: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.rank = in_features, rank
+        self.down = FactorLinear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self._last: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last, grad = self._last, torch.is_grad_enabled()
+        if last is not None and last[0]() is x and last[1] == x._version and last[2] == grad:
+            return last[3]
+        z = self.down(x)
+        self._last = (weakref.ref(x), x._version, grad, z)
+        return z
+
+    def clear(self) -> None:
+        """Forget the memoized latent (it is also replaced on the next new input)."""
+        self._last = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_last"] = None  # a weak reference cannot be pickled, and the memo is transient
+        return state
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rank={self.rank}"
+
+
+class JointProjection(nn.Module):
+    """One of q/k/v: ``x -> up(latent(x))`` with ``up (m x r)``; the latent module is shared, not owned."""
+
+    def __init__(self, latent: JointLatent, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        w = latent.down.weight
+        self.in_features, self.out_features, self.rank = latent.in_features, out_features, latent.rank
+        self.up = FactorLinear(latent.rank, out_features, bias=bias, device=w.device, dtype=w.dtype)
+        object.__setattr__(self, "latent", latent)  # plain attribute: not a child, stored once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.latent(x))
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Dense ``nn.Linear`` with ``W = up.weight @ down.weight``."""
+        w = self.up.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None, device=w.device,
+                        dtype=w.dtype)
+        lin.weight.copy_((w.double() @ self.latent.down.weight.double()).to(w.dtype))
+        if self.up.bias is not None:
+            lin.bias.copy_(self.up.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (shared down)"
+
+
+@dataclass
+class JointQKVConfig:
+    """Joint QKV factorization.
+
+    Args:
+        method: decomposition method (``svd``, ``asvd``, ``svd_llm``, ``svd_llm_v2``) applied to
+            the stacked weight with the shared q/k/v statistics; its ``beta`` splits Σ.
+        ratio: fraction of the q/k/v parameters removed, the same budget as per-matrix SVD at ``ratio``.
+        ranks: group (attention module name) -> rank, e.g. from gradient allocation; overrides ``ratio``.
+        components: group -> indices of the singular triplets to keep (an arbitrary subset, as
+            gradient allocation in ``subset`` mode chooses); overrides ``ranks``.
+        members: the three projection names inside each attention module.
+    """
+
+    method: MethodConfig | str = field(default_factory=SVDLLMConfig)
+    ratio: float = 0.2
+    ranks: dict[str, int] = field(default_factory=dict)
+    components: dict[str, list[int]] = field(default_factory=dict)
+    members: tuple[str, ...] = QKV
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = build_method(self.method).config
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio (fraction of q/k/v parameters removed) must lie in (0, 1), got {self.ratio}")
+        self.members = tuple(self.members)
+
+
+def find_joint_groups(model: nn.Module, members: Sequence[str] = QKV) -> dict[str, list[str]]:
+    """``attention module name -> [full member names]`` for every module whose members are plain
+    ``nn.Linear`` layers with the same input size (already-joint groups are skipped)."""
+    groups = {}
+    for name, module in model.named_modules():
+        children = [getattr(module, m, None) for m in members]
+        if all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) == 1:
+            prefix = f"{name}." if name else ""
+            groups[name] = [prefix + m for m in members]
+    return groups
+
+
+def joint_rank_for_ratio(out_features: Sequence[int], in_features: int, ratio: float) -> int:
+    """``floor((1-ρ) E Σm / (E + Σm))``: the joint rank with the parameters of the dense q/k/v at ratio ρ."""
+    total = sum(out_features)
+    exact = (1.0 - ratio) * in_features * total / (in_features + total)
+    return max(1, int(exact + 1e-9))  # the tolerance keeps e.g. 0.6 * 552960 / 1536 = 216 from flooring to 215
+
+
+def stacked_weight(layers: Sequence[nn.Linear], device: torch.device | None = None) -> torch.Tensor:
+    w = torch.cat([layer.weight.detach() for layer in layers], 0).double()
+    return w.to(device) if device is not None else w
+
+
+@dataclass
+class JointFactors:
+    """``ups[i] (m_i x r)``, ``down (r x E)`` float64 and the loss in the method's space."""
+
+    ups: list[torch.Tensor]
+    down: torch.Tensor
+    truncation_loss: float
+    total_energy: float
+
+
+@torch.no_grad()
+def decompose_joint(method: Method, weights: Sequence[torch.Tensor], stats, name: str,
+                    rank: int | None = None, components: Sequence[int] | None = None) -> JointFactors:
+    """Factor the stacked ``weights`` keeping the top ``rank`` triplets, or exactly ``components``."""
+    method.check_stats(stats, name)
+    sizes = [w.shape[0] for w in weights]
+    mat, ctx = method.transformed(torch.cat([w.double() for w in weights], 0), stats, name)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    if not torch.isfinite(s).all():
+        raise FloatingPointError(f"joint SVD of group {name!r} produced non-finite values")
+    if components is not None:
+        idx = torch.as_tensor(sorted(set(int(i) for i in components)), dtype=torch.long, device=s.device)
+        if idx.numel() == 0 or int(idx.max()) >= s.numel() or int(idx.min()) < 0:
+            raise ValueError(f"group {name!r}: components must be distinct indices in [0, {s.numel()})")
+    else:
+        if rank is None or rank < 1:
+            raise ValueError(f"group {name!r}: need a rank >= 1 or explicit components")
+        idx = torch.arange(min(rank, s.numel()), device=s.device)
+    beta = method.config.beta
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep[idx] = True
+    up = u[:, idx] * s[idx].pow(1.0 - beta)
+    down = method.unmap(s[idx].pow(beta)[:, None] * vh[idx], ctx)
+    return JointFactors(list(up.split(sizes, 0)), down, float(s[~keep].square().sum().sqrt()),
+                        float(s.square().sum()))
+
+
+def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.Tensor] | None,
+                  down: torch.Tensor | None, rank: int) -> None:
+    """Replace ``attn.<members>`` (``nn.Linear``) by :class:`JointProjection` sharing ``attn.qkv_latent``.
+
+    With ``ups``/``down`` ``None`` only the structure is built (to load a state dict into).
+    """
+    layers = [getattr(attn, m) for m in members]
+    ref = layers[0].weight
+    latent = JointLatent(layers[0].in_features, rank, device=ref.device, dtype=ref.dtype)
+    projections = []
+    for i, layer in enumerate(layers):
+        proj = JointProjection(latent, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            if ups is not None:
+                proj.up.weight.copy_(ups[i])
+            if layer.bias is not None:
+                proj.up.bias.copy_(layer.bias)
+        projections.append(proj)
+    if down is not None:
+        with torch.no_grad():
+            latent.down.weight.copy_(down)
+    setattr(attn, LATENT_NAME, latent)
+    for m, proj in zip(members, projections):
+        setattr(attn, m, proj)
+
+
+def joint_num_parameters(attn: nn.Module, members: Sequence[str] = QKV) -> int:
+    """Parameters of one joint group: the shared down once plus the three ups (with biases)."""
+    latent = getattr(attn, LATENT_NAME)
+    return latent.down.weight.numel() + sum(linear_num_parameters(getattr(attn, m).up) for m in members)
+
+
+def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
+                    stats: ActivationStats | None = None, groups: Mapping[str, Sequence[str]] | None = None,
+                    device: str | None = None) -> CompressionReport:
+    """Jointly factorize q/k/v of every attention module (or the given ``groups``), in place.
+
+    Returns a report with one row per group (name ``<attn>.qkv``, shape ``Σm x E``) and a plan
+    whose ``joint_groups`` rebuild the structure (:func:`compression.plan.apply_plan`).
+    On any error the model is left as it was.
+    """
+    from compression.plan import make_plan, set_submodule
+
+    config = config or JointQKVConfig()
+    start = time.perf_counter()
+    method = build_method(config.method)
+    groups = dict(groups) if groups is not None else find_joint_groups(model, config.members)
+    if not groups:
+        raise ValueError(f"no attention module with plain nn.Linear members {config.members} found")
+    unknown = sorted((set(config.ranks) | set(config.components)) - set(groups))
+    if unknown:
+        raise ValueError(f"ranks/components given for groups that are not targeted: {unknown[:5]}")
+    dev = torch.device(device) if device else None
+    before = sum(p.numel() for p in model.parameters())
+    plan_groups, reports, done = {}, [], []
+    try:
+        for gname, names in groups.items():
+            layers = [model.get_submodule(n) for n in names]
+            sizes, e = [lin.out_features for lin in layers], layers[0].in_features
+            st = stats[names[0]] if stats is not None and names[0] in stats else None
+            if st is not None and any(stats.owner.get(n) != stats.owner.get(names[0]) for n in names):
+                log.warning("group %r: q/k/v statistics are not one shared stream; using %r's", gname, names[0])
+            rank = config.ranks.get(gname, joint_rank_for_ratio(sizes, e, config.ratio))
+            comps = config.components.get(gname)
+            f = decompose_joint(method, [stacked_weight([lin], dev) for lin in layers], st, gname, rank, comps)
+            rank = f.down.shape[0]
+            attn = model.get_submodule(gname)
+            params_before = sum(linear_num_parameters(lin) for lin in layers)
+            done.append((gname, names, layers))
+            install_joint(attn, [n.rsplit(".", 1)[-1] for n in names], f.ups, f.down, rank)
+            plan_groups[gname] = {"members": [n.rsplit(".", 1)[-1] for n in names], "rank": rank,
+                                  "in_features": e, "out_features": sizes,
+                                  "bias": [lin.bias is not None for lin in layers]}
+            tot = f.total_energy
+            reports.append(LayerReport(
+                name=f"{gname}.qkv", out_features=sum(sizes), in_features=e, rank=rank,
+                params_before=params_before, params_after=joint_num_parameters(attn, plan_groups[gname]["members"]),
+                ratio_assigned=config.ratio if gname not in config.ranks and comps is None
+                else 1 - rank * (e + sum(sizes)) / (e * sum(sizes)),
+                truncation_loss=f.truncation_loss,
+                relative_loss=(f.truncation_loss**2 / tot) ** 0.5 if tot > 0 else 0.0))
+    except BaseException:
+        for gname, names, layers in reversed(done):
+            attn = model.get_submodule(gname)
+            if hasattr(attn, LATENT_NAME):
+                delattr(attn, LATENT_NAME)
+            for n, lin in zip(names, layers):
+                set_submodule(model, n, lin)
+        log.error("joint compression failed; %d groups restored", len(done))
+        raise
+    plan = make_plan(method.config.to_dict(), config.ratio, "joint", {}, joint_groups=plan_groups)
+    report = CompressionReport(
+        method=f"joint_{method.name}", ratio=config.ratio,
+        allocation="ranks" if config.ranks or config.components else "uniform",
+        layers=reports, model_params_before=before, model_params_after=sum(p.numel() for p in model.parameters()),
+        plan=plan, seconds=time.perf_counter() - start)
+    log.info("%s", report.to_table(max_rows=0))
+    return report
+
+
+def apply_joint_plan(model: nn.Module, joint_groups: Mapping[str, Mapping]) -> list[str]:
+    """Rebuild joint groups from plan entries (fresh factors; load the state dict afterwards)."""
+    todo = []
+    for gname, spec in joint_groups.items():
+        try:
+            attn = model.get_submodule(gname)
+        except AttributeError:
+            raise ValueError(f"plan names joint group {gname!r}, which this model does not have") from None
+        members = list(spec["members"])
+        current = [getattr(attn, m, None) for m in members]
+        if all(isinstance(c, JointProjection) for c in current):
+            if current[0].rank != int(spec["rank"]):
+                raise ValueError(f"joint group {gname!r} already exists with rank {current[0].rank}, plan says "
+                                 f"{spec['rank']}")
+            continue
+        if not all(type(c) is nn.Linear for c in current):
+            raise ValueError(f"joint group {gname!r}: members {members} are not all nn.Linear")
+        shapes = [(c.out_features, c.in_features) for c in current]
+        want = [(int(o), int(spec["in_features"])) for o in spec["out_features"]]
+        if shapes != want or [c.bias is not None for c in current] != [bool(b) for b in spec["bias"]]:
+            raise ValueError(f"joint group {gname!r}: model shapes {shapes} do not match the plan's {want}")
+        todo.append((attn, members, int(spec["rank"]), gname))
+    for attn, members, rank, _ in todo:
+        install_joint(attn, members, None, None, rank)
+    return [g for *_, g in todo]

@@ -1,0 +1,91 @@
+"""Latent KV cache: same greedy tokens as the plain cache, latents (not K/V) stored, bytes per token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
+from compression.latent_cache import (
+    LatentCacheLayer,
+    LatentLlamaAttention,
+    disable_latent_cache_,
+    enable_latent_cache_,
+    kv_bytes_per_token,
+)
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture
+def joint_pair(token_batches):
+    model = make_tiny_llama().double()
+    stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
+    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    latent = copy.deepcopy(model)
+    assert enable_latent_cache_(latent) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    return model, latent
+
+
+def _generate(model, prompt, mask=None):
+    out = model.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.scores)
+
+
+def _cache_of(out):
+    # transformers 5.24 renamed the output field ``past_key_values`` to ``cache``
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def test_greedy_generation_matches_plain_cache(joint_pair):
+    plain, latent = joint_pair
+    prompt = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    seq_a, scores_a = _generate(plain, prompt)
+    seq_b, scores_b = _generate(latent, prompt)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0  # left padding: positions come from the mask, RoPE must use the cached ones
+    seq_a, scores_a = _generate(plain, prompt, mask)
+    seq_b, scores_b = _generate(latent, prompt, mask)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)
+
+
+def test_cache_holds_latents_and_positions(joint_pair):
+    plain, latent = joint_pair
+    prompt = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        out = latent(prompt, use_cache=True)
+        ref = plain(prompt).logits
+        step = latent(torch.tensor([[5], [7]]), past_key_values=_cache_of(out), use_cache=True)
+        full = plain(torch.cat([prompt, torch.tensor([[5], [7]])], 1)).logits[:, -1:]
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(step.logits, full, rtol=0, atol=1e-10)
+    layer = _cache_of(step).layers[0]
+    rank = latent.model.layers[0].self_attn.qkv_latent.rank
+    assert isinstance(layer, LatentCacheLayer) and rank == 29
+    assert tuple(layer.keys.shape) == (2, 1, 7, rank)  # the latent, not [2, kv_heads, 7, head_dim]
+    assert layer.values.tolist() == [[[[i] for i in range(7)]]] * 2
+    assert _cache_of(step).get_seq_length() == 7
+    assert layer.nbytes_per_token() == 2 * (rank * 8 + 8)  # float64 latent + int64 position, 2 rows
+
+
+def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
+    plain, latent = joint_pair
+    sizes = kv_bytes_per_token(latent, latent=True, bytes_per_value=2)
+    assert sizes["dense_values"] == 2 * (2 * 2 * 16) and sizes["latent_values"] == 2 * 29
+    assert sizes["latent_bytes"] == 116 and sizes["dense_bytes"] == 256
+    assert list(latent.state_dict()) == list(plain.state_dict())
+    assert disable_latent_cache_(latent) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert not any(isinstance(m, LatentLlamaAttention) for m in latent.modules())
+    x = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(latent(x).logits, plain(x).logits)
+
+
+def test_requires_joint_layers():
+    with pytest.raises(ValueError, match="compress_joint_"):
+        enable_latent_cache_(make_tiny_llama())

@@ -1,0 +1,178 @@
+"""Hadamard matrices, fused residual rotation (exact in float64), H2, β rebalancing and β search."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compression import (
+    ActQuantConfig,
+    CompressionConfig,
+    JointQKVConfig,
+    WeightQuantConfig,
+    apply_plan,
+    collect_stats,
+    compress_,
+    compress_joint_,
+    eligible_linears,
+)
+from compression.hadamard import (
+    HadamardTransform,
+    hadamard_factors,
+    hadamard_matrix,
+    paley,
+    random_orthogonal,
+    randomized_hadamard,
+)
+from compression.rotation import (
+    capture_inputs,
+    lowrank_pairs,
+    rebalance_,
+    rotate_all_latents_,
+    rotate_model_,
+    search_beta_,
+    singular_values_from_up,
+)
+from tests.conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 64, 576, 1536])
+def test_hadamard_matrices_are_hadamard(n):
+    h = hadamard_matrix(n, normalized=False)
+    assert torch.equal(h.abs(), torch.ones(n, n, dtype=torch.float64))
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_factorizations_of_model_sizes():
+    assert hadamard_factors(576) == (12, 12, 4)  # 576 = 2^6 · 9: two order-12 Paley factors
+    assert hadamard_factors(1536) == (12, 128)
+    assert hadamard_factors(64) == (64,)
+    assert hadamard_factors(100) is None and paley(100) is None  # falls back to random orthogonal
+    assert paley(12) is not None and paley(28) is not None  # Paley I (p = 11) and II (q = 13)
+
+
+@pytest.mark.parametrize("n", [64, 100, 576, 1536])
+def test_transforms_are_orthogonal_and_match_dense(n):
+    t = HadamardTransform(n)
+    m = t.matrix()
+    torch.testing.assert_close(m @ m.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    torch.testing.assert_close(t(x), x @ m, rtol=0, atol=1e-12)
+    for q in (randomized_hadamard(n, seed=1), random_orthogonal(n, seed=2)):
+        torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def _random_norms_(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.rand_like(p))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("structure", ["dense", "lowrank", "joint"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_batches):
+    model = make_tiny_llama(tie=tie).double()
+    _random_norms_(model)
+    x = token_batches[0]["input_ids"]
+    if structure == "lowrank":
+        compress_(model, CompressionConfig("svd", ratio=0.3))
+    elif structure == "joint":
+        compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
+    ref = _logits(model, x)
+    entry = rotate_model_(model, kind="random_hadamard", seed=3)
+    assert getattr(model.lm_head, "weight", None) is not model.model.embed_tokens.weight
+    assert all(torch.all(la.input_layernorm.weight == 1) for la in model.model.layers)
+    torch.testing.assert_close(_logits(model, x), ref, rtol=0, atol=1e-6)
+    assert entry == {"residual": {"kind": "random_hadamard", "seed": 3, "size": 64}, "online_down_proj": True,
+                     "untied": True}
+    # the rotation really changed the stored weights (not a no-op)
+    assert not torch.allclose(model.model.embed_tokens.weight, make_tiny_llama(tie=tie).double().model.embed_tokens
+                              .weight)
+
+
+def test_rotation_plan_rebuilds_structure(token_batches):
+    model = make_tiny_llama().double()
+    report = compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
+    plan = {**report.plan, "rotation": rotate_model_(model)}
+    fresh = make_tiny_llama(seed=9).double()
+    changed = apply_plan(fresh, plan)
+    assert "lm_head" in changed and "model.layers.1.mlp" in changed
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = token_batches[0]["input_ids"]
+    assert torch.equal(_logits(fresh, x), _logits(model, x))
+
+
+def test_latent_rotation_and_rebalance_keep_products(token_batches):
+    model = make_tiny_llama().double()
+    stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
+    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    compress_(model, CompressionConfig("svd_llm_v2", ratio=0.3, targets=["o_proj"]), stats)
+    x = token_batches[0]["input_ids"]
+    ref = _logits(model, x)
+    pairs = lowrank_pairs(model)
+    assert set(pairs) == {f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("qkv_latent", "o_proj")}
+    down, ups = pairs["model.layers.0.self_attn.qkv_latent"]
+    sigma = singular_values_from_up(ups, 0.5)
+    for beta in (0.0, 0.2, 0.9):
+        rebalance_(down, ups, 0.5, beta)
+        # down rows now carry σ^β: their norms in the whitened space are not checked here, the product is
+        torch.testing.assert_close(_logits(model, x), ref, rtol=0, atol=1e-9)
+        torch.testing.assert_close(singular_values_from_up(ups, beta), sigma, rtol=1e-9, atol=0)
+        rebalance_(down, ups, beta, 0.5)
+    ranks = rotate_all_latents_(model, seed=1)
+    assert ranks["model.layers.0.self_attn.qkv_latent"] == down.weight.shape[0]
+    torch.testing.assert_close(_logits(model, x), ref, rtol=0, atol=1e-9)
+
+
+def test_beta_search_picks_the_minimum_on_calibration_inputs(token_batches):
+    model = make_tiny_llama()
+    stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
+    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    names = [f"model.layers.{i}.self_attn.qkv_latent" for i in range(2)]
+    inputs = capture_inputs(model, names, token_batches, max_tokens=64)
+    assert {n: tuple(v.shape) for n, v in inputs.items()} == dict.fromkeys(names, (64, 64))
+    x = token_batches[0]["input_ids"]
+    ref = _logits(model, x)
+    w, a = WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9)
+    per_layer = search_beta_(copy.deepcopy(model), inputs, w, a, latent_seed=None)
+    result = search_beta_(model, inputs, w, a, latent_seed=0)
+    for name, r in result.items():
+        assert r["beta"] == [i / 10 for i in range(11)][min(range(11), key=r["errors"].__getitem__)]
+        assert min(r["errors"]) <= r["errors"][5]  # never worse than the default β = 0.5
+        assert per_layer[name]["errors"] != r["errors"]  # H2 changes the quantized error
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-4, atol=1e-5)  # float function unchanged
+    glob = search_beta_(copy.deepcopy(model), inputs, w, a, latent_seed=None, per_layer=False, beta_from=0.5)
+    assert len({r["beta"] for r in glob.values()}) == 1
+
+
+def test_full_qsvd_pipeline_plan_round_trip(token_batches):
+    from compression import find_joint_groups, gradient_allocation, gradient_importance, quantize_model_
+    from compression.gradient_allocation import lm_loss
+
+    model = make_tiny_llama()
+    groups = find_joint_groups(model)
+    stats = collect_stats(model, [n for g in groups.values() for n in g], token_batches)
+    imp = gradient_importance(model, groups, token_batches[:2], lm_loss, "svd_llm_v2", stats)
+    alloc = gradient_allocation(imp, {g: (128, 64) for g in groups}, ratio=0.4)
+    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ranks=alloc.ranks), stats)
+    rotation = rotate_model_(model)
+    inputs = capture_inputs(model, [f"{g}.qkv_latent" for g in groups], token_batches, max_tokens=48)
+    w, a = WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9)
+    search_beta_(model, inputs, w, a)
+    quant = quantize_model_(model, w, a)
+    plan = {**report.plan, "rotation": rotation, "quantization": quant}
+    fresh = make_tiny_llama(seed=5)
+    apply_plan(fresh, plan)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = token_batches[2]["input_ids"]
+    assert torch.equal(_logits(fresh, x), _logits(model, x))
+    with pytest.raises(ValueError, match="already quantized"):
+        rotate_model_(model)
