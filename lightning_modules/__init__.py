@@ -2,5 +2,6 @@
 
 from lightning_modules.module import CompressionModule
 from lightning_modules.specs import CausalLMSpec, ModelSpec
+from lightning_modules.vggt_spec import VGGTSpec
 
-__all__ = ["CausalLMSpec", "CompressionModule", "ModelSpec"]
+__all__ = ["CausalLMSpec", "CompressionModule", "ModelSpec", "VGGTSpec"]

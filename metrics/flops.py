@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,25 @@ VGGT_COMPONENTS = (
     "point_head",
     "track_head",
 )
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """``4 N M d`` per head, as torch counts its CUDA attention kernels (shapes ``[B, h, N, d]``;
+    the counter hands custom formulas the shapes of tensor arguments, not the tensors)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _extra_formulas() -> dict[Any, Callable[..., int]]:
+    """Formulas for attention kernels this torch's counter does not know.
+
+    torch 2.14 dispatches CPU ``scaled_dot_product_attention`` to
+    ``_scaled_dot_product_flash_attention_for_cpu``, which its flop registry lacks, so the
+    attention FLOPs would silently count as 0 on CPU while meta tensors count them.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry:
+        return {}
+    return {op: _cpu_flash_attention_flops}
 
 
 def _hook_targets(model: nn.Module, prefix: str) -> list[nn.Module] | None:
@@ -82,7 +101,7 @@ def count_flops(
         prefixes = [name for name, _ in model.named_children()]
     counts: dict[str, int] = {}
     handles = []
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
     for prefix in prefixes:
         targets = _hook_targets(model, prefix)
         counts[prefix] = 0
