@@ -1,8 +1,9 @@
-"""Callbacks that calibrate, reallocate ranks, truncate and recover (alternating U/V LoRA), at the start of fit."""
+"""Callbacks that calibrate, reallocate ranks, truncate, quantize and recover (U/V LoRA), at the start of fit."""
 
 from callbacks.calibration import WhiteningCollection
 from callbacks.lora import UVLoRA
+from callbacks.quantization import Quantization
 from callbacks.reallocation import RankReallocation
 from callbacks.truncation import SVDTruncation
 
-__all__ = ["RankReallocation", "SVDTruncation", "UVLoRA", "WhiteningCollection"]
+__all__ = ["Quantization", "RankReallocation", "SVDTruncation", "UVLoRA", "WhiteningCollection"]

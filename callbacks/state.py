@@ -22,6 +22,8 @@ class CompressionState:
     stats: ActivationStats | None = None
     allocation: Allocation | None = None
     allocation_name: str = "uniform"
+    components: dict[str, list[int]] = field(default_factory=dict)  # gradient "subset" mode: triplets kept
+    quantization: dict | None = None  # the plan's quantization section, once applied
     report: CompressionReport | None = None
     dense_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration_seconds: float = 0.0
@@ -38,6 +40,11 @@ def get_state(pl_module: LightningModule) -> CompressionState:
 def already_compressed(pl_module: LightningModule) -> bool:
     """True when the model carries a plan (compressed in this run or restored from a checkpoint)."""
     return getattr(pl_module, "plan", None) is not None
+
+
+def plan_restored(pl_module: LightningModule) -> bool:
+    """True when the plan came from a checkpoint (not made by this run's compression stages)."""
+    return bool(getattr(pl_module, "plan_restored", False))
 
 
 def find_callback(trainer: Trainer, cls: type, needed_by: str):

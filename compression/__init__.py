@@ -21,7 +21,7 @@ from compression.methods import (
 )
 from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans, save_plan
 from compression.quant import ActQuantConfig, QuantLinear, WeightQuantConfig, quantize_model_
-from compression.report import CompressionReport, LayerReport
+from compression.report import CompressionReport, LayerReport, merge_reports
 from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
 from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
@@ -38,6 +38,7 @@ __all__ = [
     "gradient_importance",
     "joint_rank_for_ratio",
     "merge_plans",
+    "merge_reports",
     "quantize_model_",
     "Allocation",
     "allocate",

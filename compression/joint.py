@@ -75,10 +75,13 @@ class JointLatent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last, grad = self._last, torch.is_grad_enabled()
-        if last is not None and last[0]() is x and last[1] == x._version and last[2] == grad:
+        # inference-mode tensors (Trainer.test/validate) carry no version counter; q/k/v of one
+        # attention call read the same unmodified tensor, so identity alone identifies it there
+        version = None if x.is_inference() else x._version
+        if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
             return last[3]
         z = self.down(x)
-        self._last = (weakref.ref(x), x._version, grad, z)
+        self._last = (weakref.ref(x), version, grad, z)
         return z
 
     def clear(self) -> None:
@@ -252,7 +255,7 @@ def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
     whose ``joint_groups`` rebuild the structure (:func:`compression.plan.apply_plan`).
     On any error the model is left as it was.
     """
-    from compression.plan import make_plan, set_submodule
+    from compression.plan import make_plan
 
     config = config or JointQKVConfig()
     start = time.perf_counter()
@@ -293,12 +296,7 @@ def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
                 truncation_loss=f.truncation_loss,
                 relative_loss=(f.truncation_loss**2 / tot) ** 0.5 if tot > 0 else 0.0))
     except BaseException:
-        for gname, names, layers in reversed(done):
-            attn = model.get_submodule(gname)
-            if hasattr(attn, LATENT_NAME):
-                delattr(attn, LATENT_NAME)
-            for n, lin in zip(names, layers):
-                set_submodule(model, n, lin)
+        restore_joint_(model, {gname: dict(zip(names, layers)) for gname, names, layers in done})
         log.error("joint compression failed; %d groups restored", len(done))
         raise
     plan = make_plan(method.config.to_dict(), config.ratio, "joint", {}, joint_groups=plan_groups)
@@ -309,6 +307,18 @@ def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
         plan=plan, seconds=time.perf_counter() - start)
     log.info("%s", report.to_table(max_rows=0))
     return report
+
+
+def restore_joint_(model: nn.Module, originals: Mapping[str, Mapping[str, nn.Linear]]) -> None:
+    """Undo :func:`install_joint`: ``originals[group][member full name]`` are the dense layers to put back."""
+    from compression.plan import set_submodule
+
+    for gname, layers in originals.items():
+        attn = model.get_submodule(gname)
+        if hasattr(attn, LATENT_NAME):
+            delattr(attn, LATENT_NAME)
+        for name, linear in layers.items():
+            set_submodule(model, name, linear)
 
 
 def apply_joint_plan(model: nn.Module, joint_groups: Mapping[str, Mapping]) -> list[str]:

@@ -101,3 +101,20 @@ class CompressionReport:
             f"{s['model_params_after']:,} ({s['model_params_ratio']:.4f} removed) in {self.seconds:.1f} s"
         )
         return "\n".join(lines)
+
+
+def merge_reports(first: CompressionReport, *rest: CompressionReport) -> CompressionReport:
+    """One report for consecutive compression steps on the same model (e.g. joint q/k/v, then the
+    other layers per matrix): layers concatenated, parameters from before the first to after the
+    last step, plans merged (:func:`compression.plan.merge_plans`)."""
+    from compression.plan import merge_plans
+
+    reports = (first, *rest)
+    last = reports[-1]
+    return CompressionReport(
+        method=last.method, allocation=last.allocation, ratio=last.ratio,
+        layers=[layer for r in reports for layer in r.layers],
+        model_params_before=first.model_params_before, model_params_after=last.model_params_after,
+        plan=merge_plans(*(r.plan for r in reports)),
+        skipped={k: v for r in reports for k, v in r.skipped.items()},
+        seconds=sum(r.seconds for r in reports))

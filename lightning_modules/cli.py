@@ -76,6 +76,11 @@ def build_summary(module: CompressionModule, test_results: dict[str, float], sec
         out["calibration_seconds"] = state.calibration_seconds
     if report is not None:
         out["compression"] = report.summary()
+    quant = getattr(state, "quantization", None) if state is not None else None
+    if quant is not None:
+        out["quantization"] = {"weight_bits": (quant["weight"] or {}).get("bits"),
+                               "act_bits": (quant["act"] or {}).get("bits"), "layers": len(quant["layers"]),
+                               "rotation": module.plan is not None and "rotation" in module.plan}
     return out
 
 
@@ -90,6 +95,10 @@ def format_summary(summary: dict) -> str:
                      f"({comp['params_ratio']:.2%} removed)")
         lines.append(f"time: calibration {summary.get('calibration_seconds', 0):.1f} s, "
                      f"decomposition {comp['seconds']:.1f} s, whole run {summary['wall_seconds']:.1f} s")
+    quant = summary.get("quantization")
+    if quant:
+        lines.append(f"quantization: W{quant['weight_bits'] or 'float'} A{quant['act_bits'] or 'float'} on "
+                     f"{quant['layers']} layers, rotation {'H1 + online Hadamard' if quant['rotation'] else 'none'}")
     dense = summary.get("dense") or {}
     test = summary.get("test") or {}
     if test:

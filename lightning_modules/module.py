@@ -55,6 +55,7 @@ class CompressionModule(LightningModule):
         self.spec = spec
         self.model: nn.Module | None = None
         self.plan: dict | None = None  # set by the truncation callback or restored from a checkpoint
+        self.plan_restored = False
         self.val_metrics: nn.Module | None = None
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
@@ -72,6 +73,7 @@ class CompressionModule(LightningModule):
         if trainer.ckpt_path:
             self.plan = read_plan(trainer.ckpt_path)
         if self.plan is not None:
+            self.plan_restored = True  # compression stages that transform weights skip themselves
             changed = apply_plan(self.model, self.plan)
             log.info("rebuilt %d low-rank layers from the compression plan", len(changed))
         if trainer.state.fn == TrainerFn.FITTING:

@@ -7,6 +7,10 @@ families; a spec tells it four things (composition over inheritance):
 - ``default_targets(model)`` -> module-name patterns compressed when the user gives none;
 - ``calibration_forward(model, batch)`` -> one forward that exercises every target layer;
 - ``training_loss(model, batch)`` and ``evaluate(model, batch, metrics, split)``.
+
+Two optional hooks serve QSVD: ``joint_groups(model, targets)`` names the attention modules
+whose q/k/v are factorized jointly, and ``quant_exclude(model)`` the layers kept in high
+precision when quantizing.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import eligible_linears
+from compression import eligible_linears, find_joint_groups
 from metrics.perplexity import Perplexity
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -31,6 +35,20 @@ class ModelSpec:
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
         return None
+
+    def joint_groups(self, model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+        """``attention module -> [q, k, v names]`` for joint QKV, among the ``targets`` (full names).
+
+        Default: every module with plain ``nn.Linear`` children ``q_proj``/``k_proj``/``v_proj`` of one
+        input size whose three members are all targeted.  A fused ``qkv`` Linear needs no group: it
+        already is the stacked ``[W_q; W_k; W_v]``, so factorizing it is the joint factorization.
+        """
+        wanted = set(targets)
+        return {g: names for g, names in find_joint_groups(model).items() if all(n in wanted for n in names)}
+
+    def quant_exclude(self, model: nn.Module) -> list[str]:
+        """Module-name patterns left in high precision by quantization (default: none)."""
+        return []
 
     def calibration_forward(self, model: nn.Module, batch: Any) -> None:
         raise NotImplementedError
@@ -82,6 +100,11 @@ class CausalLMSpec(ModelSpec):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n, m in eligible.items() if m is not head]
         return names or None
+
+    def quant_exclude(self, model: nn.Module) -> list[str]:
+        """The output head stays in high precision (its error hits every token's logits directly)."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n, m in model.named_modules() if head is not None and m is head]
 
     def calibration_forward(self, model: nn.Module, batch: dict) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)

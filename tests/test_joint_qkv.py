@@ -154,3 +154,16 @@ def test_joint_factors_are_not_retargeted(tiny_llama, token_batches):
     assert sorted({r.name.rsplit(".", 1)[-1] for r in report.layers}) == ["down_proj", "gate_proj", "o_proj", "up_proj"]
     assert "model.layers.0.self_attn.q_proj.up" in report.skipped
     assert torch.isfinite(tiny_llama(**token_batches[0]).logits).all()
+
+
+def test_joint_layers_run_under_inference_mode(tiny_llama, token_batches):
+    from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
+
+    stats = collect_stats(tiny_llama, list(eligible_linears(tiny_llama)[0]), token_batches)
+    compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats)
+    x = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        ref = tiny_llama(x).logits
+    with torch.inference_mode():  # what Trainer.test runs under: tensors without a version counter
+        out = tiny_llama(x).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
