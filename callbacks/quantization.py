@@ -7,10 +7,15 @@ this order (:mod:`compression.rotation`, :mod:`compression.quant`):
    (randomized) Hadamard ``H1`` fused into the weights, plus the online Hadamard before each
    ``down_proj`` -- the float function is unchanged, the outliers are spread;
 2. low-rank latents (every ``LowRankLinear`` and joint q/k/v group): with ``beta_search``, the
-   exponent β that splits Σ between ``down = Σ^β Vᵀ`` and ``up = U Σ^(1-β)`` is chosen per pair
-   (or globally) by the quantized output error on calibration inputs, then ``H2`` (a random
-   orthogonal ``r x r`` rotation, ``latent_rotation``) is fused into each pair; without the
-   search only ``H2``;
+   exponent β that splits Σ between ``down = Σ^β Vᵀ`` and ``up = U Σ^(1-β)`` is chosen, then
+   ``H2`` (a random orthogonal ``r x r`` rotation, ``latent_rotation``) is fused into each pair;
+   without the search only ``H2``.  ``beta_objective`` says how β is chosen:
+
+   - ``output``: per pair (or one global β), the quantized output error of the pair on captured
+     calibration inputs -- cheap, but local: it ignores softmax, ``o_proj`` and upstream noise;
+   - ``loss``: one global β, the calibration loss (the spec's ``training_loss``) of the whole
+     model quantized at each candidate -- end to end, one quantized copy of the model per
+     candidate (RTN stands in for GPTQ during the search);
 3. every remaining ``nn.Linear`` (dense or factor) but the family's ``quant_exclude`` becomes a
    ``QuantLinear``: weights RTN with a per-row clipping search (or GPTQ with input Grams
    collected on the rotated model), activations fake-quantized per token.
@@ -22,7 +27,10 @@ and ``quantization`` sections, so a checkpoint rebuilds the structure without re
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -31,9 +39,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import get_state, plan_restored
 from compression import ActQuantConfig, WeightQuantConfig, collect_stats, merge_plans, quantize_model_
+from compression.hadamard import rotation_matrix
 from compression.plan import make_plan
 from compression.quant import quantizable_linears
-from compression.rotation import capture_inputs, lowrank_pairs, rotate_all_latents_, rotate_model_, search_beta_
+from compression.rotation import (
+    capture_inputs,
+    lowrank_pairs,
+    rebalance_,
+    rotate_all_latents_,
+    rotate_latent_,
+    rotate_model_,
+    search_beta_,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +70,9 @@ class Quantization(Callback):
             language models); the model must support it.
         rotation_kind: ``random_hadamard``, ``hadamard`` or ``orthogonal``.
         latent_rotation: fuse ``H2`` into every low-rank pair.
-        beta_search: choose β on calibration inputs (``False`` keeps the truncation's β).
+        beta_search: choose β on calibration data (``False`` keeps the truncation's β).
+        beta_objective: ``output`` (per-pair quantized output error) or ``loss`` (calibration loss of
+            the quantized model, one global β); see the module docstring.
         betas: candidate β values.
         per_layer_beta: one β per pair (``True``) or one global β.
         calibration_tokens: tokens of captured inputs per pair for the β search.
@@ -74,6 +93,7 @@ class Quantization(Callback):
         rotation_kind: Literal["random_hadamard", "hadamard", "orthogonal"] = "random_hadamard",
         latent_rotation: bool = True,
         beta_search: bool = True,
+        beta_objective: Literal["output", "loss"] = "output",
         betas: list[float] | None = None,
         per_layer_beta: bool = True,
         calibration_tokens: int = 2048,
@@ -92,7 +112,9 @@ class Quantization(Callback):
         if not self.betas or not all(0.0 <= b <= 1.0 for b in self.betas):
             raise ValueError(f"betas must be a non-empty list of values in [0, 1], got {betas}")
         self.rotate, self.rotation_kind, self.latent_rotation = rotate, rotation_kind, latent_rotation
-        self.beta_search, self.per_layer_beta = beta_search, per_layer_beta
+        if beta_objective not in ("output", "loss"):
+            raise ValueError(f"beta_objective must be 'output' or 'loss', got {beta_objective!r}")
+        self.beta_search, self.beta_objective, self.per_layer_beta = beta_search, beta_objective, per_layer_beta
         self.calibration_tokens, self.max_batches, self.seed = calibration_tokens, max_batches, seed
 
     def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -109,8 +131,10 @@ class Quantization(Callback):
             if self.rotate:
                 rotation = rotate_model_(model, kind=self.rotation_kind, seed=self.seed, online=True)
             pairs = lowrank_pairs(model)
-            if pairs and self.beta_search:
-                beta_from = float((pl_module.plan or {}).get("method", {}).get("beta", 0.5))
+            beta_from = float((pl_module.plan or {}).get("method", {}).get("beta", 0.5))
+            if pairs and self.beta_search and self.beta_objective == "loss":
+                info.update(self._beta_by_loss(trainer, pl_module, beta_from))
+            elif pairs and self.beta_search:
                 inputs = capture_inputs(model, list(pairs), self._batches(trainer), forward=spec.calibration_forward,
                                         max_tokens=self.calibration_tokens)
                 chosen = search_beta_(model, inputs, self.weight, self.act, betas=self.betas, beta_from=beta_from,
@@ -133,6 +157,38 @@ class Quantization(Callback):
         state.quantization = entry
         log.info("quantized %d layers (weights %s, activations %s, rotation %s)", len(entry["layers"]),
                  self.weight, self.act, "H1+online" if rotation else "none")
+
+    def _beta_by_loss(self, trainer: Trainer, pl_module: LightningModule, beta_from: float) -> dict[str, Any]:
+        """One global β: the candidate whose quantized model has the lowest mean calibration loss."""
+        model, spec = pl_module.model, pl_module.spec
+        batches = list(self._batches(trainer))
+        weight = self.weight if self.weight is None or self.weight.method == "rtn" else \
+            dataclasses.replace(self.weight, method="rtn")
+        losses = []
+        for beta in self.betas:
+            trial = copy.deepcopy(model)
+            self._set_beta_(trial, beta_from, beta)
+            quantize_model_(trial, weight, self.act, exclude=spec.quant_exclude(trial))
+            total = sum(float(spec.training_loss(trial, batch)) for batch in batches)
+            losses.append(total / max(len(batches), 1))
+            del trial
+            if not math.isfinite(losses[-1]):
+                log.warning("beta %.2f: non-finite calibration loss", beta)
+        finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+        if not finite:
+            raise FloatingPointError("every beta candidate gave a non-finite calibration loss after quantization")
+        best = self.betas[min(finite, key=losses.__getitem__)]
+        self._set_beta_(model, beta_from, best)
+        log.info("beta by calibration loss: %.2f (losses %s)", best, [round(x, 4) for x in losses])
+        return {"beta": dict.fromkeys(lowrank_pairs(model), best),
+                "beta_losses": {str(b): loss for b, loss in zip(self.betas, losses)}}
+
+    def _set_beta_(self, model, beta_from: float, beta: float) -> None:
+        """Move every low-rank pair to ``beta`` and fuse H2 (seeded per pair, as ``search_beta_`` does)."""
+        for i, (down, ups) in enumerate(lowrank_pairs(model).values()):
+            rebalance_(down, ups, beta_from, beta)
+            if self.latent_rotation:
+                rotate_latent_(down, ups, rotation_matrix(down.weight.shape[0], "orthogonal", self.seed + i))
 
     def _check_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from callbacks.lora import UVLoRA

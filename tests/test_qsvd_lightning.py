@@ -149,3 +149,22 @@ def test_split_batch_slices_every_per_sample_entry():
     assert [p["input_ids"].tolist() for p in parts] == [[[0, 1]], [[2, 3]], [[4, 5]]]
     assert [p["names"] for p in parts] == [["a"], ["b"], ["c"]] and all(p["scale"] == 2.0 for p in parts)
     assert len(split_batch(torch.zeros(4, 3))) == 4 and split_batch("x") == ["x"]
+
+
+def test_beta_by_calibration_loss_picks_the_best_candidate_and_applies_it(tmp_path):
+    module = fit(tmp_path, [WhiteningCollection(progress=False),
+                            SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True),
+                            Quantization(weight_bits=4, act_bits=8, clip_grid=0, beta_objective="loss",
+                                         betas=[0.0, 0.5, 1.0], max_batches=2)])
+    quant = module.plan["quantization"]
+    losses = {float(b): v for b, v in quant["beta_losses"].items()}
+    best = min(losses, key=losses.get)
+    assert len(losses) == 3 and len(set(losses.values())) == 3  # β matters once weights are 4-bit
+    assert set(quant["beta"].values()) == {best}
+    # the applied model is the winning trial: its calibration loss is the recorded minimum
+    batches = list(TinyTokens().calibration_dataloader())[:2]
+    with torch.no_grad():
+        loss = sum(float(module.spec.training_loss(module.model, b)) for b in batches) / 2
+    assert loss == pytest.approx(losses[best], rel=1e-6)
+    with pytest.raises(ValueError, match="beta_objective"):
+        Quantization(beta_objective="perplexity")
