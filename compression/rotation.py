@@ -1,4 +1,4 @@
-"""QuaRot-style rotations fused into a LLaMA-family model, the latent rotation H2 and the Σ split β.
+"""QuaRot-style rotations fused into a LLaMA-family LM (or a VLM's), the latent rotation H2 and the Σ split β.
 
 Residual stream (H1).  With row vectors, every block reads ``x`` through an RMSNorm and adds
 its output back.  RMSNorm commutes with an orthogonal ``Q`` once its scale is gone:
@@ -12,6 +12,13 @@ its output back.  RMSNorm commutes with an orthogonal ``Q`` once its scale is go
 3. rotate: embedding ``E ← E Q``; readers (q/k/v, gate/up, lm_head) ``W ← W Q``; writers (o_proj,
    down_proj) ``W ← Qᵀ W``, ``b ← Qᵀ b``.  The float function is unchanged; the residual stream
    now carries ``x Q``, whose outliers a random Hadamard ``Q`` spreads over all channels.
+
+VLMs.  The decoder is found structurally (the module owning ``get_input_embeddings()`` as
+``embed_tokens``, with ``layers`` and ``norm``; the head is ``get_output_embeddings()``).  In a
+VLM the stream is also written by the projector, whose output replaces the image placeholder
+embeddings, and (LLaVA-NeXT) by a learned ``image_newline`` vector, so those are rotated as
+writers: projector output layer ``W ← Qᵀ W``, ``b ← Qᵀ b``; vector ``v ← v Q``
+(:func:`stream_writers`).  The vision tower is untouched (it does not read the stream).
 
 Online rotation before ``down_proj``: the MLP is replaced by :class:`HadamardMLP` (same child
 names, so state-dict keys do not change), which feeds ``down_proj`` with ``a H`` (a Hadamard
@@ -38,6 +45,7 @@ from torch import nn
 from compression.hadamard import HadamardTransform, rotation_matrix
 from compression.joint import LATENT_NAME, JointProjection
 from compression.lowrank import LowRankLinear
+from compression.residual import decoder_layers, language_model, language_model_module, output_head, stream_writers
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +87,23 @@ def _left_(params: Iterable[nn.Parameter], mat: torch.Tensor) -> None:
         p.copy_((mat.to(p.device).T @ p.double()).to(p.dtype))
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no `.model.layers`; rotation supports LLaMA-family models")
-    return list(layers)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, "model", model)
+def _config_untie_(model: nn.Module) -> None:
+    """Record the untied head in every config the model (and its sub-models) carry."""
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    text = getattr(getattr(model, "config", None), "get_text_config", None)
+    configs.append(text() if callable(text) else None)
+    for config in configs:
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
 
 
 def untie_lm_head_(model: nn.Module) -> bool:
     """Give ``lm_head`` its own weight when it is tied to the input embedding; returns whether it was tied."""
-    emb, head = _base(model).embed_tokens, model.lm_head
+    emb, head = language_model_module(model).embed_tokens, output_head(model)
     if getattr(head, "weight", None) is not emb.weight:
         return False
     head.weight = nn.Parameter(emb.weight.detach().clone())
-    if hasattr(model, "config"):
-        model.config.tie_word_embeddings = False
+    _config_untie_(model)
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = None
     log.info("untied lm_head from the input embedding (+%d stored parameters)", head.weight.numel())
@@ -118,9 +123,9 @@ def fold_norms_(model: nn.Module) -> None:
     """Fold every RMSNorm scale into the layers that read it and set the scales to 1 (function unchanged)."""
     untie_lm_head_(model)
     pairs = []
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         pairs += [(layer.input_layernorm, _attn_readers(layer)), (layer.post_attention_layernorm, _mlp_readers(layer))]
-    pairs.append((_base(model).norm, [model.lm_head]))
+    pairs.append((language_model_module(model).norm, [output_head(model)]))
     for norm, readers in pairs:
         g = norm.weight.detach().double()
         _right_([p for r in readers for p in input_weights(r)], torch.diag(g))
@@ -128,23 +133,33 @@ def fold_norms_(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def rotate_residual_(model: nn.Module, q: torch.Tensor) -> None:
-    """Rotate the residual stream by orthogonal ``q (E x E)`` (norms must be folded first)."""
-    base = _base(model)
+def rotate_residual_(model: nn.Module, q: torch.Tensor, writers: dict[str, list[str]] | None = None) -> None:
+    """Rotate the residual stream by orthogonal ``q (E x E)`` (norms must be folded first).
+
+    ``writers``: what else writes into the stream (:func:`stream_writers`, the default): their
+    outputs are rotated like the blocks' (``W ← Qᵀ W``, ``b ← Qᵀ b``; vectors ``v ← v Q``).
+    """
+    base, head = language_model_module(model), output_head(model)
     norms = [base.norm]
-    for la in _decoder_layers(model):
+    for la in decoder_layers(model):
         norms += [la.input_layernorm, la.post_attention_layernorm]
     if any(not torch.all(n.weight == 1) for n in norms):
         raise ValueError("rotate_residual_: RMSNorm scales are not folded; call fold_norms_ first")
-    if getattr(model.lm_head, "weight", None) is base.embed_tokens.weight:
+    if getattr(head, "weight", None) is base.embed_tokens.weight:
         raise ValueError("rotate_residual_: lm_head is tied to the embedding; call fold_norms_ (it unties) first")
+    writers = stream_writers(model) if writers is None else writers
     q = q.double()
     emb = base.embed_tokens.weight
     emb.copy_((emb.double() @ q.to(emb.device)).to(emb.dtype))
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         _right_([p for r in _attn_readers(layer) + _mlp_readers(layer) for p in input_weights(r)], q)
         _left_(output_params(layer.self_attn.o_proj) + output_params(layer.mlp.down_proj), q)
-    _right_(input_weights(model.lm_head), q)
+    _right_(input_weights(head), q)
+    for name in writers.get("linears", []):
+        _left_(output_params(model.get_submodule(name)), q)
+    for name in writers.get("vectors", []):
+        vec = model.get_parameter(name)
+        vec.copy_((vec.double() @ q.to(vec.device)).to(vec.dtype))
 
 
 class HadamardMLP(nn.Module):
@@ -163,7 +178,7 @@ class HadamardMLP(nn.Module):
 def install_online_hadamard_(model: nn.Module, fuse: bool = True) -> int:
     """Wrap every MLP in :class:`HadamardMLP`; with ``fuse`` also set ``down_proj``'s input weights to ``W H``."""
     count = 0
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         if isinstance(layer.mlp, HadamardMLP):
             continue
         new = HadamardMLP(layer.mlp).to(next(layer.mlp.parameters()).device)
@@ -174,31 +189,40 @@ def install_online_hadamard_(model: nn.Module, fuse: bool = True) -> int:
     return count
 
 
-def rotate_model_(model: nn.Module, kind: str = "random_hadamard", seed: int = 0, online: bool = True) -> dict:
+def rotate_model_(model: nn.Module, kind: str = "random_hadamard", seed: int = 0, online: bool = True,
+                  writers: dict[str, list[str]] | None = None) -> dict:
     """Fold norms, untie, rotate the residual stream by H1 and (``online``) add the Hadamard before
-    ``down_proj``.  Works on dense, low-rank and joint-QKV layers.  Returns the plan's ``rotation`` entry."""
+    ``down_proj``.  Works on dense, low-rank and joint-QKV layers, on causal LMs and on the language
+    model of a VLM (whose projector output is rotated too: ``writers``, see :func:`stream_writers`).
+    Returns the plan's ``rotation`` entry."""
     from compression.quant import QuantLinear
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("rotate_model_: the model is already quantized; rotate before quantize_model_")
-    hidden = _base(model).embed_tokens.weight.shape[1]
+    hidden = language_model_module(model).embed_tokens.weight.shape[1]
+    writers = stream_writers(model) if writers is None else writers  # before untying: the head is found by identity
     fold_norms_(model)
-    rotate_residual_(model, rotation_matrix(hidden, kind, seed))
+    rotate_residual_(model, rotation_matrix(hidden, kind, seed), writers)
     if online:
         install_online_hadamard_(model)
-    return {"residual": {"kind": kind, "seed": seed, "size": hidden}, "online_down_proj": online, "untied": True}
+    entry = {"residual": {"kind": kind, "seed": seed, "size": hidden}, "online_down_proj": online, "untied": True}
+    if any(writers.values()):
+        entry["stream_writers"] = {k: list(v) for k, v in writers.items()}
+    return entry
 
 
 def apply_rotation_plan(model: nn.Module, entry: dict) -> list[str]:
     """Rebuild the structure of :func:`rotate_model_` (untied head, Hadamard MLPs) without touching weights."""
     changed = []
     if entry.get("untied") and untie_lm_head_(model):
-        changed.append("lm_head")
+        changed.append(next(n for n, m in model.named_modules() if m is output_head(model)))
     if entry.get("online_down_proj"):
-        for i, layer in enumerate(_decoder_layers(model)):
+        lm_name, _ = language_model(model)
+        prefix = f"{lm_name}." if lm_name else ""
+        for i, layer in enumerate(decoder_layers(model)):
             if not isinstance(layer.mlp, HadamardMLP):
                 layer.mlp = HadamardMLP(layer.mlp)
-                changed.append(f"model.layers.{i}.mlp")
+                changed.append(f"{prefix}layers.{i}.mlp")
     return changed
 
 
