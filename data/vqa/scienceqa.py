@@ -1,0 +1,93 @@
+"""ScienceQA in its official release format; the image subset (ScienceQA-IMG) as :class:`VQAExample`.
+
+Layout under ``root`` (the release, as LLaVA's evaluation reads it)::
+
+    problems.json       {"<pid>": {"question", "choices": [...], "answer": <index>, "hint", "image": "image.png" | null,
+                         "split": "train" | "val" | "test" | ..., "subject", "grade", "lecture", "solution", ...}}
+    pid_splits.json     {"train": [pid, ...], "val": [...], "test": [...], "minival": [...], ...}
+    images/<split>/<pid>/image.png
+
+The image subset is the problems whose ``image`` is set (2,017 of the 4,241 test problems).  The
+user text is LLaVA's multiple-choice format (the ``CQM`` order: context, question, options)::
+
+    Context: <hint>            (this line only when the hint is not empty)
+    <question>
+    A. <option 0>
+    B. <option 1>
+    ...
+    Answer with the option's letter from the given choices directly.
+
+and the training target is the correct option's letter.  Scoring: :mod:`metrics.vqa`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from data.vqa.common import VQAExample
+from metrics.vqa import LETTERS
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+_REQUIRED = ("question", "choices", "answer")
+
+
+def scienceqa_prompt(question: str, choices: list[str], hint: str = "") -> str:
+    """The user text of one problem (module docstring)."""
+    if len(choices) < 2 or len(choices) > len(LETTERS):
+        raise ValueError(f"a ScienceQA problem needs 2..{len(LETTERS)} choices, got {len(choices)}")
+    lines = [f"Context: {hint.strip()}"] if hint and hint.strip() else []
+    lines.append(question.strip())
+    lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    lines.append(INSTRUCTION)
+    return "\n".join(lines)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ScienceQA {what} not found at {path}. Put the official release there: problems.json and "
+            "pid_splits.json from the ScienceQA repository (data/scienceqa) and the images as "
+            "images/<split>/<pid>/image.png (see docs/vlm.md)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:
+    """The problems of ``split`` that have an image (ScienceQA-IMG), in ``pid_splits.json`` order."""
+    root = Path(root)
+    problems = _read_json(root / "problems.json", "problems.json")
+    splits = _read_json(root / "pid_splits.json", "pid_splits.json")
+    if split not in splits:
+        raise ValueError(f"ScienceQA has no split {split!r} in {root / 'pid_splits.json'}; it has {sorted(splits)}")
+    out, skipped = [], 0
+    for pid in splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            raise ValueError(f"pid_splits.json lists problem {pid!r} ({split}), which problems.json lacks")
+        p = problems[pid]
+        missing = [k for k in _REQUIRED if k not in p]
+        if missing:
+            raise ValueError(f"ScienceQA problem {pid!r} lacks {missing}")
+        if not p.get("image"):
+            skipped += 1
+            continue
+        answer = int(p["answer"])
+        if not 0 <= answer < len(p["choices"]):
+            raise ValueError(f"ScienceQA problem {pid!r}: answer {answer} outside its {len(p['choices'])} choices")
+        image = root / "images" / p.get("split", split) / pid / p["image"]
+        if not image.is_file():
+            image = root / "images" / split / pid / p["image"]
+        if not image.is_file():
+            raise FileNotFoundError(f"image of ScienceQA problem {pid!r} not found at {image}")
+        choices = [str(c) for c in p["choices"]]
+        out.append(VQAExample(qid=pid, image=image, prompt=scienceqa_prompt(p["question"], choices, p.get("hint", "")),
+                              target=LETTERS[answer], task="scienceqa", choices=choices, answer_index=answer))
+    log.info("ScienceQA %s: %d problems with an image (%d without skipped)", split, len(out), skipped)
+    return out
+
+
+__all__ = ["INSTRUCTION", "read_scienceqa", "scienceqa_prompt"]

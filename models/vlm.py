@@ -1,0 +1,226 @@
+"""Vision-language models through ``transformers``: LLaVA-1.5, LLaVA-NeXT and SmolVLM (Idefics3).
+
+A VLM here is ``vision tower -> projector -> language model``: the vision tower encodes image
+patches, the projector maps them into the language model's residual stream, where they replace
+the ``<image>`` placeholder tokens, and the causal LM generates the answer.  Families are told
+apart by their *config class* (never by a name substring) and each names its three parts:
+
+=============  ===========================  ==============================  ==========================
+family         vision tower                 projector                       language model
+=============  ===========================  ==============================  ==========================
+``llava``      ``model.vision_tower``       ``model.multi_modal_projector``  ``model.language_model``
+``llava_next``  ``model.vision_tower``      ``model.multi_modal_projector``  ``model.language_model``
+``idefics3``   ``model.vision_model``       ``model.connector``              ``model.text_model``
+=============  ===========================  ==============================  ==========================
+
+(LLaVA-NeXT also writes a learned ``model.image_newline`` vector into the stream after every
+row of image features; ``lm_head`` is always ``model.lm_head``.)
+
+:func:`load_vlm` accepts a hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
+``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or ``tiny-<family>``
+for the in-process test models of :mod:`models.vlm_tiny`.  Offline, a hub id must already be in
+the Hugging Face cache; otherwise the error says how to download it and where to put it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.causal_lm import _in_hub_cache, _looks_local, hub_offline
+
+log = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny-"
+DOWNLOAD_HINT = ("on a machine with internet run `hf download {repo} --local-dir checkpoints/{leaf}` "
+                 "(huggingface_hub) and pass `checkpoints/{leaf}` as name_or_path")
+
+__all__ = ["FAMILIES", "VLMFamily", "family_of", "load_processor", "load_vlm", "vlm_parts"]
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """One VLM family: its transformers classes (by name, resolved lazily) and where its parts live.
+
+    Args:
+        name: short name (``llava``, ``llava_next``, ``idefics3``).
+        config_class / model_class: class names in ``transformers``.
+        vision_tower / projector / language_model: attribute paths inside the
+            ``*ForConditionalGeneration`` model.
+        stream_vectors: learned vectors (attribute paths) written into the LM's residual stream.
+    """
+
+    name: str
+    config_class: str
+    model_class: str
+    vision_tower: str
+    projector: str
+    language_model: str
+    stream_vectors: tuple[str, ...] = ()
+
+    def classes(self) -> tuple[type, type]:
+        import transformers
+
+        try:
+            return getattr(transformers, self.config_class), getattr(transformers, self.model_class)
+        except AttributeError:
+            raise ImportError(f"this transformers ({transformers.__version__}) has no {self.model_class}; "
+                              "upgrade it (`pip install -U transformers`)") from None
+
+
+FAMILIES: dict[str, VLMFamily] = {
+    f.name: f for f in (
+        VLMFamily("llava", "LlavaConfig", "LlavaForConditionalGeneration", "model.vision_tower",
+                  "model.multi_modal_projector", "model.language_model"),
+        VLMFamily("llava_next", "LlavaNextConfig", "LlavaNextForConditionalGeneration", "model.vision_tower",
+                  "model.multi_modal_projector", "model.language_model", stream_vectors=("model.image_newline",)),
+        VLMFamily("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration", "model.vision_model",
+                  "model.connector", "model.text_model"),
+    )
+}
+
+
+def family_of(model_or_config: Any) -> VLMFamily:
+    """The family whose config class ``model_or_config`` (a model or its config) is an instance of."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for family in FAMILIES.values():
+        try:
+            config_cls, _ = family.classes()
+        except ImportError:
+            continue
+        if isinstance(config, config_cls):
+            return family
+    raise ValueError(f"{type(config).__name__} is not a supported VLM config; supported: "
+                     f"{', '.join(f.config_class for f in FAMILIES.values())}")
+
+
+def vlm_parts(model: nn.Module) -> dict[str, str]:
+    """``{"vision_tower", "projector", "language_model", "lm_head"}`` -> module names in ``model``.
+
+    Checks that the parts exist and that the language model owns the input embedding, so a
+    changed transformers layout fails here, with the names, instead of compressing the wrong modules.
+    """
+    family = family_of(model)
+    parts = {"vision_tower": family.vision_tower, "projector": family.projector,
+             "language_model": family.language_model}
+    for role, path in parts.items():
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no {role} at {path!r}; this transformers version lays the "
+                             f"{family.name} model out differently") from None
+    lm = model.get_submodule(family.language_model)
+    if getattr(lm, "embed_tokens", None) is not model.get_input_embeddings():
+        raise ValueError(f"{family.language_model!r} does not own the input embedding of {type(model).__name__}")
+    head = model.get_output_embeddings()
+    parts["lm_head"] = next(n for n, m in model.named_modules() if m is head)
+    return parts
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _read_config_json(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FileNotFoundError(f"{path} has no readable config.json ({err}): put a transformers save_pretrained "
+                                "folder there (config.json, *.safetensors, processor and tokenizer files)") from err
+
+
+def _check_hf_format(raw: dict, where: str) -> None:
+    """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
+    model_type = raw.get("model_type", "")
+    known = {"llava", "llava_next", "idefics3"}
+    if model_type not in known:
+        hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
+                "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
+                if model_type.startswith("llava") else "")
+        raise ValueError(f"{where}: model_type {model_type!r} is not a supported VLM ({sorted(known)}).{hint}")
+
+
+def resolve_vlm(name_or_path: str) -> str:
+    """Where ``from_pretrained`` should read ``name_or_path``: a local folder, or the hub id itself."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_hf_format(_read_config_json(path), str(path))
+        return str(path)
+    if _looks_local(name_or_path) or path.exists():
+        raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
+                                "*.safetensors, processor and tokenizer files), a hub id, or tiny-llava / "
+                                "tiny-llava_next / tiny-idefics3")
+    if hub_offline() and not _in_hub_cache(name_or_path):
+        leaf = name_or_path.rsplit("/", 1)[-1]
+        raise FileNotFoundError(
+            f"VLM {name_or_path!r} is not in the local Hugging Face cache and the hub is disabled "
+            f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): {DOWNLOAD_HINT.format(repo=name_or_path, leaf=leaf)}")
+    return name_or_path
+
+
+def load_processor(name_or_path: str) -> Any:
+    """The processor (image processor + tokenizer + chat template) of :func:`load_vlm`'s model."""
+    if name_or_path.startswith(TINY_PREFIX):
+        from models.vlm_tiny import build_tiny_processor
+
+        return build_tiny_processor(name_or_path[len(TINY_PREFIX):])
+    from transformers import AutoProcessor
+
+    where = resolve_vlm(name_or_path)
+    try:
+        return AutoProcessor.from_pretrained(where, local_files_only=hub_offline())
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the processor of {name_or_path!r} from {where}: {err}") from err
+
+
+def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[nn.Module, Any]:
+    """``(model, processor)`` in eval mode.
+
+    Args:
+        name_or_path: a hub id (online, or already in the Hugging Face cache), a local
+            ``save_pretrained`` folder, or ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3``
+            (random-init test models built in-process, seeded with ``seed``).
+        dtype: parameter dtype.
+        seed: initialisation seed of the tiny models (ignored otherwise).
+    """
+    if name_or_path.startswith(TINY_PREFIX):
+        from models.vlm_tiny import build_tiny_vlm
+
+        model, processor = build_tiny_vlm(name_or_path[len(TINY_PREFIX):], seed=seed)
+        return model.to(dtype).eval(), processor
+    from transformers import AutoConfig
+
+    where = resolve_vlm(name_or_path)
+    offline = hub_offline()
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        leaf = name_or_path.rsplit("/", 1)[-1]
+        raise FileNotFoundError(f"cannot read the config of VLM {name_or_path!r} ({err}); "
+                                f"{DOWNLOAD_HINT.format(repo=name_or_path, leaf=leaf)}") from err
+    family = family_of(config)
+    _, model_cls = family.classes()
+    try:
+        model = model_cls.from_pretrained(where, config=config, dtype=dtype, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the weights of VLM {name_or_path!r} from {where} ({err}); the folder "
+                                "needs config.json and the *.safetensors shards with their index") from err
+    processor = load_processor(name_or_path)
+    log.info("loaded %s (%s, %.1f M parameters, %s)", name_or_path, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, dtype)
+    return model.eval(), processor
+
+
+def save_vlm(model: nn.Module, processor: Any, folder: str | os.PathLike) -> Path:
+    """``save_pretrained`` of a (dense) VLM and its processor, written atomically."""
+    from models.assets import atomic_directory
+
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return folder

@@ -1,0 +1,100 @@
+"""VLM loading: tiny models of each family, family dispatch by config class, local folders, offline errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_modules import VLMSpec
+from models.vlm import family_of, load_vlm, save_vlm, vlm_parts
+from models.vlm_tiny import build_tiny_vlm, tiny_config
+from tests.fixtures_vqa import one_thread  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ["llava", "llava_next", "idefics3"]
+PARTS = {
+    "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
+}
+
+
+def _inputs(processor, family):
+    img = Image.new("RGB", (30, 40), (200, 30, 30))
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    return dict(processor(images=[[img]] if family == "idefics3" else [img], text=[prompt], return_tensors="pt"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_vlm_parts_and_save_load_round_trip(family, tmp_path):
+    model, processor = build_tiny_vlm(family, seed=3)
+    assert family_of(model).name == family and family_of(model.config).name == family
+    parts = vlm_parts(model)
+    assert (parts["vision_tower"], parts["projector"], parts["language_model"]) == PARTS[family]
+    assert parts["lm_head"] == "lm_head"
+    inputs = _inputs(processor, family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    assert torch.isfinite(ref).all() and ref.shape[-1] == len(processor.tokenizer)
+    folder = save_vlm(model, processor, tmp_path / family)
+    loaded, loaded_processor = load_vlm(str(folder))
+    assert type(loaded) is type(model)
+    again = _inputs(loaded_processor, family)
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**again).logits, ref, rtol=0, atol=1e-6)
+    # the same seed builds the same weights; another seed does not
+    assert torch.equal(build_tiny_vlm(family, seed=3)[0].lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(build_tiny_vlm(family, seed=4)[0].lm_head.weight, model.lm_head.weight)
+
+
+def test_unsupported_and_missing_models_explain_themselves(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="hf download llava-hf/llava-1.5-7b-hf"):
+        load_vlm("llava-hf/llava-1.5-7b-hf-not-cached")
+    with pytest.raises(FileNotFoundError, match="no VLM folder"):
+        load_vlm(str(tmp_path / "missing" / "model"))
+    original = tmp_path / "liuhaotian"
+    original.mkdir()
+    (original / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
+    with pytest.raises(ValueError, match="llava-hf/llava-1.5-7b-hf"):
+        load_vlm(str(original))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_vlm(str(tmp_path))
+    with pytest.raises(ValueError, match="no tiny VLM"):
+        load_vlm("tiny-qwen2_vl")
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="not a supported VLM config"):
+        family_of(LlamaConfig())
+
+
+def test_default_targets_per_part():
+    model, processor = build_tiny_vlm("llava")
+    lm_only = VLMSpec(model=model, processor=processor).default_targets(model)
+    assert len(lm_only) == 2 * 7 and all(n.startswith("model.language_model.layers.") for n in lm_only)
+    spec = VLMSpec(model=model, processor=processor, compress_vision=True, compress_projector=True)
+    both = spec.default_targets(model)
+    vision = [n for n in both if n.startswith("model.vision_tower.")]
+    assert len(vision) == 2 * 6  # q, k, v, out_proj, fc1, fc2 per CLIP layer
+    assert [n for n in both if "projector" in n] == ["model.multi_modal_projector.linear_1",
+                                                      "model.multi_modal_projector.linear_2"]
+    assert "lm_head" not in both
+    spec = VLMSpec(model=model, processor=processor, quantize_vision=False)
+    assert spec.quant_exclude(model) == ["lm_head", "model.vision_tower.*"]
+    with pytest.raises(ValueError, match="both `model` and `processor`"):
+        VLMSpec(model=model)
+
+
+def test_tiny_config_ties_embeddings_on_request():
+    model, _ = build_tiny_vlm("idefics3", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    from models.vlm_tiny import build_tiny_tokenizer
+
+    cfg = tiny_config("llava_next", build_tiny_tokenizer("llava_next"))
+    assert cfg.image_grid_pinpoints == [[28, 28], [28, 56], [56, 28]]
