@@ -1,0 +1,182 @@
+"""VLM family spec (LLaVA-1.5, LLaVA-NeXT, SmolVLM/Idefics3): build, targets, calibration, loss, generation.
+
+- ``build``: :func:`models.vlm.load_vlm` (hub id, local folder, or ``tiny-<family>``); keeps the
+  processor for decoding.
+- ``default_targets``: every eligible ``nn.Linear`` of the language model's decoder layers
+  (attention q/k/v/o and MLP gate/up/down); optionally the vision tower's encoder layers
+  (attention and MLP) and the projector.  ``lm_head`` is never a default target.
+- ``calibration_forward``: one forward on an image+text batch, so the hooks see the vision
+  tower's activations (pixels) and the language model's (text and projected image tokens).
+- ``training_loss``: next-token cross-entropy on the answer only (``labels = -100`` on the
+  prompt, image tokens and padding; :class:`data.vqa.common.VQACollator`)::
+
+      L = Σ_t [y_{t+1} ≠ -100] · -log softmax(logits_t)[y_{t+1}]  /  #{t : y_{t+1} ≠ -100}
+
+- ``evaluate``: greedy generation (``max_new_tokens``, 16 by default as in the ScienceQA/VizWiz
+  protocols) from the left-padded prompt, decoded without special tokens and scored by
+  :mod:`metrics.vqa` (ScienceQA option parsing or VQA soft accuracy, per the batch's task); the
+  returned loss is the teacher-forced answer loss of the same batch.
+- ``joint_groups``: the base behaviour covers both towers (CLIP and SigLIP/Idefics3 attentions have
+  separate ``q_proj``/``k_proj``/``v_proj``); a tower with one fused ``qkv`` Linear needs no group.
+- ``quant_exclude``: the output head (and, with ``quantize_vision=False``, the vision tower) stays in
+  high precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import eligible_linears
+from lightning_modules.specs import _DTYPES, ModelSpec
+from metrics.vqa import VQAScores
+
+log = logging.getLogger(__name__)
+
+_NOT_MODEL_INPUTS = ("labels",)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of the model's forward in a training batch (everything but ``labels``)."""
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+
+
+def _layer_list_linears(module: nn.Module, prefix: str, eligible: dict[str, nn.Module]) -> list[str]:
+    """Eligible Linears inside ``module``'s layer lists (``nn.ModuleList``): the transformer blocks."""
+    lists = [f"{prefix}.{n}." for n, m in module.named_modules() if isinstance(m, nn.ModuleList) and n]
+    return [n for n in eligible if any(n.startswith(p) for p in lists)]
+
+
+class VLMSpec(ModelSpec):
+    """A ``transformers`` VLM scored on VQA by generation.
+
+    Args:
+        name_or_path: hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
+            ``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` (random-init, CPU tests).
+        dtype: weights dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        compress_language: the language model's attention and MLP layers are default targets.
+        compress_vision: the vision tower's attention and MLP layers are default targets too.
+        compress_projector: the projector's layers are default targets too.
+        quantize_vision: whether a ``callbacks.Quantization`` stage also quantizes the vision tower
+            (``False`` keeps it in high precision: the residual rotation covers only the language model).
+        max_new_tokens: greedy decoding budget per answer.
+        seed: initialisation seed of the tiny models.
+        model: an already built model (tests); needs ``processor`` too.
+        processor: its processor.
+    """
+
+    def __init__(self, name_or_path: str = "tiny-llava", dtype: str = "float32", compress_language: bool = True,
+                 compress_vision: bool = False, compress_projector: bool = False, quantize_vision: bool = True,
+                 max_new_tokens: int = 16, seed: int = 0, model: nn.Module | None = None,
+                 processor: Any = None) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if not (compress_language or compress_vision or compress_projector):
+            raise ValueError("VLMSpec needs at least one of compress_language / compress_vision / compress_projector")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if (model is None) != (processor is None):
+            raise ValueError("pass both `model` and `processor`, or neither")
+        self.name_or_path, self.dtype, self.seed = name_or_path, dtype, seed
+        self.compress_language, self.compress_vision = compress_language, compress_vision
+        self.compress_projector, self.max_new_tokens = compress_projector, max_new_tokens
+        self.quantize_vision = quantize_vision
+        self._model, self.processor = model, processor
+
+    # -- model ------------------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        if self._model is not None:
+            return self._model
+        from models.vlm import load_vlm
+
+        model, self.processor = load_vlm(self.name_or_path, dtype=_DTYPES[self.dtype], seed=self.seed)
+        return model
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        from models.vlm import vlm_parts
+
+        parts = vlm_parts(model)
+        eligible, _ = eligible_linears(model)
+        names: list[str] = []
+        if self.compress_language:
+            names += _layer_list_linears(model.get_submodule(parts["language_model"]), parts["language_model"],
+                                         eligible)
+        if self.compress_vision:
+            names += _layer_list_linears(model.get_submodule(parts["vision_tower"]), parts["vision_tower"], eligible)
+        if self.compress_projector:
+            names += [n for n in eligible if n.startswith(parts["projector"] + ".")]
+        if not names:
+            raise ValueError(f"no eligible nn.Linear among the parts chosen for {type(model).__name__}")
+        order = {n: i for i, n in enumerate(eligible)}
+        return sorted(set(names), key=order.__getitem__)
+
+    def quant_exclude(self, model: nn.Module) -> list[str]:
+        """The output head stays in high precision (its error hits every token's logits directly);
+        so does the vision tower unless ``quantize_vision``."""
+        from models.vlm import vlm_parts
+
+        parts = vlm_parts(model)
+        return [parts["lm_head"]] + ([] if self.quantize_vision else [f"{parts['vision_tower']}.*"])
+
+    # -- forward passes ---------------------------------------------------------------------------
+    @staticmethod
+    def _train_part(batch: dict) -> dict:
+        return batch["full"] if "full" in batch else batch
+
+    def calibration_forward(self, model: nn.Module, batch: dict) -> None:
+        model(**model_inputs(self._train_part(batch)), use_cache=False)
+
+    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        nll, count = self._nll(model, self._train_part(batch))
+        return nll / count.clamp_min(1)
+
+    @staticmethod
+    def _nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer-token NLL (float32 logits) and the number of scored tokens."""
+        if "labels" not in batch:
+            raise ValueError("a VLM training batch needs `labels` (prompt tokens at -100); use data.vqa.VQADataModule")
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        labels = batch["labels"]
+        shift, target = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+        nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return nll, (target != -100).sum()
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, prompt: dict) -> list[str]:
+        """Greedy answers (decoded, special tokens dropped, stripped) for a left-padded prompt batch."""
+        if self.processor is None:
+            raise RuntimeError("VLMSpec.generate needs the processor: build() the model first")
+        tok = self.processor.tokenizer
+        config = getattr(model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None) if config is not None else None
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        out = model.generate(**prompt, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                             eos_token_id=eos if eos is not None else tok.eos_token_id, pad_token_id=pad)
+        new = out[:, prompt["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def make_metrics(self) -> nn.Module:
+        return VQAScores()
+
+    def evaluate(self, model: nn.Module, batch: dict, metrics: nn.Module, batch_idx: int = 0) -> torch.Tensor:
+        if "prompt" not in batch or "task" not in batch:
+            raise ValueError("a VLM evaluation batch needs `prompt`, `full` and `task` (data.vqa.VQADataModule)")
+        loss = self.training_loss(model, batch)
+        predictions = self.generate(model, batch["prompt"])
+        metrics.update(batch["task"], predictions, batch["choices"], batch["answer_index"], batch["answers"])
+        if batch_idx == 0:
+            log.debug("%s predictions: %s", batch["task"], list(zip(batch["qid"], predictions))[:4])
+        return loss
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
+        return metrics.compute()
+
+
+__all__ = ["VLMSpec", "model_inputs"]

@@ -1,0 +1,152 @@
+"""End to end on each tiny VLM: calibrate (both towers) -> gradient allocation -> joint-QKV SVD -> rotations +
+W4A4 -> generation-based evaluation -> checkpoint that reloads; the evaluation path on scripted answers;
+alternating U/V LoRA on a compressed VLM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from callbacks import Quantization, RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
+from callbacks.lora import lora_layers
+from compression import LowRankLinear, QuantLinear
+from compression.joint import JointProjection
+from data.vqa import VQACollator, VQADataModule, read_scienceqa, read_vizwiz
+from lightning_modules import CompressionModule, VLMSpec
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.vlm_spec import model_inputs
+from models.vlm_tiny import build_tiny_vlm
+from tests.fixtures_vqa import (
+    one_thread,  # noqa: F401  (module fixture)
+    write_scienceqa_fixture,
+    write_vizwiz_fixture,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz")]
+
+
+def _trainer(callbacks=(), **kw) -> Trainer:
+    kw = {"max_steps": 0, **kw}
+    return Trainer(accelerator="cpu", devices=1, callbacks=list(callbacks), logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                   plugins=[AtomicCheckpointIO()], **kw)
+
+
+def _datamodule(family, dataset, root):
+    return VQADataModule(dataset, root=str(root), processor=f"tiny-{family}", calibration_samples=6, test_samples=4,
+                         validation_samples=2, eval_batch_size=4, batch_size=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    from data.vqa.synthetic import write_scienceqa, write_vizwiz
+
+    base = tmp_path_factory.mktemp("vqa")
+    return {"scienceqa": write_scienceqa(base / "sqa", sizes={"train": 10, "val": 2, "test": 4}),
+            "vizwiz": write_vizwiz(base / "vw", sizes={"train": 10, "val": 4})}
+
+
+@pytest.mark.parametrize("family, dataset", CASES)
+def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_path):
+    dm = _datamodule(family, dataset, roots[dataset])
+    module = CompressionModule(VLMSpec(f"tiny-{family}", compress_vision=True, max_new_tokens=4))
+    callbacks = [WhiteningCollection(progress=False), RankReallocation("gradient", max_batches=4),
+                 SVDTruncation(method="svd_llm_v2", ratio=0.3, joint_qkv=True, log_spectra=0),
+                 Quantization(weight_bits=4, act_bits=4, clip_grid=10, betas=[0.2, 0.5, 0.8], calibration_tokens=64,
+                              max_batches=2)]
+    trainer = _trainer(callbacks)
+    trainer.fit(module, datamodule=dm)
+    model, plan = module.model, module.plan
+    groups = plan["joint_groups"]
+    assert any(".vision_" in g for g in groups) and any(("language_model" in g or "text_model" in g) for g in groups)
+    assert plan["allocation"] == "gradient" and "rotation" in plan and plan["quantization"]["act"]["bits"] == 4
+    assert plan["rotation"]["stream_writers"]["linears"]  # the projector output was rotated
+    assert sum(isinstance(m, JointProjection) for m in model.modules()) == 3 * len(groups)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, QuantLinear)
+    first = trainer.test(module, datamodule=dm, verbose=False)[0]
+    key = f"test/accuracy/{dm.test_names[0]}"
+    assert math.isfinite(first[key]) and 0.0 <= first[key] <= 100.0
+    ckpt = tmp_path / "compressed.ckpt"
+    trainer.save_checkpoint(ckpt)
+    batch = next(iter(dm.calibration_dataloader()))
+    with torch.no_grad():
+        ref = model(**model_inputs(batch), use_cache=False).logits
+
+    fresh = CompressionModule(VLMSpec(f"tiny-{family}", seed=7, compress_vision=True, max_new_tokens=4))
+    again = _trainer().test(fresh, datamodule=dm, ckpt_path=str(ckpt), verbose=False)[0]
+    assert again == pytest.approx(first, abs=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(**model_inputs(batch), use_cache=False).logits, ref, rtol=0, atol=1e-5)
+
+
+class _Scripted(torch.nn.Module):
+    """Wraps a model; ``generate`` appends the scripted answers' tokens to the prompt."""
+
+    def __init__(self, model, tokenizer, answers):
+        super().__init__()
+        self.inner, self.tok, self.answers = model, tokenizer, answers
+        self.generation_config = model.generation_config
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+    def generate(self, input_ids, **kw):
+        eos = [self.tok.eos_token_id]
+        rows = [self.tok(" " + a, add_special_tokens=False)["input_ids"] + eos for a in self.answers]
+        width = max(map(len, rows))
+        new = torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], 1)
+
+
+def test_evaluate_scores_the_generated_answers(tmp_path):
+    model, processor = build_tiny_vlm("llava")
+    spec = VLMSpec(model=model, processor=processor)
+    sqa = VQACollator(processor, "eval")(read_scienceqa(write_scienceqa_fixture(tmp_path / "s"), "test"))
+    metrics = spec.make_metrics()
+    loss = spec.evaluate(_Scripted(model, processor.tokenizer, ["C", "B"]), sqa, metrics)  # right, wrong
+    assert torch.isfinite(loss)
+    out = spec.compute_metrics(metrics)
+    assert float(out["accuracy"]) == pytest.approx(50.0) and float(out["parse_failures"]) == 0.0
+    vw = VQACollator(processor, "eval")(read_vizwiz(write_vizwiz_fixture(tmp_path / "v"), "val"))
+    metrics = spec.make_metrics()
+    spec.evaluate(_Scripted(model, processor.tokenizer, ["Two.", "blue"]), vw, metrics)
+    # "Two." -> "2": 8 of 10 annotators -> 1.0; "blue": 2 annotators -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6
+    assert float(spec.compute_metrics(metrics)["accuracy"]) == pytest.approx(100 * (1.0 + 0.6) / 2)
+    assert spec.generate(_Scripted(model, processor.tokenizer, ["x y", "z"]), vw["prompt"]) == ["x y", "z"]
+
+
+class _Snapshot(Callback):
+    """The low-rank factors at train start (after compression, adapters attached, before any step)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_start(self, trainer, pl_module):
+        for name, layer in lora_layers(pl_module.model).items():
+            self.weights[name] = layer.get_base_layer().weight.detach().clone()
+
+
+def test_uv_lora_recovers_a_compressed_vlm(roots):
+    dm = _datamodule("idefics3", "scienceqa", roots["scienceqa"])
+    module = CompressionModule(VLMSpec("tiny-idefics3", max_new_tokens=2), learning_rate=1e-2)
+    lora, snap = UVLoRA(steps=[2, 2], r=2, alpha=4.0, dropout=0.0), _Snapshot()
+    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm_v2", ratio=0.3, log_spectra=0),
+                 lora, snap]
+    trainer = _trainer(callbacks, max_steps=-1, max_epochs=10, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 4 and lora.merged == ["down", "up"]
+    assert not lora_layers(module.model)  # adapters merged and unwrapped: a plain compressed model again
+    lowrank = {n: m for n, m in module.model.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(lowrank) == len(module.plan["layers"]) == 14  # the language model's attention + MLP layers
+    assert len(snap.weights) == 2 * 14
+    changed = [n for n, w in snap.weights.items() if not torch.equal(module.model.get_submodule(n).weight, w)]
+    assert {n.rsplit(".", 1)[-1] for n in changed} == {"down", "up"}  # both stages moved their factors
+    for name, layer in lowrank.items():
+        assert layer.down.weight.shape == snap.weights[f"{name}.down"].shape  # ranks unchanged by the merges
+    assert torch.isfinite(module.spec.training_loss(module.model, next(iter(dm.train_dataloader()))))
