@@ -158,12 +158,13 @@ class RankReallocation(Callback):
             model.train(was_training)
         from callbacks.calibration import all_reduce_fn
 
-        reduce = all_reduce_fn(trainer)
+        reduce = all_reduce_fn(trainer)  # reduces in place: hand it copies
         device = trainer.strategy.root_device
-        total = float(reduce(count.to(device), "sum"))
+        sums = {k: reduce((v * count).to(device), "sum").cpu() for k, v in importance.items()}
+        total = float(reduce(count.clone().to(device), "sum"))
         if total == 0:
             raise ValueError("gradient allocation saw no calibration batch; check the calibration loader")
-        return {k: (reduce((v * count).to(device), "sum") / total).cpu() for k, v in importance.items()}
+        return {k: v / total for k, v in sums.items()}
 
     def _shard(self, loader, rank: int, world: int) -> Iterator[Any]:
         for i, batch in enumerate(loader):
