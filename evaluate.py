@@ -6,6 +6,11 @@ A compressed checkpoint carries its compression plan: the factored structure is 
 before the weights load, with no calibration.
 """
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from lightning_modules.cli import EvaluationCLI
 
 

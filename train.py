@@ -5,6 +5,11 @@
     python train.py fit --help
 """
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from lightning_modules.cli import CompressionCLI
 
 

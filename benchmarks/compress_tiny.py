@@ -9,11 +9,16 @@ tokens drawn like the calibration tokens -- not language-model quality.
 
 from __future__ import annotations
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
 import time
 
-import torch
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compression import CompressionConfig, collect_stats, compress_, eligible_linears

@@ -10,6 +10,11 @@ versus one Gram per layer (what the public SVD-LLM code does), then ``svd_llm`` 
 
 from __future__ import annotations
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import resource
@@ -18,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -14,6 +14,11 @@ The defaults fit about 15 minutes on 2 CPU cores (short sequences, few steps); o
 
 from __future__ import annotations
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging

@@ -15,6 +15,11 @@ Perplexity: ``--eval-tokens`` tokens of non-overlapping ``--seq-len`` windows pe
 
 from __future__ import annotations
 
+import os
+
+# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
@@ -23,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
