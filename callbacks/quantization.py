@@ -27,10 +27,7 @@ and ``quantization`` sections, so a checkpoint rebuilds the structure without re
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -39,18 +36,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import get_state, plan_restored
 from compression import ActQuantConfig, WeightQuantConfig, collect_stats, merge_plans, quantize_model_
-from compression.hadamard import rotation_matrix
+from compression.beta_search import search_beta_by_loss_
 from compression.plan import make_plan
 from compression.quant import quantizable_linears
-from compression.rotation import (
-    capture_inputs,
-    lowrank_pairs,
-    rebalance_,
-    rotate_all_latents_,
-    rotate_latent_,
-    rotate_model_,
-    search_beta_,
-)
+from compression.rotation import capture_inputs, lowrank_pairs, rotate_all_latents_, rotate_model_, search_beta_
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +150,12 @@ class Quantization(Callback):
     def _beta_by_loss(self, trainer: Trainer, pl_module: LightningModule, beta_from: float) -> dict[str, Any]:
         """One global β: the candidate whose quantized model has the lowest mean calibration loss."""
         model, spec = pl_module.model, pl_module.spec
-        batches = list(self._batches(trainer))
-        weight = self.weight if self.weight is None or self.weight.method == "rtn" else \
-            dataclasses.replace(self.weight, method="rtn")
-        losses = []
-        for beta in self.betas:
-            trial = copy.deepcopy(model)
-            self._set_beta_(trial, beta_from, beta)
-            quantize_model_(trial, weight, self.act, exclude=spec.quant_exclude(trial))
-            total = sum(float(spec.training_loss(trial, batch)) for batch in batches)
-            losses.append(total / max(len(batches), 1))
-            del trial
-            if not math.isfinite(losses[-1]):
-                log.warning("beta %.2f: non-finite calibration loss", beta)
-        finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
-        if not finite:
-            raise FloatingPointError("every beta candidate gave a non-finite calibration loss after quantization")
-        best = self.betas[min(finite, key=losses.__getitem__)]
-        self._set_beta_(model, beta_from, best)
-        log.info("beta by calibration loss: %.2f (losses %s)", best, [round(x, 4) for x in losses])
-        return {"beta": dict.fromkeys(lowrank_pairs(model), best),
-                "beta_losses": {str(b): loss for b, loss in zip(self.betas, losses)}}
-
-    def _set_beta_(self, model, beta_from: float, beta: float) -> None:
-        """Move every low-rank pair to ``beta`` and fuse H2 (seeded per pair, as ``search_beta_`` does)."""
-        for i, (down, ups) in enumerate(lowrank_pairs(model).values()):
-            rebalance_(down, ups, beta_from, beta)
-            if self.latent_rotation:
-                rotate_latent_(down, ups, rotation_matrix(down.weight.shape[0], "orthogonal", self.seed + i))
+        found = search_beta_by_loss_(model, spec.training_loss, self._batches(trainer), self.weight, self.act,
+                                     betas=self.betas, beta_from=beta_from,
+                                     latent_seed=self.seed if self.latent_rotation else None,
+                                     exclude=spec.quant_exclude(model))
+        log.info("beta by calibration loss: %.2f (losses %s)", found["beta"], found["losses"])
+        return {"beta": dict.fromkeys(lowrank_pairs(model), found["beta"]), "beta_losses": found["losses"]}
 
     def _check_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from callbacks.lora import UVLoRA
