@@ -50,6 +50,7 @@ from compression import (  # noqa: E402
     quantize_model_,
 )
 from compression.allocation import v2_ratios  # noqa: E402
+from compression.beta_search import search_beta_by_loss_  # noqa: E402
 from compression.gradient_allocation import lm_loss  # noqa: E402
 from compression.joint import LATENT_NAME, stacked_weight  # noqa: E402
 from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token  # noqa: E402
@@ -96,6 +97,9 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="W,A bit pairs")
     p.add_argument("--w-grid", type=int, default=20,
                    help="clip-search grid for weights (shrink step 1/grid down to 0.2; QuaRot uses 100)")
+    p.add_argument("--loss-batches", type=int, default=4, help="calibration batches scoring each β candidate")
+    p.add_argument("--loss-betas", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                   help="candidates of the global β chosen by calibration loss")
     p.add_argument("--quant-allocation", default="gradient", choices=["uniform", "v2", "gradient"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -209,6 +213,14 @@ def main() -> None:
             else:
                 record(f"{tag} joint SVD + H1 + online H + H2 (β = 0.5)", model)
             del model
+        model = copy.deepcopy(dense)
+        compress_joint_(model, configs[args.quant_allocation], stats)
+        rotate_model_(model)
+        found = search_beta_by_loss_(model, lm_loss, calib[: args.loss_batches], wq, aq, betas=args.loss_betas)
+        quantize_model_(model, wq, aq)
+        betas_used[f"{tag} by calibration loss (one global β)"] = found["beta"]
+        record(f"{tag} full QSVD (H1 + online H + H2 + β by calibration loss)", model)
+        del model
 
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "budget_qkv_params": budget,
            "allocations": allocations, "betas": betas_used, "latent_cache": latent_info,
@@ -268,7 +280,8 @@ def table(out: dict, dense) -> str:
     for name, ranks in alloc.items():
         lines.append(f"- {name}: {list(ranks.values())}")
     if out["betas"]:
-        lines += ["", "β chosen per layer (calibration, quantized q/k/v output error):", ""]
+        lines += ["", "β chosen on calibration data (per layer by the quantized q/k/v output error, or one global β "
+                  "by the quantized model's calibration loss):", ""]
         lines += [f"- {k}: {v}" for k, v in out["betas"].items()]
     lc = out["latent_cache"]
     if lc:
