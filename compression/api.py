@@ -12,6 +12,7 @@ Order of work, chosen so that bad input never leaves a half-compressed model:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class CompressionConfig:
         ranks: exact layer name -> rank, decided beforehand by an allocator (e.g. the
             rank-reallocation callback); these layers skip ``allocation`` and ``overrides``.
         device: where the float64 maths runs (default: each layer's own device).
+        cost_weights: ordered ``pattern -> cost per parameter`` (first match wins; every
+            targeted layer must be matched), e.g. tokens per forward so that the budget counts
+            FLOPs: ``ratio`` becomes the fraction of ``Σ weight · m · n`` removed.  ``uniform``
+            is unaffected (it removes ``ratio`` of every layer's FLOPs already); ``v2`` keeps the
+            cost-weighted mean per group (:mod:`compression.allocation`).  Empty = parameters.
     """
 
     method: MethodConfig | str = field(default_factory=SVDLLMConfig)
@@ -67,6 +73,7 @@ class CompressionConfig:
     max_ratio: float = 0.95
     ranks: dict[str, int] = field(default_factory=dict)
     device: str | None = None
+    cost_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
@@ -85,6 +92,9 @@ class CompressionConfig:
         for name, rank in self.ranks.items():
             if int(rank) < 1:
                 raise ValueError(f"rank for layer {name!r} must be >= 1, got {rank}")
+        for pattern, weight in self.cost_weights.items():
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+                raise ValueError(f"cost_weights[{pattern!r}] must be a finite number > 0, got {weight!r}")
 
 
 @dataclass
@@ -95,6 +105,13 @@ class Allocation:
     ranks: dict[str, int]
     ratios: dict[str, float]
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cost_weights: dict[str, float] = field(default_factory=dict)  # per layer, when the config gave them
+
+    def cost_ratio(self, shapes: Mapping[str, tuple[int, int]]) -> float:
+        """Fraction of the targeted cost (``Σ c m n``; parameters without cost weights) removed."""
+        weights = self.cost_weights or None
+        dense = alloc.cost_of(shapes, None, weights)
+        return 1.0 - alloc.cost_of(shapes, self.ranks, weights) / dense if dense > 0 else 0.0
 
 
 def allocate(
@@ -126,13 +143,15 @@ def allocate(
                 break
     free = [n for n in layers if n not in fixed]
     shapes = {n: (layers[n].out_features, layers[n].in_features) for n in layers}
+    weights = alloc.resolve_cost_weights(layers, config.cost_weights) if config.cost_weights else {}
     spectra: dict[str, torch.Tensor] = {}
     if config.allocation == "v2" and free:
         spectra = {n: method.spectrum(_weight(layers[n], device), _stats_for(stats, n), n).cpu() for n in free}
-        ratios = alloc.v2_ratios({n: shapes[n] for n in free}, spectra, config.ratio, config.max_ratio)
+        ratios = alloc.v2_ratios({n: shapes[n] for n in free}, spectra, config.ratio, config.max_ratio,
+                                 cost_weights=weights or None)
     else:
         ratios = alloc.uniform_ratios(free, config.ratio)
-    out = Allocation({}, {}, spectra)
+    out = Allocation({}, {}, spectra, weights)
     for name in layers:
         m, n = shapes[name]
         if name in fixed and "rank" in fixed[name]:

@@ -133,8 +133,8 @@ class GradientAllocation:
 
     ranks: dict[str, int]
     components: dict[str, list[int]]
-    budget: int
-    used: int
+    budget: float  # parameters (an int) without weights, else in cost units
+    used: float
 
 
 def gradient_allocation(
@@ -144,11 +144,15 @@ def gradient_allocation(
     ratio: float | None = None,
     min_rank: int = 1,
     mode: str = "count",
+    weights: Mapping[str, float] | None = None,
 ) -> GradientAllocation:
     """Keep the globally most important components under ``budget`` parameters (see module docstring).
 
     ``shapes[key] = (m, n)`` of each (stacked) matrix; give ``budget`` in parameters or ``ratio``
     (fraction of ``Σ m n`` removed).  Raises when even ``min_rank`` per matrix does not fit.
+    ``weights[key]`` (cost per parameter, e.g. tokens per forward for a FLOPs budget; see
+    :mod:`compression.allocation`) makes a component cost ``w (m + n)`` and the budget count
+    ``Σ w m n``; ``budget`` / ``used`` are then in those units.
     """
     if mode not in ("count", "subset"):
         raise ValueError(f"mode must be 'count' or 'subset', got {mode!r}")
@@ -156,11 +160,15 @@ def gradient_allocation(
         raise ValueError("give exactly one of budget (parameters kept) and ratio (fraction removed)")
     if set(importance) != set(shapes):
         raise ValueError(f"importance and shapes name different matrices: {sorted(set(importance) ^ set(shapes))[:5]}")
+    if weights is not None and (set(weights) != set(shapes) or not all(float(w) > 0 for w in weights.values())):
+        raise ValueError("weights must give every matrix of shapes a cost per parameter > 0")
+    unit = {k: float(weights[k]) if weights is not None else 1 for k in shapes}
     if ratio is not None:
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
-        budget = int((1.0 - ratio) * sum(m * n for m, n in shapes.values()))
-    cost = {k: m + n for k, (m, n) in shapes.items()}
+        budget = (1.0 - ratio) * sum(unit[k] * m * n for k, (m, n) in shapes.items())
+        budget = int(budget) if weights is None else budget  # weighted budgets are not whole parameters
+    cost = {k: unit[k] * (m + n) for k, (m, n) in shapes.items()}
     chosen: dict[str, set[int]] = {k: set(range(min(min_rank, importance[k].numel()))) for k in shapes}
     used = sum(cost[k] * len(v) for k, v in chosen.items())
     if used > budget:
@@ -174,7 +182,9 @@ def gradient_allocation(
             used += cost[k]
     ranks = {k: len(v) for k, v in chosen.items()}
     comps = {k: sorted(v) if mode == "subset" else list(range(ranks[k])) for k, v in chosen.items()}
-    return GradientAllocation(ranks, comps, int(budget), int(used))
+    if weights is None:
+        budget, used = int(budget), int(used)
+    return GradientAllocation(ranks, comps, budget, used)
 
 
 def lm_loss(model: nn.Module, batch: object) -> torch.Tensor:
