@@ -43,6 +43,7 @@ from compression import eligible_linears
 from lightning_modules.specs import ModelSpec
 from metrics.camera import CameraPoseMetric
 from metrics.depth import DepthMetric
+from metrics.flops import VGGT_COMPONENTS, count_flops
 from metrics.pointmap import PointMapMetric
 from models.vggt import (
     VGGT,
@@ -51,18 +52,22 @@ from models.vggt import (
     load_official_state_dict,
     pose_encoding_to_extri_intri,
 )
+from models.vggt.dpt_head import linearize_projections_
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(vggt_pkg.__file__).resolve().parent / "weights"
 TESTBED_WEIGHTS = WEIGHTS_DIR / "vggt_tiny_synthetic.safetensors"
 TESTBED_CONFIG = WEIGHTS_DIR / "vggt_tiny_synthetic.json"
-TARGET_PREFIXES = (
-    "aggregator.patch_embed.blocks.",
-    "aggregator.frame_blocks.",
-    "aggregator.global_blocks.",
-    "camera_head.trunk.",
-)
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "patch_embed": ("aggregator.patch_embed.blocks.",),
+    "frame": ("aggregator.frame_blocks.",),
+    "global": ("aggregator.global_blocks.",),
+    "camera_trunk": ("camera_head.trunk.",),
+    "dpt_projections": ("depth_head.projects.", "point_head.projects."),
+}
+DEFAULT_GROUPS = ("patch_embed", "frame", "global", "camera_trunk")
+TARGET_PREFIXES = tuple(p for g in DEFAULT_GROUPS for p in TARGET_GROUPS[g])
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -201,11 +206,19 @@ def camera_loss(pose_enc_list: list[Tensor], target: Tensor, gamma: float = 0.6,
 
 # ----------------------------------------------------------------------------- the spec
 class VGGTMetrics(nn.ModuleDict):
-    """``camera`` / ``depth`` / ``points`` torchmetrics with one ``reset()`` (the module calls it per epoch)."""
+    """``camera`` / ``depth`` / ``points`` torchmetrics with one ``reset()`` (the module calls it per epoch).
+
+    ``gflops`` holds the per-component GFLOPs of one sample, counted on the first evaluated batch.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__(modules)
+        self.gflops: dict[str, float] | None = None
 
     def reset(self) -> None:
         for metric in self.values():
             metric.reset()
+        self.gflops = None
 
 
 class VGGTSpec(ModelSpec):
@@ -235,6 +248,13 @@ class VGGTSpec(ModelSpec):
             applies the ImageNet mean/std itself), ``"byte"`` RGB in [0, 255], or
             ``"imagenet"`` already ImageNet-normalised (undone before the model).
         max_eval_points: pixels per sample used by the point-map Chamfer (random subset).
+        target_groups: which Linears ``default_targets`` returns: any of ``patch_embed``
+            (DINOv2 blocks), ``frame`` / ``global`` (aggregator blocks), ``camera_trunk`` and
+            ``dpt_projections`` (the depth / point heads' 1x1 projections, turned into equal
+            ``nn.Linear`` layers at build time so they can be factorized).  The track head is
+            never a target.
+        count_flops: also report ``gflops`` (one sample at the evaluated S, H, W, counted with
+            ``metrics.flops`` once per evaluation epoch, one extra forward) with the metrics.
     """
 
     def __init__(
@@ -252,6 +272,8 @@ class VGGTSpec(ModelSpec):
         camera_loss_type: Literal["l1", "huber"] = "l1",
         image_convention: Literal["unit", "byte", "imagenet"] = "unit",
         max_eval_points: int = 4096,
+        target_groups: list[str] | None = None,
+        count_flops: bool = True,
     ) -> None:
         if config not in ("tiny", "1b"):
             raise ValueError(f"config must be 'tiny' or '1b', got {config!r}")
@@ -272,6 +294,12 @@ class VGGTSpec(ModelSpec):
         self.iteration_gamma, self.camera_loss_type = iteration_gamma, camera_loss_type
         self.image_convention = image_convention
         self.max_eval_points = max_eval_points
+        groups = list(DEFAULT_GROUPS if target_groups is None else target_groups)
+        unknown = [g for g in groups if g not in TARGET_GROUPS]
+        if unknown or not groups:
+            raise ValueError(f"target_groups {groups!r}: choose a non-empty subset of {sorted(TARGET_GROUPS)}")
+        self.target_groups = groups
+        self.count_flops = count_flops
 
     # -- model ------------------------------------------------------------------------------------
     def model_config(self) -> VGGTConfig:
@@ -297,19 +325,33 @@ class VGGTSpec(ModelSpec):
 
             load_official_state_dict(model, load_file(str(path)))
             log.info("loaded VGGT weights from %s", path)
+        if "dpt_projections" in self.target_groups:
+            for head in (model.depth_head, model.point_head):
+                if head is not None:
+                    linearize_projections_(head)
         return model
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
-        """Plain Linears of the DINOv2 blocks, frame / global blocks and camera trunk.
+        """Plain Linears of the selected ``target_groups`` (default: DINOv2 blocks, frame / global
+        blocks and camera trunk).
 
         Never the track head (its ``nn.MultiheadAttention`` reads weights directly) nor the
-        camera head's pose embedding / modulation / output MLP; the DPT heads are convolutions.
+        camera head's pose embedding / modulation / output MLP.
         """
+        prefixes = tuple(p for g in self.target_groups for p in TARGET_GROUPS[g])
         eligible, _ = eligible_linears(model)
-        names = [n for n in eligible if n.startswith(TARGET_PREFIXES)]
+        names = [n for n in eligible if n.startswith(prefixes)]
         if not names:
-            raise ValueError(f"no Linear layer under {TARGET_PREFIXES} in {type(model).__name__}")
+            raise ValueError(f"no Linear layer under {prefixes} in {type(model).__name__}")
         return names
+
+    @staticmethod
+    def target_group(name: str) -> str | None:
+        """The ``TARGET_GROUPS`` key a module name belongs to (None outside every group)."""
+        for group, prefixes in TARGET_GROUPS.items():
+            if name.startswith(prefixes):
+                return group
+        return None
 
     def images(self, batch: dict) -> Tensor:
         """Batch images ``[B,S,3,H,W]`` converted to the model's RGB-in-[0,1] input."""
@@ -379,13 +421,20 @@ class VGGTSpec(ModelSpec):
         metrics["points"].update(predictions["world_points"].float(), batch["world_points"], valid)
 
     def evaluate(self, model: nn.Module, batch: dict, metrics: nn.Module, batch_idx: int = 0) -> Tensor:
-        predictions = model(self.images(batch))
+        images = self.images(batch)
+        if self.count_flops and isinstance(metrics, VGGTMetrics) and metrics.gflops is None:
+            # the model as evaluated (dense, factored, or with adapters): one sample of this batch's S, H, W
+            metrics.gflops = count_flops(model, images[:1], prefixes=VGGT_COMPONENTS)
+        predictions = model(images)
         self.update_metrics(metrics, predictions, batch)
         return self.loss_terms(predictions, batch)["total"]
 
     def compute_metrics(self, metrics: nn.Module) -> dict[str, Tensor]:
         cam, depth, points = (metrics[k].compute() for k in ("camera", "depth", "points"))
-        return {
+        extra = {}
+        if getattr(metrics, "gflops", None) is not None:
+            extra["gflops"] = torch.tensor(metrics.gflops["total"], dtype=torch.float64)
+        return {**extra,
             "camera_auc30": cam["auc@30"],
             "camera_rra30": cam["rra@30"],
             "camera_rta30": cam["rta@30"],

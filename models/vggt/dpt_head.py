@@ -204,8 +204,11 @@ class DPTHead(nn.Module):
                 raise ValueError(f"the DPT head needs aggregator layer {layer}; keep it in keep_layers")
             x = tokens[:, start:end, patch_start_idx:]
             x = self.norm(x.reshape(B * S, -1, x.shape[-1]).to(self.norm.weight.dtype))
-            x = x.permute(0, 2, 1).reshape(B * S, -1, h, w)
-            x = self.projects[k](x)
+            proj = self.projects[k]
+            if isinstance(proj, nn.Conv2d):
+                x = proj(x.permute(0, 2, 1).reshape(B * S, -1, h, w))
+            else:  # a token-wise Linear (linearize_projections_): the same map as the 1x1 conv
+                x = proj(x).permute(0, 2, 1).reshape(B * S, -1, h, w)
             if self.pos_embed:
                 x = self._add_pos(x, W, H)
             feats.append(self.resize_layers[k](x))
@@ -230,3 +233,27 @@ class DPTHead(nn.Module):
         pred = torch.exp(raw) if self.activation == "exp" else torch.sign(raw) * torch.expm1(raw.abs())
         conf = 1 + conf.exp()
         return pred.reshape(B, S, *pred.shape[1:]), conf.reshape(B, S, *conf.shape[1:])
+
+
+@torch.no_grad()
+def linearize_projections_(head: DPTHead) -> list[int]:
+    """Replace the 1x1 ``projects`` convolutions by equal ``nn.Linear`` layers, in place.
+
+    A 1x1 conv ``D -> c`` is the Linear ``W = weight[:, :, 0, 0]`` applied to every token, so the
+    outputs are unchanged; as plain Linears the projections can be factorized like any other
+    layer.  The state-dict keys stay ``projects.k.{weight,bias}`` but the weights become
+    ``[c, D]`` instead of ``[c, D, 1, 1]`` (load official weights first).  Returns the indices changed.
+    """
+    changed = []
+    for k, conv in enumerate(head.projects):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        w = conv.weight
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        linear.weight.copy_(w[:, :, 0, 0])
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+        head.projects[k] = linear
+        changed.append(k)
+    return changed
