@@ -150,3 +150,24 @@ def test_uv_lora_recovers_a_compressed_vlm(roots):
     for name, layer in lowrank.items():
         assert layer.down.weight.shape == snap.weights[f"{name}.down"].shape  # ranks unchanged by the merges
     assert torch.isfinite(module.spec.training_loss(module.model, next(iter(dm.train_dataloader()))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["tiny_llava", "tiny_llava_next", "tiny_idefics3"])
+def test_tiny_configs_run_through_the_cli(config, tmp_path, monkeypatch):
+    """The shipped CPU configs run end to end through train.py's CLI and write a checkpoint and summary."""
+    import json
+    from pathlib import Path
+
+    from lightning_modules.cli import CompressionCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("SVD_VGGT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    CompressionCLI(args=["fit", "--config", f"configs/vlm/{config}.yaml",
+                         "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert Path(summary["checkpoint"]).is_file()
+    assert summary["compression"]["allocation"] == "gradient"
+    assert all(math.isfinite(v) and 0 <= v <= 100 for k, v in summary["test"].items() if "/accuracy/" in k)
