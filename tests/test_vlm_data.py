@@ -133,3 +133,13 @@ def test_synthetic_vizwiz_matches_the_official_schema(tmp_path, monkeypatch):
     dm = VQADataModule("vizwiz", root="synthetic", processor="tiny-llava", calibration_samples=2, test_samples=3)
     assert dm.test_names == ["vizwiz_val"] and len(dm.examples("test")) == 3
     assert (tmp_path / "cache" / "vqa-synthetic" / "vizwiz-v1-seed0" / "annotations" / "val.json").is_file()
+
+
+def test_evaluation_reads_only_the_split_it_scores(tmp_path):
+    root = write_scienceqa_fixture(tmp_path / "sqa")
+    splits = json.loads((root / "pid_splits.json").read_text())
+    (root / "pid_splits.json").write_text(json.dumps({k: v for k, v in splits.items() if k != "train"}))
+    dm = VQADataModule("scienceqa", root=str(root), processor="tiny-llava")
+    assert [e.qid for e in dm.examples("test")] == ["5", "6"]  # no training split needed to evaluate
+    with pytest.raises(ValueError, match="no split 'train'"):
+        dm.calibration_dataloader()

@@ -140,8 +140,10 @@ class VQADataModule(LightningDataModule):
         return self._cache[split]
 
     def setup(self, stage: str | None = None) -> None:
-        if self._examples:
-            return
+        """Nothing to prepare eagerly: each split is read the first time a loader needs it (so
+        ``evaluate.py test`` never touches the training split)."""
+
+    def _training_roles(self) -> None:
         cal_split, ft_split = self.splits["calibration"], self.splits["finetune"]
         pool = list(self._read(cal_split))
         random.Random(self.seed).shuffle(pool)
@@ -155,13 +157,19 @@ class VQADataModule(LightningDataModule):
             finetune = list(self._read(ft_split))
             random.Random(self.seed + 1).shuffle(finetune)
         self._examples["finetune"] = finetune[: self.finetune_samples]
-        self._examples["validation"] = self._read(self.splits["validation"])[: self.validation_samples]
-        self._examples["test"] = self._read(self.splits["test"])[: self.test_samples]
-        log.info("%s: %s", self.dataset, {k: len(v) for k, v in self._examples.items()})
 
     def examples(self, role: str) -> list[VQAExample]:
         """The examples of ``role``: ``calibration``, ``finetune``, ``validation`` or ``test``."""
-        self.setup()
+        if role not in self.splits:
+            raise ValueError(f"role must be one of {sorted(self.splits)}, got {role!r}")
+        if role not in self._examples:
+            if role in ("calibration", "finetune"):
+                self._training_roles()
+            else:
+                limit = self.validation_samples if role == "validation" else self.test_samples
+                self._examples[role] = self._read(self.splits[role])[:limit]
+            log.info("%s %s: %d examples from split %r", self.dataset, role, len(self._examples[role]),
+                     self.splits[role])
         return self._examples[role]
 
     def _loader(self, role: str, batch_size: int, mode: str, shuffle: bool = False) -> DataLoader:
