@@ -5,16 +5,14 @@ patches, the projector maps them into the language model's residual stream, wher
 the ``<image>`` placeholder tokens, and the causal LM generates the answer.  Families are told
 apart by their *config class* (never by a name substring) and each names its three parts:
 
-=============  ===========================  ==============================  ==========================
-family         vision tower                 projector                       language model
-=============  ===========================  ==============================  ==========================
-``llava``      ``model.vision_tower``       ``model.multi_modal_projector``  ``model.language_model``
-``llava_next``  ``model.vision_tower``      ``model.multi_modal_projector``  ``model.language_model``
-``idefics3``   ``model.vision_model``       ``model.connector``              ``model.text_model``
-=============  ===========================  ==============================  ==========================
+- ``llava`` (``LlavaConfig``): ``model.vision_tower`` (CLIP), ``model.multi_modal_projector``
+  (``linear_1``, GELU, ``linear_2``), ``model.language_model``;
+- ``llava_next`` (``LlavaNextConfig``): the same three, plus the learned ``model.image_newline``
+  vector written into the stream after every row of image features (AnyRes);
+- ``idefics3`` (``Idefics3Config``, SmolVLM): ``model.vision_model`` (SigLIP), ``model.connector``
+  (pixel shuffle, then ``modality_projection.proj``), ``model.text_model``.
 
-(LLaVA-NeXT also writes a learned ``model.image_newline`` vector into the stream after every
-row of image features; ``lm_head`` is always ``model.lm_head``.)
+``lm_head`` is always the top-level ``lm_head``.
 
 :func:`load_vlm` accepts a hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
 ``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or ``tiny-<family>``
@@ -42,7 +40,8 @@ TINY_PREFIX = "tiny-"
 DOWNLOAD_HINT = ("on a machine with internet run `hf download {repo} --local-dir checkpoints/{leaf}` "
                  "(huggingface_hub) and pass `checkpoints/{leaf}` as name_or_path")
 
-__all__ = ["FAMILIES", "VLMFamily", "family_of", "load_processor", "load_vlm", "vlm_parts"]
+__all__ = ["FAMILIES", "VLMFamily", "family_of", "load_processor", "load_vlm", "resolve_vlm", "save_vlm",
+           "vlm_parts"]
 
 
 @dataclass(frozen=True)

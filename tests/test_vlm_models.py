@@ -37,6 +37,13 @@ def test_tiny_vlm_parts_and_save_load_round_trip(family, tmp_path):
     parts = vlm_parts(model)
     assert (parts["vision_tower"], parts["projector"], parts["language_model"]) == PARTS[family]
     assert parts["lm_head"] == "lm_head"
+    # the residual-stream writers rotation finds structurally agree with the family table
+    from compression.residual import stream_writers
+    from models.vlm import FAMILIES
+
+    writers = stream_writers(model)
+    assert writers["vectors"] == list(FAMILIES[family].stream_vectors)
+    assert len(writers["linears"]) == 1 and writers["linears"][0].startswith(parts["projector"] + ".")
     inputs = _inputs(processor, family)
     with torch.no_grad():
         ref = model(**inputs).logits
