@@ -157,7 +157,9 @@ def report(args: argparse.Namespace) -> None:
         "Test split of `MultiViewDataModule(source='synthetic', seed=0)` (scene seeds disjoint from "
         "training). Camera metrics over all frame pairs (degrees); depth median-aligned per image; "
         "Chamfer after Umeyama Sim(3) alignment, in GT units. Same numbers as "
-        "`python evaluate.py test --config configs/vggt/eval_tiny.yaml`.",
+        "`python evaluate.py test --config configs/vggt/eval_tiny.yaml`, which prints them (`test/<metric>/test`) "
+        f"with `test/gflops/test` = {rows['testbed']['gflops']:.4g}, the GFLOPs of one forward of the evaluated "
+        "model on one sample (8 views, counted by `VGGTSpec.evaluate`; the per-component split is below).",
         "",
         "| model | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
