@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -459,7 +460,11 @@ def save_vggt_weights(model: nn.Module, path: str | Path, metadata: dict | None 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
     info = {"config": dataclasses.asdict(model.config), **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    # written next to the targets, then renamed: a crash never leaves a truncated file under the real name
+    tmp_weights, tmp_json = path.with_name(path.name + ".tmp"), path.with_name(path.stem + ".json.tmp")
+    save_file(state, str(tmp_weights))
+    tmp_json.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp_weights, path)
+    os.replace(tmp_json, path.with_suffix(".json"))
     return path

@@ -156,3 +156,17 @@ def test_testbed_loads_strictly_and_beats_the_baselines():
     assert ours["depth_abs_rel"] <= 0.5 * base["depth_abs_rel"]
     assert ours["camera_auc30"] >= base["camera_auc30"] + 20
     assert ours["points_chamfer"] < base["points_chamfer"]
+
+
+def test_saved_weights_reload_strictly_with_their_config(tmp_path):
+    from lightning_modules.vggt_spec import save_vggt_weights
+
+    torch.manual_seed(3)
+    model = VGGTSpec(config_overrides={"embed_dim": 32}).build().eval()
+    path = save_vggt_weights(model, tmp_path / "w.safetensors", {"num_views": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.safetensors"]  # no temporary left
+    spec = VGGTSpec(weights=str(path), config_overrides={"embed_dim": 32})
+    again = spec.build().eval()
+    images = spec.images(make_batch(num_scenes=1, num_views=2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(images)["depth"], model(images)["depth"], rtol=0, atol=0)
