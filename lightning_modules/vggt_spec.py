@@ -256,6 +256,8 @@ class VGGTSpec(ModelSpec):
             never a target.
         count_flops: also report ``gflops`` (one sample at the evaluated S, H, W, counted with
             ``metrics.flops`` once per evaluation epoch, one extra forward) with the metrics.
+        gradient_checkpointing: recompute the aggregator blocks in the backward pass (training
+            and LoRA on the 1B model: activation memory for one block instead of all 48).
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class VGGTSpec(ModelSpec):
         max_eval_points: int = 4096,
         target_groups: list[str] | None = None,
         count_flops: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if config not in ("tiny", "1b"):
             raise ValueError(f"config must be 'tiny' or '1b', got {config!r}")
@@ -301,6 +304,7 @@ class VGGTSpec(ModelSpec):
             raise ValueError(f"target_groups {groups!r}: choose a non-empty subset of {sorted(TARGET_GROUPS)}")
         self.target_groups = groups
         self.count_flops = count_flops
+        self.gradient_checkpointing = gradient_checkpointing
 
     # -- model ------------------------------------------------------------------------------------
     def model_config(self) -> VGGTConfig:
@@ -326,6 +330,7 @@ class VGGTSpec(ModelSpec):
 
             load_official_state_dict(model, load_file(str(path)))
             log.info("loaded VGGT weights from %s", path)
+        model.aggregator.gradient_checkpointing = self.gradient_checkpointing
         if "dpt_projections" in self.target_groups:
             for head in (model.depth_head, model.point_head):
                 if head is not None:
