@@ -30,6 +30,19 @@ def make_tiny_llama(seed: int = 0, tie: bool = True):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    Tiny models run faster on one intra-op thread on a shared 2-core machine: per [200 x 64]
+    linear under load, 0.045 ms vs 0.07 ms on two threads with passive OpenMP waiting (conftest),
+    and vs 7 ms with spinning waits."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -62,8 +62,8 @@ class Steps(Callback):
         self.sink.setdefault("stages", []).append(float(trainer.callback_metrics["lora/stage"]))
 
 
-def main(out_dir: str, devices: int) -> None:
-    torch.set_num_threads(1)
+def run(out_dir: str, devices: int, module, datamodule) -> None:
+    """calibrate -> svd_llm at 0.3 -> UVLoRA 2 + 2 steps; write what each rank saw to ``OUT_DIR/rank{r}.pt``."""
     sink: dict = {}
     callbacks = [WhiteningCollection(progress=False), Capture("stats", sink),
                  SVDTruncation(method="svd_llm", ratio=0.3), Capture("factors", sink),
@@ -72,11 +72,16 @@ def main(out_dir: str, devices: int) -> None:
                       max_epochs=100, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       limit_val_batches=0, default_root_dir=out_dir)
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
-    trainer.fit(module, datamodule=ShardedTokens())
+    trainer.fit(module, datamodule=datamodule)
     sink["final"] = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     sink["world_size"] = trainer.world_size
     torch.save(sink, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def main(out_dir: str, devices: int) -> None:
+    torch.set_num_threads(1)
+    run(out_dir, devices, CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2),
+        ShardedTokens())
 
 
 if __name__ == "__main__":

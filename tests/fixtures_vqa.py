@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
 from PIL import Image
 
 SCIENCEQA = {
@@ -42,17 +40,6 @@ VIZWIZ = {
     "val": [("How many coins?", ["two"] * 5 + ["2"] * 3 + ["3", "unanswerable"], 1),
             ("What colour is the shirt?", ["blue"] * 2 + ["navy"] * 7 + ["unanswerable"], 1)],
 }
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread on a shared 2-core machine: per [200 x 64]
-    linear under load, 0.045 ms vs 0.07 ms on two threads with passive OpenMP waiting (conftest),
-    and vs 7 ms with spinning waits."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _image(color: tuple[int, int, int], size: int = 40) -> Image.Image:

@@ -1,9 +1,10 @@
-"""A tiny token DataModule for Lightning tests (random tokens; the real one is data.text)."""
+"""Lightning test helpers: a tiny token DataModule (random tokens; the real one is data.text) and a CPU trainer."""
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 
@@ -34,3 +35,18 @@ class TinyTokens(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(4, 4), self._loader(4, 5)]
+
+
+def cpu_trainer(root, callbacks: list, max_steps: int = -1, every: int | None = None) -> Trainer:
+    """Deterministic 1-device CPU trainer without validation or logging, atomic checkpoints;
+    with ``every``, a checkpoint every ``every`` steps in ``root.parent / "ckpt"`` (file ``step=N.ckpt``)."""
+    from lightning_modules.checkpoint_io import AtomicCheckpointIO
+
+    callbacks = list(callbacks)
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=root.parent / "ckpt", filename="{step}", save_top_k=-1,
+                                         every_n_train_steps=every))
+    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=100, callbacks=callbacks,
+                   logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, enable_checkpointing=bool(every), plugins=[AtomicCheckpointIO()],
+                   deterministic=True, default_root_dir=root)

@@ -21,13 +21,14 @@ WORKER = ROOT / "tests" / "ddp_worker.py"
 pytestmark = pytest.mark.ddp
 
 
-def launch(out: Path, devices: int, worker: Path = WORKER) -> list[dict]:
+def launch(out: Path, devices: int, worker: Path = WORKER, timeout: int = 600) -> list[dict]:
+    """Run ``worker OUT DEVICES`` in a clean environment; the per-rank results it saved."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, str(worker), str(out), str(devices)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 

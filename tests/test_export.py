@@ -13,14 +13,7 @@ from compression.export import PLAN_NAME, WEIGHTS_NAME, load_compressed, read_ex
 from tests.conftest import make_tiny_llama
 from tests.test_llm_data import byte_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on shared cores (10-25x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def compressed_llama(batches, tie=True, ratio=0.3):

@@ -18,13 +18,7 @@ from tests.lightning_helpers import TinyTokens
 FACTOR = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on shared cores (10-25x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 class OrderedTokens(TinyTokens):

@@ -11,36 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
 from lightning_modules import CausalLMSpec, CompressionModule
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import make_tiny_llama
+from tests.lightning_helpers import cpu_trainer
 from tests.test_lora import OrderedTokens, Recorder
 
 STEPS = [4, 8]  # stage 1 = steps 0-3, stage 2 = steps 4-11; 4 batches per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def run(tmp_path, name, max_steps=-1, ckpt_path=None, seed=0, every=None, stateful=True):
     lora = UVLoRA(steps=STEPS, r=2, alpha=4, dropout=0.0, learning_rate=[2e-2, 1e-2])
     rec = Recorder()
     callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3), lora, rec]
-    if every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
-                                         every_n_train_steps=every))
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=100, callbacks=callbacks,
-                      logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, enable_checkpointing=bool(every), plugins=[AtomicCheckpointIO()],
-                      deterministic=True, default_root_dir=tmp_path / name)
+    trainer = cpu_trainer(tmp_path / name, callbacks, max_steps, every)
     # a fresh model with other weights: a resumed run must take everything from the checkpoint
     module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), learning_rate=5e-3)
     if stateful:  # Lightning's stateful API: configure_model sees the path and rebuilds the plan

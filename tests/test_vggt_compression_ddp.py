@@ -7,15 +7,12 @@ synthetic 2-view scenes, once with one device (the reference) and once with ``st
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_ddp import merged
+from tests.test_ddp import launch, merged
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "vggt_ddp_worker.py"
@@ -23,21 +20,10 @@ WORKER = ROOT / "tests" / "vggt_ddp_worker.py"
 pytestmark = pytest.mark.ddp
 
 
-def launch(out: Path, devices: int) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("vggt_ddp")
-    return launch(base / "single", 1)[0], launch(base / "ddp", 2)
+    return launch(base / "single", 1, WORKER, 900)[0], launch(base / "ddp", 2, WORKER, 900)
 
 
 def test_sharded_multiview_statistics_equal_one_process(runs):

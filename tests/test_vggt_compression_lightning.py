@@ -9,23 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
 from data.multiview.datamodule import MultiViewDataModule
 from lightning_modules import CompressionModule, VGGTSpec
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from metrics.flops import vggt_flops
+from tests.lightning_helpers import cpu_trainer
 
 STEPS = [3, 3]  # stage 1 = steps 0-2, stage 2 = steps 3-5; 4 training scenes per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 class Losses(Callback):
@@ -57,13 +52,7 @@ def fit(tmp_path, name, max_steps=-1, ckpt_path=None, every=None, seed=0):
     rec = Losses()
     callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3),
                  UVLoRA(steps=STEPS, r=2, alpha=4, dropout=0.0, learning_rate=[1e-2, 5e-3]), rec]
-    if every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
-                                         every_n_train_steps=every))
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=100, callbacks=callbacks,
-                      logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, enable_checkpointing=bool(every), plugins=[AtomicCheckpointIO()],
-                      deterministic=True, default_root_dir=tmp_path / name)
+    trainer = cpu_trainer(tmp_path / name, callbacks, max_steps, every)
     module = CompressionModule(spec(seed), learning_rate=5e-3)
     trainer.ckpt_path = ckpt_path  # configure_model sees it and rebuilds the plan (no recalibration)
     trainer.fit(module, datamodule=data())

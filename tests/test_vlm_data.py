@@ -12,7 +12,6 @@ from data.vqa.synthetic import write_scienceqa, write_vizwiz
 from data.vqa.vizwiz import majority_answer
 from models.vlm import load_processor
 from tests.fixtures_vqa import (
-    one_thread,  # noqa: F401  (module fixture)
     write_scienceqa_fixture,
     write_vizwiz_fixture,
 )

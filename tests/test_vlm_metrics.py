@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from metrics.vqa import ScienceQAAccuracy, VQAAccuracy, VQAScores, parse_choice, vqa_accuracy, vqa_normalize
-from tests.fixtures_vqa import one_thread  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

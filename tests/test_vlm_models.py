@@ -11,7 +11,6 @@ from PIL import Image
 from lightning_modules import VLMSpec
 from models.vlm import family_of, load_vlm, save_vlm, vlm_parts
 from models.vlm_tiny import build_tiny_vlm, tiny_config
-from tests.fixtures_vqa import one_thread  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

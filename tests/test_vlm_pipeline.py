@@ -20,7 +20,6 @@ from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.vlm_spec import model_inputs
 from models.vlm_tiny import build_tiny_vlm
 from tests.fixtures_vqa import (
-    one_thread,  # noqa: F401  (module fixture)
     write_scienceqa_fixture,
     write_vizwiz_fixture,
 )

@@ -23,7 +23,6 @@ from lightning_modules import ModelSpec
 from lightning_modules.vlm_spec import model_inputs
 from models.vlm import vlm_parts
 from models.vlm_tiny import build_tiny_vlm
-from tests.fixtures_vqa import one_thread  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
