@@ -138,7 +138,8 @@ def report(args: argparse.Namespace) -> None:
         "",
         f"Testbed: `VGGTConfig.tiny()` widened to embed {cfg['embed_dim']} (depth {cfg['depth']}, "
         f"{cfg['num_heads']} heads, {cfg['backbone_depth']} DINOv2 blocks, {cfg['camera_trunk_depth']} camera-trunk "
-        f"block, patch {cfg['patch_size']}), {info['num_views']} views at {image_hw[0]}x{image_hw[1]}, "
+        f"block, patch {cfg['patch_size']}, LayerScale init {cfg['init_values']:g}), {info['num_views']} views at "
+        f"{image_hw[0]}x{image_hw[1]}, "
         f"weights `models/vggt/weights/vggt_tiny_synthetic.safetensors` (official naming, loads strictly).",
         "",
         "## Training",
