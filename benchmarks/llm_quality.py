@@ -10,11 +10,6 @@ corpus, exp of the mean next-token NLL.  Also writes the raw rows as JSON beside
 
 from __future__ import annotations
 
-import os
-
-# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import copy
 import json
@@ -23,26 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
+import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
+import torch
+from common import calibrate, lm_setup, perplexity
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from compression import CompressionConfig, collect_stats, compress_  # noqa: E402
-from lightning_modules.specs import CausalLMSpec  # noqa: E402
-
-
-@torch.no_grad()
-def perplexity(model, loader) -> float:
-    spec = CausalLMSpec(model=model)
-    nll, count = 0.0, 0
-    for batch in loader:
-        n, c = spec._nll(model, batch)
-        if not torch.isfinite(n):
-            return float("inf")
-        nll += float(n)
-        count += int(c)
-    return float(torch.tensor(nll / count, dtype=torch.float64).exp())
+from compression import CompressionConfig, compress_
 
 
 def main() -> None:
@@ -59,17 +39,8 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    from data.text import TextDataModule
-    from models.causal_lm import load_causal_lm
-
-    dense, tokenizer = load_causal_lm(args.model)
-    dense.eval()
-    dm = TextDataModule(tokenizer=tokenizer, seq_len=args.seq_len, calibration_samples=args.calib_samples,
-                        eval_max_tokens=args.eval_tokens, batch_size=4)
-    dm.setup("fit")
-    dm.setup("test")
-    tests = dict(zip(dm.test_names, dm.test_dataloader()))
-    targets = CausalLMSpec(model=dense).default_targets(dense)
+    setup = lm_setup(args.model, args.seq_len, args.calib_samples, args.eval_tokens)
+    dense, tests, targets = setup.model, setup.tests, setup.targets
 
     rows = []
     t0 = time.perf_counter()
@@ -78,8 +49,7 @@ def main() -> None:
                  "params": sum(p.numel() for p in dense.parameters()), "seconds": 0.0, **dense_ppl})
     print(f"dense {dense_ppl} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     t0 = time.perf_counter()
-    stats = collect_stats(dense, targets, dm.calibration_dataloader(),
-                          forward=CausalLMSpec(model=dense).calibration_forward)
+    stats = calibrate(setup)
     calib_seconds = time.perf_counter() - t0
     print(f"calibration {calib_seconds:.0f} s", file=sys.stderr)
     for ratio in args.ratios:

@@ -15,11 +15,6 @@ Perplexity: ``--eval-tokens`` tokens of non-overlapping ``--seq-len`` windows pe
 
 from __future__ import annotations
 
-import os
-
-# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import copy
 import json
@@ -28,13 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
+import torch
+from common import lm_setup, perplexity, single_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from compression import (  # noqa: E402
+from compression import (
     ActQuantConfig,
     CompressionConfig,
     JointQKVConfig,
@@ -49,28 +42,14 @@ from compression import (  # noqa: E402
     joint_rank_for_ratio,
     quantize_model_,
 )
-from compression.allocation import v2_ratios  # noqa: E402
-from compression.beta_search import search_beta_by_loss_  # noqa: E402
-from compression.gradient_allocation import lm_loss  # noqa: E402
-from compression.joint import LATENT_NAME, stacked_weight  # noqa: E402
-from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token  # noqa: E402
-from compression.rotation import capture_inputs, rotate_model_, search_beta_  # noqa: E402
+from compression.allocation import v2_ratios
+from compression.beta_search import search_beta_by_loss_
+from compression.gradient_allocation import lm_loss
+from compression.joint import LATENT_NAME, stacked_weight
+from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
+from compression.rotation import capture_inputs, rotate_model_, search_beta_
 
 QKV = ("q_proj", "k_proj", "v_proj")
-
-
-@torch.no_grad()
-def perplexity(model, loader) -> float:
-    nll, count = 0.0, 0
-    for batch in loader:
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        if not torch.isfinite(loss):
-            return float("inf")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
-    return float(torch.tensor(nll / count, dtype=torch.float64).exp())
 
 
 def qkv_params(model) -> int:
@@ -107,17 +86,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from data.text import TextDataModule
-    from models.causal_lm import load_causal_lm
-
     t_start = time.perf_counter()
-    dense, tok = load_causal_lm(args.model)
-    dense.eval()
-    dm = TextDataModule(tokenizer=tok, seq_len=args.seq_len, calibration_samples=args.calib_samples,
-                        eval_max_tokens=args.eval_tokens, batch_size=4)
-    dm.setup("fit")
-    tests = dict(zip(dm.test_names, dm.test_dataloader()))
-    calib = [{"input_ids": b["input_ids"]} for b in dm.calibration_dataloader()]
+    setup = lm_setup(args.model, args.seq_len, args.calib_samples, args.eval_tokens)
+    dense, tests = setup.model, setup.tests
+    calib = [{"input_ids": b["input_ids"]} for b in setup.datamodule.calibration_dataloader()]
     rows: list[dict] = []
 
     def record(name: str, model, **extra) -> None:
@@ -155,7 +127,7 @@ def main() -> None:
     ratios = v2_ratios(shapes, spectra, args.ratio, 0.95, group_of=lambda n: "qkv")
     ranks_v2 = {g: joint_rank_for_ratio(sizes, e, ratios[g]) for g in groups}
     t0 = time.perf_counter()
-    singles = [{"input_ids": w[None]} for b in calib for w in b["input_ids"]][: args.grad_samples]
+    singles = single_windows(setup, args.grad_samples)
     importance = gradient_importance(dense, groups, singles, lm_loss, method, stats)
     grad_s = time.perf_counter() - t0
     log(f"gradient importance {grad_s:.0f} s")

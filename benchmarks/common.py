@@ -1,0 +1,87 @@
+"""What the LLM benchmark scripts share: CPU settings, the offline model + corpora, calibration, perplexity.
+
+Import it before torch in a script run as ``python benchmarks/<name>.py`` (the script's folder is
+then on ``sys.path``)::
+
+    import common  # sets OMP_WAIT_POLICY and puts the repository on sys.path
+
+- OpenMP threads that spin while waiting starve when another process holds a core (2-core
+  machines, parallel jobs): a 1536x576 float64 SVD took 11.8 s instead of 0.4 s; passive waiting
+  fixes it, and it must be set before torch loads its OpenMP runtime.
+- :func:`lm_setup` loads the model (default SmolLM2-135M, offline) and the default
+  :class:`data.text.TextDataModule` (calibration mix of comedies + Wikipedia, held-out tragedies
+  and Wikipedia test split); :func:`calibrate` collects the statistics every method needs;
+  :func:`perplexity` is the standard protocol (non-overlapping windows, exp of the token-mean NLL).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from compression import ActivationStats, collect_stats  # noqa: E402
+from lightning_modules.specs import CausalLMSpec  # noqa: E402
+
+
+@dataclass
+class LMSetup:
+    """A loaded causal LM with its data: ``tests`` maps corpus name -> test loader."""
+
+    model: nn.Module
+    tokenizer: Any
+    datamodule: Any
+    tests: dict[str, Any]
+    spec: CausalLMSpec
+    targets: list[str]
+
+
+def lm_setup(model_name: str = "smollm2-135m", seq_len: int = 256, calib_samples: int = 64,
+             eval_tokens: int | None = 8192, batch_size: int = 4) -> LMSetup:
+    """Load ``model_name`` (eval mode) and the default text DataModule, set up for fit and test."""
+    from data.text import TextDataModule
+    from models.causal_lm import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_name)
+    model.eval()
+    dm = TextDataModule(tokenizer=tokenizer, seq_len=seq_len, calibration_samples=calib_samples,
+                        eval_max_tokens=eval_tokens, batch_size=batch_size)
+    dm.setup("fit")
+    dm.setup("test")
+    spec = CausalLMSpec(model=model)
+    return LMSetup(model, tokenizer, dm, dict(zip(dm.test_names, dm.test_dataloader())), spec,
+                   spec.default_targets(model))
+
+
+def calibrate(setup: LMSetup, names: list[str] | None = None) -> ActivationStats:
+    """Statistics (Gram, abs-mean/max) of ``names`` (default: the targets) over the calibration windows."""
+    return collect_stats(setup.model, names if names is not None else setup.targets,
+                         setup.datamodule.calibration_dataloader(), forward=setup.spec.calibration_forward)
+
+
+def single_windows(setup: LMSetup, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` calibration windows, one per batch (per-sample gradients)."""
+    return [{"input_ids": w[None]} for b in setup.datamodule.calibration_dataloader() for w in b["input_ids"]][:count]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, loader) -> float:
+    """``exp(Σ NLL / Σ tokens)`` over the loader; ``inf`` as soon as a batch's loss is not finite."""
+    nll, count = 0.0, 0
+    for batch in loader:
+        n, c = CausalLMSpec._nll(model, batch)
+        if not torch.isfinite(n):
+            return float("inf")
+        nll += float(n)
+        count += int(c)
+    return float(torch.tensor(nll / count, dtype=torch.float64).exp())
