@@ -25,7 +25,10 @@ them would cost more than the dense layer).  Columns: GFLOPs of one forward (1 a
 point Chamfer (Sim(3)-aligned), two-view AUC@10 (the model run on frame pairs (0,1), (2,3), ...
 of each test scene; relative pose from its camera head, exact recall-curve AUC; @30 as well, since a
 model trained on 8 views is far less accurate on 2), CPU latency
-(median of ``--latency-runs`` forwards, 8 frames, batch 1, ``--threads`` threads).
+(median of ``--latency-runs`` forwards, 8 frames, batch 1, ``--threads`` threads), and the
+fidelity to the dense model: ``‖f(x) - f_dense(x)‖ / ‖f_dense(x)‖`` over the test scenes for the
+pose encoding and the depth map (the task metrics of this small testbed move little under
+compression, the output error separates the methods; see the analysis in the results file).
 """
 
 from __future__ import annotations
@@ -85,9 +88,34 @@ def split_batch(batch: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- scoring
+FIDELITY = ("pose_enc", "depth", "world_points")  # outputs compared with the dense model's
+
+
 @torch.no_grad()
-def score(model, spec: VGGTSpec, test_batches: list[dict], val_batches: list[dict]) -> dict[str, float]:
-    """Held-out metrics, two-view AUC@10 and the validation loss (used only to pick the LoRA row)."""
+def reference_outputs(model, spec: VGGTSpec, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """The dense model's :data:`FIDELITY` outputs on every test batch."""
+    model.eval()
+    return [{k: v for k, v in model(spec.images(b)).items() if k in FIDELITY} for b in batches]
+
+
+@torch.no_grad()
+def output_errors(model, spec: VGGTSpec, batches: list[dict], refs: list[dict]) -> dict[str, float]:
+    """``‖f(x) - f_dense(x)‖ / ‖f_dense(x)‖`` over all test scenes, per output (fidelity to the dense model)."""
+    num = dict.fromkeys(FIDELITY, 0.0)
+    den = dict.fromkeys(FIDELITY, 0.0)
+    for batch, ref in zip(batches, refs):
+        out = model(spec.images(batch))
+        for k in FIDELITY:
+            num[k] += float((out[k].double() - ref[k].double()).square().sum())
+            den[k] += float(ref[k].double().square().sum())
+    return {f"err_{k}": (num[k] / den[k]) ** 0.5 for k in FIDELITY}
+
+
+@torch.no_grad()
+def score(model, spec: VGGTSpec, test_batches: list[dict], val_batches: list[dict],
+          refs: list[dict] | None = None) -> dict[str, float]:
+    """Held-out metrics, two-view AUCs, output errors against ``refs`` (the dense outputs) and the
+    validation loss (used only to pick the LoRA row)."""
     model.eval()
     metrics = spec.make_metrics()
     errors = []
@@ -95,6 +123,8 @@ def score(model, spec: VGGTSpec, test_batches: list[dict], val_batches: list[dic
         spec.evaluate(model, batch, metrics, i)
         errors.append(two_view_errors(model, spec, batch))
     out = {k: float(v) for k, v in spec.compute_metrics(metrics).items()}
+    if refs is not None:
+        out.update(output_errors(model, spec, test_batches, refs))
     auc10, auc30 = pose_auc(torch.cat(errors), [10.0, 30.0])
     out["two_view_auc10"], out["two_view_auc30"] = float(auc10), float(auc30)
     val = [float(spec.loss_terms(model(spec.images(b)), b)["total"]) for b in val_batches]
@@ -237,11 +267,12 @@ def run(args: argparse.Namespace) -> dict:
     test_batches, val_batches = list(dm.test_dataloader()), list(dm.val_dataloader())
     calib = list(dm.calibration_dataloader())
     rows = []
+    refs = reference_outputs(dense, spec, test_batches)
 
     def record(label, model, ratio, extra=None):
         t0 = time.perf_counter()
-        row = {"row": label, "ratio": ratio, **model_cost(model, image_hw), **score(model, spec, test_batches,
-                                                                                   val_batches)}
+        row = {"row": label, "ratio": ratio, **model_cost(model, image_hw),
+               **score(model, spec, test_batches, val_batches, refs)}
         row["latency_ms"] = cpu_latency_ms(model, image_hw, runs=args.latency_runs)
         row.update(extra or {})
         row["eval_s"] = round(time.perf_counter() - t0, 1)
@@ -292,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--scenes", type=int, default=32, help="held-out test scenes")
     p.add_argument("--calib-scenes", type=int, default=32, help="calibration scenes (statistics and gradients)")
     p.add_argument("--grad-samples", type=int, default=32, help="calibration samples (batch 1) for the importance")

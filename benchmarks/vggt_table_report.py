@@ -21,9 +21,12 @@ COLUMNS = [("gflops_1", "GFLOPs 1 fr.", "{:.4f}"), ("gflops_8", "GFLOPs 8 fr.", 
            ("params", "params", "{:,}"), ("camera_auc30", "AUC@30 ↑", "{:.1f}"),
            ("depth_abs_rel", "AbsRel ↓", "{:.3f}"), ("points_chamfer", "Chamfer ↓", "{:.3f}"),
            ("two_view_auc10", "2-view AUC@10 ↑", "{:.1f}"), ("two_view_auc30", "2-view AUC@30 ↑", "{:.1f}"),
+           ("err_pose_enc", "pose err. vs dense ↓", "{:.4f}"), ("err_depth", "depth err. vs dense ↓", "{:.4f}"),
            ("latency_ms", "CPU ms (8 fr.)", "{:.1f}")]
 PLOTTED = [("camera_auc30", "camera AUC@30 (↑)"), ("depth_abs_rel", "depth AbsRel (↓)"),
-           ("points_chamfer", "point Chamfer (↓)"), ("two_view_auc10", "two-view AUC@10 (↑)")]
+           ("points_chamfer", "point Chamfer (↓)"), ("two_view_auc30", "two-view AUC@30 (↑)"),
+           ("err_pose_enc", "pose encoding: rel. error vs dense (↓)"),
+           ("err_depth", "depth: rel. error vs dense (↓)")]
 COMMAND = "flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vggt_table.py --out docs/results/vggt_table.md"
 
 
@@ -98,11 +101,14 @@ def plot(out: dict, path: Path) -> None:
     for r in rows[1:]:
         key = "best + U/V LoRA" if "lora_steps" in r else r["row"]
         methods.setdefault(key, []).append(r)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=110)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
     markers = "osD^vP*X"
     for ax, (key, title) in zip(axes.flat, PLOTTED):
-        ax.axhline(dense[key], color="grey", lw=1, ls=":")
-        ax.plot([dense["gflops_8"]], [dense[key]], "k*", ms=12, label="dense")
+        if not key.startswith("err_"):
+            ax.axhline(dense[key], color="grey", lw=1, ls=":")
+            ax.plot([dense["gflops_8"]], [dense[key]], "k*", ms=12, label="dense")
+        else:  # errors against the dense model: the dense point is 0, off a log axis
+            ax.plot([], [], "k*", ms=12, label="dense")
         for i, (name, pts) in enumerate(methods.items()):
             pts = sorted(pts, key=lambda r: -r["gflops_8"])
             ax.plot([p["gflops_8"] for p in pts], [p[key] for p in pts], marker=markers[i % len(markers)],
@@ -113,7 +119,7 @@ def plot(out: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("GFLOPs per forward, 8 frames (56x56)")
         ax.grid(alpha=0.3)
-        if key in ("depth_abs_rel", "points_chamfer"):
+        if key in ("depth_abs_rel", "points_chamfer") or key.startswith("err_"):
             ax.set_yscale("log")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
