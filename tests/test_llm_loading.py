@@ -1,8 +1,6 @@
-"""Causal-LM loading: local folders round-trip, offline errors explain themselves, SmolLM2 (slow)."""
+"""Causal-LM loading: local folders round-trip, offline errors explain themselves (SmolLM2: test_causal_lm)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -38,25 +36,3 @@ def test_unavailable_model_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="smollm2-135m"):
         load_causal_lm("meta-llama/Llama-2-7b-hf")
-
-
-@pytest.mark.slow
-def test_smollm2_offline_loads_caches_and_scores(tmp_path, monkeypatch):
-    monkeypatch.setenv("SVD_VGGT_CACHE", str(tmp_path))
-    start = time.perf_counter()
-    model, tok = load_causal_lm("smollm2-135m")
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    model2, _ = load_causal_lm("smollm2-135m")
-    second = time.perf_counter() - start
-    assert second < first
-    cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    from data.corpora import load_documents
-
-    text = load_documents("shakespeare:tragedies@test")[0][0][:6000]
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :512]
-    with torch.no_grad():
-        loss = model2(input_ids=ids, labels=ids).loss
-    assert 1.0 < float(loss.exp()) < 100.0
