@@ -92,7 +92,7 @@ def render(rows, corpora, args, command, calib_seconds) -> str:
     ]
     for r in rows:
         ppl = " | ".join(f"{r[c]:.2f}" if r[c] < 1e5 else f"{r[c]:.2e}" for c in corpora)
-        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.1f} | {r['params']:,} | {ppl} | "
+        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:g} | {r['params']:,} | {ppl} | "
                      f"{r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
