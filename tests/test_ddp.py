@@ -45,29 +45,41 @@ def merged(state: dict) -> dict[str, torch.Tensor]:
             for k, v in state.items() if k.endswith(".down.weight")}
 
 
+def assert_same_stats(ref: dict, got: dict, other_rank: dict, tol: float) -> None:
+    """Every stream's token count, Gram, abs-sum and abs-max: ``got`` (rank 0) equals the single-process
+    ``ref`` to ``tol`` and equals ``other_rank`` (rank 1) exactly."""
+    assert got["owner"] == ref["owner"]
+    for key, stream in ref["streams"].items():
+        other = got["streams"][key]
+        assert other["count"] == stream["count"]
+        for field in ("gram", "abs_sum", "abs_max"):
+            torch.testing.assert_close(other[field], stream[field], rtol=tol, atol=tol)
+            assert torch.equal(other[field], other_rank["streams"][key][field])
+
+
+def assert_same_factors(single: dict, rank0: dict, rank1: dict, layers: int) -> None:
+    """Merged ``up @ down`` of rank 0 equals one process to 1e-5; both ranks hold identical factors."""
+    ref, got = merged(single), merged(rank0)
+    assert len(ref) == layers and ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
+        assert rank0[name + ".down.weight"].shape == single[name + ".down.weight"].shape
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key])
+
+
 def test_sharded_statistics_equal_one_process(runs):
     single, (rank0, rank1) = runs
     assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
-    ref, got = single["stats"], rank0["stats"]
-    assert got["owner"] == ref["owner"]
-    assert len(got["streams"]) == 8  # per block: attn input (q/k/v), o, mlp input (gate/up), down
-    for key, stream in ref["streams"].items():
-        other = got["streams"][key]
-        assert other["count"] == stream["count"] == 5 * 2 * 16  # every token exactly once
-        for field in ("gram", "abs_sum", "abs_max"):
-            torch.testing.assert_close(other[field], stream[field], rtol=1e-10, atol=1e-10)
-            assert torch.equal(other[field], rank1["stats"]["streams"][key][field])
+    ref = single["stats"]
+    assert len(ref["streams"]) == 8  # per block: attn input (q/k/v), o, mlp input (gate/up), down
+    assert all(s["count"] == 5 * 2 * 16 for s in ref["streams"].values())  # every token exactly once
+    assert_same_stats(ref, rank0["stats"], rank1["stats"], tol=1e-10)
 
 
 def test_sharded_compression_equals_one_process(runs):
     single, (rank0, rank1) = runs
-    ref, got = merged(single["factors"]), merged(rank0["factors"])
-    assert len(ref) == 14 and ref.keys() == got.keys()
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
-        assert rank0["factors"][name + ".down.weight"].shape == single["factors"][name + ".down.weight"].shape
-    for key, value in rank0["factors"].items():
-        assert torch.equal(value, rank1["factors"][key])
+    assert_same_factors(single["factors"], rank0["factors"], rank1["factors"], layers=14)
 
 
 def test_lora_stages_train_in_sync(runs):

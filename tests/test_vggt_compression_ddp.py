@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_ddp import launch, merged
+from tests.test_ddp import assert_same_factors, assert_same_stats, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "vggt_ddp_worker.py"
@@ -34,22 +34,12 @@ def test_sharded_multiview_statistics_equal_one_process(runs):
     # 3 scenes x 2 views x (5 special + 4 patch) tokens through every frame / global block layer
     frame = ref["owner"]["aggregator.frame_blocks.0.attn.qkv"]
     assert ref["streams"][frame]["count"] == got["streams"][frame]["count"] == 3 * 2 * 9
-    for key, stream in ref["streams"].items():
-        other = got["streams"][key]
-        assert other["count"] == stream["count"]
-        for field in ("gram", "abs_sum", "abs_max"):
-            torch.testing.assert_close(other[field], stream[field], rtol=1e-9, atol=1e-9)
-            assert torch.equal(other[field], rank1["stats"]["streams"][key][field])
+    assert_same_stats(ref, got, rank1["stats"], tol=1e-9)
 
 
 def test_sharded_compression_equals_one_process(runs):
     single, (rank0, rank1) = runs
-    ref, got = merged(single["factors"]), merged(rank0["factors"])
-    assert len(ref) == 44 and ref.keys() == got.keys()
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
-    for key, value in rank0["factors"].items():
-        assert torch.equal(value, rank1["factors"][key])
+    assert_same_factors(single["factors"], rank0["factors"], rank1["factors"], layers=44)
 
 
 def test_vggt_lora_stages_train_in_sync(runs):
