@@ -16,6 +16,7 @@ then on ``sys.path``)::
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,20 @@ from torch import nn  # noqa: E402
 
 from compression import ActivationStats, collect_stats  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
+
+
+def lm_parser(doc: str, calib_samples: int = 64, eval_tokens: int | None = 8192) -> argparse.ArgumentParser:
+    """The arguments every LLM benchmark takes: model, calibration size, window length, test tokens
+    (``eval_tokens=None``: a script that scores no test corpus), CPU threads and the markdown output."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (offline) or a local save_pretrained folder")
+    p.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    if eval_tokens is not None:
+        p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="tokens scored per test corpus")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="markdown output")
+    return p
 
 
 @dataclass

@@ -21,18 +21,16 @@ error at rank ``r`` (absolute, squared):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import calibrate, lm_setup, perplexity, single_windows
+from common import calibrate, lm_parser, lm_setup, perplexity, single_windows
 
 from compression import CompressionConfig, build_method, compress_, gradient_allocation, gradient_importance
 from compression.allocation import _spread
@@ -72,16 +70,10 @@ def greedy(shapes, spectra, ratio, normalise: bool) -> dict[str, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = lm_parser(__doc__)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--grad-samples", type=int, default=16, help="calibration windows for the gradient importance")
     p.add_argument("--schemes", nargs="+", default=None, help="subset of schemes to run (default: all)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

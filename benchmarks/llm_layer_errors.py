@@ -15,17 +15,15 @@ where (which layer types, which depths).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import calibrate, lm_setup
+from common import calibrate, lm_parser, lm_setup
 
 from compression import CompressionConfig, allocate, build_method
 from compression.targets import layer_type
@@ -39,14 +37,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = lm_parser(__doc__, eval_tokens=None)
     p.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm", "svd_llm_v2"])
     p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

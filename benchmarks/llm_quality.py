@@ -10,32 +10,24 @@ corpus, exp of the mean next-token NLL.  Also writes the raw rows as JSON beside
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import calibrate, lm_setup, perplexity
+from common import calibrate, lm_parser, lm_setup, perplexity
 
 from compression import CompressionConfig, compress_
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = lm_parser(__doc__)
     p.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm", "svd_llm_v2"])
     p.add_argument("--allocations", nargs="+", default=["uniform", "v2"])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per test corpus")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -15,17 +15,15 @@ Perplexity: ``--eval-tokens`` tokens of non-overlapping ``--seq-len`` windows pe
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import lm_setup, perplexity, single_windows
+from common import lm_parser, lm_setup, perplexity, single_windows
 
 from compression import (
     ActQuantConfig,
@@ -65,14 +63,10 @@ def log(msg: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = lm_parser(__doc__, calib_samples=32, eval_tokens=4096)
     p.add_argument("--ratio", type=float, default=0.4, help="fraction of q/k/v parameters removed")
-    p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--grad-samples", type=int, default=16, help="calibration windows (batch 1) for gradients")
     p.add_argument("--beta-tokens", type=int, default=1024, help="calibration tokens per layer for the β search")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per test corpus")
     p.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="W,A bit pairs")
     p.add_argument("--w-grid", type=int, default=20,
                    help="clip-search grid for weights (shrink step 1/grid down to 0.2; QuaRot uses 100)")
@@ -80,8 +74,6 @@ def main() -> None:
     p.add_argument("--loss-betas", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                    help="candidates of the global β chosen by calibration loss")
     p.add_argument("--quant-allocation", default="gradient", choices=["uniform", "v2", "gradient"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
