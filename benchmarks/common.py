@@ -84,9 +84,23 @@ def calibrate(setup: LMSetup, names: list[str] | None = None) -> ActivationStats
                          setup.datamodule.calibration_dataloader(), forward=setup.spec.calibration_forward)
 
 
-def single_windows(setup: LMSetup, count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` calibration windows, one per batch (per-sample gradients)."""
-    return [{"input_ids": w[None]} for b in setup.datamodule.calibration_dataloader() for w in b["input_ids"]][:count]
+def spread(items: list, count: int, first: bool = False) -> list:
+    """``count`` items evenly spaced over ``items`` (``first``: the first ``count``).
+
+    The calibration windows of a ``mix:`` source come component after component (all the comedies,
+    then all of Wikipedia), so "the first N" would draw every gradient or loss sample from the first
+    corpus only.
+    """
+    if first or count >= len(items):
+        return items[:count]
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
+def single_windows(setup: LMSetup, count: int, first: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``count`` calibration windows, one per batch (per-sample gradients), spread over the whole
+    calibration set (``first``: the first ``count`` windows)."""
+    windows = [{"input_ids": w[None]} for b in setup.datamodule.calibration_dataloader() for w in b["input_ids"]]
+    return spread(windows, count, first)
 
 
 @torch.no_grad()

@@ -73,6 +73,8 @@ def main() -> None:
     p = lm_parser(__doc__)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--grad-samples", type=int, default=16, help="calibration windows for the gradient importance")
+    p.add_argument("--grad-windows", choices=["spread", "first"], default="spread",
+                   help="gradient windows evenly spread over the calibration mix, or the first ones (all comedies)")
     p.add_argument("--schemes", nargs="+", default=None, help="subset of schemes to run (default: all)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -88,8 +90,8 @@ def main() -> None:
     rows = [{"scheme": "dense", "ratio": 0.0, **{k: perplexity(dense, v) for k, v in tests.items()}}]
     importance = None
     if args.schemes is None or "gradient" in args.schemes:
-        importance = gradient_importance(dense, targets, single_windows(setup, args.grad_samples), lm_loss, method,
-                                         stats)
+        windows = single_windows(setup, args.grad_samples, first=args.grad_windows == "first")
+        importance = gradient_importance(dense, targets, windows, lm_loss, method, stats)
     for ratio in args.ratios:
         r0 = {n: rank_for_ratio(*shapes[n], ratio) for n in targets}
         loss = {n: float(spectra[n][r0[n]:].double().square().sum()) for n in targets}

@@ -23,7 +23,7 @@ import time
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import lm_parser, lm_setup, perplexity, single_windows
+from common import lm_parser, lm_setup, perplexity, single_windows, spread
 
 from compression import (
     ActQuantConfig,
@@ -180,7 +180,8 @@ def main() -> None:
         model = copy.deepcopy(dense)
         compress_joint_(model, configs[args.quant_allocation], stats)
         rotate_model_(model)
-        found = search_beta_by_loss_(model, lm_loss, calib[: args.loss_batches], wq, aq, betas=args.loss_betas)
+        found = search_beta_by_loss_(model, lm_loss, spread(calib, args.loss_batches), wq, aq,
+                                     betas=args.loss_betas)
         quantize_model_(model, wq, aq)
         betas_used[f"{tag} by calibration loss (one global β)"] = found["beta"]
         record(f"{tag} full QSVD (H1 + online H + H2 + β by calibration loss)", model)
