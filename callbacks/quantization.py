@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.state import get_state, plan_restored
+from callbacks.state import get_state, plan_restored, spread_batches
 from compression import ActQuantConfig, WeightQuantConfig, collect_stats, merge_plans, quantize_model_
 from compression.beta_search import search_beta_by_loss_
 from compression.plan import make_plan
@@ -65,7 +65,8 @@ class Quantization(Callback):
         betas: candidate β values.
         per_layer_beta: one β per pair (``True``) or one global β.
         calibration_tokens: tokens of captured inputs per pair for the β search.
-        max_batches: calibration batches used for the β search / GPTQ Grams.
+        max_batches: calibration batches used for the β search / GPTQ Grams, evenly spaced over
+            the calibration loader.
         seed: seed of ``H1`` and ``H2``.
     """
 
@@ -171,13 +172,11 @@ class Quantization(Callback):
             raise RuntimeError("the model is already quantized; use one Quantization callback")
 
     def _batches(self, trainer: Trainer) -> Iterator[Any]:
-        """The first ``max_batches`` calibration batches, the same on every rank."""
+        """``max_batches`` calibration batches evenly spaced over the loader, the same on every rank."""
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "calibration_dataloader"):
             raise RuntimeError("Quantization needs a datamodule with a calibration_dataloader() method")
-        for i, batch in enumerate(dm.calibration_dataloader()):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
+        for batch in spread_batches(dm.calibration_dataloader(), self.max_batches):
             yield trainer.strategy.batch_to_device(batch)
 
     def _grams(self, trainer: Trainer, pl_module: LightningModule):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.state import already_compressed, find_callback, get_state
+from callbacks.state import already_compressed, find_callback, get_state, spread_batches
 from compression import Allocation, allocate, build_method, gradient_allocation, gradient_importance
 from compression.allocation import v2_ratios
 from compression.joint import joint_rank_for_ratio, stacked_weight
@@ -48,7 +48,8 @@ class RankReallocation(Callback):
 
     Args:
         strategy: ``uniform``, ``v2`` or ``gradient`` (see the module docstring).
-        max_batches: calibration batches used for the gradient importance (``None``: all).
+        max_batches: calibration batches used for the gradient importance, evenly spaced over the
+            calibration loader (``None``: all).
         per_sample: split each calibration batch into single samples, so the importance is the
             per-sample mean of squares as in QSVD (costs one backward per sample).
         mode: ``gradient`` only -- ``count`` (leading triplets) or ``subset`` (the chosen triplets
@@ -167,9 +168,7 @@ class RankReallocation(Callback):
         return {k: v / total for k, v in sums.items()}
 
     def _shard(self, loader, rank: int, world: int) -> Iterator[Any]:
-        for i, batch in enumerate(loader):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
+        for i, batch in enumerate(spread_batches(loader, self.max_batches)):
             if i % world == rank:
                 yield batch
 

@@ -10,7 +10,9 @@ which callback to add or move when it is not.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
@@ -52,3 +54,28 @@ def find_callback(trainer: Trainer, cls: type, needed_by: str):
         if isinstance(cb, cls):
             return cb
     raise RuntimeError(f"{needed_by} needs a {cls.__name__} callback in trainer.callbacks; add one to the config")
+
+
+def spread_batches(loader: Iterable, max_batches: int | None) -> Iterator[Any]:
+    """``max_batches`` batches evenly spaced over ``loader`` (all of them when ``None``).
+
+    Calibration loaders are not shuffled, and a ``mix:`` source lists one corpus after the other:
+    the first batches would all come from the first corpus. A loader without ``len`` gives its
+    first ``max_batches`` batches.
+    """
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is None or total is None or max_batches >= total:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield batch
+        return
+    keep = {round(i * (total - 1) / max(max_batches - 1, 1)) for i in range(max_batches)}
+    for i, batch in enumerate(loader):
+        if i in keep:
+            yield batch
+        if i >= max(keep):
+            return

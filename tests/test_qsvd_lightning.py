@@ -162,9 +162,24 @@ def test_beta_by_calibration_loss_picks_the_best_candidate_and_applies_it(tmp_pa
     assert len(losses) == 3 and len(set(losses.values())) == 3  # β matters once weights are 4-bit
     assert set(quant["beta"].values()) == {best}
     # the applied model is the winning trial: its calibration loss is the recorded minimum
-    batches = list(TinyTokens().calibration_dataloader())[:2]
+    from callbacks.state import spread_batches
+
+    batches = list(spread_batches(TinyTokens().calibration_dataloader(), 2))  # the batches the search scored
     with torch.no_grad():
         loss = sum(float(module.spec.training_loss(module.model, b)) for b in batches) / 2
     assert loss == pytest.approx(losses[best], rel=1e-6)
     with pytest.raises(ValueError, match="beta_objective"):
         Quantization(beta_objective="perplexity")
+
+
+def test_calibration_batches_are_spread_over_the_loader():
+    from torch.utils.data import DataLoader
+
+    from callbacks.state import spread_batches
+
+    loader = DataLoader(list(range(32)), batch_size=4)  # 8 batches: a mix lists one corpus, then the other
+    firsts = [int(b[0]) for b in spread_batches(loader, 4)]
+    assert firsts == [0, 8, 20, 28]  # batches 0, 2, 5, 7: both halves of the calibration set
+    assert [int(b[0]) for b in spread_batches(loader, 1)] == [0]
+    assert len(list(spread_batches(loader, None))) == len(list(spread_batches(loader, 100))) == 8
+    assert [int(b[0]) for b in spread_batches((b for b in loader), 3)] == [0, 4, 8]  # no len: the first ones
