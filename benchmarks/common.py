@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from callbacks.state import spread_batches  # noqa: E402
 from compression import ActivationStats, collect_stats  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 
@@ -85,15 +86,12 @@ def calibrate(setup: LMSetup, names: list[str] | None = None) -> ActivationStats
 
 
 def spread(items: list, count: int, first: bool = False) -> list:
-    """``count`` items evenly spaced over ``items`` (``first``: the first ``count``).
-
-    The calibration windows of a ``mix:`` source come component after component (all the comedies,
-    then all of Wikipedia), so "the first N" would draw every gradient or loss sample from the first
-    corpus only.
+    """``count`` items evenly spaced over ``items`` (``first``: the first ``count``), as the
+    calibration callbacks pick their batches (:func:`callbacks.state.spread_batches`): the windows
+    of a ``mix:`` source come component after component (all the comedies, then all of Wikipedia),
+    so "the first N" would draw every gradient or loss sample from the first corpus only.
     """
-    if first or count >= len(items):
-        return items[:count]
-    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+    return items[:count] if first else list(spread_batches(items, count))
 
 
 def single_windows(setup: LMSetup, count: int, first: bool = False) -> list[dict[str, torch.Tensor]]:

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.vggt_costs import big_model_rows, big_table, group_costs, group_table, model_cost  # noqa: E402
+from callbacks.reallocation import split_batch  # noqa: E402
 from compression import (  # noqa: E402
     CompressionConfig,
     build_method,
@@ -79,12 +80,6 @@ ANALYSIS = "## Why this ordering"
 
 def stamp(msg: str) -> None:
     log.info("[%s] %s", time.strftime("%H:%M:%S"), msg)
-
-
-def split_batch(batch: dict) -> list[dict]:
-    """A batch of B samples -> B batches of one (per-sample gradients, as QSVD averages them)."""
-    n = batch["images"].shape[0]
-    return [{k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in batch.items()} for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- scoring

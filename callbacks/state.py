@@ -73,9 +73,12 @@ def spread_batches(loader: Iterable, max_batches: int | None) -> Iterator[Any]:
                 return
             yield batch
         return
+    if max_batches <= 0:
+        return
     keep = {round(i * (total - 1) / max(max_batches - 1, 1)) for i in range(max_batches)}
+    last = max(keep)
     for i, batch in enumerate(loader):
         if i in keep:
             yield batch
-        if i >= max(keep):
+        if i >= last:
             return
