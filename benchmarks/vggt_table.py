@@ -93,33 +93,35 @@ def reference_outputs(model, spec: VGGTSpec, batches: list[dict]) -> list[dict[s
     return [{k: v for k, v in model(spec.images(b)).items() if k in FIDELITY} for b in batches]
 
 
-@torch.no_grad()
-def output_errors(model, spec: VGGTSpec, batches: list[dict], refs: list[dict]) -> dict[str, float]:
-    """``‖f(x) - f_dense(x)‖ / ‖f_dense(x)‖`` over all test scenes, per output (fidelity to the dense model)."""
-    num = dict.fromkeys(FIDELITY, 0.0)
-    den = dict.fromkeys(FIDELITY, 0.0)
-    for batch, ref in zip(batches, refs):
-        out = model(spec.images(batch))
-        for k in FIDELITY:
-            num[k] += float((out[k].double() - ref[k].double()).square().sum())
-            den[k] += float(ref[k].double().square().sum())
-    return {f"err_{k}": (num[k] / den[k]) ** 0.5 for k in FIDELITY}
+def relative_errors(pairs: list[tuple[dict, dict]]) -> dict[str, float]:
+    """``‖f(x) - f_dense(x)‖ / ‖f_dense(x)‖`` over all ``(prediction, dense reference)`` pairs, per
+    :data:`FIDELITY` output (fidelity to the dense model)."""
+    out = {}
+    for k in FIDELITY:
+        num = sum(float((pred[k].double() - ref[k].double()).square().sum()) for pred, ref in pairs)
+        den = sum(float(ref[k].double().square().sum()) for _, ref in pairs)
+        out[f"err_{k}"] = (num / den) ** 0.5
+    return out
 
 
 @torch.no_grad()
 def score(model, spec: VGGTSpec, test_batches: list[dict], val_batches: list[dict],
           refs: list[dict] | None = None) -> dict[str, float]:
     """Held-out metrics, two-view AUCs, output errors against ``refs`` (the dense outputs) and the
-    validation loss (used only to pick the LoRA row)."""
+    validation loss (used only to pick the LoRA row); one forward per test batch serves the
+    metrics and the output errors."""
     model.eval()
     metrics = spec.make_metrics()
-    errors = []
+    errors, pairs = [], []
     for i, batch in enumerate(test_batches):
-        spec.evaluate(model, batch, metrics, i)
+        predictions = model(spec.images(batch))
+        spec.update_metrics(metrics, predictions, batch)
+        if refs is not None:
+            pairs.append(({k: predictions[k] for k in FIDELITY}, refs[i]))
         errors.append(two_view_errors(model, spec, batch))
     out = {k: float(v) for k, v in spec.compute_metrics(metrics).items()}
     if refs is not None:
-        out.update(output_errors(model, spec, test_batches, refs))
+        out.update(relative_errors(pairs))
     auc10, auc30 = pose_auc(torch.cat(errors), [10.0, 30.0])
     out["two_view_auc10"], out["two_view_auc30"] = float(auc10), float(auc30)
     val = [float(spec.loss_terms(model(spec.images(b)), b)["total"]) for b in val_batches]
