@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -460,16 +459,14 @@ def save_vggt_weights(model: nn.Module, path: str | Path, metadata: dict | None 
     """
     import dataclasses
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from compression.io import atomic_write, atomic_write_text
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     info = {"config": dataclasses.asdict(model.config), **(metadata or {})}
-    # written next to the targets, then renamed: a crash never leaves a truncated file under the real name
-    tmp_weights, tmp_json = path.with_name(path.name + ".tmp"), path.with_name(path.stem + ".json.tmp")
-    save_file(state, str(tmp_weights))
-    tmp_json.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp_weights, path)
-    os.replace(tmp_json, path.with_suffix(".json"))
+    # atomic (temporary file + rename): a crash never leaves a truncated file under the real name
+    atomic_write(path, lambda f: f.write(save(state)))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1) + "\n")
     return path
