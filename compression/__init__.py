@@ -1,15 +1,17 @@
-"""Pure-PyTorch low-rank compression: layers, statistics, methods, allocation, surgery.
+"""Pure-PyTorch low-rank compression: recipe, layers, statistics, methods, allocation, surgery.
 
 Nothing in this package imports Lightning.  The public entry point is :func:`compress_`::
 
     stats = collect_stats(model, names, calibration_batches)
-    report = compress_(model, CompressionConfig(method="svd_llm", ratio=0.2), stats)
+    report = compress_(model, Recipe(method="svd_llm", ratio=0.2), stats)
 """
 
-from compression.api import Allocation, CompressionConfig, allocate, compress_
+from compression.allocation import ALLOCATORS, AllocationResult, Matrix, register_allocation
+from compression.api import allocate, compress_, prepare
+from compression.batches import split_batch, spread_batches
 from compression.export import load_compressed, save_compressed
 from compression.gradient_allocation import GradientAllocation, gradient_allocation, gradient_importance
-from compression.joint import JointQKVConfig, compress_joint_, find_joint_groups, joint_rank_for_ratio
+from compression.joint import find_joint_groups, joint_rank_for_ratio
 from compression.lowrank import LowRankLinear, rank_for_ratio
 from compression.methods import (
     METHODS,
@@ -19,53 +21,63 @@ from compression.methods import (
     build_method,
     method_config_from_dict,
 )
+from compression.pipeline import CompressionPipeline
 from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans, save_plan
 from compression.quant import ActQuantConfig, QuantLinear, WeightQuantConfig, quantize_model_
+from compression.recipe import CalibrationRecipe, LoRARecipe, QuantRecipe, Recipe
 from compression.report import CompressionReport, LayerReport, merge_reports
 from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
 from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
 
 __all__ = [
-    "ActQuantConfig",
-    "GradientAllocation",
-    "JointQKVConfig",
-    "QuantLinear",
-    "WeightQuantConfig",
-    "compress_joint_",
-    "find_joint_groups",
-    "gradient_allocation",
-    "gradient_importance",
-    "joint_rank_for_ratio",
-    "merge_plans",
-    "merge_reports",
-    "quantize_model_",
-    "Allocation",
-    "allocate",
+    "ALLOCATORS",
     "METHODS",
     "ASVDConfig",
+    "ActQuantConfig",
     "ActivationStats",
+    "AllocationResult",
+    "CalibrationRecipe",
     "ChannelStats",
-    "CompressionConfig",
+    "CompressionPipeline",
     "CompressionReport",
+    "GradientAllocation",
     "LayerReport",
+    "LoRARecipe",
     "LowRankLinear",
+    "Matrix",
     "MethodConfig",
+    "QuantLinear",
+    "QuantRecipe",
+    "Recipe",
     "SVDConfig",
     "SVDLLMConfig",
     "SVDLLMV2Config",
     "StatsCollector",
+    "WeightQuantConfig",
+    "allocate",
     "apply_plan",
     "build_method",
     "collect_stats",
     "compress_",
     "eligible_linears",
+    "find_joint_groups",
+    "gradient_allocation",
+    "gradient_importance",
+    "joint_rank_for_ratio",
     "load_compressed",
     "load_plan",
     "merge_lowrank_",
+    "merge_plans",
+    "merge_reports",
     "method_config_from_dict",
+    "prepare",
+    "quantize_model_",
     "rank_for_ratio",
+    "register_allocation",
     "save_compressed",
     "save_plan",
     "select_targets",
+    "split_batch",
+    "spread_batches",
 ]

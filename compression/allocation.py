@@ -1,8 +1,13 @@
-"""Rank allocation: how many singular values each layer keeps, separate from how they are chosen.
+"""Rank allocation: how many singular values each matrix keeps, separate from how they are chosen.
 
-A layer ``m x n`` at removal ratio ``ρ`` keeps ``r = floor((1-ρ) m n / (m+n))`` (at least 1).
+Strategies are a registry (:func:`register_allocation`, :data:`ALLOCATORS`) over *matrices*
+(:class:`Matrix`): one ``nn.Linear``, or a joint q/k/v group stacked along its outputs, which is
+one matrix to every strategy.  A matrix ``m x n`` at removal ratio ``ρ`` keeps
+``r = floor((1-ρ) m n / (m+n))`` (at least 1).
 
-- ``uniform``: every layer gets the global ratio ``ρ``.
+- ``uniform``: every matrix gets the global ratio ``ρ``.
+- ``v2_paper``: ``v2`` with the paper's weighting ``w_i = 1 / log L_i`` on the absolute loss (kept
+  for comparison; see below why ``v2`` uses ``-log ℓ``).
 - ``v2`` (SVD-LLM V2, heterogeneous ratios): layers are grouped by type (the module name
   with layer indices wildcarded: all ``q_proj`` together, all ``fc1`` together).  For each
   layer the *relative* theoretical truncation loss at the target ratio is
@@ -46,13 +51,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from compression.joint import joint_rank_for_ratio
 from compression.lowrank import rank_for_ratio
-from compression.targets import layer_type, name_matches
-
-ALLOCATIONS = ("uniform", "v2")
+from compression.targets import layer_type
 
 
 def relative_loss_at(sigma: torch.Tensor, rank: int) -> float:
@@ -73,11 +78,14 @@ def v2_ratios(
     max_ratio: float = 0.95,
     group_of: Callable[[str], str] = layer_type,
     cost_weights: Mapping[str, float] | None = None,
+    weighting: str = "relative",
 ) -> dict[str, float]:
     """Heterogeneous per-layer removal ratios (see module docstring); keys follow ``shapes``.
 
     ``cost_weights[name]`` (cost per parameter, e.g. tokens per forward) makes the group mean
-    cost-weighted; ``None`` weighs every parameter 1 (the parameter budget).
+    cost-weighted; ``None`` weighs every parameter 1 (the parameter budget).  ``weighting``:
+    ``relative`` -- ``w = -log ℓ`` of the relative loss (ours); ``paper`` -- ``w = 1 / log L`` of the
+    absolute loss ``L = Σ_{i>r} σ_i²`` as SVD-LLM V2 writes it (only meaningful while ``L > 1``; clamped).
     """
     if not 0.0 < ratio <= max_ratio < 1.0:
         raise ValueError(f"need 0 < ratio <= max_ratio < 1, got ratio={ratio}, max_ratio={max_ratio}")
@@ -89,9 +97,13 @@ def v2_ratios(
         params = {n: shapes[n][0] * shapes[n][1] * (cost_weights[n] if cost_weights else 1.0) for n in members}
         weights = {}
         for n in members:
-            loss = relative_loss_at(spectra[n], rank_for_ratio(*shapes[n], ratio))
-            loss = min(max(loss, 1e-12), 1.0 - 1e-12)
-            weights[n] = -math.log(loss)
+            rank = rank_for_ratio(*shapes[n], ratio)
+            if weighting == "paper":
+                absolute = float(spectra[n][rank:].double().square().sum())
+                weights[n] = 1.0 / math.log(max(absolute, 1.0 + 1e-9))
+            else:
+                loss = min(max(relative_loss_at(spectra[n], rank), 1e-12), 1.0 - 1e-12)
+                weights[n] = -math.log(loss)
         out.update(_spread(weights, params, ratio, max_ratio))
     return out
 
@@ -118,37 +130,11 @@ def _spread(
 
 
 # ----------------------------------------------------------------------------- cost weights
-def resolve_cost_weights(names: Iterable[str], patterns: Mapping[str, float]) -> dict[str, float]:
-    """``name -> cost per parameter`` from ordered ``pattern -> weight`` (first match wins).
-
-    Every layer must be matched and every pattern must match a layer (a partial map would
-    silently weigh the rest 1, which is wrong when weights are token counts); weights must be
-    finite and positive.
-    """
-    names = list(names)
-    for pattern, weight in patterns.items():
-        if not (math.isfinite(float(weight)) and float(weight) > 0):
-            raise ValueError(f"cost weight of {pattern!r} must be finite and > 0, got {weight}")
-        if not any(name_matches(n, pattern) for n in names):
-            raise ValueError(f"cost_weights pattern {pattern!r} matches no targeted layer (first: {names[:3]})")
-    out: dict[str, float] = {}
-    for name in names:
-        for pattern, weight in patterns.items():
-            if name_matches(name, pattern):
-                out[name] = float(weight)
-                break
-    missing = [n for n in names if n not in out]
-    if missing:
-        raise ValueError(f"cost_weights gives no weight for {len(missing)} targeted layers, e.g. {missing[:3]}; "
-                         "add a pattern for them (e.g. '*': 1.0 last)")
-    return out
-
-
 def token_cost_weights(stats, names: Iterable[str]) -> dict[str, float]:
     """``name -> tokens seen`` by each layer's input during calibration (``ChannelStats.count``).
 
     Proportional to tokens per forward, so ``2 · weight · m · n`` is proportional to the layer's
-    FLOPs: the weights for a FLOPs budget (``CompressionConfig.cost_weights``).
+    FLOPs: the weights for a FLOPs budget (``Recipe.budget: flops``).
     """
     out = {}
     for name in names:
@@ -169,3 +155,230 @@ def cost_of(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int] | No
         params = m * n if ranks is None else ranks[name] * (m + n)
         total += params * (cost_weights[name] if cost_weights else 1.0)
     return total
+
+
+# ----------------------------------------------------------------------------- matrices + registry
+@dataclass(frozen=True)
+class Matrix:
+    """One factorized matrix: ``members`` (``nn.Linear`` names) stacked along their outputs.
+
+    A single layer has one member and ``key`` = its name; a joint q/k/v group has three members
+    and ``key`` = the attention module's name.  ``kind`` groups matrices for ``v2`` (all
+    ``q_proj`` together; all joint groups together).
+    """
+
+    key: str
+    members: tuple[str, ...]
+    out_sizes: tuple[int, ...]
+    in_features: int
+
+    @property
+    def joint(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(self.out_sizes), self.in_features
+
+    @property
+    def kind(self) -> str:
+        return "joint_qkv" if self.joint else layer_type(self.key)
+
+    @property
+    def break_even(self) -> int:
+        """``floor(m n / (m + n))``: from this rank on the factors cost about as much as the dense weight."""
+        m, n = self.shape
+        return m * n // (m + n)
+
+    def rank_for_ratio(self, ratio: float) -> int:
+        m, n = self.shape
+        return joint_rank_for_ratio(self.out_sizes, n, ratio) if self.joint else rank_for_ratio(m, n, ratio)
+
+    def ratio_at(self, rank: int) -> float:
+        m, n = self.shape
+        return 1.0 - rank * (m + n) / (m * n)
+
+
+@dataclass
+class AllocationInputs:
+    """What a strategy may read: the free matrices (those no override fixes), the target ``ratio``,
+    cost weights (``None``: parameters), and lazily the spectra / gradient importances."""
+
+    matrices: dict[str, Matrix]
+    ratio: float
+    max_ratio: float = 0.95
+    min_rank: int = 1
+    cost: dict[str, float] | None = None
+    spectrum: Callable[[str], torch.Tensor] | None = None
+    importance: Mapping[str, torch.Tensor] | None = None
+    components: str = "leading"
+    budget: float | None = None  # global strategies: explicit budget instead of (1 - ratio) Σ c m n
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: m.shape for k, m in self.matrices.items()}
+
+    def spectra(self) -> dict[str, torch.Tensor]:
+        if self.spectrum is None:
+            raise ValueError("this allocation needs the matrices' spectra; no spectrum source was given")
+        return {k: self.spectrum(k) for k in self.matrices}
+
+
+@dataclass
+class AllocationResult:
+    """``ranks[key]``; ``ratios[key]`` the removal ratio a strategy assigned (before the rank was
+    floored; strategies that decide ranks directly leave it out); ``components[key]`` when a strategy
+    keeps non-leading triplets; ``spectra`` it computed (for plots); ``dense`` = keys kept dense."""
+
+    ranks: dict[str, int]
+    ratios: dict[str, float] = field(default_factory=dict)
+    components: dict[str, list[int]] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    fn: Callable[[AllocationInputs], AllocationResult]
+    needs: frozenset[str]  # "spectra" and/or "importance"
+    global_budget: bool  # one budget over every matrix (dense_above_break_even applies)
+
+
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocation(name: str, needs: Iterable[str] = (), global_budget: bool = False):
+    """Decorator: make ``fn(inputs) -> AllocationResult`` the strategy ``name``."""
+
+    def wrap(fn: Callable[[AllocationInputs], AllocationResult]):
+        if name in ALLOCATORS:
+            raise ValueError(f"allocation {name!r} registered twice")
+        ALLOCATORS[name] = Allocator(name, fn, frozenset(needs), global_budget)
+        return fn
+
+    return wrap
+
+
+@register_allocation("uniform")
+def _uniform(inp: AllocationInputs) -> AllocationResult:
+    return AllocationResult({k: m.rank_for_ratio(inp.ratio) for k, m in inp.matrices.items()},
+                            ratios=dict.fromkeys(inp.matrices, inp.ratio))
+
+
+def _v2(inp: AllocationInputs, weighting: str) -> AllocationResult:
+    spectra = inp.spectra()
+    kinds = {k: m.kind for k, m in inp.matrices.items()}
+    ratios = v2_ratios(inp.shapes(), spectra, inp.ratio, inp.max_ratio, group_of=kinds.__getitem__,
+                       cost_weights=inp.cost, weighting=weighting)
+    return AllocationResult({k: m.rank_for_ratio(ratios[k]) for k, m in inp.matrices.items()}, ratios=ratios,
+                            spectra=spectra)
+
+
+@register_allocation("v2", needs=("spectra",))
+def _v2_relative(inp: AllocationInputs) -> AllocationResult:
+    return _v2(inp, "relative")
+
+
+@register_allocation("v2_paper", needs=("spectra",))
+def _v2_paper(inp: AllocationInputs) -> AllocationResult:
+    return _v2(inp, "paper")
+
+
+def _budget(inp: AllocationInputs) -> float:
+    if inp.budget is not None:
+        return inp.budget
+    return (1.0 - inp.ratio) * sum(_unit(inp, k) * m * n for k, (m, n) in inp.shapes().items())
+
+
+def _unit(inp: AllocationInputs, key: str) -> float:
+    return float(inp.cost[key]) if inp.cost else 1.0
+
+
+def _greedy(inp: AllocationInputs, relative: bool) -> AllocationResult:
+    """Keep ``min_rank`` leading triplets each, then add triplets in order of error removed per cost."""
+    spectra = inp.spectra()
+    budget = _budget(inp)
+    shapes = inp.shapes()
+    cost = {k: _unit(inp, k) * (m + n) for k, (m, n) in shapes.items()}
+    ranks = {k: min(inp.min_rank, spectra[k].numel()) for k in shapes}
+    used = sum(cost[k] * ranks[k] for k in shapes)
+    if used > budget:
+        raise ValueError(f"the budget cannot keep {inp.min_rank} component(s) per matrix; lower min_rank or ratio")
+    candidates = []
+    for key, sigma in spectra.items():
+        energy = sigma.double().square()
+        scale = float(energy.sum()) if relative else 1.0
+        scale = scale if scale > 0 else 1.0
+        candidates += [(float(e) / scale / cost[key], key, j) for j, e in enumerate(energy.tolist()) if j >= ranks[key]]
+    candidates.sort(key=lambda t: (-t[0], t[1], t[2]))
+    for _, key, j in candidates:  # σ descend within a matrix, so its indices arrive in order
+        if j == ranks[key] and used + cost[key] <= budget:
+            ranks[key] += 1
+            used += cost[key]
+    return AllocationResult(ranks, spectra=spectra)
+
+
+@register_allocation("greedy", needs=("spectra",), global_budget=True)
+def _greedy_absolute(inp: AllocationInputs) -> AllocationResult:
+    return _greedy(inp, relative=False)
+
+
+@register_allocation("greedy_relative", needs=("spectra",), global_budget=True)
+def _greedy_relative(inp: AllocationInputs) -> AllocationResult:
+    return _greedy(inp, relative=True)
+
+
+@register_allocation("gradient", needs=("importance",), global_budget=True)
+def _gradient(inp: AllocationInputs) -> AllocationResult:
+    from compression.gradient_allocation import gradient_allocation
+
+    if inp.importance is None:
+        raise ValueError("allocation 'gradient' needs gradient importances (calibration batches and a loss)")
+    missing = sorted(set(inp.matrices) - set(inp.importance))
+    if missing:
+        raise ValueError(f"no gradient importance for matrices {missing[:5]}")
+    chosen = gradient_allocation({k: inp.importance[k] for k in inp.matrices}, inp.shapes(), budget=_budget(inp),
+                                 min_rank=inp.min_rank, mode="subset" if inp.components == "chosen" else "count",
+                                 weights=inp.cost)
+    components = ({k: c for k, c in chosen.components.items() if inp.matrices[k].joint}
+                  if inp.components == "chosen" else {})
+    return AllocationResult(chosen.ranks, components=components,
+                            note=f"kept {chosen.used:g} of a {chosen.budget:g} budget")
+
+
+def run_allocation(name: str, inp: AllocationInputs, dense_above_break_even: bool = False) -> AllocationResult:
+    """Run strategy ``name``; with ``dense_above_break_even`` (global strategies) matrices whose rank
+    reaches their break-even stay dense and the rest of the budget is allocated again."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocation {name!r}; choose one of {sorted(ALLOCATORS)}")
+    allocator = ALLOCATORS[name]
+    if not (dense_above_break_even and allocator.global_budget):
+        return allocator.fn(inp)
+    budget = _budget(inp)
+    dense: list[str] = []
+    spectra: dict[str, torch.Tensor] = {}
+    cache: dict[str, torch.Tensor] = {}
+
+    def spectrum(key: str) -> torch.Tensor:
+        if key not in cache:
+            cache[key] = inp.spectrum(key)
+        return cache[key]
+
+    while True:
+        free = {k: m for k, m in inp.matrices.items() if k not in dense}
+        left = budget - sum(_unit(inp, k) * inp.matrices[k].shape[0] * inp.matrices[k].shape[1] for k in dense)
+        free_cost = sum(_unit(inp, k) * m.shape[0] * m.shape[1] for k, m in free.items())
+        if not free or left <= 0:
+            raise ValueError("every matrix would stay dense: the ratio is too small to factorize any of them")
+        sub = AllocationInputs(free, 1.0 - left / free_cost, inp.max_ratio, inp.min_rank,
+                               {k: inp.cost[k] for k in free} if inp.cost else None,
+                               spectrum if inp.spectrum is not None else None, inp.importance, inp.components,
+                               budget=left)
+        result = allocator.fn(sub)
+        spectra.update(result.spectra)
+        crossed = [k for k in free if result.ranks[k] >= free[k].break_even]
+        if not crossed:
+            result.dense, result.spectra = dense, spectra
+            return result
+        dense += crossed

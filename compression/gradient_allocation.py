@@ -23,10 +23,10 @@ What is kept -- ``mode``:
 - ``"count"`` (default): each matrix keeps its *leading* ``k`` components, ``k`` = the number the
   global ranking selected for it.  For a fixed count the leading triplets minimize the
   calibration error in the method's space (Eckart-Young), and the gradient estimate is
-  first-order and noisy, so it is used only to decide *how many* per matrix.  The result is
-  ``ranks`` for :class:`compression.api.CompressionConfig` / :class:`compression.joint.JointQKVConfig`.
+  first-order and noisy, so it is used only to decide *how many* per matrix (``Recipe.components:
+  leading``).
 - ``"subset"``: exactly the selected components (not necessarily the leading ones), as in the
-  paper; joint QKV builds its factors from those triplets (``JointQKVConfig.components``).
+  paper; joint QKV builds its factors from those triplets (``Recipe.components: chosen``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ an interrupted run leaves the previous file or nothing -- never a truncated one.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,3 +38,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """``torch.load`` that never runs code from the file (``weights_only=True``).
+
+    A file whose pickle names anything but tensors and plain containers is refused with an error
+    naming the file (never retried unsafely); a missing or unreadable file says so.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds more than tensors and plain data (weights_only=True rejected "
+            f"it: {str(err).splitlines()[0]}). Checkpoints written by this project never need that; a file "
+            "from elsewhere may run code when unpickled"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None

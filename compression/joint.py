@@ -39,19 +39,15 @@ the latent is computed once per input tensor (identity + version check) and reus
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from compression.lowrank import linear_num_parameters
-from compression.methods import Method, MethodConfig, build_method
-from compression.report import CompressionReport, LayerReport
-from compression.stats import ActivationStats
-from compression.whitening import SVDLLMConfig
+from compression.methods import Method
 
 log = logging.getLogger(__name__)
 
@@ -123,34 +119,6 @@ class JointProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (shared down)"
-
-
-@dataclass
-class JointQKVConfig:
-    """Joint QKV factorization.
-
-    Args:
-        method: decomposition method (``svd``, ``asvd``, ``svd_llm``, ``svd_llm_v2``) applied to
-            the stacked weight with the shared q/k/v statistics; its ``beta`` splits Σ.
-        ratio: fraction of the q/k/v parameters removed, the same budget as per-matrix SVD at ``ratio``.
-        ranks: group (attention module name) -> rank, e.g. from gradient allocation; overrides ``ratio``.
-        components: group -> indices of the singular triplets to keep (an arbitrary subset, as
-            gradient allocation in ``subset`` mode chooses); overrides ``ranks``.
-        members: the three projection names inside each attention module.
-    """
-
-    method: MethodConfig | str = field(default_factory=SVDLLMConfig)
-    ratio: float = 0.2
-    ranks: dict[str, int] = field(default_factory=dict)
-    components: dict[str, list[int]] = field(default_factory=dict)
-    members: tuple[str, ...] = QKV
-
-    def __post_init__(self) -> None:
-        if isinstance(self.method, str):
-            self.method = build_method(self.method).config
-        if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio (fraction of q/k/v parameters removed) must lie in (0, 1), got {self.ratio}")
-        self.members = tuple(self.members)
 
 
 def find_joint_groups(model: nn.Module, members: Sequence[str] = QKV) -> dict[str, list[str]]:
@@ -244,69 +212,6 @@ def joint_num_parameters(attn: nn.Module, members: Sequence[str] = QKV) -> int:
     """Parameters of one joint group: the shared down once plus the three ups (with biases)."""
     latent = getattr(attn, LATENT_NAME)
     return latent.down.weight.numel() + sum(linear_num_parameters(getattr(attn, m).up) for m in members)
-
-
-def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
-                    stats: ActivationStats | None = None, groups: Mapping[str, Sequence[str]] | None = None,
-                    device: str | None = None) -> CompressionReport:
-    """Jointly factorize q/k/v of every attention module (or the given ``groups``), in place.
-
-    Returns a report with one row per group (name ``<attn>.qkv``, shape ``Σm x E``) and a plan
-    whose ``joint_groups`` rebuild the structure (:func:`compression.plan.apply_plan`).
-    On any error the model is left as it was.
-    """
-    from compression.plan import make_plan
-
-    config = config or JointQKVConfig()
-    start = time.perf_counter()
-    method = build_method(config.method)
-    groups = dict(groups) if groups is not None else find_joint_groups(model, config.members)
-    if not groups:
-        raise ValueError(f"no attention module with plain nn.Linear members {config.members} found")
-    unknown = sorted((set(config.ranks) | set(config.components)) - set(groups))
-    if unknown:
-        raise ValueError(f"ranks/components given for groups that are not targeted: {unknown[:5]}")
-    dev = torch.device(device) if device else None
-    before = sum(p.numel() for p in model.parameters())
-    plan_groups, reports, done = {}, [], []
-    try:
-        for gname, names in groups.items():
-            layers = [model.get_submodule(n) for n in names]
-            sizes, e = [lin.out_features for lin in layers], layers[0].in_features
-            st = stats[names[0]] if stats is not None and names[0] in stats else None
-            if st is not None and any(stats.owner.get(n) != stats.owner.get(names[0]) for n in names):
-                log.warning("group %r: q/k/v statistics are not one shared stream; using %r's", gname, names[0])
-            rank = config.ranks.get(gname, joint_rank_for_ratio(sizes, e, config.ratio))
-            comps = config.components.get(gname)
-            f = decompose_joint(method, [stacked_weight([lin], dev) for lin in layers], st, gname, rank, comps)
-            rank = f.down.shape[0]
-            attn = model.get_submodule(gname)
-            params_before = sum(linear_num_parameters(lin) for lin in layers)
-            done.append((gname, names, layers))
-            install_joint(attn, [n.rsplit(".", 1)[-1] for n in names], f.ups, f.down, rank)
-            plan_groups[gname] = {"members": [n.rsplit(".", 1)[-1] for n in names], "rank": rank,
-                                  "in_features": e, "out_features": sizes,
-                                  "bias": [lin.bias is not None for lin in layers]}
-            tot = f.total_energy
-            reports.append(LayerReport(
-                name=f"{gname}.qkv", out_features=sum(sizes), in_features=e, rank=rank,
-                params_before=params_before, params_after=joint_num_parameters(attn, plan_groups[gname]["members"]),
-                ratio_assigned=config.ratio if gname not in config.ranks and comps is None
-                else 1 - rank * (e + sum(sizes)) / (e * sum(sizes)),
-                truncation_loss=f.truncation_loss,
-                relative_loss=(f.truncation_loss**2 / tot) ** 0.5 if tot > 0 else 0.0))
-    except BaseException:
-        restore_joint_(model, {gname: dict(zip(names, layers)) for gname, names, layers in done})
-        log.error("joint compression failed; %d groups restored", len(done))
-        raise
-    plan = make_plan(method.config.to_dict(), config.ratio, "joint", {}, joint_groups=plan_groups)
-    report = CompressionReport(
-        method=f"joint_{method.name}", ratio=config.ratio,
-        allocation="ranks" if config.ranks or config.components else "uniform",
-        layers=reports, model_params_before=before, model_params_after=sum(p.numel() for p in model.parameters()),
-        plan=plan, seconds=time.perf_counter() - start)
-    log.info("%s", report.to_table(max_rows=0))
-    return report
 
 
 def restore_joint_(model: nn.Module, originals: Mapping[str, Mapping[str, nn.Linear]]) -> None:

@@ -63,7 +63,8 @@ class LatentLlamaAttention(nn.Module):
     def __init__(self, attn: nn.Module, rotary: nn.Module) -> None:
         super().__init__()
         if not hasattr(attn, LATENT_NAME) or not isinstance(attn.k_proj, JointProjection):
-            raise ValueError("latent KV cache needs joint q/k/v (compress_joint_) on this attention module")
+            raise ValueError("latent KV cache needs joint q/k/v on this attention module "
+                             "(compress with joint_qkv: true)")
         latent = getattr(attn, LATENT_NAME)
         if not all(p.latent is latent for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
             raise ValueError("q/k/v of this attention module do not share one latent")
@@ -149,7 +150,7 @@ def enable_latent_cache_(model: nn.Module) -> list[str]:
         layer.self_attn = LatentLlamaAttention(attn, base.rotary_emb)
         changed.append(f"model.layers.{i}.self_attn")
     if not changed:
-        raise ValueError("enable_latent_cache_: no joint q/k/v attention found; run compress_joint_ first")
+        raise ValueError("enable_latent_cache_: no joint q/k/v attention found; compress with joint_qkv: true first")
     return changed
 
 

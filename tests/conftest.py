@@ -52,3 +52,14 @@ def tiny_llama():
 def token_batches():
     g = torch.Generator().manual_seed(1)
     return [{"input_ids": torch.randint(0, 128, (2, 24), generator=g)} for _ in range(4)]
+
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+def compress_joint(model, method="svd_llm_v2", stats=None, family=None, importances=None, **fields):
+    """Joint q/k/v factorization of every attention module through the recipe entry point."""
+    from compression import Recipe, compress_
+
+    return compress_(model, Recipe(method, joint_qkv=True, targets=QKV, **fields), stats, family=family,
+                     importances=importances)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compression import (
-    CompressionConfig,
     LowRankLinear,
+    Recipe,
     apply_plan,
     collect_stats,
     compress_,
@@ -40,7 +40,7 @@ def count_params(model) -> int:
 def test_each_method_runs_and_counts_exactly(tiny_llama, token_batches, method, allocation):
     stats = calibrate(tiny_llama, token_batches)
     before = count_params(tiny_llama)
-    report = compress_(tiny_llama, CompressionConfig(method=method, ratio=0.3, allocation=allocation), stats)
+    report = compress_(tiny_llama, Recipe(method=method, ratio=0.3, allocation=allocation), stats)
     assert torch.isfinite(logits(tiny_llama, token_batches[0])).all()
     after = count_params(tiny_llama)
     assert report.model_params_before == before
@@ -59,7 +59,7 @@ def test_each_method_runs_and_counts_exactly(tiny_llama, token_batches, method, 
 
 
 def test_gqa_shapes_are_respected(tiny_llama, token_batches):
-    report = compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), calibrate(tiny_llama, token_batches))
+    report = compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), calibrate(tiny_llama, token_batches))
     by_name = {r.name: r for r in report.layers}
     assert by_name["model.layers.0.self_attn.q_proj"].shape == (64, 64)
     assert by_name["model.layers.0.self_attn.k_proj"].shape == (32, 64)  # 2 KV heads x 16
@@ -72,7 +72,7 @@ def test_v2_allocation_keeps_group_mean_and_varies(tiny_llama, token_batches):
     with torch.no_grad():
         q0.weight.copy_(q0.weight[:, :4] @ torch.randn(4, 64) * 0.3 + 1e-3 * q0.weight)
     stats = calibrate(tiny_llama, token_batches)
-    report = compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.4, allocation="v2"), stats)
+    report = compress_(tiny_llama, Recipe("svd_llm", ratio=0.4, allocation="v2"), stats)
     ratios = {r.name: r.ratio_assigned for r in report.layers}
     for kind in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
         pair = [ratios[f"model.layers.{i}.{kind}"] for i in range(2)]
@@ -83,7 +83,7 @@ def test_v2_allocation_keeps_group_mean_and_varies(tiny_llama, token_batches):
 
 def test_overrides_excludes_and_targets(tiny_llama, token_batches):
     stats = calibrate(tiny_llama, token_batches)
-    config = CompressionConfig(
+    config = Recipe(
         "svd_llm", ratio=0.2, targets=["self_attn.*", "mlp.down_proj"], exclude=["model.layers.1.self_attn.o_proj"],
         overrides={"model.layers.0.self_attn.q_proj": {"rank": 5}, "k_proj": {"ratio": 0.5}},
     )
@@ -97,16 +97,16 @@ def test_overrides_excludes_and_targets(tiny_llama, token_batches):
 
 def test_repeating_compression_changes_nothing(tiny_llama, token_batches):
     stats = calibrate(tiny_llama, token_batches)
-    compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), stats)
+    compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats)
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(ValueError, match="no eligible"):  # nothing left but the factors, which are skipped
-        compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2, targets=["q_proj"]), stats)
+        compress_(tiny_llama, Recipe("svd_llm", ratio=0.2, targets=["q_proj"]), stats)
     assert all(torch.equal(state[k], v) for k, v in tiny_llama.state_dict().items())
 
 
 def test_plan_rebuilds_structure_and_loads_weights(tiny_llama, token_batches, tmp_path):
     stats = calibrate(tiny_llama, token_batches)
-    report = compress_(tiny_llama, CompressionConfig("svd_llm_v2", ratio=0.4, allocation="v2"), stats)
+    report = compress_(tiny_llama, Recipe("svd_llm_v2", ratio=0.4, allocation="v2"), stats)
     save_plan(report.plan, tmp_path / "plan.json")
     plan = load_plan(tmp_path / "plan.json")
     assert plan == report.plan
@@ -121,7 +121,7 @@ def test_plan_rebuilds_structure_and_loads_weights(tiny_llama, token_batches, tm
 
 
 def test_merge_back_to_dense_matches(tiny_llama, token_batches):
-    compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), calibrate(tiny_llama, token_batches))
+    compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), calibrate(tiny_llama, token_batches))
     ref = logits(tiny_llama, token_batches[0])
     merged = merge_lowrank_(tiny_llama)
     assert len(merged) == 14
@@ -135,7 +135,7 @@ def test_whitening_beats_plain_svd_on_calibration_outputs(tiny_llama, token_batc
     losses = {}
     for method in ("svd", "svd_llm"):
         model = make_tiny_llama()
-        report = compress_(model, CompressionConfig(method, ratio=0.4), stats)
+        report = compress_(model, Recipe(method, ratio=0.4), stats)
         # output error of each layer on the calibration Gram: ‖(W - W') L‖_F
         errs = []
         for r in report.layers:
@@ -147,18 +147,17 @@ def test_whitening_beats_plain_svd_on_calibration_outputs(tiny_llama, token_batc
     assert all(a <= b * (1 + 1e-6) for a, b in zip(losses["svd_llm"], losses["svd"]))
 
 
-def test_allocate_precedence_ranks_over_overrides_over_allocation(tiny_llama, token_batches):
+def test_allocate_overrides_first_match_then_allocation(tiny_llama, token_batches):
     from compression import allocate
 
     stats = calibrate(tiny_llama, token_batches)
     q0 = "model.layers.0.self_attn.q_proj"
-    config = CompressionConfig("svd_llm", ratio=0.2, allocation="v2", ranks={q0: 3},
-                               overrides={"q_proj": {"rank": 9}})
-    decided = allocate(tiny_llama, config, stats)
+    recipe = Recipe("svd_llm", ratio=0.2, allocation="v2", overrides={q0: {"rank": 3}, "q_proj": {"rank": 9}})
+    decided = allocate(tiny_llama, recipe, stats)
     assert decided.ranks[q0] == 3 and decided.ranks["model.layers.1.self_attn.q_proj"] == 9
     assert q0 not in decided.spectra and "model.layers.0.mlp.up_proj" in decided.spectra
     assert not any(isinstance(m, LowRankLinear) for m in tiny_llama.modules())  # allocation never mutates
-    report = compress_(tiny_llama, config, stats)
+    report = compress_(tiny_llama, recipe, stats)
     assert {r.name: r.rank for r in report.layers} == decided.ranks
-    with pytest.raises(ValueError, match="not targeted"):
-        allocate(make_tiny_llama(), CompressionConfig("svd", ranks={"model.nope": 2}))
+    with pytest.raises(ValueError, match="pattern 'model.nope' matches no eligible"):
+        allocate(make_tiny_llama(), Recipe("svd", overrides={"model.nope": {"rank": 2}}))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compression import (
-    CompressionConfig,
     LowRankLinear,
+    Recipe,
     SVDLLMConfig,
     build_method,
     collect_stats,
@@ -37,12 +37,12 @@ def stats(tiny_llama, token_batches):
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
 def test_ratio_outside_open_interval(ratio):
     with pytest.raises(ValueError, match=r"ratio must lie in \(0, 1\).*REMOVED"):
-        CompressionConfig("svd", ratio=ratio)
+        Recipe("svd", ratio=ratio)
 
 
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown compression method 'svdllm'.*svd_llm"):
-        CompressionConfig("svdllm")
+        Recipe("svdllm")
     with pytest.raises(ValueError, match="valid fields"):
         build_method("asvd", alpah=0.5)
     with pytest.raises(ValueError, match="scaling"):
@@ -51,11 +51,11 @@ def test_unknown_method_lists_the_known_ones():
 
 def test_unknown_allocation_and_bad_override():
     with pytest.raises(ValueError, match="unknown allocation"):
-        CompressionConfig("svd", allocation="greedy")
-    with pytest.raises(ValueError, match="override 'q_proj'"):
-        CompressionConfig("svd", overrides={"q_proj": {"rank": 0}})
-    with pytest.raises(ValueError, match="override 'q_proj'"):
-        CompressionConfig("svd", overrides={"q_proj": {"keep": 3}})
+        Recipe("svd", allocation="greedyy")
+    with pytest.raises(ValueError, match=r"overrides\['q_proj'\].rank must be an integer >= 1"):
+        Recipe("svd", overrides={"q_proj": {"rank": 0}})
+    with pytest.raises(ValueError, match=r"overrides\['q_proj'\] must be"):
+        Recipe("svd", overrides={"q_proj": {"keep": 3}})
 
 
 @pytest.mark.parametrize("field", ["targets", "exclude", "overrides"])
@@ -63,7 +63,7 @@ def test_pattern_matching_nothing(tiny_llama, stats, field):
     snap = snapshot(tiny_llama)
     kwargs = {"targets": ["q_porj"], "exclude": ["q_porj"], "overrides": {"q_porj": {"ratio": 0.5}}}
     with pytest.raises(ValueError, match=r"pattern 'q_porj' matches no eligible.*model.layers.0.self_attn.q_proj"):
-        compress_(tiny_llama, CompressionConfig("svd_llm", **{field: kwargs[field]}), stats)
+        compress_(tiny_llama, Recipe("svd_llm", **{field: kwargs[field]}), stats)
     assert_unchanged(tiny_llama, snap)
 
 
@@ -73,14 +73,17 @@ def test_non_finite_statistics_name_layer_and_field(tiny_llama, stats, field):
     getattr(stats["model.layers.1.mlp.down_proj"], field)[3] = float("inf") if field != "gram" else float("nan")
     method = "asvd" if field != "gram" else "svd_llm"
     with pytest.raises(FloatingPointError, match=rf"model.layers.1.mlp.down_proj.*{field}"):
-        compress_(tiny_llama, CompressionConfig(method, ratio=0.2), stats)
+        compress_(tiny_llama, Recipe(method, ratio=0.2), stats)
     assert_unchanged(tiny_llama, snap)
 
 
-def test_missing_statistics(tiny_llama):
+def test_missing_statistics(tiny_llama, stats):
     snap = snapshot(tiny_llama)
+    with pytest.raises(ValueError, match="needs calibration statistics: pass stats= or batches="):
+        compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=None)
+    partial = collect_stats(tiny_llama, ["model.layers.1.mlp.down_proj"], [{"input_ids": torch.zeros(1, 4).long()}])
     with pytest.raises(ValueError, match="needs calibration statistics for layer 'model.layers.0.self_attn.q_proj'"):
-        compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), stats=None)
+        compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=partial)
     assert_unchanged(tiny_llama, snap)
 
 
@@ -88,7 +91,7 @@ def test_non_finite_weight(tiny_llama, stats):
     tiny_llama.model.layers[0].mlp.up_proj.weight.data[1, 1] = float("nan")
     snap = snapshot(tiny_llama)
     with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj"):
-        compress_(tiny_llama, CompressionConfig("svd", ratio=0.2))
+        compress_(tiny_llama, Recipe("svd", ratio=0.2))
     # NaN != NaN, so compare structure only
     assert [type(m) for m in tiny_llama.modules()] == snap[1]
 
@@ -106,7 +109,7 @@ def test_failure_midway_restores_every_layer(tiny_llama, stats, monkeypatch):
 
     monkeypatch.setattr(Method, "decompose", failing)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        compress_(tiny_llama, CompressionConfig("svd_llm", ratio=0.2), stats)
+        compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats)
     assert len(calls) == 9
     assert_unchanged(tiny_llama, snap)
 
@@ -128,4 +131,4 @@ def test_mha_out_proj_is_never_targeted():
     assert list(eligible) == ["0"]
     assert "mha.out_proj" in skipped
     with pytest.raises(ValueError, match="'out_proj' matches no eligible"):
-        compress_(model, CompressionConfig("svd", targets=["out_proj"]))
+        compress_(model, Recipe("svd", targets=["out_proj"]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compression import CompressionConfig, LowRankLinear, collect_stats, compress_, eligible_linears
+from compression import LowRankLinear, Recipe, collect_stats, compress_, eligible_linears
 from compression.export import PLAN_NAME, WEIGHTS_NAME, load_compressed, read_export_info, save_compressed
 from tests.conftest import make_tiny_llama
 from tests.test_llm_data import byte_tokenizer
@@ -20,7 +20,7 @@ def compressed_llama(batches, tie=True, ratio=0.3):
     model = make_tiny_llama(tie=tie)
     names = [n for n in eligible_linears(model)[0] if n != "lm_head"]
     stats = collect_stats(model, names, batches)
-    report = compress_(model, CompressionConfig(method="svd_llm", ratio=ratio, targets=names), stats)
+    report = compress_(model, Recipe(method="svd_llm", ratio=ratio, targets=names), stats)
     return model, report.plan
 
 

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from compression import (
-    CompressionConfig,
-    JointQKVConfig,
+    Recipe,
     collect_stats,
     compress_,
-    compress_joint_,
     eligible_linears,
     find_joint_groups,
     gradient_allocation,
@@ -18,7 +16,7 @@ from compression import (
 )
 from compression.gradient_allocation import lm_loss
 from compression.methods import build_method
-from tests.conftest import make_tiny_llama
+from tests.conftest import compress_joint, make_tiny_llama
 
 
 def calib(model, batches):
@@ -114,7 +112,9 @@ def test_end_to_end_joint_and_per_matrix_respect_the_budget(token_batches):
     imp = gradient_importance(model, groups, token_batches, lm_loss, "svd_llm_v2", stats)
     shapes = {g: (128, 64) for g in groups}
     alloc = gradient_allocation(imp, shapes, ratio=0.4, mode="subset")
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", components=alloc.components), stats)
+    assert any(c != list(range(len(c))) for c in alloc.components.values())  # not just the leading triplets
+    report = compress_joint(model, "svd_llm_v2", stats, ratio=0.4, allocation="gradient", components="chosen",
+                            importances=imp)
     assert report.targeted_params_after <= alloc.budget == int(0.6 * 2 * 128 * 64)
     assert {r.name[:-4]: r.rank for r in report.layers} == alloc.ranks
 
@@ -123,6 +123,8 @@ def test_end_to_end_joint_and_per_matrix_respect_the_budget(token_batches):
     imp = gradient_importance(dense, names, token_batches[:2], lm_loss, "svd_llm_v2", stats)
     shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in names}
     alloc = gradient_allocation(imp, shapes, ratio=0.5)
-    report = compress_(dense, CompressionConfig("svd_llm_v2", targets=["mlp.*"], ranks=alloc.ranks), stats)
+    report = compress_(dense, Recipe("svd_llm_v2", ratio=0.5, targets=["mlp.*"], allocation="gradient"), stats,
+                       importances=imp)
+    assert {r.name: r.rank for r in report.layers} == alloc.ranks
     assert report.targeted_params_after == alloc.used <= alloc.budget
     assert len(set(alloc.ranks.values())) > 1  # heterogeneous

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from compression import (
-    JointQKVConfig,
     apply_plan,
     collect_stats,
-    compress_joint_,
     eligible_linears,
     find_joint_groups,
     joint_rank_for_ratio,
@@ -20,7 +18,7 @@ from compression import (
 )
 from compression.joint import JointLatent, JointProjection, decompose_joint
 from compression.methods import build_method
-from tests.conftest import make_tiny_llama
+from tests.conftest import compress_joint, make_tiny_llama
 
 
 def calibrate(model, batches):
@@ -41,7 +39,7 @@ def test_full_rank_reproduces_q_k_v(method, token_batches):
     stats = calibrate(model, batches)
     groups = find_joint_groups(model)
     assert list(groups) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    compress_joint_(model, JointQKVConfig(method, ranks=dict.fromkeys(groups, 64)), stats)
+    compress_joint(model, method, stats, overrides={g: {"rank": 64} for g in groups})
     x = token_batches[0]["input_ids"]
     with torch.no_grad():
         for got, ref in zip(qkv_outputs(model, x), qkv_outputs(dense, x)):
@@ -52,7 +50,7 @@ def test_full_rank_reproduces_q_k_v(method, token_batches):
 def test_parameter_count_and_shared_storage(tiny_llama, token_batches):
     stats = calibrate(tiny_llama, token_batches)
     before = sum(p.numel() for p in tiny_llama.parameters())
-    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    report = compress_joint(tiny_llama, "svd_llm_v2", stats, ratio=0.3)
     e, sizes = 64, [64, 32, 32]
     r = joint_rank_for_ratio(sizes, e, 0.3)
     assert r == int(0.7 * 64 * 128 // 192) == 29
@@ -82,7 +80,7 @@ def test_smollm2_rank_budget_formulas():
 
 
 def test_latent_computed_once_per_input(tiny_llama, token_batches):
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
+    compress_joint(tiny_llama, "svd", ratio=0.3)
     calls = []
     for layer in tiny_llama.model.layers:
         layer.self_attn.qkv_latent.down.register_forward_hook(lambda *a: calls.append(1))
@@ -110,7 +108,7 @@ def test_subset_components_build_selected_triplets():
 
 
 def test_plan_rebuilds_joint_structure(tiny_llama, token_batches, tmp_path):
-    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.4), calibrate(tiny_llama, token_batches))
+    report = compress_joint(tiny_llama, "svd_llm_v2", calibrate(tiny_llama, token_batches), ratio=0.4)
     save_plan(report.plan, tmp_path / "plan.json")
     plan = load_plan(tmp_path / "plan.json")
     assert plan["joint_groups"]["model.layers.1.self_attn"] == {
@@ -132,35 +130,56 @@ def test_plan_rebuilds_joint_structure(tiny_llama, token_batches, tmp_path):
 def test_failure_leaves_model_unchanged(tiny_llama):
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(ValueError, match="needs calibration statistics"):
-        compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats=None)
+        compress_joint(tiny_llama, "svd_llm", None, ratio=0.3)
     assert set(tiny_llama.state_dict()) == set(state)
     assert not hasattr(tiny_llama.model.layers[0].self_attn, "qkv_latent")
-    with pytest.raises(ValueError, match="not targeted"):
-        compress_joint_(tiny_llama, JointQKVConfig("svd", ranks={"model.nope": 3}))
+    with pytest.raises(ValueError, match="'model.nope' matches no eligible targeted layer or joint group"):
+        compress_joint(tiny_llama, "svd", overrides={"model.nope": {"rank": 3}})
+
+
+def test_a_failure_after_the_joint_groups_restores_them_too(tiny_llama, monkeypatch):
+    """Groups are factorized first; a later per-matrix failure puts every group and layer back."""
+    from compression import Recipe, compress_
+    from compression.methods import Method
+
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    real = Method.decompose
+
+    def fail_on_last_o_proj(self, weight, stats, rank, name):
+        if name == "model.layers.1.self_attn.o_proj":
+            raise FloatingPointError(f"SVD of layer {name!r} produced non-finite values")
+        return real(self, weight, stats, rank, name)
+
+    monkeypatch.setattr(Method, "decompose", fail_on_last_o_proj)
+    with pytest.raises(FloatingPointError, match="model.layers.1.self_attn.o_proj"):
+        compress_(tiny_llama, Recipe("svd", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert not any(hasattr(layer.self_attn, "qkv_latent") for layer in tiny_llama.model.layers)
+    assert tiny_llama.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in tiny_llama.state_dict().items())
 
 
 def test_merge_to_linear_matches(tiny_llama, token_batches):
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
+    compress_joint(tiny_llama, "svd", ratio=0.3)
     proj = tiny_llama.model.layers[0].self_attn.k_proj
     x = torch.randn(5, 64)
     torch.testing.assert_close(proj.to_linear()(x), proj(x), rtol=1e-5, atol=1e-6)
 
 
 def test_joint_factors_are_not_retargeted(tiny_llama, token_batches):
-    from compression import CompressionConfig, compress_
+    from compression import Recipe, compress_
 
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
-    report = compress_(tiny_llama, CompressionConfig("svd", ratio=0.3))
+    compress_joint(tiny_llama, "svd", ratio=0.3)
+    report = compress_(tiny_llama, Recipe("svd", ratio=0.3))
     assert sorted({r.name.rsplit(".", 1)[-1] for r in report.layers}) == ["down_proj", "gate_proj", "o_proj", "up_proj"]
     assert "model.layers.0.self_attn.q_proj.up" in report.skipped
     assert torch.isfinite(tiny_llama(**token_batches[0]).logits).all()
 
 
 def test_joint_layers_run_under_inference_mode(tiny_llama, token_batches):
-    from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
+    from compression import collect_stats, eligible_linears
 
     stats = collect_stats(tiny_llama, list(eligible_linears(tiny_llama)[0]), token_batches)
-    compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats)
+    compress_joint(tiny_llama, "svd_llm", stats, ratio=0.3)
     x = token_batches[0]["input_ids"]
     with torch.no_grad():
         ref = tiny_llama(x).logits

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
+from compression import collect_stats, eligible_linears
 from compression.latent_cache import (
     LatentCacheLayer,
     LatentLlamaAttention,
@@ -15,14 +15,14 @@ from compression.latent_cache import (
     enable_latent_cache_,
     kv_bytes_per_token,
 )
-from tests.conftest import make_tiny_llama
+from tests.conftest import compress_joint, make_tiny_llama
 
 
 @pytest.fixture
 def joint_pair(token_batches):
     model = make_tiny_llama().double()
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
-    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    compress_joint(model, "svd_llm_v2", stats, ratio=0.3)
     latent = copy.deepcopy(model)
     assert enable_latent_cache_(latent) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     return model, latent
@@ -87,5 +87,5 @@ def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
 
 
 def test_requires_joint_layers():
-    with pytest.raises(ValueError, match="compress_joint_"):
+    with pytest.raises(ValueError, match="joint_qkv: true"):
         enable_latent_cache_(make_tiny_llama())

@@ -7,18 +7,16 @@ import torch
 
 from compression import (
     ActQuantConfig,
-    CompressionConfig,
-    JointQKVConfig,
     QuantLinear,
+    Recipe,
     WeightQuantConfig,
     apply_plan,
     compress_,
-    compress_joint_,
     merge_plans,
     quantize_model_,
 )
 from compression.quant import quantize_activation, quantize_weight_gptq, quantize_weight_rtn
-from tests.conftest import make_tiny_llama
+from tests.conftest import compress_joint, make_tiny_llama
 
 
 def weight_and_inputs(seed: int = 0):
@@ -96,8 +94,8 @@ def test_activation_error_falls_with_bits_and_passes_gradients():
 
 def test_quantize_model_covers_dense_lowrank_and_joint_and_plan_rebuilds(token_batches):
     model = make_tiny_llama(tie=False)
-    p1 = compress_joint_(model, JointQKVConfig("svd", ratio=0.3)).plan
-    p2 = compress_(model, CompressionConfig("svd", ratio=0.3, targets=["mlp.down_proj"])).plan
+    p1 = compress_joint(model, "svd", ratio=0.3).plan
+    p2 = compress_(model, Recipe("svd", ratio=0.3, targets=["mlp.down_proj"])).plan
     x = token_batches[0]["input_ids"]
     with torch.no_grad():
         ref = model(x).logits

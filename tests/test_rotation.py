@@ -9,13 +9,11 @@ import torch
 
 from compression import (
     ActQuantConfig,
-    CompressionConfig,
-    JointQKVConfig,
+    Recipe,
     WeightQuantConfig,
     apply_plan,
     collect_stats,
     compress_,
-    compress_joint_,
     eligible_linears,
 )
 from compression.hadamard import (
@@ -35,7 +33,7 @@ from compression.rotation import (
     search_beta_,
     singular_values_from_up,
 )
-from tests.conftest import make_tiny_llama
+from tests.conftest import compress_joint, make_tiny_llama
 
 
 @pytest.mark.parametrize("n", [12, 20, 28, 36, 64, 576, 1536])
@@ -83,9 +81,9 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
     _random_norms_(model)
     x = token_batches[0]["input_ids"]
     if structure == "lowrank":
-        compress_(model, CompressionConfig("svd", ratio=0.3))
+        compress_(model, Recipe("svd", ratio=0.3))
     elif structure == "joint":
-        compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
+        compress_joint(model, "svd", ratio=0.3)
     ref = _logits(model, x)
     entry = rotate_model_(model, kind="random_hadamard", seed=3)
     assert getattr(model.lm_head, "weight", None) is not model.model.embed_tokens.weight
@@ -100,7 +98,7 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
 
 def test_rotation_plan_rebuilds_structure(token_batches):
     model = make_tiny_llama().double()
-    report = compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
+    report = compress_joint(model, "svd", ratio=0.3)
     plan = {**report.plan, "rotation": rotate_model_(model)}
     fresh = make_tiny_llama(seed=9).double()
     changed = apply_plan(fresh, plan)
@@ -113,8 +111,8 @@ def test_rotation_plan_rebuilds_structure(token_batches):
 def test_latent_rotation_and_rebalance_keep_products(token_batches):
     model = make_tiny_llama().double()
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
-    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
-    compress_(model, CompressionConfig("svd_llm_v2", ratio=0.3, targets=["o_proj"]), stats)
+    compress_joint(model, "svd_llm_v2", stats, ratio=0.3)
+    compress_(model, Recipe("svd_llm_v2", ratio=0.3, targets=["o_proj"]), stats)
     x = token_batches[0]["input_ids"]
     ref = _logits(model, x)
     pairs = lowrank_pairs(model)
@@ -135,7 +133,7 @@ def test_latent_rotation_and_rebalance_keep_products(token_batches):
 def test_beta_search_picks_the_minimum_on_calibration_inputs(token_batches):
     model = make_tiny_llama()
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
-    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    compress_joint(model, "svd_llm_v2", stats, ratio=0.3)
     names = [f"model.layers.{i}.self_attn.qkv_latent" for i in range(2)]
     inputs = capture_inputs(model, names, token_batches, max_tokens=64)
     assert {n: tuple(v.shape) for n, v in inputs.items()} == dict.fromkeys(names, (64, 64))
@@ -153,22 +151,22 @@ def test_beta_search_picks_the_minimum_on_calibration_inputs(token_batches):
     assert len({r["beta"] for r in glob.values()}) == 1
 
 
-def test_full_qsvd_pipeline_plan_round_trip(token_batches):
-    from compression import find_joint_groups, gradient_allocation, gradient_importance, quantize_model_
-    from compression.gradient_allocation import lm_loss
+def test_full_qsvd_recipe_plan_round_trip(token_batches):
+    """Joint QKV + gradient allocation + H1/H2 + β search + W4A4 through the one entry point; the plan
+    alone rebuilds a model that loads the state dict strictly and gives the same logits."""
+    from compression import Recipe, compress_
+    from lightning_modules.specs import CausalLMSpec
 
     model = make_tiny_llama()
-    groups = find_joint_groups(model)
-    stats = collect_stats(model, [n for g in groups.values() for n in g], token_batches)
-    imp = gradient_importance(model, groups, token_batches[:2], lm_loss, "svd_llm_v2", stats)
-    alloc = gradient_allocation(imp, {g: (128, 64) for g in groups}, ratio=0.4)
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ranks=alloc.ranks), stats)
-    rotation = rotate_model_(model)
-    inputs = capture_inputs(model, [f"{g}.qkv_latent" for g in groups], token_batches, max_tokens=48)
-    w, a = WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9)
-    search_beta_(model, inputs, w, a)
-    quant = quantize_model_(model, w, a)
-    plan = {**report.plan, "rotation": rotation, "quantization": quant}
+    recipe = Recipe("svd_llm_v2", ratio=0.4, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"],
+                    allocation="gradient", calibration={"gradient_batches": 2},
+                    quantization={"weight_bits": 4, "act_bits": 4, "rotate": True, "beta_search": True,
+                                  "clip_grid": 20, "calibration_tokens": 48})
+    report = compress_(model, recipe, family=CausalLMSpec(model=model), batches=token_batches)
+    plan = report.plan
+    assert set(plan) >= {"joint_groups", "rotation", "quantization", "recipe"} and len(plan["joint_groups"]) == 2
+    assert len(set(plan["quantization"]["beta"].values())) >= 1 and plan["recipe"] == recipe.to_dict()
+    assert len({g["rank"] for g in plan["joint_groups"].values()}) == 2  # gradient allocation: heterogeneous
     fresh = make_tiny_llama(seed=5)
     apply_plan(fresh, plan)
     fresh.load_state_dict(model.state_dict(), strict=True)

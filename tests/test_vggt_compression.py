@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from compression import (
-    CompressionConfig,
     LowRankLinear,
+    Recipe,
     apply_plan,
     build_method,
     collect_stats,
@@ -57,9 +57,9 @@ def test_every_method_keeps_outputs_finite_and_shapes_intact(setup, method, allo
     spec, dense_model, names, stats, calib, dense = setup
     model = copy.deepcopy(dense_model)
     ranks = qsvd_ranks(spec, model, names, stats, calib, 0.3) if allocation == "gradient" else {}
-    cfg = CompressionConfig(method, ratio=0.3, allocation="v2" if allocation == "v2" else "uniform", targets=names,
-                            ranks=ranks)
-    report = compress_(model, cfg, stats)
+    cfg = Recipe(method, ratio=0.3, allocation=allocation, targets=names,
+                 calibration={"gradient_batches": None, "per_sample": True})
+    report = compress_(model, cfg, stats, family=spec, batches=calib)
     assert len(report.layers) == len(names) == 44  # 11 blocks x (qkv, proj, fc1, fc2)
     # one parameter budget for every method (svd_llm_v2 may keep fewer: it drops directions the
     # calibration Gram does not span, e.g. in the camera trunk that sees 4 tokens per frame)
@@ -90,7 +90,7 @@ def test_whitening_beats_plain_svd_on_the_calibration_outputs(setup):
     drift = {}
     for method in ("svd", "svd_llm"):
         model = copy.deepcopy(dense_model)
-        compress_(model, CompressionConfig(method, ratio=0.4, targets=names), stats)
+        compress_(model, Recipe(method, ratio=0.4, targets=names), stats)
         with torch.no_grad():
             out = model(spec.images(calib[0]))
         drift[method] = float((out["world_points"] - dense["world_points"]).norm() / dense["world_points"].norm())
@@ -101,7 +101,7 @@ def test_per_group_ratios_with_overrides(setup):
     spec, dense_model, names, stats, _, _ = setup
     model = copy.deepcopy(dense_model)
     overrides = {"aggregator.global_blocks.*": {"ratio": 0.6}, "camera_head.trunk.*": {"rank": 4}}
-    report = compress_(model, CompressionConfig("svd_llm", ratio=0.2, targets=names, overrides=overrides), stats)
+    report = compress_(model, Recipe("svd_llm", ratio=0.2, targets=names, overrides=overrides), stats)
     for r in report.layers:
         m, n = r.out_features, r.in_features
         if r.name.startswith("aggregator.global_blocks."):
@@ -127,7 +127,7 @@ def test_target_groups_select_and_dpt_projections_become_equal_linears():
         a, b = model(images), conv_model(images)
     for key in OUTPUTS:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
-    report = compress_(model, CompressionConfig("svd", ratio=0.3, targets=names))
+    report = compress_(model, Recipe("svd", ratio=0.3, targets=names))
     assert {r.name for r in report.layers} == set(names)
     with torch.no_grad():
         assert torch.isfinite(model(images)["depth"]).all()
@@ -143,7 +143,7 @@ def test_evaluate_reports_gflops_of_the_model_as_evaluated(setup):
     spec.evaluate(model, batch, metrics)
     dense_gflops = float(spec.compute_metrics(metrics)["gflops"])
     assert dense_gflops == pytest.approx(vggt_flops(model, num_frames=3, image_hw=(28, 42))["total"])
-    compress_(model, CompressionConfig("svd_llm", ratio=0.4, targets=names), stats)
+    compress_(model, Recipe("svd_llm", ratio=0.4, targets=names), stats)
     metrics.reset()
     assert metrics.gflops is None
     spec.evaluate(model, batch, metrics)

@@ -10,24 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from compression import CompressionConfig, StatsCollector, allocate, gradient_allocation
-from compression.allocation import cost_of, resolve_cost_weights, token_cost_weights, v2_ratios
+from compression import Recipe, StatsCollector, allocate, collect_stats, gradient_allocation
+from compression.allocation import cost_of, token_cost_weights, v2_ratios
 from lightning_modules import VGGTSpec
 from tests.test_vggt_spec import make_batch
-
-
-def test_resolve_cost_weights_first_match_and_errors():
-    names = ["a.blocks.0.fc", "a.blocks.1.fc", "head.fc"]
-    got = resolve_cost_weights(names, {"a.blocks.1.*": 3.0, "a.*": 2.0, "head.*": 0.5})
-    assert got == {"a.blocks.0.fc": 2.0, "a.blocks.1.fc": 3.0, "head.fc": 0.5}
-    with pytest.raises(ValueError, match="no weight for 1 targeted layers"):
-        resolve_cost_weights(names, {"a.*": 1.0})
-    with pytest.raises(ValueError, match="matches no targeted layer"):
-        resolve_cost_weights(names, {"*": 1.0, "nothing.*": 2.0})
-    with pytest.raises(ValueError, match="finite and > 0"):
-        resolve_cost_weights(names, {"*": 0.0})
-    with pytest.raises(ValueError, match="finite number > 0"):
-        CompressionConfig("svd", cost_weights={"*": -1.0})
 
 
 def test_v2_cost_weighted_mean_by_hand():
@@ -54,19 +40,32 @@ class TwoBlocks(nn.Module):
         torch.manual_seed(0)
         self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(12, 12)) for _ in range(2)])
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
-def test_compression_config_cost_weights_uniform_and_v2():
+
+def _token_stats(model: nn.Module, tokens: dict[str, int]):
+    """Statistics whose token counts say block 0 sees 9x the tokens of block 1 (a FLOPs budget reads counts)."""
+    stats = collect_stats(model, list(tokens), [torch.randn(2, 12)])
+    for name, count in tokens.items():
+        stats[name].count = count
+    return stats
+
+
+def test_flops_budget_uniform_and_v2():
     model = TwoBlocks()
     with torch.no_grad():  # give block 1 a flat spectrum (orthogonal) so v2 separates the two layers
         model.blocks[1][0].weight.copy_(torch.linalg.qr(torch.randn(12, 12))[0])
     shapes = {f"blocks.{i}.0": (12, 12) for i in range(2)}
-    uniform = allocate(model, CompressionConfig("svd", ratio=0.5, cost_weights={"blocks.0.*": 9.0, "*": 1.0}))
+    stats = _token_stats(model, {"blocks.0.0": 9, "blocks.1.0": 1})
+    uniform = allocate(model, Recipe("svd", ratio=0.5, budget="flops"), stats)
     assert uniform.ranks == {n: 3 for n in shapes}  # floor(0.5 * 144 / 24) = 3, weights or not
-    assert uniform.cost_weights == {"blocks.0.0": 9.0, "blocks.1.0": 1.0}
-    assert uniform.cost_ratio(shapes) == pytest.approx(0.5)
-    plain = allocate(model, CompressionConfig("svd", ratio=0.5, allocation="v2"))
-    flops = allocate(model, CompressionConfig("svd", ratio=0.5, allocation="v2",
-                                              cost_weights={"blocks.0.*": 9.0, "blocks.1.*": 1.0}))
+    costs = {"blocks.0.0": 9.0, "blocks.1.0": 1.0}
+    assert 1 - cost_of(shapes, uniform.ranks, costs) / cost_of(shapes, None, costs) == pytest.approx(0.5)
+    plain = allocate(model, Recipe("svd", ratio=0.5, allocation="v2"))
+    flops = allocate(model, Recipe("svd", ratio=0.5, allocation="v2", budget="flops"), stats)
     p_ratio = sum(plain.ratios[n] for n in shapes) / 2
     f_ratio = (9 * flops.ratios["blocks.0.0"] + flops.ratios["blocks.1.0"]) / 10
     assert p_ratio == pytest.approx(0.5) and f_ratio == pytest.approx(0.5)
@@ -74,6 +73,8 @@ def test_compression_config_cost_weights_uniform_and_v2():
     # layer 9x pulls its ratio towards the target, and the flat one pays for it
     assert plain.ratios["blocks.0.0"] > flops.ratios["blocks.0.0"] > 0.5 > plain.ratios["blocks.1.0"]
     assert flops.ratios["blocks.1.0"] < plain.ratios["blocks.1.0"]
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        allocate(model, Recipe("svd", ratio=0.5, budget="flops"))
 
 
 def test_gradient_allocation_flops_budget_by_hand():

@@ -8,13 +8,11 @@ import torch
 from torch import nn
 
 from compression import (
-    CompressionConfig,
-    JointQKVConfig,
     LowRankLinear,
+    Recipe,
     apply_plan,
     collect_stats,
     compress_,
-    compress_joint_,
     find_joint_groups,
 )
 from compression.rotation import rotate_model_, stream_writers
@@ -74,8 +72,14 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     assert {g.split(".layers.")[0] for g in groups} == {f"{parts['language_model']}",
                                                         f"{parts['vision_tower']}.encoder"}
     stats = collect_stats(model, [n for g in groups.values() for n in g], [batch], forward=lambda m, b: m(**b))
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats, groups=groups)
-    compress_(model, CompressionConfig("svd", ratio=0.3, targets=["o_proj", "down_proj", parts["projector"] + ".*"]))
+    class Both:  # joint groups in both towers (the LM spec would name only the language model's)
+        @staticmethod
+        def joint_groups(model, targets):
+            return groups
+
+    report = compress_(model, Recipe("svd_llm_v2", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"]),
+                       stats, family=Both())
+    compress_(model, Recipe("svd", ratio=0.3, targets=["o_proj", "down_proj", parts["projector"] + ".*"]))
     ref = _logits(model, batch)
     entry = rotate_model_(model, kind="random_hadamard", seed=3)
     assert entry["stream_writers"] == WRITERS[family] and entry["untied"]
@@ -86,7 +90,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     fresh = build_tiny_vlm(family, seed=9, tie_word_embeddings=tie)[0].double()
     changed = apply_plan(fresh, {**report.plan, "rotation": entry})
     assert f"{parts['language_model']}.layers.1.mlp" in changed
-    compress_(fresh, CompressionConfig("svd", ratio=0.3, targets=["o_proj", "down_proj", parts["projector"] + ".*"]))
+    compress_(fresh, Recipe("svd", ratio=0.3, targets=["o_proj", "down_proj", parts["projector"] + ".*"]))
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
 
@@ -133,8 +137,8 @@ def test_fused_qkv_compressed_per_matrix_is_the_joint_factorization():
     split_stats = collect_stats(split, ["q_proj", "k_proj", "v_proj"], batches)
     rank = 12
     dense = fused[0].qkv.weight.detach().clone()
-    compress_(fused, CompressionConfig("svd_llm_v2", targets=["0.qkv"], ranks={"0.qkv": rank}), fused_stats)
-    compress_joint_(split, JointQKVConfig("svd_llm_v2", ranks={"": rank}), split_stats)
+    compress_(fused, Recipe("svd_llm_v2", targets=["0.qkv"], overrides={"0.qkv": {"rank": rank}}), fused_stats)
+    compress_(split, Recipe("svd_llm_v2", joint_qkv=True, overrides={"*": {"rank": rank}}), split_stats)
     layer = fused[0].qkv
     assert isinstance(layer, LowRankLinear) and layer.rank == rank
     per_matrix = layer.up.weight @ layer.down.weight

@@ -1,0 +1,373 @@
+"""One recipe on one model, stage by stage: select -> statistics -> allocate -> truncate -> quantize.
+
+:class:`CompressionPipeline` is built once per run from a :class:`~compression.recipe.Recipe`.
+Building it resolves and checks everything that can be checked without data: the targets (every
+pattern must match), the matrices (a joint q/k/v group is one matrix), the overrides, finite
+weights.  Each stage then runs once, in order, and refuses to run out of order:
+
+1. statistics -- :meth:`collect` (or :meth:`set_statistics` with statistics reduced elsewhere,
+   e.g. across DDP ranks); only what the method and budget need (Gram for whitening, abs
+   statistics for ASVD, token counts for a FLOPs budget);
+2. :meth:`importance` -- calibration-loss gradients, only for ``allocation: gradient``;
+3. :meth:`allocate` -- the registered strategy over the free matrices, overrides outside it;
+4. :meth:`truncate` -- every matrix factorized and swapped; on any failure every swapped
+   layer is put back before the error propagates;
+5. :meth:`quantize` -- rotations, β, fake quantization (``recipe.quantization``);
+6. :meth:`finish` -- the report and the plan, built once from what the stages did.
+
+:func:`compression.compress_` runs them all; the Lightning callbacks run one each (they gather
+batches, reduce across processes and log).  ``family`` is the model family's spec (duck-typed:
+``default_targets``, ``joint_groups``, ``quant_exclude``, ``calibration_forward``,
+``training_loss``); every hook is optional.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.allocation import (
+    ALLOCATORS,
+    AllocationInputs,
+    AllocationResult,
+    Matrix,
+    run_allocation,
+    token_cost_weights,
+)
+from compression.joint import decompose_joint, find_joint_groups, install_joint, joint_num_parameters, restore_joint_
+from compression.lowrank import LowRankLinear, linear_num_parameters
+from compression.methods import build_method
+from compression.plan import make_plan, set_submodule
+from compression.recipe import Recipe
+from compression.report import CompressionReport, LayerReport
+from compression.stats import ActivationStats, collect_stats
+from compression.targets import name_matches, select_targets
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[], Iterable[Any]]
+"""A function returning a fresh iterable of calibration batches (already on the model's device)."""
+
+STAGES = ("statistics", "importance", "allocate", "truncate", "quantize", "finish")
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+class CompressionPipeline:
+    """See the module docstring.  Attributes filled by the stages: ``stats``, ``importances``,
+    ``allocation``, ``report``, ``quantization``, ``rotation``, ``plan``."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, family: Any = None) -> None:
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"compress_ takes a compression.Recipe, got {type(recipe).__name__}")
+        self.model, self.recipe, self.family = model, recipe, family
+        self.start = time.perf_counter()
+        self.done: list[str] = []
+        self.stats: ActivationStats | None = None
+        self.importances: dict[str, torch.Tensor] | None = None
+        self.allocation: AllocationResult | None = None
+        self.report: CompressionReport | None = None
+        self.quantization: dict | None = None
+        self.rotation: dict | None = None
+        self.plan: dict | None = None
+        self.params_before = sum(p.numel() for p in model.parameters())
+        self.method = build_method(recipe.method, **recipe.method_args) if recipe.lowrank else None
+        self.names: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.matrices: dict[str, Matrix] = {}
+        self.fixed: dict[str, dict[str, float]] = {}
+        if self.method is not None:
+            self._select()
+
+    # -- selection ----------------------------------------------------------------------------------
+    def _hook(self, name: str) -> Callable | None:
+        return getattr(self.family, name, None) if self.family is not None else None
+
+    def _select(self) -> None:
+        recipe, model = self.recipe, self.model
+        targets = recipe.targets
+        if targets is None and self._hook("default_targets") is not None:
+            targets = self.family.default_targets(model)
+        selection = select_targets(model, targets, recipe.exclude)
+        self.names, self.skipped = selection.names, dict(selection.skipped)
+        modules = {n: model.get_submodule(n) for n in self.names}
+        for name, layer in modules.items():
+            if not torch.isfinite(layer.weight).all():
+                raise FloatingPointError(f"weight of layer {name!r} contains NaN/inf; refusing to compress it")
+        groups: dict[str, list[str]] = {}
+        if recipe.joint_qkv:
+            hook = self._hook("joint_groups")
+            found = hook(model, self.names) if hook is not None else find_joint_groups(model)
+            groups = {g: list(m) for g, m in found.items() if all(n in modules for n in m)}
+            if not groups:
+                raise ValueError("joint_qkv: true but no attention module has all of its q/k/v projections among "
+                                 "the targets; target them (e.g. targets: [q_proj, k_proj, v_proj, ...]) or set "
+                                 "joint_qkv: false")
+        members = {n for g in groups.values() for n in g}
+        for key, names in groups.items():
+            layers = [modules[n] for n in names]
+            self.matrices[key] = Matrix(key, tuple(names), tuple(x.out_features for x in layers), layers[0].in_features)
+        for name in self.names:
+            if name not in members:
+                self.matrices[name] = Matrix(name, (name,), (modules[name].out_features,), modules[name].in_features)
+        for pattern in recipe.overrides:
+            if not any(name_matches(n, pattern) for m in self.matrices.values() for n in (m.key, *m.members)):
+                shown = ", ".join(list(self.matrices)[:8]) + (", ..." if len(self.matrices) > 8 else "")
+                raise ValueError(f"override pattern {pattern!r} matches no eligible targeted layer or joint group; "
+                                 f"targeted: {shown}")
+        for key, matrix in self.matrices.items():
+            for pattern, spec in recipe.overrides.items():  # first match wins; a group matches by name or member
+                if any(name_matches(n, pattern) for n in (key, *matrix.members)):
+                    self.fixed[key] = dict(spec)
+                    break
+        allocator = ALLOCATORS[recipe.allocation]
+        if allocator.global_budget and self.fixed and recipe.overrides:
+            log.info("%d matrices fixed by overrides; %s allocates the others under their own budget",
+                     len(self.fixed), recipe.allocation)
+
+    # -- what the data stages need --------------------------------------------------------------------
+    @property
+    def stat_needs(self) -> frozenset[str]:
+        """Statistics fields the recipe needs: ``gram`` / ``abs`` (method), ``count`` (FLOPs budget)."""
+        if self.method is None:
+            return frozenset()
+        needs = set(self.method.needs)
+        if self.recipe.budget == "flops":
+            needs.add("count")
+        return frozenset(needs)
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.method is not None and "importance" in ALLOCATORS[self.recipe.allocation].needs
+
+    @property
+    def needs_batches(self) -> bool:
+        """Whether :meth:`quantize` reads calibration batches (β search, GPTQ Grams)."""
+        q = self.recipe.quantization
+        return q.enabled and (q.beta_search or (q.weight_bits is not None and q.weight_method == "gptq"))
+
+    def _advance(self, stage: str) -> None:
+        if stage in self.done:
+            raise RuntimeError(f"compression stage {stage!r} already ran")
+        later = [s for s in self.done if STAGES.index(s) > STAGES.index(stage)]
+        if later:
+            raise RuntimeError(f"compression stage {stage!r} must run before {later}")
+        self.done.append(stage)
+
+    # -- 1. statistics ------------------------------------------------------------------------------
+    def collect(self, batches: Iterable[Any], forward: Callable | None = None) -> ActivationStats:
+        """Calibration statistics of every targeted layer (one accumulator per distinct input)."""
+        forward = forward or self._hook("calibration_forward") or _default_forward
+        stats = collect_stats(self.model, self.names, batches, forward=forward, with_gram="gram" in self.stat_needs,
+                              device=self.recipe.calibration.stats_device)
+        self.set_statistics(stats)
+        return stats
+
+    def set_statistics(self, stats: ActivationStats | None) -> None:
+        self._advance("statistics")
+        if self.stat_needs:
+            if stats is None:
+                raise ValueError(f"method {self.recipe.method!r} (budget {self.recipe.budget}) needs calibration "
+                                 "statistics; none were given")
+            for name in self.names:
+                self.method.check_stats(stats[name] if name in stats else None, name)
+        self.stats = stats
+
+    # -- 2. importance ------------------------------------------------------------------------------
+    def importance(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:
+        """QSVD importance of every singular triplet of every matrix from these batches' gradients
+        (this process's share only: sum across processes before :meth:`allocate`)."""
+        from compression.gradient_allocation import gradient_importance
+
+        self._advance("importance")
+        loss = loss or self._hook("training_loss")
+        if loss is None:
+            raise ValueError("gradient allocation needs a loss: give the family's training_loss")
+        batches = list(batches)
+        if not batches:  # a DDP rank without a share still joins the sum: it adds zeros
+            self.importances = {k: torch.zeros(min(m.shape), dtype=torch.float64) for k, m in self.matrices.items()}
+            return self.importances
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the importance is of the deterministic function
+        try:
+            self.importances = gradient_importance(self.model, {k: list(m.members) for k, m in self.matrices.items()},
+                                                   batches, loss, self.method, self.stats, self.recipe.device)
+        finally:
+            self.model.train(was_training)
+        return self.importances
+
+    # -- 3. allocate --------------------------------------------------------------------------------
+    def _stats_for(self, name: str):
+        return self.stats[name] if self.stats is not None and name in self.stats else None
+
+    def _weight(self, matrix: Matrix) -> torch.Tensor:
+        w = torch.cat([self.model.get_submodule(n).weight.detach() for n in matrix.members], 0)
+        return w.to(self.recipe.device) if self.recipe.device else w
+
+    @torch.no_grad()
+    def spectrum(self, key: str) -> torch.Tensor:
+        """Singular values of matrix ``key`` in the method's space (float64, CPU)."""
+        matrix = self.matrices[key]
+        return self.method.spectrum(self._weight(matrix), self._stats_for(matrix.members[0]), key).cpu()
+
+    def allocate(self, importances: dict[str, torch.Tensor] | None = None) -> AllocationResult:
+        """Every matrix's rank: overrides first (exact), the strategy over the rest."""
+        if "statistics" not in self.done:
+            self.set_statistics(None)
+        self._advance("allocate")
+        recipe = self.recipe
+        if importances is not None:
+            self.importances = importances
+        if self.needs_importance and self.importances is None:
+            raise ValueError("allocation 'gradient' needs gradient importances: run the importance stage first")
+        free = {k: m for k, m in self.matrices.items() if k not in self.fixed}
+        cost = None
+        if recipe.budget == "flops":
+            tokens = token_cost_weights(self.stats, [m.members[0] for m in self.matrices.values()])
+            cost = {k: tokens[m.members[0]] for k, m in free.items()}
+        result = AllocationResult({})
+        if free:
+            inputs = AllocationInputs(free, recipe.ratio, recipe.max_ratio, recipe.min_rank, cost, self.spectrum,
+                                      self.importances, recipe.components)
+            result = run_allocation(recipe.allocation, inputs, dense_above_break_even=recipe.dense_above_break_even)
+        for key, spec in self.fixed.items():
+            matrix = self.matrices[key]
+            if "rank" in spec:
+                rank = int(spec["rank"])
+                if rank > min(matrix.shape):
+                    raise ValueError(f"overrides: rank {rank} for {key!r} exceeds min{matrix.shape} = "
+                                     f"{min(matrix.shape)}")
+                result.ranks[key] = rank
+            else:
+                result.ranks[key] = matrix.rank_for_ratio(float(spec["ratio"]))
+                result.ratios[key] = float(spec["ratio"])
+        for key in result.dense:
+            self.skipped[key] = f"kept dense: {recipe.allocation} gave it a rank at or above its break-even"
+        self.allocation = result
+        ranks = [r for k, r in result.ranks.items() if k not in result.dense]
+        if ranks:
+            log.info("%s allocation: ranks %d..%d over %d matrices (%d kept dense)%s", recipe.allocation,
+                     min(ranks), max(ranks), len(ranks), len(result.dense),
+                     f"; {result.note}" if result.note else "")
+        return result
+
+    # -- 4. truncate --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def truncate(self) -> list[LayerReport]:
+        """Factorize and swap every allocated matrix; all or nothing."""
+        if "allocate" not in self.done:
+            raise RuntimeError("truncate needs ranks: run allocate first")
+        self._advance("truncate")
+        model, alloc = self.model, self.allocation
+        singles: list[tuple[str, nn.Module]] = []
+        groups: dict[str, dict[str, nn.Module]] = {}
+        self.layer_reports: list[LayerReport] = []
+        self.plan_layers: dict[str, dict] = {}
+        self.plan_groups: dict[str, dict] = {}
+        try:
+            for key, matrix in self.matrices.items():
+                if key in alloc.dense:
+                    continue
+                rank = alloc.ranks[key]
+                if matrix.joint:
+                    groups[key] = {n: model.get_submodule(n) for n in matrix.members}
+                    self._truncate_joint(matrix, rank, alloc.components.get(key))
+                else:
+                    layer = model.get_submodule(key)
+                    singles.append((key, layer))
+                    self._truncate_single(matrix, layer, rank)
+        except BaseException:
+            for name, layer in reversed(singles):
+                set_submodule(model, name, layer)
+            restore_joint_(model, groups)
+            log.error("compression failed; %d layers and %d joint groups restored", len(singles), len(groups))
+            raise
+        return self.layer_reports
+
+    def _assigned(self, matrix: Matrix) -> float:
+        rank = self.allocation.ranks[matrix.key]
+        return self.allocation.ratios.get(matrix.key, matrix.ratio_at(rank))
+
+    def _truncate_single(self, matrix: Matrix, layer: nn.Linear, rank: int) -> None:
+        name = matrix.key
+        factors = self.method.decompose(self._weight(matrix), self._stats_for(name), rank, name)
+        rank = factors.up.shape[1]
+        new = LowRankLinear.from_linear(layer, rank, factors.up, factors.down)
+        set_submodule(self.model, name, new)
+        self.plan_layers[name] = {"rank": rank, "in_features": layer.in_features, "out_features": layer.out_features,
+                                  "bias": layer.bias is not None}
+        self.layer_reports.append(LayerReport(
+            name=name, out_features=layer.out_features, in_features=layer.in_features, rank=rank,
+            params_before=linear_num_parameters(layer), params_after=new.num_parameters(),
+            ratio_assigned=self._assigned(matrix), truncation_loss=factors.truncation_loss,
+            relative_loss=factors.relative_loss))
+
+    def _truncate_joint(self, matrix: Matrix, rank: int, components: list[int] | None) -> None:
+        key, model = matrix.key, self.model
+        layers = [model.get_submodule(n) for n in matrix.members]
+        weights = [lin.weight.detach().double() for lin in layers]
+        if self.recipe.device:
+            weights = [w.to(self.recipe.device) for w in weights]
+        stats = self._stats_for(matrix.members[0])
+        if stats is not None and any(self.stats.owner.get(n) != self.stats.owner.get(matrix.members[0])
+                                     for n in matrix.members):
+            log.warning("group %r: q/k/v statistics are not one shared stream; using %r's", key, matrix.members[0])
+        f = decompose_joint(self.method, weights, stats, key, rank, components)
+        rank = f.down.shape[0]
+        short = [n.rsplit(".", 1)[-1] for n in matrix.members]
+        install_joint(model.get_submodule(key), short, f.ups, f.down, rank)
+        self.plan_groups[key] = {"members": short, "rank": rank, "in_features": matrix.in_features,
+                                 "out_features": list(matrix.out_sizes),
+                                 "bias": [lin.bias is not None for lin in layers]}
+        total = f.total_energy
+        self.layer_reports.append(LayerReport(
+            name=f"{key}.qkv", out_features=matrix.shape[0], in_features=matrix.in_features, rank=rank,
+            params_before=sum(linear_num_parameters(lin) for lin in layers),
+            params_after=joint_num_parameters(model.get_submodule(key), short),
+            ratio_assigned=self._assigned(matrix), truncation_loss=f.truncation_loss,
+            relative_loss=(f.truncation_loss**2 / total) ** 0.5 if total > 0 else 0.0))
+
+    # -- 5. quantize --------------------------------------------------------------------------------
+    def quantize(self, batches: Batches | None = None) -> dict | None:
+        """Rotations, β and fake quantization (:mod:`compression.quantize_stage`)."""
+        from compression.quantize_stage import run_quantization
+
+        if self.method is not None and "truncate" not in self.done:
+            raise RuntimeError("quantize runs after truncate (the low-rank pairs must exist)")
+        self._advance("quantize")
+        if self.needs_batches and batches is None:
+            raise ValueError("this quantization recipe (β search or GPTQ) needs calibration batches")
+        beta_from = float(self.method.config.beta) if self.method is not None else 0.5
+        self.rotation, self.quantization = run_quantization(self.model, self.recipe.quantization, self.family,
+                                                            batches, beta_from)
+        return self.quantization
+
+    # -- 6. finish ----------------------------------------------------------------------------------
+    def finish(self) -> CompressionReport:
+        """The report and the plan (method, ranks, joint groups, rotation, quantization, the recipe)."""
+        self._advance("finish")
+        recipe = self.recipe
+        method = self.method.config.to_dict() if self.method is not None else {"name": "none"}
+        layers = getattr(self, "plan_layers", {})
+        groups = getattr(self, "plan_groups", {})
+        self.plan = make_plan(method, recipe.ratio if self.method is not None else 0.0,
+                              recipe.allocation if self.method is not None else "none", layers,
+                              joint_groups=groups, quantization=self.quantization, rotation=self.rotation)
+        self.plan["recipe"] = recipe.to_dict()
+        name = self.method.name if self.method is not None else "none"
+        self.report = CompressionReport(
+            method=f"joint_{name}" if groups and not layers else name, allocation=self.plan["allocation"],
+            ratio=self.plan["ratio"], layers=getattr(self, "layer_reports", []),
+            model_params_before=self.params_before,
+            model_params_after=sum(p.numel() for p in self.model.parameters()),
+            plan=self.plan, skipped=self.skipped, seconds=time.perf_counter() - self.start)
+        if self.report.layers:
+            log.info("%s", self.report.to_table(max_rows=0))
+        return self.report

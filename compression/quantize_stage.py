@@ -1,0 +1,96 @@
+"""The quantization stage of a recipe (QSVD / QuaRot): rotations, the Σ split β, fake quantization.
+
+In this order (:mod:`compression.rotation`, :mod:`compression.beta_search`, :mod:`compression.quant`):
+
+1. ``rotate``: fold the norm scales into their readers and rotate the residual stream by a
+   (randomized) Hadamard ``H1`` fused into the weights, plus the online Hadamard before each
+   ``down_proj`` -- the float function is unchanged, the outliers are spread;
+2. low-rank latents (every ``LowRankLinear`` and joint q/k/v group): with ``beta_search`` the
+   exponent β splitting Σ between ``down = Σ^β Vᵀ`` and ``up = U Σ^(1-β)`` is chosen, then ``H2``
+   (a random orthogonal ``r x r`` rotation, ``latent_rotation``) is fused into each pair; without
+   the search only ``H2``.  ``beta_objective``:
+
+   - ``output``: per pair (or one global β), the quantized output error of the pair on captured
+     calibration inputs -- cheap, but local: it ignores softmax, ``o_proj`` and upstream noise;
+   - ``loss``: one global β, the calibration loss of the whole model quantized at each candidate
+     (RTN stands in for GPTQ during the search);
+3. every remaining ``nn.Linear`` (dense or factor) but the family's ``quant_exclude`` becomes a
+   ``QuantLinear``: weights RTN with a per-row clipping search (or GPTQ with input Grams collected
+   on the rotated model), activations fake-quantized per token.
+
+Nothing here is random across processes: rotations are seeded and the batches are the caller's
+(the same on every rank), so DDP ranks build identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.quant import ActQuantConfig, WeightQuantConfig, quantizable_linears, quantize_model_
+from compression.recipe import QuantRecipe
+from compression.stats import collect_stats
+
+log = logging.getLogger(__name__)
+
+
+def quant_configs(q: QuantRecipe) -> tuple[WeightQuantConfig | None, ActQuantConfig | None]:
+    weight = None if q.weight_bits is None else WeightQuantConfig(
+        bits=q.weight_bits, symmetric=q.symmetric, group_size=q.group_size, clip=q.clip_grid > 0,
+        grid=max(q.clip_grid, 1), method=q.weight_method)
+    act = None if q.act_bits is None else ActQuantConfig(bits=q.act_bits, clip_ratio=q.act_clip_ratio)
+    return weight, act
+
+
+@torch.no_grad()
+def run_quantization(model: nn.Module, q: QuantRecipe, family: Any, batches: Callable[[], Iterable] | None,
+                     beta_from: float) -> tuple[dict | None, dict | None]:
+    """Apply ``q`` to ``model`` in place; returns the plan's ``(rotation, quantization)`` sections."""
+    from compression.beta_search import search_beta_by_loss_
+    from compression.rotation import capture_inputs, lowrank_pairs, rotate_all_latents_, rotate_model_, search_beta_
+
+    weight, act = quant_configs(q)
+    forward = getattr(family, "calibration_forward", None)
+    exclude_hook = getattr(family, "quant_exclude", None)
+    exclude = exclude_hook(model) if exclude_hook is not None else []
+    was_training = model.training
+    model.eval()
+    info: dict[str, Any] = {}
+    try:
+        rotation = rotate_model_(model, kind=q.rotation_kind, seed=q.seed, online=True) if q.rotate else None
+        pairs = lowrank_pairs(model)
+        latent_seed = q.seed if q.latent_rotation else None
+        if pairs and q.beta_search and q.beta_objective == "loss":
+            loss = getattr(family, "training_loss", None)
+            if loss is None:
+                raise ValueError("beta_objective: loss needs the family's training_loss")
+            found = search_beta_by_loss_(model, loss, batches(), weight, act, betas=q.betas, beta_from=beta_from,
+                                         latent_seed=latent_seed, exclude=exclude)
+            log.info("beta by calibration loss: %.2f (losses %s)", found["beta"], found["losses"])
+            info["beta"] = dict.fromkeys(pairs, found["beta"])
+            info["beta_losses"] = found["losses"]
+        elif pairs and q.beta_search:
+            inputs = capture_inputs(model, list(pairs), batches(), forward=forward, max_tokens=q.calibration_tokens)
+            chosen = search_beta_(model, inputs, weight, act, betas=q.betas, beta_from=beta_from,
+                                  latent_seed=latent_seed, per_layer=q.per_layer_beta)
+            info["beta"] = {name: c["beta"] for name, c in chosen.items()}
+        elif pairs and q.latent_rotation:
+            rotate_all_latents_(model, seed=q.seed)
+        entry = None
+        if weight is not None or act is not None:
+            grams = None
+            if weight is not None and weight.method == "gptq":
+                names = quantizable_linears(model, exclude)
+                stats = collect_stats(model, names, batches(), forward=forward)
+                grams = lambda name: stats[name].gram if name in stats else None  # noqa: E731
+            entry = quantize_model_(model, weight, act, exclude=exclude, grams=grams)
+            entry.update(info, latent_rotation=bool(pairs) and q.latent_rotation, seed=q.seed)
+            log.info("quantized %d layers (weights %s, activations %s, rotation %s)", len(entry["layers"]), weight,
+                     act, "H1+online" if rotation else "none")
+    finally:
+        model.train(was_training)
+    return rotation, entry

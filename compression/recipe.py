@@ -1,0 +1,350 @@
+"""The compression recipe: every setting of a compression run as plain data.
+
+A recipe has three parts, run in this order by :func:`compression.compress_` (or stage by stage
+by the Lightning callbacks, see :mod:`compression.pipeline`):
+
+1. **low rank** -- ``method`` (+ ``method_args``), ``ratio`` (the fraction of the targeted
+   parameters REMOVED), ``allocation`` (a registered strategy, :mod:`compression.allocation`)
+   under a ``budget`` of parameters or FLOPs, ``targets`` / ``exclude`` / ``overrides``,
+   ``joint_qkv`` (QSVD: the q/k/v of one attention module are one matrix);
+2. **quantization** (:class:`QuantRecipe`) -- residual rotation ``H1`` + online Hadamard, the
+   latent rotation ``H2``, the Σ split β, fake-quantized weights and activations;
+3. **recovery** (:class:`LoRARecipe`) -- the alternating U/V LoRA stages.
+
+:class:`CalibrationRecipe` says how much calibration data each stage reads.  Every field has a
+command-line flag of the same name under ``--compression`` (``--compression.ratio 0.4``,
+``--compression.quantization.weight_bits 4``, ``--compression.lora.steps [100,100]``).  A recipe
+is validated when it is built, so a bad value fails before any model is loaded; it round-trips
+through :meth:`Recipe.to_dict` / :meth:`Recipe.from_dict` and is stored in the plan of every
+checkpoint, so a resumed run can tell whether it was asked to do something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from compression.methods import MethodConfig, build_method
+
+
+def check_ratio(value: float, what: str) -> None:
+    if not (isinstance(value, int | float) and 0.0 < value < 1.0):
+        raise ValueError(
+            f"{what} must lie in (0, 1): it is the fraction of targeted parameters REMOVED "
+            f"(0.2 keeps 80 %), got {value!r}"
+        )
+
+
+def _section(value: Any, cls: type, what: str) -> Any:
+    """A nested section given as a dataclass, a mapping (library use, plans) or ``None`` (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"{what}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**value)
+    raise TypeError(f"{what} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+@dataclass
+class CalibrationRecipe:
+    """How much calibration data the stages read (batches of the DataModule's calibration loader).
+
+    Args:
+        max_batches: batches for the activation statistics (``None``: the whole loader).
+        gradient_batches: batches for the gradient importance of ``allocation: gradient``, evenly
+            spaced over the loader (``None``: all).
+        per_sample: split each gradient batch into single samples (QSVD's per-sample mean of
+            squares; one backward per sample).
+        stats_device: where the statistics accumulate (``None``: each layer's device).
+        progress: show a progress bar on rank zero.
+    """
+
+    max_batches: int | None = None
+    gradient_batches: int | None = 16
+    per_sample: bool = True
+    stats_device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batches", "gradient_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"calibration.{name} must be an integer >= 1 or null, got {value!r}")
+
+
+@dataclass
+class QuantRecipe:
+    """Rotations, β and fake quantization (QSVD / QuaRot); off unless bits or ``rotate`` are set.
+
+    Args:
+        weight_bits: weight bits (``None``: float weights).
+        act_bits: activation bits, per token (``None``: float activations).
+        weight_method: ``rtn`` (round-to-nearest with a clipping search) or ``gptq``.
+        symmetric: symmetric weight grid (asymmetric adds a zero point).
+        group_size: weight group size along the inputs (``None``: one scale per output row).
+        clip_grid: clipping-search steps (shrink step ``1/clip_grid``; 0 disables the search).
+        act_clip_ratio: activations are clipped to this fraction of each token's range.
+        rotate: fuse the residual-stream rotation ``H1`` and the online Hadamard.
+        rotation_kind: ``random_hadamard``, ``hadamard`` or ``orthogonal``.
+        latent_rotation: fuse ``H2`` into every low-rank pair.
+        beta_search: choose β on calibration data (``False`` keeps the method's β).
+        beta_objective: ``output`` (per-pair quantized output error) or ``loss`` (calibration loss
+            of the quantized model, one global β).
+        betas: candidate β values.
+        per_layer_beta: one β per pair (``True``) or one global β.
+        calibration_tokens: captured input tokens per pair for the β search.
+        max_batches: calibration batches for the β search / GPTQ Grams, evenly spaced.
+        seed: seed of ``H1`` and ``H2``.
+    """
+
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    symmetric: bool = True
+    group_size: int | None = None
+    clip_grid: int = 100
+    act_clip_ratio: float = 0.9
+    rotate: bool = False
+    rotation_kind: Literal["random_hadamard", "hadamard", "orthogonal"] = "random_hadamard"
+    latent_rotation: bool = True
+    beta_search: bool = False
+    beta_objective: Literal["output", "loss"] = "output"
+    betas: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
+    per_layer_beta: bool = True
+    calibration_tokens: int = 2048
+    max_batches: int | None = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits"):
+            bits = getattr(self, name)
+            if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 16):
+                raise ValueError(f"quantization.{name} must be an integer in [2, 16] or null, got {bits!r}")
+        if self.weight_method not in ("rtn", "gptq"):
+            raise ValueError(f"quantization.weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
+        if self.rotation_kind not in ("random_hadamard", "hadamard", "orthogonal"):
+            raise ValueError(f"quantization.rotation_kind {self.rotation_kind!r} is not one of "
+                             "'random_hadamard', 'hadamard', 'orthogonal'")
+        if self.beta_objective not in ("output", "loss"):
+            raise ValueError(f"quantization.beta_objective must be 'output' or 'loss', got {self.beta_objective!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"quantization.group_size must be >= 1 or null, got {self.group_size}")
+        if self.clip_grid < 0 or self.calibration_tokens < 1:
+            raise ValueError("quantization.clip_grid must be >= 0 and quantization.calibration_tokens >= 1")
+        if not 0.0 < self.act_clip_ratio <= 1.0:
+            raise ValueError(f"quantization.act_clip_ratio must lie in (0, 1], got {self.act_clip_ratio}")
+        self.betas = [float(b) for b in self.betas]
+        if not self.betas or not all(0.0 <= b <= 1.0 for b in self.betas):
+            raise ValueError(f"quantization.betas must be a non-empty list of values in [0, 1], got {self.betas}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"quantization.max_batches must be >= 1 or null, got {self.max_batches}")
+        if self.beta_search and not (self.weight_bits or self.act_bits):
+            raise ValueError("quantization.beta_search chooses β for quantized factors: set weight_bits or act_bits")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight_bits is not None or self.act_bits is not None or self.rotate
+
+
+@dataclass
+class LoRARecipe:
+    """Alternating U/V LoRA recovery (off unless ``steps`` or ``epochs`` is set).
+
+    Args:
+        order: which factors train first: ``[down, up]`` (V then U) or ``[up, down]``.
+        steps: optimizer steps per stage, one value or ``[stage1, stage2]``.
+        epochs: epochs per stage instead of ``steps``.
+        r: LoRA rank.
+        alpha: LoRA alpha (update scale ``alpha / r``).
+        dropout: LoRA dropout on the adapter input.
+        learning_rate: per-stage learning rate (one value or two; ``None``: the module's).
+        targets: patterns of low-rank layer names to adapt (``None``: every low-rank layer).
+    """
+
+    order: list[str] = field(default_factory=lambda: ["down", "up"])
+    steps: int | list[int] | None = None
+    epochs: int | list[int] | None = None
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    learning_rate: float | list[float] | None = None
+    targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.order = list(self.order)
+        if sorted(self.order) != ["down", "up"]:
+            raise ValueError(f"lora.order must be [down, up] or [up, down], got {self.order!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give lora.steps or lora.epochs, not both")
+        for name in ("steps", "epochs", "learning_rate"):
+            value = getattr(self, name)
+            values = value if isinstance(value, list | tuple) else [value]
+            if value is not None and len(values) not in (1, 2):
+                raise ValueError(f"lora.{name} takes one value or one per stage (2), got {value!r}")
+            if name != "learning_rate" and value is not None and any(int(v) < 0 for v in values):
+                raise ValueError(f"lora.{name} must be >= 0, got {value!r}")
+        if self.r < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora needs r >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps is not None or self.epochs is not None
+
+
+RUN_ONLY = ("calibration.progress", "calibration.stats_device", "device")
+"""Recipe fields that do not change the compressed model (where the maths runs, progress bars)."""
+
+
+@dataclass
+class Recipe:
+    """One compression run (see the module docstring).
+
+    Args:
+        method: ``svd``, ``asvd``, ``svd_llm``, ``svd_llm_v2``; ``null`` for no low-rank stage
+            (rotation / quantization only, QuaRot-style).
+        method_args: the method's own settings, e.g. ``{alpha: 0.5, scaling: abs_mean}`` for
+            ``asvd`` or ``{beta: 0.5}``.
+        ratio: fraction of the targeted parameters (or FLOPs, ``budget: flops``) to remove, in (0, 1).
+        allocation: how ranks are spread over the targeted matrices: ``uniform``, ``v2``,
+            ``greedy``, ``gradient`` (see :mod:`compression.allocation`).
+        budget: ``params`` (the ratio counts parameters) or ``flops`` (each matrix weighted by the
+            tokens through it per forward, from the calibration statistics).
+        max_ratio: upper bound on any one matrix's removal ratio under ``v2``.
+        min_rank: rank every matrix keeps under the global allocations (``greedy``, ``gradient``).
+        dense_above_break_even: global allocations only -- a matrix given a rank at or above its
+            break-even ``m n / (m + n)`` stays dense and the budget is spread again over the others.
+        components: ``gradient`` only -- ``leading`` (each matrix keeps its leading triplets, as
+            many as the ranking chose) or ``chosen`` (exactly the chosen triplets of joint groups).
+        targets: module-name patterns to compress (globs; a bare name matches as a suffix);
+            ``null`` uses the model family's default targets.
+        exclude: patterns removed from the targets.
+        overrides: ``pattern -> {ratio: x}`` or ``{rank: r}``; the first matching pattern fixes that
+            layer's ratio or rank, outside the allocation.
+        joint_qkv: factorize the q/k/v of each attention module as one matrix sharing a down
+            projection (QSVD); ``ratio`` keeps its meaning.
+        device: where the float64 decompositions run (``null``: each layer's device).
+        calibration: how much calibration data the stages read.
+        quantization: rotations, β and fake quantization after the low-rank stage.
+        lora: U/V LoRA recovery after the low-rank stage.
+    """
+
+    method: str | None = "svd_llm"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    ratio: float = 0.2
+    allocation: str = "uniform"
+    budget: Literal["params", "flops"] = "params"
+    max_ratio: float = 0.95
+    min_rank: int = 1
+    dense_above_break_even: bool = False
+    components: Literal["leading", "chosen"] = "leading"
+    targets: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    joint_qkv: bool = False
+    device: str | None = None
+    calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
+    quantization: QuantRecipe = field(default_factory=QuantRecipe)
+    lora: LoRARecipe = field(default_factory=LoRARecipe)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, MethodConfig):  # library convenience: Recipe(SVDLLMConfig(beta=0.3))
+            args = dataclasses.asdict(self.method)
+            self.method, self.method_args = self.method.method_name(), {**args, **self.method_args}
+        self.method_args = dict(self.method_args or {})
+        self.calibration = _section(self.calibration, CalibrationRecipe, "calibration")
+        self.quantization = _section(self.quantization, QuantRecipe, "quantization")
+        self.lora = _section(self.lora, LoRARecipe, "lora")
+        self.exclude = list(self.exclude or [])
+        self.overrides = dict(self.overrides or {})
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise ValueError("targets is an empty list; give patterns, or null for the family's defaults")
+        if self.method is None:
+            if self.method_args:
+                raise ValueError("method_args given but method is null (no low-rank stage)")
+            if not self.quantization.enabled:
+                raise ValueError("method is null and quantization is off: the recipe does nothing; "
+                                 "set method (e.g. svd_llm) or quantization.weight_bits / act_bits / rotate")
+            if self.lora.enabled:
+                raise ValueError("lora trains low-rank factors, but method is null (no low-rank stage)")
+            return
+        build_method(self.method, **self.method_args)  # unknown method or bad method_args fail here
+        check_ratio(self.ratio, "ratio")
+        check_ratio(self.max_ratio, "max_ratio")
+        from compression.allocation import ALLOCATORS
+
+        if self.allocation not in ALLOCATORS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATORS)}")
+        if self.budget not in ("params", "flops"):
+            raise ValueError(f"budget must be 'params' or 'flops', got {self.budget!r}")
+        if self.components not in ("leading", "chosen"):
+            raise ValueError(f"components must be 'leading' or 'chosen', got {self.components!r}")
+        if self.components == "chosen" and self.allocation != "gradient":
+            raise ValueError("components: chosen applies to allocation: gradient only")
+        if not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise ValueError(f"min_rank must be an integer >= 1, got {self.min_rank!r}")
+        for pattern, spec in self.overrides.items():
+            if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in ("ratio", "rank"):
+                raise ValueError(f"overrides[{pattern!r}] must be {{ratio: x}} or {{rank: r}}, got {spec!r}")
+            if "ratio" in spec:
+                check_ratio(float(spec["ratio"]), f"overrides[{pattern!r}].ratio")
+            elif not (float(spec["rank"]).is_integer() and spec["rank"] >= 1):
+                raise ValueError(f"overrides[{pattern!r}].rank must be an integer >= 1, got {spec['rank']!r}")
+        if self.quantization.enabled and self.lora.enabled:
+            raise ValueError("quantization and lora in one recipe is not supported: the LoRA stages train float "
+                             "factors; recover in one run, then quantize the recovered model in another")
+
+    # -- what the stages need -----------------------------------------------------------------------
+    @property
+    def lowrank(self) -> bool:
+        return self.method is not None
+
+    def method_config(self) -> MethodConfig | None:
+        return build_method(self.method, **self.method_args).config if self.method else None
+
+    # -- plain data ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"recipe: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**dict(data))
+
+    def differences(self, other: Recipe | Mapping[str, Any], ignore: tuple[str, ...] = RUN_ONLY) -> list[str]:
+        """``field: this -> other`` for every setting that differs (dotted names for sections),
+        leaving out the ``ignore``-d fields, which change how a run looks, not what it computes."""
+        mine = _flatten(self.to_dict())
+        theirs = _flatten(other.to_dict() if isinstance(other, Recipe) else Recipe.from_dict(other).to_dict())
+        keys = sorted(set(mine) | set(theirs))
+        return [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in keys
+                if k not in ignore and mine.get(k) != theirs.get(k)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key in ("calibration", "quantization", "lora"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
