@@ -1,6 +1,6 @@
 """Validate or test a dense model or a compressed checkpoint, as a LightningCLI.
 
-    python evaluate.py test --config configs/llm/eval.yaml --ckpt_path outputs/svd_llm/.../compressed.ckpt
+    python evaluate.py test --config configs/llm/svd_llm.yaml --ckpt_path outputs/llm/svd_llm/version_0/compressed.ckpt
 
 A compressed checkpoint carries its compression plan: the factored structure is rebuilt
 before the weights load, with no calibration.

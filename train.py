@@ -1,7 +1,7 @@
 """Calibrate -> compress -> (LoRA stages) -> checkpoint, as a LightningCLI.
 
     python train.py fit --config configs/llm/svd_llm.yaml
-    python train.py fit --config configs/llm/svd_llm.yaml --trainer.callbacks.2.init_args.ratio 0.4
+    python train.py fit --config configs/llm/svd_llm.yaml --compression.ratio 0.4
     python train.py fit --help
 """
 

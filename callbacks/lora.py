@@ -40,7 +40,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from callbacks.state import already_compressed
-from compression import LowRankLinear
+from compression import LoRARecipe, LowRankLinear
 from compression.plan import set_submodule
 from compression.targets import name_matches
 
@@ -118,48 +118,22 @@ def _per_stage(value: Any, name: str, cast: type) -> list | None:
 
 
 class UVLoRA(Callback):
-    """Alternating U/V LoRA recovery of the low-rank factors (see module docstring).
+    """Alternating U/V LoRA recovery of the low-rank factors (see module docstring), from ``recipe.lora``.
 
-    List it after ``SVDTruncation`` in ``trainer.callbacks``.
-
-    Args:
-        order: which factors train first: ``["down", "up"]`` (V then U, default) or ``["up", "down"]``.
-        steps: optimizer steps per stage, one value or ``[stage1, stage2]``.
-        epochs: epochs per stage instead of ``steps`` (converted with the train loader's length).
-        r: LoRA rank ``k``.
-        alpha: LoRA ``α`` (update scale ``α / k``).
-        dropout: LoRA dropout on the adapter input.
-        learning_rate: per-stage learning rate (one value or two); ``None`` keeps the module's.
-        targets: patterns of low-rank layer names to adapt (``None``: every low-rank layer).
+    Built by ``CompressionModule.configure_callbacks`` when the recipe's ``lora`` part is set
+    (``steps`` or ``epochs``); runs after the compression stages.
     """
 
-    def __init__(
-        self,
-        order: list[str] | None = None,
-        steps: int | list[int] | None = None,
-        epochs: int | list[int] | None = None,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.05,
-        learning_rate: float | list[float] | None = None,
-        targets: list[str] | None = None,
-    ) -> None:
-        order = list(order or SIDES)
-        if sorted(order) != sorted(SIDES):
-            raise ValueError(f"UVLoRA order must be ['down', 'up'] or ['up', 'down'], got {order!r}")
-        if (steps is None) == (epochs is None):
-            raise ValueError("UVLoRA needs exactly one of `steps` or `epochs` (per stage)")
-        if r < 1 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"UVLoRA needs r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}")
-        self.order = order
-        self.steps = _per_stage(steps, "steps", int)
-        self.epochs = _per_stage(epochs, "epochs", int)
-        for v in self.steps or self.epochs:
-            if v < 0:
-                raise ValueError(f"UVLoRA stage lengths must be >= 0, got {steps or epochs!r}")
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.learning_rate = _per_stage(learning_rate, "learning_rate", float)
-        self.targets = targets
+    def __init__(self, recipe: LoRARecipe) -> None:
+        if not recipe.enabled:
+            raise ValueError("UVLoRA needs lora.steps or lora.epochs (per stage)")
+        self.recipe = recipe
+        self.order = list(recipe.order)
+        self.steps = _per_stage(recipe.steps, "steps", int)
+        self.epochs = _per_stage(recipe.epochs, "epochs", int)
+        self.r, self.alpha, self.dropout = recipe.r, recipe.alpha, recipe.dropout
+        self.learning_rate = _per_stage(recipe.learning_rate, "learning_rate", float)
+        self.targets = recipe.targets
         self.boundaries: list[int] | None = None  # [s1, s1 + s2] in global steps, resolved at train start
         self.merged: list[str] = []  # sides already folded into their factors
         self._restored: dict | None = None
@@ -172,7 +146,7 @@ class UVLoRA(Callback):
     # -- structure: called from CompressionModule.configure_model, before any checkpoint loads -----
     def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not already_compressed(pl_module):
-            raise RuntimeError("UVLoRA found no compressed model: list it after SVDTruncation in trainer.callbacks")
+            raise RuntimeError("UVLoRA found no compressed model: the recipe's low-rank stage must run first")
         model = pl_module.model
         if lora_layers(model):
             return
@@ -257,6 +231,8 @@ class UVLoRA(Callback):
                 for group in opt.param_groups:
                     group["lr"] = self.learning_rate[stage - 1]
         self._stage = stage
+        # logged at batch start: callbacks listed by the user run before this one and read it at batch end
+        pl_module.log("lora/stage", float(stage), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         active = self.active_side(trainer.global_step)
@@ -267,8 +243,6 @@ class UVLoRA(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._stage is not None:  # the stage of the step this batch belongs to
-            pl_module.log("lora/stage", float(self._stage), on_step=True, on_epoch=False)
         if self.stage_at(trainer.global_step) >= 3:
             trainer.should_stop = True
 

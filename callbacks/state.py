@@ -1,42 +1,40 @@
-"""What the compression callbacks hand to each other during one run.
+"""What the compression stage callbacks share: the run's pipeline, data sharding and reductions.
 
-The state lives on the LightningModule (``pl_module.compression_state``), never as
-attributes on the layers being compressed.  Compression callbacks expose
-``run_compression_stage(trainer, pl_module)``; ``CompressionModule.configure_model`` calls
-them in ``trainer.callbacks`` order when fitting (collection -> reallocation -> truncation),
-before the strategy wraps the model.  Each checks that what it needs is there and says
-which callback to add or move when it is not.
+A compression run has one :class:`compression.CompressionPipeline`, built from the recipe by
+``CompressionModule.configure_model`` and kept on the module (``pl_module.pipeline``).  The
+stage callbacks (calibration -> reallocation -> truncation -> quantization -> U/V LoRA) are built
+by the module from the same recipe (``CompressionModule.configure_callbacks``) and called by it in
+that fixed order before the strategy wraps the model; each runs one stage of the pipeline.
+Nobody finds a callback by type or position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 
-from compression import ActivationStats, Allocation, CompressionReport
+from compression import CompressionPipeline, spread_batches
 
 
-@dataclass
-class CompressionState:
-    stats: ActivationStats | None = None
-    allocation: Allocation | None = None
-    allocation_name: str = "uniform"
-    components: dict[str, list[int]] = field(default_factory=dict)  # gradient "subset" mode: triplets kept
-    quantization: dict | None = None  # the plan's quantization section, once applied
-    report: CompressionReport | None = None
-    dense_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    calibration_seconds: float = 0.0
+class CompressionStage:
+    """Base of the stage callbacks: ``run_compression_stage(trainer, pl_module)``."""
+
+    name = "stage"
+
+    def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        raise NotImplementedError
 
 
-def get_state(pl_module: LightningModule) -> CompressionState:
-    state = getattr(pl_module, "compression_state", None)
-    if state is None:
-        state = CompressionState()
-        pl_module.compression_state = state
-    return state
+def pipeline_of(pl_module: LightningModule) -> CompressionPipeline:
+    pipe = getattr(pl_module, "pipeline", None)
+    if pipe is None:
+        raise RuntimeError("no compression pipeline on the module: compression stages run from "
+                           "CompressionModule.configure_model with a recipe (--compression)")
+    return pipe
 
 
 def already_compressed(pl_module: LightningModule) -> bool:
@@ -49,36 +47,41 @@ def plan_restored(pl_module: LightningModule) -> bool:
     return bool(getattr(pl_module, "plan_restored", False))
 
 
-def find_callback(trainer: Trainer, cls: type, needed_by: str):
-    for cb in trainer.callbacks:
-        if isinstance(cb, cls):
-            return cb
-    raise RuntimeError(f"{needed_by} needs a {cls.__name__} callback in trainer.callbacks; add one to the config")
+def calibration_loader(trainer: Trainer, needed_by: str):
+    dm = trainer.datamodule
+    if dm is None or not callable(getattr(dm, "calibration_dataloader", None)):
+        raise RuntimeError(f"{needed_by} needs a datamodule with a calibration_dataloader() method")
+    return dm.calibration_dataloader()
 
 
-def spread_batches(loader: Iterable, max_batches: int | None) -> Iterator[Any]:
-    """``max_batches`` batches evenly spaced over ``loader`` (all of them when ``None``).
+def shard(loader: Iterable, max_batches: int | None, trainer: Trainer) -> Iterator[Any]:
+    """This process's share of ``max_batches`` batches evenly spread over ``loader`` (round-robin by
+    batch, so every batch is seen by exactly one rank; a DistributedSampler would pad with duplicates)."""
+    rank, world = trainer.global_rank, trainer.world_size
+    for i, batch in enumerate(spread_batches(loader, max_batches)):
+        if i % world == rank:
+            yield trainer.strategy.batch_to_device(batch)
 
-    Calibration loaders are not shuffled, and a ``mix:`` source lists one corpus after the other:
-    the first batches would all come from the first corpus. A loader without ``len`` gives its
-    first ``max_batches`` batches.
-    """
-    try:
-        total = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    if max_batches is None or total is None or max_batches >= total:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                return
-            yield batch
-        return
-    if max_batches <= 0:
-        return
-    keep = {round(i * (total - 1) / max(max_batches - 1, 1)) for i in range(max_batches)}
-    last = max(keep)
-    for i, batch in enumerate(loader):
-        if i in keep:
-            yield batch
-        if i >= last:
-            return
+
+def same_on_every_rank(trainer: Trainer, loader: Iterable, max_batches: int | None) -> Callable[[], Iterator[Any]]:
+    """A fresh iterator of ``max_batches`` batches evenly spread over ``loader``, on the device
+    (every rank reads the same batches: the stage's result must be identical across ranks)."""
+
+    def batches() -> Iterator[Any]:
+        for batch in spread_batches(loader, max_batches):
+            yield trainer.strategy.batch_to_device(batch)
+
+    return batches
+
+
+def all_reduce_fn(trainer: Trainer) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """``fn(tensor, op)`` for :meth:`ActivationStats.reduce_`: identity on one process."""
+
+    def fn(t: torch.Tensor, op: str) -> torch.Tensor:
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return t
+        t = t.contiguous()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    return fn

@@ -1,48 +1,129 @@
 """The LightningCLI behind ``train.py`` and ``evaluate.py``.
 
-``train.py fit`` builds the model, runs the compression stages of the configured callbacks
-(calibration -> reallocation -> truncation), trains whatever is trainable (LoRA stages),
-writes ``<log_dir>/compressed.ckpt`` atomically and, by default, tests on every test corpus
-and prints a dense-vs-compressed summary (also written to ``<log_dir>/summary.json``).
+``train.py fit`` builds the model, runs the compression recipe (``--compression``, see
+:class:`compression.Recipe`: ``--compression.ratio 0.4``, ``--compression.method asvd``,
+``--compression.quantization.weight_bits 4``, ``--compression.lora.steps [100,100]``), trains
+whatever is trainable (LoRA stages), writes ``<log_dir>/compressed.ckpt`` atomically and, by
+default, tests on every test corpus and prints a dense-vs-compressed summary (also written to
+``<log_dir>/summary.json``).
+
+Checked before any model is built: the recipe (a bad value is one ``error:`` line naming the
+field), a checkpoint given with ``--ckpt_path`` (its plan is read safely and the recipe must match
+the one it was made with), and a log version that already holds a finished run (never
+overwritten).  A run that fails leaves no log version without a checkpoint behind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from compression import Recipe
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
-from lightning_modules.module import CompressionModule
+from lightning_modules.module import CompressionModule, check_recipe, read_plan
 
 log = logging.getLogger(__name__)
+
+FINISHED = ("compressed.ckpt", "summary.json")
 
 
 class CompressionCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
         self._start = time.perf_counter()
+        self._finished = False
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         atomic_io = {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
         kwargs.setdefault("trainer_defaults", {"plugins": [atomic_io]})
         kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(CompressionModule, LightningDataModule, subclass_mode_data=True, **kwargs)
+        try:
+            super().__init__(CompressionModule, LightningDataModule, subclass_mode_data=True, **kwargs)
+        except BaseException:
+            self._discard_unfinished_version()
+            raise
+
+    # -- arguments ----------------------------------------------------------------------------------
+    def add_core_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        # the recipe is the top-level --compression, not --model.compression
+        parser.add_class_arguments(CompressionModule, "model", fail_untyped=False, sub_configs=True,
+                                   skip={"compression"})
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--compression", type=Recipe | None, default=None,
+                            help="The compression recipe (compression.Recipe; null: a dense run). Every field is a "
+                                 "flag: --compression.ratio 0.4, --compression.method asvd, --compression.allocation "
+                                 "v2, --compression.quantization.weight_bits 4, --compression.lora.steps [100,100]. "
+                                 "--compression.help Recipe lists them all.")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, validate and test on every test corpus and print the dense-vs-compressed "
                                  "summary.")
         parser.add_argument("--save_compressed", type=bool, default=True,
                             help="After fit, write <log_dir>/compressed.ckpt (atomic; carries the plan).")
 
+    def _config(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._config()
+        raw = cfg.get("compression")
+        if raw is not None:
+            try:
+                recipe = Recipe.from_dict(raw.as_dict() if isinstance(raw, Namespace) else dict(vars(raw)))
+            except (TypeError, ValueError) as err:
+                self.parser.error(f"--compression: {err}")
+        else:
+            recipe = None
+        ckpt = cfg.get("ckpt_path")
+        if ckpt:
+            try:
+                plan = read_plan(ckpt)
+                if plan is not None:
+                    check_recipe(recipe, plan, ckpt)
+            except (FileNotFoundError, ValueError) as err:
+                self.parser.error(f"--ckpt_path: {err}")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        cfg = self._config()
+        recipe = self.config_init[self.subcommand]["compression"] if self.subcommand else None
+        self.model.recipe = recipe
+        self.model.checkpoint_path = cfg.get("ckpt_path")
+
+    # -- log versions -------------------------------------------------------------------------------
     def _log_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
+    def before_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        done = [name for name in FINISHED if (self._log_dir() / name).exists()]
+        if done and self._config().get("save_compressed", True):
+            raise FileExistsError(
+                f"{self._log_dir()} already holds a finished run ({', '.join(done)}); it is never overwritten. "
+                "Let the logger pick a new version (drop --trainer.logger.init_args.version) or remove that folder")
+
+    def _discard_unfinished_version(self) -> None:
+        """After a failure: remove this run's log version if it holds no checkpoint (nothing to resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero or trainer.logger is None or trainer.log_dir is None:
+            return
+        folder = Path(trainer.log_dir)
+        if folder.is_dir() and not any(folder.rglob("*.ckpt")) and not (folder / "summary.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s: the run failed before writing anything to resume from", folder)
+
+    # -- after the run ------------------------------------------------------------------------------
     def after_fit(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self._config()
         ckpt = None
         if cfg.get("save_compressed", True):
             ckpt = self._log_dir() / "compressed.ckpt"
@@ -56,7 +137,9 @@ class CompressionCLI(LightningCLI):
                 results.update({k: float(v) for k, v in d.items()})
         if self.trainer.is_global_zero:
             summary = build_summary(self.model, results, time.perf_counter() - self._start, ckpt)
-            (self._log_dir() / "summary.json").write_text(json.dumps(summary, indent=1))
+            from compression.io import atomic_write_text
+
+            atomic_write_text(self._log_dir() / "summary.json", json.dumps(summary, indent=1))
             print(format_summary(summary))  # the CLI's own output: the figures a user launched it for
 
     def after_test(self) -> None:
@@ -68,19 +151,16 @@ class CompressionCLI(LightningCLI):
 
 
 def build_summary(module: CompressionModule, test_results: dict[str, float], seconds: float, ckpt) -> dict:
-    state = getattr(module, "compression_state", None)
-    report = state.report if state is not None else None
-    out: dict = {"wall_seconds": seconds, "checkpoint": str(ckpt) if ckpt else None, "test": test_results}
-    if state is not None:
-        out["dense"] = state.dense_metrics
-        out["calibration_seconds"] = state.calibration_seconds
-    if report is not None:
+    report = module.report
+    out: dict = {"wall_seconds": seconds, "checkpoint": str(ckpt) if ckpt else None, "test": test_results,
+                 "dense": module.dense_metrics, "calibration_seconds": module.calibration_seconds}
+    if report is not None and report.layers:
         out["compression"] = report.summary()
-    quant = getattr(state, "quantization", None) if state is not None else None
+    quant = (module.plan or {}).get("quantization") if not module.plan_restored else None
     if quant is not None:
         out["quantization"] = {"weight_bits": (quant["weight"] or {}).get("bits"),
                                "act_bits": (quant["act"] or {}).get("bits"), "layers": len(quant["layers"]),
-                               "rotation": module.plan is not None and "rotation" in module.plan}
+                               "rotation": "rotation" in module.plan}
     return out
 
 

@@ -1,20 +1,23 @@
-"""One generic LightningModule for every family: build, compress (via callbacks), train, score.
+"""One generic LightningModule for every family: build, compress (via stage callbacks), train, score.
 
 Everything structural happens in :meth:`configure_model`, which Lightning calls before it
 restores a checkpoint and before the strategy wraps the model (DDP) or builds optimizers:
 
 1. build the dense model from the family spec, on the strategy's root device;
 2. if a checkpoint is being restored and it carries a compression plan (plain data), apply
-   the plan so the factored structure exists before the weights load -- no recalibration;
-3. when fitting, run the compression stages of the callbacks in ``trainer.callbacks`` order
-   (calibration -> rank reallocation -> truncation -> LoRA adapters); with a restored plan the
-   first three skip themselves, the adapters are re-attached before the weights load.
+   the plan so the factored structure exists before the weights load -- no recalibration; a
+   recipe that differs from the one the checkpoint was made with is refused;
+3. when fitting without a plan, build the run's :class:`~compression.CompressionPipeline` from
+   the recipe and run the stage callbacks (built from the same recipe by
+   :meth:`configure_callbacks`) in their fixed order: calibration -> reallocation -> truncation
+   -> quantization (any callback with an ``on_compression_stage_end(trainer, pl_module, stage)``
+   method is told after each); then the plan is built once; the U/V LoRA adapters attach last
+   (also on resume, before the weights load).
 
-Lightning tells ``configure_model`` the checkpoint only when it was set as
-``trainer.ckpt_path = PATH`` before ``fit``; with ``fit(ckpt_path=PATH)`` the path arrives
-after this hook, so the model is recalibrated and recompressed, then the checkpoint (whose
-plan must match) overwrites it -- correct, but slower; :meth:`on_load_checkpoint` also
-rebuilds the plan for ``validate``/``test``.
+The CLI tells the module the checkpoint (``checkpoint_path``) before ``fit``/``validate``/``test``
+start, so ``--ckpt_path`` never recalibrates.  In your own code set ``trainer.ckpt_path = PATH``
+before ``trainer.fit(module)`` (with ``fit(ckpt_path=PATH)`` Lightning names the file only after
+this hook: the run would compress again and then refuse a checkpoint whose plan differs).
 
 Compressing any later (e.g. in ``on_fit_start``) would swap layers under an already built
 DDP wrapper and optimizer.
@@ -26,11 +29,11 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from compression import apply_plan
+from compression import CompressionPipeline, Recipe, apply_plan
 from lightning_modules.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,26 +42,72 @@ PLAN_KEY = "compression_plan"
 LORA_KEY = "uv_lora"  # written by callbacks.lora.UVLoRA while adapters are attached
 
 
+class RecipeMismatch(ValueError):
+    """The recipe of this run differs from the one a checkpoint's plan was made with."""
+
+
 class CompressionModule(LightningModule):
-    """Wraps a model family's ``spec``; the compression itself is done by callbacks.
+    """Wraps a model family's ``spec`` and a compression ``recipe``; the stages are callbacks.
 
     Args:
         spec: the model family (e.g. ``lightning_modules.CausalLMSpec``).
+        compression: the compression recipe (``None``: a dense run); on the command line it is
+            the top-level ``--compression`` (``--compression.ratio 0.4``).
+        evaluate_dense: score the dense model on the test loaders before compressing (for the
+            dense-vs-compressed summary; one extra evaluation pass).
         learning_rate: AdamW learning rate for whatever parameters are trainable
             (the LoRA stages freeze everything else).
         weight_decay: AdamW weight decay.
     """
 
-    def __init__(self, spec: ModelSpec, learning_rate: float = 1e-4, weight_decay: float = 0.0) -> None:
+    def __init__(self, spec: ModelSpec, compression: Recipe | None = None, evaluate_dense: bool = False,
+                 learning_rate: float = 1e-4, weight_decay: float = 0.0) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["spec"])
+        self.save_hyperparameters(ignore=["spec", "compression"])
         self.spec = spec
+        self.recipe = compression
+        self.evaluate_dense = evaluate_dense
+        self.checkpoint_path: str | None = None  # set by the CLI from --ckpt_path before the trainer runs
         self.model: nn.Module | None = None
-        self.plan: dict | None = None  # set by the truncation callback or restored from a checkpoint
+        self.plan: dict | None = None  # built by the compression stages or restored from a checkpoint
         self.plan_restored = False
+        self.pipeline: CompressionPipeline | None = None
+        self.report = None
+        self.dense_metrics: dict[str, dict[str, float]] = {}
+        self.calibration_seconds = 0.0
+        self._stages: list[Callback] | None = None
         self.val_metrics: nn.Module | None = None
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
+
+    # -- stages -----------------------------------------------------------------------------------
+    def stage_callbacks(self) -> list[Callback]:
+        """The recipe's stage callbacks in run order (built once)."""
+        if self._stages is None:
+            from callbacks import Quantization, RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
+
+            recipe, stages = self.recipe, []
+            if recipe is not None:
+                if recipe.lowrank:
+                    stages += [WhiteningCollection(), RankReallocation(), SVDTruncation()]
+                if recipe.quantization.enabled:
+                    stages.append(Quantization())
+                if recipe.lora.enabled:
+                    stages.append(UVLoRA(recipe.lora))
+            self._stages = stages
+        return self._stages
+
+    def configure_callbacks(self) -> list[Callback]:
+        from callbacks.lora import UVLoRA
+        from callbacks.state import CompressionStage
+
+        trainer = self._trainer
+        listed = [type(cb).__name__ for cb in (trainer.callbacks if trainer is not None else [])
+                  if isinstance(cb, CompressionStage | UVLoRA) and cb not in (self._stages or [])]
+        if listed:
+            raise ValueError(f"trainer.callbacks lists {listed}: the compression stages come from the recipe "
+                             "(--compression); remove them from trainer.callbacks")
+        return self.stage_callbacks()
 
     # -- model ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -70,19 +119,55 @@ class CompressionModule(LightningModule):
         if trainer is None:
             return
         self.model.to(trainer.strategy.root_device)
-        if trainer.ckpt_path:
-            self.plan = read_plan(trainer.ckpt_path)
+        path = self.checkpoint_path or trainer.ckpt_path
+        if path:
+            self.plan = read_plan(path)
         if self.plan is not None:
+            check_recipe(self.recipe, self.plan, path)
             self.plan_restored = True  # compression stages that transform weights skip themselves
             changed = apply_plan(self.model, self.plan)
             log.info("rebuilt %d low-rank layers from the compression plan", len(changed))
-        if trainer.state.fn == TrainerFn.FITTING:
-            # with a restored plan the calibration/truncation stages skip themselves; stages that add
-            # structure (UVLoRA adapters) must still run so the checkpoint's state dict fits the model
-            for callback in trainer.callbacks:
-                stage = getattr(callback, "run_compression_stage", None)
-                if stage is not None:
-                    stage(trainer, self)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        stages = self.stage_callbacks()
+        from callbacks.lora import UVLoRA
+
+        if self.plan is None and any(not isinstance(s, UVLoRA) for s in stages):
+            self._compress(trainer, [s for s in stages if not isinstance(s, UVLoRA)])
+        for stage in stages:
+            if isinstance(stage, UVLoRA):  # adds structure: also on resume, before the weights load
+                stage.run_compression_stage(trainer, self)
+
+    def _compress(self, trainer, stages: list[Callback]) -> None:
+        if self.evaluate_dense:
+            self._evaluate_dense(trainer)
+        self.pipeline = CompressionPipeline(self.model, self.recipe, self.spec)
+        for stage in stages:
+            stage.run_compression_stage(trainer, self)
+            for callback in trainer.callbacks:  # observers: any callback may define this hook
+                hook = getattr(callback, "on_compression_stage_end", None)
+                if hook is not None:
+                    hook(trainer, self, stage.name)
+        self.report = self.pipeline.finish()
+        self.plan = self.report.plan
+        self.pipeline.stats = None  # free the Grams: nothing downstream needs them
+        if self.report.layers:
+            log.info("compressed %d matrices: removed %.4f of targeted parameters", len(self.report.layers),
+                     self.report.params_ratio)
+        if trainer.is_global_zero:
+            from callbacks.tb import log_compression
+
+            spectra = next((getattr(s, "spectra", {}) for s in stages if getattr(s, "name", "") == "truncation"), {})
+            log_compression(trainer, self.report, spectra)
+
+    def _evaluate_dense(self, trainer) -> None:
+        dm = trainer.datamodule
+        loaders = dm.test_dataloader()
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        names = list(getattr(dm, "test_names", None) or [f"test{i}" for i in range(len(loaders))])
+        for name, loader in zip(names, loaders):
+            self.dense_metrics[name] = self.evaluate_loader(loader)
+            log.info("dense %s: %s", name, self.dense_metrics[name])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -170,6 +255,31 @@ class CompressionModule(LightningModule):
 
 
 def read_plan(ckpt_path: str) -> dict | None:
-    """The compression plan stored in a Lightning checkpoint, without loading its tensors (mmap)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get(PLAN_KEY)
+    """The compression plan stored in a Lightning checkpoint, without loading its tensors (mmap).
+
+    Never unpickles code: ``weights_only=True`` (a checkpoint whose pickle names anything but
+    tensors and plain containers is refused with the file's name)."""
+    from compression.io import safe_torch_load
+
+    checkpoint = safe_torch_load(ckpt_path, mmap=True)
+    plan = checkpoint.get(PLAN_KEY) if isinstance(checkpoint, dict) else None
+    if plan is not None:
+        from compression.plan import validate_plan
+
+        validate_plan(plan)
+    return plan
+
+
+def check_recipe(recipe: Recipe | None, plan: dict, path: str | None) -> None:
+    """Refuse a recipe that differs from the one ``plan`` was made with (``None`` accepts the plan's)."""
+    if recipe is None:
+        return
+    made_with = plan.get("recipe")
+    if made_with is None:
+        log.warning("checkpoint %s predates recipes in plans; cannot check that --compression matches it", path)
+        return
+    changed = recipe.differences(made_with)
+    if changed:
+        raise RecipeMismatch(
+            f"checkpoint {path} was compressed with another recipe; this run changes " + "; ".join(changed)
+            + ". Drop the --compression changes to resume it, or start a new run without --ckpt_path")

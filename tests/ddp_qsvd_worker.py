@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 
-from callbacks import Quantization, RankReallocation, SVDTruncation, WhiteningCollection  # noqa: E402
+from compression import Recipe  # noqa: E402
 from lightning_modules import CausalLMSpec, CompressionModule  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.ddp_worker import ShardedTokens  # noqa: E402
@@ -25,13 +25,14 @@ from tests.ddp_worker import ShardedTokens  # noqa: E402
 
 def main(out_dir: str, devices: int) -> None:
     torch.set_num_threads(1)
-    callbacks = [WhiteningCollection(progress=False), RankReallocation("gradient", max_batches=None),
-                 SVDTruncation(method="svd_llm", ratio=0.3, joint_qkv=True),
-                 Quantization(weight_bits=8, act_bits=8, clip_grid=10, betas=[0.3, 0.5, 0.7], max_batches=2)]
+    recipe = Recipe("svd_llm", ratio=0.3, joint_qkv=True, allocation="gradient",
+                    calibration={"progress": False, "gradient_batches": None},
+                    quantization={"weight_bits": 8, "act_bits": 8, "rotate": True, "beta_search": True,
+                                  "clip_grid": 10, "betas": [0.3, 0.5, 0.7], "max_batches": 2})
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=0,
-                      callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out_dir)
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama().double()))
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama().double()), compression=recipe)
     trainer.fit(module, datamodule=ShardedTokens())
     state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     torch.save({"plan": module.plan, "state": state, "world_size": trainer.world_size},

@@ -19,13 +19,14 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningDataModule, Trainer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection  # noqa: E402
-from callbacks.state import get_state  # noqa: E402
+from compression import Recipe  # noqa: E402
 from lightning_modules import CausalLMSpec, CompressionModule  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.lightning_helpers import _windows  # noqa: E402
 
 CALIBRATION_BATCHES = 5  # odd on purpose: ranks get 3 and 2 batches
+RECIPE = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                lora={"steps": [2, 2], "r": 2, "alpha": 4, "dropout": 0.0, "learning_rate": 1e-2})
 
 
 class ShardedTokens(LightningDataModule):
@@ -39,15 +40,15 @@ class ShardedTokens(LightningDataModule):
 
 
 class Capture(Callback):
-    """A compression stage that records what the stages before it produced (stats, then factors)."""
+    """Records what the compression stages produced: the statistics, then the factors."""
 
-    def __init__(self, what: str, sink: dict) -> None:
-        self.what, self.sink = what, sink
+    def __init__(self, sink: dict) -> None:
+        self.sink = sink
 
-    def run_compression_stage(self, trainer, pl_module) -> None:
-        if self.what == "stats":
-            self.sink["stats"] = get_state(pl_module).stats.state_dict()
-        else:
+    def on_compression_stage_end(self, trainer, pl_module, stage: str) -> None:
+        if stage == "calibration":
+            self.sink["stats"] = pl_module.pipeline.stats.state_dict()
+        elif stage == "truncation":
             self.sink["factors"] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
 
@@ -63,11 +64,10 @@ class Steps(Callback):
 
 
 def run(out_dir: str, devices: int, module, datamodule) -> None:
-    """calibrate -> svd_llm at 0.3 -> UVLoRA 2 + 2 steps; write what each rank saw to ``OUT_DIR/rank{r}.pt``."""
+    """The module's recipe (calibrate -> svd_llm at 0.3 -> UVLoRA 2 + 2 steps); write what each rank saw
+    to ``OUT_DIR/rank{r}.pt``."""
     sink: dict = {}
-    callbacks = [WhiteningCollection(progress=False), Capture("stats", sink),
-                 SVDTruncation(method="svd_llm", ratio=0.3), Capture("factors", sink),
-                 UVLoRA(steps=[2, 2], r=2, alpha=4, dropout=0.0, learning_rate=1e-2), Steps(sink)]
+    callbacks = [Capture(sink), Steps(sink)]
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                       max_epochs=100, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -80,8 +80,8 @@ def run(out_dir: str, devices: int, module, datamodule) -> None:
 
 def main(out_dir: str, devices: int) -> None:
     torch.set_num_threads(1)
-    run(out_dir, devices, CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2),
-        ShardedTokens())
+    run(out_dir, devices, CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=RECIPE,
+                                            learning_rate=1e-2), ShardedTokens())
 
 
 if __name__ == "__main__":

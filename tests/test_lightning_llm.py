@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import RankReallocation, SVDTruncation, WhiteningCollection
-from compression import LowRankLinear
+from callbacks import SVDTruncation
+from compression import LowRankLinear, Recipe
 from lightning_modules import CausalLMSpec, CompressionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import make_tiny_llama
@@ -21,32 +21,32 @@ def trainer(tmp_path, callbacks=(), **kw) -> Trainer:
                    enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
-def compression_callbacks(method="svd_llm", allocation=True, **kw):
-    cbs = [WhiteningCollection(progress=False)]
-    if allocation:
-        cbs.append(RankReallocation("v2"))
-    cbs.append(SVDTruncation(method=method, ratio=0.3, **kw))
-    return cbs
+def module(recipe: Recipe | None, **kw) -> CompressionModule:
+    return CompressionModule(CausalLMSpec(model=make_tiny_llama(**kw)), compression=recipe)
+
+
+V2 = Recipe("svd_llm", ratio=0.3, allocation="v2", calibration={"progress": False})
 
 
 def test_fit_compresses_logs_and_evaluates_identically_after_reload(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
+    m = CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=V2, evaluate_dense=True)
     dm = TinyTokens()
-    t = trainer(tmp_path, compression_callbacks(evaluate_dense=True))
-    t.fit(module, datamodule=dm)
-    state = module.compression_state
-    assert module.plan is not None and module.plan["allocation"] == "v2"
-    assert len(module.plan["layers"]) == 14
-    assert sum(isinstance(m, LowRankLinear) for m in module.model.modules()) == 14
-    assert set(state.dense_metrics) == {"a", "b"} and state.dense_metrics["a"]["ppl"] > 1
-    assert 0.3 <= state.report.params_ratio < 0.36
-    in_memory = t.test(module, datamodule=dm, verbose=False)[0]
+    t = trainer(tmp_path)
+    t.fit(m, datamodule=dm)
+    assert [type(cb).__name__ for cb in t.callbacks if hasattr(cb, "run_compression_stage")] == [
+        "WhiteningCollection", "RankReallocation", "SVDTruncation"]  # built from the recipe, in order
+    assert m.plan is not None and m.plan["allocation"] == "v2" and m.plan["recipe"] == V2.to_dict()
+    assert len(m.plan["layers"]) == 14
+    assert sum(isinstance(x, LowRankLinear) for x in m.model.modules()) == 14
+    assert set(m.dense_metrics) == {"a", "b"} and m.dense_metrics["a"]["ppl"] > 1
+    assert 0.3 <= m.report.params_ratio < 0.36
+    in_memory = t.test(m, datamodule=dm, verbose=False)[0]
     ckpt = tmp_path / "compressed.ckpt"
     t.save_checkpoint(ckpt)
-    assert torch.load(ckpt, weights_only=False)["compression_plan"] == module.plan
+    assert torch.load(ckpt, weights_only=True)["compression_plan"] == m.plan  # plain data only
 
     # a fresh dense model with other weights: the plan rebuilds the structure, the weights load
-    fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=7)))
+    fresh = module(None, seed=7)
     reloaded = trainer(tmp_path / "eval").test(fresh, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
     assert reloaded.keys() == in_memory.keys() == {"test/ppl/a", "test/ppl/b"}
     for key in in_memory:
@@ -63,23 +63,31 @@ def test_fit_compresses_logs_and_evaluates_identically_after_reload(tmp_path):
     assert any("compress/rank_table" in tag for tag in tags["tensors"])
 
 
-def test_missing_collection_callback_is_explained(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
-    t = trainer(tmp_path, [SVDTruncation(method="svd_llm")])
-    with pytest.raises(RuntimeError, match="WhiteningCollection callback before SVDTruncation"):
-        t.fit(module, datamodule=TinyTokens())
+def test_stage_callbacks_listed_by_hand_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"trainer.callbacks lists \['SVDTruncation'\].*--compression"):
+        trainer(tmp_path, [SVDTruncation()]).fit(module(V2), datamodule=TinyTokens())
+
+
+class NoCalibration(TinyTokens):
+    calibration_dataloader = None
 
 
 def test_plain_svd_needs_no_calibration(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
-    trainer(tmp_path, [SVDTruncation(method="svd", ratio=0.5)]).fit(module, datamodule=TinyTokens())
-    assert module.compression_state.report.method == "svd"
+    m = module(Recipe("svd", ratio=0.5))
+    trainer(tmp_path).fit(m, datamodule=NoCalibration())
+    assert m.report.method == "svd" and len(m.plan["layers"]) == 14
+    with pytest.raises(RuntimeError, match="calibration needs a datamodule with a calibration_dataloader"):
+        trainer(tmp_path).fit(module(V2), datamodule=NoCalibration())
 
 
-def test_bad_truncation_arguments_fail_before_anything_loads():
+def test_bad_recipe_fails_before_anything_loads():
     with pytest.raises(ValueError, match="ratio"):
-        SVDTruncation(ratio=1.2)
+        Recipe(ratio=1.2)
     with pytest.raises(ValueError, match="valid fields"):
-        SVDTruncation(method="asvd", method_args={"alfa": 0.5})
-    with pytest.raises(ValueError, match="unknown rank allocation"):
-        RankReallocation("greedy")
+        Recipe("asvd", method_args={"alfa": 0.5})
+    with pytest.raises(ValueError, match="unknown allocation 'greedyy'.*gradient"):
+        Recipe(allocation="greedyy")
+    with pytest.raises(ValueError, match="quantization and lora in one recipe"):
+        Recipe(quantization={"weight_bits": 4}, lora={"steps": 10})
+    with pytest.raises(ValueError, match="calibration: unknown field"):
+        Recipe(calibration={"max_batchez": 3})

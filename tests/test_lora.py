@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
+from callbacks import UVLoRA
 from callbacks.lora import fold_lora_state_dict_, lora_layers
-from compression import LowRankLinear
+from compression import LoRARecipe, LowRankLinear, Recipe
 from lightning_modules import CausalLMSpec, CompressionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import make_tiny_llama
@@ -65,8 +65,16 @@ def probe_logits(pl_module):
     return out
 
 
-def lora_trainer(tmp_path, lora: UVLoRA, extra=(), **kw) -> Trainer:
-    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3), lora, *extra]
+def lora_module(learning_rate: float = 1e-2, seed: int = 0, **lora) -> tuple[CompressionModule, UVLoRA]:
+    """svd_llm at 0.3, then U/V LoRA with ``lora`` (the recipe's lora part); the module and its UVLoRA stage."""
+    recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False}, lora=lora)
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), compression=recipe,
+                               learning_rate=learning_rate)
+    return module, module.stage_callbacks()[-1]
+
+
+def lora_trainer(tmp_path, extra=(), **kw) -> Trainer:
+    callbacks = list(extra)
     kw.setdefault("max_steps", -1)
     kw.setdefault("max_epochs", 100)
     return Trainer(accelerator="cpu", devices=1, callbacks=callbacks, enable_progress_bar=False,
@@ -80,9 +88,9 @@ def changed(a, b) -> bool:
 
 @pytest.mark.parametrize("order", [["down", "up"], ["up", "down"]])
 def test_stages_train_one_side_each_and_merges_keep_ranks(tmp_path, order):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
+    module, _ = lora_module(order=order, steps=[3, 3], r=2, alpha=4, dropout=0.0)
     rec = Recorder()
-    t = lora_trainer(tmp_path, UVLoRA(order=order, steps=[3, 3], r=2, alpha=4, dropout=0.0), [rec])
+    t = lora_trainer(tmp_path, [rec])
     t.fit(module, datamodule=OrderedTokens())
     first, second = order
 
@@ -112,18 +120,18 @@ def test_stages_train_one_side_each_and_merges_keep_ranks(tmp_path, order):
 
 
 def test_epochs_per_stage_convert_to_steps(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
-    rec, lora = Recorder(), UVLoRA(epochs=[1, 2], r=2, dropout=0.0)
-    lora_trainer(tmp_path, lora, [rec], accumulate_grad_batches=2).fit(module, datamodule=OrderedTokens())
+    module, lora = lora_module(epochs=[1, 2], r=2, dropout=0.0)
+    rec = Recorder()
+    lora_trainer(tmp_path, [rec], accumulate_grad_batches=2).fit(module, datamodule=OrderedTokens())
     assert lora.boundaries == [2, 6]  # 4 batches per epoch, 2 per optimizer step
     assert rec.stages == [1.0] * 4 + [2.0] * 8  # logged per batch: 2 batches per step
 
 
 def test_recovery_lowers_training_loss_and_evaluates_the_same_after_reload(tmp_path):
     dm = OrderedTokens()
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=2e-2)
+    module, _ = lora_module(learning_rate=2e-2, steps=[8, 8], r=4, alpha=8, dropout=0.0)
     rec = Recorder()
-    t = lora_trainer(tmp_path, UVLoRA(steps=[8, 8], r=4, alpha=8, dropout=0.0), [rec])
+    t = lora_trainer(tmp_path, [rec])
     t.fit(module, datamodule=dm)
     assert len(rec.losses) == 16
     # 4 batches per epoch: compare the same batches in the first and the last epoch
@@ -132,7 +140,7 @@ def test_recovery_lowers_training_loss_and_evaluates_the_same_after_reload(tmp_p
     in_memory = t.test(module, datamodule=dm, verbose=False)[0]
     ckpt = tmp_path / "recovered.ckpt"
     t.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert "uv_lora" not in saved and not any(".lora_" in k for k in saved["state_dict"])
     fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=5)))
     evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -158,10 +166,10 @@ class SaveAt(Callback):
 
 def test_mid_lora_checkpoint_evaluates_with_adapters_folded(tmp_path):
     dm = OrderedTokens()
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), learning_rate=1e-2)
+    module, _ = lora_module(steps=[3, 3], r=2, alpha=4, dropout=0.0)
     saver = SaveAt(tmp_path / "mid.ckpt", step=5)
-    lora_trainer(tmp_path, UVLoRA(steps=[3, 3], r=2, alpha=4, dropout=0.0), [saver]).fit(module, datamodule=dm)
-    saved = torch.load(saver.path, weights_only=False)
+    lora_trainer(tmp_path, [saver]).fit(module, datamodule=dm)
+    saved = torch.load(saver.path, weights_only=True)
     assert saved["uv_lora"]["scaling"] == 2.0 and any(".lora_B." in k for k in saved["state_dict"])
     fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=3)))
     evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -188,19 +196,15 @@ def test_fold_lora_state_dict_matches_the_adapted_layer():
 
 def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="order"):
-        UVLoRA(order=["down", "down"], steps=2)
-    with pytest.raises(ValueError, match="exactly one of"):
-        UVLoRA()
-    with pytest.raises(ValueError, match="one per stage"):
-        UVLoRA(steps=[1, 2, 3])
-
-
-def test_uvlora_before_truncation_is_explained(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
-    t = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
-                callbacks=[UVLoRA(steps=1), WhiteningCollection(progress=False), SVDTruncation()])
-    with pytest.raises(RuntimeError, match="after SVDTruncation"):
-        t.fit(module, datamodule=TinyTokens())
+        LoRARecipe(order=["down", "down"], steps=2)
+    with pytest.raises(ValueError, match="lora.steps or lora.epochs"):
+        UVLoRA(LoRARecipe())
+    with pytest.raises(ValueError, match="one value or one per stage"):
+        LoRARecipe(steps=[1, 2, 3])
+    with pytest.raises(ValueError, match="not both"):
+        LoRARecipe(steps=1, epochs=1)
+    with pytest.raises(ValueError, match="method is null"):
+        Recipe(None, quantization={"rotate": True}, lora={"steps": 1})
 
 
 # -- instruction finetuning data (data/instruct.py) -------------------------------------------------

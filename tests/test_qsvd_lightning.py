@@ -6,9 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from callbacks import Quantization, RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
-from callbacks.reallocation import split_batch
-from compression import LowRankLinear, QuantLinear
+from compression import LowRankLinear, QuantLinear, Recipe, split_batch, spread_batches
 from compression.joint import LATENT_NAME, JointProjection
 from lightning_modules import CausalLMSpec, CompressionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
@@ -18,16 +16,22 @@ from tests.lightning_helpers import TinyTokens
 RATIO = 0.3
 
 
-def trainer(tmp_path, callbacks) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, max_steps=0, callbacks=list(callbacks), enable_progress_bar=False,
+def trainer(tmp_path) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_steps=0, enable_progress_bar=False,
                    logger=False, plugins=[AtomicCheckpointIO()], enable_model_summary=False,
                    enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
 
 
-def fit(tmp_path, callbacks, double: bool = False) -> CompressionModule:
+def recipe(allocation: str = "uniform", quantization: dict | None = None, **fields) -> Recipe:
+    """svd_llm joint q/k/v at RATIO (other Linears per matrix), 2 gradient batches, optional quantization."""
+    return Recipe("svd_llm", ratio=RATIO, joint_qkv=True, allocation=allocation,
+                  calibration={"progress": False, "gradient_batches": 2}, quantization=quantization, **fields)
+
+
+def fit(tmp_path, compression: Recipe, double: bool = False) -> CompressionModule:
     model = make_tiny_llama()
-    module = CompressionModule(CausalLMSpec(model=model.double() if double else model))
-    trainer(tmp_path, callbacks).fit(module, datamodule=TinyTokens())
+    module = CompressionModule(CausalLMSpec(model=model.double() if double else model), compression=compression)
+    trainer(tmp_path).fit(module, datamodule=TinyTokens())
     return module
 
 
@@ -45,9 +49,8 @@ def _joint_groups(model) -> list[torch.nn.Module]:
 def test_joint_qkv_allocations_keep_the_budget_and_reload(tmp_path, strategy):
     dense = make_tiny_llama()
     budget = qkv_budget(dense)
-    module = fit(tmp_path, [WhiteningCollection(progress=False), RankReallocation(strategy, max_batches=2),
-                            SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True)])
-    plan, report = module.plan, module.compression_state.report
+    module = fit(tmp_path, recipe(strategy))
+    plan, report = module.plan, module.report
     groups = _joint_groups(module.model)
     assert len(groups) == 2 and set(plan["joint_groups"]) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     assert all(isinstance(getattr(g, p), JointProjection) for g in groups for p in ("q_proj", "k_proj", "v_proj"))
@@ -74,23 +77,17 @@ def test_joint_qkv_allocations_keep_the_budget_and_reload(tmp_path, strategy):
 
 
 def test_gradient_subset_keeps_the_chosen_triplets(tmp_path):
-    module = fit(tmp_path, [WhiteningCollection(progress=False),
-                            RankReallocation("gradient", max_batches=2, mode="subset"),
-                            SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True)])
-    state = module.compression_state
-    assert set(state.components) == set(module.plan["joint_groups"])
-    for group, comps in state.components.items():
+    module = fit(tmp_path, recipe("gradient", components="chosen"))
+    components = module.pipeline.allocation.components
+    assert set(components) == set(module.plan["joint_groups"])
+    for group, comps in components.items():
         assert module.plan["joint_groups"][group]["rank"] == len(comps) == len(set(comps))
 
 
 def test_rotation_and_latent_rotation_leave_the_float64_function_unchanged(tmp_path):
-    base = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True)]
-    plain = fit(tmp_path / "a", base, double=True)
-    rotated = fit(tmp_path / "b", [WhiteningCollection(progress=False),
-                                   SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True),
-                                   Quantization(weight_bits=None, act_bits=None, rotate=True, betas=[0.2, 0.5, 0.8])],
-                  double=True)
-    assert "rotation" in rotated.plan and rotated.plan["quantization"]["act"] is None
+    plain = fit(tmp_path / "a", recipe(), double=True)
+    rotated = fit(tmp_path / "b", recipe(quantization={"rotate": True, "latent_rotation": True}), double=True)
+    assert "rotation" in rotated.plan and "quantization" not in rotated.plan  # rotations only, float weights
     assert rotated.plan["method"]["name"] == "svd_llm" and rotated.plan["ratio"] == RATIO
     x = torch.randint(0, 128, (2, 12))
     with torch.no_grad():  # 1e-6, not 1e-12: transformers' LlamaRMSNorm normalises in float32 even for float64
@@ -102,9 +99,9 @@ def test_rotation_and_latent_rotation_leave_the_float64_function_unchanged(tmp_p
 
 
 def test_full_qsvd_checkpoint_reloads_and_scores_identically(tmp_path):
-    module = fit(tmp_path, [WhiteningCollection(progress=False), RankReallocation("gradient", max_batches=2),
-                            SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True),
-                            Quantization(weight_bits=8, act_bits=8, clip_grid=10, betas=[0.3, 0.5, 0.7])])
+    module = fit(tmp_path, recipe("gradient", quantization={"weight_bits": 8, "act_bits": 8, "rotate": True,
+                                                            "beta_search": True, "clip_grid": 10,
+                                                            "betas": [0.3, 0.5, 0.7]}))
     plan = module.plan
     assert {"rotation", "joint_groups", "layers", "quantization"} <= set(plan)
     assert plan["allocation"] == "gradient" and set(plan["quantization"]["beta"]) == {
@@ -114,13 +111,13 @@ def test_full_qsvd_checkpoint_reloads_and_scores_identically(tmp_path):
     assert "lm_head" not in quantized and len(quantized) == 2 * (1 + 3) + 2 * 8  # latent down + 3 ups; 8 factors
     assert not any(type(m) is torch.nn.Linear for n, m in module.model.named_modules() if n != "lm_head")
     dm = TinyTokens()
-    t = trainer(tmp_path, [])
+    t = trainer(tmp_path)
     in_memory = t.test(module, datamodule=dm, verbose=False)[0]
     assert all(torch.isfinite(torch.tensor(v)) for v in in_memory.values())
     ckpt = tmp_path / "qsvd.ckpt"
     t.save_checkpoint(ckpt)
     fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=5)))
-    reloaded = trainer(tmp_path / "eval", []).test(fresh, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
+    reloaded = trainer(tmp_path / "eval").test(fresh, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
     assert reloaded.keys() == in_memory.keys()
     for key in in_memory:
         assert reloaded[key] == pytest.approx(in_memory[key], rel=1e-6)
@@ -129,18 +126,16 @@ def test_full_qsvd_checkpoint_reloads_and_scores_identically(tmp_path):
 
 
 def test_misuse_is_explained(tmp_path):
-    with pytest.raises(RuntimeError, match="after SVDTruncation"):
-        fit(tmp_path, [WhiteningCollection(progress=False), Quantization(weight_bits=8, act_bits=8),
-                       SVDTruncation(method="svd_llm", ratio=RATIO)])
-    with pytest.raises(ValueError, match="UVLoRA"):
-        fit(tmp_path, [SVDTruncation(method="svd", ratio=RATIO), Quantization(weight_bits=8, act_bits=8),
-                       UVLoRA(steps=[1, 1])])
+    with pytest.raises(ValueError, match="quantization and lora in one recipe"):
+        recipe(quantization={"weight_bits": 8}, lora={"steps": [1, 1]})
     with pytest.raises(ValueError, match="no attention module has all of its q/k/v"):
-        fit(tmp_path, [SVDTruncation(method="svd", ratio=RATIO, targets=["q_proj", "v_proj"], joint_qkv=True)])
+        fit(tmp_path, Recipe("svd", ratio=RATIO, targets=["q_proj", "v_proj"], joint_qkv=True))
     with pytest.raises(ValueError, match="does nothing"):
-        Quantization(weight_bits=None, act_bits=None, rotate=False)
-    with pytest.raises(ValueError, match="mode"):
-        RankReallocation("gradient", mode="top")
+        Recipe(None)
+    with pytest.raises(ValueError, match="components"):
+        Recipe(allocation="gradient", components="top")
+    with pytest.raises(ValueError, match="beta_search chooses β for quantized factors"):
+        recipe(quantization={"rotate": True, "beta_search": True})
 
 
 def test_split_batch_slices_every_per_sample_entry():
@@ -152,30 +147,25 @@ def test_split_batch_slices_every_per_sample_entry():
 
 
 def test_beta_by_calibration_loss_picks_the_best_candidate_and_applies_it(tmp_path):
-    module = fit(tmp_path, [WhiteningCollection(progress=False),
-                            SVDTruncation(method="svd_llm", ratio=RATIO, joint_qkv=True),
-                            Quantization(weight_bits=4, act_bits=8, clip_grid=0, beta_objective="loss",
-                                         betas=[0.0, 0.5, 1.0], max_batches=2)])
+    module = fit(tmp_path, recipe(quantization={"weight_bits": 4, "act_bits": 8, "rotate": True, "clip_grid": 0,
+                                                "beta_search": True, "beta_objective": "loss",
+                                                "betas": [0.0, 0.5, 1.0], "max_batches": 2}))
     quant = module.plan["quantization"]
     losses = {float(b): v for b, v in quant["beta_losses"].items()}
     best = min(losses, key=losses.get)
     assert len(losses) == 3 and len(set(losses.values())) == 3  # β matters once weights are 4-bit
     assert set(quant["beta"].values()) == {best}
     # the applied model is the winning trial: its calibration loss is the recorded minimum
-    from callbacks.state import spread_batches
-
     batches = list(spread_batches(TinyTokens().calibration_dataloader(), 2))  # the batches the search scored
     with torch.no_grad():
         loss = sum(float(module.spec.training_loss(module.model, b)) for b in batches) / 2
     assert loss == pytest.approx(losses[best], rel=1e-6)
     with pytest.raises(ValueError, match="beta_objective"):
-        Quantization(beta_objective="perplexity")
+        Recipe(quantization={"beta_objective": "perplexity"})
 
 
 def test_calibration_batches_are_spread_over_the_loader():
     from torch.utils.data import DataLoader
-
-    from callbacks.state import spread_batches
 
     loader = DataLoader(list(range(32)), batch_size=4)  # 8 batches: a mix lists one corpus, then the other
     firsts = [int(b[0]) for b in spread_batches(loader, 4)]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
+from compression import Recipe
 from lightning_modules import CausalLMSpec, CompressionModule
+from lightning_modules.module import RecipeMismatch
 from tests.conftest import make_tiny_llama
 from tests.lightning_helpers import cpu_trainer
 from tests.test_lora import OrderedTokens, Recorder
@@ -24,13 +25,17 @@ STEPS = [4, 8]  # stage 1 = steps 0-3, stage 2 = steps 4-11; 4 batches per epoch
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
-def run(tmp_path, name, max_steps=-1, ckpt_path=None, seed=0, every=None, stateful=True):
-    lora = UVLoRA(steps=STEPS, r=2, alpha=4, dropout=0.0, learning_rate=[2e-2, 1e-2])
+RECIPE = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                lora={"steps": STEPS, "r": 2, "alpha": 4, "dropout": 0.0, "learning_rate": [2e-2, 1e-2]})
+
+
+def run(tmp_path, name, max_steps=-1, ckpt_path=None, seed=0, every=None, stateful=True, recipe=RECIPE):
     rec = Recorder()
-    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3), lora, rec]
-    trainer = cpu_trainer(tmp_path / name, callbacks, max_steps, every)
+    trainer = cpu_trainer(tmp_path / name, [rec], max_steps, every)
     # a fresh model with other weights: a resumed run must take everything from the checkpoint
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), learning_rate=5e-3)
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), compression=recipe,
+                               learning_rate=5e-3)
+    lora = module.stage_callbacks()[-1]
     if stateful:  # Lightning's stateful API: configure_model sees the path and rebuilds the plan
         trainer.ckpt_path = ckpt_path
         trainer.fit(module, datamodule=OrderedTokens())
@@ -47,14 +52,14 @@ def test_resume_inside_stage_two_reproduces_losses(tmp_path):
     _, cut_rec, _, _ = run(tmp_path, "cut", max_steps=8, every=2)
     assert cut_rec.losses == full_rec.losses[:8]
     ckpt = tmp_path / "ckpt" / "step=8.ckpt"
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("UVLoRA"))
     assert state["boundaries"] == [4, 12] and state["merged"] == ["down"]
     assert saved["uv_lora"]["scaling"] == 2.0
 
     resumed, rec, lora, trainer = run(tmp_path, "resumed", ckpt_path=ckpt, seed=11)
     # no recalibration, and stage 1 was not redone: the run starts at step 8, in stage 2, down side merged
-    assert getattr(resumed, "compression_state", None) is None
+    assert resumed.pipeline is None and resumed.plan_restored
     assert rec.stages == [2] * 4 and lora.merged == ["down", "up"]
     assert trainer.global_step == 12
     assert rec.losses == pytest.approx(full_rec.losses[8:], rel=1e-6, abs=1e-7)
@@ -62,12 +67,25 @@ def test_resume_inside_stage_two_reproduces_losses(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_resume_through_fit_ckpt_path_recalibrates_but_matches(tmp_path):
+def test_resume_through_fit_ckpt_path_with_the_module_told_matches(tmp_path):
+    """``fit(ckpt_path=...)`` names the file after configure_model; telling the module (as the CLI does)
+    rebuilds the plan instead of recompressing."""
     full, full_rec, _, _ = run(tmp_path, "full")
     run(tmp_path, "cut", max_steps=8, every=8)
-    resumed, rec, _, _ = run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=8.ckpt", stateful=False)
-    assert resumed.compression_state.report is not None  # compressed again, then overwritten by the checkpoint
+    rec = Recorder()
+    trainer = cpu_trainer(tmp_path / "resumed", [rec])
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=3)), compression=RECIPE, learning_rate=5e-3)
+    module.checkpoint_path = str(tmp_path / "ckpt" / "step=8.ckpt")
+    trainer.fit(module, datamodule=OrderedTokens(), ckpt_path=module.checkpoint_path)
+    assert module.pipeline is None and module.plan_restored  # nothing recalibrated
     assert rec.losses == pytest.approx(full_rec.losses[8:], rel=1e-6, abs=1e-7)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    run(tmp_path, "cut", max_steps=4, every=4)
+    changed = Recipe.from_dict({**RECIPE.to_dict(), "ratio": 0.4})
+    with pytest.raises(RecipeMismatch, match=r"ratio: 0.3 -> 0.4.*Drop the --compression changes"):
+        run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=4.ckpt", recipe=changed)
 
 
 def test_resume_mid_epoch_inside_stage_two(tmp_path):
@@ -81,25 +99,20 @@ def test_resume_mid_epoch_inside_stage_two(tmp_path):
 
 def test_resume_with_other_stage_lengths_is_refused(tmp_path):
     run(tmp_path, "cut", max_steps=4, every=4)
-    lora = UVLoRA(steps=[2, 8], r=2, alpha=4, dropout=0.0)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=100, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
-                      callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3), lora])
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
-    trainer.ckpt_path = tmp_path / "ckpt" / "step=4.ckpt"
-    with pytest.raises(ValueError, match="same steps/epochs"):
-        trainer.fit(module, datamodule=OrderedTokens())
+    recipe = Recipe.from_dict({**RECIPE.to_dict(), "lora": {**RECIPE.lora.__dict__, "steps": [2, 8]}})
+    with pytest.raises(RecipeMismatch, match=r"lora.steps: \[4, 8\] -> \[2, 8\]"):
+        run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=4.ckpt", recipe=recipe)
 
 
 def test_resume_from_a_checkpoint_without_adapters_is_explained(tmp_path):
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()))
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=Recipe(ratio=0.3))
     t = Trainer(accelerator="cpu", devices=1, max_steps=0, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3)])
+                enable_model_summary=False)
     t.fit(module, datamodule=OrderedTokens())
     t.save_checkpoint(tmp_path / "compressed.ckpt")
-    lora = UVLoRA(steps=2, r=2)
-    t2 = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                 callbacks=[WhiteningCollection(progress=False), SVDTruncation(ratio=0.3), lora])
-    with pytest.raises(ValueError, match="the checkpoint holds none"):
-        t2.fit(CompressionModule(CausalLMSpec(model=make_tiny_llama())), datamodule=OrderedTokens(),
-               ckpt_path=tmp_path / "compressed.ckpt")
+    t2 = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False)
+    # a LoRA recipe asked to resume a checkpoint compressed without LoRA: another recipe, refused up front
+    fresh = CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=Recipe(ratio=0.3, lora={"steps": 2}))
+    fresh.checkpoint_path = str(tmp_path / "compressed.ckpt")
+    with pytest.raises(RecipeMismatch, match="lora.steps: None -> 2"):
+        t2.fit(fresh, datamodule=OrderedTokens(), ckpt_path=fresh.checkpoint_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
+from compression import Recipe
 from data.multiview.datamodule import MultiViewDataModule
 from lightning_modules import CompressionModule, VGGTSpec
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
@@ -50,10 +50,10 @@ def spec(seed: int = 0) -> VGGTSpec:
 
 def fit(tmp_path, name, max_steps=-1, ckpt_path=None, every=None, seed=0):
     rec = Losses()
-    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm", ratio=0.3),
-                 UVLoRA(steps=STEPS, r=2, alpha=4, dropout=0.0, learning_rate=[1e-2, 5e-3]), rec]
-    trainer = cpu_trainer(tmp_path / name, callbacks, max_steps, every)
-    module = CompressionModule(spec(seed), learning_rate=5e-3)
+    trainer = cpu_trainer(tmp_path / name, [rec], max_steps, every)
+    recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                    lora={"steps": STEPS, "r": 2, "alpha": 4, "dropout": 0.0, "learning_rate": [1e-2, 5e-3]})
+    module = CompressionModule(spec(seed), compression=recipe, learning_rate=5e-3)
     trainer.ckpt_path = ckpt_path  # configure_model sees it and rebuilds the plan (no recalibration)
     trainer.fit(module, datamodule=data())
     trainer.ckpt_path = None
@@ -65,7 +65,7 @@ def test_vggt_lora_resume_inside_stage_two_reproduces_the_run(tmp_path):
     assert len(full_rec.losses) == 6 and all(torch.isfinite(torch.tensor(full_rec.losses)))
     fit(tmp_path, "cut", max_steps=4, every=4)
     resumed, rec, trainer = fit(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=4.ckpt", seed=7)
-    assert getattr(resumed, "compression_state", None) is None  # plan rebuilt, nothing recalibrated
+    assert resumed.pipeline is None and resumed.plan_restored  # plan rebuilt, nothing recalibrated
     assert trainer.global_step == 6
     assert rec.losses == pytest.approx(full_rec.losses[4:], rel=1e-6, abs=1e-7)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -74,9 +74,8 @@ def test_vggt_lora_resume_inside_stage_two_reproduces_the_run(tmp_path):
 
 def test_compressed_vggt_checkpoint_evaluates_identically_after_reload(tmp_path):
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=0, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
-                      callbacks=[WhiteningCollection(progress=False), SVDTruncation(method="svd_llm_v2", ratio=0.4)])
-    module = CompressionModule(spec())
+                      enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
+    module = CompressionModule(spec(), compression=Recipe("svd_llm_v2", ratio=0.4, calibration={"progress": False}))
     dm = data()
     trainer.fit(module, datamodule=dm)
     first = trainer.test(module, datamodule=dm, verbose=False)[0]

@@ -10,9 +10,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from callbacks import Quantization, RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
 from callbacks.lora import lora_layers
-from compression import LowRankLinear, QuantLinear
+from compression import LowRankLinear, QuantLinear, Recipe
 from compression.joint import JointProjection
 from data.vqa import VQACollator, VQADataModule, read_scienceqa, read_vizwiz
 from lightning_modules import CompressionModule, VLMSpec
@@ -53,12 +52,13 @@ def roots(tmp_path_factory):
 @pytest.mark.parametrize("family, dataset", CASES)
 def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_path):
     dm = _datamodule(family, dataset, roots[dataset])
-    module = CompressionModule(VLMSpec(f"tiny-{family}", compress_vision=True, max_new_tokens=4))
-    callbacks = [WhiteningCollection(progress=False), RankReallocation("gradient", max_batches=4),
-                 SVDTruncation(method="svd_llm_v2", ratio=0.3, joint_qkv=True, log_spectra=0),
-                 Quantization(weight_bits=4, act_bits=4, clip_grid=10, betas=[0.2, 0.5, 0.8], calibration_tokens=64,
-                              max_batches=2)]
-    trainer = _trainer(callbacks)
+    recipe = Recipe("svd_llm_v2", ratio=0.3, joint_qkv=True, allocation="gradient",
+                    calibration={"progress": False, "gradient_batches": 4},
+                    quantization={"weight_bits": 4, "act_bits": 4, "rotate": True, "beta_search": True,
+                                  "clip_grid": 10, "betas": [0.2, 0.5, 0.8], "calibration_tokens": 64,
+                                  "max_batches": 2})
+    module = CompressionModule(VLMSpec(f"tiny-{family}", compress_vision=True, max_new_tokens=4), compression=recipe)
+    trainer = _trainer([])
     trainer.fit(module, datamodule=dm)
     model, plan = module.model, module.plan
     groups = plan["joint_groups"]
@@ -133,11 +133,11 @@ class _Snapshot(Callback):
 
 def test_uv_lora_recovers_a_compressed_vlm(roots):
     dm = _datamodule("idefics3", "scienceqa", roots["scienceqa"])
-    module = CompressionModule(VLMSpec("tiny-idefics3", max_new_tokens=2), learning_rate=1e-2)
-    lora, snap = UVLoRA(steps=[2, 2], r=2, alpha=4.0, dropout=0.0), _Snapshot()
-    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd_llm_v2", ratio=0.3, log_spectra=0),
-                 lora, snap]
-    trainer = _trainer(callbacks, max_steps=-1, max_epochs=10, limit_val_batches=0)
+    recipe = Recipe("svd_llm_v2", ratio=0.3, calibration={"progress": False},
+                    lora={"steps": [2, 2], "r": 2, "alpha": 4.0, "dropout": 0.0})
+    module = CompressionModule(VLMSpec("tiny-idefics3", max_new_tokens=2), compression=recipe, learning_rate=1e-2)
+    lora, snap = module.stage_callbacks()[-1], _Snapshot()
+    trainer = _trainer([snap], max_steps=-1, max_epochs=10, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4 and lora.merged == ["down", "up"]
     assert not lora_layers(module.model)  # adapters merged and unwrapped: a plain compressed model again

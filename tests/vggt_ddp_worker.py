@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from data.multiview.datamodule import MultiViewDataModule  # noqa: E402
 from lightning_modules import CompressionModule, VGGTSpec  # noqa: E402
-from tests.ddp_worker import run  # noqa: E402
+from tests.ddp_worker import RECIPE, run  # noqa: E402
 
 CALIBRATION_SCENES = 3  # batch 1: ranks get 2 and 1 calibration batches
 TRAIN_SCENES = 8  # batch 1, 2 ranks: 4 steps per epoch
@@ -32,7 +32,7 @@ def main(out_dir: str, devices: int) -> None:
     spec = VGGTSpec(config_overrides={"frames_chunk_size": None}, count_flops=False)
     data = MultiViewDataModule(num_views=2, image_size=(28, 28), train_scenes=TRAIN_SCENES, val_scenes=0,
                                test_scenes=0, calibration_scenes=CALIBRATION_SCENES, seed=0, batch_size=1)
-    run(out_dir, devices, CompressionModule(spec, learning_rate=1e-2), data)
+    run(out_dir, devices, CompressionModule(spec, compression=RECIPE, learning_rate=1e-2), data)
 
 
 if __name__ == "__main__":
