@@ -31,8 +31,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from callbacks.state import spread_batches  # noqa: E402
-from compression import ActivationStats, collect_stats  # noqa: E402
+from compression import ActivationStats, collect_stats, spread_batches  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 
 
@@ -87,7 +86,7 @@ def calibrate(setup: LMSetup, names: list[str] | None = None) -> ActivationStats
 
 def spread(items: list, count: int, first: bool = False) -> list:
     """``count`` items evenly spaced over ``items`` (``first``: the first ``count``), as the
-    calibration callbacks pick their batches (:func:`callbacks.state.spread_batches`): the windows
+    calibration stages pick their batches (:func:`compression.spread_batches`): the windows
     of a ``mix:`` source come component after component (all the comedies, then all of Wikipedia),
     so "the first N" would draw every gradient or loss sample from the first corpus only.
     """

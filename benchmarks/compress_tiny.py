@@ -21,7 +21,7 @@ import time
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compression import CompressionConfig, collect_stats, compress_, eligible_linears
+from compression import Recipe, collect_stats, compress_, eligible_linears
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -48,7 +48,7 @@ def main() -> None:
         for allocation in ("uniform", "v2"):
             model = tiny_llama(0)
             t0 = time.perf_counter()
-            report = compress_(model, CompressionConfig(method, ratio=args.ratio, allocation=allocation), stats)
+            report = compress_(model, Recipe(method, ratio=args.ratio, allocation=allocation), stats)
             with torch.no_grad():
                 out = model(**held_out).logits
             rel = float((out - ref).norm() / ref.norm())

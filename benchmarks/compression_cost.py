@@ -35,7 +35,7 @@ def rss_mib() -> float:
 
 @torch.no_grad()
 def worker(args) -> dict:
-    from compression import CompressionConfig, StatsCollector, compress_
+    from compression import Recipe, StatsCollector, compress_
     from data.text import TextDataModule
     from lightning_modules.specs import CausalLMSpec
     from models.causal_lm import load_causal_lm
@@ -55,7 +55,7 @@ def worker(args) -> dict:
     calib_s = time.perf_counter() - start
     calib_peak = rss_mib() - base
     start = time.perf_counter()
-    report = compress_(model, CompressionConfig(args.method, ratio=0.2, targets=targets), stats)
+    report = compress_(model, Recipe(args.method, ratio=0.2, targets=targets), stats)
     decomp_s = time.perf_counter() - start
     return {
         "share": args.share, "method": args.method, "streams": len(stats.streams), "layers": len(stats.owner),

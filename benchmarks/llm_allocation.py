@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import sys
 import time
 
@@ -32,41 +31,11 @@ import common  # noqa: F401 -- before torch: passive OpenMP waiting, the reposit
 import torch
 from common import calibrate, lm_parser, lm_setup, perplexity, single_windows
 
-from compression import CompressionConfig, build_method, compress_, gradient_allocation, gradient_importance
-from compression.allocation import _spread
+from compression import Recipe, build_method, compress_, gradient_importance
 from compression.gradient_allocation import lm_loss
-from compression.lowrank import rank_for_ratio
-from compression.targets import layer_type
 
-
-def spread_by_type(shapes, weights, ratio, max_ratio=0.95) -> dict[str, int]:
-    groups: dict[str, list[str]] = {}
-    for n in shapes:
-        groups.setdefault(layer_type(n), []).append(n)
-    ratios: dict[str, float] = {}
-    for members in groups.values():
-        ratios.update(_spread({n: weights[n] for n in members}, {n: shapes[n][0] * shapes[n][1] for n in members},
-                              ratio, max_ratio))
-    return {n: rank_for_ratio(*shapes[n], ratios[n]) for n in shapes}
-
-
-def greedy(shapes, spectra, ratio, normalise: bool) -> dict[str, int]:
-    budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
-    ranks = dict.fromkeys(shapes, 1)
-    used = sum(m + n for m, n in shapes.values())
-    cands = []
-    for name, s in spectra.items():
-        energy = s.double().square()
-        scale = float(energy.sum()) if normalise else 1.0
-        m, n = shapes[name]
-        cands += [(float(e) / scale / (m + n), name, j) for j, e in enumerate(energy.tolist()) if j >= 1]
-    cands.sort(key=lambda t: -t[0])
-    for _, name, j in cands:  # descending σ within a layer, so indices arrive in order
-        m, n = shapes[name]
-        if j == ranks[name] and used + m + n <= budget:
-            ranks[name] += 1
-            used += m + n
-    return ranks
+SCHEMES = {"uniform": "uniform", "v2 -log(rel)": "v2", "v2 1/log(abs)": "v2_paper", "greedy abs": "greedy",
+           "greedy rel": "greedy_relative", "gradient": "gradient"}
 
 
 def main() -> None:
@@ -84,7 +53,6 @@ def main() -> None:
     dense, tests, targets = setup.model, setup.tests, setup.targets
     stats = calibrate(setup)
     method = build_method("svd_llm")
-    shapes = {n: (dense.get_submodule(n).out_features, dense.get_submodule(n).in_features) for n in targets}
     with torch.no_grad():
         spectra = {n: method.spectrum(dense.get_submodule(n).weight, stats[n], n).cpu() for n in targets}
     rows = [{"scheme": "dense", "ratio": 0.0, **{k: perplexity(dense, v) for k, v in tests.items()}}]
@@ -93,25 +61,13 @@ def main() -> None:
         windows = single_windows(setup, args.grad_samples, first=args.grad_windows == "first")
         importance = gradient_importance(dense, targets, windows, lm_loss, method, stats)
     for ratio in args.ratios:
-        r0 = {n: rank_for_ratio(*shapes[n], ratio) for n in targets}
-        loss = {n: float(spectra[n][r0[n]:].double().square().sum()) for n in targets}
-        energy = {n: float(spectra[n].double().square().sum()) for n in targets}
-        schemes = {
-            "uniform": r0,
-            "v2 -log(rel)": spread_by_type(shapes, {n: -math.log(min(max(loss[n] / energy[n], 1e-12), 1 - 1e-12))
-                                                    for n in targets}, ratio),
-            "v2 1/log(abs)": spread_by_type(shapes, {n: 1.0 / math.log(max(loss[n], 1.0 + 1e-9)) for n in targets},
-                                            ratio),
-            "greedy abs": greedy(shapes, spectra, ratio, normalise=False),
-            "greedy rel": greedy(shapes, spectra, ratio, normalise=True),
-        }
-        if importance is not None:
-            schemes["gradient"] = gradient_allocation(importance, shapes, ratio=ratio).ranks
-        for name, ranks in schemes.items():
-            if args.schemes is not None and name not in args.schemes:
+        for name, allocation in SCHEMES.items():
+            if (args.schemes is not None and name not in args.schemes) or (name == "gradient" and importance is None):
                 continue
             model = copy.deepcopy(dense)
-            report = compress_(model, CompressionConfig("svd_llm", ratio=ratio, targets=targets, ranks=ranks), stats)
+            report = compress_(model, Recipe("svd_llm", ratio=ratio, targets=targets, allocation=allocation), stats,
+                               importances=importance)
+            ranks = {r.name: r.rank for r in report.layers}
             rows.append({"scheme": name, "ratio": ratio, "params_ratio": report.params_ratio,
                          "sum_abs_loss": sum(float(spectra[n][ranks[n]:].double().square().sum()) for n in targets),
                          "min_rank": min(ranks.values()), "max_rank": max(ranks.values()),

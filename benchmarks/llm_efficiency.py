@@ -99,7 +99,7 @@ def best_of(fn, repeats: int) -> float:
 def worker(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from compression import CompressionConfig, compress_
+    from compression import Recipe, compress_
     from lightning_modules.specs import CausalLMSpec
 
     torch.set_num_threads(args.threads)
@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> dict:
     params_dense = sum(p.numel() for p in model.parameters())
     if args.ratio > 0:
         targets = CausalLMSpec(model=model).default_targets(model)
-        compress_(model, CompressionConfig("svd", ratio=args.ratio, targets=targets))
+        compress_(model, Recipe("svd", ratio=args.ratio, targets=targets))
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # the dense weights were freed by compression: hand the pages back and restart the peak, so the

@@ -25,7 +25,7 @@ import common  # noqa: F401 -- before torch: passive OpenMP waiting, the reposit
 import torch
 from common import calibrate, lm_parser, lm_setup
 
-from compression import CompressionConfig, allocate, build_method
+from compression import Recipe, allocate, build_method
 from compression.targets import layer_type
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     setup = lm_setup(args.model, args.seq_len, args.calib_samples)
     model, targets = setup.model, setup.targets
     stats = calibrate(setup)
-    ranks = allocate(model, CompressionConfig("svd", ratio=args.ratio, targets=targets), stats).ranks
+    ranks = allocate(model, Recipe("svd", ratio=args.ratio, targets=targets), stats).ranks
     errors: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for method_name in args.methods:

@@ -20,7 +20,7 @@ import common  # noqa: F401 -- before torch: passive OpenMP waiting, the reposit
 import torch
 from common import calibrate, lm_parser, lm_setup, perplexity
 
-from compression import CompressionConfig, compress_
+from compression import Recipe, compress_
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
             for allocation in args.allocations:
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
-                report = compress_(model, CompressionConfig(method, ratio=ratio, allocation=allocation,
+                report = compress_(model, Recipe(method, ratio=ratio, allocation=allocation,
                                                             targets=targets), stats)
                 seconds = time.perf_counter() - t0
                 ppl = {name: perplexity(model, loader) for name, loader in tests.items()}

@@ -33,7 +33,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection  # noqa: E402
+from callbacks import UVLoRA  # noqa: E402
+from compression import Recipe  # noqa: E402
 from data.text import TextDataModule  # noqa: E402
 from lightning_modules import CausalLMSpec, CompressionModule  # noqa: E402
 
@@ -61,7 +62,7 @@ class StageScores(Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # listed after UVLoRA: at the first step of stage 2 the stage-1 adapters are merged already
+        # at the first step of stage 2 (UVLoRA merges the stage-1 adapters after this hook: same function)
         if "stage1" not in self.scores and trainer.global_step == self.lora.boundaries[0]:
             self.seconds["stage1_train"] = time.perf_counter() - self._t0
             self._score(trainer, pl_module, "stage1")
@@ -73,27 +74,26 @@ class StageScores(Callback):
 
 def run_ratio(ratio: float, args: argparse.Namespace, dm: TextDataModule, evaluate_dense: bool) -> dict:
     seed_everything(args.seed)
-    lora = UVLoRA(order=args.order, steps=args.steps, r=args.r, alpha=args.alpha, dropout=0.0,
-                  learning_rate=args.lr)
-    scores = StageScores(lora)
-    truncation = SVDTruncation(method="svd_llm", ratio=ratio, evaluate_dense=evaluate_dense, log_spectra=0)
+    recipe = Recipe("svd_llm", ratio=ratio, calibration={"progress": False},
+                    lora={"order": args.order, "steps": args.steps, "r": args.r, "alpha": args.alpha, "dropout": 0.0,
+                          "learning_rate": args.lr})
+    module = CompressionModule(CausalLMSpec("smollm2-135m"), compression=recipe, evaluate_dense=evaluate_dense,
+                               learning_rate=args.lr)
+    scores = StageScores(module.stage_callbacks()[-1])
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
-                      callbacks=[WhiteningCollection(progress=False), truncation, lora, scores])
-    module = CompressionModule(CausalLMSpec("smollm2-135m"), learning_rate=args.lr)
+                      num_sanity_val_steps=0, limit_val_batches=0, deterministic=True, callbacks=[scores])
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     scores._score(trainer, module, "stage2")
-    state = module.compression_state
-    summary = state.report.summary()
+    summary = module.report.summary()
     return {
         "ratio": ratio,
         "params_removed_targeted": summary["params_ratio"],
         "params_removed_model": summary["model_params_ratio"],
-        "dense": state.dense_metrics,
+        "dense": module.dense_metrics,
         "ppl": scores.scores,
-        "calibration_seconds": state.calibration_seconds,
+        "calibration_seconds": module.calibration_seconds,
         "train_seconds": scores.seconds,
         "wall_seconds": time.perf_counter() - start,
     }

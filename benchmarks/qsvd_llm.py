@@ -3,13 +3,12 @@
     flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/qsvd_llm.py --out docs/results/qsvd_llm.md
 
 Only q/k/v are factorized (as in QSVD); ``--ratio`` is the fraction of their parameters removed,
-and every SVD row keeps the same number of q/k/v parameters (the joint rank matches the
-per-matrix budget; v2 / gradient allocation redistribute the uniform joint budget).
-Calibration statistics and gradient importances are computed once on the dense model; joint
-SVD with whitening commutes with the residual rotation (the optimum is equivariant under an
-invertible change of input basis), so the fully rotated model is compressed in the original
-basis and rotated afterwards.  Quantization is simulated (fake quant): weights RTN with a
-clipping search, activations per token (clip 0.9), lm_head in float, no KV-cache quantization.
+and every SVD row keeps at most ``(1 - ratio)`` of the q/k/v parameters (the joint rank matches the
+per-matrix budget; v2 / gradient allocation redistribute that budget).  Every row is one
+:class:`compression.Recipe` run by ``compress_`` on a copy of the dense model; calibration
+statistics and gradient importances are computed once on the dense model and handed to it.
+Quantization is simulated (fake quant): weights RTN with a clipping search, activations per token
+(clip 0.9), lm_head in float, no KV-cache quantization.
 Perplexity: ``--eval-tokens`` tokens of non-overlapping ``--seq-len`` windows per test corpus.
 """
 
@@ -23,29 +22,12 @@ import time
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
-from common import lm_parser, lm_setup, perplexity, single_windows, spread
+from common import lm_parser, lm_setup, perplexity, single_windows
 
-from compression import (
-    ActQuantConfig,
-    CompressionConfig,
-    JointQKVConfig,
-    WeightQuantConfig,
-    build_method,
-    collect_stats,
-    compress_,
-    compress_joint_,
-    find_joint_groups,
-    gradient_allocation,
-    gradient_importance,
-    joint_rank_for_ratio,
-    quantize_model_,
-)
-from compression.allocation import v2_ratios
-from compression.beta_search import search_beta_by_loss_
+from compression import Recipe, collect_stats, compress_, find_joint_groups, gradient_importance
 from compression.gradient_allocation import lm_loss
-from compression.joint import LATENT_NAME, stacked_weight
+from compression.joint import LATENT_NAME
 from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
-from compression.rotation import capture_inputs, rotate_model_, search_beta_
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -98,97 +80,69 @@ def main() -> None:
     t0 = time.perf_counter()
     stats = collect_stats(dense, qkv_names, calib)
     log(f"calibration {time.perf_counter() - t0:.0f} s")
-
-    # -- float rows: per-matrix vs joint, and three allocations at one budget ---------------------
-    model = copy.deepcopy(dense)
-    rep = compress_(model, CompressionConfig("svd_llm", ratio=args.ratio, targets=list(QKV)), stats)
-    record("SVD-LLM per-matrix q/k/v (uniform)", model, ratio_removed=round(rep.params_ratio, 4))
-    del model
-
-    first = next(iter(groups.values()))
-    sizes = [dense.get_submodule(n).out_features for n in first]
-    e = dense.get_submodule(first[0]).in_features
-    shapes = {g: (sum(sizes), e) for g in groups}
-    r_uniform = joint_rank_for_ratio(sizes, e, args.ratio)
-    budget = len(groups) * r_uniform * (e + sum(sizes))
-    method = build_method("svd_llm")
-    spectra = {}
-    for g, names in groups.items():
-        w = stacked_weight([dense.get_submodule(n) for n in names])
-        spectra[g] = method.spectrum(w, stats[names[0]], g).cpu()
-    ratios = v2_ratios(shapes, spectra, args.ratio, 0.95, group_of=lambda n: "qkv")
-    ranks_v2 = {g: joint_rank_for_ratio(sizes, e, ratios[g]) for g in groups}
     t0 = time.perf_counter()
-    singles = single_windows(setup, args.grad_samples)
-    importance = gradient_importance(dense, groups, singles, lm_loss, method, stats)
+    importance = gradient_importance(dense, groups, single_windows(setup, args.grad_samples), lm_loss, "svd_llm",
+                                     stats)
     grad_s = time.perf_counter() - t0
     log(f"gradient importance {grad_s:.0f} s")
-    by_count = gradient_allocation(importance, shapes, budget=budget, mode="count")
-    by_subset = gradient_allocation(importance, shapes, budget=budget, mode="subset")
-    configs = {
-        "uniform": JointQKVConfig("svd_llm", ratio=args.ratio),
-        "v2": JointQKVConfig("svd_llm", ratio=args.ratio, ranks=ranks_v2),
-        "gradient": JointQKVConfig("svd_llm", ratio=args.ratio, ranks=by_count.ranks),
-        "gradient-subset": JointQKVConfig("svd_llm", ratio=args.ratio, components=by_subset.components),
-    }
-    allocations = {"uniform": dict.fromkeys(groups, r_uniform), "v2": ranks_v2, "gradient": by_count.ranks,
-                   "gradient-subset": by_subset.ranks}
-    latent_info = {}
-    for name, cfg in configs.items():
+
+    def compressed(recipe: Recipe):
+        """A copy of the dense model with ``recipe`` applied through the one entry point."""
         model = copy.deepcopy(dense)
-        rep = compress_joint_(model, cfg, stats)
+        report = compress_(model, recipe, stats, family=setup.spec, batches=calib, importances=importance)
+        return model, report
+
+    # -- float rows: per-matrix vs joint, and the allocations at one budget -----------------------
+    model, rep = compressed(Recipe("svd_llm", ratio=args.ratio, targets=list(QKV)))
+    record("SVD-LLM per-matrix q/k/v (uniform)", model, ratio_removed=round(rep.params_ratio, 4))
+    del model
+    joint = {"method": "svd_llm", "ratio": args.ratio, "targets": list(QKV), "joint_qkv": True}
+    allocations = {"uniform": {"allocation": "uniform"}, "v2": {"allocation": "v2"},
+                   "gradient": {"allocation": "gradient"},
+                   "gradient-subset": {"allocation": "gradient", "components": "chosen"}}
+    ranks_used, latent_info = {}, {}
+    for name, fields in allocations.items():
+        model, rep = compressed(Recipe(**joint, **fields))
+        ranks_used[name] = {g: spec["rank"] for g, spec in rep.plan["joint_groups"].items()}
         record(f"joint QKV ({name})", model, ratio_removed=round(rep.params_ratio, 4))
         if name == args.quant_allocation:
             latent_info = latent_cache_check(model, calib[0]["input_ids"][:1, :64])
         del model
+    budget = rep.targeted_params_after  # q/k/v parameters kept by the last joint row
 
     # -- quantized rows ---------------------------------------------------------------------------
     betas_used = {}
+    lowrank = {**joint, **allocations[args.quant_allocation]}
     for pair in args.bits:
         wb, ab = (int(x) for x in pair.split(","))
-        wq, aq = WeightQuantConfig(bits=wb, grid=args.w_grid), ActQuantConfig(bits=ab, clip_ratio=0.9)
         tag = f"W{wb}A{ab}"
-        model = copy.deepcopy(dense)
-        quantize_model_(model, wq, aq)
-        record(f"{tag} RTN, no rotation, no SVD", model)
-        del model
-        model = copy.deepcopy(dense)
-        rotate_model_(model)
-        quantize_model_(model, wq, aq)
-        record(f"{tag} rotation only (QuaRot-style H1 + online H)", model)
-        del model
-        model = copy.deepcopy(dense)
-        compress_joint_(model, configs[args.quant_allocation], stats)
-        quantize_model_(model, wq, aq)
-        record(f"{tag} joint SVD + quant (no rotations, β = 0.5)", model)
-        del model
-        for use_beta in (False, True):
-            model = copy.deepcopy(dense)
-            compress_joint_(model, configs[args.quant_allocation], stats)
-            rotate_model_(model)
-            latents = [f"{g}.{LATENT_NAME}" for g in groups]
-            inputs = capture_inputs(model, latents, calib, max_tokens=args.beta_tokens)
-            betas = [0.5] if not use_beta else [i / 10 for i in range(11)]
-            chosen = search_beta_(model, inputs, wq, aq, betas=betas, latent_seed=0)
-            quantize_model_(model, wq, aq)
-            if use_beta:
-                betas_used[tag] = [c["beta"] for c in chosen.values()]
-                record(f"{tag} full QSVD (H1 + online H + H2 + β search)", model)
-            else:
-                record(f"{tag} joint SVD + H1 + online H + H2 (β = 0.5)", model)
+        bits = {"weight_bits": wb, "act_bits": ab, "clip_grid": args.w_grid, "act_clip_ratio": 0.9,
+                "calibration_tokens": args.beta_tokens, "max_batches": None}
+        rows_q = [
+            (f"{tag} RTN, no rotation, no SVD", Recipe(None, quantization={**bits, "rotate": False})),
+            (f"{tag} rotation only (QuaRot-style H1 + online H)", Recipe(None, quantization={**bits, "rotate": True})),
+            (f"{tag} joint SVD + quant (no rotations, β = 0.5)",
+             Recipe(**lowrank, quantization={**bits, "rotate": False, "latent_rotation": False})),
+            (f"{tag} joint SVD + H1 + online H + H2 (β = 0.5)",
+             Recipe(**lowrank, quantization={**bits, "rotate": True})),
+            (f"{tag} full QSVD (H1 + online H + H2 + β search)",
+             Recipe(**lowrank, quantization={**bits, "rotate": True, "beta_search": True})),
+            (f"{tag} full QSVD (H1 + online H + H2 + β by calibration loss)",
+             Recipe(**lowrank, quantization={**bits, "rotate": True, "beta_search": True, "beta_objective": "loss",
+                                             "betas": args.loss_betas, "max_batches": args.loss_batches})),
+        ]
+        for label, recipe in rows_q:
+            model, rep = compressed(recipe)
+            quant = rep.plan["quantization"]
+            if recipe.quantization.beta_search and recipe.quantization.beta_objective == "output":
+                betas_used[tag] = list(quant["beta"].values())
+            elif recipe.quantization.beta_search:
+                betas_used[f"{tag} by calibration loss (one global β)"] = next(iter(quant["beta"].values()))
+            record(label, model)
             del model
-        model = copy.deepcopy(dense)
-        compress_joint_(model, configs[args.quant_allocation], stats)
-        rotate_model_(model)
-        found = search_beta_by_loss_(model, lm_loss, spread(calib, args.loss_batches), wq, aq,
-                                     betas=args.loss_betas)
-        quantize_model_(model, wq, aq)
-        betas_used[f"{tag} by calibration loss (one global β)"] = found["beta"]
-        record(f"{tag} full QSVD (H1 + online H + H2 + β by calibration loss)", model)
-        del model
 
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "budget_qkv_params": budget,
-           "allocations": allocations, "betas": betas_used, "latent_cache": latent_info,
+           "allocations": ranks_used, "betas": betas_used, "latent_cache": latent_info,
            "gradient_seconds": grad_s, "total_seconds": time.perf_counter() - t_start}
     text = table(out, dense)
     print(text)

@@ -48,15 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.vggt_costs import big_model_rows, big_table, group_costs, group_table, model_cost  # noqa: E402
-from callbacks.reallocation import split_batch  # noqa: E402
-from compression import (  # noqa: E402
-    CompressionConfig,
-    build_method,
-    collect_stats,
-    compress_,
-    gradient_allocation,
-    gradient_importance,
-)
+from compression import Recipe, collect_stats, compress_, gradient_importance, split_batch  # noqa: E402
 from compression.allocation import token_cost_weights  # noqa: E402
 from data.multiview.datamodule import MultiViewDataModule  # noqa: E402
 from lightning_modules.vggt_spec import TESTBED_CONFIG, VGGTSpec  # noqa: E402
@@ -181,47 +173,24 @@ def removed(report, dense_layers: dict[str, int], weights: dict[str, float] | No
 
 
 # ----------------------------------------------------------------------------- compression
-def qsvd_ranks(dense, spec, names, stats, ratio, samples, weights=None) -> dict[str, int]:
-    """Gradient allocation (count mode) of every targeted matrix under one (parameter or FLOPs) budget.
-
-    A matrix given a rank at or above its break-even ``m n / (m + n)`` is cheaper dense: it is kept
-    dense at its dense cost and the rest of the budget is allocated again over the other matrices
-    (importances computed once), until no further matrix crosses its break-even.  Returned ranks of
-    dense-kept matrices are ``min(m, n)`` (:func:`compress_row` leaves them dense).
-    """
-    method = build_method("svd_llm")
-    importance = gradient_importance(dense, names, samples, spec.training_loss, method, stats)
-    shapes = {n: (dense.get_submodule(n).out_features, dense.get_submodule(n).in_features) for n in names}
-    unit = weights or dict.fromkeys(names, 1.0)
-    budget = (1.0 - ratio) * sum(unit[n] * m * k for n, (m, k) in shapes.items())
-    dense_kept: set[str] = set()
-    while True:
-        free = [n for n in names if n not in dense_kept]
-        left = budget - sum(unit[n] * shapes[n][0] * shapes[n][1] for n in dense_kept)
-        ranks = gradient_allocation({n: importance[n] for n in free}, {n: shapes[n] for n in free}, budget=left,
-                                    weights={n: unit[n] for n in free}).ranks
-        crossed = {n for n in free if ranks[n] >= shapes[n][0] * shapes[n][1] // sum(shapes[n])}
-        if not crossed:
-            return {**ranks, **{n: min(shapes[n]) for n in dense_kept}}
-        dense_kept |= crossed
+def recipe_of(method: str, allocation: str, ratio: float, names: list[str]) -> Recipe:
+    """The row's recipe: ``gradient`` rows keep a matrix dense when its rank reaches its break-even
+    (factoring it would cost more than the dense layer); ``gradient-flops`` counts FLOPs, not parameters."""
+    if allocation.startswith("gradient"):
+        return Recipe(method, ratio=ratio, targets=names, allocation="gradient", dense_above_break_even=True,
+                      budget="flops" if allocation == "gradient-flops" else "params")
+    return Recipe(method, ratio=ratio, targets=names, allocation=allocation)
 
 
-def compress_row(dense, spec, names, stats, method, allocation, ratio, ranks=None):
-    """A compressed copy of ``dense``; returns ``(model, report, dense_layers)``."""
+def compress_row(dense, recipe: Recipe, stats, importance):
+    """A compressed copy of ``dense``; returns ``(model, report, dense_layers)`` (name -> params of the
+    targeted layers the allocation kept dense)."""
     import copy
 
     model = copy.deepcopy(dense)
-    dense_layers: dict[str, int] = {}
-    targets = list(names)
-    if ranks is not None:
-        for n in names:
-            lin = model.get_submodule(n)
-            if ranks[n] >= lin.out_features * lin.in_features // (lin.out_features + lin.in_features):
-                dense_layers[n] = sum(p.numel() for p in lin.parameters())
-        targets = [n for n in names if n not in dense_layers]
-    cfg = CompressionConfig(method, ratio=ratio, allocation="v2" if allocation == "v2" else "uniform",
-                            targets=targets, ranks={n: ranks[n] for n in targets} if ranks else {})
-    report = compress_(model, cfg, stats)
+    report = compress_(model, recipe, stats, importances=importance)
+    dense_layers = {n: sum(p.numel() for p in model.get_submodule(n).parameters())
+                    for n, why in report.skipped.items() if why.startswith("kept dense")}
     return model.eval(), report, dense_layers
 
 
@@ -229,20 +198,20 @@ def lora_recover(args, method: str, ratio: float, report, dense_layers: dict, im
     """Compress the testbed again inside a Lightning fit with the row's ranks, then run both UVLoRA stages."""
     from lightning.pytorch import Trainer
 
-    from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
     from lightning_modules import CompressionModule
 
     dm = MultiViewDataModule(num_views=8, image_size=image_hw, train_scenes=args.lora_scenes, val_scenes=0,
                              test_scenes=0, calibration_scenes=args.calib_scenes, seed=0, batch_size=args.lora_batch)
     overrides = {r.name: {"rank": r.rank} for r in report.layers}
-    callbacks = [WhiteningCollection(progress=False),
-                 SVDTruncation(method=method, ratio=ratio, overrides=overrides, exclude=list(dense_layers) or None),
-                 UVLoRA(steps=[args.lora_steps, args.lora_steps], r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0,
-                        learning_rate=args.lora_lr)]
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1000, callbacks=callbacks, logger=False,
+    recipe = Recipe(method, ratio=ratio, overrides=overrides, exclude=list(dense_layers),
+                    calibration={"progress": False},
+                    lora={"steps": [args.lora_steps, args.lora_steps], "r": args.lora_r, "alpha": 2.0 * args.lora_r,
+                          "dropout": 0.0, "learning_rate": args.lora_lr})
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1000, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
-    module = CompressionModule(VGGTSpec(weights="testbed", count_flops=False), learning_rate=args.lora_lr)
+    module = CompressionModule(VGGTSpec(weights="testbed", count_flops=False), compression=recipe,
+                               learning_rate=args.lora_lr)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     plan_ranks = {n: s["rank"] for n, s in module.plan["layers"].items()}
@@ -283,17 +252,14 @@ def run(args: argparse.Namespace) -> dict:
     calib_s = time.perf_counter() - t0
     weights = token_cost_weights(stats, names)
     samples = [s for b in calib for s in split_batch(b)][: args.grad_samples]
+    t0 = time.perf_counter()  # the importance depends on the dense model only: once for every ratio
+    importance = gradient_importance(dense, names, samples, spec.training_loss, "svd_llm", stats)
+    stamp(f"gradient importance {time.perf_counter() - t0:.0f} s")
     lora_rows = {}
     for ratio in args.ratios:
         candidates = []
         for label, method, allocation in ROWS:
-            ranks = None
-            if allocation.startswith("gradient"):
-                t0 = time.perf_counter()
-                ranks = qsvd_ranks(dense, spec, names, stats, ratio, samples,
-                                   weights if allocation == "gradient-flops" else None)
-                stamp(f"gradient allocation {time.perf_counter() - t0:.0f} s")
-            model, report, kept = compress_row(dense, spec, names, stats, method, allocation, ratio, ranks)
+            model, report, kept = compress_row(dense, recipe_of(method, allocation, ratio, names), stats, importance)
             extra = {"method": method, "allocation": allocation, "dense_kept": len(kept),
                      "targeted_params_removed": removed(report, kept),
                      "targeted_flops_removed": removed(report, kept, weights),
