@@ -46,6 +46,7 @@ from compression.gradient_allocation import lm_loss
 from compression.joint import LATENT_NAME, stacked_weight
 from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
 from compression.rotation import capture_inputs, rotate_model_, search_beta_
+from models.layouts import layout_of
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -93,7 +94,7 @@ def main() -> None:
         log(f"{name}: {ppl}")
 
     record("dense", dense)
-    groups = find_joint_groups(dense)
+    groups = find_joint_groups(dense, layout_of(dense))
     qkv_names = [n for names in groups.values() for n in names]
     t0 = time.perf_counter()
     stats = collect_stats(dense, qkv_names, calib)
@@ -136,7 +137,7 @@ def main() -> None:
     latent_info = {}
     for name, cfg in configs.items():
         model = copy.deepcopy(dense)
-        rep = compress_joint_(model, cfg, stats)
+        rep = compress_joint_(model, cfg, stats, layout=layout_of(model))
         record(f"joint QKV ({name})", model, ratio_removed=round(rep.params_ratio, 4))
         if name == args.quant_allocation:
             latent_info = latent_cache_check(model, calib[0]["input_ids"][:1, :64])
@@ -153,19 +154,19 @@ def main() -> None:
         record(f"{tag} RTN, no rotation, no SVD", model)
         del model
         model = copy.deepcopy(dense)
-        rotate_model_(model)
+        rotate_model_(model, layout_of(model))
         quantize_model_(model, wq, aq)
         record(f"{tag} rotation only (QuaRot-style H1 + online H)", model)
         del model
         model = copy.deepcopy(dense)
-        compress_joint_(model, configs[args.quant_allocation], stats)
+        compress_joint_(model, configs[args.quant_allocation], stats, layout=layout_of(model))
         quantize_model_(model, wq, aq)
         record(f"{tag} joint SVD + quant (no rotations, β = 0.5)", model)
         del model
         for use_beta in (False, True):
             model = copy.deepcopy(dense)
-            compress_joint_(model, configs[args.quant_allocation], stats)
-            rotate_model_(model)
+            compress_joint_(model, configs[args.quant_allocation], stats, layout=layout_of(model))
+            rotate_model_(model, layout_of(model))
             latents = [f"{g}.{LATENT_NAME}" for g in groups]
             inputs = capture_inputs(model, latents, calib, max_tokens=args.beta_tokens)
             betas = [0.5] if not use_beta else [i / 10 for i in range(11)]
@@ -178,8 +179,8 @@ def main() -> None:
                 record(f"{tag} joint SVD + H1 + online H + H2 (β = 0.5)", model)
             del model
         model = copy.deepcopy(dense)
-        compress_joint_(model, configs[args.quant_allocation], stats)
-        rotate_model_(model)
+        compress_joint_(model, configs[args.quant_allocation], stats, layout=layout_of(model))
+        rotate_model_(model, layout_of(model))
         found = search_beta_by_loss_(model, lm_loss, spread(calib, args.loss_batches), wq, aq,
                                      betas=args.loss_betas)
         quantize_model_(model, wq, aq)
@@ -203,7 +204,7 @@ def latent_cache_check(model, prompt: torch.Tensor, new_tokens: int = 32) -> dic
     """Greedy tokens with and without the latent cache, decode time of each, KV bytes per token (fp16)."""
     plain = copy.deepcopy(model)
     latent = model
-    enable_latent_cache_(latent)
+    enable_latent_cache_(latent, layout_of(latent))
     res = {}
     for name, m in (("plain", plain), ("latent", latent)):
         t0 = time.perf_counter()
@@ -212,7 +213,7 @@ def latent_cache_check(model, prompt: torch.Tensor, new_tokens: int = 32) -> dic
         res[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
         res[f"{name}_tokens"] = seq[0, prompt.shape[1]:].tolist()
     res["identical"] = res["plain_tokens"] == res["latent_tokens"]
-    res.update(kv_bytes_per_token(latent, latent=True, bytes_per_value=2))
+    res.update(kv_bytes_per_token(latent, layout_of(latent), latent=True, bytes_per_value=2))
     del res["plain_tokens"], res["latent_tokens"]
     return res
 

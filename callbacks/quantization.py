@@ -119,7 +119,8 @@ class Quantization(Callback):
         with torch.no_grad():
             rotation = None
             if self.rotate:
-                rotation = rotate_model_(model, kind=self.rotation_kind, seed=self.seed, online=True)
+                rotation = rotate_model_(model, spec.layout(model), kind=self.rotation_kind, seed=self.seed,
+                                         online=True)
             pairs = lowrank_pairs(model)
             beta_from = float((pl_module.plan or {}).get("method", {}).get("beta", 0.5))
             if pairs and self.beta_search and self.beta_objective == "loss":

@@ -55,7 +55,6 @@ from compression.whitening import SVDLLMConfig
 
 log = logging.getLogger(__name__)
 
-QKV = ("q_proj", "k_proj", "v_proj")
 LATENT_NAME = "qkv_latent"
 
 
@@ -136,32 +135,33 @@ class JointQKVConfig:
         ranks: group (attention module name) -> rank, e.g. from gradient allocation; overrides ``ratio``.
         components: group -> indices of the singular triplets to keep (an arbitrary subset, as
             gradient allocation in ``subset`` mode chooses); overrides ``ranks``.
-        members: the three projection names inside each attention module.
+
+    Which projections form each group comes from the model's layout (:func:`find_joint_groups`) or from
+    the caller (``compress_joint_(..., groups=...)``).
     """
 
     method: MethodConfig | str = field(default_factory=SVDLLMConfig)
     ratio: float = 0.2
     ranks: dict[str, int] = field(default_factory=dict)
     components: dict[str, list[int]] = field(default_factory=dict)
-    members: tuple[str, ...] = QKV
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
             self.method = build_method(self.method).config
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio (fraction of q/k/v parameters removed) must lie in (0, 1), got {self.ratio}")
-        self.members = tuple(self.members)
 
 
-def find_joint_groups(model: nn.Module, members: Sequence[str] = QKV) -> dict[str, list[str]]:
-    """``attention module name -> [full member names]`` for every module whose members are plain
-    ``nn.Linear`` layers with the same input size (already-joint groups are skipped)."""
+def find_joint_groups(model: nn.Module, layout) -> dict[str, list[str]]:
+    """``attention path -> [q, k, v full names]`` from ``layout`` (:class:`compression.layout.ModelLayout`): every
+    attention with separate projections whose three members are still plain ``nn.Linear`` layers of one input
+    size (already-joint or compressed groups are skipped).  A fused qkv is no group: compressing the fused matrix
+    is the joint factorization."""
     groups = {}
-    for name, module in model.named_modules():
-        children = [getattr(module, m, None) for m in members]
+    for name, members in layout.joint_groups().items():
+        children = [model.get_submodule(m) for m in members]
         if all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) == 1:
-            prefix = f"{name}." if name else ""
-            groups[name] = [prefix + m for m in members]
+            groups[name] = list(members)
     return groups
 
 
@@ -240,7 +240,7 @@ def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.T
         setattr(attn, m, proj)
 
 
-def joint_num_parameters(attn: nn.Module, members: Sequence[str] = QKV) -> int:
+def joint_num_parameters(attn: nn.Module, members: Sequence[str]) -> int:
     """Parameters of one joint group: the shared down once plus the three ups (with biases)."""
     latent = getattr(attn, LATENT_NAME)
     return latent.down.weight.numel() + sum(linear_num_parameters(getattr(attn, m).up) for m in members)
@@ -248,8 +248,9 @@ def joint_num_parameters(attn: nn.Module, members: Sequence[str] = QKV) -> int:
 
 def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
                     stats: ActivationStats | None = None, groups: Mapping[str, Sequence[str]] | None = None,
-                    device: str | None = None) -> CompressionReport:
-    """Jointly factorize q/k/v of every attention module (or the given ``groups``), in place.
+                    device: str | None = None, layout=None) -> CompressionReport:
+    """Jointly factorize q/k/v of the given ``groups`` (``attention path -> [q, k, v full names]``; default: every
+    group of ``layout``, :func:`find_joint_groups`), in place.
 
     Returns a report with one row per group (name ``<attn>.qkv``, shape ``Σm x E``) and a plan
     whose ``joint_groups`` rebuild the structure (:func:`compression.plan.apply_plan`).
@@ -260,9 +261,13 @@ def compress_joint_(model: nn.Module, config: JointQKVConfig | None = None,
     config = config or JointQKVConfig()
     start = time.perf_counter()
     method = build_method(config.method)
-    groups = dict(groups) if groups is not None else find_joint_groups(model, config.members)
+    if groups is None and layout is None:
+        raise ValueError("compress_joint_ needs the groups, or the model's layout to find them "
+                         "(models.layouts.layout_of(model))")
+    groups = dict(groups) if groups is not None else find_joint_groups(model, layout)
     if not groups:
-        raise ValueError(f"no attention module with plain nn.Linear members {config.members} found")
+        raise ValueError("no attention with separate q/k/v nn.Linear projections to factorize jointly (a fused qkv "
+                         "projection is compressed as one matrix, which is the joint factorization)")
     unknown = sorted((set(config.ranks) | set(config.components)) - set(groups))
     if unknown:
         raise ValueError(f"ranks/components given for groups that are not targeted: {unknown[:5]}")

@@ -18,6 +18,7 @@ from compression import (
 )
 from compression.gradient_allocation import lm_loss
 from compression.methods import build_method
+from models.layouts import layout_of
 from tests.conftest import make_tiny_llama
 
 
@@ -110,11 +111,12 @@ def test_selection_prefers_important_components():
 def test_end_to_end_joint_and_per_matrix_respect_the_budget(token_batches):
     model = make_tiny_llama()
     stats = calib(model, token_batches)
-    groups = find_joint_groups(model)
+    groups = find_joint_groups(model, layout_of(model))
     imp = gradient_importance(model, groups, token_batches, lm_loss, "svd_llm_v2", stats)
     shapes = {g: (128, 64) for g in groups}
     alloc = gradient_allocation(imp, shapes, ratio=0.4, mode="subset")
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", components=alloc.components), stats)
+    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", components=alloc.components), stats,
+                             layout=layout_of(model))
     assert report.targeted_params_after <= alloc.budget == int(0.6 * 2 * 128 * 64)
     assert {r.name[:-4]: r.rank for r in report.layers} == alloc.ranks
 

@@ -20,6 +20,7 @@ from compression import (
 )
 from compression.joint import JointLatent, JointProjection, decompose_joint
 from compression.methods import build_method
+from models.layouts import layout_of
 from tests.conftest import make_tiny_llama
 
 
@@ -39,9 +40,9 @@ def test_full_rank_reproduces_q_k_v(method, token_batches):
     dense = copy.deepcopy(model)
     batches = [{"input_ids": b["input_ids"].repeat(3, 1)} for b in token_batches]  # > 64 tokens: PD Gram
     stats = calibrate(model, batches)
-    groups = find_joint_groups(model)
+    groups = find_joint_groups(model, layout_of(model))
     assert list(groups) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    compress_joint_(model, JointQKVConfig(method, ranks=dict.fromkeys(groups, 64)), stats)
+    compress_joint_(model, JointQKVConfig(method, ranks=dict.fromkeys(groups, 64)), stats, layout=layout_of(model))
     x = token_batches[0]["input_ids"]
     with torch.no_grad():
         for got, ref in zip(qkv_outputs(model, x), qkv_outputs(dense, x)):
@@ -52,7 +53,7 @@ def test_full_rank_reproduces_q_k_v(method, token_batches):
 def test_parameter_count_and_shared_storage(tiny_llama, token_batches):
     stats = calibrate(tiny_llama, token_batches)
     before = sum(p.numel() for p in tiny_llama.parameters())
-    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.3), stats, layout=layout_of(tiny_llama))
     e, sizes = 64, [64, 32, 32]
     r = joint_rank_for_ratio(sizes, e, 0.3)
     assert r == int(0.7 * 64 * 128 // 192) == 29
@@ -82,7 +83,7 @@ def test_smollm2_rank_budget_formulas():
 
 
 def test_latent_computed_once_per_input(tiny_llama, token_batches):
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
+    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3), layout=layout_of(tiny_llama))
     calls = []
     for layer in tiny_llama.model.layers:
         layer.self_attn.qkv_latent.down.register_forward_hook(lambda *a: calls.append(1))
@@ -110,7 +111,8 @@ def test_subset_components_build_selected_triplets():
 
 
 def test_plan_rebuilds_joint_structure(tiny_llama, token_batches, tmp_path):
-    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.4), calibrate(tiny_llama, token_batches))
+    report = compress_joint_(tiny_llama, JointQKVConfig("svd_llm_v2", ratio=0.4), calibrate(tiny_llama, token_batches),
+                             layout=layout_of(tiny_llama))
     save_plan(report.plan, tmp_path / "plan.json")
     plan = load_plan(tmp_path / "plan.json")
     assert plan["joint_groups"]["model.layers.1.self_attn"] == {
@@ -132,15 +134,15 @@ def test_plan_rebuilds_joint_structure(tiny_llama, token_batches, tmp_path):
 def test_failure_leaves_model_unchanged(tiny_llama):
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(ValueError, match="needs calibration statistics"):
-        compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats=None)
+        compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats=None, layout=layout_of(tiny_llama))
     assert set(tiny_llama.state_dict()) == set(state)
     assert not hasattr(tiny_llama.model.layers[0].self_attn, "qkv_latent")
     with pytest.raises(ValueError, match="not targeted"):
-        compress_joint_(tiny_llama, JointQKVConfig("svd", ranks={"model.nope": 3}))
+        compress_joint_(tiny_llama, JointQKVConfig("svd", ranks={"model.nope": 3}), layout=layout_of(tiny_llama))
 
 
 def test_merge_to_linear_matches(tiny_llama, token_batches):
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
+    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3), layout=layout_of(tiny_llama))
     proj = tiny_llama.model.layers[0].self_attn.k_proj
     x = torch.randn(5, 64)
     torch.testing.assert_close(proj.to_linear()(x), proj(x), rtol=1e-5, atol=1e-6)
@@ -149,7 +151,7 @@ def test_merge_to_linear_matches(tiny_llama, token_batches):
 def test_joint_factors_are_not_retargeted(tiny_llama, token_batches):
     from compression import CompressionConfig, compress_
 
-    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3))
+    compress_joint_(tiny_llama, JointQKVConfig("svd", ratio=0.3), layout=layout_of(tiny_llama))
     report = compress_(tiny_llama, CompressionConfig("svd", ratio=0.3))
     assert sorted({r.name.rsplit(".", 1)[-1] for r in report.layers}) == ["down_proj", "gate_proj", "o_proj", "up_proj"]
     assert "model.layers.0.self_attn.q_proj.up" in report.skipped
@@ -160,7 +162,7 @@ def test_joint_layers_run_under_inference_mode(tiny_llama, token_batches):
     from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
 
     stats = collect_stats(tiny_llama, list(eligible_linears(tiny_llama)[0]), token_batches)
-    compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats)
+    compress_joint_(tiny_llama, JointQKVConfig("svd_llm", ratio=0.3), stats, layout=layout_of(tiny_llama))
     x = token_batches[0]["input_ids"]
     with torch.no_grad():
         ref = tiny_llama(x).logits

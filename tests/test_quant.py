@@ -18,6 +18,7 @@ from compression import (
     quantize_model_,
 )
 from compression.quant import quantize_activation, quantize_weight_gptq, quantize_weight_rtn
+from models.layouts import layout_of
 from tests.conftest import make_tiny_llama
 
 
@@ -96,7 +97,7 @@ def test_activation_error_falls_with_bits_and_passes_gradients():
 
 def test_quantize_model_covers_dense_lowrank_and_joint_and_plan_rebuilds(token_batches):
     model = make_tiny_llama(tie=False)
-    p1 = compress_joint_(model, JointQKVConfig("svd", ratio=0.3)).plan
+    p1 = compress_joint_(model, JointQKVConfig("svd", ratio=0.3), layout=layout_of(model)).plan
     p2 = compress_(model, CompressionConfig("svd", ratio=0.3, targets=["mlp.down_proj"])).plan
     x = token_batches[0]["input_ids"]
     with torch.no_grad():

@@ -35,6 +35,7 @@ from compression.rotation import (
     search_beta_,
     singular_values_from_up,
 )
+from models.layouts import layout_of
 from tests.conftest import make_tiny_llama
 
 
@@ -85,14 +86,15 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
     if structure == "lowrank":
         compress_(model, CompressionConfig("svd", ratio=0.3))
     elif structure == "joint":
-        compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
+        compress_joint_(model, JointQKVConfig("svd", ratio=0.3), layout=layout_of(model))
     ref = _logits(model, x)
-    entry = rotate_model_(model, kind="random_hadamard", seed=3)
+    entry = rotate_model_(model, layout_of(model), kind="random_hadamard", seed=3)
     assert getattr(model.lm_head, "weight", None) is not model.model.embed_tokens.weight
     assert all(torch.all(la.input_layernorm.weight == 1) for la in model.model.layers)
     torch.testing.assert_close(_logits(model, x), ref, rtol=0, atol=1e-6)
-    assert entry == {"residual": {"kind": "random_hadamard", "seed": 3, "size": 64}, "online_down_proj": True,
-                     "untied": True}
+    assert entry["residual"] == {"kind": "random_hadamard", "seed": 3, "size": 64}
+    assert entry["untied"] == ({"head": "lm_head", "embedding": "model.embed_tokens"} if tie else None)
+    assert list(entry["online"]["mlps"]) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     # the rotation really changed the stored weights (not a no-op)
     assert not torch.allclose(model.model.embed_tokens.weight, make_tiny_llama(tie=tie).double().model.embed_tokens
                               .weight)
@@ -100,8 +102,8 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
 
 def test_rotation_plan_rebuilds_structure(token_batches):
     model = make_tiny_llama().double()
-    report = compress_joint_(model, JointQKVConfig("svd", ratio=0.3))
-    plan = {**report.plan, "rotation": rotate_model_(model)}
+    report = compress_joint_(model, JointQKVConfig("svd", ratio=0.3), layout=layout_of(model))
+    plan = {**report.plan, "rotation": rotate_model_(model, layout_of(model))}
     fresh = make_tiny_llama(seed=9).double()
     changed = apply_plan(fresh, plan)
     assert "lm_head" in changed and "model.layers.1.mlp" in changed
@@ -113,7 +115,7 @@ def test_rotation_plan_rebuilds_structure(token_batches):
 def test_latent_rotation_and_rebalance_keep_products(token_batches):
     model = make_tiny_llama().double()
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
-    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats, layout=layout_of(model))
     compress_(model, CompressionConfig("svd_llm_v2", ratio=0.3, targets=["o_proj"]), stats)
     x = token_batches[0]["input_ids"]
     ref = _logits(model, x)
@@ -135,7 +137,7 @@ def test_latent_rotation_and_rebalance_keep_products(token_batches):
 def test_beta_search_picks_the_minimum_on_calibration_inputs(token_batches):
     model = make_tiny_llama()
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
-    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
+    compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats, layout=layout_of(model))
     names = [f"model.layers.{i}.self_attn.qkv_latent" for i in range(2)]
     inputs = capture_inputs(model, names, token_batches, max_tokens=64)
     assert {n: tuple(v.shape) for n, v in inputs.items()} == dict.fromkeys(names, (64, 64))
@@ -158,12 +160,12 @@ def test_full_qsvd_pipeline_plan_round_trip(token_batches):
     from compression.gradient_allocation import lm_loss
 
     model = make_tiny_llama()
-    groups = find_joint_groups(model)
+    groups = find_joint_groups(model, layout_of(model))
     stats = collect_stats(model, [n for g in groups.values() for n in g], token_batches)
     imp = gradient_importance(model, groups, token_batches[:2], lm_loss, "svd_llm_v2", stats)
     alloc = gradient_allocation(imp, {g: (128, 64) for g in groups}, ratio=0.4)
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ranks=alloc.ranks), stats)
-    rotation = rotate_model_(model)
+    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ranks=alloc.ranks), stats, layout=layout_of(model))
+    rotation = rotate_model_(model, layout_of(model))
     inputs = capture_inputs(model, [f"{g}.qkv_latent" for g in groups], token_batches, max_tokens=48)
     w, a = WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9)
     search_beta_(model, inputs, w, a)
@@ -175,4 +177,4 @@ def test_full_qsvd_pipeline_plan_round_trip(token_batches):
     x = token_batches[2]["input_ids"]
     assert torch.equal(_logits(fresh, x), _logits(model, x))
     with pytest.raises(ValueError, match="already quantized"):
-        rotate_model_(model)
+        rotate_model_(model, layout_of(model))
