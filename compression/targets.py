@@ -61,8 +61,15 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
             skipped[name] = "already compressed"
         elif isinstance(module, nn.MultiheadAttention):
             mha_out.add(prefix + "out_proj")
+    from compression.forms import _conv1d_class
+
+    conv1d = _conv1d_class()
     eligible: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
+        if conv1d is not None and type(module) is conv1d:
+            skipped[name] = ("transformers Conv1D (weight stored in x out); compression.forms.linearize_ converts it "
+                             "to nn.Linear")
+            continue
         if not isinstance(module, nn.Linear) or name in lowrank_children:
             continue
         if name in mha_out:

@@ -32,6 +32,12 @@ from compression.forms import linearize_
 from compression.layout import ModelLayout
 from metrics.perplexity import Perplexity
 
+
+def shrinkable(layer: nn.Linear) -> bool:
+    """Whether a rank-1 factorization stores fewer weights than the dense ``m x n`` matrix."""
+    return layer.out_features * layer.in_features > layer.out_features + layer.in_features
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -123,10 +129,12 @@ class CausalLMSpec(ModelSpec):
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
         """Every eligible ``nn.Linear`` except the output head (the LM head is never factorized
-        by default: it is tied on small models and its error hits every token directly)."""
+        by default: it is tied on small models and its error hits every token directly) and layers no rank
+        can shrink (``m n <= m + n``, e.g. Qwen2-MoE's ``1 x E`` shared-expert gate); both are reported as
+        not covered."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in eligible.items() if m is not head]
+        names = [n for n, m in eligible.items() if m is not head and shrinkable(m)]
         return names or None
 
     def quant_exclude(self, model: nn.Module) -> list[str]:

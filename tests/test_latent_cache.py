@@ -9,8 +9,8 @@ import torch
 
 from compression import JointQKVConfig, collect_stats, compress_joint_, eligible_linears
 from compression.latent_cache import (
-    LatentCacheLayer,
     LatentAttention,
+    LatentCacheLayer,
     disable_latent_cache_,
     enable_latent_cache_,
     kv_bytes_per_token,
