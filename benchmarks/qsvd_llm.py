@@ -28,6 +28,7 @@ from compression import Recipe, collect_stats, compress_, find_joint_groups, gra
 from compression.gradient_allocation import lm_loss
 from compression.joint import LATENT_NAME
 from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
+from models.layouts import layout_of
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -75,7 +76,7 @@ def main() -> None:
         log(f"{name}: {ppl}")
 
     record("dense", dense)
-    groups = find_joint_groups(dense)
+    groups = find_joint_groups(dense, layout_of(dense))
     qkv_names = [n for names in groups.values() for n in names]
     t0 = time.perf_counter()
     stats = collect_stats(dense, qkv_names, calib)
@@ -157,7 +158,7 @@ def latent_cache_check(model, prompt: torch.Tensor, new_tokens: int = 32) -> dic
     """Greedy tokens with and without the latent cache, decode time of each, KV bytes per token (fp16)."""
     plain = copy.deepcopy(model)
     latent = model
-    enable_latent_cache_(latent)
+    enable_latent_cache_(latent, layout_of(latent))
     res = {}
     for name, m in (("plain", plain), ("latent", latent)):
         t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def latent_cache_check(model, prompt: torch.Tensor, new_tokens: int = 32) -> dic
         res[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
         res[f"{name}_tokens"] = seq[0, prompt.shape[1]:].tolist()
     res["identical"] = res["plain_tokens"] == res["latent_tokens"]
-    res.update(kv_bytes_per_token(latent, latent=True, bytes_per_value=2))
+    res.update(kv_bytes_per_token(latent, layout_of(latent), latent=True, bytes_per_value=2))
     del res["plain_tokens"], res["latent_tokens"]
     return res
 

@@ -50,7 +50,7 @@ def search_beta_by_loss_(
     betas: Sequence[float] = tuple(i / 10 for i in range(11)),
     beta_from: float = 0.5,
     latent_seed: int | None = 0,
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] | None = None,
 ) -> dict:
     """Choose one global β by the quantized model's mean calibration loss and apply it (with H2) in place.
 
@@ -64,7 +64,7 @@ def search_beta_by_loss_(
         raise ValueError("search_beta_by_loss_: no calibration batches")
     if weight is not None and weight.method != "rtn":
         weight = WeightQuantConfig(**{**weight.__dict__, "method": "rtn"})
-    exclude = list(exclude)
+    exclude = None if exclude is None else list(exclude)  # None: quantize_model_'s default (the output head)
     losses = []
     for beta in betas:
         trial = copy.deepcopy(model)

@@ -50,7 +50,12 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False, map_location: A
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
     try:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        except RuntimeError as err:
+            if not (mmap and "mmap" in str(err)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # a legacy (non-zip) file
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds more than tensors and plain data (weights_only=True rejected "

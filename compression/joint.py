@@ -51,7 +51,6 @@ from compression.methods import Method
 
 log = logging.getLogger(__name__)
 
-QKV = ("q_proj", "k_proj", "v_proj")
 LATENT_NAME = "qkv_latent"
 
 
@@ -121,15 +120,16 @@ class JointProjection(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (shared down)"
 
 
-def find_joint_groups(model: nn.Module, members: Sequence[str] = QKV) -> dict[str, list[str]]:
-    """``attention module name -> [full member names]`` for every module whose members are plain
-    ``nn.Linear`` layers with the same input size (already-joint groups are skipped)."""
+def find_joint_groups(model: nn.Module, layout) -> dict[str, list[str]]:
+    """``attention path -> [q, k, v full names]`` from ``layout`` (:class:`compression.layout.ModelLayout`): every
+    attention with separate projections whose three members are still plain ``nn.Linear`` layers of one input
+    size (already-joint or compressed groups are skipped).  A fused qkv is no group: compressing the fused matrix
+    is the joint factorization."""
     groups = {}
-    for name, module in model.named_modules():
-        children = [getattr(module, m, None) for m in members]
+    for name, members in layout.joint_groups().items():
+        children = [model.get_submodule(m) for m in members]
         if all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) == 1:
-            prefix = f"{name}." if name else ""
-            groups[name] = [prefix + m for m in members]
+            groups[name] = list(members)
     return groups
 
 
@@ -208,7 +208,7 @@ def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.T
         setattr(attn, m, proj)
 
 
-def joint_num_parameters(attn: nn.Module, members: Sequence[str] = QKV) -> int:
+def joint_num_parameters(attn: nn.Module, members: Sequence[str]) -> int:
     """Parameters of one joint group: the shared down once plus the three ups (with biases)."""
     latent = getattr(attn, LATENT_NAME)
     return latent.down.weight.numel() + sum(linear_num_parameters(getattr(attn, m).up) for m in members)

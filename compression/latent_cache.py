@@ -1,22 +1,25 @@
-"""Latent KV cache for LLaMA-family attention whose q/k/v share one down projection (joint QKV).
+"""Latent KV cache for attention whose q/k/v share one down projection (joint QKV, or a compressed fused qkv).
 
-Per token the joint layers compute ``z = D x`` (``r`` numbers) and ``k = U_k z``, ``v = U_v z``.
-Instead of caching the rotated keys and the values (``2 · kv_heads · head_dim`` numbers per
-token and layer) this attention caches ``z`` and the token's position, and at every step
-rebuilds, for all ``S`` cached tokens,
+Per token a joint group computes ``z = D x`` (``r`` numbers) and ``k = U_k z``, ``v = U_v z`` (separate
+projections sharing :class:`~compression.joint.JointLatent`, or the rows of a fused qkv
+:class:`~compression.lowrank.LowRankLinear`'s ``up`` that the layout assigns to k and v).  Instead of caching the
+rotated keys and the values (``2 · kv_heads · head_dim`` numbers per token and layer) this attention caches ``z``
+and the token's position, and at every step rebuilds, for all ``S`` cached tokens,
 
-    K = RoPE(U_k Z, positions),   V = U_v Z          (Z: S x r)
+    K = RoPE(k_norm(U_k Z), positions),   V = U_v Z          (Z: S x r)
 
-RoPE is applied *after* rebuilding the keys (it does not commute with ``U_k``), from the cached
-positions.  The cache is ``r`` numbers (plus one integer position) per token and layer instead of
-``2 · kv_heads · head_dim``; the price is re-multiplying ``U_k``, ``U_v`` over the whole prefix each
-step (``2 S r (m_k + m_v)`` FLOPs), which can make decoding slower than a plain cache.
+with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
+(Gemma3: the layer type, which selects θ), both from the layout.  RoPE is applied *after* rebuilding the keys
+(it does not commute with ``U_k``), from the cached positions; partial rotary (``cos`` narrower than a head)
+rotates the leading channels only.  The cache is ``r`` numbers (plus one integer position) per token and
+layer; the price is re-multiplying ``U_k``, ``U_v`` over the whole prefix each step (``2 S r (m_k + m_v)``
+FLOPs), which can make decoding slower than a plain cache.
 
-It lives in ``compression/`` (not ``models/``) because it needs the joint layer classes.  It works
-with transformers' ``Cache`` objects unchanged: each layer's entry is a :class:`LatentCacheLayer`
-(a ``DynamicLayer`` whose ``keys`` hold ``Z [B, 1, S, r]`` and ``values`` the positions
-``[B, 1, S, 1]``), so ``generate()``'s cropping, beam reordering and mask sizing keep working.
-A ``DynamicCache`` created by ``generate`` gets its layers swapped on first use.
+It works with transformers' ``Cache`` objects unchanged: each layer's entry is a :class:`LatentCacheLayer`
+(a ``DynamicLayer``) or, on sliding-window layers, a :class:`LatentSlidingLayer` (a
+``DynamicSlidingWindowLayer`` keeping the last ``window - 1`` latents, so the attention mask sizes are those of
+the plain cache); ``keys`` hold ``Z [B, 1, S, r]`` and ``values`` the positions ``[B, 1, S, 1]``.  A cache
+created by ``generate`` gets its layers swapped on first use.
 """
 
 from __future__ import annotations
@@ -26,27 +29,28 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from compression.joint import LATENT_NAME, JointProjection
+from compression.layout import Attention, ModelLayout, rows_index
+from compression.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
 
-class LatentCacheLayer(DynamicLayer):
-    """``keys``: latents ``[B, 1, S, r]`` (model dtype); ``values``: positions ``[B, 1, S, 1]`` (int64)."""
-
+class _Latent:
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = torch.zeros(*key_states.shape[:2], 0, key_states.shape[-1], dtype=key_states.dtype,
                                 device=key_states.device)
         self.values = torch.zeros(*value_states.shape[:2], 0, 1, dtype=torch.long, device=key_states.device)
+        if hasattr(self, "_sliding_window_tensor"):
+            self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
         self.is_initialized = True
 
     def update_latent(self, latent: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``latent [B, T, r]`` and ``positions [B, T]``; return all ``[B, S, r]``, ``[B, S]``."""
+        """Append ``latent [B, T, r]`` and ``positions [B, T]``; return the visible ``[B, S, r]``, ``[B, S]``."""
         keys, values = self.update(latent[:, None], positions[:, None, :, None])
         return keys[:, 0], values[:, 0, :, 0]
 
@@ -57,42 +61,88 @@ class LatentCacheLayer(DynamicLayer):
         return self.keys.shape[0] * (self.keys.shape[-1] * self.keys.element_size() + 8)
 
 
-class LatentLlamaAttention(nn.Module):
-    """LlamaAttention computing K/V from a cached joint latent (same children and state-dict keys)."""
+class LatentCacheLayer(_Latent, DynamicLayer):
+    """``keys``: latents ``[B, 1, S, r]`` (model dtype); ``values``: positions ``[B, 1, S, 1]`` (int64)."""
 
-    def __init__(self, attn: nn.Module, rotary: nn.Module) -> None:
+
+class LatentSlidingLayer(_Latent, DynamicSlidingWindowLayer):
+    """As :class:`LatentCacheLayer`, keeping the last ``sliding_window - 1`` tokens like the plain sliding cache."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return (x * cos) + (_rotate_half(x) * sin)
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat([(rot * cos) + (_rotate_half(rot) * sin), rest], dim=-1)
+
+
+def _relative(spec: Attention, path: str | None) -> str | None:
+    return None if path is None else path[len(spec.path) + 1:]
+
+
+class LatentAttention(nn.Module):
+    """An attention module computing K/V from a cached joint latent; same children (state-dict keys) and public
+    attributes as the module it replaces, which :func:`disable_latent_cache_` restores."""
+
+    def __init__(self, attn: nn.Module, spec: Attention, rotary: nn.Module) -> None:
         super().__init__()
-        if not hasattr(attn, LATENT_NAME) or not isinstance(attn.k_proj, JointProjection):
-            raise ValueError("latent KV cache needs joint q/k/v on this attention module "
-                             "(compress with joint_qkv: true)")
-        latent = getattr(attn, LATENT_NAME)
-        if not all(p.latent is latent for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
-            raise ValueError("q/k/v of this attention module do not share one latent")
-        for key in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
-                    "is_causal"):
-            setattr(self, key, getattr(attn, key))
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        setattr(self, LATENT_NAME, latent)
-        object.__setattr__(self, "rotary", rotary)  # shared with the model, not a child
+        for key, value in attn.__dict__.items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        for name, child in attn.named_children():
+            self.add_module(name, child)
+        self.roles = {r: _relative(spec, getattr(spec, r)) for r in ("q", "k", "v", "qkv", "o")}
+        self.roles.update({r: _relative(spec, getattr(spec, r).path) if getattr(spec, r) else None
+                           for r in ("q_norm", "k_norm")})
+        self.head_dim_, self.rotary_args = spec.head_dim, tuple(spec.rotary_args)
+        self.extra = dict(spec.attention_kwargs)
+        self.eager = spec.eager
+        self.rows = [rows_index(r) for r in spec.qkv_rows] if spec.fused else None
+        object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
+        object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        position_ids: torch.Tensor | None = None,
-        cache=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _child(self, role: str) -> nn.Module | None:
+        name = self.roles.get(role)
+        return None if name is None else getattr(self, name)
+
+    def _latent(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self._child("qkv").down(x)
+        return getattr(self, LATENT_NAME)(x)
+
+    def _project(self, z: torch.Tensor, roles: tuple[str, ...]) -> list[torch.Tensor]:
+        if self.rows is not None:
+            out = self._child("qkv").up(z)
+            index = {"q": 0, "k": 1, "v": 2}
+            return [out[..., self.rows[index[r]]] for r in roles]
+        return [self._child(r).up(z) for r in roles]
+
+    def _heads(self, x: torch.Tensor, norm: str) -> torch.Tensor:
+        x = x.view(*x.shape[:2], -1, self.head_dim_)
+        module = self._child(norm)
+        return (module(x) if module is not None else x).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values=None,
+                position_ids: torch.Tensor | None = None, cache=None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         # transformers 5.24 renamed the decoder layers' ``past_key_values`` keyword to ``cache``
         past_key_values = cache if cache is not None else past_key_values
         kwargs.pop("use_cache", None)
         bsz, q_len = hidden_states.shape[:2]
-        z = getattr(self, LATENT_NAME)(hidden_states)  # [B, T, r]
-        query = self.q_proj.up(z).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+        z = self._latent(hidden_states)  # [B, T, r]
+        (q,) = self._project(z, ("q",))
         cos, sin = position_embeddings
-        query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
+        query = _rope(self._heads(q, "q_norm"), cos, sin)
         if past_key_values is not None:
             layer = _latent_layer(past_key_values, self.layer_idx)
             if position_ids is None:
@@ -103,90 +153,103 @@ class LatentLlamaAttention(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(q_len, device=z.device)[None]
             z_all, pos_all = z, position_ids.expand(bsz, q_len)
-        s = z_all.shape[1]
-        key = self.k_proj.up(z_all).view(bsz, s, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj.up(z_all).view(bsz, s, -1, self.head_dim).transpose(1, 2)
-        cos_k, sin_k = self.rotary(key, position_ids=pos_all)
-        _, key = apply_rotary_pos_emb(key, key, cos_k, sin_k)
-        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                    eager_attention_forward)
+        k, v = self._project(z_all, ("k", "v"))
+        key, value = self._heads(k, "k_norm"), self._heads(v, "v_norm")
+        cos_k, sin_k = self.rotary(key, pos_all, *self.rotary_args)
+        key = _rope(key, cos_k, sin_k)
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, **kwargs)
+                                 scaling=self.scaling, **self.extra, **kwargs)
         out = out.reshape(bsz, q_len, -1).contiguous()
-        return self.o_proj(out), weights
+        return self._child("o")(out), weights
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _latent_layer(cache, layer_idx: int) -> LatentCacheLayer:
-    """The cache's entry for ``layer_idx`` as a :class:`LatentCacheLayer` (swapping in a fresh one)."""
+def _latent_layer(cache, layer_idx: int):
+    """The cache's entry for ``layer_idx`` as a latent layer (swapping in a fresh one of the same kind)."""
     if getattr(cache, "layer_class_to_replicate", None) is not None:
         while len(cache.layers) <= layer_idx:
             cache.layers.append(LatentCacheLayer())
     layer = cache.layers[layer_idx]
-    if isinstance(layer, LatentCacheLayer):
+    if isinstance(layer, _Latent):
         return layer
     if type(layer) is DynamicLayer and not layer.is_initialized:
         cache.layers[layer_idx] = LatentCacheLayer()
-        return cache.layers[layer_idx]
-    raise TypeError(f"layer {layer_idx} of the cache is a {type(layer).__name__} already in use; the latent "
-                    "KV cache needs a fresh DynamicCache (no static, sliding or quantized cache)")
+    elif type(layer) is DynamicSlidingWindowLayer and not layer.is_initialized:
+        cache.layers[layer_idx] = LatentSlidingLayer(sliding_window=layer.sliding_window)
+    else:
+        raise TypeError(f"layer {layer_idx} of the cache is a {type(layer).__name__} already in use; the latent "
+                        "KV cache needs a fresh DynamicCache (no static, offloaded or quantized cache)")
+    return cache.layers[layer_idx]
 
 
-def enable_latent_cache_(model: nn.Module) -> list[str]:
-    """Swap every joint-QKV ``LlamaAttention`` of a LLaMA-family model for :class:`LatentLlamaAttention`."""
-    base = getattr(model, "model", model)
+def _is_joint(model: nn.Module, spec: Attention) -> bool:
+    if spec.fused:
+        return isinstance(model.get_submodule(spec.qkv), LowRankLinear)
+    attn = model.get_submodule(spec.path)
+    latent = getattr(attn, LATENT_NAME, None)
+    members = [model.get_submodule(p) for p in (spec.q, spec.k, spec.v)]
+    return latent is not None and all(isinstance(m, JointProjection) and m.latent is latent for m in members)
+
+
+def enable_latent_cache_(model: nn.Module, layout: ModelLayout) -> list[str]:
+    """Swap every attention whose q/k/v share one latent for :class:`LatentAttention`; returns their paths.
+
+    Refused up front for layouts without a latent K/V rebuild (their layout says why) and for attentions
+    without rotary positions; attentions that are not joint keep the plain cache.
+    """
+    layout.require("latent_cache")
     changed = []
-    for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        if isinstance(attn, LatentLlamaAttention):
+    for block in layout.blocks:
+        spec = block.attn
+        attn = model.get_submodule(spec.path)
+        if isinstance(attn, LatentAttention) or not _is_joint(model, spec):
             continue
-        if not isinstance(getattr(attn, "k_proj", None), JointProjection):
-            continue
-        layer.self_attn = LatentLlamaAttention(attn, base.rotary_emb)
-        changed.append(f"model.layers.{i}.self_attn")
+        if spec.rotary is None:
+            raise NotImplementedError(f"{layout.model_class}: the latent KV cache rebuilds rotary keys; {spec.path} "
+                                      "has no rotary module")
+        parent, _, child = spec.path.rpartition(".")
+        setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, model.get_submodule(spec.rotary)))
+        changed.append(spec.path)
     if not changed:
-        raise ValueError("enable_latent_cache_: no joint q/k/v attention found; compress with joint_qkv: true first")
+        raise ValueError("enable_latent_cache_: no attention with q/k/v sharing one latent; compress with "
+                         "joint_qkv: true (separate q/k/v) or compress the fused qkv projection first")
     return changed
 
 
 def disable_latent_cache_(model: nn.Module) -> list[str]:
-    """Undo :func:`enable_latent_cache_` by moving the children back into the original attention class."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
-    base = getattr(model, "model", model)
+    """Undo :func:`enable_latent_cache_`: the original attention modules come back with the current children."""
     changed = []
-    for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        if not isinstance(attn, LatentLlamaAttention):
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LatentAttention):
             continue
-        plain = LlamaAttention.__new__(LlamaAttention)
-        nn.Module.__init__(plain)
-        for key in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
-                    "is_causal"):
-            setattr(plain, key, getattr(attn, key))
-        for key in ("q_proj", "k_proj", "v_proj", "o_proj", LATENT_NAME):
-            setattr(plain, key, getattr(attn, key))
-        layer.self_attn = plain
-        changed.append(f"model.layers.{i}.self_attn")
+        original = module.original
+        for child_name, child in module.named_children():
+            original._modules[child_name] = child
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, original)
+        changed.append(name)
     return changed
 
 
-def kv_bytes_per_token(model: nn.Module, latent: bool, bytes_per_value: float = 2.0) -> dict[str, float]:
+def kv_bytes_per_token(model: nn.Module, layout: ModelLayout, latent: bool, bytes_per_value: float = 2.0
+                       ) -> dict[str, float]:
     """KV-cache size per token summed over layers: ``r`` (latent) vs ``2 · kv_heads · head_dim`` values."""
-    base = getattr(model, "model", model)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dense = 2 * cfg.num_key_value_heads * head_dim
-    total_latent = 0
-    for layer in base.layers:
-        lat = getattr(layer.self_attn, LATENT_NAME, None)
-        total_latent += lat.rank if lat is not None else dense
-    n = len(base.layers)
-    return {"dense_values": dense * n, "latent_values": total_latent,
-            "dense_bytes": dense * n * bytes_per_value, "latent_bytes": total_latent * bytes_per_value,
-            "ratio": total_latent / (dense * n), "active": float(latent)}
+    dense_total = latent_total = 0
+    for block in layout.blocks:
+        spec = block.attn
+        dense = 2 * spec.kv_heads * spec.head_dim
+        dense_total += dense
+        if not _is_joint(model, spec):
+            latent_total += dense
+        elif spec.fused:
+            latent_total += model.get_submodule(spec.qkv).rank
+        else:
+            latent_total += getattr(model.get_submodule(spec.path), LATENT_NAME).rank
+    return {"dense_values": dense_total, "latent_values": latent_total,
+            "dense_bytes": dense_total * bytes_per_value, "latent_bytes": latent_total * bytes_per_value,
+            "ratio": latent_total / dense_total, "active": float(latent)}
+
+
+__all__ = ["LatentAttention", "LatentCacheLayer", "LatentSlidingLayer", "disable_latent_cache_",
+           "enable_latent_cache_", "kv_bytes_per_token"]

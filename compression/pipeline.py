@@ -39,7 +39,7 @@ from compression.allocation import (
     run_allocation,
     token_cost_weights,
 )
-from compression.joint import decompose_joint, find_joint_groups, install_joint, joint_num_parameters, restore_joint_
+from compression.joint import decompose_joint, install_joint, joint_num_parameters, restore_joint_
 from compression.lowrank import LowRankLinear, linear_num_parameters
 from compression.methods import build_method
 from compression.plan import make_plan, set_submodule
@@ -104,7 +104,10 @@ class CompressionPipeline:
         groups: dict[str, list[str]] = {}
         if recipe.joint_qkv:
             hook = self._hook("joint_groups")
-            found = hook(model, self.names) if hook is not None else find_joint_groups(model)
+            if hook is None:
+                raise ValueError("joint_qkv needs the model family's joint_groups (which projections form q/k/v: "
+                                 "the model layout); pass family= (e.g. CausalLMSpec(model=model))")
+            found = hook(model, self.names)
             groups = {g: list(m) for g, m in found.items() if all(n in modules for n in m)}
             if not groups:
                 raise ValueError("joint_qkv: true but no attention module has all of its q/k/v projections among "
@@ -359,7 +362,8 @@ class CompressionPipeline:
         groups = getattr(self, "plan_groups", {})
         self.plan = make_plan(method, recipe.ratio if self.method is not None else 0.0,
                               recipe.allocation if self.method is not None else "none", layers,
-                              joint_groups=groups, quantization=self.quantization, rotation=self.rotation)
+                              joint_groups=groups, quantization=self.quantization, rotation=self.rotation,
+                              forms=getattr(self.family, "forms", None))
         self.plan["recipe"] = recipe.to_dict()
         name = self.method.name if self.method is not None else "none"
         self.report = CompressionReport(

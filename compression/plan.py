@@ -8,8 +8,10 @@ compressed state dict (or checkpoint) can be loaded into a freshly built dense m
      "layers": {"model.layers.0.self_attn.q_proj":
                 {"rank": 96, "in_features": 576, "out_features": 576, "bias": false}, ...}}
 
-Optional sections (QSVD), each rebuilt by :func:`apply_plan` in this order:
+Optional sections, each rebuilt by :func:`apply_plan` in this order:
 
+- ``"forms"``: ``Conv1D`` / ``nn.Linear`` subclasses / 3-D experts converted to ``nn.Linear`` form
+  (:mod:`compression.forms`);
 - ``"rotation"``: residual-stream rotation and online Hadamard (:mod:`compression.rotation`);
 - ``"joint_groups"``: ``{"model.layers.0.self_attn": {"members": ["q_proj", "k_proj", "v_proj"],
   "rank": 240, "in_features": 576, "out_features": [576, 192, 192], "bias": [false, false, false]}}``
@@ -35,7 +37,7 @@ PLAN_VERSION = 1
 
 def make_plan(method: dict, ratio: float, allocation: str, layers: dict[str, dict],
               joint_groups: dict[str, dict] | None = None, quantization: dict | None = None,
-              rotation: dict | None = None) -> dict:
+              rotation: dict | None = None, forms: dict | None = None) -> dict:
     plan = {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
@@ -44,7 +46,8 @@ def make_plan(method: dict, ratio: float, allocation: str, layers: dict[str, dic
         "allocation": allocation,
         "layers": {name: dict(spec) for name, spec in layers.items()},
     }
-    for key, value in (("joint_groups", joint_groups), ("quantization", quantization), ("rotation", rotation)):
+    for key, value in (("joint_groups", joint_groups), ("quantization", quantization), ("rotation", rotation),
+                       ("forms", forms)):
         if value:
             plan[key] = value
     return plan
@@ -68,7 +71,7 @@ def merge_plans(*plans: dict) -> dict:
                 raise ValueError(f"plans both define {key} {sorted(clash)[:3]}")
             if p.get(key):
                 out.setdefault(key, {}).update(p[key])
-        for key in ("quantization", "rotation"):
+        for key in ("quantization", "rotation", "forms"):
             if key in p:
                 if key in out:
                     raise ValueError(f"plans both define a {key!r} section")
@@ -110,6 +113,10 @@ def apply_plan(model: nn.Module, plan: dict) -> list[str]:
     """
     validate_plan(plan)
     changed: list[str] = []
+    if plan.get("forms"):
+        from compression.forms import apply_forms_plan
+
+        changed += apply_forms_plan(model, plan["forms"])
     if "rotation" in plan:
         from compression.rotation import apply_rotation_plan
 

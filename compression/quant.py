@@ -232,12 +232,20 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, {w}, {a}"
 
 
-def quantizable_linears(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> list[str]:
-    """Names of every plain ``nn.Linear`` or joint factor (including low-rank factors) not matching ``exclude``."""
+def output_head_names(model: nn.Module) -> list[str]:
+    """The module name of ``model.get_output_embeddings()`` (a ``transformers`` model's head), if any."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return [n for n, m in model.named_modules() if head is not None and m is head]
+
+
+def quantizable_linears(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
+    """Names of every plain ``nn.Linear`` or joint factor (including low-rank factors) not matching ``exclude``
+    (default: the output head, whose error hits every token's logits directly)."""
     from compression.joint import FactorLinear
     from compression.targets import name_matches
 
-    exclude = list(exclude)
+    exclude = output_head_names(model) if exclude is None else list(exclude)
     return [n for n, m in model.named_modules()
             if type(m) in (nn.Linear, FactorLinear) and not any(name_matches(n, p) for p in exclude)]
 
@@ -247,11 +255,13 @@ def quantize_model_(
     model: nn.Module,
     weight: WeightQuantConfig | None,
     act: ActQuantConfig | None,
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] | None = None,
     grams: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor | None] | None = None,
 ) -> dict:
     """Replace every plain ``nn.Linear`` (dense or a low-rank factor) by a :class:`QuantLinear`, in place.
 
+    ``exclude``: name patterns left in float (default: the output head).  3-D expert tensors are not
+    ``nn.Linear`` and stay in float unless linearized (:func:`compression.forms.linearize_`).
     ``grams`` (name -> input Gram, or a function of the name) is needed for GPTQ.  Returns the
     plan entry ``{"weight": ..., "act": ..., "layers": [...]}`` for :func:`apply_quant_plan`.
     """

@@ -51,7 +51,8 @@ def run_quantization(model: nn.Module, q: QuantRecipe, family: Any, batches: Cal
                      beta_from: float) -> tuple[dict | None, dict | None]:
     """Apply ``q`` to ``model`` in place; returns the plan's ``(rotation, quantization)`` sections."""
     from compression.beta_search import search_beta_by_loss_
-    from compression.rotation import capture_inputs, lowrank_pairs, rotate_all_latents_, rotate_model_, search_beta_
+    from compression.latent_rotation import capture_inputs, lowrank_pairs, rotate_all_latents_, search_beta_
+    from compression.rotation import rotate_model_
 
     weight, act = quant_configs(q)
     forward = getattr(family, "calibration_forward", None)
@@ -61,7 +62,14 @@ def run_quantization(model: nn.Module, q: QuantRecipe, family: Any, batches: Cal
     model.eval()
     info: dict[str, Any] = {}
     try:
-        rotation = rotate_model_(model, kind=q.rotation_kind, seed=q.seed, online=True) if q.rotate else None
+        rotation = None
+        if q.rotate:
+            layout_of = getattr(family, "layout", None)
+            layout = layout_of(model) if layout_of is not None else None
+            if layout is None:
+                raise ValueError(f"quantization.rotate needs the model's layout (where its residual stream is "
+                                 f"written and read); the family of {type(model).__name__} gives none")
+            rotation = rotate_model_(model, layout, kind=q.rotation_kind, seed=q.seed, online=True)
         pairs = lowrank_pairs(model)
         latent_seed = q.seed if q.latent_rotation else None
         if pairs and q.beta_search and q.beta_objective == "loss":

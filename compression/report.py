@@ -53,6 +53,12 @@ class CompressionReport:
         return 1.0 - self.targeted_params_after / before if before else 0.0
 
     @property
+    def uncovered_params(self) -> int:
+        """Parameters of the weight matrices this run did not cover (listed in ``skipped`` with their counts)."""
+        return sum(int(r.rsplit("[", 1)[1].split()[0].replace(",", "")) for r in self.skipped.values()
+                   if r.endswith(" parameters]"))
+
+    @property
     def model_params_ratio(self) -> float:
         """Measured fraction of the whole model's parameters removed."""
         return 1.0 - self.model_params_after / self.model_params_before
@@ -94,6 +100,15 @@ class CompressionReport:
             )
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers")
+        uncovered = [(n, r) for n, r in self.skipped.items() if r.endswith(" parameters]")]
+        if uncovered:
+            total = sum(int(r.rsplit("[", 1)[1].split()[0].replace(",", "")) for _, r in uncovered)
+            lines.append(f"not covered: {len(uncovered)} weight matrices, {total:,} parameters "
+                         f"({total / max(self.model_params_before, 1):.1%} of the model):")
+            shown = uncovered if max_rows is None else uncovered[:max(max_rows, 6)]
+            lines += [f"  {n}: {r}" for n, r in shown]
+            if len(shown) < len(uncovered):
+                lines.append(f"  ... {len(uncovered) - len(shown)} more")
         s = self.summary()
         lines.append(
             f"{self.method} / {self.allocation}: asked ratio {self.ratio:.3f}, removed {s['params_ratio']:.4f} of "

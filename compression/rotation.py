@@ -1,63 +1,71 @@
-"""QuaRot-style rotations fused into a LLaMA-family LM (or a VLM's), the latent rotation H2 and the Σ split β.
+"""QuaRot-style rotations fused into a decoder described by its layout, the latent rotation H2 and the Σ split β.
 
-Residual stream (H1).  With row vectors, every block reads ``x`` through an RMSNorm and adds
-its output back.  RMSNorm commutes with an orthogonal ``Q`` once its scale is gone:
-``rms(xQ) = rms(x)`` so ``norm(xQ) = norm(x) Q`` when ``g = 1``.  Hence, in order:
+Residual stream (H1).  With row vectors, every block reads the stream ``x`` through a norm and adds its
+output back.  An RMSNorm commutes with an orthogonal ``Q`` once its scale is gone: ``rms(xQ) = rms(x)``, so
+``norm(xQ) = norm(x) Q`` when the scale is 1.  Hence, in order (every module named by the
+:class:`~compression.layout.ModelLayout`, never here):
 
-1. fold each RMSNorm scale ``g`` into the layers that read it: ``W ← W diag(g)``, ``g ← 1``
-   (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, final norm -> lm_head);
-2. untie ``lm_head`` from the embeddings when tied: after folding, ``lm_head`` holds
-   ``E diag(g)`` while the embedding holds ``E`` (both then rotated), so one shared matrix cannot
-   serve both; the model gains ``vocab x E`` stored parameters (``lm_head`` stays in high precision);
-3. rotate: embedding ``E ← E Q``; readers (q/k/v, gate/up, lm_head) ``W ← W Q``; writers (o_proj,
-   down_proj) ``W ← Qᵀ W``, ``b ← Qᵀ b``.  The float function is unchanged; the residual stream
-   now carries ``x Q``, whose outliers a random Hadamard ``Q`` spreads over all channels.
+1. fold each reader norm's scale ``s = offset + w`` (LLaMA ``w``, Gemma ``1 + w``) into the layers that read
+   it: ``W ← W diag(s)``, then ``w ← 1 - offset`` (scale 1);
+2. untie the head from the token embedding when tied: after folding the head holds ``E diag(s)`` while the
+   embedding holds ``E`` (both then rotated), so one shared matrix cannot serve both (``+vocab x E`` stored);
+3. rotate: token embedding ``E ← E Q`` (a constant embedding scale commutes); readers (q/k/v or fused qkv,
+   the MLP inputs, a MoE router and its experts' ``gate_up``, the head) ``W ← W Q``; writers (attention and MLP
+   output projections, experts' ``down``, a VLM projector's output layer) ``W ← Qᵀ W``, ``b ← Qᵀ b``;
+   learned stream vectors ``v ← v Q``.
+4. post-norms (Gemma: ``stream += norm_g(o_proj(...))``): the scale ``g`` acts *after* normalization and
+   cannot be moved into a weight, so ``Q`` is applied online after such a norm instead
+   (:class:`RotatedOutput`: ``norm(y) ↦ norm(y) Q``, ``diag(s)`` then a fast Hadamard for a randomized
+   Hadamard ``Q = diag(s) H``); the writer before it is left unrotated.
 
-VLMs.  The decoder is found structurally (the module owning ``get_input_embeddings()`` as
-``embed_tokens``, with ``layers`` and ``norm``; the head is ``get_output_embeddings()``).  In a
-VLM the stream is also written by the projector, whose output replaces the image placeholder
-embeddings, and (LLaVA-NeXT) by a learned ``image_newline`` vector, so those are rotated as
-writers: projector output layer ``W ← Qᵀ W``, ``b ← Qᵀ b``; vector ``v ← v Q``
-(:func:`stream_writers`).  The vision tower is untouched (it does not read the stream).
+The float function is unchanged (float64: to rounding); the stream now carries ``x Q``, whose outliers a
+random Hadamard ``Q`` spreads over all channels.  LayerNorm families are refused (their layout says why).
 
-Online rotation before ``down_proj``: the MLP is replaced by :class:`HadamardMLP` (same child
-names, so state-dict keys do not change), which feeds ``down_proj`` with ``a H`` (a Hadamard
-transform, :class:`compression.hadamard.HadamardTransform`, also for 1536 = 12·128) and
-``down_proj``'s input weights become ``W H``.
+Online rotation before the MLP's output projection: the MLP is replaced by :class:`HadamardMLP` (same child
+names, so state-dict keys do not change), which feeds the output projection with ``a H`` and whose input
+weights become ``W H``; linearized experts (:class:`compression.forms.LinearExperts`) get the same ``H``
+before each expert's ``down``.  3-D expert tensors are left without it (they are not quantized either).
 
-Latent rotation (H2).  A low-rank pair ``up (m x r)``, ``down (r x n)`` computes ``up · down``;
-with an orthogonal ``R (r x r)``, ``down ← R down`` and ``up ← up Rᵀ`` leave the product unchanged
-and rotate the latent ``z ← R z`` (r is arbitrary, so ``R`` is random orthogonal).
-
-β.  The factors of an SVD split Σ as ``up = U Σ^(1-β)``, ``down = Σ^β Vᵀ T⁻¹``.  The columns of
-``up`` are orthogonal with norms ``σ^(1-β)``, so :func:`rebalance_` moves an existing pair from
-``β0`` to any ``β`` (before H2) without redoing the SVD.
+The latent rotation H2, the Σ split β and the β search live in :mod:`compression.latent_rotation`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from compression.hadamard import HadamardTransform, rotation_matrix
-from compression.joint import LATENT_NAME, JointProjection
+from compression.forms import LinearExperts
+from compression.hadamard import HadamardTransform, is_hadamard_order, random_signs, rotation_matrix
+from compression.joint import JointProjection
+from compression.latent_rotation import (  # noqa: F401  (re-exported: callers import them from here)
+    capture_inputs,
+    lowrank_pairs,
+    rebalance_,
+    rotate_all_latents_,
+    rotate_latent_,
+    search_beta_,
+    singular_values_from_up,
+)
+from compression.layout import MLP, ModelLayout, Norm
 from compression.lowrank import LowRankLinear
-from compression.residual import decoder_layers, language_model, language_model_module, output_head, stream_writers
 
 log = logging.getLogger(__name__)
 
 
 def input_weights(module: nn.Module) -> list[nn.Parameter]:
-    """The weight(s) that multiply ``module``'s input: Linear ``weight``, low-rank ``down``, joint latent ``down``."""
+    """The weight(s) (``· x in``) that multiply ``module``'s input: Linear ``weight``, low-rank ``down``, joint
+    latent ``down``, or the ``weight`` of a module applying ``F.linear`` (a MoE router)."""
     if isinstance(module, LowRankLinear):
         return [module.down.weight]
     if isinstance(module, JointProjection):
         return [module.latent.down.weight]
-    if isinstance(module, nn.Linear):
-        return [module.weight]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter) and weight.dim() == 2:
+        return [weight]
     raise TypeError(f"cannot rotate the input of a {type(module).__name__}")
 
 
@@ -71,7 +79,7 @@ def output_params(module: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def _right_(params: Iterable[nn.Parameter], mat: torch.Tensor) -> None:
-    """``W ← W M`` once per distinct parameter (q/k/v sharing one latent are rotated once)."""
+    """``W ← W M`` on the last axis, once per distinct parameter (q/k/v sharing one latent are rotated once)."""
     seen = set()
     for p in params:
         if id(p) in seen:
@@ -82,288 +90,317 @@ def _right_(params: Iterable[nn.Parameter], mat: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _left_(params: Iterable[nn.Parameter], mat: torch.Tensor) -> None:
-    """``W ← Mᵀ W`` (and ``b ← Mᵀ b``)."""
+    """``W ← Mᵀ W`` on the output axis (``-2`` of a matrix or 3-D expert tensor, ``-1`` of a bias)."""
     for p in params:
-        p.copy_((mat.to(p.device).T @ p.double()).to(p.dtype))
+        m = mat.to(p.device).T
+        p.copy_((m @ p.double() if p.dim() > 1 else p.double() @ m.T).to(p.dtype))
 
 
-def _config_untie_(model: nn.Module) -> None:
-    """Record the untied head in every config the model (and its sub-models) carry."""
+# -- what the layout says reads and writes the stream ------------------------------------------------
+def _mlp_readers(model: nn.Module, mlp: MLP) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(input weights, output params)`` of an MLP: its readers' input weights and its writers' outputs."""
+    ins, outs = [], []
+    for name in mlp.readers:
+        ins += input_weights(model.get_submodule(name))
+    if mlp.writer is not None:
+        outs += output_params(model.get_submodule(mlp.writer))
+    if mlp.experts is not None:
+        spec = mlp.experts
+        ins += input_weights(model.get_submodule(spec.router))
+        experts = model.get_submodule(spec.path)
+        if isinstance(experts, LinearExperts):
+            for lin in getattr(experts, spec.down):
+                outs += output_params(lin)
+        else:
+            ins.append(getattr(experts, spec.gate_up))    # n x 2I x E: rotate the last axis
+            outs.append(getattr(experts, spec.down))      # n x E x I: rotate axis -2
+    if mlp.shared is not None:
+        sin, sout = _mlp_readers(model, mlp.shared)
+        ins, outs = ins + sin, outs + sout
+    if mlp.shared_gate is not None:
+        ins += input_weights(model.get_submodule(mlp.shared_gate))
+    return ins, outs
+
+
+def _check_rotatable(layout: ModelLayout) -> None:
+    layout.require("rotation")
+    norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm, b.attn_out_norm,
+                                                                      b.mlp_out_norm) if n is not None]
+    bad = [n.path for n in norms if n.kind != "rms"]
+    if bad:
+        raise NotImplementedError(f"{layout.model_class}: rotation needs RMSNorm everywhere; {bad[0]} is a LayerNorm")
+    if any(b.mlp_norm is None or b.parallel for b in layout.blocks):
+        raise NotImplementedError(f"{layout.model_class}: rotation of parallel blocks is not implemented")
+
+
+def _scale_identity(norm: nn.Module, spec: Norm) -> bool:
+    return bool(torch.all(norm.weight + spec.offset == 1))
+
+
+def untie_lm_head_(model: nn.Module, layout: ModelLayout) -> bool:
+    """Give the head its own weight when it is tied to the token embedding; returns whether it was tied."""
+    emb, head = model.get_submodule(layout.token_embedding), model.get_submodule(layout.head)
+    if getattr(head, "weight", None) is not emb.weight:
+        return False
+    head.weight = nn.Parameter(emb.weight.detach().clone())
     configs = [getattr(m, "config", None) for m in model.modules()]
     text = getattr(getattr(model, "config", None), "get_text_config", None)
     configs.append(text() if callable(text) else None)
     for config in configs:
         if config is not None and hasattr(config, "tie_word_embeddings"):
             config.tie_word_embeddings = False
-
-
-def untie_lm_head_(model: nn.Module) -> bool:
-    """Give ``lm_head`` its own weight when it is tied to the input embedding; returns whether it was tied."""
-    emb, head = language_model_module(model).embed_tokens, output_head(model)
-    if getattr(head, "weight", None) is not emb.weight:
-        return False
-    head.weight = nn.Parameter(emb.weight.detach().clone())
-    _config_untie_(model)
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = None
-    log.info("untied lm_head from the input embedding (+%d stored parameters)", head.weight.numel())
+    log.info("untied %s from the input embedding (+%d stored parameters)", layout.head, head.weight.numel())
     return True
 
 
-def _attn_readers(layer: nn.Module) -> list[nn.Module]:
-    return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-
-
-def _mlp_readers(layer: nn.Module) -> list[nn.Module]:
-    return [layer.mlp.gate_proj, layer.mlp.up_proj]
-
-
 @torch.no_grad()
-def fold_norms_(model: nn.Module) -> None:
-    """Fold every RMSNorm scale into the layers that read it and set the scales to 1 (function unchanged)."""
-    untie_lm_head_(model)
+def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
+    """Fold every reader norm's scale into the layers that read it; set the scales to 1 (function unchanged)."""
+    _check_rotatable(layout)
+    untie_lm_head_(model, layout)
     pairs = []
-    for layer in decoder_layers(model):
-        pairs += [(layer.input_layernorm, _attn_readers(layer)), (layer.post_attention_layernorm, _mlp_readers(layer))]
-    pairs.append((language_model_module(model).norm, [output_head(model)]))
-    for norm, readers in pairs:
-        g = norm.weight.detach().double()
-        _right_([p for r in readers for p in input_weights(r)], torch.diag(g))
-        norm.weight.fill_(1.0)
+    for b in layout.blocks:
+        attn_in = [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
+        pairs += [(b.attn_norm, attn_in), (b.mlp_norm, _mlp_readers(model, b.mlp)[0])]
+    pairs.append((layout.final_norm, input_weights(model.get_submodule(layout.head))))
+    for spec, readers in pairs:
+        norm = model.get_submodule(spec.path)
+        scale = norm.weight.detach().double() + spec.offset
+        _right_(readers, torch.diag(scale))
+        norm.weight.fill_(1.0 - spec.offset)
+
+
+class StreamRotation(nn.Module):
+    """``x [..., n] -> x Q`` for ``Q = rotation_matrix(n, kind, seed)``: random signs then a fast Hadamard when
+    ``Q`` is a (randomized) Hadamard, else the dense matrix.  Non-persistent buffers (rebuilt from the plan)."""
+
+    def __init__(self, n: int, kind: str, seed: int) -> None:
+        super().__init__()
+        self.n, self.kind, self.seed = n, kind, seed
+        self.fast = kind in ("hadamard", "random_hadamard") and is_hadamard_order(n)
+        if self.fast:
+            self.hadamard = HadamardTransform(n)
+            signs = random_signs(n, seed) if kind == "random_hadamard" else torch.ones(n, dtype=torch.float64)
+            self.register_buffer("signs", signs, persistent=False)
+        else:
+            self.register_buffer("matrix", rotation_matrix(n, kind, seed), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self.hadamard(x * self.signs.to(x.dtype))
+        return x @ self.matrix.to(x.dtype)
+
+
+class RotatedOutput(nn.Module):
+    """``y -> inner(y) Q``: a post-norm whose output enters the rotated stream.  It *shares* the inner module's
+    parameters (same names, so state-dict keys do not change); the rotation has no stored state."""
+
+    def __init__(self, inner: nn.Module, rotation: StreamRotation) -> None:
+        super().__init__()
+        self._parameters = inner._parameters  # shared dict: moves, casts and loads reach the inner module
+        self._buffers = inner._buffers
+        object.__setattr__(self, "inner", inner)
+        self.rotation = rotation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation(self.inner(x))
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _wrap_output(model: nn.Module, path: str, rotation: StreamRotation) -> None:
+    module = model.get_submodule(path)
+    if not isinstance(module, RotatedOutput):
+        _set(model, path, RotatedOutput(module, rotation))
+
+
+def _stream_writers(layout: ModelLayout, writers: Mapping[str, list[str]] | None) -> dict[str, list[str]]:
+    if writers is not None:
+        return {"linears": list(writers.get("linears", [])), "vectors": list(writers.get("vectors", []))}
+    return {"linears": list(layout.writers), "vectors": list(layout.stream_vectors)}
 
 
 @torch.no_grad()
-def rotate_residual_(model: nn.Module, q: torch.Tensor, writers: dict[str, list[str]] | None = None) -> None:
-    """Rotate the residual stream by orthogonal ``q (E x E)`` (norms must be folded first).
+def rotate_residual_(model: nn.Module, layout: ModelLayout, q: torch.Tensor, writers: Mapping | None = None,
+                     rotation: StreamRotation | None = None) -> list[str]:
+    """Rotate the residual stream by orthogonal ``q (E x E)`` (reader norms must be folded first).
 
-    ``writers``: what else writes into the stream (:func:`stream_writers`, the default): their
-    outputs are rotated like the blocks' (``W ← Qᵀ W``, ``b ← Qᵀ b``; vectors ``v ← v Q``).
+    ``writers``: what else writes into the stream (default: the layout's ``writers`` / ``stream_vectors``).
+    ``rotation``: the online ``x ↦ x q`` placed after post-norms (required when the layout has them).
+    Returns the post-norm paths that were wrapped.
     """
-    base, head = language_model_module(model), output_head(model)
-    norms = [base.norm]
-    for la in decoder_layers(model):
-        norms += [la.input_layernorm, la.post_attention_layernorm]
-    if any(not torch.all(n.weight == 1) for n in norms):
-        raise ValueError("rotate_residual_: RMSNorm scales are not folded; call fold_norms_ first")
-    if getattr(head, "weight", None) is base.embed_tokens.weight:
-        raise ValueError("rotate_residual_: lm_head is tied to the embedding; call fold_norms_ (it unties) first")
-    writers = stream_writers(model) if writers is None else writers
+    _check_rotatable(layout)
+    norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm)]
+    for spec in norms:
+        if not _scale_identity(model.get_submodule(spec.path), spec):
+            raise ValueError(f"rotate_residual_: the scale of {spec.path} is not folded; call fold_norms_ first")
+    emb, head = model.get_submodule(layout.token_embedding), model.get_submodule(layout.head)
+    if getattr(head, "weight", None) is emb.weight:
+        raise ValueError("rotate_residual_: the head is tied to the embedding; call fold_norms_ (it unties) first")
+    writers = _stream_writers(layout, writers)
     q = q.double()
-    emb = base.embed_tokens.weight
-    emb.copy_((emb.double() @ q.to(emb.device)).to(emb.dtype))
-    for layer in decoder_layers(model):
-        _right_([p for r in _attn_readers(layer) + _mlp_readers(layer) for p in input_weights(r)], q)
-        _left_(output_params(layer.self_attn.o_proj) + output_params(layer.mlp.down_proj), q)
+    _right_([emb.weight], q)
+    wrapped = []
+    for b in layout.blocks:
+        ins, outs = _mlp_readers(model, b.mlp)
+        ins += [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
+        _right_(ins, q)
+        attn_out = output_params(model.get_submodule(b.attn.o))
+        for out_norm, params in ((b.attn_out_norm, attn_out), (b.mlp_out_norm, outs)):
+            if out_norm is None:
+                _left_(params, q)
+                continue
+            if rotation is None:
+                raise ValueError(f"{layout.model_class}: {out_norm.path} normalizes a block output after its "
+                                 "projection; pass the online rotation (rotate_model_ does)")
+            _wrap_output(model, out_norm.path, rotation)
+            wrapped.append(out_norm.path)
     _right_(input_weights(head), q)
-    for name in writers.get("linears", []):
+    for name in writers["linears"]:
         _left_(output_params(model.get_submodule(name)), q)
-    for name in writers.get("vectors", []):
-        vec = model.get_parameter(name)
-        vec.copy_((vec.double() @ q.to(vec.device)).to(vec.dtype))
+    for name in writers["vectors"]:
+        _right_([model.get_parameter(name)], q)
+    return wrapped
 
 
 class HadamardMLP(nn.Module):
-    """Gated MLP ``down(H(act(gate(x)) * up(x)))`` with an online Hadamard ``H`` (same child names as LlamaMLP)."""
+    """An MLP computing ``down(H(inner activations))`` with an online Hadamard ``H``; same child names as the
+    MLP it replaces.  ``kind`` / ``roles`` come from the layout (:class:`compression.layout.MLP`): ``gated``
+    ``act(gate(x)) * up(x)``, ``gated_fused`` ``act(g) * u`` with ``g, u = chunk(gate_up(x))``, ``plain``
+    ``act(fc(x))``."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, kind: str, roles: Mapping[str, str]) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.act_fn = mlp.act_fn
-        self.hadamard = HadamardTransform(mlp.down_proj.in_features)
+        if kind not in ("gated", "gated_fused", "plain"):
+            raise ValueError(f"HadamardMLP supports gated, gated_fused and plain MLPs, not {kind!r}")
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self.kind, self.roles = kind, dict(roles)
+        self.hadamard = HadamardTransform(getattr(self, self.roles["down"]).in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.hadamard(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+        r = {role: getattr(self, name) for role, name in self.roles.items()}
+        if self.kind == "gated":
+            h = r["act"](r["gate"](x)) * r["up"](x)
+        elif self.kind == "gated_fused":
+            gate, up = r["gate_up"](x).chunk(2, dim=-1)
+            h = r["act"](gate) * up
+        else:
+            h = r["act"](r["fc"](x))
+        return r["down"](self.hadamard(h))
 
 
-def install_online_hadamard_(model: nn.Module, fuse: bool = True) -> int:
-    """Wrap every MLP in :class:`HadamardMLP`; with ``fuse`` also set ``down_proj``'s input weights to ``W H``."""
-    count = 0
-    for layer in decoder_layers(model):
-        if isinstance(layer.mlp, HadamardMLP):
-            continue
-        new = HadamardMLP(layer.mlp).to(next(layer.mlp.parameters()).device)
-        if fuse:
-            _right_(input_weights(new.down_proj), new.hadamard.matrix())
-        layer.mlp = new
-        count += 1
-    return count
+def _online_targets(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, dict], list[str], list[str]]:
+    """``(mlp path -> {kind, roles})`` of dense MLPs, linearized expert modules, and 3-D expert modules skipped."""
+    mlps, experts, skipped = {}, [], []
+    for b in layout.blocks:
+        for mlp in (b.mlp, b.mlp.shared):
+            if mlp is None:
+                continue
+            if mlp.kind == "moe":
+                (experts if isinstance(model.get_submodule(mlp.experts.path), LinearExperts) else skipped).append(
+                    mlp.experts.path)
+            else:
+                mlps[mlp.path] = {"kind": mlp.kind, "roles": dict(mlp.names)}
+    return mlps, experts, skipped
 
 
-def rotate_model_(model: nn.Module, kind: str = "random_hadamard", seed: int = 0, online: bool = True,
-                  writers: dict[str, list[str]] | None = None) -> dict:
-    """Fold norms, untie, rotate the residual stream by H1 and (``online``) add the Hadamard before
-    ``down_proj``.  Works on dense, low-rank and joint-QKV layers, on causal LMs and on the language
-    model of a VLM (whose projector output is rotated too: ``writers``, see :func:`stream_writers`).
-    Returns the plan's ``rotation`` entry."""
+def _install_hadamard_mlp(model: nn.Module, path: str, spec: Mapping, fuse: bool) -> bool:
+    mlp = model.get_submodule(path)
+    if isinstance(mlp, HadamardMLP):
+        return False
+    new = HadamardMLP(mlp, spec["kind"], spec["roles"]).to(next(mlp.parameters()).device)
+    if fuse:
+        _right_(input_weights(getattr(new, spec["roles"]["down"])), new.hadamard.matrix())
+    _set(model, path, new)
+    return True
+
+
+def _install_hadamard_experts(model: nn.Module, path: str, fuse: bool) -> bool:
+    experts = model.get_submodule(path)
+    if experts.hadamard is not None:
+        return False
+    down = getattr(experts, experts.names[1])
+    experts.hadamard = HadamardTransform(down[0].in_features).to(down[0].weight.device)
+    if fuse:
+        _right_([p for lin in down for p in input_weights(lin)], experts.hadamard.matrix())
+    return True
+
+
+def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool = True) -> dict:
+    """Add the online Hadamard before every MLP output projection (fusing ``W H`` unless ``fuse=False``);
+    returns ``{"mlps": {...}, "experts": [...], "skipped": [...]}`` for the plan."""
+    mlps, experts, skipped = _online_targets(model, layout)
+    for path, spec in mlps.items():
+        _install_hadamard_mlp(model, path, spec, fuse)
+    for path in experts:
+        _install_hadamard_experts(model, path, fuse)
+    if skipped:
+        log.warning("online Hadamard skipped on %d 3-D expert modules (linearize and compress them to cover them)",
+                    len(skipped))
+    return {"mlps": mlps, "experts": experts, "skipped": skipped}
+
+
+def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_hadamard", seed: int = 0,
+                  online: bool = True, writers: Mapping[str, list[str]] | None = None) -> dict:
+    """Fold norms, untie, rotate the residual stream by H1 and (``online``) add the Hadamard before each MLP's
+    output projection.  Works on dense, low-rank and joint-QKV layers, on causal LMs and on the language model of
+    a VLM (whose projector output is rotated too).  Refuses layouts it cannot rotate exactly (up front, before
+    touching the model).  Returns the plan's ``rotation`` entry (plain data; rebuilt by
+    :func:`apply_rotation_plan` without the layout)."""
     from compression.quant import QuantLinear
 
+    _check_rotatable(layout)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("rotate_model_: the model is already quantized; rotate before quantize_model_")
-    hidden = language_model_module(model).embed_tokens.weight.shape[1]
-    writers = stream_writers(model) if writers is None else writers  # before untying: the head is found by identity
-    fold_norms_(model)
-    rotate_residual_(model, rotation_matrix(hidden, kind, seed), writers)
+    writers = _stream_writers(layout, writers)
+    untied = getattr(model.get_submodule(layout.head), "weight", None) is model.get_submodule(
+        layout.token_embedding).weight
+    fold_norms_(model, layout)
+    rotation = StreamRotation(layout.hidden, kind, seed).to(model.get_submodule(layout.token_embedding).weight.device)
+    wrapped = rotate_residual_(model, layout, rotation_matrix(layout.hidden, kind, seed), writers, rotation)
+    entry = {"residual": {"kind": kind, "seed": seed, "size": layout.hidden},
+             "untied": {"head": layout.head, "embedding": layout.token_embedding} if untied else None,
+             "rotated_outputs": wrapped}
     if online:
-        install_online_hadamard_(model)
-    entry = {"residual": {"kind": kind, "seed": seed, "size": hidden}, "online_down_proj": online, "untied": True}
+        entry["online"] = install_online_hadamard_(model, layout)
     if any(writers.values()):
-        entry["stream_writers"] = {k: list(v) for k, v in writers.items()}
+        entry["stream_writers"] = writers
     return entry
 
 
-def apply_rotation_plan(model: nn.Module, entry: dict) -> list[str]:
-    """Rebuild the structure of :func:`rotate_model_` (untied head, Hadamard MLPs) without touching weights."""
+def apply_rotation_plan(model: nn.Module, entry: Mapping) -> list[str]:
+    """Rebuild the structure of :func:`rotate_model_` (untied head, online rotations, Hadamard MLPs) without
+    touching weights; the entry is self-contained (no layout needed)."""
+    if "online_down_proj" in entry:
+        raise ValueError("this rotation plan entry was written by an older version (LLaMA-only format); "
+                         "recompress the model with this version")
     changed = []
-    if entry.get("untied") and untie_lm_head_(model):
-        changed.append(next(n for n, m in model.named_modules() if m is output_head(model)))
-    if entry.get("online_down_proj"):
-        lm_name, _ = language_model(model)
-        prefix = f"{lm_name}." if lm_name else ""
-        for i, layer in enumerate(decoder_layers(model)):
-            if not isinstance(layer.mlp, HadamardMLP):
-                layer.mlp = HadamardMLP(layer.mlp)
-                changed.append(f"{prefix}layers.{i}.mlp")
+    tied = entry.get("untied")
+    if tied:
+        emb, head = model.get_submodule(tied["embedding"]), model.get_submodule(tied["head"])
+        if getattr(head, "weight", None) is emb.weight:
+            head.weight = nn.Parameter(emb.weight.detach().clone())
+            if hasattr(model, "_tied_weights_keys"):
+                model._tied_weights_keys = None
+            changed.append(tied["head"])
+    res = entry["residual"]
+    if entry.get("rotated_outputs"):
+        rotation = StreamRotation(int(res["size"]), res["kind"], int(res["seed"]))
+        for path in entry["rotated_outputs"]:
+            if not isinstance(model.get_submodule(path), RotatedOutput):
+                _wrap_output(model, path, rotation)
+                changed.append(path)
+    online = entry.get("online") or {}
+    for path, spec in online.get("mlps", {}).items():
+        if _install_hadamard_mlp(model, path, spec, fuse=False):
+            changed.append(path)
+    for path in online.get("experts", []):
+        if _install_hadamard_experts(model, path, fuse=False):
+            changed.append(path)
     return changed
-
-
-# -- low-rank latent: H2 and β -------------------------------------------------------------------
-def lowrank_pairs(model: nn.Module) -> dict[str, tuple[nn.Linear, list[nn.Linear]]]:
-    """``name -> (down, [ups])`` for every LowRankLinear and joint group (``<attn>.qkv_latent``)."""
-    pairs: dict[str, tuple[nn.Linear, list[nn.Linear]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            pairs[name] = (module.down, [module.up])
-        latent = getattr(module, LATENT_NAME, None)
-        if latent is not None:
-            ups = [c.up for c in module.children() if isinstance(c, JointProjection) and c.latent is latent]
-            pairs[f"{name}.{LATENT_NAME}" if name else LATENT_NAME] = (latent.down, ups)
-    return pairs
-
-
-@torch.no_grad()
-def rotate_latent_(down: nn.Linear, ups: list[nn.Linear], r: torch.Tensor) -> None:
-    """``down ← R down``, ``up ← up Rᵀ`` for orthogonal ``R (rank x rank)``: product unchanged, latent rotated."""
-    r = r.double().to(down.weight.device)
-    down.weight.copy_((r @ down.weight.double()).to(down.weight.dtype))
-    for up in ups:
-        up.weight.copy_((up.weight.double() @ r.T).to(up.weight.dtype))
-
-
-def singular_values_from_up(ups: list[nn.Linear], beta: float) -> torch.Tensor:
-    """``σ`` recovered from the column norms ``σ^(1-β)`` of the stacked up factors (valid before H2)."""
-    if beta >= 1.0:
-        raise ValueError("cannot recover σ from the up factors when beta = 1 (they are orthonormal)")
-    norms = torch.cat([u.weight.detach().double() for u in ups], 0).norm(dim=0)
-    return norms.pow(1.0 / (1.0 - beta))
-
-
-@torch.no_grad()
-def rebalance_(down: nn.Linear, ups: list[nn.Linear], beta_from: float, beta_to: float) -> None:
-    """Move an SVD factor pair from ``Σ^β0`` in ``down`` to ``Σ^β`` (``up`` gets ``Σ^(1-β)``); product unchanged."""
-    sigma = singular_values_from_up(ups, beta_from).clamp_min(torch.finfo(torch.float64).tiny)
-    d = sigma.pow(beta_to - beta_from)
-    down.weight.copy_((down.weight.double() * d[:, None]).to(down.weight.dtype))
-    for up in ups:
-        up.weight.copy_((up.weight.double() / d[None, :]).to(up.weight.dtype))
-
-
-def rotate_all_latents_(model: nn.Module, seed: int = 0) -> dict[str, int]:
-    """H2 on every low-rank pair (seed offset per pair); returns ``name -> rank``."""
-    out = {}
-    for i, (name, (down, ups)) in enumerate(lowrank_pairs(model).items()):
-        rank = down.weight.shape[0]
-        rotate_latent_(down, ups, rotation_matrix(rank, "orthogonal", seed + i))
-        out[name] = rank
-    return out
-
-
-# -- β search on calibration inputs ---------------------------------------------------------------
-@torch.no_grad()
-def capture_inputs(model: nn.Module, names: Iterable[str], batches: Iterable,
-                   forward: Callable[[nn.Module, object], object] | None = None,
-                   max_tokens: int = 2048) -> dict[str, torch.Tensor]:
-    """The first ``max_tokens`` input rows ``(N x n)`` (float32, CPU) seen by each named module."""
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    seen = dict.fromkeys(store, 0)
-
-    def hook(name):
-        def fn(module, args):
-            if seen[name] < max_tokens:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])[: max_tokens - seen[name]]
-                store[name].append(x.float().cpu())
-                seen[name] += x.shape[0]
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in store]
-    try:
-        for batch in batches:
-            (forward or (lambda m, b: m(**b) if isinstance(b, dict) else m(b)))(model, batch)
-            if all(v >= max_tokens for v in seen.values()):
-                break
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v, 0) for n, v in store.items() if v}
-
-
-def _pair_error(x, down, ups, refs, weight, act) -> float:
-    from compression.quant import quantize_activation, quantize_weight_rtn
-
-    dq = quantize_weight_rtn(down, weight) if weight is not None else down
-    xq = quantize_activation(x, act) if act is not None else x
-    z = xq @ dq.T
-    z = quantize_activation(z, act) if act is not None else z
-    err = 0.0
-    for up, ref in zip(ups, refs):
-        uq = quantize_weight_rtn(up, weight) if weight is not None else up
-        err += float((z @ uq.T - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
-    return err
-
-
-@torch.no_grad()
-def search_beta_(model: nn.Module, inputs: dict[str, torch.Tensor], weight, act,
-                 betas: Iterable[float] = tuple(i / 10 for i in range(11)), beta_from: float = 0.5,
-                 latent_seed: int | None = 0, per_layer: bool = True) -> dict[str, dict]:
-    """Choose β per low-rank pair (or one global β) by the quantized output error on calibration inputs.
-
-    For each pair in :func:`lowrank_pairs` with captured inputs ``X`` (key = the pair name; for
-    joint groups ``<attn>.qkv_latent``, for LowRankLinear its own name), and each β: rebalance the
-    factors from ``beta_from``, apply the H2 rotation (``latent_seed`` not ``None``), fake-quantize
-    the weights (RTN with ``weight``) and the input and latent activations (``act``), and measure
-    ``Σ_outputs ‖Y_β - Y‖² / ‖Y‖²`` against the float low-rank outputs ``Y`` (β-invariant).
-    The chosen β and H2 are then applied in place.  Returns ``name -> {"beta", "errors"}``.
-    """
-    betas = list(betas)
-    pairs = {n: p for n, p in lowrank_pairs(model).items() if n in inputs}
-    if not pairs:
-        raise ValueError("search_beta_: no captured inputs match a low-rank pair "
-                         f"(pairs: {list(lowrank_pairs(model))[:4]})")
-    errors: dict[str, list[float]] = {}
-    rotations: dict[str, torch.Tensor | None] = {}
-    for i, (name, (down, ups)) in enumerate(pairs.items()):
-        x = inputs[name].double().to(down.weight.device)
-        d0, u0 = down.weight.double(), [u.weight.double() for u in ups]
-        refs = [x @ (u @ d0).T for u in u0]
-        sigma = singular_values_from_up(ups, beta_from).clamp_min(1e-300)
-        rot = rotation_matrix(d0.shape[0], "orthogonal", latent_seed + i) if latent_seed is not None else None
-        rotations[name] = rot
-        errs = []
-        for beta in betas:
-            scale = sigma.pow(beta - beta_from)
-            d, us = d0 * scale[:, None], [u / scale[None, :] for u in u0]
-            if rot is not None:
-                d, us = rot @ d, [u @ rot.T for u in us]
-            errs.append(_pair_error(x, d, us, refs, weight, act))
-        errors[name] = errs
-    if per_layer:
-        chosen = {n: betas[min(range(len(betas)), key=e.__getitem__)] for n, e in errors.items()}
-    else:
-        total = [sum(e[j] for e in errors.values()) for j in range(len(betas))]
-        best = betas[min(range(len(betas)), key=total.__getitem__)]
-        chosen = dict.fromkeys(errors, best)
-    for name, (down, ups) in pairs.items():
-        rebalance_(down, ups, beta_from, chosen[name])
-        if rotations[name] is not None:
-            rotate_latent_(down, ups, rotations[name])
-    log.info("beta search: %s", {n: chosen[n] for n in list(chosen)[:4]})
-    return {n: {"beta": chosen[n], "errors": errors[n]} for n in errors}

@@ -7,11 +7,18 @@ target, exclude or override -- must match at least one eligible layer, otherwise
 stops with the names that were available (a typo never silently compresses nothing).
 
 Default filter (always applied, reported as skips):
-- only plain ``nn.Linear`` (not subclasses, not layers of another kind);
+- only plain ``nn.Linear``: ``Conv1D`` (GPT-2), ``nn.Linear`` subclasses (Falcon) and 3-D expert tensors
+  (Mixtral, Qwen2-MoE) become targets once converted by :func:`compression.forms.linearize_`
+  (``CausalLMSpec`` does it when it builds the model); until then they are reported with that hint;
 - not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly);
 - not an output layer whose weight is tied to an ``nn.Embedding``;
 - not a factor of an already compressed :class:`~compression.lowrank.LowRankLinear`, and
   not an already compressed layer (rerunning compression changes nothing).
+
+Coverage: :func:`select_targets` also lists, in ``Selection.skipped``, every other weight matrix of the model
+(any parameter with two or more dimensions outside the chosen layers: embeddings, the output head, routers,
+3-D expert tensors, layers left out by the targets) with the reason and its parameter count, so a report
+says what a "ratio" does *not* cover (:func:`uncovered_weights`).
 """
 
 from __future__ import annotations
@@ -54,14 +61,22 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
             skipped[name] = "already compressed"
         elif isinstance(module, nn.MultiheadAttention):
             mha_out.add(prefix + "out_proj")
+    from compression.forms import _conv1d_class
+
+    conv1d = _conv1d_class()
     eligible: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
+        if conv1d is not None and type(module) is conv1d:
+            skipped[name] = ("transformers Conv1D (weight stored in x out); compression.forms.linearize_ converts it "
+                             "to nn.Linear")
+            continue
         if not isinstance(module, nn.Linear) or name in lowrank_children:
             continue
         if name in mha_out:
             skipped[name] = "nn.MultiheadAttention.out_proj (read directly by MHA)"
         elif type(module) is not nn.Linear:
-            skipped[name] = f"not a plain nn.Linear ({type(module).__name__})"
+            skipped[name] = (f"not a plain nn.Linear ({type(module).__name__}); compression.forms.linearize_ converts "
+                             "it when its forward is x Wᵀ + b")
         elif id(module.weight) in embeddings:
             skipped[name] = "weight tied to an input embedding"
         else:
@@ -69,12 +84,52 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
     return eligible, skipped
 
 
-def _unmatched_error(kind: str, pattern: str, names: Sequence[str]) -> ValueError:
+def _unmatched_error(kind: str, pattern: str, names: Sequence[str], skipped: dict[str, str] | None = None
+                     ) -> ValueError:
     preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    hint = ""
+    matched = {n: r for n, r in (skipped or {}).items() if name_matches(n, pattern)}
+    if matched:
+        name, reason = next(iter(matched.items()))
+        hint = f" It matches {len(matched)} skipped layer(s), e.g. {name!r}: {reason}."
     return ValueError(
-        f"{kind} pattern {pattern!r} matches no eligible nn.Linear layer. "
+        f"{kind} pattern {pattern!r} matches no eligible nn.Linear layer.{hint} "
         f"Eligible layers ({len(names)}): {preview or 'none'}"
     )
+
+
+def _weight_reason(model: nn.Module, module: nn.Module, pname: str, param) -> str:
+    if isinstance(module, nn.Embedding):
+        return "input embedding (a table lookup, not a product)"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if module is head:
+        return "output head (not targeted; its error hits every token's logits)"
+    if param.dim() == 3:
+        return (f"3-D expert tensor {pname!r} ({param.shape[0]} experts); compression.forms.linearize_ makes each "
+                "expert matrix a target")
+    if isinstance(module, nn.Linear):
+        return "not targeted" if type(module) is nn.Linear else f"not a plain nn.Linear ({type(module).__name__})"
+    return f"weight of a {type(module).__name__} (not a linear layer; a MoE router stays dense)"
+
+
+def uncovered_weights(model: nn.Module, chosen: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """``parameter name -> (reason, parameters)`` for every weight matrix (``dim >= 2``) outside the ``chosen``
+    layers and outside already-compressed layers; each shared (tied) tensor is counted once."""
+    from compression.joint import JointLatent, JointProjection
+
+    chosen_set = set(chosen)
+    done: set[int] = set()
+    for name, module in model.named_modules():
+        if name in chosen_set or isinstance(module, (LowRankLinear, JointLatent, JointProjection)):
+            done.update(id(p) for p in module.parameters())
+    out: dict[str, tuple[str, int]] = {}
+    for mname, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() < 2 or id(param) in done:
+                continue
+            done.add(id(param))
+            out[f"{mname}.{pname}" if mname else pname] = (_weight_reason(model, module, pname, param), param.numel())
+    return out
 
 
 def select_targets(
@@ -96,7 +151,7 @@ def select_targets(
     else:
         for pattern in targets:
             if not any(name_matches(n, pattern) for n in names):
-                raise _unmatched_error("target", pattern, names)
+                raise _unmatched_error("target", pattern, names, skipped)
         chosen = [n for n in names if any(name_matches(n, p) for p in targets)]
     for pattern in exclude:
         if not any(name_matches(n, pattern) for n in chosen):
@@ -106,7 +161,12 @@ def select_targets(
         if not any(name_matches(n, pattern) for n in chosen):
             raise _unmatched_error("override", pattern, chosen)
     if not chosen:
-        raise ValueError("no layer left to compress after applying targets and excludes")
+        hint = f" ({len(skipped)} layers skipped, e.g. {next(iter(skipped.items()))})" if skipped else ""
+        raise ValueError(f"no layer left to compress after applying targets and excludes{hint}")
+    for name, (reason, count) in uncovered_weights(model, chosen).items():
+        layer = name.rpartition(".")[0]
+        if layer not in skipped:
+            skipped[name] = f"{reason} [{count:,} parameters]"
     return Selection(chosen, skipped)
 
 

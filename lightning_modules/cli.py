@@ -69,6 +69,18 @@ class CompressionCLI(LightningCLI):
         parser.add_argument("--save_compressed", type=bool, default=True,
                             help="After fit, write <log_dir>/compressed.ckpt (atomic; carries the plan).")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here (weights_only=True); check the file first so
+        # a missing, unreadable or code-carrying checkpoint is one `error:` line, not a traceback
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt:
+            try:
+                read_plan(ckpt)
+            except (FileNotFoundError, ValueError) as err:
+                self.parser.error(f"--ckpt_path: {err}")
+        super()._parse_ckpt_path()
+
     def _config(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
 

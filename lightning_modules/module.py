@@ -107,6 +107,8 @@ class CompressionModule(LightningModule):
         if listed:
             raise ValueError(f"trainer.callbacks lists {listed}: the compression stages come from the recipe "
                              "(--compression); remove them from trainer.callbacks")
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            return []  # the stages act when fitting only (validate/test after fit would re-attach them)
         return self.stage_callbacks()
 
     # -- model ------------------------------------------------------------------------------------

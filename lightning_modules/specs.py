@@ -8,9 +8,15 @@ families; a spec tells it four things (composition over inheritance):
 - ``calibration_forward(model, batch)`` -> one forward that exercises every target layer;
 - ``training_loss(model, batch)`` and ``evaluate(model, batch, metrics, split)``.
 
-Two optional hooks serve QSVD: ``joint_groups(model, targets)`` names the attention modules
-whose q/k/v are factorized jointly, and ``quant_exclude(model)`` the layers kept in high
-precision when quantizing.
+Optional hooks: ``layout(model)`` -> the model's :class:`~compression.layout.ModelLayout` (``None``
+for families without one), which the stages that need a family's structure take (rotation, the latent KV
+cache, joint QKV groups); ``joint_groups(model, targets)`` names the attention modules whose q/k/v are
+factorized jointly, and ``quant_exclude(model)`` the layers kept in high precision when quantizing.
+
+``CausalLMSpec.build`` converts weights stored in other forms (``Conv1D``, ``nn.Linear`` subclasses, 3-D
+expert tensors) to ``nn.Linear`` (:func:`compression.forms.linearize_`, function unchanged) and keeps the
+plan section in ``spec.forms``; a plan written for export must carry it (``make_plan(..., forms=spec.forms)``)
+so ``load_compressed`` replays the conversion on the freshly built model.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import eligible_linears, find_joint_groups
+from compression.forms import linearize_
+from compression.layout import ModelLayout
 from metrics.perplexity import Perplexity
+
+
+def shrinkable(layer: nn.Linear) -> bool:
+    """Whether a rank-1 factorization stores fewer weights than the dense ``m x n`` matrix."""
+    return layer.out_features * layer.in_features > layer.out_features + layer.in_features
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -33,18 +47,27 @@ class ModelSpec:
     def build(self) -> nn.Module:
         raise NotImplementedError
 
+    forms: dict = {}  # the "forms" plan section of the conversions build() made (compression.forms)
+
     def default_targets(self, model: nn.Module) -> list[str] | None:
+        return None
+
+    def layout(self, model: nn.Module) -> ModelLayout | None:
+        """The model's layout (where its stream, norms and projections are); ``None``: the family has none."""
         return None
 
     def joint_groups(self, model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
         """``attention module -> [q, k, v names]`` for joint QKV, among the ``targets`` (full names).
 
-        Default: every module with plain ``nn.Linear`` children ``q_proj``/``k_proj``/``v_proj`` of one
-        input size whose three members are all targeted.  A fused ``qkv`` Linear needs no group: it
-        already is the stacked ``[W_q; W_k; W_v]``, so factorizing it is the joint factorization.
+        Default: every attention of :meth:`layout` with separate plain ``nn.Linear`` q/k/v of one input size
+        whose three members are all targeted (none without a layout).  A fused ``qkv`` Linear needs no
+        group: it already is the stacked ``[W_q; W_k; W_v]``, so factorizing it is the joint factorization.
         """
+        layout = self.layout(model)
+        if layout is None:
+            return {}
         wanted = set(targets)
-        return {g: names for g, names in find_joint_groups(model).items() if all(n in wanted for n in names)}
+        return {g: names for g, names in find_joint_groups(model, layout).items() if all(n in wanted for n in names)}
 
     def quant_exclude(self, model: nn.Module) -> list[str]:
         """Module-name patterns left in high precision by quantization (default: none)."""
@@ -87,18 +110,31 @@ class CausalLMSpec(ModelSpec):
 
     def build(self) -> nn.Module:
         if self._model is not None:
-            return self._model
-        from models.causal_lm import load_causal_lm  # imports transformers; only this family needs it
+            model = self._model
+        else:
+            from models.causal_lm import load_causal_lm  # imports transformers; only this family needs it
 
-        model, self.tokenizer = load_causal_lm(self.name_or_path, dtype=_DTYPES[self.dtype])
+            model, self.tokenizer = load_causal_lm(self.name_or_path, dtype=_DTYPES[self.dtype])
+        try:
+            layout = self.layout(model)
+        except NotImplementedError:  # a family without a layout: convert Conv1D / Linear subclasses only
+            layout = None
+        self.forms = linearize_(model, layout)
         return model
+
+    def layout(self, model: nn.Module) -> ModelLayout:
+        from models.layouts import layout_of
+
+        return layout_of(model)
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
         """Every eligible ``nn.Linear`` except the output head (the LM head is never factorized
-        by default: it is tied on small models and its error hits every token directly)."""
+        by default: it is tied on small models and its error hits every token directly) and layers no rank
+        can shrink (``m n <= m + n``, e.g. Qwen2-MoE's ``1 x E`` shared-expert gate); both are reported as
+        not covered."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in eligible.items() if m is not head]
+        names = [n for n, m in eligible.items() if m is not head and shrinkable(m)]
         return names or None
 
     def quant_exclude(self, model: nn.Module) -> list[str]:

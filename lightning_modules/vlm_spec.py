@@ -115,6 +115,13 @@ class VLMSpec(ModelSpec):
         order = {n: i for i, n in enumerate(eligible)}
         return sorted(set(names), key=order.__getitem__)
 
+    def layout(self, model: nn.Module):
+        """The language model's layout (rotation and joint groups use it; the vision tower's attentions are
+        listed as extra joint groups)."""
+        from models.layouts import layout_of
+
+        return layout_of(model)
+
     def quant_exclude(self, model: nn.Module) -> list[str]:
         """The output head stays in high precision (its error hits every token's logits directly);
         so does the vision tower unless ``quantize_vision``."""

@@ -53,6 +53,7 @@ class VLMFamily:
         config_class / model_class: class names in ``transformers``.
         vision_tower / projector / language_model: attribute paths inside the
             ``*ForConditionalGeneration`` model.
+        projector_out: the projector's output layer (its output is written into the LM's residual stream).
         stream_vectors: learned vectors (attribute paths) written into the LM's residual stream.
     """
 
@@ -62,6 +63,7 @@ class VLMFamily:
     vision_tower: str
     projector: str
     language_model: str
+    projector_out: str
     stream_vectors: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, type]:
@@ -77,11 +79,12 @@ class VLMFamily:
 FAMILIES: dict[str, VLMFamily] = {
     f.name: f for f in (
         VLMFamily("llava", "LlavaConfig", "LlavaForConditionalGeneration", "model.vision_tower",
-                  "model.multi_modal_projector", "model.language_model"),
+                  "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2"),
         VLMFamily("llava_next", "LlavaNextConfig", "LlavaNextForConditionalGeneration", "model.vision_tower",
-                  "model.multi_modal_projector", "model.language_model", stream_vectors=("model.image_newline",)),
+                  "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2",
+                  stream_vectors=("model.image_newline",)),
         VLMFamily("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration", "model.vision_model",
-                  "model.connector", "model.text_model"),
+                  "model.connector", "model.text_model", "model.connector.modality_projection.proj"),
     )
 }
 

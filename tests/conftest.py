@@ -58,8 +58,11 @@ QKV = ["q_proj", "k_proj", "v_proj"]
 
 
 def compress_joint(model, method="svd_llm_v2", stats=None, family=None, importances=None, **fields):
-    """Joint q/k/v factorization of every attention module through the recipe entry point."""
+    """Joint q/k/v factorization of every attention module through the recipe entry point (the groups come
+    from the family's layout: ``CausalLMSpec`` unless another family is given)."""
     from compression import Recipe, compress_
+    from lightning_modules.specs import CausalLMSpec
 
+    family = family if family is not None else CausalLMSpec(model=model)
     return compress_(model, Recipe(method, joint_qkv=True, targets=QKV, **fields), stats, family=family,
                      importances=importances)

@@ -7,6 +7,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lightning_modules import CausalLMSpec
+
 
 def _windows(n: int, seq_len: int, seed: int, vocab: int = 128) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
@@ -50,3 +52,17 @@ def cpu_trainer(root, callbacks: list, max_steps: int = -1, every: int | None = 
                    logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=0, enable_checkpointing=bool(every), plugins=[AtomicCheckpointIO()],
                    deterministic=True, default_root_dir=root)
+
+
+
+class TinyLlamaSpec(CausalLMSpec):
+    """``CausalLMSpec`` on the tiny random LLaMA of the tests, for CLI runs (a ``class_path`` in a config).
+
+    Args:
+        seed: the random init's seed.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        from tests.conftest import make_tiny_llama
+
+        super().__init__(model=make_tiny_llama(seed=seed))

@@ -47,7 +47,10 @@ def test_each_method_runs_and_counts_exactly(tiny_llama, token_batches, method, 
     assert report.model_params_after == after
     assert before - after == sum(r.params_before - r.params_after for r in report.layers)
     assert len(report.layers) == 14  # 7 linears x 2 blocks; the tied lm_head is skipped
-    assert report.skipped == {"lm_head": "weight tied to an input embedding"}
+    assert report.skipped == {"lm_head": "weight tied to an input embedding",  # and every matrix not covered:
+                              "model.embed_tokens.weight": "input embedding (a table lookup, not a product) "
+                                                           "[8,192 parameters]"}
+    assert report.uncovered_params == 8192
     # the floor in the rank formula removes at least what was asked, never far more
     assert 0.3 <= report.params_ratio < 0.36
     for r in report.layers:

@@ -16,6 +16,7 @@ from compression import (
 )
 from compression.gradient_allocation import lm_loss
 from compression.methods import build_method
+from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
 
@@ -108,7 +109,7 @@ def test_selection_prefers_important_components():
 def test_end_to_end_joint_and_per_matrix_respect_the_budget(token_batches):
     model = make_tiny_llama()
     stats = calib(model, token_batches)
-    groups = find_joint_groups(model)
+    groups = find_joint_groups(model, layout_of(model))
     imp = gradient_importance(model, groups, token_batches, lm_loss, "svd_llm_v2", stats)
     shapes = {g: (128, 64) for g in groups}
     alloc = gradient_allocation(imp, shapes, ratio=0.4, mode="subset")

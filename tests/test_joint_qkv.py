@@ -18,6 +18,8 @@ from compression import (
 )
 from compression.joint import JointLatent, JointProjection, decompose_joint
 from compression.methods import build_method
+from lightning_modules.specs import CausalLMSpec
+from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
 
@@ -37,7 +39,7 @@ def test_full_rank_reproduces_q_k_v(method, token_batches):
     dense = copy.deepcopy(model)
     batches = [{"input_ids": b["input_ids"].repeat(3, 1)} for b in token_batches]  # > 64 tokens: PD Gram
     stats = calibrate(model, batches)
-    groups = find_joint_groups(model)
+    groups = find_joint_groups(model, layout_of(model))
     assert list(groups) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     compress_joint(model, method, stats, overrides={g: {"rank": 64} for g in groups})
     x = token_batches[0]["input_ids"]
@@ -152,7 +154,8 @@ def test_a_failure_after_the_joint_groups_restores_them_too(tiny_llama, monkeypa
 
     monkeypatch.setattr(Method, "decompose", fail_on_last_o_proj)
     with pytest.raises(FloatingPointError, match="model.layers.1.self_attn.o_proj"):
-        compress_(tiny_llama, Recipe("svd", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        recipe = Recipe("svd", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+        compress_(tiny_llama, recipe, family=CausalLMSpec(model=tiny_llama))
     assert not any(hasattr(layer.self_attn, "qkv_latent") for layer in tiny_llama.model.layers)
     assert tiny_llama.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in tiny_llama.state_dict().items())

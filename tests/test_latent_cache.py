@@ -9,12 +9,13 @@ import torch
 
 from compression import collect_stats, eligible_linears
 from compression.latent_cache import (
+    LatentAttention,
     LatentCacheLayer,
-    LatentLlamaAttention,
     disable_latent_cache_,
     enable_latent_cache_,
     kv_bytes_per_token,
 )
+from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
 
@@ -24,7 +25,7 @@ def joint_pair(token_batches):
     stats = collect_stats(model, list(eligible_linears(model)[0]), token_batches)
     compress_joint(model, "svd_llm_v2", stats, ratio=0.3)
     latent = copy.deepcopy(model)
-    assert enable_latent_cache_(latent) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert enable_latent_cache_(latent, layout_of(latent)) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     return model, latent
 
 
@@ -75,12 +76,12 @@ def test_cache_holds_latents_and_positions(joint_pair):
 
 def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
     plain, latent = joint_pair
-    sizes = kv_bytes_per_token(latent, latent=True, bytes_per_value=2)
+    sizes = kv_bytes_per_token(latent, layout_of(latent), latent=True, bytes_per_value=2)
     assert sizes["dense_values"] == 2 * (2 * 2 * 16) and sizes["latent_values"] == 2 * 29
     assert sizes["latent_bytes"] == 116 and sizes["dense_bytes"] == 256
     assert list(latent.state_dict()) == list(plain.state_dict())
     assert disable_latent_cache_(latent) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert not any(isinstance(m, LatentLlamaAttention) for m in latent.modules())
+    assert not any(isinstance(m, LatentAttention) for m in latent.modules())
     x = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
         assert torch.equal(latent(x).logits, plain(x).logits)
@@ -88,4 +89,4 @@ def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
 
 def test_requires_joint_layers():
     with pytest.raises(ValueError, match="joint_qkv: true"):
-        enable_latent_cache_(make_tiny_llama())
+        enable_latent_cache_(make_tiny_llama(), layout_of(make_tiny_llama()))

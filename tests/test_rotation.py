@@ -33,6 +33,7 @@ from compression.rotation import (
     search_beta_,
     singular_values_from_up,
 )
+from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
 
@@ -85,12 +86,13 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
     elif structure == "joint":
         compress_joint(model, "svd", ratio=0.3)
     ref = _logits(model, x)
-    entry = rotate_model_(model, kind="random_hadamard", seed=3)
+    entry = rotate_model_(model, layout_of(model), kind="random_hadamard", seed=3)
     assert getattr(model.lm_head, "weight", None) is not model.model.embed_tokens.weight
     assert all(torch.all(la.input_layernorm.weight == 1) for la in model.model.layers)
     torch.testing.assert_close(_logits(model, x), ref, rtol=0, atol=1e-6)
-    assert entry == {"residual": {"kind": "random_hadamard", "seed": 3, "size": 64}, "online_down_proj": True,
-                     "untied": True}
+    assert entry["residual"] == {"kind": "random_hadamard", "seed": 3, "size": 64}
+    assert entry["untied"] == ({"head": "lm_head", "embedding": "model.embed_tokens"} if tie else None)
+    assert list(entry["online"]["mlps"]) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     # the rotation really changed the stored weights (not a no-op)
     assert not torch.allclose(model.model.embed_tokens.weight, make_tiny_llama(tie=tie).double().model.embed_tokens
                               .weight)
@@ -99,7 +101,7 @@ def test_fused_rotation_leaves_float64_logits_unchanged(structure, tie, token_ba
 def test_rotation_plan_rebuilds_structure(token_batches):
     model = make_tiny_llama().double()
     report = compress_joint(model, "svd", ratio=0.3)
-    plan = {**report.plan, "rotation": rotate_model_(model)}
+    plan = {**report.plan, "rotation": rotate_model_(model, layout_of(model))}
     fresh = make_tiny_llama(seed=9).double()
     changed = apply_plan(fresh, plan)
     assert "lm_head" in changed and "model.layers.1.mlp" in changed
@@ -173,4 +175,4 @@ def test_full_qsvd_recipe_plan_round_trip(token_batches):
     x = token_batches[2]["input_ids"]
     assert torch.equal(_logits(fresh, x), _logits(model, x))
     with pytest.raises(ValueError, match="already quantized"):
-        rotate_model_(model)
+        rotate_model_(model, layout_of(model))

@@ -37,12 +37,14 @@ def test_tiny_vlm_parts_and_save_load_round_trip(family, tmp_path):
     assert (parts["vision_tower"], parts["projector"], parts["language_model"]) == PARTS[family]
     assert parts["lm_head"] == "lm_head"
     # the residual-stream writers rotation finds structurally agree with the family table
-    from compression.residual import stream_writers
+    from models.layouts import layout_of
     from models.vlm import FAMILIES
 
-    writers = stream_writers(model)
-    assert writers["vectors"] == list(FAMILIES[family].stream_vectors)
-    assert len(writers["linears"]) == 1 and writers["linears"][0].startswith(parts["projector"] + ".")
+    layout = layout_of(model)
+    assert list(layout.stream_vectors) == list(FAMILIES[family].stream_vectors)
+    assert len(layout.writers) == 1 and layout.writers[0].startswith(parts["projector"] + ".")
+    assert isinstance(model.get_submodule(layout.writers[0]), torch.nn.Linear)
+    assert model.get_submodule(layout.writers[0]).out_features == model.config.get_text_config().hidden_size
     inputs = _inputs(processor, family)
     with torch.no_grad():
         ref = model(**inputs).logits

@@ -15,10 +15,11 @@ from compression import (
     compress_,
     find_joint_groups,
 )
-from compression.rotation import rotate_model_, stream_writers
+from compression.rotation import rotate_model_
 from data.vqa import VQACollator, VQAExample
 from lightning_modules import ModelSpec
 from lightning_modules.vlm_spec import model_inputs
+from models.layouts import layout_of
 from models.vlm import vlm_parts
 from models.vlm_tiny import build_tiny_vlm
 
@@ -66,8 +67,9 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     model = model.double()
     _random_norms_(model)
     batch = _double(_batch(processor, tmp_path))
-    assert stream_writers(model) == WRITERS[family]
-    groups = find_joint_groups(model)  # both towers: LM self_attn and vision self_attn
+    layout = layout_of(model)
+    assert {"linears": list(layout.writers), "vectors": list(layout.stream_vectors)} == WRITERS[family]
+    groups = find_joint_groups(model, layout_of(model))  # both towers: LM self_attn and vision self_attn
     parts = vlm_parts(model)
     assert {g.split(".layers.")[0] for g in groups} == {f"{parts['language_model']}",
                                                         f"{parts['vision_tower']}.encoder"}
@@ -81,8 +83,8 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
                        stats, family=Both())
     compress_(model, Recipe("svd", ratio=0.3, targets=["o_proj", "down_proj", parts["projector"] + ".*"]))
     ref = _logits(model, batch)
-    entry = rotate_model_(model, kind="random_hadamard", seed=3)
-    assert entry["stream_writers"] == WRITERS[family] and entry["untied"]
+    entry = rotate_model_(model, layout_of(model), kind="random_hadamard", seed=3)
+    assert entry["stream_writers"] == WRITERS[family] and (entry["untied"] is not None) == tie
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     torch.testing.assert_close(_logits(model, batch), ref, rtol=0, atol=1e-6)
     assert (ref - _logits(model, batch)).abs().max() < 1e-6 * ref.abs().max() + 1e-6
@@ -102,7 +104,7 @@ def test_projector_output_must_be_rotated(family, tmp_path):
     model = model.double()
     batch = _double(_batch(processor, tmp_path))
     ref = _logits(model, batch)
-    rotate_model_(model, seed=1, writers={"linears": [], "vectors": []})
+    rotate_model_(model, layout_of(model), seed=1, writers={"linears": [], "vectors": []})
     assert (_logits(model, batch) - ref).abs().max() > 1e-3
 
 
@@ -131,14 +133,20 @@ def test_fused_qkv_compressed_per_matrix_is_the_joint_factorization():
     fused = nn.Sequential(Attention(dim=32, num_heads=4, qkv_bias=True)).double()
     split = _SplitAttention(fused[0].qkv)
     assert ModelSpec().joint_groups(fused, ["0.qkv", "0.proj"]) == {}  # no q/k/v trio: nothing to group
-    assert find_joint_groups(split) == {"": ["q_proj", "k_proj", "v_proj"]}
+    groups = {"": ["q_proj", "k_proj", "v_proj"]}  # a module without a transformers layout: groups given
+
+    class Given:
+        @staticmethod
+        def joint_groups(model, targets):
+            return groups
+
     batches = [torch.randn(2, 20, 32, dtype=torch.float64) for _ in range(3)]
     fused_stats = collect_stats(fused, ["0.qkv"], batches)
     split_stats = collect_stats(split, ["q_proj", "k_proj", "v_proj"], batches)
     rank = 12
     dense = fused[0].qkv.weight.detach().clone()
     compress_(fused, Recipe("svd_llm_v2", targets=["0.qkv"], overrides={"0.qkv": {"rank": rank}}), fused_stats)
-    compress_(split, Recipe("svd_llm_v2", joint_qkv=True, overrides={"*": {"rank": rank}}), split_stats)
+    compress_(split, Recipe("svd_llm_v2", joint_qkv=True, overrides={"*": {"rank": rank}}), split_stats, family=Given())
     layer = fused[0].qkv
     assert isinstance(layer, LowRankLinear) and layer.rank == rank
     per_matrix = layer.up.weight @ layer.down.weight

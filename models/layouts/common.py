@@ -1,0 +1,51 @@
+"""Helpers shared by the family layouts: paths, the family's eager attention, sliding windows."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from torch import nn
+
+from compression.layout import Norm
+
+
+def join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def eager_of(attn: nn.Module) -> Callable | None:
+    """The eager attention function defined next to ``attn``'s class in its transformers module."""
+    return getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+
+
+def sliding_kwargs(attn: nn.Module, config, source: str | None) -> tuple[tuple[str, object], ...]:
+    """``(("sliding_window", w),)`` when this family's attention passes a window to the attention function:
+    ``source="module"``: ``attn.sliding_window`` (per layer, ``None`` on full layers: Qwen2, Qwen3, Gemma3);
+    ``"config"``: ``config.sliding_window`` on every layer (Mistral, Mixtral, Phi-3); ``None``: never (LLaMA,
+    Qwen2-MoE, whose windows live in the attention mask only)."""
+    if source == "module":
+        window = getattr(attn, "sliding_window", None)
+    elif source == "config":
+        window = getattr(config, "sliding_window", None)
+    else:
+        window = None
+    return (("sliding_window", int(window)),) if window is not None else ()
+
+
+def rms(path: str, offset: float = 0.0) -> Norm:
+    return Norm(path, "rms", offset)
+
+
+def layer_norm(path: str) -> Norm:
+    return Norm(path, "layer")
+
+
+def head_path(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+LAYERNORM_ROTATION = ("LayerNorm subtracts the mean before scaling, so an orthogonal rotation of the residual "
+                      "stream commutes with it only once every writer's output is made mean-free (SliceGPT-style "
+                      "centring), which is not implemented")

@@ -1,0 +1,39 @@
+"""Gemma 3 text decoders (``Gemma3ForCausalLM``, e.g. Gemma-3-270M).
+
+Differences from LLaMA that matter to compression: every RMSNorm scales by ``1 + w`` (``offset = 1``);
+each block has four norms, ``input_layernorm`` -> attention -> ``post_attention_layernorm`` -> stream and
+``pre_feedforward_layernorm`` -> MLP -> ``post_feedforward_layernorm`` -> stream, so the attention and MLP
+outputs are normalized *before* they reach the stream (post-norms); per-head ``q_norm``/``k_norm``; the token
+embedding is multiplied by ``√E``; sliding-window and full layers alternate (``config.layer_types``) and the
+rotary module takes the layer type (``rotary_emb(x, positions, layer_type)``: different θ per type).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compression.layout import Block, ModelLayout
+from models.layouts.common import join, rms
+from models.layouts.llama import attention, gated_mlp
+
+CONFIGS = ("Gemma3TextConfig",)
+
+
+def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p = join(base, "layers", str(i))
+        blocks.append(Block(
+            path=p,
+            attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary, (config.layer_types[i],), offset=1.0),
+            mlp=gated_mlp(join(p, "mlp")),
+            attn_norm=rms(join(p, "input_layernorm"), 1.0), mlp_norm=rms(join(p, "pre_feedforward_layernorm"), 1.0),
+            attn_out_norm=rms(join(p, "post_attention_layernorm"), 1.0),
+            mlp_out_norm=rms(join(p, "post_feedforward_layernorm"), 1.0)))
+    return ModelLayout(family="gemma3", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=rms(join(base, "norm"), 1.0), head=head,
+                       embedding_scale=float(decoder.embed_tokens.embed_scale))

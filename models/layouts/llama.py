@@ -1,0 +1,54 @@
+"""LLaMA-shaped decoders: LLaMA, Mistral, Qwen2, Qwen3 (and the language model of LLaVA / Idefics3).
+
+``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
+Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
+stream.  RMSNorm scales by ``w``; rotary ``model.rotary_emb(x, positions)``; sliding windows per layer
+(Qwen2/Qwen3 ``layer_types``) or on every layer (Mistral ``sliding_window``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compression.layout import MLP, Attention, Block, ModelLayout
+from models.layouts.common import eager_of, join, rms, sliding_kwargs
+
+CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config")
+# where each family's attention forward takes the ``sliding_window`` it passes to the attention function
+WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Qwen2Config": "module",
+                 "Qwen3Config": "module", "Gemma3TextConfig": "module"}
+
+
+def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
+              ) -> Attention:
+    q_norm = rms(join(path, "q_norm"), offset) if hasattr(attn, "q_norm") else None
+    k_norm = rms(join(path, "k_norm"), offset) if hasattr(attn, "k_norm") else None
+    return Attention(
+        path=path, o=join(path, "o_proj"), q=join(path, "q_proj"), k=join(path, "k_proj"), v=join(path, "v_proj"),
+        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
+        q_norm=q_norm, k_norm=k_norm, rotary=rotary, rotary_args=rotary_args,
+        attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
+        eager=eager_of(attn))
+
+
+def gated_mlp(path: str) -> MLP:
+    return MLP(path, "gated", (join(path, "gate_proj"), join(path, "up_proj")), join(path, "down_proj"),
+               names=(("gate", "gate_proj"), ("up", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
+
+
+def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None) -> ModelLayout:
+    """``base``: the decoder (``model`` of a causal LM, ``model.language_model`` of a VLM); ``mlp(layer, path)``
+    describes a block's MLP (default: the gated LLaMA MLP)."""
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p = join(base, "layers", str(i))
+        blocks.append(Block(
+            path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
+            mlp=(mlp or (lambda la, q: gated_mlp(q)))(layer, join(p, "mlp")),
+            attn_norm=rms(join(p, "input_layernorm")), mlp_norm=rms(join(p, "post_attention_layernorm"))))
+    return ModelLayout(family="llama", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=rms(join(base, "norm")), head=head)

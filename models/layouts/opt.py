@@ -1,0 +1,38 @@
+"""OPT: ``model.decoder.layers.i`` with ``self_attn_layer_norm`` -> ``self_attn.{q,k,v}_proj`` -> ``out_proj``
+and ``final_layer_norm`` -> ``fc1`` -> act -> ``fc2`` on the layer itself; learned positions
+(``embed_positions``) add to the stream; LayerNorm everywhere (biases)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compression.layout import MLP, Attention, Block, ModelLayout
+from models.layouts.common import LAYERNORM_ROTATION, eager_of, head_path, join, layer_norm
+
+CONFIGS = ("OPTConfig",)
+
+
+def build(model: nn.Module, base: str = "model.decoder", head: str | None = None) -> ModelLayout:
+    decoder = model.get_submodule(base)
+    config = model.config
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p, ap = join(base, "layers", str(i)), join(base, "layers", str(i), "self_attn")
+        d = config.hidden_size // config.num_attention_heads
+        attn = Attention(path=ap, o=join(ap, "out_proj"), q=join(ap, "q_proj"), k=join(ap, "k_proj"),
+                         v=join(ap, "v_proj"), heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
+                         head_dim=d, eager=eager_of(layer.self_attn))
+        mlp = MLP(p, "plain", (join(p, "fc1"),), join(p, "fc2"),
+                  names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
+        blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
+                            mlp_norm=layer_norm(join(p, "final_layer_norm"))))
+    unsupported = [("rotation", LAYERNORM_ROTATION),
+                   ("latent_cache", "OPT attention has no rotary embedding and scales q inside its own forward; a "
+                                    "latent K/V rebuild for it is not implemented")]
+    if not config.do_layer_norm_before or getattr(decoder, "project_in", None) is not None:
+        unsupported[0] = ("rotation", "post-norm blocks or a projected embedding (project_in/project_out) sit "
+                                      "between the stream and its readers")
+    return ModelLayout(family="opt", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=layer_norm(join(base, "final_layer_norm")), head=head or head_path(model),
+                       position_embeddings=(join(base, "embed_positions"),), unsupported=tuple(unsupported))

@@ -1,0 +1,82 @@
+"""The architecture matrix: 12 transformers families x 7 compression stages on tiny models built from configs.
+
+Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
+checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
+``docs/results/architectures.md`` is this matrix (``benchmarks/architectures.py --out ...``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.architectures import CELLS, FAMILIES, REFUSED, build, prepared, run_cell
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_matrix_cell(family, cell):
+    status, detail = run_cell(family, cell)
+    assert status == ("refused" if (family, cell) in REFUSED else "pass"), detail
+
+
+def test_layouts_resolve_by_config_class_and_name_real_modules():
+    from compression.layout import rows_index
+    from models.layouts import layout_of
+
+    for family in FAMILIES:
+        model = build(family)
+        layout = layout_of(model)
+        modules = dict(model.named_modules())
+        for block in layout.blocks:
+            for path in (*block.attn.readers, block.attn.o, block.attn_norm.path, *block.mlp.readers):
+                assert path in modules, (family, path)
+            if block.attn.fused:  # q, k, v rows partition the fused output exactly once
+                rows = [i for part in block.attn.qkv_rows for i in rows_index(part)]
+                assert sorted(rows) == list(range(modules[block.attn.qkv].weight.numel()
+                                                 // layout.hidden)), family
+    with pytest.raises(NotImplementedError, match="no model layout for BertConfig"):
+        from transformers import BertConfig
+
+        from models.layouts import family_for_config
+
+        family_for_config(BertConfig())
+
+
+def test_linearized_forms_compute_the_same_function():
+    """Conv1D (GPT-2), FalconLinear and 3-D experts (Mixtral) converted to nn.Linear: same logits (float32: the
+    transformers experts kernel takes no float64)."""
+    for family in ("GPT-2", "Falcon", "Mixtral"):
+        model = build(family).float()
+        ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(ids).logits
+        linear, _, forms = prepared(family)
+        assert forms, family
+        with torch.no_grad():
+            torch.testing.assert_close(linear.float()(ids).logits, ref, rtol=0, atol=2e-6)
+        assert not any(type(m).__name__ in ("Conv1D", "FalconLinear", "MixtralExperts") for m in linear.modules())
+
+
+def test_untied_gpt2_head_is_not_the_only_target():
+    """With Conv1D blocks an untied GPT-2 head used to be the only eligible layer; now the blocks are the
+    targets and the head is reported as not covered."""
+    import transformers
+
+    from benchmarks.architectures import targets
+    from compression import select_targets
+
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(ValueError, match="Conv1D"):
+        select_targets(model, ["c_attn"])
+    from compression.forms import linearize_
+
+    linearize_(model)
+    names = targets(model)
+    assert len(names) == 8 and "lm_head" not in names
+    skipped = select_targets(model, names).skipped
+    assert skipped["lm_head.weight"].startswith("output head") and "[4,096 parameters]" in skipped["lm_head.weight"]
