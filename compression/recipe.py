@@ -166,6 +166,11 @@ class LoRARecipe:
         dropout: LoRA dropout on the adapter input.
         learning_rate: per-stage learning rate (one value or two; ``None``: the module's).
         targets: patterns of low-rank layer names to adapt (``None``: every low-rank layer).
+        distill: weight of distillation from the dense model's outputs in the training loss: 0 = the
+            task loss only, 1 = distillation only (needs no labels; transfers what the dense model
+            does on any text, not just the finetuning domain), in between a mix.  Keeps a frozen dense
+            copy of the model (twice the weights in memory).
+        temperature: distillation temperature (the loss is scaled by its square).
     """
 
     order: list[str] = field(default_factory=lambda: ["down", "up"])
@@ -176,9 +181,15 @@ class LoRARecipe:
     dropout: float = 0.05
     learning_rate: float | list[float] | None = None
     targets: list[str] | None = None
+    distill: float = 0.0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.order = list(self.order)
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"lora.distill is a weight in [0, 1] (1 = distillation only), got {self.distill}")
+        if not self.temperature > 0:
+            raise ValueError(f"lora.temperature must be > 0, got {self.temperature}")
         if sorted(self.order) != ["down", "up"]:
             raise ValueError(f"lora.order must be [down, up] or [up, down], got {self.order!r}")
         if self.steps is not None and self.epochs is not None:

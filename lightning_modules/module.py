@@ -25,6 +25,7 @@ DDP wrapper and optimizer.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -121,6 +122,9 @@ class CompressionModule(LightningModule):
         if trainer is None:
             return
         self.model.to(trainer.strategy.root_device)
+        if trainer.state.fn == TrainerFn.FITTING and self.recipe is not None and self.recipe.lora.enabled \
+                and self.recipe.lora.distill > 0:
+            self._keep_teacher()
         path = self.checkpoint_path or trainer.ckpt_path
         if path:
             self.plan = read_plan(path)
@@ -139,6 +143,15 @@ class CompressionModule(LightningModule):
         for stage in stages:
             if isinstance(stage, UVLoRA):  # adds structure: also on resume, before the weights load
                 stage.run_compression_stage(trainer, self)
+
+    def _keep_teacher(self) -> None:
+        """A frozen copy of the dense model for ``lora.distill`` (a plain attribute: never in checkpoints,
+        never wrapped by DDP, not trained)."""
+        if type(self.spec).distillation_loss is ModelSpec.distillation_loss:
+            raise ValueError(f"compression.lora.distill needs a distillation loss, which {type(self.spec).__name__} "
+                             "does not define; set compression.lora.distill: 0")
+        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
 
     def _compress(self, trainer, stages: list[Callback]) -> None:
         if self.evaluate_dense:
@@ -206,7 +219,14 @@ class CompressionModule(LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.spec.training_loss(self.model, batch)
+        teacher = self.__dict__.get("teacher")
+        if teacher is None:
+            loss = self.spec.training_loss(self.model, batch)
+        else:  # lora.distill: a mix of matching the dense model and the task loss, from one forward
+            weight = self.recipe.lora.distill
+            distill, task = self.spec.distillation_loss(self.model, teacher, batch, self.recipe.lora.temperature)
+            loss = weight * distill + (1.0 - weight) * task
+            self.log_dict({"train/distill": distill.detach(), "train/task": task.detach()})
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step} (batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True)

@@ -79,6 +79,12 @@ class ModelSpec:
     def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def distillation_loss(self, student: nn.Module, teacher: nn.Module, batch: Any,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(distillation loss, task loss)`` of ``student`` on ``batch`` from one forward: how far its
+        outputs are from the frozen dense ``teacher``'s (needs no labels), and the usual training loss."""
+        raise NotImplementedError(f"{type(self).__name__} has no distillation loss")
+
     def make_metrics(self) -> nn.Module:
         raise NotImplementedError
 
@@ -148,6 +154,24 @@ class CausalLMSpec(ModelSpec):
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         nll, count = self._nll(model, batch)
         return nll / count.clamp_min(1)
+
+    def distillation_loss(self, student: nn.Module, teacher: nn.Module, batch: dict,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``T² · mean_t KL(p_teacher,t ‖ p_student,t)`` over every real next-token position (the attention
+        mask, not the labels: the dense model's distribution is a target everywhere) at temperature ``T``,
+        and the next-token NLL of the same student forward (``-100`` labels ignored)."""
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+        with torch.no_grad():
+            target = F.log_softmax(teacher(**kwargs).logits[:, :-1].float() / temperature, dim=-1)
+        logits = student(**kwargs).logits[:, :-1].float()
+        kl = (target.exp() * (target - F.log_softmax(logits / temperature, dim=-1))).sum(-1)  # [B, S-1]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl.dtype)
+        distill = (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+        labels = batch.get("labels", batch["input_ids"])[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return distill, nll / (labels != -100).sum().clamp_min(1)
 
     def make_metrics(self) -> nn.Module:
         return Perplexity()

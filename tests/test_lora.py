@@ -275,3 +275,64 @@ def test_alpaca_truncation_validation_split_and_calibration(tmp_path, alpaca_fil
     bad.write_text('[{"prompt": "x"}]')
     with pytest.raises(ValueError, match="'instruction' and 'output'"):
         InstructionDataModule(str(bad), tokenizer=tok).setup()
+
+
+# -- distillation from the dense model (lora.distill) -----------------------------------------------
+def test_distillation_loss_is_the_token_mean_kl_and_zero_for_the_teacher(token_batches):
+    import copy
+
+    import torch.nn.functional as F
+
+    spec = CausalLMSpec(model=make_tiny_llama())
+    teacher = make_tiny_llama()
+    ids = token_batches[0]["input_ids"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][0, :5] = 0  # left padding: those positions are not scored
+    kd, task = spec.distillation_loss(copy.deepcopy(teacher), teacher, batch)
+    assert float(kd) == pytest.approx(0.0, abs=1e-7)
+    assert float(task) == pytest.approx(float(spec.training_loss(teacher, batch)), rel=1e-6)
+    student = make_tiny_llama(seed=3)
+    for temperature in (1.0, 2.0):
+        kd, _ = spec.distillation_loss(student, teacher, batch, temperature)
+        with torch.no_grad():
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            t = F.log_softmax(teacher(**kw).logits[:, :-1] / temperature, -1)
+            s = F.log_softmax(student(**kw).logits[:, :-1] / temperature, -1)
+        per_token = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+        mask = batch["attention_mask"][:, 1:].float()
+        assert float(kd) == pytest.approx(float((per_token * mask).sum() / mask.sum()) * temperature**2, rel=1e-5)
+
+
+class KLProbe(Callback):
+    """The distillation loss on the first training batch before and after the LoRA stages."""
+
+    def __init__(self) -> None:
+        self.kl: list[float] = []
+
+    def _probe(self, trainer, pl_module) -> None:
+        batch = next(iter(trainer.datamodule.train_dataloader()))
+        with torch.no_grad():
+            self.kl.append(float(pl_module.spec.distillation_loss(pl_module.model, pl_module.teacher, batch)[0]))
+
+    on_train_start = _probe
+    on_train_end = _probe
+
+
+def test_lora_by_distillation_moves_the_student_towards_the_dense_model(tmp_path):
+    module, _ = lora_module(learning_rate=5e-3, steps=[8, 8], r=4, alpha=8, dropout=0.0, distill=1.0)
+    probe = KLProbe()
+    lora_trainer(tmp_path, [probe]).fit(module, datamodule=OrderedTokens())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # never in checkpoints
+    assert probe.kl[1] < 0.5 * probe.kl[0]  # the compressed model's KL to the dense one falls
+
+
+def test_distillation_is_refused_for_a_family_without_it(tmp_path):
+    from lightning_modules import VGGTSpec
+
+    recipe = Recipe("svd", ratio=0.3, lora={"steps": 1, "distill": 0.5})
+    module = CompressionModule(VGGTSpec(config_overrides={"frames_chunk_size": None}), compression=recipe)
+    with pytest.raises(ValueError, match="VGGTSpec does not define"):
+        lora_trainer(tmp_path).fit(module, datamodule=OrderedTokens())
+    with pytest.raises(ValueError, match="lora.distill is a weight in"):
+        LoRARecipe(steps=1, distill=1.5)
