@@ -20,6 +20,7 @@ from compression.methods import (
     SVDConfig,
     build_method,
     method_config_from_dict,
+    stats_needs,
 )
 from compression.pipeline import CompressionPipeline
 from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans, save_plan
@@ -80,4 +81,5 @@ __all__ = [
     "select_targets",
     "split_batch",
     "spread_batches",
+    "stats_needs",
 ]

@@ -106,7 +106,10 @@ class Method:
             raise ValueError(f"method {self.name!r} needs calibration statistics for layer {name!r}; none given")
         if "gram" in self.needs and stats.gram is None:
             raise ValueError(f"method {self.name!r} needs a Gram matrix for layer {name!r}; "
-                             "collect statistics with with_gram=True")
+                             "collect statistics with needs including 'gram' (with_gram=True)")
+        if "abs" in self.needs and stats.abs_sum is None:
+            raise ValueError(f"method {self.name!r} needs abs-mean/abs-max statistics for layer {name!r}; "
+                             "collect statistics with needs including 'abs'")
         if stats.count == 0:
             raise ValueError(f"statistics for layer {name!r} saw no tokens; did calibration run?")
         stats.check_finite(name)
@@ -136,6 +139,12 @@ class Method:
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"decomposition of layer {name!r} produced non-finite factors")
         return factors
+
+
+def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:
+    """The calibration statistics the given methods need, e.g. ``{"gram"}`` for ``svd_llm``
+    (the ``needs`` of :class:`compression.stats.StatsCollector`)."""
+    return frozenset().union(*(build_method(c).needs for c in configs))
 
 
 def build_method(config: MethodConfig | str, **kwargs: object) -> Method:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression import ActivationStats, StatsCollector, collect_stats, eligible_linears
+from compression import ActivationStats, StatsCollector, build_method, collect_stats, eligible_linears, stats_needs
 
 
 def capture_inputs(model, names, batches):
@@ -22,8 +22,9 @@ def capture_inputs(model, names, batches):
 
 
 def test_gram_and_abs_stats_are_exact(tiny_llama, token_batches):
+    """With float64 Gram GEMMs the statistics are exact (float32 activations, float64 products)."""
     names = list(eligible_linears(tiny_llama)[0])
-    stats = collect_stats(tiny_llama, names, token_batches)
+    stats = collect_stats(tiny_llama, names, token_batches, gemm_dtype=torch.float64)
     inputs = capture_inputs(tiny_llama, names, token_batches)
     for name in names:
         x = inputs[name]
@@ -32,6 +33,69 @@ def test_gram_and_abs_stats_are_exact(tiny_llama, token_batches):
         torch.testing.assert_close(s.gram, x.T @ x, rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(s.abs_mean, x.abs().mean(0), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(s.abs_max, x.abs().amax(0), rtol=0, atol=0)
+
+
+def test_float32_gram_within_the_gemm_error_bound(tiny_llama, token_batches):
+    """Default float32 GEMMs per batch: ``|G - XᵀX| <= K 2⁻²⁴ |X|ᵀ|X|`` entrywise, K = tokens per batch
+    (the standard bound of a length-K float32 dot product), and symmetric to the last bit."""
+    names = list(eligible_linears(tiny_llama)[0])
+    stats = collect_stats(tiny_llama, names, token_batches)
+    inputs = capture_inputs(tiny_llama, names, token_batches)
+    k = 2 * 24
+    for name in names:
+        x, g = inputs[name], stats[name].gram
+        assert g.dtype == torch.float64
+        err = (g - x.T @ x).abs()
+        bound = k * 2.0**-24 * (x.abs().T @ x.abs())
+        assert bool((err <= bound).all()), float((err / bound).max())
+        assert float(err.max()) > 0  # it really ran in float32
+        assert torch.equal(g, g.T)
+
+
+@pytest.mark.parametrize("needs", [{"gram"}, {"abs"}, set()])
+def test_only_the_needed_statistics_are_collected(tiny_llama, token_batches, needs):
+    names = list(eligible_linears(tiny_llama)[0])
+    stats = collect_stats(tiny_llama, names, token_batches, needs=needs)
+    full = collect_stats(tiny_llama, names, token_batches)
+    for name in names:
+        s, f = stats[name], full[name]
+        assert s.count == f.count == 4 * 2 * 24
+        assert (s.gram is not None) == ("gram" in needs) and (s.abs_sum is not None) == ("abs" in needs)
+        if "gram" in needs:
+            assert torch.equal(s.gram, f.gram)
+        if "abs" in needs:
+            assert torch.equal(s.abs_sum, f.abs_sum) and torch.equal(s.abs_max, f.abs_max)
+    expected = sum(f.nbytes() for f in full.streams.values()) if needs == {"gram", "abs"} else None
+    assert expected is None or stats.nbytes() == expected
+    if "abs" not in needs:
+        with pytest.raises(ValueError, match="asvd"):
+            build_method("asvd").check_stats(stats[names[0]], names[0])
+        with pytest.raises(ValueError, match="abs"):
+            stats[names[0]].abs_mean  # noqa: B018
+    if "gram" not in needs:
+        with pytest.raises(ValueError, match="Gram"):
+            build_method("svd_llm").check_stats(stats[names[0]], names[0])
+
+
+def test_stats_needs_of_methods():
+    assert stats_needs("svd") == frozenset()
+    assert stats_needs("svd_llm", "svd_llm_v2") == {"gram"}
+    assert stats_needs("asvd", "svd_llm") == {"gram", "abs"}
+    with pytest.raises(ValueError, match="unknown statistics"):
+        StatsCollector(torch.nn.Linear(2, 2), [""], needs={"hessian"})
+
+
+def test_stop_early_skips_the_rest_of_the_forward(tiny_llama, token_batches):
+    """Ending each forward after the last hooked layer changes no statistic and skips the LM head."""
+    names = list(eligible_linears(tiny_llama)[0])
+    calls = []
+    tiny_llama.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    early = collect_stats(tiny_llama, names, token_batches, stop_early=True)
+    assert len(calls) == 1  # only the first batch (which learns the order) ran the head
+    whole = collect_stats(tiny_llama, names, token_batches, stop_early=False)
+    assert len(calls) == 1 + len(token_batches)
+    for name in names:
+        assert torch.equal(early[name].gram, whole[name].gram) and early[name].count == whole[name].count
 
 
 def test_q_k_v_and_gate_up_share_one_stream(tiny_llama, token_batches):

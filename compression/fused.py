@@ -1,0 +1,299 @@
+"""Inference layout of a factored model: one down GEMM per shared input, measured layouts, merge-back.
+
+A factored layer computes ``y = U (D x) + b`` with ``D (r x n)``, ``U (m x r)``.  Layers that read
+the *same tensor* (q/k/v after the attention norm, gate/up after the MLP norm) can share one GEMM
+for their down factors: stacking ``D_all = [D_1; D_2; ...]`` (``R = Σ r_i`` rows),
+
+    z = D_all x   (R numbers per token),     y_i = U_i z[a_i : a_i + r_i] + b_i,
+
+is the same arithmetic as the separate products (every entry of ``z`` is the same dot product),
+done as one ``tokens x n x R`` GEMM instead of several thin ones: fewer calls, one pass over ``x``.
+The stacked product is computed once per input tensor and memoized (object identity + version
+counter + grad mode, as :class:`compression.joint.JointLatent` does), so the model's own code still
+calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` and needs no change.
+
+:func:`optimize_for_inference_` rewrites a compressed model in place for a deployment batch size
+(``batch_tokens``: 1 for batch-1 decoding, the prompt length for prefill):
+
+1. **merge-back**: a :class:`LowRankLinear` whose two GEMMs take longer than its dense product
+   ``U D`` at ``batch_tokens`` (measured per shape, :mod:`compression.gemm_timing`) becomes a dense
+   ``nn.Linear`` again (state-dict keys ``name.weight``/``name.bias``; the returned plan drops it);
+2. **shared downs**: the factored layers that read one tensor (found by running ``example`` once
+   with hooks, as :mod:`compression.stats` finds shared Grams) get one stacked down factor;
+3. **layout**: every factor is stored in the measured faster of ``W`` / ``Wᵀ`` contiguous
+   (:data:`compression.gemm_timing.LAYOUTS`).
+
+The factored layers keep their parameter names and values (``name.down.weight`` is a view into the
+stacked storage, ``name.up.weight`` a transposed view where that layout won), so ``state_dict()``
+gives the same tensors (made contiguous) and ``load_state_dict`` writes through into the stacked
+storage.  Move or cast the model (``.to``) *before* optimizing: the stacked storage is shared by
+several modules, and a conversion that would copy it is refused.  Optionally the model's forward is
+wrapped in ``torch.compile`` (under compilation the memo is bypassed; the repeated identical
+stacked products of one attention call are one common subexpression of the traced graph).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.gemm_timing import LAYOUTS, GemmTimer
+from compression.lowrank import LowRankLinear
+from compression.plan import set_submodule
+
+log = logging.getLogger(__name__)
+
+
+def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t (out x in)`` with the same values, stored row-major or as a contiguous ``tᵀ``."""
+    if layout == "rowmajor":
+        return t.contiguous()
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+class SharedDown:
+    """``z = x D_allᵀ`` for the stacked down factors of layers reading one tensor, once per tensor.
+
+    ``weight`` is ``D_all (R x n)`` (possibly a transposed view); not a module, so it adds no
+    state-dict entry: its rows are the members' ``down.weight`` parameters.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self._last: tuple | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight)
+        last, grad = self._last, torch.is_grad_enabled()
+        version = None if x.is_inference() else x._version
+        if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
+            return last[3]
+        z = F.linear(x, self.weight)
+        self._last = (weakref.ref(x), version, grad, z)
+        return z
+
+    def clear(self) -> None:
+        self._last = None
+
+
+class FastLowRankLinear(LowRankLinear):
+    """A :class:`LowRankLinear` laid out for inference: its down factor is rows ``[start, start + rank)``
+    of a :class:`SharedDown` (or its own), each factor in its measured layout.
+
+    Same parameters, names and values as the layer it replaces; shapes ``[..., in] -> [..., out]``.
+    """
+
+    def __init__(self, layer: LowRankLinear, shared: SharedDown | None, start: int, down: torch.Tensor,
+                 up: torch.Tensor) -> None:
+        w = layer.up.weight
+        super().__init__(layer.in_features, layer.out_features, layer.rank, bias=layer.up.bias is not None,
+                         device="meta", dtype=w.dtype)
+        self.down.weight = nn.Parameter(down, requires_grad=layer.down.weight.requires_grad)
+        self.up.weight = nn.Parameter(up, requires_grad=w.requires_grad)
+        if layer.up.bias is not None:
+            self.up.bias = layer.up.bias
+        self.shared, self.start = shared, start
+        self.register_state_dict_post_hook(_contiguous_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
+        z = self.shared(x)[..., self.start:self.start + self.rank]
+        return F.linear(z, self.up.weight, self.up.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.shared is not None and fn(self.shared.weight) is not self.shared.weight:
+            raise RuntimeError(
+                "this model was laid out for inference (optimize_for_inference_): its stacked down factors "
+                "are shared by several layers and cannot be moved or cast; move/cast the model first, then "
+                "optimize it (or reload the checkpoint)")
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        shared = f", shared down rows {self.start}:{self.start + self.rank}" if self.shared is not None else ""
+        return super().extra_repr() + shared
+
+
+def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
+    """Saved tensors are contiguous copies: views into shared storage do not survive safetensors."""
+    for key in list(state_dict):
+        if key.startswith(prefix) and not state_dict[key].is_contiguous():
+            state_dict[key] = state_dict[key].contiguous()
+
+
+@dataclass
+class InferenceReport:
+    """What :func:`optimize_for_inference_` did and the GEMM times it decided by (seconds per call).
+
+    ``layers[name] = {"action": "merged" | "factored", "dense_s", "factored_s", "down", "up"}``
+    (``down``/``up``: the chosen layouts); ``groups``: the layers sharing one down GEMM;
+    ``plan``: the given plan with merged layers removed (``None`` when no plan was given).
+    """
+
+    batch_tokens: int
+    layers: dict[str, dict] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    plan: dict | None = None
+    compiled: bool = False
+    seconds: float = 0.0
+
+    @property
+    def merged(self) -> list[str]:
+        return [n for n, v in self.layers.items() if v["action"] == "merged"]
+
+    def gemm_speedup(self) -> float:
+        """Σ dense / Σ chosen GEMM time over the factored layers (shared downs counted per layer)."""
+        dense = sum(v["dense_s"] for v in self.layers.values())
+        chosen = sum(min(v["dense_s"], v["factored_s"]) if v["action"] == "merged" else v["factored_s"]
+                     for v in self.layers.values())
+        return dense / chosen if chosen > 0 else float("nan")
+
+
+def find_shared_inputs(model: nn.Module, names: list[str], example: Callable[[nn.Module], object]) -> list[list[str]]:
+    """Groups (in call order) of ``names`` whose modules receive the very same tensor in ``example(model)``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            seen.setdefault(name, args[0])  # held until the end: ids cannot be recycled
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            example(model)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for name, x in seen.items():
+        for group in groups:
+            if seen[group[0]] is x:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _as_example(example) -> Callable[[nn.Module], object] | None:
+    if example is None or callable(example):
+        return example
+    return lambda m: m(**example) if isinstance(example, dict) else m(example)
+
+
+def _fusable(module: nn.Module) -> bool:
+    return (isinstance(module, LowRankLinear) and not isinstance(module, FastLowRankLinear)
+            and type(module.down) is nn.Linear and type(module.up) is nn.Linear)
+
+
+@torch.no_grad()
+def optimize_for_inference_(
+    model: nn.Module,
+    batch_tokens: int = 1,
+    example: object = None,
+    merge: str = "auto",
+    layout: str = "auto",
+    timer: GemmTimer | None = None,
+    plan: dict | None = None,
+    merge_margin: float = 0.1,
+    compile: bool = False,
+) -> InferenceReport:
+    """Lay out every :class:`LowRankLinear` of ``model`` for inference at ``batch_tokens`` tokens per forward.
+
+    Args:
+        example: a forward to discover layers that share an input: ``fn(model)``, a batch dict
+            (``model(**batch)``) or a tensor; ``None``: no shared downs (layout and merge only).
+        merge: ``"auto"`` (merge back a layer whose factored GEMMs are measured slower than its
+            dense product by more than ``merge_margin``) or ``"never"``.
+        layout: ``"auto"`` (the measured faster layout per factor), ``"rowmajor"`` or ``"transposed"``.
+        timer: the GEMM timer (default: :class:`GemmTimer` with the on-disk cache).
+        plan: the model's compression plan; the report's ``plan`` is a copy without merged layers.
+        compile: wrap ``model.forward`` in ``torch.compile(dynamic=True)``.
+
+    Layers already laid out, or whose factors are not plain ``nn.Linear`` (quantized), are left alone.
+    """
+    if merge not in ("auto", "never"):
+        raise ValueError(f"merge must be 'auto' or 'never', got {merge!r}")
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    start_time = time.perf_counter()
+    timer = timer or GemmTimer()
+    report = InferenceReport(batch_tokens=batch_tokens)
+    names = [n for n, m in model.named_modules() if _fusable(m)]
+    if not names:
+        raise ValueError("optimize_for_inference_: the model has no LowRankLinear layer with plain nn.Linear "
+                         "factors (compress it first; quantized factors are not supported)")
+
+    def best(out_f: int, in_f: int, ref: torch.Tensor) -> tuple[float, str]:
+        options = LAYOUTS if layout == "auto" else (layout,)
+        times = {lay: timer.seconds(out_f, in_f, batch_tokens, lay, ref.dtype, ref.device) for lay in options}
+        choice = min(times, key=times.get)
+        return times[choice], choice
+
+    for name in names:
+        layer = model.get_submodule(name)
+        ref = layer.up.weight
+        dense_s = timer.seconds(layer.out_features, layer.in_features, batch_tokens, "rowmajor", ref.dtype, ref.device)
+        down_s, down_layout = best(layer.rank, layer.in_features, ref)
+        up_s, up_layout = best(layer.out_features, layer.rank, ref)
+        action = "merged" if merge == "auto" and dense_s < (1 - merge_margin) * (down_s + up_s) else "factored"
+        report.layers[name] = {"action": action, "dense_s": dense_s, "factored_s": down_s + up_s,
+                               "down": down_layout, "up": up_layout}
+        if action == "merged":
+            set_submodule(model, name, layer.to_linear())
+    timer.save()
+
+    factored = [n for n in names if report.layers[n]["action"] == "factored"]
+    run = _as_example(example)
+    groups = find_shared_inputs(model, factored, run) if run is not None else []
+    grouped = {n for g in groups for n in g}
+    groups += [[n] for n in factored if n not in grouped]  # layers the example never reached
+    for group in groups:
+        layers = [model.get_submodule(n) for n in group]
+        if len(group) == 1:
+            spec = report.layers[group[0]]
+            fast = FastLowRankLinear(layers[0], None, 0, _relayout(layers[0].down.weight, spec["down"]),
+                                     _relayout(layers[0].up.weight, spec["up"]))
+            set_submodule(model, group[0], fast)
+            continue
+        if len({(lay.in_features, lay.up.weight.dtype, lay.up.weight.device) for lay in layers}) != 1:
+            raise RuntimeError(f"layers {group} read one tensor but differ in input size, dtype or device")
+        stacked = torch.cat([lay.down.weight for lay in layers], 0)
+        ref = layers[0].up.weight
+        _, stack_layout = best(stacked.shape[0], stacked.shape[1], ref)
+        shared = SharedDown(_relayout(stacked, stack_layout))
+        start = 0
+        for name, lay in zip(group, layers):
+            down = shared.weight[start:start + lay.rank]
+            report.layers[name]["down"] = f"shared {stack_layout}"
+            set_submodule(model, name, FastLowRankLinear(lay, shared, start, down,
+                                                         _relayout(lay.up.weight, report.layers[name]["up"])))
+            start += lay.rank
+        report.groups.append(list(group))
+    timer.save()
+
+    if plan is not None:
+        report.plan = copy.deepcopy(plan)
+        for name in report.merged:
+            report.plan["layers"].pop(name, None)
+        report.plan["inference"] = {"merged": report.merged, "batch_tokens": batch_tokens}
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+        report.compiled = True
+    report.seconds = time.perf_counter() - start_time
+    log.info("inference layout at %d tokens: %d layers, %d merged back, %d shared-down groups, "
+             "GEMM-time speed-up %.2fx (%d shapes measured)", batch_tokens, len(names), len(report.merged),
+             len(report.groups), report.gemm_speedup(), timer.measured)
+    return report

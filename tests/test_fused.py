@@ -1,0 +1,151 @@
+"""Inference layout (shared down GEMMs, factor layouts, merge-back): exact against the unfused model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compression import CompressionConfig, LowRankLinear, apply_plan, compress_
+from compression.fused import FastLowRankLinear, optimize_for_inference_
+from compression.gemm_timing import GemmTimer
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class FixedTimer:
+    """A deterministic stand-in for :class:`GemmTimer`: seconds = FLOPs, dense shapes in ``slow_factored``
+    made 10x cheaper (so those layers are merged back), a layout preference by name."""
+
+    def __init__(self, prefer: str = "transposed", cheap_dense: set[tuple[int, int]] = frozenset()):
+        self.prefer, self.cheap_dense, self.measured = prefer, cheap_dense, 0
+
+    def seconds(self, out_f, in_f, tokens, layout="rowmajor", dtype=None, device=None):
+        base = float(out_f * in_f * tokens) * (0.1 if (out_f, in_f) in self.cheap_dense else 1.0)
+        return base * (1.0 if layout == self.prefer else 1.5)
+
+    def save(self):
+        pass
+
+
+@pytest.fixture
+def compressed():
+    model = make_tiny_llama().double()
+    report = compress_(model, CompressionConfig("svd", ratio=0.4))
+    return model, report.plan
+
+
+def tokens(batch=2, length=12, seed=3):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("layout", ["transposed", "rowmajor"])
+def test_shared_downs_are_exact(compressed, layout):
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    ids = tokens()
+    report = optimize_for_inference_(model, batch_tokens=1, example={"input_ids": ids}, merge="never",
+                                     timer=FixedTimer(prefer=layout))
+    # q/k/v share one down GEMM, gate/up another; o_proj and down_proj stay on their own
+    assert sorted(map(tuple, report.groups)) == sorted(
+        tuple(f"model.layers.{i}.{p}" for p in ps)
+        for i in range(2) for ps in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                     ("mlp.gate_proj", "mlp.up_proj")))
+    fast = {n: m for n, m in model.named_modules() if isinstance(m, FastLowRankLinear)}
+    assert len(fast) == 14
+    assert sorted(n for n, m in fast.items() if m.shared is None) == sorted(
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj"))
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.down.weight.is_contiguous() == (layout == "rowmajor")
+    assert q.up.weight.is_contiguous() == (layout == "rowmajor")
+    with torch.no_grad():
+        for ids_ in (ids, tokens(1, 7, seed=5)):
+            assert rel_err(model(input_ids=ids_).logits, ref(input_ids=ids_).logits) <= 1e-10
+
+
+def test_greedy_decode_with_kv_cache_is_exact(compressed):
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never", timer=FixedTimer())
+    prompt = tokens(1, 5)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        want = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want.sequences)
+    for a, b in zip(out.logits, want.logits):
+        assert rel_err(a, b) <= 1e-10
+
+
+def test_state_dict_is_unchanged_and_loads_through(compressed):
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    before = ref.state_dict()
+    optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never", timer=FixedTimer())
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) and after[k].is_contiguous() for k in before)
+    # new factor values written into the laid-out model land in the shared storage
+    perturbed = {k: v + 0.01 * torch.randn_like(v) if "down" in k or "up" in k else v for k, v in before.items()}
+    model.load_state_dict(perturbed, strict=True)
+    ref.load_state_dict(perturbed, strict=True)
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+    model.to(torch.float64)  # a conversion that changes nothing is fine
+    with pytest.raises(RuntimeError, match="move/cast the model first"):
+        model.float()
+
+
+def test_merge_back_is_exact_and_recorded_in_the_plan(compressed):
+    model, plan = compressed
+    ref = copy.deepcopy(model)
+    down_shape = (64, 96)  # mlp.down_proj (and nothing else in the tiny LLaMA) is 64 x 96
+    report = optimize_for_inference_(model, example={"input_ids": tokens()}, plan=plan,
+                                     timer=FixedTimer(cheap_dense={down_shape}))
+    merged = sorted(report.merged)
+    assert merged == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in merged)
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+    assert not set(merged) & set(report.plan["layers"]) and report.plan["inference"]["merged"] == merged
+    assert len(report.plan["layers"]) == len(plan["layers"]) - 2
+    # the recorded plan rebuilds a model that loads the optimized model's state dict strictly
+    fresh = make_tiny_llama().double()
+    apply_plan(fresh, report.plan)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(fresh(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+    assert sum(isinstance(m, LowRankLinear) for m in fresh.modules()) == 12
+
+
+def test_refuses_bad_arguments(compressed):
+    model, _ = compressed
+    with pytest.raises(ValueError, match="merge"):
+        optimize_for_inference_(model, merge="sometimes", timer=FixedTimer())
+    with pytest.raises(ValueError, match="layout"):
+        optimize_for_inference_(model, layout="diagonal", timer=FixedTimer())
+    with pytest.raises(ValueError, match="no LowRankLinear"):
+        optimize_for_inference_(make_tiny_llama(), timer=FixedTimer())
+
+
+def test_gemm_timer_caches_per_shape_on_disk(tmp_path):
+    path = tmp_path / "timings.json"
+    timer = GemmTimer(path, repeats=1, min_seconds=1e-4, stream_bytes=1)
+    a = timer.seconds(8, 16, 1, "rowmajor")
+    b = timer.seconds(8, 16, 1, "transposed")
+    assert a > 0 and b > 0 and timer.measured == 2
+    timer.save()
+    again = GemmTimer(path)
+    assert again.seconds(8, 16, 1, "rowmajor") == a and again.measured == 0
+    assert again.seconds(8, 16, 2, "rowmajor") > 0 and again.measured == 1  # tokens are part of the key
+    with pytest.raises(ValueError, match="layout"):
+        timer.seconds(8, 16, 1, "diagonal")
