@@ -1,112 +1,163 @@
-"""What compressing costs: calibration and decomposition time, peak memory, Gram sharing.
+"""What compressing costs: calibration time against a naive float64 hook, and decomposition time split.
 
     python benchmarks/compression_cost.py --out docs/results/compression_cost.md
 
-Each configuration runs in a fresh subprocess (peak RSS is then that configuration's own):
-statistics collected with one Gram per distinct input tensor (q/k/v share, gate/up share)
-versus one Gram per layer (what the public SVD-LLM code does), then ``svd_llm`` and
-``svd_llm_v2`` decompositions at ratio 0.2.
+Calibration, measured side by side in one process on the same model and batches (every round runs
+each variant once, alternating; each figure is the best of ``--repeats`` rounds):
+
+- *forward only*: the calibration forwards with no hooks (the floor);
+- *naive*: one forward pre-hook per targeted layer that copies its input to float64 and adds
+  ``XᵀX`` with a float64 GEMM (one Gram per layer, seven per block -- the public SVD-LLM code's way);
+- *ours, float64*: :func:`compression.collect_stats` with ``gemm_dtype=torch.float64``: one Gram per
+  distinct input (q/k/v share, gate/up share), upper block triangle only, no activation copy,
+  each forward ended after the last hooked layer (no LM head), only the Gram collected
+  (``needs={"gram"}``: what ``svd_llm`` needs);
+- *ours*: the same with the default float32 GEMMs into the float64 sum.
+
+Then the Grams are compared (float32 rounding against the naive float64 ones) and ``svd_llm`` /
+``svd_llm_v2`` decompose at ratio 0.2 from the collected statistics, with the time split into the
+LAPACK calls (Cholesky, triangular solves, eigendecomposition, SVD) and the rest.
 """
 
 from __future__ import annotations
 
-import os
-
-# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse
-import json
-import resource
-import subprocess
+import copy
 import sys
 import time
-from pathlib import Path
+from collections import defaultdict
 
-import torch  # noqa: E402
+import common
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from compression import Recipe, collect_stats, compress_
 
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+LINALG = ("cholesky_ex", "solve_triangular", "eigh", "svd")
 
 
-@torch.no_grad()
-def worker(args) -> dict:
-    from compression import Recipe, StatsCollector, compress_
-    from data.text import TextDataModule
-    from lightning_modules.specs import CausalLMSpec
-    from models.causal_lm import load_causal_lm
+def naive_calibration(model, names, batches, forward) -> dict[str, torch.Tensor]:
+    """One float64 Gram per layer, each input copied to float64 (the reference this is measured against)."""
+    grams: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
 
-    torch.set_num_threads(args.threads)
-    model, tok = load_causal_lm(args.model)
-    dm = TextDataModule(tokenizer=tok, seq_len=args.seq_len, calibration_samples=args.calib_samples)
-    dm.setup("fit")
-    spec = CausalLMSpec(model=model)
-    targets = spec.default_targets(model)
-    base = rss_mib()
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if name not in grams:
+                grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            grams[name].addmm_(x.T, x)
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def timed(fn):
     start = time.perf_counter()
-    with StatsCollector(model, targets, share_inputs=args.share) as collector:
-        for batch in dm.calibration_dataloader():
-            spec.calibration_forward(model, batch)
-    stats = collector.stats
-    calib_s = time.perf_counter() - start
-    calib_peak = rss_mib() - base
-    start = time.perf_counter()
-    report = compress_(model, Recipe(args.method, ratio=0.2, targets=targets), stats)
-    decomp_s = time.perf_counter() - start
-    return {
-        "share": args.share, "method": args.method, "streams": len(stats.streams), "layers": len(stats.owner),
-        "stats_mib": stats.nbytes() / 2**20, "calibration_s": calib_s, "calibration_peak_mib": calib_peak,
-        "decomposition_s": decomp_s, "peak_mib": rss_mib() - base, "tokens": next(iter(stats.streams.values())).count,
-        "params_ratio": report.params_ratio,
-    }
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def timed_decomposition(model, method: str, stats, targets) -> tuple[float, dict[str, float]]:
+    """``compress_`` on a copy of ``model``, with the time spent in each LAPACK call recorded."""
+    spent: dict[str, float] = defaultdict(float)
+    originals = {name: getattr(torch.linalg, name) for name in LINALG}
+
+    def wrap(name):
+        def fn(*a, **k):
+            start = time.perf_counter()
+            try:
+                return originals[name](*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return fn
+
+    target = copy.deepcopy(model)
+    for name in LINALG:
+        setattr(torch.linalg, name, wrap(name))
+    try:
+        total, _ = timed(lambda: compress_(target, Recipe(method, ratio=0.2, targets=targets), stats))
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.linalg, name, fn)
+    return total, dict(spent)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--method", default="svd_llm", help=argparse.SUPPRESS)
+    p = common.lm_parser(__doc__, calib_samples=16, eval_tokens=None)
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds (best of)")
     args = p.parse_args()
-    if args.worker:
-        args.share = bool(args.share)
-        print(json.dumps(worker(args)))
-        return
-    rows = []
-    for share, method in ((1, "svd_llm"), (0, "svd_llm"), (1, "svd_llm_v2")):
-        cmd = [sys.executable, __file__, "--worker", "--share", str(share), "--method", method, "--model", args.model,
-               "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
-               "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], file=sys.stderr)
+    torch.set_num_threads(args.threads)
+    setup = common.lm_setup(args.model, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=1024)
+    model, targets, forward = setup.model, setup.targets, setup.spec.calibration_forward
+    batches = list(setup.datamodule.calibration_dataloader())
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    print(f"{'CUDA available but' if torch.cuda.is_available() else 'no CUDA device:'} measuring on the CPU, "
+          f"{args.threads} threads, {tokens} tokens in {len(batches)} batches", file=sys.stderr)
+
+    def forward_only():
+        with torch.no_grad():
+            for b in batches:
+                forward(model, b)
+
+    variants = {
+        "forward only": forward_only,
+        "naive": lambda: naive_calibration(model, targets, batches, forward),
+        "ours, float64": lambda: collect_stats(model, targets, batches, forward=forward, needs={"gram"},
+                                               gemm_dtype=torch.float64),
+        "ours": lambda: collect_stats(model, targets, batches, forward=forward, needs={"gram"}),
+    }
+    best = {k: float("inf") for k in variants}
+    results = {}
+    for round_ in range(args.repeats):
+        for name, fn in variants.items():
+            seconds, results[name] = timed(fn)
+            best[name] = min(best[name], seconds)
+        print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()), file=sys.stderr)
+    naive, ours, ours64 = results["naive"], results["ours"], results["ours, float64"]
+    gram_err = max(float((ours[n].gram - g).norm() / g.norm()) for n, g in naive.items())
+    gram_err64 = max(float((ours64[n].gram - g).norm() / g.norm()) for n, g in naive.items())
+    naive_mib = sum(g.nbytes for g in naive.values()) / 2**20
+
+    decomposition = {m: timed_decomposition(model, m, ours, targets) for m in ("svd_llm", "svd_llm_v2")}
+
     command = "python benchmarks/compression_cost.py " + " ".join(sys.argv[1:])
+    f = best["forward only"]
     lines = [
         f"# Compression cost: {args.model}", "", f"Command: `{command}`", "",
-        f"{rows[0]['tokens']:,} calibration tokens ({args.calib_samples} x {args.seq_len}), "
-        f"{args.threads} CPU threads, "
-        "ratio 0.2 over every decoder-layer Linear. Memory = growth of the process's peak RSS after the model and "
-        "data are loaded (statistics + decomposition workspace).", "",
-        "| statistics | method | input streams / layers | statistics MiB | calibration s | decomposition s | "
-        "peak MiB |",
-        "|---|---|---|---|---|---|---|",
+        f"{tokens:,} calibration tokens ({args.calib_samples} x {args.seq_len}, {len(batches)} batches), "
+        f"{args.threads} CPU threads (no GPU in this run), {len(targets)} targeted layers. One process, variants "
+        f"alternating, best of {args.repeats} rounds.", "",
+        "## Calibration", "",
+        "| variant | Grams | statistics MiB | seconds | vs naive | statistics part (seconds - forward only) |",
+        "|---|---|---|---|---|---|",
+        f"| forward only (no hooks) | 0 | 0 | {f:.1f} | {f / best['naive']:.2f}x | - |",
+        f"| naive float64 hook per layer | {len(naive)} | {naive_mib:.0f} | {best['naive']:.1f} | 1.00x | "
+        f"{best['naive'] - f:.1f} |",
     ]
-    for r in rows:
-        kind = "one Gram per distinct input" if r["share"] else "one Gram per layer"
-        lines.append(f"| {kind} | {r['method']} | {r['streams']} / {r['layers']} | {r['stats_mib']:.0f} | "
-                     f"{r['calibration_s']:.1f} | {r['decomposition_s']:.1f} | {r['peak_mib']:.0f} |")
-    saved = 1 - rows[0]["stats_mib"] / rows[1]["stats_mib"]
-    lines += ["", f"Sharing one Gram per input tensor stores {saved:.0%} less statistics memory and runs the float64 "
-              f"Gram updates {rows[1]['calibration_s'] / rows[0]['calibration_s']:.2f}x faster here (calibration "
-              "includes the model's forward passes)."]
+    for name, stats in (("ours, float64", ours64), ("ours", ours)):
+        label = "one Gram per input, float64 GEMM" if name == "ours, float64" else \
+            "**one Gram per input, float32 GEMM (default)**"
+        lines.append(f"| {label} | {len(stats.streams)} | {stats.nbytes() / 2**20:.0f} | {best[name]:.1f} | "
+                     f"**{best[name] / best['naive']:.2f}x** | {best[name] - f:.1f} |")
+    lines += [
+        "", f"Largest relative difference of a Gram from the naive float64 one (Frobenius): float32 GEMMs "
+        f"{gram_err:.1e}, float64 GEMMs {gram_err64:.1e}. Ours ends each forward after the last hooked "
+        "layer (`stop_early`: no final norm / LM head), so it can beat *forward only*.", "",
+        "## Decomposition at ratio 0.2 (from the float32-GEMM statistics)", "",
+        "| method | seconds | " + " | ".join(LINALG) + " | rest |",
+        "|---|---|" + "---|" * (len(LINALG) + 1),
+    ]
+    for method, (total, spent) in decomposition.items():
+        rest = total - sum(spent.values())
+        lines.append(f"| {method} | {total:.1f} | " + " | ".join(f"{spent.get(k, 0.0):.1f}" for k in LINALG)
+                     + f" | {rest:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

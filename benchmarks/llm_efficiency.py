@@ -1,190 +1,63 @@
-"""Dense vs compressed efficiency of a causal LM: memory, prefill/decode throughput, FLOPs.
+"""Dense vs compressed causal-LM inference speed, side by side with the speed-up bounds.
 
     python benchmarks/llm_efficiency.py --model smollm2-135m --ratios 0.2 0.4 0.6 \
         --out docs/results/llm_efficiency.md
 
-Every configuration runs in a fresh subprocess so that peak memory is that configuration's
-own (CPU: peak RSS of the process; CUDA: ``max_memory_allocated``).  Ranks come from the
-uniform allocation, which is the same for every decomposition method, so speed is measured
-on plain-SVD factors (no calibration needed; the shapes are what matter).
+One process holds the dense model and, per ratio, the factored model as ``compress_`` leaves it
+("plain") and laid out for inference by :func:`compression.fused.optimize_for_inference_`
+("optimized": shared down GEMMs for q/k/v and gate/up, measured factor layouts, measured merge-back;
+one copy laid out for 1-token decode steps, one for the prompt length).  Every timing round runs
+every model once, alternating, and each figure is the best of ``--repeats`` rounds, so all models
+see the same machine load.  Ranks come from the uniform allocation, the same for every
+decomposition method, so the factors are plain SVD (no calibration needed; shapes are what matter).
 
-Reported per configuration: parameters, weight memory, peak memory, prefill tokens/s
-(one sequence of ``--prompt`` tokens), decode tokens/s (greedy, KV cache, ``--new`` tokens),
-forward FLOPs per token counted with ``torch.utils.flop_counter``, and the measured prefill
-speed-up beside the FLOP-ratio bound.
+- prefill: one forward of ``--prompt`` tokens (no cache); bound = dense FLOPs / compressed FLOPs
+  (whole model, ``torch.utils.flop_counter``);
+- decode: batch-1 greedy decoding with a KV cache (``DynamicCache``), ``--new`` tokens after a
+  16-token prompt (whose prefill is not timed); bound = dense weight bytes / compressed weight bytes
+  (whole model: a decode step reads every weight once).
+
+Without a CUDA device the script says so and measures on the CPU only.
 """
 
 from __future__ import annotations
 
-import os
-
-# before torch loads OpenMP: spinning worker threads starve on a shared CPU (see the Makefile)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
-import ctypes
-import gc
+import copy
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
+import common  # noqa: F401  (OMP_WAIT_POLICY, sys.path)
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from compression import Recipe, compress_
+from compression.fused import optimize_for_inference_
+from lightning_modules.specs import CausalLMSpec
 
 
-def load(model_name: str):
+def load(model_name: str, device: str, dtype: torch.dtype):
     if model_name == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-        return LlamaForCausalLM(cfg).eval()
-    from models.causal_lm import load_causal_lm
-
-    return load_causal_lm(model_name)[0].eval()
-
-
-@torch.no_grad()
-def private_copy_(model: torch.nn.Module) -> None:
-    """Copy every parameter and buffer into the process's own memory.
-
-    ``from_pretrained`` leaves the weights as views of the memory-mapped safetensors file; those
-    file pages count in the RSS and stay mapped while any tensor still views the file (the
-    embeddings do), so the dense weights a compression replaced would still be counted in the
-    compressed model's peak (measured: +513 MiB at every ratio). Tied weights stay tied (one
-    ``Parameter`` object is updated in place).
-    """
-    for p in model.parameters():
-        p.data = p.data.clone()
-    for module in model.modules():
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None:
-                setattr(module, name, b.clone())
-
-
-def reset_peak_rss() -> bool:
-    """Return freed heap to the OS and reset the kernel's peak-RSS counter (Linux >= 4.0)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def proc_status_mib(field: str) -> float:
-    """A memory field of ``/proc/self/status`` in MiB: ``VmRSS`` (now) or ``VmHWM`` (peak since the reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-@torch.no_grad()
-def worker(args: argparse.Namespace) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from compression import Recipe, compress_
-    from lightning_modules.specs import CausalLMSpec
-
-    torch.set_num_threads(args.threads)
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rss_runtime = proc_status_mib("VmRSS") if Path("/proc/self/status").is_file() else 0.0  # libraries, no model
-    model = load(args.model).to(args.device)
-    if args.device == "cpu":
-        private_copy_(model)
-    params_dense = sum(p.numel() for p in model.parameters())
-    if args.ratio > 0:
-        targets = CausalLMSpec(model=model).default_targets(model)
-        compress_(model, Recipe("svd", ratio=args.ratio, targets=targets))
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # the dense weights were freed by compression: hand the pages back and restart the peak, so the
-    # peak below is inference (weights + activations), not the compression that preceded it
-    gc.collect()
-    rss_reset = reset_peak_rss()
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, args.prompt), generator=g).to(args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def prefill():
-        model(input_ids=prompt, use_cache=False)
-        sync()
-
-    def decode():
-        model.generate(prompt[:, :16], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                       pad_token_id=0)
-        sync()
-
-    prefill()  # warm-up
-    t_prefill = best_of(prefill, args.repeats)
-    decode()
-    t_decode = best_of(decode, args.repeats)
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=prompt, use_cache=False)
-    flops_per_token = counter.get_total_flops() / args.prompt
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    elif rss_reset:
-        peak = proc_status_mib("VmHWM") - rss_runtime
+        model = LlamaForCausalLM(cfg)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_start
-    return {
-        "ratio": args.ratio, "params": params, "params_dense": params_dense, "weight_mib": weight_bytes / 2**20,
-        "peak_mib": peak, "prefill_tok_s": args.prompt / t_prefill, "decode_tok_s": args.new / t_decode,
-        "flops_per_token": flops_per_token,
-    }
+        from models.causal_lm import load_causal_lm
+
+        model = load_causal_lm(model_name)[0]
+    model = model.eval().to(device=device, dtype=dtype)
+    with torch.no_grad():  # out of the memory-mapped checkpoint: replaced weights are really freed
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
 
 
-def table(rows: list[dict], args: argparse.Namespace, command: str) -> str:
-    dense = rows[0]
-    lines = [
-        "# Causal-LM efficiency: dense vs low-rank",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Model `{args.model}`, device `{args.device}`, {args.threads} threads, prompt {args.prompt} tokens, "
-        f"decode {args.new} new tokens (greedy, KV cache), best of {args.repeats}. Peak memory: "
-        + ("CUDA max allocated." if args.device.startswith("cuda") else
-           "the process's peak RSS during inference minus its RSS before the model was loaded (so: weights + "
-           "activations + allocator slack), with the peak counter reset after compression "
-           "(`/proc/self/clear_refs`) so the dense copy compression started from is not included; the weights are "
-           "copied out of the memory-mapped checkpoint file first, so replaced dense weights are really freed."),
-        "",
-        "| ratio | params | weights MiB | peak MiB | prefill tok/s | decode tok/s | GFLOP/token | "
-        "prefill speed-up | FLOP bound |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        speed = r["prefill_tok_s"] / dense["prefill_tok_s"]
-        bound = dense["flops_per_token"] / r["flops_per_token"]
-        lines.append(
-            f"| {r['ratio']:.1f} | {r['params']:,} | {r['weight_mib']:.1f} | {r['peak_mib']:.0f} | "
-            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['flops_per_token'] / 1e9:.3f} | "
-            f"{speed:.2f}x | {bound:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def main() -> None:
@@ -192,31 +65,150 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a local path, or 'tiny'")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--new", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt", type=int, default=256, help="prefill tokens")
+    p.add_argument("--new", type=int, default=32, help="decoded tokens")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds (best of)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd optimized models")
     p.add_argument("--out", type=Path, default=None, help="markdown file for the table")
-    p.add_argument("--ratio", type=float, default=0.0, help=argparse.SUPPRESS)  # worker mode
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    cuda = args.device.startswith("cuda")
+    note = (f"CUDA device: {torch.cuda.get_device_name(args.device)}" if cuda else
+            "no CUDA device" if not torch.cuda.is_available() else "CUDA available but not used")
+    print(f"{note}; measuring on {args.device} ({dtype}, {args.threads} threads)", file=sys.stderr)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    dense = load(args.model, args.device, dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, dense.config.vocab_size, (1, args.prompt), generator=g).to(args.device)
+    short = prompt[:, :16]
+    models: dict[str, torch.nn.Module] = {"dense": dense}
+    info: dict[str, dict] = {"dense": {"ratio": 0.0, "bytes": weight_bytes(dense)}}
+    for ratio in args.ratios:
+        plain = copy.deepcopy(dense)
+        targets = CausalLMSpec(model=plain).default_targets(plain)
+        compress_(plain, Recipe("svd", ratio=ratio, targets=targets))
+        models[f"{ratio} plain"] = plain
+        info[f"{ratio} plain"] = {"ratio": ratio, "bytes": weight_bytes(plain)}
+        for kind, tokens, example in (("decode", 1, short), ("prefill", args.prompt, prompt)):
+            fast = copy.deepcopy(plain)
+            report = optimize_for_inference_(fast, batch_tokens=tokens, example={"input_ids": example})
+            key = f"{ratio} {kind}"
+            models[key] = fast
+            info[key] = {"ratio": ratio, "bytes": weight_bytes(fast), "merged": len(report.merged),
+                         "groups": len(report.groups), "gemm_speedup": report.gemm_speedup()}
+            print(f"{key}: {len(report.merged)} merged, {len(report.groups)} shared-down groups, "
+                  f"GEMM-time speed-up {report.gemm_speedup():.2f}x", file=sys.stderr)
+            if args.compile:
+                comp = copy.deepcopy(plain)
+                optimize_for_inference_(comp, batch_tokens=tokens, example={"input_ids": example}, compile=True)
+                models[f"{key} compiled"] = comp
+                info[f"{key} compiled"] = dict(info[key])
+
+    flops = {}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for name in ("dense", *(f"{r} plain" for r in args.ratios)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            models[name](input_ids=prompt, use_cache=False)
+        flops[name] = counter.get_total_flops() / args.prompt
+
+    @torch.no_grad()
+    def prefill(model):
+        model(input_ids=prompt, use_cache=False)
+        sync()
+
+    @torch.no_grad()
+    def decode(model):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = model(input_ids=short, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.new):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        sync()
+        return time.perf_counter() - start
+
+    def timed(fn, model):
+        start = time.perf_counter()
+        fn(model)
+        return time.perf_counter() - start
+
+    prefill_models = [n for n in models if "decode" not in n]
+    decode_models = [n for n in models if "prefill" not in n]
+    best = {("prefill", n): float("inf") for n in prefill_models} | {("decode", n): float("inf") for n in decode_models}
+    for n in prefill_models:
+        prefill(models[n])  # warm-up (and compilation)
+    for n in decode_models:
+        decode(models[n])
+    for round_ in range(args.repeats):
+        for n in prefill_models:
+            best["prefill", n] = min(best["prefill", n], timed(prefill, models[n]))
+        for n in decode_models:
+            best["decode", n] = min(best["decode", n], decode(models[n]))
+        print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+
     rows = []
-    for ratio in [0.0, *args.ratios]:
-        cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--model", args.model,
-               "--device", args.device, "--threads", str(args.threads), "--prompt", str(args.prompt),
-               "--new", str(args.new), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"ratio {ratio}: {rows[-1]}", file=sys.stderr)
-    command = "python benchmarks/llm_efficiency.py " + " ".join(sys.argv[1:])
-    text = table(rows, args, command)
+    for ratio in args.ratios:
+        plain = f"{ratio} plain"
+        row = {"ratio": ratio, "params": sum(p.numel() for p in models[plain].parameters()),
+               "weight_mib": info[plain]["bytes"] / 2**20,
+               "gflop_token": flops[plain] / 1e9,
+               "prefill_bound": flops["dense"] / flops[plain],
+               "decode_bound": info["dense"]["bytes"] / info[plain]["bytes"]}
+        for kind in ("prefill", "decode"):
+            per = args.prompt if kind == "prefill" else args.new
+            row[f"{kind}_dense"] = per / best[kind, "dense"]
+            row[f"{kind}_plain"] = per / best[kind, plain]
+            row[f"{kind}_opt"] = per / best[kind, f"{ratio} {kind}"]
+            row[f"{kind}_merged"] = info[f"{ratio} {kind}"]["merged"]
+            if args.compile:
+                row[f"{kind}_compiled"] = per / best[kind, f"{ratio} {kind} compiled"]
+        rows.append(row)
+    print(json.dumps(rows), file=sys.stderr)
+    text = table(rows, args, dense, note, dtype)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+
+
+def table(rows: list[dict], args, dense, note: str, dtype) -> str:
+    command = "python benchmarks/llm_efficiency.py " + " ".join(sys.argv[1:])
+    d = rows[0]
+    lines = [
+        "# Causal-LM efficiency: dense vs low-rank, measured against the bounds", "",
+        f"Command: `{command}`", "",
+        f"Model `{args.model}` ({sum(p.numel() for p in dense.parameters()):,} parameters), {note}: measured on "
+        f"`{args.device}`, {dtype}, {args.threads} threads. One process, models alternating, best of "
+        f"{args.repeats} rounds. Dense: prefill {d['prefill_dense']:.0f} tok/s ({args.prompt}-token prompt), "
+        f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "
+        "*plain*: the factored model as `compress_` leaves it; *optimized*: after "
+        "`optimize_for_inference_(model, batch_tokens=1 or the prompt length)` (shared down GEMMs, measured "
+        "layouts and merge-back); target = 0.8 x bound.", "",
+        "| ratio | params | weights MiB | GFLOP/token | prefill bound | plain | optimized | merged | "
+        "decode bound | plain | optimized | merged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pre = [r["prefill_plain"] / r["prefill_dense"], r["prefill_opt"] / r["prefill_dense"]]
+        dec = [r["decode_plain"] / r["decode_dense"], r["decode_opt"] / r["decode_dense"]]
+        lines.append(
+            f"| {r['ratio']:.1f} | {r['params']:,} | {r['weight_mib']:.1f} | {r['gflop_token']:.3f} | "
+            f"{r['prefill_bound']:.2f}x | {pre[0]:.2f}x | **{pre[1]:.2f}x** | {r['prefill_merged']} | "
+            f"{r['decode_bound']:.2f}x | {dec[0]:.2f}x | **{dec[1]:.2f}x** | {r['decode_merged']} |")
+    if args.compile:
+        lines += ["", "torch.compile'd optimized models (speed-up over dense): " + ", ".join(
+            f"{r['ratio']}: prefill {r['prefill_compiled'] / r['prefill_dense']:.2f}x, "
+            f"decode {r['decode_compiled'] / r['decode_dense']:.2f}x" for r in rows)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -169,3 +169,22 @@ def test_non_finite_activation_names_the_layer(tiny_llama, token_batches):
 def test_unknown_layer_is_an_error(tiny_llama):
     with pytest.raises(KeyError, match="no module named"):
         StatsCollector(tiny_llama, ["model.layers.9.mlp.up_proj"])
+
+
+def test_stop_early_refuses_input_dependent_routing():
+    class Route(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            y = self.a(x)
+            if float(x[0, 0]) > 0:  # the second batch skips b
+                y = self.b(y)
+            return self.c(y)
+
+    batches = [torch.ones(2, 4), -torch.ones(2, 4)]
+    with pytest.raises(RuntimeError, match="stop_early=False"):
+        collect_stats(Route(), ["a", "b", "c"], batches, stop_early=True)
+    stats = collect_stats(Route(), ["a", "b", "c"], batches, stop_early=False)
+    assert stats["a"].count == 4 and stats["b"].count == 2
