@@ -149,3 +149,19 @@ def test_gemm_timer_caches_per_shape_on_disk(tmp_path):
     assert again.seconds(8, 16, 2, "rowmajor") > 0 and again.measured == 1  # tokens are part of the key
     with pytest.raises(ValueError, match="layout"):
         timer.seconds(8, 16, 1, "diagonal")
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_the_compiled_unfused_model(compressed):
+    """``compile=True`` (about a minute or two of compilation on 2 cores).  Compared with the *compiled*
+    unfused model: HF's RMSNorm runs in float32 even in a float64 model, and inductor's fused float32
+    kernels round differently from eager ones (~1e-8), which says nothing about the shared downs."""
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    ref.forward = torch.compile(ref.forward, dynamic=True)
+    report = optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never", timer=FixedTimer(),
+                                     compile=True)
+    assert report.compiled
+    with torch.no_grad():
+        for ids in (tokens(), tokens(1, 7, seed=5)):
+            assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
