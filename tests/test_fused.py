@@ -165,3 +165,29 @@ def test_compiled_path_matches_the_compiled_unfused_model(compressed):
     with torch.no_grad():
         for ids in (tokens(), tokens(1, 7, seed=5)):
             assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+
+
+def test_any_model_with_biases_and_a_layer_the_example_skips():
+    """Not only LLaMA: two biased factored layers reading one tensor share a down GEMM; a layer the
+    example never reaches is laid out on its own."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            dense = [torch.nn.Linear(8, out, dtype=torch.float64) for out in (6, 5, 8)]
+            f64 = {"dtype": torch.float64}
+            self.a, self.b, self.c = (LowRankLinear.from_linear(d, 3, torch.randn(d.out_features, 3, **f64),
+                                                                torch.randn(3, 8, **f64)) for d in dense)
+
+        def forward(self, x, use_c=False):
+            y = torch.cat([self.a(x), self.b(x)], -1)
+            return self.c(x) if use_c else y
+
+    net = Net()
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 7, 8, dtype=torch.float64)
+    report = optimize_for_inference_(net, example=x, merge="never", timer=FixedTimer())
+    assert report.groups == [["a", "b"]] and net.c.shared is None and net.a.shared is net.b.shared
+    with torch.no_grad():
+        assert rel_err(net(x), ref(x)) <= 1e-10 and rel_err(net(x, True), ref(x, True)) <= 1e-10
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in net.state_dict().items())
