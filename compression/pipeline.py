@@ -45,7 +45,7 @@ from compression.methods import build_method
 from compression.plan import make_plan, set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport, LayerReport
-from compression.stats import ActivationStats, collect_stats
+from compression.stats import STAT_FIELDS, ActivationStats, collect_stats
 from compression.targets import name_matches, select_targets
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ class CompressionPipeline:
     def collect(self, batches: Iterable[Any], forward: Callable | None = None) -> ActivationStats:
         """Calibration statistics of every targeted layer (one accumulator per distinct input)."""
         forward = forward or self._hook("calibration_forward") or _default_forward
-        stats = collect_stats(self.model, self.names, batches, forward=forward, with_gram="gram" in self.stat_needs,
-                              device=self.recipe.calibration.stats_device)
+        stats = collect_stats(self.model, self.names, batches, forward=forward,
+                              needs=self.stat_needs & STAT_FIELDS, device=self.recipe.calibration.stats_device)
         self.set_statistics(stats)
         return stats
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from compression import CompressionConfig, LowRankLinear, apply_plan, compress_
+from compression import LowRankLinear, Recipe, apply_plan, compress_
 from compression.fused import FastLowRankLinear, optimize_for_inference_
 from compression.gemm_timing import GemmTimer
 from tests.conftest import make_tiny_llama
@@ -33,7 +33,7 @@ class FixedTimer:
 @pytest.fixture
 def compressed():
     model = make_tiny_llama().double()
-    report = compress_(model, CompressionConfig("svd", ratio=0.4))
+    report = compress_(model, Recipe("svd", ratio=0.4))
     return model, report.plan
 
 
