@@ -91,7 +91,8 @@ class FastLowRankLinear(LowRankLinear):
     """A :class:`LowRankLinear` laid out for inference: its down factor is rows ``[start, start + rank)``
     of a :class:`SharedDown` (or its own), each factor in its measured layout.
 
-    Same parameters, names and values as the layer it replaces; shapes ``[..., in] -> [..., out]``.
+    Same parameters, names and values as the layer it replaces (frozen: ``requires_grad=False``);
+    shapes ``[..., in] -> [..., out]``.
     """
 
     def __init__(self, layer: LowRankLinear, shared: SharedDown | None, start: int, down: torch.Tensor,
@@ -99,16 +100,21 @@ class FastLowRankLinear(LowRankLinear):
         w = layer.up.weight
         super().__init__(layer.in_features, layer.out_features, layer.rank, bias=layer.up.bias is not None,
                          device="meta", dtype=w.dtype)
-        self.down.weight = nn.Parameter(down, requires_grad=layer.down.weight.requires_grad)
-        self.up.weight = nn.Parameter(up, requires_grad=w.requires_grad)
+        # an inference layout: the factors are frozen (the shared product would not train them)
+        self.down.weight = nn.Parameter(down, requires_grad=False)
+        self.up.weight = nn.Parameter(up, requires_grad=False)
         if layer.up.bias is not None:
-            self.up.bias = layer.up.bias
+            self.up.bias = nn.Parameter(layer.up.bias.detach(), requires_grad=False)
         self.shared, self.start = shared, start
         self.register_state_dict_post_hook(_contiguous_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is None:
             return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
+        if self.down.weight.requires_grad and torch.is_grad_enabled():
+            # the stacked product reads the shared storage, not the down.weight parameter views
+            raise RuntimeError("a model laid out by optimize_for_inference_ is for inference: its shared down "
+                               "factors get no gradients; train (or LoRA-tune) the model before optimizing it")
         z = self.shared(x)[..., self.start:self.start + self.rank]
         return F.linear(z, self.up.weight, self.up.bias)
 

@@ -99,6 +99,11 @@ def test_state_dict_is_unchanged_and_loads_through(compressed):
     ids = tokens()
     with torch.no_grad():
         assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+    assert not any(p.requires_grad for m in model.modules() if isinstance(m, FastLowRankLinear)
+                   for p in m.parameters())
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        model(input_ids=ids)  # training through the shared downs would leave them untrained: refused
     model.to(torch.float64)  # a conversion that changes nothing is fine
     with pytest.raises(RuntimeError, match="move/cast the model first"):
         model.float()
