@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of
 from compression import StatsCollector
+from compression.stats import STAT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class WhiteningCollection(CompressionStage, Callback):
         was_training = model.training
         model.eval()
         bar = tqdm(total=total, desc="calibration", disable=not (settings.progress and trainer.is_global_zero))
-        with StatsCollector(model, pipe.names, with_gram="gram" in pipe.stat_needs,
+        with StatsCollector(model, pipe.names, needs=pipe.stat_needs & STAT_FIELDS,
                             device=settings.stats_device) as collector:
             for i, batch in enumerate(loader):
                 if settings.max_batches is not None and i >= settings.max_batches:
