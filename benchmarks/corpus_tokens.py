@@ -55,7 +55,8 @@ def main() -> None:
         texts = [set(load_documents(f"{name}:{s}")[0]) for s in SPLITS]
         shared = (texts[0] & texts[1]) | (texts[0] & texts[2]) | (texts[1] & texts[2])
         if shared:
-            raise SystemExit(f"{name}: {len(shared)} document texts appear in two splits, e.g. {next(iter(shared))!r:.80}")
+            example = next(iter(shared))
+            raise SystemExit(f"{name}: {len(shared)} document texts appear in two splits, e.g. {example!r:.80}")
     counts = {r["source"]: r["tokens"] for r in rows}
     short = {d: counts[s] for d, s in DOMAIN_TESTS.items() if counts[s] < args.min_test_tokens}
     if short:
