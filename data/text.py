@@ -185,11 +185,11 @@ class TextDataModule(LightningDataModule):
         for role, source in self.roles.items():
             if roles is not None and role not in roles:
                 continue
-            parts = mix_components(source)
-            counts = {p: count(p) for p in parts}
-            if role == "finetune":
-                counts = {source: None if None in counts.values() else sum(counts.values())}
-            for part, n in counts.items():
+            counts = [(p, count(p)) for p in mix_components(source)]
+            if role == "finetune":  # its windows are drawn from the components' streams concatenated
+                total = [n for _, n in counts]
+                counts = [(source, None if None in total else sum(total))]
+            for part, n in counts:
                 if n is not None and n < self.seq_len:
                     exact = "has" if how == "tokens" else "has at most"
                     raise ValueError(
