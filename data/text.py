@@ -19,7 +19,15 @@ Batches are ``{"input_ids": [B, T], "labels": [B, T]}`` with ``labels = input_id
 model's loss shifts them).  Token streams and calibration windows are cached under
 ``cache_dir`` as plain tensors, keyed by the tokenizer's fingerprint, the source's name and
 content hash and, for calibration, the sample count, ``seq_len`` and seed (see
-:mod:`data.cache`); a cache can never hand one tokenizer's ids to another.
+:mod:`data.cache`); a cache can never hand one tokenizer's ids to another, and a garbage cache
+file is named in a warning and rebuilt.
+
+Config errors surface at construction, before any tokenizer or model loads: every source name
+is validated (:func:`data.corpora.check_source`), every non-``hf:`` source is read and must be
+able to fill one window -- ``tokens <= UTF-8 bytes + 4 per document`` for byte-level and
+byte-fallback tokenizers, so a corpus under that bound is surely too short.  The exact token
+counts are checked again in ``prepare_data`` / ``setup`` (still before ``configure_model``).
+Messages start with the field: ``calibration: ...``, ``test['wiki']: ...``.
 """
 
 from __future__ import annotations
