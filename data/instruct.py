@@ -28,7 +28,6 @@ training examples one at a time, so no padding token ever enters the statistics.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from data.jsonfiles import DataFileError, iter_jsonl, load_json
+from data.vocab import check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +62,33 @@ def alpaca_prompt(record: dict[str, str]) -> str:
 
 
 def read_alpaca(path: str | Path) -> list[dict[str, str]]:
-    """Records from a ``.json`` list or a ``.jsonl`` file (one object per line)."""
+    """Records from a ``.json`` list or a ``.jsonl`` file (one object per line).
+
+    Unparseable JSON and records that are not ``{"instruction": str, "output": str[, "input": str]}``
+    are refused with one message naming the file and the line (JSONL) or record index (JSON).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction data {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        located = [(f"{path}:{line}", r) for line, r in iter_jsonl(path, "alpaca JSONL")]
     else:
-        records = json.loads(text)
+        records = load_json(path, "alpaca JSON")
         if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of alpaca records (or use a .jsonl file)")
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
+            raise DataFileError(f"{path}: expected a JSON list of alpaca records (or use a .jsonl file)")
+        located = [(f"{path} record {i}", r) for i, r in enumerate(records)]
+    if not located:
+        raise DataFileError(f"{path} holds no records")
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise DataFileError(f"{where}: expected an object with 'instruction' and 'output', got {record!r:.60}")
+        missing = [k for k in ("instruction", "output") if k not in record]
+        wrong = [k for k in ("instruction", "input", "output") if k in record and not isinstance(record[k], str)]
+        if missing or wrong:
+            problem = f"this one lacks {missing}" if missing else f"its {wrong} are not strings"
+            raise DataFileError(f"{where}: an alpaca record needs 'instruction' and 'output' strings ('input' is "
+                                f"optional); {problem}")
+    return [r for _, r in located]
 
 
 def encode(record: dict[str, str], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor] | None:
@@ -152,6 +167,9 @@ class InstructionDataModule(LightningDataModule):
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         if val_size < 0 or calibration_samples < 1 or batch_size < 1:
             raise ValueError("val_size must be >= 0, calibration_samples and batch_size >= 1")
+        for name, path in (("train_path", train_path), ("val_path", val_path)):
+            if path is not None and not Path(path).expanduser().is_file():  # before any model or tokenizer loads
+                raise FileNotFoundError(f"{name}={path!r} is not a file; give an alpaca .json or .jsonl file")
         self.train_path, self.val_path, self.val_size = train_path, val_path, val_size
         self.tokenizer_spec = tokenizer
         self.max_length, self.batch_size = max_length, batch_size
@@ -174,6 +192,13 @@ class InstructionDataModule(LightningDataModule):
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def check_model(self, model: Any) -> None:
+        """Refuse ``model`` if it cannot embed this tokenizer's ids (:func:`data.vocab.check_vocabulary`);
+        call once both exist.  Checks the encoded examples too when ``setup`` has run."""
+        ids = [e["input_ids"].max().reshape(1) for split in self._splits.values() for e in split]
+        spec = self.tokenizer_spec if isinstance(self.tokenizer_spec, str) else None
+        check_vocabulary(self.tokenizer, model, torch.cat(ids) if ids else None, tokenizer_label=spec)
 
     def _encode_all(self, records: list[dict[str, str]], what: str) -> list[dict[str, torch.Tensor]]:
         out = [e for e in (encode(r, self.tokenizer, self.max_length) for r in records) if e is not None]

@@ -19,7 +19,15 @@ Batches are ``{"input_ids": [B, T], "labels": [B, T]}`` with ``labels = input_id
 model's loss shifts them).  Token streams and calibration windows are cached under
 ``cache_dir`` as plain tensors, keyed by the tokenizer's fingerprint, the source's name and
 content hash and, for calibration, the sample count, ``seq_len`` and seed (see
-:mod:`data.cache`); a cache can never hand one tokenizer's ids to another.
+:mod:`data.cache`); a cache can never hand one tokenizer's ids to another, and a garbage cache
+file is named in a warning and rebuilt.
+
+Config errors surface at construction, before any tokenizer or model loads: every source name
+is validated (:func:`data.corpora.check_source`), every non-``hf:`` source is read and must be
+able to fill one window -- ``tokens <= UTF-8 bytes + 4 per document`` for byte-level and
+byte-fallback tokenizers, so a corpus under that bound is surely too short.  The exact token
+counts are checked again in ``prepare_data`` / ``setup`` (still before ``configure_model``).
+Messages start with the field: ``calibration: ...``, ``test['wiki']: ...``.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from data.cache import cache_key, cached_tensor, tokenizer_fingerprint
-from data.corpora import KINDS, load_documents, mix_components
+from data.cache import cache_key, cached_tensor, token_check, tokenizer_fingerprint
+from data.corpora import check_source, load_documents, mix_components
+from data.vocab import check_vocabulary
 from models.assets import cache_root
 
 log = logging.getLogger(__name__)
@@ -81,11 +90,17 @@ def random_windows(tokens: torch.Tensor, seq_len: int, count: int, generator: to
 
 
 def _check_source(source: str, what: str) -> list[str]:
-    parts = mix_components(source)
-    for part in parts:
-        if part.partition(":")[0] not in KINDS or ":" not in part:
-            raise ValueError(f"{what}: unknown text source {part!r}; kinds are {[k + ':' for k in KINDS]}")
-    return parts
+    try:
+        return check_source(source)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def _token_bound(documents: list[str]) -> int:
+    """An upper bound on the tokens of a stream, from bytes alone: byte-level BPE (and SentencePiece
+    with byte fallback) never make more tokens than UTF-8 bytes, plus at most a prefix-space token
+    per document and a separator of at most 3 tokens -- so a corpus under the bound is surely short."""
+    return sum(len(d.encode()) + 4 for d in documents)
 
 
 class TextDataModule(LightningDataModule):
@@ -146,11 +161,10 @@ class TextDataModule(LightningDataModule):
         self.test = dict(test) if test is not None else dict(DEFAULT_TESTS)
         if not self.test:
             raise ValueError("test needs at least one corpus, e.g. {'wiki': 'wiki:test'}")
-        _check_source(self.calibration, "calibration")
-        _check_source(self.finetune, "finetune")
-        _check_source(self.validation, "validation")
-        for name, source in self.test.items():
-            _check_source(source, f"test[{name!r}]")
+        self.roles = {"calibration": self.calibration, "finetune": self.finetune, "validation": self.validation,
+                      **{f"test[{name!r}]": source for name, source in self.test.items()}}
+        for role, source in self.roles.items():
+            _check_source(source, role)
         self.seq_len = seq_len
         self.calibration_samples = calibration_samples
         self.finetune_samples = finetune_samples
@@ -162,7 +176,33 @@ class TextDataModule(LightningDataModule):
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self._tokenizer_id: str | None = None
         self._documents: dict[str, tuple[list[str], str]] = {}
+        self._tokens: dict[str, torch.Tensor] = {}
         self._windows: dict[str, torch.Tensor] = {}
+        self._check_lengths(self._documents_upper_bound, "bytes bound")
+
+    # -- early checks (before any tokenizer or model loads) ------------------------------------
+    def _documents_upper_bound(self, source: str) -> int | None:
+        """Most tokens ``source`` can make (read now, kept for later); ``None`` for ``hf:`` (read in setup)."""
+        if source.startswith("hf:"):
+            return None
+        return _token_bound(self.documents(source)[0])
+
+    def _check_lengths(self, count, how: str, roles: list[str] | None = None) -> None:
+        """Every source must give at least one ``seq_len`` window where it is used (finetuning: its
+        components together; elsewhere each component, since each is windowed on its own)."""
+        for role, source in self.roles.items():
+            if roles is not None and role not in roles:
+                continue
+            counts = [(p, count(p)) for p in mix_components(source)]
+            if role == "finetune":  # its windows are drawn from the components' streams concatenated
+                total = [n for _, n in counts]
+                counts = [(source, None if None in total else sum(total))]
+            for part, n in counts:
+                if n is not None and n < self.seq_len:
+                    exact = "has" if how == "tokens" else "has at most"
+                    raise ValueError(
+                        f"{role}: {part!r} {exact} {n} tokens, fewer than one window of seq_len={self.seq_len}; "
+                        f"use a longer corpus or a smaller seq_len")
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -189,6 +229,13 @@ class TextDataModule(LightningDataModule):
             self._documents[source] = load_documents(source)
         return self._documents[source]
 
+    def check_model(self, model: Any) -> None:
+        """Refuse ``model`` if it cannot embed this tokenizer's ids (:func:`data.vocab.check_vocabulary`);
+        call once both exist (after ``configure_model``).  Checks every token stream read so far."""
+        ids = [t.max().reshape(1) for t in (*self._tokens.values(), *self._windows.values()) if t.numel()]
+        spec = self.tokenizer_spec if isinstance(self.tokenizer_spec, str) else None
+        check_vocabulary(self.tokenizer, model, torch.cat(ids) if ids else None, tokenizer_label=spec)
+
     # -- tokens ---------------------------------------------------------------------------------
     def _tokenize(self, documents: list[str]) -> torch.Tensor:
         tok = self.tokenizer
@@ -200,14 +247,18 @@ class TextDataModule(LightningDataModule):
         return torch.tensor(ids, dtype=torch.int32)
 
     def tokens(self, source: str) -> torch.Tensor:
-        """The token stream (1-D, int64) of one non-mix source, cached on disk."""
+        """The token stream (1-D, int64) of one non-mix source, cached on disk (and in memory)."""
+        if source in self._tokens:
+            return self._tokens[source]
         documents, fingerprint = self.documents(source)
         path = self.cache_dir / f"tokens-{cache_key(self.tokenizer_id, fingerprint)}.pt"
-        tokens, hit = cached_tensor(path, lambda: self._tokenize(documents))
+        tokens, hit = cached_tensor(path, lambda: self._tokenize(documents),
+                                    check=token_check(len(self.tokenizer), ndim=1))
         if not hit:
             log.info("tokenized %s: %d documents -> %d tokens (cached at %s)", source, len(documents), tokens.numel(),
                      path)
-        return tokens.long()
+        self._tokens[source] = tokens.long()
+        return self._tokens[source]
 
     def calibration_windows(self) -> torch.Tensor:
         """``[calibration_samples, seq_len]`` random windows, split evenly over the mix components."""
@@ -221,7 +272,8 @@ class TextDataModule(LightningDataModule):
             counts = [n // k + (i < n % k) for i in range(k)]
             return torch.cat([random_windows(self.tokens(p), self.seq_len, c, g) for p, c in zip(parts, counts)])
 
-        windows, _ = cached_tensor(self.cache_dir / f"calib-{key}.pt", build)
+        check = token_check(len(self.tokenizer), shape=(self.calibration_samples, self.seq_len))
+        windows, _ = cached_tensor(self.cache_dir / f"calib-{key}.pt", build, check=check)
         return windows.long()
 
     def finetune_windows(self) -> torch.Tensor:
@@ -238,9 +290,7 @@ class TextDataModule(LightningDataModule):
     # -- Lightning hooks ------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Fill the token caches once (rank zero), so DDP ranks only read them."""
-        for source in (self.calibration, self.finetune, self.validation, *self.test.values()):
-            for part in mix_components(source):
-                self.tokens(part)
+        self._check_lengths(lambda part: self.tokens(part).numel(), "tokens")
         self.calibration_windows()
 
     def _build(self, key: str) -> torch.Tensor:
@@ -257,6 +307,8 @@ class TextDataModule(LightningDataModule):
         return self._windows[key]
 
     def setup(self, stage: str | None = None) -> None:
+        roles = {"fit": None, "validate": ["validation"], "test": [r for r in self.roles if r.startswith("test[")]}
+        self._check_lengths(lambda part: self.tokens(part).numel(), "tokens", roles.get(stage) if stage else None)
         keys: list[str] = []
         if stage in (None, "fit"):
             keys += ["calibration", "train"]

@@ -122,6 +122,9 @@ class CompressionModule(LightningModule):
         if trainer is None:
             return
         self.model.to(trainer.strategy.root_device)
+        check = getattr(trainer.datamodule, "check_model", None)
+        if callable(check):  # e.g. a tokenizer whose ids the model cannot embed: refused before any work
+            check(self.model)
         if trainer.state.fn == TrainerFn.FITTING and self.recipe is not None and self.recipe.lora.enabled \
                 and self.recipe.lora.distill > 0:
             self._keep_teacher()

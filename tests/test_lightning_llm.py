@@ -91,3 +91,20 @@ def test_bad_recipe_fails_before_anything_loads():
         Recipe(quantization={"weight_bits": 4}, lora={"steps": 10})
     with pytest.raises(ValueError, match="calibration: unknown field"):
         Recipe(calibration={"max_batchez": 3})
+
+
+class Checked(TinyTokens):
+    """A datamodule that checks the model it will feed (as TextDataModule does for its tokenizer)."""
+
+    seen: list = []
+
+    def check_model(self, model) -> None:
+        self.seen.append(type(model).__name__)
+        raise ValueError("tokenizer 'tiny' has 200 ids, the model embeds 128")
+
+
+def test_the_datamodule_checks_the_model_before_any_compression(tmp_path):
+    m = module(V2)
+    with pytest.raises(ValueError, match="the model embeds 128"):
+        trainer(tmp_path).fit(m, datamodule=Checked())
+    assert Checked.seen == ["LlamaForCausalLM"] and m.plan is None and m.pipeline is None

@@ -69,7 +69,7 @@ def test_wiki_splits_disjoint_and_deterministic():
 def test_sources_errors_say_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="no file matches"):
         load_documents(f"file:{tmp_path}/missing*.txt")
-    with pytest.raises(ValueError, match="kinds: shakespeare:, wiki:, file:, hf:, mix:"):
+    with pytest.raises(ValueError, match="unknown text source 'gutenberg:all'; kinds: shakespeare:, wiki:, kjv:"):
         load_documents("gutenberg:all")
     import datasets
 

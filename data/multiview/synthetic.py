@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.multiview.common import check_image_size, fov_to_focal, seed_for
+from data.multiview.common import check_image_size, check_num_views, fov_to_focal, seed_for
 from data.multiview.geometry import look_at
 
 log = logging.getLogger(__name__)
@@ -324,9 +324,9 @@ class SyntheticMultiViewDataset(Dataset):
         seed: int = 0,
         split_id: int = 0,
     ) -> None:
-        if num_scenes < 1 or num_views < 1:
-            raise ValueError(f"num_scenes and num_views must be >= 1, got {num_scenes}, {num_views}")
-        self.num_scenes, self.num_views = num_scenes, num_views
+        if num_scenes < 1:
+            raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+        self.num_scenes, self.num_views = num_scenes, check_num_views(num_views)
         self.image_size = check_image_size(image_size)
         self.seed, self.split_id = seed, split_id
 

@@ -103,6 +103,9 @@ class VQADataModule(LightningDataModule):
                             ("test_samples", test_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
+        if root != "synthetic" and not Path(root).expanduser().is_dir():  # before any model or processor loads
+            raise FileNotFoundError(f"root={root!r} is not a folder; put the {dataset} release there (see docs/vlm.md) "
+                                    "or use root: synthetic")
         defaults = DEFAULT_SPLITS[dataset]
         self.dataset, self.root = dataset, root
         self.splits = {"calibration": calibration_split or defaults["calibration"],

@@ -22,10 +22,10 @@ and the training target is the correct option's letter.  Scoring: :mod:`metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from data.jsonfiles import DataFileError, load_json
 from data.vqa.common import VQAExample
 from metrics.vqa import LETTERS
 
@@ -52,8 +52,10 @@ def _read_json(path: Path, what: str) -> dict:
             f"ScienceQA {what} not found at {path}. Put the official release there: problems.json and "
             "pid_splits.json from the ScienceQA repository (data/scienceqa) and the images as "
             "images/<split>/<pid>/image.png (see docs/vlm.md)")
-    with open(path) as f:
-        return json.load(f)
+    value = load_json(path, f"ScienceQA {what}")
+    if not isinstance(value, dict):
+        raise DataFileError(f"{path}: expected a JSON object (the official {what}), got a {type(value).__name__}")
+    return value
 
 
 def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:

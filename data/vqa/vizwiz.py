@@ -24,11 +24,11 @@ so local evaluation uses ``val`` (the paper tables' test-dev numbers come from t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
+from data.jsonfiles import load_json
 from data.vqa.common import VQAExample
 from metrics.vqa import vqa_normalize
 
@@ -60,8 +60,7 @@ def read_vizwiz(root: str | Path, split: str) -> list[VQAExample]:
         raise FileNotFoundError(
             f"VizWiz annotations not found at {path}. Put the VizWiz-VQA release there: annotations/{{train,val}}.json "
             "and the images under train/ and val/ (see docs/vlm.md)")
-    with open(path) as f:
-        records = json.load(f)
+    records = load_json(path, "VizWiz annotations JSON")
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of question records")
     out = []
