@@ -11,6 +11,13 @@ does not depend on the feature scale).  Scores on a scoring set (probe images th
 :class:`data.images.ImageProbeDataModule`): feature cosine to the dense model on every scored image,
 and k-NN / linear-probe accuracy of the test images from the probe images
 (:class:`metrics.probe.FeatureProbe`); labels are used only there.
+
+Gradient-based rank allocation needs a loss whose gradient at the dense model is not zero (``L`` is
+at its minimum there).  :meth:`ViTSpec.sensitivity_loss` is a Gaussian output probe,
+``ℓ_ε(x) = ⟨f(x), ε⟩ / ‖f_d(x)‖`` with ``ε ~ N(0, I)``: removing a singular component ``i`` changes
+the features by ``Δf_i`` (to first order), and ``E_ε[(∂ℓ_ε · Δ)²] = ‖Δf_i‖² / ‖f_d‖²``, so the
+gradient importance ``mean (σ_i u_iᵀ G r_i)²`` over probes estimates the squared relative feature
+change each component's removal causes (the Fisher information of a Gaussian feature model).
 """
 
 from __future__ import annotations
@@ -96,6 +103,14 @@ class ViTSpec(ModelSpec):
 
     def training_loss(self, model: nn.Module, batch: dict) -> Tensor:
         return self.distillation_loss(model, batch["images"])
+
+    def sensitivity_loss(self, model: nn.Module, batch: dict) -> Tensor:
+        """``Σ_b ⟨f(x_b), ε_b⟩ / ‖f_d(x_b)‖`` with ``ε ~ N(0, I)`` drawn from ``batch["probe_seed"]`` (default 0)."""
+        pooled, _ = model.encode(batch["images"])
+        ref, _ = self._reference(batch["images"])
+        g = torch.Generator().manual_seed(int(batch.get("probe_seed", 0)))
+        eps = torch.randn(pooled.shape, generator=g, dtype=torch.float64).to(pooled.device, pooled.dtype)
+        return (pooled * eps).sum(-1).div(ref.norm(dim=-1).clamp_min(1e-12)).sum()
 
     def make_metrics(self) -> nn.Module:
         return FeatureProbe(k=self.knn_k, l2=self.probe_l2)
