@@ -192,6 +192,7 @@ class ImageProbeDataModule(LightningDataModule):
             self.splits = {name: self._split(name, i == 0) for i, name in enumerate(self.datasets)}
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        shuffle = shuffle and len(dataset) > 0  # compression-only runs have no training images
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=g if shuffle else None,
                           collate_fn=functools.partial(collate, image_size=self.image_size))
