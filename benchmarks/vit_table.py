@@ -13,15 +13,16 @@ model, shared by every row) and is scored on disjoint splits: for each dataset a
 - vanilla SVD, ASVD (abs-mean, α 0.5), SVD-LLM (Cholesky whitening): uniform ratio per matrix;
 - SVD-LLM V2 (eigen-whitening + v2 allocation): heterogeneous per-type ratios;
 - joint-QKV: q/k/v of each block factorized as one stacked matrix sharing a down projection
-  (:func:`compression.compress_joint_`, SVD-LLM whitening) at the q/k/v parameters of ``ratio``, the
-  other matrices per-matrix SVD-LLM at ``ratio``;
+  (``Recipe(joint_qkv=True)``, groups from ``ViTSpec.layout``, SVD-LLM whitening) at the q/k/v
+  parameters of ``ratio``, the other matrices per-matrix SVD-LLM at ``ratio``;
 - joint-QKV, gradient allocation (QSVD): the same factorization, ranks from the gradient importance of
   every singular triplet (12 joint groups + 36 matrices) under one parameter budget; the loss is
-  ``ViTSpec.sensitivity_loss`` (a Gaussian probe of the pooled features, so the importance estimates
-  each component's squared feature change; the distillation loss has zero gradient at the dense model).
+  ``ViTSpec.sensitivity_loss`` (calibration images carry ``probe_seed``: a Gaussian probe of the pooled
+  features, so the importance estimates each component's squared feature change; the distillation
+  loss has zero gradient at the dense model).
   Every Linear of a plain ViT sees the same tokens, so a FLOPs budget allocates exactly the same ranks.
 - U/V LoRA (``--lora-models``): the best per-matrix row at ``--lora-ratio`` (highest mean feature
-  cosine) compressed again inside a Lightning fit and recovered with ``callbacks.UVLoRA`` (V then U)
+  cosine) compressed again inside a Lightning fit and recovered with U/V LoRA (``compression.lora``, V then U)
   by feature distillation from the dense model on unlabelled Fashion-MNIST training images
   (``ViTSpec.training_loss``).
 
@@ -51,16 +52,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from compression import (  # noqa: E402
-    CompressionConfig,
-    JointQKVConfig,
-    build_method,
-    collect_stats,
-    compress_,
-    compress_joint_,
-    gradient_allocation,
-    gradient_importance,
-)
+from compression import Recipe, collect_stats, compress_  # noqa: E402
 from data.images import ImageProbeDataModule  # noqa: E402
 from lightning_modules.vit_spec import ViTSpec  # noqa: E402
 from metrics.flops import count_flops  # noqa: E402
@@ -131,81 +123,37 @@ def cost(model, image_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- compression
-def break_even(shape: tuple[int, int]) -> int:
-    m, n = shape
-    return m * n // (m + n)
-
-
-def gradient_ranks(dense, spec, groups, singles, stats, ratio, samples) -> dict[str, int]:
-    """Ranks of the joint groups and single matrices from one global gradient allocation; a matrix given a
-    rank at or above its break-even is kept dense and the budget re-allocated over the others."""
-    keys = {**groups, **{n: [n] for n in singles}}
-    importance = gradient_importance(dense, keys, samples, spec.sensitivity_loss, build_method("svd_llm"), stats)
-    shapes = {}
-    for key, names in keys.items():
-        mods = [dense.get_submodule(n) for n in names]
-        shapes[key] = (sum(m.out_features for m in mods), mods[0].in_features)
-    budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
-    kept: set[str] = set()
-    while True:
-        free = [k for k in keys if k not in kept]
-        left = budget - sum(shapes[k][0] * shapes[k][1] for k in kept)
-        ranks = gradient_allocation({k: importance[k] for k in free}, {k: shapes[k] for k in free},
-                                    budget=int(left)).ranks
-        crossed = {k for k in free if ranks[k] >= break_even(shapes[k])}
-        if not crossed:
-            return {**ranks, **{k: min(shapes[k]) for k in kept}}
-        kept |= crossed
-
-
 def compress_row(dense, spec, targets, stats, method, allocation, joint, ratio, samples) -> tuple:
-    """A compressed copy of ``dense``; returns ``(model, layer ranks or None)``."""
+    """A compressed copy of ``dense`` through one :class:`compression.Recipe`; returns ``(model, ranks)``.
+
+    The gradient row reads the importance from ``samples`` (single calibration images carrying ``probe_seed``,
+    so ``ViTSpec.training_loss`` is the sensitivity loss); matrices above their break-even stay dense.
+    """
     model = copy.deepcopy(dense)
-    groups = spec.joint_groups(model, targets) if joint else {}
-    members = {n for names in groups.values() for n in names}
-    singles = [n for n in targets if n not in members]
-    if allocation == "gradient":
-        ranks = gradient_ranks(dense, spec, groups, singles, stats, ratio, samples)
-        shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in singles}
-        jg = {g: names for g, names in groups.items() if ranks[g] < break_even((3 * shapes_of(model, names[0])[0],
-                                                                                 shapes_of(model, names[0])[1]))}
-        if jg:
-            compress_joint_(model, JointQKVConfig("svd_llm", ratio=ratio, ranks={g: ranks[g] for g in jg}), stats,
-                            groups=jg)
-        single_ranks = {n: ranks[n] for n in singles if ranks[n] < break_even(shapes[n])}
-        if single_ranks:
-            compress_(model, CompressionConfig("svd_llm", ratio=ratio, targets=list(single_ranks),
-                                               ranks=single_ranks), stats)
-        return model.eval(), ranks
-    if joint:
-        compress_joint_(model, JointQKVConfig(method, ratio=ratio), stats, groups=groups)
-    compress_(model, CompressionConfig(method, ratio=ratio, allocation=allocation, targets=singles), stats)
-    return model.eval(), None
-
-
-def shapes_of(model, name: str) -> tuple[int, int]:
-    lin = model.get_submodule(name)
-    return lin.out_features, lin.in_features
+    recipe = Recipe(method, ratio=ratio, allocation=allocation, targets=list(targets), joint_qkv=joint,
+                    dense_above_break_even=allocation == "gradient",
+                    calibration={"gradient_batches": None, "per_sample": True, "progress": False})
+    gradient = allocation == "gradient"
+    report = compress_(model, recipe, stats, family=spec, batches=(lambda: samples) if gradient else None)
+    ranks = {r.name: r.rank for r in report.layers} if gradient else None
+    return model.eval(), ranks
 
 
 def lora_recover(args, name: str, method: str, allocation: str, ratio: float, dm_kwargs: dict):
-    """Compress ``name`` again inside a Lightning fit (same method / allocation / ratio), then both UVLoRA stages."""
+    """Compress ``name`` again inside a Lightning fit (same method / allocation / ratio), then both U/V LoRA stages
+    (``compression.lora``), by feature distillation on unlabelled Fashion-MNIST training images."""
     from lightning.pytorch import Trainer
 
-    from callbacks import RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
     from lightning_modules import CompressionModule
 
     dm = ImageProbeDataModule(**{**dm_kwargs, "train_images": args.lora_images, "batch_size": args.lora_batch})
-    callbacks = [WhiteningCollection(progress=False)]
-    if allocation == "v2":
-        callbacks.append(RankReallocation(strategy="v2"))
-    callbacks += [SVDTruncation(method=method, ratio=ratio),
-                  UVLoRA(steps=[args.lora_steps, args.lora_steps], r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0,
-                         learning_rate=args.lora_lr)]
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1000, callbacks=callbacks, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
-    module = CompressionModule(ViTSpec(name), learning_rate=args.lora_lr)
+    recipe = Recipe(method, ratio=ratio, allocation=allocation, calibration={"progress": False},
+                    lora={"steps": [args.lora_steps, args.lora_steps], "r": args.lora_r, "alpha": 2.0 * args.lora_r,
+                          "dropout": 0.0, "learning_rate": args.lora_lr})
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1000, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, gradient_clip_val=1.0)
+    module = CompressionModule(ViTSpec(name), compression=recipe, learning_rate=args.lora_lr)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return module.model.eval(), time.perf_counter() - t0, trainer.global_step
@@ -245,7 +193,8 @@ def run_model(args, name: str) -> dict:
     calib_s = time.perf_counter() - t0
     images = torch.cat([b["images"] for b in calib])
     step = max(1, len(images) // args.grad_samples)
-    samples = [{"images": images[i:i + 1], "probe_seed": i} for i in range(0, len(images), step)][: args.grad_samples]
+    samples = [{"images": images[i:i + 1], "probe_seed": torch.tensor([i])}
+               for i in range(0, len(images), step)][: args.grad_samples]
     best: dict[float, tuple] = {}
     for ratio in args.ratios:
         for label, method, allocation, joint in ROWS:

@@ -18,7 +18,8 @@ other split from ``train``; the digits have one pool.  No image is used for two 
 Batches: ``{"images": float [B, 1, S, S] in [0, 1], "labels": int64 [B], "probe_train": bool [B]}``
 (grey, resized bilinearly from 28 or 20 px to ``S = image_size``; :class:`models.vit.VisionEncoder`
 repeats the channel).  A scoring loader yields the probe batches (``probe_train`` True) then the
-test batches.
+test batches; calibration batches also carry ``probe_seed`` (int64 ``[B]``, see
+:meth:`ImageProbeDataModule.calibration_dataloader`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,26 @@ def collate(items, image_size: int) -> dict[str, torch.Tensor]:
             "probe_train": torch.tensor([it[2] for it in items])}
 
 
+class _Indexed(Dataset):
+    """Items of ``data`` with their index appended."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return (*self.data[i], i)
+
+
+def collate_indexed(items, image_size: int) -> dict[str, torch.Tensor]:
+    """:func:`collate` plus ``probe_seed`` (int64 ``[B]``) from the appended indices."""
+    out = collate([it[:-1] for it in items], image_size)
+    out["probe_seed"] = torch.tensor([it[-1] for it in items], dtype=torch.int64)
+    return out
+
+
 def split_sizes_fit(pool: int, sizes: dict[str, int], name: str) -> None:
     if sum(sizes.values()) > pool:
         raise ValueError(f"{name}: the splits {sizes} need {sum(sizes.values())} images, the pool has {pool}")
@@ -201,9 +222,13 @@ class ImageProbeDataModule(LightningDataModule):
         return torch.utils.data.ConcatDataset([p for p in parts if len(p)])
 
     def calibration_dataloader(self) -> DataLoader:
-        """Fixed order: each dataset's calibration images, one dataset after the other."""
+        """Fixed order: each dataset's calibration images, one dataset after the other; each batch also carries
+        ``probe_seed`` (int64 ``[B]``, the image's position in this loader), which the ViT spec's gradient
+        importance draws its output probes from (:class:`lightning_modules.vit_spec.ViTSpec`)."""
         self.setup()
-        return self._loader(self._concat([s["calibration"] for s in self.splits.values()]))
+        data = self._concat([s["calibration"] for s in self.splits.values()])
+        return DataLoader(_Indexed(data), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=functools.partial(collate_indexed, image_size=self.image_size))
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

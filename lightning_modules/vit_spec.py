@@ -13,7 +13,10 @@ and k-NN / linear-probe accuracy of the test images from the probe images
 (:class:`metrics.probe.FeatureProbe`); labels are used only there.
 
 Gradient-based rank allocation needs a loss whose gradient at the dense model is not zero (``L`` is
-at its minimum there).  :meth:`ViTSpec.sensitivity_loss` is a Gaussian output probe,
+at its minimum there).  Calibration batches therefore carry ``probe_seed`` (one integer per image,
+:meth:`data.images.ImageProbeDataModule.calibration_dataloader`), and on such a batch
+:meth:`ViTSpec.training_loss` -- which the gradient importance calls -- is
+:meth:`ViTSpec.sensitivity_loss`, a Gaussian output probe
 ``ℓ_ε(x) = ⟨f(x), ε⟩ / ‖f_d(x)‖`` with ``ε ~ N(0, I)``: removing a singular component ``i`` changes
 the features by ``Δf_i`` (to first order), and ``E_ε[(∂ℓ_ε · Δ)²] = ‖Δf_i‖² / ‖f_d‖²``, so the
 gradient importance ``mean (σ_i u_iᵀ G r_i)²`` over probes estimates the squared relative feature
@@ -69,6 +72,12 @@ class ViTSpec(ModelSpec):
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
+    def layout(self, model: nn.Module):
+        """Blocks, norms and q/k/v of the encoder (:func:`models.vit.layout.vit_layout`): joint q/k/v groups."""
+        from models.vit.layout import vit_layout
+
+        return vit_layout(model)
+
     def default_targets(self, model: nn.Module) -> list[str] | None:
         """Every eligible ``nn.Linear`` inside the transformer blocks (attention q/k/v/out, MLP fc1/fc2).
 
@@ -91,10 +100,15 @@ class ViTSpec(ModelSpec):
         with torch.no_grad():
             return self.teacher.encode(images)
 
-    def distillation_loss(self, model: nn.Module, images: Tensor) -> Tensor:
-        """``L`` of the module docstring for one batch of images ``[B, 1|3, H, W]``."""
+    def feature_loss(self, model: nn.Module, images: Tensor, teacher: nn.Module | None = None) -> Tensor:
+        """``L`` of the module docstring for one batch of images ``[B, 1|3, H, W]`` (reference: ``teacher``,
+        default the spec's own dense copy)."""
         pooled, tokens = model.encode(images)
-        ref_pooled, ref_tokens = self._reference(images)
+        if teacher is None:
+            ref_pooled, ref_tokens = self._reference(images)
+        else:
+            with torch.no_grad():
+                ref_pooled, ref_tokens = teacher.encode(images)
         loss = (1 - F.cosine_similarity(pooled.float(), ref_pooled.float(), dim=-1)).mean()
         if self.token_weight > 0:
             rel = (tokens.float() - ref_tokens.float()).square().sum() / ref_tokens.float().square().sum()
@@ -102,14 +116,28 @@ class ViTSpec(ModelSpec):
         return loss
 
     def training_loss(self, model: nn.Module, batch: dict) -> Tensor:
-        return self.distillation_loss(model, batch["images"])
+        """Feature distillation from the spec's dense copy (this family needs no labels); on a calibration
+        batch (it carries ``probe_seed``) the sensitivity loss of the gradient importance (module docstring)."""
+        if "probe_seed" in batch:
+            return self.sensitivity_loss(model, batch)
+        return self.feature_loss(model, batch["images"])
+
+    def distillation_loss(self, student: nn.Module, teacher: nn.Module, batch: dict,
+                          temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``(L to teacher, the same)``: this family's task loss already is distillation from a dense copy, so
+        ``compression.lora.distill`` changes nothing (``temperature`` does not apply to features)."""
+        distill = self.feature_loss(student, batch["images"], teacher)
+        return distill, distill
 
     def sensitivity_loss(self, model: nn.Module, batch: dict) -> Tensor:
-        """``Σ_b ⟨f(x_b), ε_b⟩ / ‖f_d(x_b)‖`` with ``ε ~ N(0, I)`` drawn from ``batch["probe_seed"]`` (default 0)."""
+        """``Σ_b ⟨f(x_b), ε_b⟩ / ‖f_d(x_b)‖``, each ``ε_b ~ N(0, I)`` drawn from the image's ``probe_seed``."""
         pooled, _ = model.encode(batch["images"])
         ref, _ = self._reference(batch["images"])
-        g = torch.Generator().manual_seed(int(batch.get("probe_seed", 0)))
-        eps = torch.randn(pooled.shape, generator=g, dtype=torch.float64).to(pooled.device, pooled.dtype)
+        seeds = torch.as_tensor(batch["probe_seed"]).reshape(-1).tolist()
+        if len(seeds) != len(pooled):
+            raise ValueError(f"probe_seed has {len(seeds)} entries for {len(pooled)} images")
+        eps = torch.stack([torch.randn(pooled.shape[-1], generator=torch.Generator().manual_seed(int(s)),
+                                       dtype=torch.float64) for s in seeds]).to(pooled.device, pooled.dtype)
         return (pooled * eps).sum(-1).div(ref.norm(dim=-1).clamp_min(1e-12)).sum()
 
     def make_metrics(self) -> nn.Module:

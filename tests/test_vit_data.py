@@ -101,6 +101,7 @@ def test_splits_are_disjoint_and_batches_well_formed(tmp_path) -> None:
     assert sum(map(len, cells)) == len(set().union(*cells)) == 90  # no cell in two splits
     calib = list(dm.calibration_dataloader())
     assert sum(len(b["images"]) for b in calib) == 40
+    assert torch.equal(torch.cat([b["probe_seed"] for b in calib]), torch.arange(40))
     loaders = dm.test_dataloader()
     assert dm.test_names == ["fashion_mnist", "digits"] and len(loaders) == 2
     batches = list(loaders[0])

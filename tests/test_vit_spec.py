@@ -8,8 +8,7 @@ from fixtures_vit import tiny_clip, tiny_dinov2
 from lightning.pytorch import Trainer
 from test_vit_data import write_digits, write_fashion
 
-from callbacks import SVDTruncation, UVLoRA, WhiteningCollection
-from compression import CompressionConfig, collect_stats, compress_
+from compression import Recipe, collect_stats, compress_
 from data.images import ImageProbeDataModule
 from lightning_modules import CompressionModule
 from lightning_modules.vit_spec import ViTSpec
@@ -38,7 +37,7 @@ def test_targets_groups_and_distillation_loss(make) -> None:
     with torch.no_grad():
         assert float(spec.training_loss(model, {"images": images})) < 1e-6  # the dense model is its reference
         stats = collect_stats(model, targets, [{"images": images}], forward=spec.calibration_forward)
-    compress_(model, CompressionConfig("svd", ratio=0.6, targets=targets), stats)
+    compress_(model, Recipe("svd", ratio=0.6, targets=targets), stats, family=spec)
     with torch.no_grad():
         assert float(spec.training_loss(model, {"images": torch.rand(4, 1, 112, 112)})) > 1e-3
     assert spec.teacher is not model and "LowRank" not in repr(spec.teacher)  # the reference stayed dense
@@ -68,23 +67,26 @@ def _data(tmp_path) -> ImageProbeDataModule:
                                 digits_path=str(tmp_path / "digits.png"))
 
 
-def _fit(tmp_path, lora_steps: list[int] | None) -> dict[str, float]:
+def _fit(tmp_path, lora_steps: list[int] | None, **recipe) -> dict[str, float]:
     # vanilla SVD: on this tiny random model SVD-LLM at 0.6 is already within 1e-3 of the dense features
-    callbacks = [WhiteningCollection(progress=False), SVDTruncation(method="svd", ratio=0.6)]
-    if lora_steps:
-        callbacks.append(UVLoRA(steps=lora_steps, r=4, alpha=8, dropout=0.0, learning_rate=[1e-2, 1e-2]))
+    lora = {"steps": lora_steps, "r": 4, "alpha": 8, "dropout": 0.0, "learning_rate": [1e-2, 1e-2]} if lora_steps \
+        else {}
+    recipe = Recipe(**{"method": "svd", "ratio": 0.6, **recipe}, calibration={"progress": False}, lora=lora)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=-1 if lora_steps else 0, max_epochs=100,
-                      callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False)
-    module = CompressionModule(ViTSpec(model=dino_encoder()), learning_rate=1e-2)
+    module = CompressionModule(ViTSpec(model=dino_encoder()), compression=recipe, learning_rate=1e-2)
     dm = _data(tmp_path)
     trainer.fit(module, datamodule=dm)
-    return trainer.test(module, datamodule=dm, verbose=False)[0]
+    results = trainer.test(module, datamodule=dm, verbose=False)[0]
+    results["joint_latents"] = sum(1 for n, _ in module.model.named_modules() if n.endswith("qkv_latent"))
+    return results
 
 
 def test_compress_and_distillation_lora_through_lightning(tmp_path) -> None:
     compressed = _fit(tmp_path, None)
     recovered = _fit(tmp_path, [8, 8])
+    assert compressed["joint_latents"] == 0
     for name in ("fashion_mnist", "digits"):
         assert {f"test/{k}/{name}" for k in ("feature_cos", "knn_acc", "probe_acc")} <= set(compressed)
         assert compressed[f"test/feature_cos/{name}"] < 0.98  # seen: 0.960 / 0.955
@@ -103,8 +105,8 @@ def test_sensitivity_importance_estimates_each_components_feature_change() -> No
     name = "model.encoder.layer.1.mlp.fc2"
     x = torch.rand(1, 1, 28, 28, dtype=torch.float64)
     probes = 400
-    importance = gradient_importance(model, [name], [{"images": x, "probe_seed": s} for s in range(probes)],
-                                     spec.sensitivity_loss, "svd", None)[name]
+    batches = [{"images": x, "probe_seed": torch.tensor([s])} for s in range(probes)]
+    importance = gradient_importance(model, [name], batches, spec.training_loss, "svd", None)[name]
     layer = model.get_submodule(name)
     w = layer.weight.detach().clone()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -120,3 +122,10 @@ def test_sensitivity_importance_estimates_each_components_feature_change() -> No
             change = (up - down) / 2e-4  # d f / d t along W + t σ_i u_i v_iᵀ: the first-order Δf_i
             exact = float(change.square().sum() / ref.square().sum())
             assert float(importance[i]) == pytest.approx(exact, rel=0.3)  # 400 probes: ~7 % standard error
+
+
+def test_joint_qkv_with_gradient_allocation_through_lightning(tmp_path) -> None:
+    """QSVD on a ViT: joint q/k/v groups from the layout, ranks from the probe-loss gradient importance."""
+    out = _fit(tmp_path, None, method="svd_llm", joint_qkv=True, allocation="gradient", dense_above_break_even=True)
+    assert out["joint_latents"] == 2  # one shared down projection per block
+    assert 0.9 < out["test/feature_cos/fashion_mnist"] < 1.0
