@@ -8,6 +8,10 @@ and the token's position, and at every step rebuilds, for all ``S`` cached token
 
     K = RoPE(k_norm(U_k Z), positions),   V = U_v Z          (Z: S x r)
 
+When decoding one token the values are never rebuilt: the attention weights ``a`` sum to one, so
+``Σ_t a_t (U_v z_t + b) = U_v (Σ_t a_t z_t) + b`` (``H S r + H d r`` FLOPs instead of ``S r m_v``).  The keys
+cannot be absorbed the same way: RoPE rotates each key by its own position after ``U_k``.
+
 with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
 (Gemma3: the layer type, which selects θ), both from the layout.  RoPE is applied *after* rebuilding the keys
 (it does not commute with ``U_k``), from the cached positions; partial rotary (``cos`` narrower than a head)
@@ -153,6 +157,12 @@ class LatentAttention(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(q_len, device=z.device)[None]
             z_all, pos_all = z, position_ids.expand(bsz, q_len)
+        if self._absorbs(q_len):
+            (k,) = self._project(z_all, ("k",))
+            key = self._heads(k, "k_norm")
+            cos_k, sin_k = self.rotary(key, pos_all, *self.rotary_args)
+            out = self._absorbed(query, _rope(key, cos_k, sin_k), z_all, attention_mask)
+            return self._child("o")(out.reshape(bsz, q_len, -1).contiguous()), None
         k, v = self._project(z_all, ("k", "v"))
         key, value = self._heads(k, "k_norm"), self._heads(v, "v_norm")
         cos_k, sin_k = self.rotary(key, pos_all, *self.rotary_args)
@@ -163,6 +173,48 @@ class LatentAttention(nn.Module):
                                  scaling=self.scaling, **self.extra, **kwargs)
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self._child("o")(out), weights
+
+
+    # -- decoding without rebuilding the values ------------------------------------------------------
+    def _absorbs(self, q_len: int) -> bool:
+        """One new token (decoding), no value norm, no attention extras beyond a sliding window, not training:
+        the values are folded into the output instead of being rebuilt for the whole prefix."""
+        return (q_len == 1 and not self.training and self.roles.get("v_norm") is None
+                and set(self.extra) <= {"sliding_window"}
+                and self.config._attn_implementation in ("sdpa", "eager"))
+
+    def _value_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``U_v`` as ``[kv_heads, head_dim, r]`` and its bias ``[kv_heads, head_dim]`` (or ``None``)."""
+        if self.rows is not None:
+            up = self._child("qkv").up
+            w, b = up.weight[self.rows[2]], None if up.bias is None else up.bias[self.rows[2]]
+        else:
+            up = self._child("v").up
+            w, b = up.weight, up.bias
+        return w.view(-1, self.head_dim_, w.shape[-1]), None if b is None else b.view(-1, self.head_dim_)
+
+    def _absorbed(self, query: torch.Tensor, key: torch.Tensor, z_all: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q Kᵀ s) (Z U_vᵀ + b)`` computed as ``(softmax(q Kᵀ s) Z) U_vᵀ + b`` (the weights sum to 1).
+
+        ``query [B, H, 1, d]``, rotated ``key [B, G, S, d]`` (``G`` kv heads, ``H / G`` query heads each),
+        ``z_all [B, S, r]``; returns ``[B, 1, H, d]`` like transformers' attention functions.  The value
+        side costs ``H S r + H d r`` instead of rebuilding ``S r (G d)`` values every step.
+        """
+        bsz, heads, q_len, dim = query.shape
+        groups, seq = key.shape[1], key.shape[2]
+        q = query.reshape(bsz, groups, heads // groups * q_len, dim)  # query heads grouped by their kv head
+        scores = (q @ key.transpose(-1, -2)).view(bsz, heads, q_len, seq) * self.scaling
+        if attention_mask is not None:
+            mask = attention_mask[..., :seq]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        pz = (probs @ z_all[:, None]).reshape(bsz, groups, heads // groups * q_len, -1)  # [B, G, H/G, r]
+        weight, bias = self._value_up()
+        out = pz @ weight.transpose(-1, -2)  # [B, G, H/G, d]
+        if bias is not None:
+            out = out + bias[None, :, None, :]
+        return out.reshape(bsz, heads, q_len, dim).transpose(1, 2)
 
 
 def _latent_layer(cache, layer_idx: int):

@@ -83,7 +83,8 @@ def yaml_commands(path: Path) -> list[str]:
         if full:  # a whole command; a remark after it in parentheses or a full stop is prose
             commands.append(_normalize(re.sub(r"\s+\(.*$", "", full.group(1)).rstrip(".)")))
         elif run and "--" in line:
-            commands += [f"{run} {flag} {value.rstrip('.')}".strip() for flag, value in FLAG.findall(line)]
+            flags = re.sub(r"`[^`]*`", "", line)  # `pip install --no-deps ...` and other quoted commands are not ours
+            commands += [f"{run} {flag} {value.rstrip('.')}".strip() for flag, value in FLAG.findall(flags)]
     return [c for c in commands if c]
 
 
