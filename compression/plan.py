@@ -24,11 +24,15 @@ Optional sections, each rebuilt by :func:`apply_plan` in this order:
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 from torch import nn
 
-from compression.io import atomic_write_text
+from compression.io import atomic_write_text, read_json
 from compression.lowrank import LowRankLinear
 
 PLAN_FORMAT = "svd-vggt/plan"
@@ -79,21 +83,100 @@ def merge_plans(*plans: dict) -> dict:
     return out
 
 
-def validate_plan(plan: dict) -> None:
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise ValueError(f"not a compression plan (expected format {PLAN_FORMAT!r})")
+def validate_plan(plan: dict, source: str | os.PathLike | None = None) -> None:
+    """Check the plan's structure and types; each problem raises one ``ValueError`` naming the field.
+
+    ``source`` (e.g. the file the plan was read from) prefixes the messages.  Checked: format and
+    version, ``method`` / ``ratio`` / ``allocation``, and every layer, joint group, quantization
+    and rotation entry (integer ranks ``1 <= rank <= min(in, out)``, positive integer sizes,
+    boolean biases).  Unknown top-level keys are allowed (later versions may add fields).
+    """
+    where = f"compression plan {source}" if source else "compression plan"
+
+    def fail(msg: str) -> NoReturn:
+        raise ValueError(f"{where}: {msg}")
+
+    if not isinstance(plan, dict):
+        fail(f"expected a JSON object (dict), got {type(plan).__name__}")
+    if plan.get("format") != PLAN_FORMAT:
+        fail(f"'format' is {plan.get('format')!r}, expected {PLAN_FORMAT!r}: this is not a compression plan")
     if plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan version {plan.get('version')} is not supported (this code reads {PLAN_VERSION})")
+        fail(f"version {plan.get('version')!r} is not supported (this code reads version {PLAN_VERSION})")
+    if "layers" not in plan:
+        fail("lacks the 'layers' section (a plan without per-matrix low-rank layers has \"layers\": {})")
+    if not isinstance(plan.get("method"), dict) or not isinstance(plan["method"].get("name"), str):
+        fail(f"'method' must be an object with a string 'name', got {plan.get('method')!r}")
+    ratio = plan.get("ratio")
+    if not _is_number(ratio) or not 0.0 <= ratio < 1.0:
+        fail(f"'ratio' must be a number in [0, 1) (fraction of parameters removed), got {ratio!r}")
+    if not isinstance(plan.get("allocation"), str):
+        fail(f"'allocation' must be a string, got {plan.get('allocation')!r}")
+    if not isinstance(plan["layers"], dict):
+        fail(f"'layers' must map layer names to entries, got {type(plan['layers']).__name__}")
     for name, spec in plan["layers"].items():
-        missing = {"rank", "in_features", "out_features", "bias"} - set(spec)
-        if missing:
-            raise ValueError(f"plan entry for layer {name!r} lacks {sorted(missing)}")
-    for name, spec in plan.get("joint_groups", {}).items():
-        missing = {"members", "rank", "in_features", "out_features", "bias"} - set(spec)
-        if missing:
-            raise ValueError(f"plan entry for joint group {name!r} lacks {sorted(missing)}")
-    if "quantization" in plan and "layers" not in plan["quantization"]:
-        raise ValueError("plan section 'quantization' lacks 'layers'")
+        _check_entry(fail, f"layer {name!r}", spec, {"rank", "in_features", "out_features", "bias"})
+        for key in ("in_features", "out_features"):
+            _check_int(fail, f"layer {name!r}", key, spec[key])
+        if not isinstance(spec["bias"], bool):
+            fail(f"layer {name!r}: 'bias' must be true or false, got {spec['bias']!r}")
+        _check_rank(fail, f"layer {name!r}", spec["rank"], min(spec["in_features"], spec["out_features"]))
+    groups = plan.get("joint_groups", {})
+    if not isinstance(groups, dict):
+        fail(f"'joint_groups' must map attention-module names to entries, got {type(groups).__name__}")
+    for name, spec in groups.items():
+        what = f"joint group {name!r}"
+        _check_entry(fail, what, spec, {"members", "rank", "in_features", "out_features", "bias"})
+        members, outs, biases = spec["members"], spec["out_features"], spec["bias"]
+        if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
+            fail(f"{what}: 'members' must be a non-empty list of child names, got {members!r}")
+        if len(set(members)) != len(members):
+            fail(f"{what}: 'members' {members} repeats a name")
+        if not (isinstance(outs, list) and len(outs) == len(members)):
+            fail(f"{what}: 'out_features' must list one size per member {members}, got {outs!r}")
+        if not (isinstance(biases, list) and len(biases) == len(members) and all(isinstance(b, bool) for b in biases)):
+            fail(f"{what}: 'bias' must list true/false per member {members}, got {biases!r}")
+        _check_int(fail, what, "in_features", spec["in_features"])
+        for out in outs:
+            _check_int(fail, what, "out_features", out)
+        _check_rank(fail, what, spec["rank"], min(spec["in_features"], sum(outs)))
+    if "quantization" in plan:
+        quant = plan["quantization"]
+        if not isinstance(quant, dict) or "layers" not in quant:
+            fail("section 'quantization' lacks 'layers'")
+        if not (isinstance(quant["layers"], list) and all(isinstance(n, str) for n in quant["layers"])):
+            fail(f"'quantization.layers' must be a list of layer names, got {quant['layers']!r}")
+        for key in ("weight", "act"):
+            if not (quant.get(key) is None or isinstance(quant[key], dict)):
+                fail(f"'quantization.{key}' must be an object or null, got {quant[key]!r}")
+    if "rotation" in plan and not isinstance(plan["rotation"], dict):
+        fail(f"section 'rotation' must be an object, got {plan['rotation']!r}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_entry(fail: Callable[[str], NoReturn], what: str, spec: object, keys: set[str]) -> None:
+    if not isinstance(spec, dict):
+        fail(f"{what}: entry must be an object, got {spec!r}")
+    missing = keys - set(spec)
+    if missing:
+        fail(f"{what}: entry lacks {sorted(missing)}")
+
+
+def _check_int(fail: Callable[[str], NoReturn], what: str, key: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        fail(f"{what}: {key!r} must be a positive integer, got {value!r}")
+
+
+def _check_rank(fail: Callable[[str], NoReturn], what: str, rank: object, limit: int) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        fail(f"{what}: 'rank' must be an integer, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        fail(f"{what}: 'rank' must be >= 1, got {rank}")
+    if rank > limit:
+        fail(f"{what}: 'rank' {rank} exceeds min(in_features, out_features) = {limit}, the largest rank "
+             "a factorization of that shape can have")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -159,6 +242,57 @@ def _apply_lowrank(model: nn.Module, plan: dict) -> list[str]:
     return [name for name, _, _ in todo]
 
 
+def check_model_matches_plan(model: nn.Module, plan: dict) -> None:
+    """Raise ``ValueError`` unless ``model`` has exactly the structure :func:`apply_plan` builds.
+
+    Every planned layer / joint member / quantized layer must exist with the planned type,
+    shape, rank and bias, and no low-rank layer, joint projection or quantized layer may exist
+    that the plan does not list (its weights would be saved but never rebuilt on load).  All
+    differences are reported together.
+    """
+    from compression.joint import JointProjection
+    from compression.quant import QuantLinear
+
+    validate_plan(plan)
+    modules = dict(model.named_modules())
+    problems: list[str] = []
+    for name, spec in plan["layers"].items():
+        want = (spec["out_features"], spec["in_features"], spec["rank"], spec["bias"])
+        problems += _structure_problem(modules.get(name), LowRankLinear, f"layer {name!r}", want)
+    joint_names = set()
+    for gname, spec in plan.get("joint_groups", {}).items():
+        for member, out, bias in zip(spec["members"], spec["out_features"], spec["bias"]):
+            full = f"{gname}.{member}" if gname else member
+            joint_names.add(full)
+            want = (out, spec["in_features"], spec["rank"], bias)
+            problems += _structure_problem(modules.get(full), JointProjection, f"joint member {full!r}", want)
+    quantized = set(plan["quantization"]["layers"]) if "quantization" in plan else set()
+    for name in sorted(quantized):
+        if not isinstance(modules.get(name), QuantLinear):
+            got = type(modules[name]).__name__ if name in modules else "missing"
+            problems.append(f"quantized layer {name!r} is {got}, the plan says QuantLinear")
+    for kind, names in ((LowRankLinear, set(plan["layers"])), (JointProjection, joint_names), (QuantLinear, quantized)):
+        extra = sorted(n for n, m in modules.items() if isinstance(m, kind) and n not in names)
+        if extra:
+            problems.append(f"{len(extra)} {kind.__name__} layer(s) the plan does not list: {extra[:3]}")
+    if problems:
+        raise ValueError("the model does not match the compression plan (was it compressed by another plan, or "
+                         "changed after compression?): " + "; ".join(problems[:8])
+                         + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+def _structure_problem(module: nn.Module | None, kind: type, what: str, want: tuple) -> list[str]:
+    """``[]`` when ``module`` is a ``kind`` with ``(out, in, rank, bias) == want``, else one message."""
+    if module is None:
+        return [f"{what} does not exist in the model"]
+    if not isinstance(module, kind):
+        return [f"{what} is a {type(module).__name__}, the plan says {kind.__name__}"]
+    got = (module.out_features, module.in_features, module.rank, module.up.bias is not None)
+    if got != want:
+        return [f"{what} has (out, in, rank, bias) = {got}, the plan says {want}"]
+    return []
+
+
 def merge_lowrank_(model: nn.Module) -> list[str]:
     """Replace every :class:`LowRankLinear` by its merged dense ``nn.Linear``; returns the names."""
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
@@ -174,7 +308,10 @@ def save_plan(plan: dict, path: str | os.PathLike) -> None:
 
 
 def load_plan(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        plan = json.load(f)
-    validate_plan(plan)
+    """Read and validate a plan written by :func:`save_plan` (or ``save_compressed``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"compression plan {path} not found; compression.save_plan and "
+                                "compression.export.save_compressed write it (compression_plan.json)")
+    plan = read_json(path)
+    validate_plan(plan, source=path)
     return plan
