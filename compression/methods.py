@@ -24,12 +24,16 @@ before any layer is cut: :meth:`Method.spectrum` (singular values only) and
 from __future__ import annotations
 
 import dataclasses
+import logging
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from compression.stats import ChannelStats
+
+log = logging.getLogger(__name__)
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -113,6 +117,8 @@ class Method:
         if stats.count == 0:
             raise ValueError(f"statistics for layer {name!r} saw no tokens; did calibration run?")
         stats.check_finite(name)
+        if "gram" in self.needs and stats.count < stats.n:
+            _warn_small_calibration(self.name, stats, name)
 
     @torch.no_grad()
     def spectrum(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:
@@ -145,6 +151,29 @@ def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:
     """The calibration statistics the given methods need, e.g. ``{"gram"}`` for ``svd_llm``
     (the ``needs`` of :class:`compression.stats.StatsCollector`)."""
     return frozenset().union(*(build_method(c).needs for c in configs))
+
+
+# (id of the statistics, layer, token count) -> the statistics, weakly: each is warned about once,
+# although check_stats runs for the pre-check, the allocation spectrum and the decomposition
+_WARNED_SMALL: dict[tuple[int, str, int], weakref.ref] = {}
+
+
+def _warn_small_calibration(method: str, stats: ChannelStats, name: str) -> None:
+    """Warn (once per statistics object and layer) that ``N < n`` tokens cannot whiten ``n`` channels."""
+    key = (id(stats), name, stats.count)
+    known = _WARNED_SMALL.get(key)
+    if known is not None and known() is stats:
+        return
+    for stale in [k for k, ref in _WARNED_SMALL.items() if ref() is None]:
+        del _WARNED_SMALL[stale]
+    _WARNED_SMALL[key] = weakref.ref(stats)
+    # XᵀX of N < n tokens has rank <= N: the factors are fitted to the N directions the sample visited
+    log.warning(
+        "layer %r: calibration saw %d tokens for %d input channels, fewer than whitening needs; the Gram has "
+        "rank <= %d, so method %r fits the factors to those directions only (svd_llm adds jitter, svd_llm_v2 "
+        "drops the unseen ones). Calibrate on at least %d tokens for this layer.",
+        name, stats.count, stats.n, stats.count, method, stats.n,
+    )
 
 
 def build_method(config: MethodConfig | str, **kwargs: object) -> Method:

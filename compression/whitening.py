@@ -18,6 +18,11 @@ So truncating the SVD of ``W T`` at rank r gives the *optimal* rank-r output err
   no positive definiteness: directions no calibration token visited are simply dropped
   (W' is zero there), which is still optimal for the output-error objective, e.g. when
   there are fewer tokens than features.
+
+Either way, with ``N < n`` calibration tokens the Gram has rank ``<= N`` and the factors are
+fitted to the directions that sample happened to visit: :meth:`Method.check_stats` warns once
+per layer with the numbers (layer, ``N``, ``n``) for both methods, since the remedy -- more
+calibration tokens -- is the same.
 """
 
 from __future__ import annotations
