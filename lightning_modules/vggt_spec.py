@@ -323,11 +323,7 @@ class VGGTSpec(ModelSpec):
         model = VGGT(self.model_config(), enable_track=self.enable_track)
         if self.weights is not None:
             path = TESTBED_WEIGHTS if self.weights == "testbed" else Path(self.weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"VGGT weights {path} not found (expected an official-style .safetensors)")
-            from safetensors.torch import load_file
-
-            load_official_state_dict(model, load_file(str(path)))
+            load_official_state_dict(model, load_vggt_weights(path))
             log.info("loaded VGGT weights from %s", path)
         model.aggregator.gradient_checkpointing = self.gradient_checkpointing
         if "dpt_projections" in self.target_groups:
@@ -454,19 +450,37 @@ class VGGTSpec(ModelSpec):
 def save_vggt_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``model``'s state dict (official names) as safetensors and ``<stem>.json`` with its config.
 
-    The JSON holds ``{"config": asdict(model.config), **metadata}`` so that
-    ``VGGTSpec(weights=...)`` / ``VGGTConfig(**json["config"])`` rebuild the architecture.
+    The JSON holds ``{"config": asdict(model.config), "sha256": <of the safetensors file>, **metadata}``
+    so that ``VGGTSpec(weights=...)`` / ``VGGTConfig(**json["config"])`` rebuild the architecture and
+    :func:`load_vggt_weights` can tell a damaged file from a good one.
     """
     import dataclasses
 
     from safetensors.torch import save
 
-    from compression.io import atomic_write, atomic_write_text
+    from compression.io import atomic_write, atomic_write_text, sha256_file
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    info = {"config": dataclasses.asdict(model.config), **(metadata or {})}
     # atomic (temporary file + rename): a crash never leaves a truncated file under the real name
     atomic_write(path, lambda f: f.write(save(state)))
+    info = {"config": dataclasses.asdict(model.config), "sha256": sha256_file(path), **(metadata or {})}
     atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1) + "\n")
     return path
+
+
+def load_vggt_weights(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a VGGT ``.safetensors`` file (official names), checked against its ``<stem>.json``.
+
+    When the side file written by :func:`save_vggt_weights` records a ``sha256``, the file must
+    match it; a truncated or corrupted file raises ``ValueError`` naming it either way.
+    """
+    from compression.io import load_safetensors, read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VGGT weights {path} not found (expected an official-style .safetensors)")
+    side = path.with_suffix(".json")
+    info = read_json(side) if side.is_file() else None
+    sha256 = info.get("sha256") if isinstance(info, dict) else None
+    return load_safetensors(path, sha256=sha256 if isinstance(sha256, str) else None, recorded_in=side)
