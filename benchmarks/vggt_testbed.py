@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compression.io import load_torch_file  # noqa: E402
+from compression.io import safe_torch_load  # noqa: E402
 from data.multiview.datamodule import MultiViewDataModule  # noqa: E402
 from lightning_modules.vggt_spec import (  # noqa: E402
     TESTBED_CONFIG,
@@ -64,7 +64,7 @@ def export(args: argparse.Namespace) -> None:
     run = yaml.safe_load(config_path.read_text())
     spec = VGGTSpec(**run["model"]["spec"]["init_args"])
     model = VGGT(spec.model_config(), enable_track=spec.enable_track)
-    state = load_torch_file(ckpt)  # weights_only: a checkpoint is data, never code
+    state = safe_torch_load(ckpt)  # weights_only: a checkpoint is data, never code
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
     data = run["data"]["init_args"]

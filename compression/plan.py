@@ -248,7 +248,7 @@ def check_model_matches_plan(model: nn.Module, plan: dict) -> None:
     Every planned layer / joint member / quantized layer must exist with the planned type,
     shape, rank and bias, and no low-rank layer, joint projection or quantized layer may exist
     that the plan does not list (its weights would be saved but never rebuilt on load); online
-    Hadamard MLPs exist exactly when the rotation section asks for them.  All differences are
+    Hadamard MLPs are exactly those the rotation section lists.  All differences are
     reported together.
     """
     from compression.joint import JointProjection
@@ -277,10 +277,11 @@ def check_model_matches_plan(model: nn.Module, plan: dict) -> None:
         extra = sorted(n for n, m in modules.items() if isinstance(m, kind) and n not in names)
         if extra:
             problems.append(f"{len(extra)} {kind.__name__} layer(s) the plan does not list: {extra[:3]}")
-    online = sum(isinstance(m, HadamardMLP) for m in modules.values())
-    if bool(online) != bool(plan.get("rotation", {}).get("online_down_proj")):
-        problems.append(f"the model has {online} online-Hadamard MLPs, the plan's rotation section "
-                        f"{'asks for them' if online == 0 else 'has none'}")
+    have = {n for n, m in modules.items() if isinstance(m, HadamardMLP)}
+    want = set(((plan.get("rotation") or {}).get("online") or {}).get("mlps", {}))
+    if have != want:
+        problems.append(f"online-Hadamard MLPs differ from the plan's rotation section: only in the model "
+                        f"{sorted(have - want)[:3]}, only in the plan {sorted(want - have)[:3]}")
     if problems:
         raise ValueError("the model does not match the compression plan (was it compressed by another plan, or "
                          "changed after compression?): " + "; ".join(problems[:8])

@@ -22,9 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from compression import CompressionConfig, LowRankLinear, collect_stats, compress_
+from compression import LowRankLinear, Recipe, collect_stats, compress_
 from compression.export import MANIFEST_NAME, PLAN_NAME, WEIGHTS_NAME, load_compressed, save_compressed
-from compression.io import atomic_write_text, load_torch_file, remove_orphans, temp_sibling
+from compression.io import atomic_write_text, remove_orphans, safe_torch_load, temp_sibling
 from compression.plan import load_plan, make_plan, save_plan, validate_plan
 from tests.malicious import malicious_pickle
 from tests.test_export import compressed_llama
@@ -175,19 +175,16 @@ def test_export_refuses_a_model_that_does_not_match_its_plan(tmp_path, compresse
 
 
 def test_a_qsvd_model_matches_its_plan_and_round_trips(tmp_path, token_batches_module):
-    from compression import JointQKVConfig, compress_joint_, find_joint_groups, quantize_model_
-    from compression.quant import ActQuantConfig, WeightQuantConfig
-    from compression.rotation import rotate_model_
+    from lightning_modules.specs import CausalLMSpec
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama()
-    groups = find_joint_groups(model)
-    stats = collect_stats(model, [n for g in groups.values() for n in g], token_batches_module)
-    report = compress_joint_(model, JointQKVConfig("svd_llm_v2", ratio=0.3), stats)
-    rotation = rotate_model_(model)
-    quant = quantize_model_(model, WeightQuantConfig(bits=4), ActQuantConfig(bits=8))
-    plan = {**report.plan, "rotation": rotation, "quantization": quant}
-    with pytest.raises(ValueError, match=r"the model has 2 online-Hadamard MLPs, the plan's rotation section has none"):
+    recipe = Recipe("svd_llm_v2", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"],
+                    quantization={"weight_bits": 4, "act_bits": 8, "rotate": True})
+    plan = compress_(model, recipe, family=CausalLMSpec(model=model), batches=token_batches_module).plan
+    assert {"joint_groups", "rotation", "quantization"} <= set(plan)
+    with pytest.raises(ValueError, match=r"online-Hadamard MLPs differ from the plan's rotation section: only in "
+                                         r"the model \['model.layers.0.mlp', 'model.layers.1.mlp'\]"):
         save_compressed(model, tmp_path / "e", {k: v for k, v in plan.items() if k != "rotation"})
     out = save_compressed(model, tmp_path / "e", plan)
     loaded, _ = load_compressed(out)
@@ -300,7 +297,7 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path
 
     atomic_torch_save({"w": torch.ones(2)}, dest)
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
-    assert torch.equal(load_torch_file(dest)["w"], torch.ones(2))
+    assert torch.equal(safe_torch_load(dest)["w"], torch.ones(2))
 
 
 def test_export_orphans_are_removed_by_the_next_export(tmp_path, compressed):
@@ -371,7 +368,7 @@ def test_too_few_calibration_tokens_warn_with_the_numbers(method, allocation, ca
     model = TwoLayers()
     stats = collect_stats(model, ["wide", "narrow"], [torch.randn(20, 24)])
     with caplog.at_level(logging.WARNING, logger="compression.methods"):
-        compress_(model, CompressionConfig(method=method, ratio=0.3, allocation=allocation,
+        compress_(model, Recipe(method=method, ratio=0.3, allocation=allocation,
                                            targets=["wide", "narrow"]), stats)
     small = [r.getMessage() for r in caplog.records if "fewer than whitening needs" in r.getMessage()]
     # 20 tokens: 'wide' (24 inputs) is short of data, 'narrow' (16 inputs) is not; warned once despite
@@ -385,5 +382,5 @@ def test_no_small_calibration_warning_without_a_gram(caplog):
     model = TwoLayers()
     stats = collect_stats(model, ["wide", "narrow"], [torch.randn(20, 24)])
     with caplog.at_level(logging.WARNING, logger="compression.methods"):
-        compress_(model, CompressionConfig(method="asvd", ratio=0.3, targets=["wide", "narrow"]), stats)
+        compress_(model, Recipe(method="asvd", ratio=0.3, targets=["wide", "narrow"]), stats)
     assert "fewer than whitening needs" not in caplog.text

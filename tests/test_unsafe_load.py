@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compression.export import WEIGHTS_NAME, load_compressed
-from compression.io import load_torch_file
+from compression.io import safe_torch_load
 from compression.plan import load_plan
 from tests.malicious import malicious_checkpoint, malicious_pickle
 
@@ -38,12 +38,12 @@ def test_library_load_paths_refuse_malicious_pickles(tmp_path):
 
     ckpt, marker = malicious_checkpoint(tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match=rf"refusing to load {re.escape(str(ckpt))}: .*it would call io\.open"):
-        load_torch_file(ckpt)
+        safe_torch_load(ckpt)
     with pytest.raises(ValueError, match="refusing to load"):
-        load_torch_file(ckpt, mmap=True)
+        safe_torch_load(ckpt, mmap=True)
     pkl, pkl_marker = malicious_pickle(tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=rf"{re.escape(str(pkl))}"):
-        load_torch_file(pkl)
+        safe_torch_load(pkl)
 
     # a pickle where safetensors are expected: VGGT weights and compressed exports
     weights, w_marker = malicious_pickle(tmp_path / "vggt.safetensors")
@@ -77,16 +77,12 @@ def test_vggt_testbed_export_refuses_a_malicious_checkpoint(tmp_path):
     assert not marker.exists() and not (tmp_path / "w.safetensors").exists()
 
 
-# pending: the lead's branch moves read_plan onto compression.io.load_torch_file (issue 13 item 4)
-_PENDING_UNSAFE = {"lightning_modules/module.py"}
-
-
 def test_no_unsafe_torch_load_in_the_library():
-    """Every ``torch.load`` outside tests passes ``weights_only=True`` (or is load_torch_file's own)."""
+    """Every ``torch.load`` outside tests passes ``weights_only=True`` (safe_torch_load's own do)."""
     offenders = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith((".venv/", "tests/")) or "/." in f"/{rel}" or rel in _PENDING_UNSAFE:
+        if rel.startswith((".venv/", "tests/")) or "/." in f"/{rel}":
             continue
         text = path.read_text()
         for match in re.finditer(r"torch\.load\(", text):
