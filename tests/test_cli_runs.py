@@ -5,8 +5,6 @@ checkpoint that would run code when unpickled is refused."""
 from __future__ import annotations
 
 import json
-import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -116,21 +114,12 @@ def test_a_failed_run_leaves_no_empty_version(tmp_path, monkeypatch):
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
-class _Boom:
-    def __reduce__(self):
-        return os.system, (f"touch {MARKER}",)
-
-
-MARKER = Path("/tmp/svd-vggt-test-pwned-marker")
-
-
 def test_a_checkpoint_that_would_run_code_is_refused(finished, tmp_path, capsys):
+    from tests.malicious import malicious_checkpoint, malicious_pickle
+
     path, ckpt, _ = finished
-    MARKER.unlink(missing_ok=True)
-    evil, legacy = tmp_path / "evil.ckpt", tmp_path / "evil_legacy.ckpt"
-    torch.save({"compression_plan": _Boom(), "state_dict": {}}, evil)  # torch's zip format, a pickle inside
-    with open(legacy, "wb") as f:
-        pickle.dump({"compression_plan": _Boom(), "state_dict": {}}, f)
+    evil, marker = malicious_checkpoint(tmp_path / "evil.ckpt")  # torch's zip format, a code-running pickle inside
+    legacy, legacy_marker = malicious_pickle(tmp_path / "evil_legacy.ckpt")
     runs = ((CompressionCLI, "fit", evil), (EvaluationCLI, "test", evil), (CompressionCLI, "fit", legacy))
     for cli, sub, path_ in runs:
         with pytest.raises(SystemExit) as exit_info:
@@ -146,4 +135,4 @@ def test_a_checkpoint_that_would_run_code_is_refused(finished, tmp_path, capsys)
         AtomicCheckpointIO().load_checkpoint(evil)
     with pytest.raises(ValueError, match="weights_only=False"):
         AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
-    assert not MARKER.exists()
+    assert not marker.exists() and not legacy_marker.exists()
