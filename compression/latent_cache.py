@@ -112,6 +112,7 @@ class LatentAttention(nn.Module):
         self.rows = [rows_index(r) for r in spec.qkv_rows] if spec.fused else None
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
+        self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
     def _child(self, role: str) -> nn.Module | None:
         name = self.roles.get(role)
@@ -208,7 +209,7 @@ class LatentAttention(nn.Module):
         if attention_mask is not None:
             mask = attention_mask[..., :seq]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
         pz = (probs @ z_all[:, None]).reshape(bsz, groups, heads // groups * q_len, -1)  # [B, G, H/G, r]
         weight, bias = self._value_up()
         out = pz @ weight.transpose(-1, -2)  # [B, G, H/G, d]

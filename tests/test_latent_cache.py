@@ -90,3 +90,24 @@ def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
 def test_requires_joint_layers():
     with pytest.raises(ValueError, match="joint_qkv: true"):
         enable_latent_cache_(make_tiny_llama(), layout_of(make_tiny_llama()))
+
+
+def test_decoding_folds_the_values_instead_of_rebuilding_them(joint_pair, monkeypatch):
+    """One-token steps take the value-absorbed path (eval mode is inherited from the replaced attention);
+    its logits equal the path that rebuilds ``U_v Z`` to float64 precision."""
+    from compression.latent_cache import LatentAttention
+
+    _, latent = joint_pair
+    assert not any(m.training for m in latent.modules() if isinstance(m, LatentAttention))
+    calls = []
+    real = LatentAttention._absorbed
+    monkeypatch.setattr(LatentAttention, "_absorbed", lambda self, *a: calls.append(1) or real(self, *a))
+    prompt = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    seq_a, scores_a = _generate(latent, prompt, mask)
+    assert len(calls) == 2 * 15  # 2 layers x 15 one-token steps (the prompt is one rebuilt step)
+    monkeypatch.setattr(LatentAttention, "_absorbs", lambda self, q_len: False)
+    seq_b, scores_b = _generate(latent, prompt, mask)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-12)
