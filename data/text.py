@@ -2,7 +2,11 @@
 
 Each source (see :mod:`data.corpora`) is tokenized once into one stream: its documents'
 ids concatenated with the EOS id between them (``"\\n\\n"`` tokens if the tokenizer has no
-EOS), without BOS or other special tokens.  Windows are fixed-length slices of that stream:
+EOS), without BOS or other special tokens.  Windows are fixed-length slices of that stream;
+when the tokenizer itself starts every encoding with BOS (Gemma, LLaMA-2: ``bos=None`` probes it,
+``True`` / ``False`` force it) each window is BOS followed by ``seq_len - 1`` stream tokens, so the
+model sees the start-of-sequence token it was trained with (Gemma's perplexity without it is 4x
+worse; ``bos=False`` reproduces the papers' plain slicing):
 
 - evaluation (validation / test): the stream cut into non-overlapping ``seq_len`` windows,
   the tail shorter than a window dropped -- the standard perplexity protocol (GPTQ,
@@ -125,6 +129,8 @@ class TextDataModule(LightningDataModule):
         seed: seed of the calibration windows (finetuning uses ``seed + 1``, shuffling ``seed``).
         cache_dir: token cache folder (default ``$SVD_VGGT_CACHE/tokens``, else ``~/.cache/svd-vggt/tokens``).
         num_workers: dataloader worker processes.
+        bos: start every window with the tokenizer's BOS token (``None``: exactly when the tokenizer
+            adds BOS to an encoding by itself).
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        bos: bool | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 2:
@@ -173,6 +180,8 @@ class TextDataModule(LightningDataModule):
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
         self.num_workers = num_workers
+        self.bos = bos
+        self._bos_id: int | None | bool = False  # False: not resolved yet
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self._tokenizer_id: str | None = None
         self._documents: dict[str, tuple[list[str], str]] = {}
@@ -223,6 +232,31 @@ class TextDataModule(LightningDataModule):
             self._tokenizer_id = tokenizer_fingerprint(self.tokenizer)
         return self._tokenizer_id
 
+    @property
+    def bos_id(self) -> int | None:
+        """The id each window starts with, or ``None`` for plain stream slices (see ``bos``)."""
+        if self._bos_id is False:
+            tok = self.tokenizer
+            bos = getattr(tok, "bos_token_id", None)
+            if self.bos is True and bos is None:
+                raise ValueError("bos: true, but the tokenizer has no BOS token; set data.bos to false or null")
+            if self.bos is None:
+                adds = bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+                self._bos_id = bos if adds else None
+            else:
+                self._bos_id = bos if self.bos else None
+        return self._bos_id
+
+    @property
+    def text_len(self) -> int:
+        """Stream tokens per window: ``seq_len``, less one when windows start with BOS."""
+        return self.seq_len - (self.bos_id is not None)
+
+    def _with_bos(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.bos_id is None:
+            return windows
+        return torch.cat([windows.new_full((windows.shape[0], 1), self.bos_id), windows], 1)
+
     def documents(self, source: str) -> tuple[list[str], str]:
         """``(documents, fingerprint)`` of one non-mix source, read once per DataModule."""
         if source not in self._documents:
@@ -264,28 +298,29 @@ class TextDataModule(LightningDataModule):
         """``[calibration_samples, seq_len]`` random windows, split evenly over the mix components."""
         parts = mix_components(self.calibration)
         key = cache_key("calibration", self.tokenizer_id, [self.documents(p)[1] for p in parts],
-                        self.calibration_samples, self.seq_len, self.seed)
+                        self.calibration_samples, self.text_len, self.seed)
 
         def build() -> torch.Tensor:
             g = torch.Generator().manual_seed(self.seed)
             n, k = self.calibration_samples, len(parts)
             counts = [n // k + (i < n % k) for i in range(k)]
-            return torch.cat([random_windows(self.tokens(p), self.seq_len, c, g) for p, c in zip(parts, counts)])
+            return torch.cat([random_windows(self.tokens(p), self.text_len, c, g) for p, c in zip(parts, counts)])
 
-        check = token_check(len(self.tokenizer), shape=(self.calibration_samples, self.seq_len))
+        check = token_check(len(self.tokenizer), shape=(self.calibration_samples, self.text_len))
         windows, _ = cached_tensor(self.cache_dir / f"calib-{key}.pt", build, check=check)
-        return windows.long()
+        return self._with_bos(windows.long())
 
     def finetune_windows(self) -> torch.Tensor:
         tokens = torch.cat([self.tokens(p) for p in mix_components(self.finetune)])
         if self.finetune_samples is None:
-            return evaluation_windows(tokens, self.seq_len)
-        return random_windows(tokens, self.seq_len, self.finetune_samples, torch.Generator().manual_seed(self.seed + 1))
+            return self._with_bos(evaluation_windows(tokens, self.text_len))
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        return self._with_bos(random_windows(tokens, self.text_len, self.finetune_samples, generator))
 
     def eval_windows(self, source: str) -> torch.Tensor:
         """Evaluation windows of a source (each mix component's windows, concatenated)."""
-        return torch.cat([evaluation_windows(self.tokens(p), self.seq_len, self.eval_max_tokens)
-                          for p in mix_components(source)])
+        return self._with_bos(torch.cat([evaluation_windows(self.tokens(p), self.text_len, self.eval_max_tokens)
+                                         for p in mix_components(source)]))
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def prepare_data(self) -> None:

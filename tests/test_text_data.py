@@ -214,3 +214,37 @@ def test_default_splits_on_the_real_offline_corpora(tmp_path):
     assert len(dm.val_dataloader().dataset) == 10
     calib_text = [dm.tokenizer.decode(row) for row in dm.calibration_windows()]
     assert calib_text[0] != calib_text[4]
+
+
+def _bos_tokenizer(adds: bool):
+    """The byte tokenizer with a ``<bos>`` token (id 257) that encodings start with when ``adds``."""
+    from tokenizers import processors
+
+    tok = build_byte_tokenizer(extra_tokens=("<bos>",))
+    tok.bos_token = "<bos>"
+    if adds:
+        template = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 257)])
+        tok._tokenizer.post_processor = template
+    return tok
+
+
+def test_windows_start_with_bos_exactly_when_the_tokenizer_adds_it(tmp_path, corpus_files):
+    adds = make_dm(tmp_path, corpus_files, tokenizer=_bos_tokenizer(True))
+    x = adds.tokenizer("x", add_special_tokens=False)["input_ids"]
+    assert adds.tokenizer("x")["input_ids"] == [257, *x] and adds.bos_id == 257 and adds.text_len == 31
+    adds.setup("fit")
+    stream = adds.tokens(f"file:{corpus_files}/c.txt")
+    val = adds.val_dataloader().dataset.windows
+    assert val.shape == (stream.numel() // 31, 32) and (val[:, 0] == 257).all()
+    assert torch.equal(val[:, 1:].flatten(), stream[: val.shape[0] * 31])  # BOS + the next 31 stream tokens
+    tests = [d.dataset.windows for d in adds.test_dataloader()]
+    for windows in (adds.calibration_windows(), adds.finetune_windows(), *tests):
+        assert windows.shape[1] == 32 and (windows[:, 0] == 257).all() and (windows[:, 1:] != 257).all()
+
+    plain = make_dm(tmp_path, corpus_files, tokenizer=_bos_tokenizer(False))  # has a BOS token but never adds it
+    assert plain.bos_id is None and plain.text_len == 32
+    assert make_dm(tmp_path, corpus_files, tokenizer=_bos_tokenizer(True), bos=False).bos_id is None
+    forced = make_dm(tmp_path, corpus_files, tokenizer=_bos_tokenizer(False), bos=True)
+    assert forced.bos_id == 257 and (forced.calibration_windows()[:, 0] == 257).all()
+    with pytest.raises(ValueError, match="no BOS token"):
+        _ = make_dm(tmp_path, corpus_files, bos=True).bos_id
