@@ -105,13 +105,14 @@ def _assign(pipe: CompressionPipeline, paths: Sequence[str]) -> list[list[str]]:
     return keys_of
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Every tensor in ``obj`` (nested tuples, lists, dicts) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -231,7 +232,7 @@ def capture(model: nn.Module, paths: Sequence[str], batches: Iterable[Any], forw
 
 def _run(block: nn.Module, hidden: torch.Tensor, extra: tuple, device: torch.device) -> torch.Tensor:
     positional, args, kwargs = extra
-    args, kwargs = _to(args, device), _to(kwargs, device)
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
     out = block(hidden, *args, **kwargs) if positional else block(*args, hidden_states=hidden, **kwargs)
     return out[0] if isinstance(out, tuple | list) else out
 
@@ -260,7 +261,8 @@ class SequentialRun:
     fills the pipeline's statistics, allocation and truncation stages; ``records`` has one dict per block."""
 
     def __init__(self, pipe: CompressionPipeline, forward: Callable | None = None, reduce: ReduceFn | None = None,
-                 observer: Observer | None = None, progress: bool | None = None) -> None:
+                 observer: Observer | None = None, progress: bool | None = None,
+                 device: torch.device | None = None) -> None:
         if pipe.method is None:
             raise ValueError("calibration.mode: sequential runs a low-rank method; the recipe has method: null")
         self.pipe, self.recipe, self.model = pipe, pipe.recipe, pipe.model
@@ -268,7 +270,7 @@ class SequentialRun:
         self.paths = block_paths(self.model, pipe.family)
         self.keys_of = _assign(pipe, self.paths)
         self.host = _device_of(self.model)
-        self.device = torch.device(cal.block_device) if cal.block_device else self.host
+        self.device = device or (torch.device(cal.block_device) if cal.block_device else self.host)
         self.forward = forward or getattr(pipe.family, "calibration_forward", None) or _default_forward
         self.reduce, self.observer = reduce, observer
         self.progress = cal.progress if progress is None else progress
@@ -405,4 +407,12 @@ def compress_sequential_(model: nn.Module, recipe: Recipe, *, family: Any = None
     return pipe.finish()
 
 
-__all__ = ["ActivationStore", "SequentialRun", "block_paths", "capture", "compress_sequential_", "peak_bytes"]
+__all__ = [
+    "ActivationStore",
+    "SequentialRun",
+    "block_paths",
+    "capture",
+    "compress_sequential_",
+    "peak_bytes",
+    "to_device",
+]

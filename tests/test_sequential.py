@@ -186,3 +186,36 @@ def test_failure_in_a_later_block_restores_every_block():
     hook.remove()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_lightning_fit_runs_one_sequential_stage_and_logs_block_errors(tmp_path):
+    """The recipe's mode picks the stages; dense propagation gives the all-at-once factors through Lightning
+    too; TensorBoard gets one output error per block."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_modules import CompressionModule
+    from tests.lightning_helpers import TinyTokens
+
+    def fit(calibration, root):
+        module = CompressionModule(CausalLMSpec(model=make_tiny_llama()),
+                                   compression=Recipe("svd_llm", ratio=0.3, allocation="v2", calibration=calibration))
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=0, enable_progress_bar=False,
+                          logger=TensorBoardLogger(root, name="run"), enable_model_summary=False,
+                          num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=TinyTokens())
+        return module, trainer
+
+    dense, _ = fit({"progress": False}, tmp_path / "a")
+    seq, t = fit({**SEQ, "block_device": "cpu"}, tmp_path / "b")
+    assert [type(cb).__name__ for cb in t.callbacks if hasattr(cb, "run_compression_stage")] == [
+        "SequentialCompression"]
+    assert seq.plan["layers"] == dense.plan["layers"] and len(seq.report.blocks) == 2
+    for key, value in dense.model.state_dict().items():
+        torch.testing.assert_close(seq.model.state_dict()[key], value, rtol=0, atol=1e-6)
+    events = EventAccumulator(str(t.logger.log_dir))
+    events.Reload()
+    errors = events.Scalars("compress/block_output_error")
+    assert [e.step for e in errors] == [0, 1]
+    assert [e.value for e in errors] == pytest.approx([r["output_error"] for r in seq.report.blocks], rel=1e-6)
