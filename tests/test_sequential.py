@@ -219,3 +219,18 @@ def test_lightning_fit_runs_one_sequential_stage_and_logs_block_errors(tmp_path)
     errors = events.Scalars("compress/block_output_error")
     assert [e.step for e in errors] == [0, 1]
     assert [e.value for e in errors] == pytest.approx([r["output_error"] for r in seq.report.blocks], rel=1e-6)
+
+
+def test_meta_count_matches_the_measured_statistics():
+    """benchmarks/sequential_count.py counts one block's Grams on the meta device; on a real tiny LLaMA the
+    sequential run's per-block statistics bytes are exactly that count."""
+    from benchmarks.sequential_count import block_streams
+
+    model, batches = _llama(), _batches()
+    with torch.device("meta"):
+        ghost = copy.deepcopy(model).to("meta")
+    counted = sum(8 * n * n for n in block_streams(ghost).values())
+    report = compress_(model, Recipe("svd_llm", ratio=0.4, calibration=SEQ), family=CausalLMSpec(model=model),
+                       batches=batches)
+    assert [r["stats_bytes"] for r in report.blocks] == [counted, counted]
+    assert counted == 8 * (3 * 64 * 64 + 96 * 96)  # q/k/v share, o, gate/up share, down
