@@ -101,7 +101,7 @@ class CompressionPipeline:
         self.names, self.skipped = selection.names, dict(selection.skipped)
         modules = {n: model.get_submodule(n) for n in self.names}
         for name, layer in modules.items():
-            if not torch.isfinite(layer.weight).all():
+            if layer.weight.device.type != "meta" and not torch.isfinite(layer.weight).all():  # meta: streamed
                 raise FloatingPointError(f"weight of layer {name!r} contains NaN/inf; refusing to compress it")
         groups: dict[str, list[str]] = {}
         if recipe.joint_qkv:
@@ -357,6 +357,10 @@ class CompressionPipeline:
         if singles or groups:
             log.error("sequential compression failed; %d layers and %d joint groups restored", len(singles),
                       len(groups))
+        self._singles, self._groups = [], {}
+
+    def drop_originals(self) -> None:
+        """Sequential mode with streamed weights: forget the swapped-out dense layers (they are on disk)."""
         self._singles, self._groups = [], {}
 
     def originals(self) -> list[nn.Module]:

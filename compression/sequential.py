@@ -262,7 +262,7 @@ class SequentialRun:
 
     def __init__(self, pipe: CompressionPipeline, forward: Callable | None = None, reduce: ReduceFn | None = None,
                  observer: Observer | None = None, progress: bool | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, stream: Any = None) -> None:
         if pipe.method is None:
             raise ValueError("calibration.mode: sequential runs a low-rank method; the recipe has method: null")
         self.pipe, self.recipe, self.model = pipe, pipe.recipe, pipe.model
@@ -272,7 +272,7 @@ class SequentialRun:
         self.host = _device_of(self.model)
         self.device = device or (torch.device(cal.block_device) if cal.block_device else self.host)
         self.forward = forward or getattr(pipe.family, "calibration_forward", None) or _default_forward
-        self.reduce, self.observer = reduce, observer
+        self.reduce, self.observer, self.stream = reduce, observer, stream  # stream: compression.streaming
         self.progress = cal.progress if progress is None else progress
         self.records: list[dict] = []
 
@@ -320,13 +320,20 @@ class SequentialRun:
             for i, path in enumerate(self.paths):
                 start = time.perf_counter()
                 block = model.get_submodule(path)
+                if self.stream is not None:
+                    self.stream.before(i, path, block)
                 block.to(device)
+                dense_bytes = sum(t.nbytes for t in block.state_dict().values())
                 try:
                     record = self._block(i, block, store, extras, compress, spectra, counts)
+                    record["block_bytes"] = dense_bytes
                 finally:
                     block.to(self.host)
                     for layer in pipe.originals():
                         layer.to(self.host)
+                if self.stream is not None:
+                    self.stream.after(i, path, model.get_submodule(path), write=compress)
+                    pipe.drop_originals()  # on disk now: nothing to put back
                 record.update(block=i, path=path, seconds=time.perf_counter() - start, peak_bytes=peak_bytes(device))
                 records.append(record)
                 bar.set_postfix(err=f"{record['output_error']:.3g}", peak=f"{record['peak_bytes'] / 2**30:.2f}GiB")
@@ -407,12 +414,37 @@ def compress_sequential_(model: nn.Module, recipe: Recipe, *, family: Any = None
     return pipe.finish()
 
 
+def compress_streamed_(model: nn.Module, recipe: Recipe, weights: str | os.PathLike, out: str | os.PathLike, *,
+                       family: Any = None, batches: Iterable[Any], forward: Callable | None = None,
+                       reduce: ReduceFn | None = None, progress: bool | None = None) -> CompressionReport:
+    """Block-sequential compression of a model whose weights stay on disk (:mod:`compression.streaming`):
+    ``model`` built with :func:`compression.streaming.empty_parameters`, weights read from the safetensors
+    in ``weights`` one block at a time, the compressed model written to ``out`` block by block
+    (:func:`compression.streaming.load_streamed` reads it back)."""
+    from compression.streaming import BlockStream, ShardedWeights
+
+    if not recipe.calibration.sequential:
+        raise ValueError("streamed weights need calibration.mode: sequential (one block in memory at a time)")
+    shards = ShardedWeights(weights)
+    paths = block_paths(model, family)
+    shards.load(model, skip=tuple(paths))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    stream = BlockStream(shards, out)
+    pipe = CompressionPipeline(model, recipe, family)
+    SequentialRun(pipe, forward, reduce, None, progress, stream=stream).run(list(batches))
+    report = pipe.finish()
+    stream.finish(model, report.plan)
+    return report
+
+
 __all__ = [
     "ActivationStore",
     "SequentialRun",
     "block_paths",
     "capture",
     "compress_sequential_",
+    "compress_streamed_",
     "peak_bytes",
     "to_device",
 ]

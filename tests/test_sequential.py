@@ -234,3 +234,40 @@ def test_meta_count_matches_the_measured_statistics():
                        batches=batches)
     assert [r["stats_bytes"] for r in report.blocks] == [counted, counted]
     assert counted == 8 * (3 * 64 * 64 + 96 * 96)  # q/k/v share, o, gate/up share, down
+
+
+def test_streamed_weights_compress_block_by_block_to_disk(tmp_path):
+    """A model built with its parameters on meta, weights read from safetensors one block at a time and the
+    compressed blocks written out: the folder reloads into exactly the in-memory sequential result."""
+    from transformers import LlamaForCausalLM
+
+    from compression.sequential import compress_streamed_
+    from compression.streaming import empty_parameters, load_streamed
+
+    model, batches = _llama(), _batches()
+    model.save_pretrained(tmp_path / "dense")  # model.safetensors, the tied head once
+    recipe = Recipe("svd_llm", ratio=0.4, allocation="v2", calibration={**SEQ, "propagate": "compressed"})
+    ref = copy.deepcopy(model)
+    ref_report = compress_(ref, recipe, family=CausalLMSpec(model=ref), batches=batches)
+
+    def skeleton():
+        with empty_parameters():
+            return LlamaForCausalLM(model.config).to(torch.float64).eval()
+
+    ghost = skeleton()
+    assert all(p.device.type == "meta" for p in ghost.parameters())
+    report = compress_streamed_(ghost, recipe, tmp_path / "dense", tmp_path / "out", family=CausalLMSpec(model=ghost),
+                                batches=batches)
+    assert report.plan["layers"] == ref_report.plan["layers"]
+    assert all(p.device.type == "meta" for p in ghost.model.layers.parameters())  # nothing kept in memory
+    assert sorted(f.name for f in (tmp_path / "out").glob("*.safetensors")) == [
+        "block-00000.safetensors", "block-00001.safetensors", "rest.safetensors"]
+    loaded = load_streamed(skeleton(), tmp_path / "out")
+    expected = ref.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref(ids).logits)
