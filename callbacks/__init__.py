@@ -4,6 +4,14 @@ from callbacks.calibration import WhiteningCollection
 from callbacks.lora import UVLoRA
 from callbacks.quantization import Quantization
 from callbacks.reallocation import RankReallocation
+from callbacks.sequential import SequentialCompression
 from callbacks.truncation import SVDTruncation
 
-__all__ = ["Quantization", "RankReallocation", "SVDTruncation", "UVLoRA", "WhiteningCollection"]
+__all__ = [
+    "Quantization",
+    "RankReallocation",
+    "SVDTruncation",
+    "SequentialCompression",
+    "UVLoRA",
+    "WhiteningCollection",
+]

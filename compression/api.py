@@ -91,7 +91,24 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
         importances: precomputed gradient importances (``allocation: gradient``), e.g. summed over
             processes.
     On any error the model is left as it was.
+
+    ``recipe.calibration.mode: sequential`` runs block by block (:mod:`compression.sequential`):
+    statistics are collected from ``batches`` one block at a time, so ``stats=`` is refused.
     """
+    recipe = recipe if recipe is not None else Recipe()
+    if recipe.calibration.sequential:
+        from compression.sequential import compress_sequential_
+
+        if stats is not None:
+            raise ValueError("calibration.mode: sequential collects statistics one block at a time from batches=; "
+                             "stats= applies to calibration.mode: all_at_once")
+        source = _batches(batches)
+        if source is None:
+            raise ValueError("calibration.mode: sequential needs calibration batches (batches=)")
+        limit = recipe.calibration.max_batches
+        return compress_sequential_(model, recipe, family=family,
+                                    batches=_spread(source, limit) if limit else list(source()),
+                                    importances=dict(importances) if importances is not None else None)
     pipe = prepare(model, recipe, stats, family=family, batches=batches, importances=importances)
     if pipe.method is not None:
         pipe.truncate()

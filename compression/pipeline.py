@@ -83,6 +83,8 @@ class CompressionPipeline:
         self.skipped: dict[str, str] = {}
         self.matrices: dict[str, Matrix] = {}
         self.fixed: dict[str, dict[str, float]] = {}
+        self.known_spectra: dict[str, torch.Tensor] = {}  # sequential mode: spectra kept from a first pass
+        self.sequential = False
         if self.method is not None:
             self._select()
 
@@ -99,7 +101,7 @@ class CompressionPipeline:
         self.names, self.skipped = selection.names, dict(selection.skipped)
         modules = {n: model.get_submodule(n) for n in self.names}
         for name, layer in modules.items():
-            if not torch.isfinite(layer.weight).all():
+            if layer.weight.device.type != "meta" and not torch.isfinite(layer.weight).all():  # meta: streamed
                 raise FloatingPointError(f"weight of layer {name!r} contains NaN/inf; refusing to compress it")
         groups: dict[str, list[str]] = {}
         if recipe.joint_qkv:
@@ -183,6 +185,16 @@ class CompressionPipeline:
                 self.method.check_stats(stats[name] if name in stats else None, name)
         self.stats = stats
 
+    def defer_statistics(self, spectra: dict[str, torch.Tensor] | None = None,
+                         counts: ActivationStats | None = None) -> None:
+        """Block-sequential mode (:mod:`compression.sequential`): statistics arrive block by block in
+        :meth:`truncate_block`.  ``spectra`` (matrix key -> singular values) and ``counts`` (token counts
+        only) are what a first pass kept for an allocation that needs global information."""
+        self._advance("statistics")
+        self.sequential = True
+        self.known_spectra = dict(spectra or {})
+        self.stats = counts
+
     # -- 2. importance ------------------------------------------------------------------------------
     def importance(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:
         """QSVD importance of every singular triplet of every matrix from these batches' gradients
@@ -217,6 +229,8 @@ class CompressionPipeline:
     @torch.no_grad()
     def spectrum(self, key: str) -> torch.Tensor:
         """Singular values of matrix ``key`` in the method's space (float64, CPU)."""
+        if key in self.known_spectra:
+            return self.known_spectra[key]
         matrix = self.matrices[key]
         return self.method.spectrum(self._weight(matrix), self._stats_for(matrix.members[0]), key).cpu()
 
@@ -294,6 +308,66 @@ class CompressionPipeline:
             raise
         return self.layer_reports
 
+    @torch.no_grad()
+    def truncate_block(self, keys: list[str], stats: ActivationStats | None) -> list[LayerReport]:
+        """Sequential mode: factorize the matrices ``keys`` (one block's) with that block's statistics,
+        at the ranks :meth:`allocate` decided.  On any failure every layer swapped so far, in this block
+        and the earlier ones, is put back before the error propagates (the originals are kept, see
+        :meth:`originals`)."""
+        if not self.sequential:
+            raise RuntimeError("truncate_block is the sequential mode's truncation: call defer_statistics first")
+        if "allocate" not in self.done:
+            raise RuntimeError("truncate_block needs ranks: run allocate first")
+        if "truncate" not in self.done:
+            self._advance("truncate")
+            self.layer_reports, self.plan_layers, self.plan_groups = [], {}, {}
+            self._singles: list[tuple[str, nn.Module]] = []
+            self._groups: dict[str, dict[str, nn.Module]] = {}
+        if self.stat_needs & STAT_FIELDS:
+            for key in keys:
+                for name in self.matrices[key].members:
+                    self.method.check_stats(stats[name] if stats is not None and name in stats else None, name)
+        counts, self.stats = self.stats, stats
+        start = len(self.layer_reports)
+        try:
+            for key in keys:
+                matrix, alloc = self.matrices[key], self.allocation
+                if key in alloc.dense:
+                    continue
+                if matrix.joint:
+                    self._groups[key] = {n: self.model.get_submodule(n) for n in matrix.members}
+                    self._truncate_joint(matrix, alloc.ranks[key], alloc.components.get(key))
+                else:
+                    layer = self.model.get_submodule(key)
+                    self._singles.append((key, layer))
+                    self._truncate_single(matrix, layer, alloc.ranks[key])
+        except BaseException:
+            self.restore_swapped()
+            raise
+        finally:
+            self.stats = counts
+        return self.layer_reports[start:]
+
+    def restore_swapped(self) -> None:
+        """Sequential mode: put back every layer :meth:`truncate_block` swapped (a run that failed)."""
+        singles, groups = getattr(self, "_singles", []), getattr(self, "_groups", {})
+        for name, layer in reversed(singles):
+            set_submodule(self.model, name, layer)
+        restore_joint_(self.model, groups)
+        if singles or groups:
+            log.error("sequential compression failed; %d layers and %d joint groups restored", len(singles),
+                      len(groups))
+        self._singles, self._groups = [], {}
+
+    def drop_originals(self) -> None:
+        """Sequential mode with streamed weights: forget the swapped-out dense layers (they are on disk)."""
+        self._singles, self._groups = [], {}
+
+    def originals(self) -> list[nn.Module]:
+        """Sequential mode: the dense layers swapped out so far (kept to undo a failed run)."""
+        return [m for _, m in getattr(self, "_singles", [])] + [m for g in getattr(self, "_groups", {}).values()
+                                                               for m in g.values()]
+
     def _assigned(self, matrix: Matrix) -> float:
         rank = self.allocation.ranks[matrix.key]
         return self.allocation.ratios.get(matrix.key, matrix.ratio_at(rank))
@@ -344,6 +418,9 @@ class CompressionPipeline:
 
         if self.method is not None and "truncate" not in self.done:
             raise RuntimeError("quantize runs after truncate (the low-rank pairs must exist)")
+        if self.sequential:
+            raise ValueError("calibration.mode: sequential does not run the quantization stage; quantize the "
+                             "compressed model in a second run")
         self._advance("quantize")
         if self.needs_batches and batches is None:
             raise ValueError("this quantization recipe (β search or GPTQ) needs calibration batches")
@@ -371,7 +448,8 @@ class CompressionPipeline:
             ratio=self.plan["ratio"], layers=getattr(self, "layer_reports", []),
             model_params_before=self.params_before,
             model_params_after=sum(p.numel() for p in self.model.parameters()),
-            plan=self.plan, skipped=self.skipped, seconds=time.perf_counter() - self.start)
+            plan=self.plan, skipped=self.skipped, seconds=time.perf_counter() - self.start,
+            blocks=list(getattr(self, "block_records", [])))
         if self.report.layers:
             log.info("%s", self.report.to_table(max_rows=0))
         return self.report

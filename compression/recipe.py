@@ -64,6 +64,17 @@ class CalibrationRecipe:
             squares; one backward per sample).
         stats_device: where the statistics accumulate (``None``: each layer's device).
         progress: show a progress bar on rank zero.
+        mode: ``all_at_once`` (every targeted layer hooked in one pass over the whole model) or
+            ``sequential`` (one block at a time: its statistics, its compression, then its
+            outputs feed the next block; :mod:`compression.sequential`).
+        propagate: ``sequential`` only -- the next block's inputs are the ``compressed`` block's
+            outputs (error propagation, as SVD-LLM's sequential update and GPTQ) or the ``dense``
+            block's (reproduces ``all_at_once`` exactly).
+        block_device: ``sequential`` only -- where each block runs while it is calibrated and
+            compressed (``None``: where the model is); the model stays where it is otherwise.
+        activations: ``sequential`` only -- where the calibration hidden states wait between
+            blocks: ``device`` (the block device), ``host`` (CPU memory) or ``disk`` (a temporary
+            directory, memory-mapped).
     """
 
     max_batches: int | None = None
@@ -71,12 +82,29 @@ class CalibrationRecipe:
     per_sample: bool = True
     stats_device: str | None = None
     progress: bool = True
+    mode: Literal["all_at_once", "sequential"] = "all_at_once"
+    propagate: Literal["compressed", "dense"] = "compressed"
+    block_device: str | None = None
+    activations: Literal["device", "host", "disk"] = "device"
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"calibration.{name} must be an integer >= 1 or null, got {value!r}")
+        choices = {"mode": ("all_at_once", "sequential"), "propagate": ("compressed", "dense"),
+                   "activations": ("device", "host", "disk")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"calibration.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.mode != "sequential" and (self.propagate != "compressed" or self.block_device is not None
+                                          or self.activations != "device"):
+            raise ValueError("calibration.propagate / block_device / activations apply to calibration.mode: "
+                             "sequential only; set mode: sequential or leave them at their defaults")
+
+    @property
+    def sequential(self) -> bool:
+        return self.mode == "sequential"
 
 
 @dataclass
@@ -209,7 +237,8 @@ class LoRARecipe:
         return self.steps is not None or self.epochs is not None
 
 
-RUN_ONLY = ("calibration.progress", "calibration.stats_device", "device")
+RUN_ONLY = ("calibration.progress", "calibration.stats_device", "calibration.block_device",
+            "calibration.activations", "device")
 """Recipe fields that do not change the compressed model (where the maths runs, progress bars)."""
 
 
@@ -286,6 +315,9 @@ class Recipe:
                                  "set method (e.g. svd_llm) or quantization.weight_bits / act_bits / rotate")
             if self.lora.enabled:
                 raise ValueError("lora trains low-rank factors, but method is null (no low-rank stage)")
+            if self.calibration.sequential:
+                raise ValueError("calibration.mode: sequential runs the low-rank stage block by block, but method "
+                                 "is null (no low-rank stage); use calibration.mode: all_at_once")
             return
         build_method(self.method, **self.method_args)  # unknown method or bad method_args fail here
         check_ratio(self.ratio, "ratio")
@@ -309,6 +341,15 @@ class Recipe:
                 check_ratio(float(spec["ratio"]), f"overrides[{pattern!r}].ratio")
             elif not (float(spec["rank"]).is_integer() and spec["rank"] >= 1):
                 raise ValueError(f"overrides[{pattern!r}].rank must be an integer >= 1, got {spec['rank']!r}")
+        if self.calibration.sequential:
+            if self.allocation == "gradient":
+                raise ValueError("allocation: gradient needs a backward pass through the whole model, which "
+                                 "calibration.mode: sequential exists to avoid; use calibration.mode: all_at_once, "
+                                 "or a spectral allocation (v2, greedy: run in two sequential passes)")
+            if self.quantization.enabled:
+                raise ValueError("calibration.mode: sequential runs the low-rank stage block by block; quantization "
+                                 "in the same recipe is not supported: quantize the compressed model in a second run "
+                                 "(method: null) or use calibration.mode: all_at_once")
         if self.quantization.enabled and self.lora.enabled:
             raise ValueError("quantization and lora in one recipe is not supported: the LoRA stages train float "
                              "factors; recover in one run, then quantize the recovered model in another")

@@ -37,6 +37,7 @@ class CompressionReport:
     plan: dict
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    blocks: list[dict] = field(default_factory=list)  # calibration.mode: sequential, one record per block
 
     @property
     def targeted_params_before(self) -> int:

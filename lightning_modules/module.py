@@ -12,7 +12,10 @@ restores a checkpoint and before the strategy wraps the model (DDP) or builds op
    :meth:`configure_callbacks`) in their fixed order: calibration -> reallocation -> truncation
    -> quantization (any callback with an ``on_compression_stage_end(trainer, pl_module, stage)``
    method is told after each); then the plan is built once; the U/V LoRA adapters attach last
-   (also on resume, before the weights load).
+   (also on resume, before the weights load).  With ``calibration: {mode: sequential}`` one stage
+   (:class:`callbacks.SequentialCompression`) replaces calibration, reallocation and truncation;
+   with ``calibration.block_device`` set as well, the model waits on the host while its blocks visit
+   that device one at a time, and moves to the strategy's device after compression.
 
 The CLI tells the module the checkpoint (``checkpoint_path``) before ``fit``/``validate``/``test``
 start, so ``--ckpt_path`` never recalibrates.  In your own code set ``trainer.ckpt_path = PATH``
@@ -85,11 +88,20 @@ class CompressionModule(LightningModule):
     def stage_callbacks(self) -> list[Callback]:
         """The recipe's stage callbacks in run order (built once)."""
         if self._stages is None:
-            from callbacks import Quantization, RankReallocation, SVDTruncation, UVLoRA, WhiteningCollection
+            from callbacks import (
+                Quantization,
+                RankReallocation,
+                SequentialCompression,
+                SVDTruncation,
+                UVLoRA,
+                WhiteningCollection,
+            )
 
             recipe, stages = self.recipe, []
             if recipe is not None:
-                if recipe.lowrank:
+                if recipe.lowrank and recipe.calibration.sequential:
+                    stages.append(SequentialCompression())
+                elif recipe.lowrank:
                     stages += [WhiteningCollection(), RankReallocation(), SVDTruncation()]
                 if recipe.quantization.enabled:
                     stages.append(Quantization())
@@ -121,7 +133,11 @@ class CompressionModule(LightningModule):
         trainer = self._trainer
         if trainer is None:
             return
-        self.model.to(trainer.strategy.root_device)
+        recipe = self.recipe
+        streamed = (trainer.state.fn == TrainerFn.FITTING and recipe is not None and recipe.lowrank
+                    and recipe.calibration.sequential and recipe.calibration.block_device is not None)
+        if not streamed:
+            self.model.to(trainer.strategy.root_device)
         check = getattr(trainer.datamodule, "check_model", None)
         if callable(check):  # e.g. a tokenizer whose ids the model cannot embed: refused before any work
             check(self.model)
@@ -143,6 +159,7 @@ class CompressionModule(LightningModule):
 
         if self.plan is None and any(not isinstance(s, UVLoRA) for s in stages):
             self._compress(trainer, [s for s in stages if not isinstance(s, UVLoRA)])
+        self.model.to(trainer.strategy.root_device)  # a no-op unless the blocks were streamed to block_device
         for stage in stages:
             if isinstance(stage, UVLoRA):  # adds structure: also on resume, before the weights load
                 stage.run_compression_stage(trainer, self)

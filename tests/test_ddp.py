@@ -98,3 +98,26 @@ def test_lora_stages_train_in_sync(runs):
     for side in ("down", "up"):
         key = f"model.layers.0.self_attn.q_proj.{side}.weight"
         assert after[key].shape == before[key].shape and not torch.equal(after[key], before[key])
+
+
+SEQUENTIAL_WORKER = ROOT / "tests" / "ddp_sequential_worker.py"
+
+
+@pytest.fixture(scope="module")
+def sequential_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp_sequential")
+    return launch(base / "single", 1, SEQUENTIAL_WORKER)[0], launch(base / "ddp", 2, SEQUENTIAL_WORKER)
+
+
+def test_sequential_compression_equals_one_process(sequential_runs):
+    """Block-sequential with error propagation and v2 ranks (two passes): each rank propagates its own 3 or 2
+    calibration batches, each block's statistics are all-reduced before it is compressed; the ranks, the
+    factors and the per-block output errors are those of one process over all 5 batches."""
+    single, (rank0, rank1) = sequential_runs
+    assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
+    assert rank0["ranks"] == rank1["ranks"] == single["ranks"] and len(single["ranks"]) == 14
+    assert len(set(single["ranks"].values())) > 1  # v2: heterogeneous ranks, decided from every block's spectra
+    assert_same_factors(single["factors"], rank0["factors"], rank1["factors"], layers=14)
+    for got, other, ref in zip(rank0["blocks"], rank1["blocks"], single["blocks"]):
+        assert got["stats_bytes"] == ref["stats_bytes"]
+        assert got["output_error"] == other["output_error"] == pytest.approx(ref["output_error"], rel=1e-6)

@@ -1,0 +1,193 @@
+"""Peak host memory and wall time vs depth: all-at-once, sequential, and sequential with streamed weights.
+
+    python benchmarks/sequential_depth.py --depths 2 8 22 --out docs/results/sequential_depth.md
+
+The model is a LLaMA built from TinyLlama-1.1B's config (hidden 2048, intermediate 5632, 32 heads, 4 KV heads,
+vocabulary 32000; 22 blocks = 1.1 B parameters) with random weights, cut to each depth, float32.  Its weights
+are written once per depth as safetensors (one file per block, as a sharded checkpoint), then every
+measurement runs in a fresh process (peak RSS from ``getrusage``):
+
+- ``all_at_once``: every weight loaded, statistics of every block collected in one pass, then compressed;
+- ``sequential``: every weight loaded, ``calibration.mode: sequential`` (error propagation);
+- ``streamed``: parameters on ``meta``, each block read from its file, compressed, written out, freed
+  (:func:`compression.sequential.compress_streamed_`).
+
+Recipe: ``svd_llm`` at ratio 0.4 on ``k_proj`` / ``v_proj`` (one float64 2048 x 2048 Gram per block: their
+shared input), which keeps the decompositions at about a second per block on 2 shared CPU cores; the Grams
+of all seven projections (354 MiB per block at this width) are counted in ``docs/results/sequential_count.md``.
+Calibration: ``--samples`` windows of ``--seq-len`` random tokens, one window per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+MODES = ("baseline", "all_at_once", "sequential", "streamed")
+
+
+def config(depth: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=depth, **CONFIG)
+
+
+def skeleton(depth: int):
+    from transformers import LlamaForCausalLM
+
+    from compression.streaming import empty_parameters
+
+    with empty_parameters():
+        return LlamaForCausalLM(config(depth)).eval()
+
+
+def write_weights(depth: int, folder: Path, seed: int = 0) -> None:
+    """Random weights (N(0, 0.02²); norms 1) as one safetensors file per block plus one for the rest."""
+    from safetensors.torch import save_file
+
+    model = skeleton(depth)
+    g = torch.Generator().manual_seed(seed)
+    groups: dict[str, list[tuple[str, torch.Size]]] = {}
+    for name, p in model.named_parameters():
+        group = f"block-{int(name.split('.')[2]):05d}" if name.startswith("model.layers.") else "rest"
+        groups.setdefault(group, []).append((name, p.shape))
+    weight_map = {}
+    for group, names in groups.items():
+        state = {n: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02 for n, s in names}
+        save_file(state, str(folder / f"{group}.safetensors"))
+        weight_map.update(dict.fromkeys(state, f"{group}.safetensors"))
+        del state
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _status(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def worker(mode: str, depth: int, folder: Path, samples: int, seq_len: int) -> dict:
+    """One measurement in this process (run in a fresh one)."""
+    from compression import Recipe, compress_, prepare
+    from compression.sequential import compress_streamed_
+    from compression.streaming import ShardedWeights
+    from lightning_modules.specs import CausalLMSpec
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, CONFIG["vocab_size"], (1, seq_len), generator=g)} for _ in range(samples)]
+    model = skeleton(depth)
+    calibration = {"progress": False} if mode == "all_at_once" else {"mode": "sequential", "progress": False}
+    recipe = Recipe("svd_llm", ratio=0.4, targets=["k_proj", "v_proj"], calibration=calibration)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports are not counted
+    rss_start = _status("VmRSS")
+    start = time.perf_counter()
+    stats_bytes = 0
+    if mode == "streamed":
+        with tempfile.TemporaryDirectory(dir=folder.parent) as out:
+            report = compress_streamed_(model, recipe, folder, out, family=CausalLMSpec(model=model), batches=batches)
+    elif mode == "sequential":
+        ShardedWeights(folder).load(model)
+        report = compress_(model, recipe, family=CausalLMSpec(model=model), batches=batches)
+    elif mode == "all_at_once":
+        ShardedWeights(folder).load(model)
+        pipe = prepare(model, recipe, family=CausalLMSpec(model=model), batches=batches)
+        stats_bytes = pipe.stats.nbytes()  # every block's, alive until the end
+        pipe.truncate()
+        pipe.finish()
+    seconds = time.perf_counter() - start
+    out = {"mode": mode, "depth": depth, "seconds": seconds, "rss_start": rss_start, "peak_rss": _status("VmHWM"),
+           "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "params": sum(p.numel() for p in skeleton(depth).parameters())}
+    if mode in ("sequential", "streamed"):
+        out["stats_bytes"] = max(b["stats_bytes"] for b in report.blocks)
+        out["block_bytes"] = max(b["block_bytes"] for b in report.blocks)
+    elif mode == "all_at_once":
+        out["stats_bytes"] = stats_bytes
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 22])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--samples", type=int, default=2, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None, help="markdown output")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.depth, args.weights, args.samples, args.seq_len)))
+        return
+    rows = []
+    for depth in args.depths:
+        with tempfile.TemporaryDirectory(prefix="seq-depth-") as tmp:
+            folder = Path(tmp) / "weights"
+            folder.mkdir()
+            t0 = time.perf_counter()
+            write_weights(depth, folder)
+            print(f"depth {depth}: weights written in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--worker", mode, "--depth", str(depth), "--weights", str(folder),
+                       "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{mode} at depth {depth} failed:\n{proc.stderr[-3000:]}")
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(rows[-1], file=sys.stderr)
+    command = "python benchmarks/sequential_depth.py " + " ".join(sys.argv[1:])
+    text = render(rows, args, command)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def render(rows: list[dict], args, command: str) -> str:
+    mib = 2**20
+    lines = [
+        "## Measured: peak RSS vs depth (TinyLlama-1.1B config, random weights, float32)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"`svd_llm` at 0.4 on k/v projections; calibration {args.samples} x {args.seq_len} tokens; 2 CPU threads. "
+        "Each process imports torch/transformers and builds the meta skeleton (`RSS at start`), then the peak "
+        "resident set is reset (`/proc/self/clear_refs`) and measured over loading + compression (`peak`, `VmHWM`); "
+        "`peak - start` is what the run itself needs. `baseline` loads nothing. Non-block weights (embeddings + "
+        "head) are 500 MiB at this width.",
+        "",
+        "| depth | params | mode | RSS at start MiB | peak MiB | peak - start MiB | statistics alive at peak MiB "
+        "| one block MiB | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        stats = f"{r['stats_bytes'] / mib:.0f}" if "stats_bytes" in r else "-"
+        block = f"{r['block_bytes'] / mib:.0f}" if "block_bytes" in r else "-"
+        lines.append(f"| {r['depth']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['rss_start'] / mib:.0f} | "
+                     f"{r['peak_rss'] / mib:.0f} | {(r['peak_rss'] - r['rss_start']) / mib:.0f} | {stats} | {block} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Block-sequential compression as one stage: calibrate, allocate and truncate one block at a time.
+
+Replaces the calibration -> reallocation -> truncation stages when the recipe says
+``calibration: {mode: sequential}`` (:mod:`compression.sequential` has the maths and the memory bound).
+Under DDP every rank propagates its own share of the calibration batches (round-robin, as the
+all-at-once calibration shares them) and each block's statistics are all-reduced before the block is
+compressed, so every rank computes the same factors.  Rank zero shows a progress bar per block with
+the running memory peak; every logger gets each block's output error ``compress/block_output_error``
+(compressed vs dense block output on the calibration inputs, step = block index) and its statistics
+bytes ``compress/block_stats_mib``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
+from compression.sequential import SequentialRun, to_device
+
+log = logging.getLogger(__name__)
+
+
+class SequentialCompression(CompressionStage, Callback):
+    """Run :class:`compression.sequential.SequentialRun` on this rank's calibration batches."""
+
+    name = "sequential"
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pipe = pipeline_of(pl_module)
+        settings = pipe.recipe.calibration
+        batches = list(shard(calibration_loader(trainer, "sequential calibration"), settings.max_batches, trainer))
+        if not batches:
+            raise ValueError(f"process {trainer.global_rank} of {trainer.world_size} got no calibration batch; use "
+                             "more calibration samples (or a smaller batch size) than processes")
+        start = time.perf_counter()
+        model = pl_module.model
+        if settings.block_device is not None:  # the model waits on the host: so do the batches
+            host = next(model.parameters()).device
+            batches = [to_device(b, host) for b in batches]
+        was_training = model.training
+        model.eval()
+        device = None
+        if settings.block_device is not None:  # a bare "cuda" means this rank's GPU
+            device, root = torch.device(settings.block_device), trainer.strategy.root_device
+            device = root if device.type == root.type and device.index is None else device
+        try:
+            run = SequentialRun(pipe, pl_module.spec.calibration_forward, all_reduce_fn(trainer),
+                                progress=settings.progress and trainer.is_global_zero, device=device)
+            self.records = run.run(batches)
+        finally:
+            model.train(was_training)
+        pl_module.calibration_seconds = time.perf_counter() - start
+        if trainer.is_global_zero:
+            for record in self.records:
+                metrics = {"compress/block_output_error": record["output_error"],
+                           "compress/block_stats_mib": record["stats_bytes"] / 2**20}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=record["block"])
+        worst = max(self.records, key=lambda r: r["output_error"])
+        log.info("sequential: %d blocks in %.1f s; largest block output error %.4g (%s); statistics peak %.1f MiB",
+                 len(self.records), pl_module.calibration_seconds, worst["output_error"], worst["path"],
+                 max(r["stats_bytes"] for r in self.records) / 2**20)

@@ -1,0 +1,450 @@
+"""Block-sequential compression: one block on the device at a time, its inputs propagated block by block.
+
+All-at-once calibration hooks every targeted layer in one pass and keeps every float64 statistic until
+the end -- ``Σ_streams 8 n²`` bytes of Grams (769 MiB for SmolLM2-135M, ~44 GB for LLaMA-7B) on top of
+a model that sits whole on one device.  ``calibration.mode: sequential`` keeps one block's worth:
+
+1. capture -- every calibration batch runs through the model with each block replaced by a recorder
+   that keeps the block's other arguments (attention mask, position embeddings, position ids: per
+   block, since some families give each layer type its own mask) and passes its input on; the hidden
+   states ``H_0[b]`` entering the first block are kept (``calibration.activations``: on the block
+   device, the host, or memory-mapped files on disk).  The forward stops at the last recorder: no
+   block and no output head runs.
+2. for each block ``l`` in the layout's order: move it to ``calibration.block_device``; run it on every
+   ``H_l[b]`` with statistics hooks on its targeted layers (the dense outputs ``D_l[b]`` come out of
+   the same forward); reduce the statistics across processes; factorize the block's matrices at the
+   allocated ranks; run the compressed block for ``C_l[b]``; set ``H_{l+1}[b] = C_l[b]``
+   (``propagate: compressed`` -- later blocks calibrate on the error of the earlier ones, as in
+   SVD-LLM's sequential update and GPTQ) or ``D_l[b]`` (``propagate: dense`` -- exactly the
+   all-at-once statistics, hence exactly its factors); drop the statistics and move the block back.
+   Each block's output error ``e_l = ‖C_l - D_l‖_F / ‖D_l‖_F`` over the calibration tokens is recorded.
+
+Peak on the block device: one block, its statistics, and every batch's hidden states
+(``activations: device``) or two batches' (``host`` / ``disk``).  Statistics alive at any moment:
+one block's (``L`` times less than all-at-once for ``L`` equal blocks).
+
+Allocation.  ``uniform`` and overrides need nothing global.  A spectral allocation (``v2``, ``greedy``)
+or a FLOPs budget needs every matrix's spectrum or token count before any rank is fixed: a first pass
+runs steps 1-2 with dense propagation and no compression, keeps each matrix's singular values
+(``min(m, n)`` float64) and token counts and frees each block's statistics; the ranks decided from
+those are the all-at-once ranks; the second pass compresses at those ranks.  ``gradient`` needs a
+backward through the whole model and is refused (:class:`compression.recipe.Recipe`).
+
+DDP: every process propagates its own calibration batches; each block's statistics (and the sums of
+its output error) are reduced across processes before the block is compressed, so every process
+computes the same factors.  A failure in any block puts every swapped layer back (the dense layers
+are kept on the model's device until the run ends) before the error propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.allocation import ALLOCATORS
+from compression.io import safe_torch_load
+from compression.pipeline import CompressionPipeline, _default_forward
+from compression.plan import set_submodule
+from compression.recipe import Recipe
+from compression.report import CompressionReport
+from compression.stats import STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn, StatsCollector
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[str, dict], None]
+"""``fn(event, info)``: ``"stats"`` (a block's reduced statistics are complete: ``block``, ``stats``) and
+``"block"`` (a block is done: its record)."""
+
+
+class _Stop(Exception):
+    """Raised by the last block's recorder: nothing after the blocks' inputs is needed."""
+
+
+def block_paths(model: nn.Module, family: Any = None) -> list[str]:
+    """The model's blocks in order, from the family: ``blocks(model)`` (a list of module paths) or the
+    ``layout(model)`` (:class:`compression.layout.ModelLayout`)."""
+    hook = getattr(family, "blocks", None)
+    if callable(hook):
+        paths = list(hook(model))
+    else:
+        layout_fn = getattr(family, "layout", None)
+        layout = layout_fn(model) if callable(layout_fn) else None
+        if layout is None:
+            raise ValueError("calibration.mode: sequential needs the model's blocks: pass family= with a layout "
+                             "(e.g. CausalLMSpec(model=model)) or a blocks(model) hook")
+        paths = [b.path for b in layout.blocks]
+    if not paths:
+        raise ValueError("calibration.mode: sequential: the model family lists no blocks")
+    return paths
+
+
+def _assign(pipe: CompressionPipeline, paths: Sequence[str]) -> list[list[str]]:
+    """Matrix keys per block (model order); targets outside every block are refused."""
+    keys_of: list[list[str]] = [[] for _ in paths]
+    outside = []
+    for key, matrix in pipe.matrices.items():
+        owners = {i for name in matrix.members for i, p in enumerate(paths) if name.startswith(p + ".")}
+        if len(owners) != 1:
+            outside.append(key)
+        else:
+            keys_of[owners.pop()].append(key)
+    if outside:
+        raise ValueError(f"calibration.mode: sequential compresses the layers inside the model's blocks, but "
+                         f"{outside[:5]} lie outside them; exclude them (exclude: [...]) or use "
+                         "calibration.mode: all_at_once")
+    return keys_of
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Every tensor in ``obj`` (nested tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Running peak: CUDA memory allocated on ``device``, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class ActivationStore:
+    """Hidden states by key, kept on ``device``, on the host, or in memory-mapped files (``disk``)."""
+
+    def __init__(self, where: str, device: torch.device) -> None:
+        self.where, self.device = where, device
+        self.items: dict[Any, Any] = {}
+        self.dir = tempfile.mkdtemp(prefix="svd-sequential-") if where == "disk" else None
+        self._files = 0
+
+    def put(self, key: Any, value: torch.Tensor) -> None:
+        self.drop(key)
+        if self.where == "disk":
+            path = os.path.join(self.dir, f"{self._files}.pt")
+            self._files += 1
+            torch.save(value.detach().cpu().contiguous(), path)
+            self.items[key] = path
+        else:
+            self.items[key] = value.detach().to(self.device if self.where == "device" else "cpu")
+
+    def get(self, key: Any, device: torch.device) -> torch.Tensor:
+        value = self.items[key]
+        if isinstance(value, str):
+            value = safe_torch_load(value, mmap=True)
+        return value.to(device)
+
+    def drop(self, key: Any) -> None:
+        old = self.items.pop(key, None)
+        if isinstance(old, str):
+            os.unlink(old)  # a tensor still mapped from it stays readable (POSIX)
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.items.values() if isinstance(v, torch.Tensor))
+
+    def close(self) -> None:
+        self.items.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during the capture: records its arguments, passes its input on."""
+
+    def __init__(self, block: nn.Module, index: int, sink: Callable, last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: the capture moves nothing
+        self._index, self._sink, self._last = index, sink, last
+
+    def __getattr__(self, name: str) -> Any:  # the model may read a block attribute (e.g. its layer type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, extra = args[0], (True, args[1:], kwargs)
+        elif "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            hidden, extra = kwargs.pop("hidden_states"), (False, (), kwargs)
+        else:
+            raise RuntimeError("calibration.mode: sequential: a block was called without its hidden states "
+                               "(no positional argument, no hidden_states=)")
+        self._sink(self._index, hidden, extra)
+        if self._last:
+            raise _Stop
+        return hidden
+
+
+def capture(model: nn.Module, paths: Sequence[str], batches: Iterable[Any], forward: Callable,
+            store: ActivationStore) -> list[list[tuple]]:
+    """Store ``("in", b)``: the first block's input for batch ``b``; return every block's other
+    arguments per batch, ``extras[b][l] = (positional, args, kwargs)``."""
+    blocks = [model.get_submodule(p) for p in paths]
+    extras: list[list[tuple]] = []
+    current: dict[int, tuple] = {}
+
+    def sink(index: int, hidden: torch.Tensor, extra: tuple) -> None:
+        if index == 0:
+            store.put(("in", len(extras)), hidden)
+        current[index] = extra
+
+    for i, path in enumerate(paths):
+        set_submodule(model, path, _Recorder(blocks[i], i, sink, i == len(paths) - 1))
+    try:
+        for batch in batches:
+            current.clear()
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+            if len(current) != len(paths):
+                raise RuntimeError(f"calibration.mode: sequential: the calibration forward reached "
+                                   f"{len(current)} of the {len(paths)} blocks in order")
+            extras.append([current[i] for i in range(len(paths))])
+    finally:
+        for path, block in zip(paths, blocks):
+            set_submodule(model, path, block)
+    return extras
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, extra: tuple, device: torch.device) -> torch.Tensor:
+    positional, args, kwargs = extra
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
+    out = block(hidden, *args, **kwargs) if positional else block(*args, hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+class _Forward:
+    """``fn(block, _)`` for :meth:`StatsCollector.run`: one batch through a block, its output appended to ``out``."""
+
+    def __init__(self, hidden: torch.Tensor, extra: tuple, device: torch.device, out: list) -> None:
+        self.hidden, self.extra, self.device, self.out = hidden, extra, device, out
+
+    def __call__(self, block: nn.Module, _: Any) -> None:
+        self.out.append(_run(block, self.hidden, self.extra, self.device))
+
+
+def _counts_only(stats: ActivationStats, into: ActivationStats) -> None:
+    """Keep the token counts of ``stats`` (a FLOPs budget's weights) without their tensors."""
+    into.owner.update(stats.owner)
+    for key, s in stats.streams.items():
+        kept = ChannelStats(s.n, needs=frozenset(), device="cpu")
+        kept.count = s.count
+        into.streams[key] = kept
+
+
+class SequentialRun:
+    """The driver (see the module docstring).  Built on a pipeline whose targets are selected; :meth:`run`
+    fills the pipeline's statistics, allocation and truncation stages; ``records`` has one dict per block."""
+
+    def __init__(self, pipe: CompressionPipeline, forward: Callable | None = None, reduce: ReduceFn | None = None,
+                 observer: Observer | None = None, progress: bool | None = None,
+                 device: torch.device | None = None, stream: Any = None) -> None:
+        if pipe.method is None:
+            raise ValueError("calibration.mode: sequential runs a low-rank method; the recipe has method: null")
+        self.pipe, self.recipe, self.model = pipe, pipe.recipe, pipe.model
+        cal = self.recipe.calibration
+        self.paths = block_paths(self.model, pipe.family)
+        self.keys_of = _assign(pipe, self.paths)
+        self.host = _device_of(self.model)
+        self.device = device or (torch.device(cal.block_device) if cal.block_device else self.host)
+        self.forward = forward or getattr(pipe.family, "calibration_forward", None) or _default_forward
+        self.reduce, self.observer, self.stream = reduce, observer, stream  # stream: compression.streaming
+        self.progress = cal.progress if progress is None else progress
+        self.records: list[dict] = []
+
+    def _notify(self, event: str, info: dict) -> None:
+        if self.observer is not None:
+            self.observer(event, info)
+
+    @torch.no_grad()
+    def run(self, batches: Sequence[Any], importances: dict[str, torch.Tensor] | None = None) -> list[dict]:
+        """Two passes when the allocation needs every spectrum / token count first, else one."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("calibration.mode: sequential got no calibration batches")
+        pipe, recipe = self.pipe, self.recipe
+        free = [k for k in pipe.matrices if k not in pipe.fixed]
+        allocator = ALLOCATORS[recipe.allocation]
+        if free and ("spectra" in allocator.needs or recipe.budget == "flops"):
+            spectra: dict[str, torch.Tensor] = {}
+            counts = ActivationStats()
+            self._pass(batches, compress=False, spectra=spectra, counts=counts)
+            pipe.defer_statistics(spectra, counts if recipe.budget == "flops" else None)
+        else:
+            pipe.defer_statistics()
+        pipe.allocate(importances)
+        try:
+            self.records = self._pass(batches, compress=True)
+        except BaseException:
+            pipe.restore_swapped()
+            raise
+        pipe.block_records = self.records
+        pipe.stats = None
+        return self.records
+
+    def _pass(self, batches: list, compress: bool, spectra: dict | None = None,
+              counts: ActivationStats | None = None) -> list[dict]:
+        pipe, cal, model, device = self.pipe, self.recipe.calibration, self.model, self.device
+        store = ActivationStore(cal.activations, device)
+        records = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(self.paths), desc="sequential " + ("compression" if compress else "spectra"),
+                   disable=not self.progress)
+        try:
+            extras = capture(model, self.paths, batches, self.forward, store)
+            for i, path in enumerate(self.paths):
+                start = time.perf_counter()
+                block = model.get_submodule(path)
+                if self.stream is not None:
+                    self.stream.before(i, path, block)
+                block.to(device)
+                dense_bytes = sum(t.nbytes for t in block.state_dict().values())
+                try:
+                    record = self._block(i, block, store, extras, compress, spectra, counts)
+                    record["block_bytes"] = dense_bytes
+                finally:
+                    block.to(self.host)
+                    for layer in pipe.originals():
+                        layer.to(self.host)
+                if self.stream is not None:
+                    self.stream.after(i, path, model.get_submodule(path), write=compress)
+                    pipe.drop_originals()  # on disk now: nothing to put back
+                record.update(block=i, path=path, seconds=time.perf_counter() - start, peak_bytes=peak_bytes(device))
+                records.append(record)
+                bar.set_postfix(err=f"{record['output_error']:.3g}", peak=f"{record['peak_bytes'] / 2**30:.2f}GiB")
+                bar.update(1)
+                self._notify("block", record)
+        finally:
+            bar.close()
+            store.close()
+        return records
+
+    def _block(self, i: int, block: nn.Module, store: ActivationStore, extras: list, compress: bool,
+               spectra: dict | None, counts: ActivationStats | None) -> dict:
+        pipe, cal, device = self.pipe, self.recipe.calibration, self.device
+        keys = self.keys_of[i]
+        names = [n for k in keys for n in pipe.matrices[k].members]
+        needs = pipe.stat_needs & STAT_FIELDS
+        want_counts = counts is not None and self.recipe.budget == "flops"
+        collector = (StatsCollector(self.model, names, needs=needs, device=cal.stats_device)
+                     if names and (needs or want_counts) else None)
+        dense_key = "dense" if compress and keys else "in"
+        with collector if collector is not None else nullcontext():
+            for b in range(len(extras)):
+                out: list[torch.Tensor] = []
+                run = _Forward(store.get(("in", b), device), extras[b][i], device, out)
+                if collector is not None:
+                    collector.run(block, None, run)
+                else:
+                    run(block, None)
+                del run
+                store.put((dense_key, b), out.pop())
+        stats = collector.stats if collector is not None else None
+        if stats is not None and self.reduce is not None:
+            stats.reduce_(self.reduce)
+        record = {"matrices": len(keys), "stats_bytes": stats.nbytes() if stats is not None else 0,
+                  "output_error": 0.0, "layers": 0}
+        if stats is not None:
+            self._notify("stats", {"block": i, "stats": stats})
+        if not compress:
+            if stats is not None:
+                pipe.stats = stats
+                if want_counts:
+                    _counts_only(stats, counts)
+            try:
+                for key in keys:
+                    if key not in pipe.fixed and "spectra" in ALLOCATORS[self.recipe.allocation].needs:
+                        spectra[key] = pipe.spectrum(key)
+            finally:
+                pipe.stats = None
+            return record
+        if not keys:
+            return record
+        record["layers"] = len(pipe.truncate_block(keys, stats))
+        del stats, collector
+        err = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in range(len(extras)):
+            hidden = store.get(("in", b), device)
+            dense = store.get(("dense", b), device)
+            out = _run(block, hidden, extras[b][i], device)
+            del hidden
+            err[0] += (out.double() - dense.double()).square().sum()
+            err[1] += dense.double().square().sum()
+            store.put(("in", b), out if cal.propagate == "compressed" else dense)
+            store.drop(("dense", b))
+        if self.reduce is not None:
+            err = self.reduce(err, "sum")
+        record["output_error"] = float((err[0] / err[1]).sqrt()) if err[1] > 0 else 0.0
+        return record
+
+
+def compress_sequential_(model: nn.Module, recipe: Recipe, *, family: Any = None, batches: Iterable[Any],
+                         forward: Callable | None = None, reduce: ReduceFn | None = None,
+                         observer: Observer | None = None, importances: dict | None = None,
+                         progress: bool | None = None) -> CompressionReport:
+    """``compress_`` for ``calibration.mode: sequential`` (see the module docstring); the report's
+    ``blocks`` lists every block's record (matrices, statistics bytes, output error, seconds, peak)."""
+    pipe = CompressionPipeline(model, recipe, family)
+    SequentialRun(pipe, forward, reduce, observer, progress).run(list(batches), importances)
+    return pipe.finish()
+
+
+def compress_streamed_(model: nn.Module, recipe: Recipe, weights: str | os.PathLike, out: str | os.PathLike, *,
+                       family: Any = None, batches: Iterable[Any], forward: Callable | None = None,
+                       reduce: ReduceFn | None = None, progress: bool | None = None) -> CompressionReport:
+    """Block-sequential compression of a model whose weights stay on disk (:mod:`compression.streaming`):
+    ``model`` built with :func:`compression.streaming.empty_parameters`, weights read from the safetensors
+    in ``weights`` one block at a time, the compressed model written to ``out`` block by block
+    (:func:`compression.streaming.load_streamed` reads it back)."""
+    from compression.streaming import BlockStream, ShardedWeights
+
+    if not recipe.calibration.sequential:
+        raise ValueError("streamed weights need calibration.mode: sequential (one block in memory at a time)")
+    shards = ShardedWeights(weights)
+    paths = block_paths(model, family)
+    shards.load(model, skip=tuple(paths))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    stream = BlockStream(shards, out)
+    pipe = CompressionPipeline(model, recipe, family)
+    SequentialRun(pipe, forward, reduce, None, progress, stream=stream).run(list(batches))
+    report = pipe.finish()
+    stream.finish(model, report.plan)
+    return report
+
+
+__all__ = [
+    "ActivationStore",
+    "SequentialRun",
+    "block_paths",
+    "capture",
+    "compress_sequential_",
+    "compress_streamed_",
+    "peak_bytes",
+    "to_device",
+]
