@@ -49,6 +49,7 @@ from lightning_modules.specs import CausalLMSpec
 log = logging.getLogger("llm_general")
 OTHERS = ("kjv:calib", "gcide:calib", "chatterbot:calib", "pydoc:calib", "pycode:calib")
 DEFAULT_PAIR = ("shakespeare:comedies", "wiki:calib")
+NOTES = "## Reading"
 MIXES = {"default": ("A1", "A2"), "default-32": ("A1",), "broad": ("A1", "O"), "broad-144": ("A1", "A2", "O"),
          "broad-long": ("L",)}
 
@@ -185,8 +186,11 @@ def load_state(path: Path) -> dict:
 def render(state: dict, args, recovered: dict[str, dict]) -> str:
     dense = state["dense"]
     domains = list(DOMAIN_TESTS)
+    commands = list(dict.fromkeys(r["command"] for r in state["rows"].values()))
     lines = ["# General-domain quality of SmolLM2-135M after compression", "",
-             f"Command (no-recovery rows): `python benchmarks/llm_general.py {' '.join(sys.argv[1:])}`", "",
+             "Commands of the rows without recovery (column `cmd`; a row is computed once and kept in the "
+             "`--state` file, so later commands add rows):", "",
+             *[f"{i}. `{c}`" for i, c in enumerate(commands, start=1)], "",
              f"Method `svd_llm` everywhere; test: {args.eval_tokens} tokens per held-out domain "
              f"(`data.domains.DOMAIN_TESTS`), validation: {args.val_tokens} tokens per domain "
              "(`DOMAIN_VALIDATION`), windows of 256 tokens. Cells: perplexity / dense perplexity "
@@ -200,8 +204,8 @@ def render(state: dict, args, recovered: dict[str, dict]) -> str:
     for ratio in sorted({r["ratio"] for r in state["rows"].values()}):
         rows = [r for r in state["rows"].values() if r["ratio"] == ratio]
         lines += [f"## Ratio {ratio:g} (fraction of the targeted decoder parameters removed)", "",
-                  "| row | val gmean | " + " | ".join(domains) + " | test gmean | params | time s |",
-                  "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|"]
+                  "| row | val gmean | " + " | ".join(domains) + " | test gmean | params | time s | cmd |",
+                  "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|"]
         for r in rows:
             val = f"{geomean(r['val'], dense['val']):.3f}"
             seconds = r["calibration_s"] + r["gradient_s"] + r["decomposition_s"]
@@ -210,14 +214,15 @@ def render(state: dict, args, recovered: dict[str, dict]) -> str:
                 gm = f"**{geomean(r['test'], dense['test']):.3f}**"
             else:
                 cells, gm = " | ".join("" for _ in domains), "(val only)"
-            lines.append(f"| {r['row']} | {val} | {cells} | {gm} | {r['params']:,} | {seconds:.0f} |")
+            lines.append(f"| {r['row']} | {val} | {cells} | {gm} | {r['params']:,} | {seconds:.0f} "
+                         f"| {commands.index(r['command']) + 1} |")
         for name, summary in recovered.items():
             if abs(summary["ratio"] - ratio) > 1e-9:
                 continue
             test = {d: summary["test"][d] for d in domains}
             cells = " | ".join(f"{test[d] / dense['test'][d]:.2f}" for d in domains)
             lines.append(f"| {name} | - | {cells} | **{geomean(test, dense['test']):.3f}** | {summary['params']:,} "
-                         f"| {summary['seconds']:.0f} |")
+                         f"| {summary['seconds']:.0f} | train.py |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -249,13 +254,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="row keys (name@ratio) or extra rows "
                    "'name@ratio:mix:allocation:shrinkage[:test]' to run; default: the whole plan")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no new row after this many minutes (the rows are run in the order given)")
     p.add_argument("--state", type=Path, default=Path("/tmp/llm_general.json"))
     p.add_argument("--render", action="store_true", help="only write the markdown from --state")
     p.add_argument("--recovered", nargs="*", default=[], help="NAME=RATIO=summary.json of train.py runs")
     args = p.parse_args()
+    t0 = time.perf_counter()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     state = load_state(args.state)
+    command = "python benchmarks/llm_general.py " + " ".join(
+        f"'{a}'" if " " in a or "(" in a else a for a in sys.argv[1:])
     if not args.render:
         study = Study(args)
         if not state["dense"]:
@@ -273,11 +283,15 @@ def main() -> None:
                 rows[row.key] = row
         keys = [k.split(":")[0] for k in args.only] if args.only else list(rows)
         for key in keys:
+            if args.budget_min is not None and time.perf_counter() - t0 > 60 * args.budget_min:
+                log.warning("--budget-min %g reached: %s and later rows not run", args.budget_min, key)
+                break
             row = rows[key]
             done = state["rows"].get(key)
             if done is not None and (not row.test or "test" in done):
                 continue
             result = study.run(row)
+            result["command"] = command
             state["rows"][key] = result
             args.state.write_text(json.dumps(state, indent=1))
             log.warning("%s: val gmean %.3f%s", key, geomean(result["val"], state["dense"]["val"]),
@@ -286,6 +300,9 @@ def main() -> None:
     text = render(state, args, read_recovered(args.recovered))
     print(text)
     if args.out:
+        old = args.out.read_text() if args.out.exists() else ""
+        if NOTES in old:  # notes written by hand after a run are kept when the tables are regenerated
+            text += "\n" + old[old.index(NOTES):]
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(state, indent=1))
 
