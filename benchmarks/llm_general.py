@@ -21,7 +21,7 @@ per group of corpora and combined (:func:`compression.stats.combine_stats`) into
 The gradient importances (``allocation: gradient``) are computed once per (statistics, method)
 pair from ``--grad-samples`` single windows spread over that mix.  Results accumulate in a JSON
 state file (``--state``), so rows can be run in several sessions; ``--render`` only writes the
-markdown.  Recovery rows (U/V LoRA) come from ``train.py`` runs: ``--recovered 0.2=PATH/summary.json``.
+markdown.  Recovery rows (U/V LoRA) come from ``train.py`` runs: ``--recovered NAME=0.2=PATH/summary.json``.
 """
 
 from __future__ import annotations
