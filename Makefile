@@ -45,8 +45,8 @@ test-ddp: venv
 lint: venv
 	$(BIN)/ruff check .
 
-demo: venv           ## SmolLM2-135M, svd_llm at ratio 0.2, offline; prints dense vs compressed perplexity
-	$(BIN)/python train.py fit --config configs/llm/svd_llm.yaml
+demo: venv           ## SmolLM2-135M, the general-domain preset (configs/llm/best.yaml) at ratio 0.2, offline; prints dense vs compressed perplexity on seven held-out domains
+	$(BIN)/python train.py fit --config configs/llm/best.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

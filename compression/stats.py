@@ -417,6 +417,38 @@ class StatsCollector:
         self._last = None
 
 
+def combine_stats(*parts: ActivationStats) -> ActivationStats:
+    """Statistics of the union of the token sets that ``parts`` were collected on (new tensors).
+
+    Every field is a sum over tokens (Gram, abs-sum, count) or a max (abs-max), so statistics
+    collected once per corpus combine into those of any mix of the corpora -- the same as one
+    pass over all their windows, up to float rounding.  The parts must cover the same layers.
+    """
+    if not parts:
+        raise ValueError("combine_stats needs at least one ActivationStats")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if part.owner != first.owner:
+            raise ValueError(f"combine_stats: part {i} covers other layers or streams than part 0 "
+                             "(collect every part with the same layer names)")
+    out = ActivationStats()
+    out.owner = dict(first.owner)
+    for key, ref in first.streams.items():
+        streams = [p.streams[key] for p in parts]
+        if any(s.needs != ref.needs or s.n != ref.n for s in streams):
+            raise ValueError(f"combine_stats: stream {key!r} was collected with other fields or widths in some parts")
+        merged = ChannelStats(ref.n, needs=frozenset(), device=ref.device)  # allocates nothing
+        merged.needs = ref.needs
+        merged.count = sum(s.count for s in streams)
+        if ref.gram is not None:
+            merged.gram = torch.stack([s.gram for s in streams]).sum(0)
+        if ref.abs_sum is not None:
+            merged.abs_sum = torch.stack([s.abs_sum for s in streams]).sum(0)
+            merged.abs_max = torch.stack([s.abs_max for s in streams]).amax(0)
+        out.streams[key] = merged
+    return out
+
+
 def _default_forward(m: nn.Module, batch: object) -> object:
     return m(**batch) if isinstance(batch, dict) else m(batch)
 

@@ -19,6 +19,16 @@ So truncating the SVD of ``W T`` at rank r gives the *optimal* rank-r output err
   (W' is zero there), which is still optimal for the output-error objective, e.g. when
   there are fewer tokens than features.
 
+Both take ``shrinkage`` ``λ ∈ [0, 1)``: the Gram is replaced by its ridge-shrunk version
+
+    G_λ = (1 - λ) G + λ · mean(diag G) · I,
+
+so the truncation minimises ``(1 - λ) ‖(W - W') Xᵀ‖_F² + λ · mean(diag G) · ‖W - W'‖_F²`` -- the
+calibration output error plus a weight-space term that keeps the factors from discarding the
+directions this calibration sample happened to leave quiet (other kinds of text may use them).
+``λ = 0`` is the paper's whitening; ``λ -> 1`` tends to plain SVD.  The mean diagonal makes ``λ``
+scale-free (the same ``λ`` means the same thing for every layer).
+
 Either way, with ``N < n`` calibration tokens the Gram has rank ``<= N`` and the factors are
 fitted to the directions that sample happened to visit: :meth:`Method.check_stats` warns once
 per layer with the numbers (layer, ``N``, ``n``) for both methods, since the remedy -- more
@@ -43,25 +53,45 @@ class SVDLLMConfig(MethodConfig):
 
     ``jitter``: first relative shift ``ε`` tried when the Gram is not positive definite
     (added as ``ε · mean(diag G) · I``); multiplied by 10 per retry up to ``max_jitter``.
+
+    ``shrinkage``: ridge weight ``λ`` of the Gram, ``G -> (1 - λ) G + λ · mean(diag G) · I``
+    (module docstring); 0 is the paper's whitening.
     """
 
     jitter: float = 1e-8
     max_jitter: float = 1e-1
+    shrinkage: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.jitter <= self.max_jitter:
             raise ValueError(f"need 0 < jitter <= max_jitter, got {self.jitter} and {self.max_jitter}")
+        _check_shrinkage(self.shrinkage)
 
 
-def _gram(stats, weight: torch.Tensor, name: str) -> torch.Tensor:
+def _check_shrinkage(value: float) -> None:
+    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+        raise ValueError(f"shrinkage is the ridge weight λ in [0, 1) of G -> (1-λ) G + λ mean(diag G) I "
+                         f"(0: plain whitening), got {value!r}")
+
+
+def shrink_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - λ) G + λ · mean(diag G) · I`` (a new tensor when ``λ > 0``; ``G`` itself when ``λ = 0``)."""
+    if shrinkage == 0.0:
+        return gram
+    out = gram * (1.0 - shrinkage)
+    out.diagonal().add_(shrinkage * float(gram.diagonal().mean()))
+    return out
+
+
+def _gram(stats, weight: torch.Tensor, name: str, shrinkage: float = 0.0) -> torch.Tensor:
     gram = stats.gram.to(weight.device, torch.float64)
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"Gram of layer {name!r} is {tuple(gram.shape)}, weight has {weight.shape[1]} inputs")
     scale = float(gram.diagonal().mean())
     if scale <= 0.0:
         raise ValueError(f"layer {name!r}: every calibration activation was zero; cannot whiten")
-    return gram
+    return shrink_gram(gram, shrinkage)
 
 
 def cholesky_with_jitter(gram: torch.Tensor, name: str, jitter: float, max_jitter: float) -> torch.Tensor:
@@ -96,7 +126,7 @@ class SVDLLM(Method):
 
     def transformed(self, weight, stats, name):
         cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
-        chol = cholesky_with_jitter(_gram(stats, weight, name), name, cfg.jitter, cfg.max_jitter)
+        chol = cholesky_with_jitter(_gram(stats, weight, name, cfg.shrinkage), name, cfg.jitter, cfg.max_jitter)
         return weight @ chol, chol
 
     def unmap(self, right, ctx):
@@ -110,14 +140,17 @@ class SVDLLMV2Config(MethodConfig):
 
     ``eig_rtol``: eigenvalues of the Gram below ``eig_rtol · max`` are treated as zero
     (directions the calibration data never visited).
+    ``shrinkage``: ridge weight of the Gram, as for ``svd_llm``.
     """
 
     eig_rtol: float = 1e-10
+    shrinkage: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.eig_rtol < 1.0:
             raise ValueError(f"eig_rtol must lie in (0, 1), got {self.eig_rtol}")
+        _check_shrinkage(self.shrinkage)
 
 
 @register
@@ -128,7 +161,7 @@ class SVDLLMV2(Method):
 
     def transformed(self, weight, stats, name):
         cfg: SVDLLMV2Config = self.config  # type: ignore[assignment]
-        evals, evecs = torch.linalg.eigh(_gram(stats, weight, name))
+        evals, evecs = torch.linalg.eigh(_gram(stats, weight, name, cfg.shrinkage))
         keep = evals > cfg.eig_rtol * float(evals.max())
         dropped = int((~keep).sum())
         if dropped:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -201,6 +202,12 @@ def format_summary(summary: dict) -> str:
             before = dense.get(corpus, {}).get(metric)
             before_s = f"{before:>10.3f}" if before is not None else f"{'-':>10}"
             lines.append(f"{corpus + ' ' + metric:<28} {before_s} {value:>12.3f}")
+        ratios = [value / dense[key.split("/")[2]]["ppl"] for key, value in test.items()
+                  if key.startswith("test/ppl/") and dense.get(key.split("/")[2], {}).get("ppl")]
+        if len(ratios) > 1:
+            gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            lines.append(f"perplexity / dense, geometric mean over {len(ratios)} test sets: {gmean:.3f} "
+                         f"(worst {max(ratios):.3f})")
     if summary.get("checkpoint"):
         lines.append(f"compressed checkpoint: {summary['checkpoint']}")
     lines.append("=" * 72)

@@ -160,3 +160,46 @@ def test_rank_for_ratio_matches_formula():
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="ratio"):
             rank_for_ratio(8, 8, bad)
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "svd_llm_v2"])
+@pytest.mark.parametrize("lam", [0.0, 0.05, 0.5, 0.9])
+def test_shrinkage_solves_the_ridge_objective(method, lam):
+    """With shrinkage λ the truncation is the optimum of (1-λ)‖ΔW Xᵀ‖² + λ c ‖ΔW‖² (c = mean diag XᵀX):
+    that objective is ‖ΔW S‖² for any S Sᵀ = G_λ, so Eckart-Young on W S (S the symmetric root, not
+    the method's Cholesky / eigen basis) gives the same truncated weight and the same loss."""
+    x, w, rank = correlated_inputs(400), weight(), 7
+    gram = x.T @ x
+    c = float(gram.diagonal().mean())
+    shrunk = (1 - lam) * gram + lam * c * torch.eye(N, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(shrunk)
+    root = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    u, s, vh = torch.linalg.svd(w @ root)
+    optimum = (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(root)
+    f = build_method(method, shrinkage=lam).decompose(w, stats_of(x), rank, "layer")
+    torch.testing.assert_close(f.up @ f.down, optimum, rtol=1e-7, atol=1e-9)
+    delta = w - f.up @ f.down
+    objective = (1 - lam) * output_error(w, f.up @ f.down, x) ** 2 + lam * c * float(delta.square().sum())
+    assert f.truncation_loss**2 == pytest.approx(objective, rel=1e-8)
+    assert f.truncation_loss**2 == pytest.approx(float(s[rank:].square().sum()), rel=1e-8)
+
+
+def test_shrinkage_trades_calibration_error_for_weight_error():
+    """More shrinkage: the calibration output error grows and the plain weight error falls (monotone),
+    and λ -> 1 approaches plain SVD's truncated weight."""
+    x, w, rank = correlated_inputs(400), weight(), 5
+    stats = stats_of(x)
+    fits = [truncated("svd_llm", w, stats, rank, shrinkage=lam) for lam in (0.0, 0.1, 0.5, 0.999)]
+    out = [output_error(w, f, x) for f in fits]
+    plain = [float(torch.linalg.matrix_norm(w - f)) for f in fits]
+    assert out == sorted(out) and out[-1] > 1.05 * out[0]
+    assert plain == sorted(plain, reverse=True) and plain[0] > 1.05 * plain[-1]
+    torch.testing.assert_close(fits[-1], truncated("svd", w, None, rank), rtol=0, atol=1e-2 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
+def test_shrinkage_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="shrinkage"):
+        build_method("svd_llm", shrinkage=bad)
+    with pytest.raises(ValueError, match="shrinkage"):
+        build_method("svd_llm_v2", shrinkage=bad)

@@ -188,3 +188,23 @@ def test_stop_early_refuses_input_dependent_routing():
         collect_stats(Route(), ["a", "b", "c"], batches, stop_early=True)
     stats = collect_stats(Route(), ["a", "b", "c"], batches, stop_early=False)
     assert stats["a"].count == 4 and stats["b"].count == 2
+
+
+def test_combine_stats_equals_one_pass_over_all_batches(tiny_llama, token_batches):
+    """Statistics collected per corpus combine into those of the mix: sums add, maxima take the max."""
+    from compression.stats import combine_stats
+
+    names = list(eligible_linears(tiny_llama)[0])
+    full = collect_stats(tiny_llama, names, token_batches, gemm_dtype=torch.float64)
+    parts = [collect_stats(tiny_llama, names, [b], gemm_dtype=torch.float64) for b in token_batches]
+    merged = combine_stats(*parts)
+    assert merged.owner == full.owner
+    for name in names:
+        m, f = merged[name], full[name]
+        assert m.count == f.count == sum(p[name].count for p in parts)
+        torch.testing.assert_close(m.gram, f.gram, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(m.abs_sum, f.abs_sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.abs_max, f.abs_max, rtol=0, atol=0)
+    assert merged[names[0]].gram.data_ptr() != parts[0][names[0]].gram.data_ptr()  # new tensors
+    with pytest.raises(ValueError, match="other layers"):
+        combine_stats(parts[0], collect_stats(tiny_llama, names[:1], token_batches[:1]))

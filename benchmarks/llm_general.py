@@ -1,0 +1,311 @@
+"""What buys general-domain quality at equal parameters: calibration mix, allocation, whitening shrinkage.
+
+    python benchmarks/llm_general.py --out docs/results/llm_general.md
+
+Every row compresses SmolLM2-135M through the recipe entry point (:class:`compression.Recipe` +
+:func:`compression.compress_`) and scores it on the held-out domains of :mod:`data.domains`
+(``DOMAIN_TESTS``: drama, encyclopedia, scripture, dictionary, dialogue, manual, code), reporting
+each domain's perplexity over the dense model's and their geometric mean.  The settings are chosen
+on the ``DOMAIN_VALIDATION`` splits (short windows, ``--val-tokens`` per domain) and only the rows
+marked ``test`` are scored on the test splits (``--eval-tokens`` per domain, 8192 by default).
+
+Cheap by construction (2 shared CPU cores): statistics are Gram sums, so they are collected once
+per group of corpora and combined (:func:`compression.stats.combine_stats`) into every mix:
+
+- ``A1`` / ``A2``: two disjoint draws of 16 windows each of Shakespeare comedies and of ``wiki:calib``;
+  ``default`` = A1 + A2 (the demo's calibration, 64 windows), ``default-32`` = A1 alone (size);
+- ``O``: 16 windows of each of the five other corpora' ``calib`` splits (kjv, gcide, chatterbot,
+  pydoc, pycode); ``broad`` = A1 + O (16 windows of each of 7 corpora, 112), ``broad-144`` = A1 + A2 + O;
+- ``L`` (``--long``): ``broad`` again as 4 windows of 1024 tokens per corpus (the same token count).
+
+The gradient importances (``allocation: gradient``) are computed once per (statistics, method)
+pair from ``--grad-samples`` single windows spread over that mix.  Results accumulate in a JSON
+state file (``--state``), so rows can be run in several sessions; ``--render`` only writes the
+markdown.  Recovery rows (U/V LoRA) come from ``train.py`` runs: ``--recovered NAME=0.2=PATH/summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
+import torch
+from common import perplexity
+
+from compression import Recipe, build_method, collect_stats, compress_, gradient_importance
+from compression.gradient_allocation import lm_loss
+from compression.stats import combine_stats
+from data.domains import DOMAIN_TESTS, DOMAIN_VALIDATION
+from data.text import TextDataModule, random_windows
+from lightning_modules.specs import CausalLMSpec
+
+log = logging.getLogger("llm_general")
+OTHERS = ("kjv:calib", "gcide:calib", "chatterbot:calib", "pydoc:calib", "pycode:calib")
+DEFAULT_PAIR = ("shakespeare:comedies", "wiki:calib")
+NOTES = "## Reading"
+MIXES = {"default": ("A1", "A2"), "default-32": ("A1",), "broad": ("A1", "O"), "broad-144": ("A1", "A2", "O"),
+         "broad-long": ("L",)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compression: a calibration mix, an allocation, the method's arguments, a ratio."""
+
+    name: str
+    ratio: float
+    mix: str = "broad"
+    allocation: str = "uniform"
+    shrinkage: float = 0.0
+    test: bool = False  # also scored on the test splits
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.ratio:g}"
+
+    def recipe(self, targets: list[str]) -> Recipe:
+        args = {"shrinkage": self.shrinkage} if self.shrinkage else {}
+        return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
+                      calibration={"progress": False})
+
+
+def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
+    """The study: each ingredient alone against the default, then combined (picked on validation)."""
+    rows: list[Row] = []
+    for ratio in ratios:
+        rows += [Row("default (today)", ratio, "default", test=True),
+                 Row("default-32 (half the windows)", ratio, "default-32"),
+                 Row("broad mix", ratio, "broad", test=True),
+                 Row("broad-144 (more windows)", ratio, "broad-144"),
+                 Row("default + gradient", ratio, "default", "gradient", test=True),
+                 Row("broad + v2", ratio, "broad", "v2"),
+                 Row("broad + gradient", ratio, "broad", "gradient", test=True)]
+        if long:
+            rows.append(Row("broad, 1024-token windows", ratio, "broad-long"))
+        rows += [Row(f"broad + shrinkage {lam:g}", ratio, "broad", shrinkage=lam) for lam in shrinkages]
+    return rows
+
+
+def _windows(dm: TextDataModule, source: str, count: int, seq_len: int, seed: int) -> torch.Tensor:
+    return random_windows(dm.tokens(source), seq_len, count, torch.Generator().manual_seed(seed))
+
+
+class Study:
+    def __init__(self, args) -> None:
+        from models.causal_lm import load_causal_lm
+
+        self.args = args
+        self.model, tokenizer = load_causal_lm(args.model)
+        self.model.eval()
+        self.spec = CausalLMSpec(model=self.model)
+        self.targets = self.spec.default_targets(self.model)
+        self.tokens = TextDataModule(tokenizer=tokenizer, seq_len=args.seq_len, calibration_samples=1,
+                                     test=DOMAIN_TESTS, eval_max_tokens=args.eval_tokens)
+        self.dms = {"test": self.tokens,
+                    "val": TextDataModule(tokenizer=tokenizer, seq_len=args.seq_len, calibration_samples=1,
+                                          test=DOMAIN_VALIDATION, eval_max_tokens=args.val_tokens)}
+        self.loaders: dict[str, dict] = {}
+        self.parts: dict[str, tuple] = {}  # part -> (stats, windows, seconds)
+        self.importances: dict[tuple, tuple] = {}
+
+    def split(self, split: str) -> dict:
+        if split not in self.loaders:
+            dm = self.dms[split]
+            dm.setup("test")
+            self.loaders[split] = dict(zip(dm.test_names, dm.test_dataloader()))
+        return self.loaders[split]
+
+    def score(self, model, split: str) -> dict[str, float]:
+        return {name: perplexity(model, loader) for name, loader in self.split(split).items()}
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def part(self, name: str):
+        if name in self.parts:
+            return self.parts[name]
+        n, seq, seed = self.args.windows, self.args.seq_len, self.args.seed
+        sources = {"A1": DEFAULT_PAIR, "A2": DEFAULT_PAIR, "O": OTHERS, "L": DEFAULT_PAIR + OTHERS}[name]
+        if name == "L":
+            n, seq = max(1, n * seq // self.args.long_len), self.args.long_len
+        offset = {"A1": 0, "A2": 1000, "O": 0, "L": 2000}[name]
+        windows = torch.cat([_windows(self.tokens, s, n, seq, seed + offset + i) for i, s in enumerate(sources)])
+        start = time.perf_counter()
+        batches = [{"input_ids": w} for w in windows.split(4)]
+        stats = collect_stats(self.model, self.targets, batches, forward=self.spec.calibration_forward,
+                              needs={"gram"})
+        self.parts[name] = (stats, windows, time.perf_counter() - start)
+        log.warning("statistics %s: %d x %d tokens in %.0f s", name, windows.shape[0], seq, self.parts[name][2])
+        return self.parts[name]
+
+    def mix(self, mix: str):
+        parts = [self.part(p) for p in MIXES[mix]]
+        stats = parts[0][0] if len(parts) == 1 else combine_stats(*(p[0] for p in parts))
+        return stats, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts)
+
+    def importance(self, row: Row, stats, windows) -> tuple[dict, float]:
+        key = (row.mix, row.shrinkage)
+        if key not in self.importances:
+            picks = common.spread(list(windows), self.args.grad_samples)
+            start = time.perf_counter()
+            method = build_method("svd_llm", **({"shrinkage": row.shrinkage} if row.shrinkage else {}))
+            imp = gradient_importance(self.model, self.targets, [{"input_ids": w[None]} for w in picks], lm_loss,
+                                      method, stats)
+            self.importances[key] = (imp, time.perf_counter() - start)
+        return self.importances[key]
+
+    def run(self, row: Row) -> dict:
+        stats, windows, calib_s = self.mix(row.mix)
+        importances, grad_s = (self.importance(row, stats, windows) if row.allocation == "gradient" else (None, 0.0))
+        model = copy.deepcopy(self.model)
+        start = time.perf_counter()
+        report = compress_(model, row.recipe(self.targets), stats, importances=importances)
+        out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
+               "shrinkage": row.shrinkage, "params": sum(p.numel() for p in model.parameters()),
+               "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
+               "decomposition_s": time.perf_counter() - start}
+        out["val"] = self.score(model, "val")
+        if row.test:
+            out["test"] = self.score(model, "test")
+        del model
+        return out
+
+
+def geomean(ppl: dict[str, float], dense: dict[str, float]) -> float:
+    return math.exp(sum(math.log(ppl[k] / dense[k]) for k in dense) / len(dense))
+
+
+def load_state(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "dense": {}}
+
+
+def render(state: dict, args, recovered: dict[str, dict]) -> str:
+    dense = state["dense"]
+    domains = list(DOMAIN_TESTS)
+    commands = list(dict.fromkeys(r["command"] for r in state["rows"].values()))
+    lines = ["# General-domain quality of SmolLM2-135M after compression", "",
+             "Commands of the rows without recovery (column `cmd`; a row is computed once and kept in the "
+             "`--state` file, so later commands add rows):", "",
+             *[f"{i}. `{c}`" for i, c in enumerate(commands, start=1)], "",
+             f"Method `svd_llm` everywhere; test: {args.eval_tokens} tokens per held-out domain "
+             f"(`data.domains.DOMAIN_TESTS`), validation: {args.val_tokens} tokens per domain "
+             "(`DOMAIN_VALIDATION`), windows of 256 tokens. Cells: perplexity / dense perplexity "
+             "(lower is better); `gmean` = geometric mean over the seven domains. `params`: the whole model's "
+             "parameters. `time`: calibration + gradient importance + decomposition seconds for that row on 2 "
+             "shared CPU cores (statistics shared between rows were collected once; the time counts them "
+             "for every row that uses them).", ""]
+    if dense.get("test"):
+        lines += ["Dense perplexity: " + ", ".join(f"{d} {dense['test'][d]:.2f}" for d in domains)
+                  + f"; {dense['params']:,} parameters.", ""]
+    for ratio in sorted({r["ratio"] for r in state["rows"].values()}):
+        rows = [r for r in state["rows"].values() if r["ratio"] == ratio]
+        lines += [f"## Ratio {ratio:g} (fraction of the targeted decoder parameters removed)", "",
+                  "| row | val gmean | " + " | ".join(domains) + " | test gmean | params | time s | cmd |",
+                  "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|"]
+        for r in rows:
+            val = f"{geomean(r['val'], dense['val']):.3f}"
+            seconds = r["calibration_s"] + r["gradient_s"] + r["decomposition_s"]
+            if "test" in r:
+                cells = " | ".join(f"{r['test'][d] / dense['test'][d]:.2f}" for d in domains)
+                gm = f"**{geomean(r['test'], dense['test']):.3f}**"
+            else:
+                cells, gm = " | ".join("" for _ in domains), "(val only)"
+            lines.append(f"| {r['row']} | {val} | {cells} | {gm} | {r['params']:,} | {seconds:.0f} "
+                         f"| {commands.index(r['command']) + 1} |")
+        for name, summary in recovered.items():
+            if abs(summary["ratio"] - ratio) > 1e-9:
+                continue
+            test = {d: summary["test"][d] for d in domains}
+            cells = " | ".join(f"{test[d] / dense['test'][d]:.2f}" for d in domains)
+            lines.append(f"| {name} | - | {cells} | **{geomean(test, dense['test']):.3f}** | {summary['params']:,} "
+                         f"| {summary['seconds']:.0f} | train.py |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def read_recovered(specs: list[str]) -> dict[str, dict]:
+    """``NAME=RATIO=PATH`` -> a row from a ``train.py`` run's ``summary.json`` (``test/ppl/<domain>`` keys)."""
+    out = {}
+    for spec in specs:
+        name, ratio, path = spec.split("=", 2)
+        summary = json.loads(Path(path).read_text())
+        test = {k.split("/")[2]: v for k, v in summary["test"].items() if k.startswith("test/ppl/")}
+        missing = sorted(set(DOMAIN_TESTS) - set(test))
+        if missing:
+            raise ValueError(f"{path}: the run scored no {missing}; use a config whose data.test is DOMAIN_TESTS")
+        out[name] = {"ratio": float(ratio), "test": test, "params": summary["compression"]["model_params_after"],
+                     "seconds": summary["wall_seconds"]}
+    return out
+
+
+def main() -> None:
+    p = common.lm_parser(__doc__, calib_samples=16)
+    p.add_argument("--windows", type=int, default=16, help="calibration windows per corpus and draw")
+    p.add_argument("--val-tokens", type=int, default=1024, help="tokens per validation domain")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    p.add_argument("--shrinkages", type=float, nargs="*", default=[0.01, 0.05, 0.2])
+    p.add_argument("--long", action="store_true", help="add the 1024-token-window calibration row")
+    p.add_argument("--long-len", type=int, default=1024)
+    p.add_argument("--grad-samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", default=None, help="row keys (name@ratio) or extra rows "
+                   "'name@ratio:mix:allocation:shrinkage[:test]' to run; default: the whole plan")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no new row after this many minutes (the rows are run in the order given)")
+    p.add_argument("--state", type=Path, default=Path("/tmp/llm_general.json"))
+    p.add_argument("--render", action="store_true", help="only write the markdown from --state")
+    p.add_argument("--recovered", nargs="*", default=[], help="NAME=RATIO=summary.json of train.py runs")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    state = load_state(args.state)
+    command = "python benchmarks/llm_general.py " + " ".join(
+        f"'{a}'" if " " in a or "(" in a else a for a in sys.argv[1:])
+    if not args.render:
+        study = Study(args)
+        if not state["dense"]:
+            start = time.perf_counter()
+            state["dense"] = {"val": study.score(study.model, "val"), "test": study.score(study.model, "test"),
+                              "params": sum(p.numel() for p in study.model.parameters())}
+            log.warning("dense: %s (%.0f s)", state["dense"], time.perf_counter() - start)
+            args.state.write_text(json.dumps(state, indent=1))
+        rows = {r.key: r for r in plan(args.ratios, args.shrinkages, args.long)}
+        for spec in args.only or []:
+            if ":" in spec:
+                name_ratio, mix, alloc, lam, *flag = spec.split(":")
+                name, ratio = name_ratio.rsplit("@", 1)
+                row = Row(name, float(ratio), mix, alloc, float(lam), test=bool(flag))
+                rows[row.key] = row
+        keys = [k.split(":")[0] for k in args.only] if args.only else list(rows)
+        for key in keys:
+            if args.budget_min is not None and time.perf_counter() - t0 > 60 * args.budget_min:
+                log.warning("--budget-min %g reached: %s and later rows not run", args.budget_min, key)
+                break
+            row = rows[key]
+            done = state["rows"].get(key)
+            if done is not None and (not row.test or "test" in done):
+                continue
+            result = study.run(row)
+            result["command"] = command
+            state["rows"][key] = result
+            args.state.write_text(json.dumps(state, indent=1))
+            log.warning("%s: val gmean %.3f%s", key, geomean(result["val"], state["dense"]["val"]),
+                        f", test gmean {geomean(result['test'], state['dense']['test']):.3f}" if "test" in result
+                        else "")
+    text = render(state, args, read_recovered(args.recovered))
+    print(text)
+    if args.out:
+        old = args.out.read_text() if args.out.exists() else ""
+        if NOTES in old:  # notes written by hand after a run are kept when the tables are regenerated
+            text += "\n" + old[old.index(NOTES):]
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(state, indent=1))
+
+
+if __name__ == "__main__":
+    main()
