@@ -54,7 +54,7 @@ def main() -> None:
                     recipe = Recipe(method, ratio=ratio, targets=targets,
                                     calibration={"mode": "sequential", "propagate": "compressed", "progress": False})
                     report = compress_(model, recipe, family=setup.spec, batches=batches)
-                    errors = [b["output_error"] for b in report.blocks]
+                    errors = [b["update_error"] for b in report.blocks]
                     extra = {"seconds": time.perf_counter() - t0,
                              "stats_mib": max(b["stats_bytes"] for b in report.blocks) / 2**20,
                              "max_block_error": max(errors), "last_block_error": errors[-1]}
@@ -83,7 +83,8 @@ def render(rows: list[dict], corpora: list[str], args, command: str) -> str:
         f"perplexity on {args.eval_tokens} held-out tokens per corpus ({args.seq_len}-token windows). `time` = "
         f"calibration + decomposition wall time on {args.threads} CPU threads (all-at-once: the shared calibration "
         "counted in every row). `stats` = statistics alive at the peak. `block err` = largest / last block's "
-        "output error ‖C - D‖/‖D‖ on the calibration inputs.",
+        "error relative to its residual update, ‖C - D‖/‖D - H‖ (compressed vs dense block on the calibration "
+        "inputs H).",
         "",
         f"| method | mode | ratio | removed | {head} | stats MiB | block err (max / last) | time s |",
         "|---|---|---|---|" + "---|" * len(corpora) + "---|---|---|",

@@ -6,8 +6,9 @@ Under DDP every rank propagates its own share of the calibration batches (round-
 all-at-once calibration shares them) and each block's statistics are all-reduced before the block is
 compressed, so every rank computes the same factors.  Rank zero shows a progress bar per block with
 the running memory peak; every logger gets each block's output error ``compress/block_output_error``
-(compressed vs dense block output on the calibration inputs, step = block index) and its statistics
-bytes ``compress/block_stats_mib``.
+(compressed vs dense block output on the calibration inputs, step = block index), the same error relative
+to the block's residual update ``compress/block_update_error`` and its statistics bytes
+``compress/block_stats_mib``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SequentialCompression(CompressionStage, Callback):
         if trainer.is_global_zero:
             for record in self.records:
                 metrics = {"compress/block_output_error": record["output_error"],
+                           "compress/block_update_error": record["update_error"],
                            "compress/block_stats_mib": record["stats_bytes"] / 2**20}
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=record["block"])

@@ -17,7 +17,9 @@ a model that sits whole on one device.  ``calibration.mode: sequential`` keeps o
    (``propagate: compressed`` -- later blocks calibrate on the error of the earlier ones, as in
    SVD-LLM's sequential update and GPTQ) or ``D_l[b]`` (``propagate: dense`` -- exactly the
    all-at-once statistics, hence exactly its factors); drop the statistics and move the block back.
-   Each block's output error ``e_l = ‖C_l - D_l‖_F / ‖D_l‖_F`` over the calibration tokens is recorded.
+   Each block's output error ``e_l = ‖C_l - D_l‖_F / ‖D_l‖_F`` over the calibration tokens is recorded,
+   and its error relative to what the block adds to the residual stream, ``‖C_l - D_l‖_F / ‖D_l - H_l‖_F``
+   (the stream itself can dwarf the update: massive activations make ``e_l`` ~1e-5 on SmolLM2).
 
 Peak on the block device: one block, its statistics, and every batch's hidden states
 (``activations: device``) or two batches' (``host`` / ``disk``).  Statistics alive at any moment:
@@ -368,7 +370,7 @@ class SequentialRun:
         if stats is not None and self.reduce is not None:
             stats.reduce_(self.reduce)
         record = {"matrices": len(keys), "stats_bytes": stats.nbytes() if stats is not None else 0,
-                  "output_error": 0.0, "layers": 0}
+                  "output_error": 0.0, "update_error": 0.0, "layers": 0}
         if stats is not None:
             self._notify("stats", {"block": i, "stats": stats})
         if not compress:
@@ -387,19 +389,21 @@ class SequentialRun:
             return record
         record["layers"] = len(pipe.truncate_block(keys, stats))
         del stats, collector
-        err = torch.zeros(2, dtype=torch.float64, device=device)
+        err = torch.zeros(3, dtype=torch.float64, device=device)
         for b in range(len(extras)):
             hidden = store.get(("in", b), device)
             dense = store.get(("dense", b), device)
             out = _run(block, hidden, extras[b][i], device)
-            del hidden
             err[0] += (out.double() - dense.double()).square().sum()
             err[1] += dense.double().square().sum()
+            err[2] += (dense.double() - hidden.double()).square().sum()
+            del hidden
             store.put(("in", b), out if cal.propagate == "compressed" else dense)
             store.drop(("dense", b))
         if self.reduce is not None:
             err = self.reduce(err, "sum")
         record["output_error"] = float((err[0] / err[1]).sqrt()) if err[1] > 0 else 0.0
+        record["update_error"] = float((err[0] / err[2]).sqrt()) if err[2] > 0 else 0.0
         return record
 
 
