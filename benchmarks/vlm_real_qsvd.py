@@ -37,9 +37,9 @@ from compression import Recipe, collect_stats, compress_
 from compression.api import prepare
 from data.vqa.mix import VQAMixDataModule
 from lightning_modules.vlm_spec import VLMSpec
-from metrics.flops import count_flops
+from metrics.flops import vlm_costs
 from metrics.vqa import VQAScores
-from models.vlm import load_vlm, vlm_parts
+from models.vlm import load_vlm
 
 LM_QKV = "model.language_model.layers.*.self_attn.[qkv]_proj"
 VISION_QKV = "model.vision_tower.*.self_attn.[qkv]_proj"
@@ -96,20 +96,6 @@ def score(spec: VLMSpec, model, loaders: dict) -> dict[str, dict[str, float]]:
         for i, batch in enumerate(loader):
             spec.evaluate(model, batch, metrics, i)
         out[name] = {k: float(v) for k, v in metrics.compute().items()}
-    return out
-
-
-def tower_costs(model, example: dict) -> dict[str, dict[str, float]]:
-    """Parameters and forward GFLOPs of one test example, per part (vision tower, projector, LM, lm_head)."""
-    parts = vlm_parts(model)
-    flops = count_flops(model, prefixes=list(parts.values()), forward=lambda: model(**example, use_cache=False))
-    out = {}
-    for role, name in parts.items():
-        module = model.get_submodule(name)
-        params = sum(p.numel() for p in module.parameters())
-        if role == "lm_head" and model.config.tie_word_embeddings:
-            params = 0  # tied: counted with the language model's input embedding
-        out[role] = {"params": params, "gflops": round(flops[name], 3)}
     return out
 
 
@@ -183,7 +169,7 @@ def main() -> None:
         acc = score(spec, model, loaders)
         eval_s = time.perf_counter() - t0
         row = {"row": label, "group": group, "accuracy": acc, "compress_seconds": round(compress_s, 1),
-               "eval_seconds": round(eval_s, 1), "towers": tower_costs(model, example),
+               "eval_seconds": round(eval_s, 1), "towers": vlm_costs(model, example),
                "params": sum(q.numel() for q in model.parameters())}
         if report is not None and report.layers:
             row["targeted_params"] = [report.targeted_params_before, report.targeted_params_after]

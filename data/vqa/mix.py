@@ -52,6 +52,7 @@ class VQAMixDataModule(LightningDataModule):
         datasets: dataset names (``scienceqa``, ``vizwiz``), each read by its own ``VQADataModule``.
         root: one root for every dataset (``labelled``, ``synthetic``) or one per dataset (real data folders).
         processor: name or path of the model whose processor renders prompts and images, or a processor.
+        test_split: the split every dataset is tested on (``None``: each dataset's default).
         calibration_samples / finetune_samples / validation_samples / test_samples: per dataset
             (see ``VQADataModule``).
         batch_size / eval_batch_size / calibration_batch_size: loader batch sizes.
@@ -60,7 +61,8 @@ class VQAMixDataModule(LightningDataModule):
     """
 
     def __init__(self, datasets: Sequence[str] = ("scienceqa", "vizwiz"), root: str | Sequence[str] = "labelled",
-                 processor: Any = "tiny-llava", calibration_samples: int = 32, finetune_samples: int | None = None,
+                 processor: Any = "tiny-llava", test_split: str | None = None, calibration_samples: int = 32,
+                 finetune_samples: int | None = None,
                  validation_samples: int | None = 50, test_samples: int | None = None, batch_size: int = 4,
                  eval_batch_size: int = 8, calibration_batch_size: int = 1, seed: int = 0,
                  num_workers: int = 0) -> None:
@@ -73,7 +75,8 @@ class VQAMixDataModule(LightningDataModule):
             raise ValueError(f"give one root, or one per dataset ({len(datasets)}), got {len(roots)}")
         self._processor_spec = processor
         self._processor = None if isinstance(processor, str) else processor
-        self.parts = [VQADataModule(dataset=d, root=r, processor=processor, calibration_samples=calibration_samples,
+        self.parts = [VQADataModule(dataset=d, root=r, processor=processor, test_split=test_split,
+                                    calibration_samples=calibration_samples,
                                     finetune_samples=finetune_samples, validation_samples=validation_samples,
                                     test_samples=test_samples, batch_size=batch_size, eval_batch_size=eval_batch_size,
                                     calibration_batch_size=calibration_batch_size, seed=seed, num_workers=num_workers)
