@@ -54,11 +54,13 @@ def log(msg: str) -> None:
 
 
 def rows(r1s: list[float], bits: list[tuple[int, int]], quant_budget: float) -> list[tuple[str, Recipe | None, str]]:
-    """``(label, recipe, group)`` in run order (the paper's rows first, per-tower rows last)."""
-    out: list[tuple[str, Recipe | None, str]] = [("FP32 dense (FP16 row)", None, "float")]
+    """``(label, recipe, group)`` in run order: the paper's headline comparisons first (SVD-LLM / ASVD / QSVD at
+    the lowest R1, QuaRot vs QSVD at the lowest bits), then the other budgets and bit widths, per-tower rows last,
+    so that a run cut short still holds the rows that matter most."""
+    float_rows, quant_rows = {}, {}
     for r1 in r1s:
         ratio = round(1 - r1, 6)
-        out += [
+        float_rows[r1] = [
             (f"SVD-LLM R1 {r1:.0%}", Recipe("svd_llm", ratio=ratio, targets=[LM_QKV]), "float"),
             (f"ASVD R1 {r1:.0%}", Recipe(**ASVD, ratio=ratio, targets=[LM_QKV]), "float"),
             (f"QSVD (no quant.) R1 {r1:.0%}",
@@ -69,14 +71,19 @@ def rows(r1s: list[float], bits: list[tuple[int, int]], quant_budget: float) -> 
         q = {"weight_bits": wb, "act_bits": ab, "clip_grid": 20, "act_clip_ratio": 0.9, "calibration_tokens": 1024,
              "max_batches": 8}
         joint = {**ASVD, "ratio": quant_budget, "targets": [LM_QKV], "joint_qkv": True, "allocation": "gradient"}
-        out += [
-            (f"{tag} RTN (no rotation, no SVD)", Recipe(None, quantization={**q, "rotate": False}), tag),
+        quant_rows[(wb, ab)] = [
             (f"{tag} QuaRot-style (rotation only)", Recipe(None, quantization={**q, "rotate": True}), tag),
-            (f"{tag} QSVD without rotations", Recipe(**joint, quantization={**q, "rotate": False,
-                                                                                "latent_rotation": False}), tag),
             (f"{tag} QSVD (H1 + online H + H2 + beta search)",
              Recipe(**joint, quantization={**q, "rotate": True, "beta_search": True}), tag),
+            (f"{tag} RTN (no rotation, no SVD)", Recipe(None, quantization={**q, "rotate": False}), tag),
+            (f"{tag} QSVD without rotations", Recipe(**joint, quantization={**q, "rotate": False,
+                                                                                "latent_rotation": False}), tag),
         ]
+    low_r1, low_bits = min(r1s), min(bits)
+    out: list[tuple[str, Recipe | None, str]] = [("FP32 dense (FP16 row)", None, "float")]
+    out += float_rows[low_r1] + quant_rows[low_bits][:2]
+    out += [r for r1 in sorted(r1s) if r1 != low_r1 for r in float_rows[r1]]
+    out += [r for b in sorted(bits, reverse=True) if b != low_bits for r in quant_rows[b]] + quant_rows[low_bits][2:]
     r1 = max(r1s)
     ratio = round(1 - r1, 6)
     out += [
