@@ -2,6 +2,7 @@
 
 from callbacks.calibration import WhiteningCollection
 from callbacks.lora import UVLoRA
+from callbacks.pretrained import SavePretrained
 from callbacks.quantization import Quantization
 from callbacks.reallocation import RankReallocation
 from callbacks.sequential import SequentialCompression
@@ -11,6 +12,7 @@ __all__ = [
     "Quantization",
     "RankReallocation",
     "SVDTruncation",
+    "SavePretrained",
     "SequentialCompression",
     "UVLoRA",
     "WhiteningCollection",

@@ -20,6 +20,8 @@
   separate ``q_proj``/``k_proj``/``v_proj``); a tower with one fused ``qkv`` Linear needs no group.
 - ``quant_exclude``: the output head (and, with ``quantize_vision=False``, the vision tower) stays in
   high precision.
+- ``trainable``: the parts a training run updates (LLaVA stage 1: ``[projector]``); every other
+  parameter is frozen when the model is built.  ``None`` (default) leaves the model as loaded.
 """
 
 from __future__ import annotations
@@ -38,6 +40,23 @@ from metrics.vqa import VQAScores
 log = logging.getLogger(__name__)
 
 _NOT_MODEL_INPUTS = ("labels",)
+PARTS = ("vision_tower", "projector", "language_model")
+
+
+def freeze_except_(model: nn.Module, parts: list[str]) -> dict[str, int]:
+    """Freeze every parameter of a VLM except those of ``parts`` (names of :func:`models.vlm.vlm_parts`);
+    returns ``{part: trainable parameter count}``.  A tied output head follows the input embedding."""
+    from models.vlm import vlm_parts
+
+    names = vlm_parts(model)
+    model.requires_grad_(False)
+    counts = {}
+    for part in parts:
+        module = model.get_submodule(names[part])
+        module.requires_grad_(True)
+        counts[part] = sum(p.numel() for p in module.parameters())
+    log.info("trainable parameters: %s", counts)
+    return counts
 
 
 def model_inputs(batch: dict) -> dict:
@@ -65,6 +84,10 @@ class VLMSpec(ModelSpec):
         quantize_vision: whether a ``callbacks.Quantization`` stage also quantizes the vision tower
             (``False`` keeps it in high precision: the residual rotation covers only the language model).
         max_new_tokens: greedy decoding budget per answer.
+        eval_loss: also compute the teacher-forced answer loss of every evaluation batch (one more
+            forward per batch; ``False`` logs NaN as ``val/loss``).
+        trainable: parts whose parameters train (``vision_tower``, ``projector``, ``language_model``);
+            the rest is frozen at build time.  ``None``: leave ``requires_grad`` as loaded.
         seed: initialisation seed of the tiny models.
         model: an already built model (tests); needs ``processor`` too.
         processor: its processor.
@@ -72,8 +95,8 @@ class VLMSpec(ModelSpec):
 
     def __init__(self, name_or_path: str = "tiny-llava", dtype: str = "float32", compress_language: bool = True,
                  compress_vision: bool = False, compress_projector: bool = False, quantize_vision: bool = True,
-                 max_new_tokens: int = 16, seed: int = 0, model: nn.Module | None = None,
-                 processor: Any = None) -> None:
+                 max_new_tokens: int = 16, eval_loss: bool = True, trainable: list[str] | None = None,
+                 seed: int = 0, model: nn.Module | None = None, processor: Any = None) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if not (compress_language or compress_vision or compress_projector):
@@ -82,6 +105,12 @@ class VLMSpec(ModelSpec):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if (model is None) != (processor is None):
             raise ValueError("pass both `model` and `processor`, or neither")
+        if trainable is not None:
+            trainable = list(trainable)
+            bad = [t for t in trainable if t not in PARTS]
+            if bad or not trainable:
+                raise ValueError(f"trainable must list parts among {PARTS}, got {trainable}")
+        self.eval_loss, self.trainable = eval_loss, trainable
         self.name_or_path, self.dtype, self.seed = name_or_path, dtype, seed
         self.compress_language, self.compress_vision = compress_language, compress_vision
         self.compress_projector, self.max_new_tokens = compress_projector, max_new_tokens
@@ -91,10 +120,13 @@ class VLMSpec(ModelSpec):
     # -- model ------------------------------------------------------------------------------------
     def build(self) -> nn.Module:
         if self._model is not None:
-            return self._model
-        from models.vlm import load_vlm
+            model = self._model
+        else:
+            from models.vlm import load_vlm
 
-        model, self.processor = load_vlm(self.name_or_path, dtype=_DTYPES[self.dtype], seed=self.seed)
+            model, self.processor = load_vlm(self.name_or_path, dtype=_DTYPES[self.dtype], seed=self.seed)
+        if self.trainable is not None:
+            freeze_except_(model, self.trainable)
         return model
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
@@ -175,7 +207,7 @@ class VLMSpec(ModelSpec):
     def evaluate(self, model: nn.Module, batch: dict, metrics: nn.Module, batch_idx: int = 0) -> torch.Tensor:
         if "prompt" not in batch or "task" not in batch:
             raise ValueError("a VLM evaluation batch needs `prompt`, `full` and `task` (data.vqa.VQADataModule)")
-        loss = self.training_loss(model, batch)
+        loss = self.training_loss(model, batch) if self.eval_loss else torch.tensor(float("nan"))
         predictions = self.generate(model, batch["prompt"])
         metrics.update(batch["task"], predictions, batch["choices"], batch["answer_index"], batch["answers"])
         if batch_idx == 0:
@@ -186,4 +218,4 @@ class VLMSpec(ModelSpec):
         return metrics.compute()
 
 
-__all__ = ["VLMSpec", "model_inputs"]
+__all__ = ["PARTS", "VLMSpec", "freeze_except_", "model_inputs"]

@@ -175,3 +175,24 @@ def vggt_flops(
     if num_query_points > 0:
         kwargs["query_points"] = torch.zeros(batch_size, num_query_points, 2, device=device)
     return count_flops(model, images, prefixes=VGGT_COMPONENTS, **kwargs)
+
+
+def vlm_costs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Parameters and forward GFLOPs of a VLM per part, for one forward on ``inputs`` (a processor batch).
+
+    Parts (:func:`models.vlm.vlm_parts`): ``vision_tower``, ``projector``, ``language_model`` (with the
+    input embedding) and ``lm_head`` (0 parameters when tied to the embedding).  Low-rank factors count
+    as what they store; fake-quantized layers count as their float matmuls.
+    """
+    from models.vlm import vlm_parts
+
+    parts = vlm_parts(model)
+    flops = count_flops(model, prefixes=list(parts.values()), forward=lambda: model(**inputs, use_cache=False))
+    head = model.get_submodule(parts["lm_head"])
+    embedding = {id(p) for p in model.get_input_embeddings().parameters()}
+    out = {}
+    for role, name in parts.items():
+        module = model.get_submodule(name)
+        params = [p for p in module.parameters() if not (module is head and id(p) in embedding)]
+        out[role] = {"params": sum(p.numel() for p in params), "gflops": flops[name]}
+    return out

@@ -16,8 +16,10 @@ apart by their *config class* (never by a name substring) and each names its thr
 
 :func:`load_vlm` accepts a hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
 ``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or ``tiny-<family>``
-for the in-process test models of :mod:`models.vlm_tiny`.  Offline, a hub id must already be in
-the Hugging Face cache; otherwise the error says how to download it and where to put it.
+for the in-process test models of :mod:`models.vlm_tiny`, or ``clip-smollm2``: the real towers assembled
+offline by :mod:`models.vlm_real` (its cached ``save_pretrained`` folder, built on first use).
+Offline, a hub id must already be in the Hugging Face cache; otherwise the error says how to download
+it and where to put it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from models.causal_lm import _in_hub_cache, _looks_local, hub_offline
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny-"
+REAL_NAME = "clip-smollm2"  # the offline LLaVA assembly of models.vlm_real (CLIP ViT-B/16 + SmolLM2-135M)
 DOWNLOAD_HINT = ("on a machine with internet run `hf download {repo} --local-dir checkpoints/{leaf}` "
                  "(huggingface_hub) and pass `checkpoints/{leaf}` as name_or_path")
 
@@ -148,14 +151,18 @@ def _check_hf_format(raw: dict, where: str) -> None:
 
 def resolve_vlm(name_or_path: str) -> str:
     """Where ``from_pretrained`` should read ``name_or_path``: a local folder, or the hub id itself."""
+    if name_or_path == REAL_NAME:
+        from models.vlm_real import cached_clip_smollm2
+
+        return str(cached_clip_smollm2())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_hf_format(_read_config_json(path), str(path))
         return str(path)
     if _looks_local(name_or_path) or path.exists():
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
-                                "*.safetensors, processor and tokenizer files), a hub id, or tiny-llava / "
-                                "tiny-llava_next / tiny-idefics3")
+                                "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
+                                "tiny-llava / tiny-llava_next / tiny-idefics3")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -184,7 +191,8 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
 
     Args:
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
-            ``save_pretrained`` folder, or ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3``
+            ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3``
             (random-init test models built in-process, seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).

@@ -10,6 +10,9 @@ import importlib
 _EXPORTS = {
     "VQACollator": "data.vqa.common",
     "VQADataModule": "data.vqa.datamodule",
+    "VQAMixDataModule": "data.vqa.mix",
+    "labelled_root": "data.vqa.labelled",
+    "write_labelled": "data.vqa.labelled",
     "VQAExample": "data.vqa.common",
     "read_scienceqa": "data.vqa.scienceqa",
     "read_vizwiz": "data.vqa.vizwiz",

@@ -16,7 +16,10 @@ Batches come from :class:`data.vqa.common.VQACollator` with the model's own proc
 (``processor``: the same name or path as the model, e.g. ``llava-hf/llava-1.5-7b-hf`` or
 ``tiny-llava``).  Calibration batches hold one example each by default, so no padding enters
 the activation statistics.  ``root: synthetic`` writes (once, into the cache) and reads a small
-set in the official format (:mod:`data.vqa.synthetic`) -- for CPU runs without the real data.
+set in the official format (:mod:`data.vqa.synthetic`) -- for CPU runs without the real data;
+``root: labelled`` the same for real images with questions written from their labels
+(Fashion-MNIST and OpenCV digits, :mod:`data.vqa.labelled`), whose VizWiz ``test`` split has answers
+and is the default test split.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from data.vqa.common import VQACollator, VQAExample
+from data.vqa.labelled import labelled_root
 from data.vqa.scienceqa import read_scienceqa
 from data.vqa.synthetic import synthetic_root
 from data.vqa.vizwiz import read_vizwiz
@@ -40,6 +44,7 @@ READERS = {"scienceqa": read_scienceqa, "vizwiz": read_vizwiz}
 DEFAULT_SPLITS = {"scienceqa": {"calibration": "train", "finetune": "train", "validation": "val", "test": "test"},
                   "vizwiz": {"calibration": "train", "finetune": "train", "validation": "val", "test": "val"}}
 TEST_NAMES = {"scienceqa": "scienceqa_img", "vizwiz": "vizwiz"}
+GENERATED = ("synthetic", "labelled")  # root values that name a set written into the cache
 
 
 class ExampleDataset(Dataset):
@@ -59,7 +64,8 @@ class VQADataModule(LightningDataModule):
     Args:
         dataset: ``scienceqa`` or ``vizwiz``.
         root: the dataset folder in its official layout (``data/scienceqa``, ``data/vizwiz``; see
-            docs/vlm.md), or ``synthetic`` for the generated fixture set.
+            docs/vlm.md), ``synthetic`` for the generated fixture set, or ``labelled`` for real images with
+            questions from their labels (:mod:`data.vqa.labelled`).
         processor: name or path of the model whose processor renders prompts and images
             (``tiny-llava``, ``tiny-llava_next``, ``tiny-idefics3``, a hub id or a local folder), or a
             processor object.
@@ -103,10 +109,12 @@ class VQADataModule(LightningDataModule):
                             ("test_samples", test_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
-        if root != "synthetic" and not Path(root).expanduser().is_dir():  # before any model or processor loads
+        if root not in GENERATED and not Path(root).expanduser().is_dir():  # before any model or processor loads
             raise FileNotFoundError(f"root={root!r} is not a folder; put the {dataset} release there (see docs/vlm.md) "
-                                    "or use root: synthetic")
-        defaults = DEFAULT_SPLITS[dataset]
+                                    "or use root: synthetic / labelled")
+        defaults = dict(DEFAULT_SPLITS[dataset])
+        if root == "labelled":  # its VizWiz-layout test split carries answers
+            defaults["test"] = "test"
         self.dataset, self.root = dataset, root
         self.splits = {"calibration": calibration_split or defaults["calibration"],
                        "finetune": finetune_split or defaults["finetune"],
@@ -133,6 +141,8 @@ class VQADataModule(LightningDataModule):
     def data_root(self) -> Path:
         if self.root == "synthetic":
             return synthetic_root(self.dataset, seed=self.seed)
+        if self.root == "labelled":
+            return labelled_root(self.dataset, seed=self.seed)
         return Path(self.root).expanduser()
 
     def _read(self, split: str) -> list[VQAExample]:
