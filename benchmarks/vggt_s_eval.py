@@ -1,6 +1,7 @@
 """Score VGGT-S (or any VGGT) and trivial baselines on held-out synthetic scenes and the real sets.
 
-    python benchmarks/vggt_s_eval.py --ckpt outputs/vggt/train_small/version_0/compressed.ckpt --out docs/results/vggt_s_eval.json
+    python benchmarks/vggt_s_eval.py --ckpt outputs/vggt/train_small/version_0/compressed.ckpt \
+        --out docs/results/vggt_s_eval.json
 
 Sets (``data.multiview.visp`` / ``data.multiview.pairs``; ``python -m data.multiview.assets fetch``
 downloads them without root):
