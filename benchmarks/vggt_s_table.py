@@ -49,6 +49,7 @@ from data.multiview.datamodule import MultiViewDataModule  # noqa: E402
 from lightning_modules.vggt_spec import VGGTSpec  # noqa: E402
 
 log = logging.getLogger("vggt_s_table")
+ANALYSIS = "## What the numbers say"
 ROW_KEYS = {"svd": 0, "asvd": 1, "svd_llm": 2, "svd_llm_v2": 3, "qsvd": 4, "qsvd_flops": 5}
 COLUMNS = [  # (set, metric, header, format)
     ("synthetic", "camera_auc30", "syn AUC@30 ↑", "{:.1f}"),
@@ -107,8 +108,10 @@ def write_markdown(data: dict, path: Path) -> None:
             cells.append(fmt.format(v) if v is not None else "-")
         cells += [f"{r[k]:.3f}" if k in r else "-" for k in ("err_depth", "err_pose_enc")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", data.get("notes", "")]
-    path.write_text("\n".join(lines) + "\n")
+    kept = ""
+    if path.is_file() and ANALYSIS in path.read_text():  # the hand-written analysis survives regeneration
+        kept = path.read_text()[path.read_text().index(ANALYSIS):]
+    path.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
