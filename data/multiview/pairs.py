@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from data.multiview.assets import opencv_data_root, skimage_data_root
 from data.multiview.common import ResizeCrop, check_image_size, load_rgb, make_sample, prepare_view, require_file
 from data.multiview.dtu import read_pfm
+from data.multiview.visp import reproject_depth
 
 MOTORCYCLE_QUARTER_CALIB = """cam0=[994.978 0 311.193; 0 994.978 254.877; 0 0 1]
 cam1=[994.978 0 342.279; 0 994.978 254.877; 0 0 1]
@@ -128,8 +129,9 @@ def read_middlebury_folder(folder: Path) -> tuple[Tensor, Tensor, np.ndarray, di
 
 
 class MotorcyclePair(Dataset):
-    """The Middlebury motorcycle as one 2-view sample (module docstring): depth on the left view,
-    GT pose, ``num_points`` disparity correspondences.
+    """The Middlebury motorcycle as one 2-view sample (module docstring): depth of the left view (and of the
+    right one, warped from it with a z-buffer; holes where the left view does not see), GT pose,
+    ``num_points`` disparity correspondences.
 
     Args:
         root: folder with the files (default: scikit-image's data folder, :func:`skimage_data_root`).
@@ -159,8 +161,11 @@ class MotorcyclePair(Dataset):
         e_left = torch.eye(3, 4, dtype=torch.float64)
         e_right = e_left.clone()
         e_right[0, 3] = -calib["baseline_m"]
+        right_from_left = torch.eye(4, dtype=torch.float64)
+        right_from_left[0, 3] = -calib["baseline_m"]
+        depth_right = reproject_depth(depth, calib["K0"], calib["K1"], right_from_left, grid)  # z-buffered warp
         views = [prepare_view(left, depth.float(), None, calib["K0"], grid, self.image_size),
-                 prepare_view(right, None, None, calib["K1"], grid, self.image_size)]
+                 prepare_view(right, depth_right.float(), None, calib["K1"], grid, self.image_size)]
         sample = make_sample([v[0] for v in views], [v[1] for v in views], [v[2] for v in views],
                              [v[3] for v in views], [e_left, e_right], scene="middlebury-motorcycle")
         rc = ResizeCrop.cover(grid, self.image_size)
