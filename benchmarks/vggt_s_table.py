@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--weights", help="a VGGT-S .safetensors with its .json side file")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=list(ROW_KEYS))
+    p.add_argument("--extra-ratios", type=float, nargs="*", default=[],
+                   help="further ratios run with --extra-rows only (a smaller grid when time is short)")
+    p.add_argument("--extra-rows", nargs="*", default=["svd", "svd_llm"], choices=list(ROW_KEYS))
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     p.add_argument("--scenes", type=int, default=8, help="held-out synthetic test scenes")
     p.add_argument("--calib-scenes", type=int, default=8, help="calibration scenes (statistics)")
@@ -170,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         stats = collect_stats(dense, names, calib, forward=spec.calibration_forward)
     log.info("calibration statistics in %.0f s", time.perf_counter() - t0)
     importance = None
-    if {"qsvd", "qsvd_flops"} & set(args.rows):
+    grid = [(r, k) for r in args.ratios for k in args.rows]
+    grid += [(r, k) for r in args.extra_ratios for k in args.extra_rows]
+    if {"qsvd", "qsvd_flops"} & {k for _, k in grid}:
         t0 = time.perf_counter()
         samples = [s for b in calib for s in split_batch(b)][: args.grad_samples]
         importance = gradient_importance(dense, names, samples, spec.training_loss, "svd_llm", stats)
@@ -178,22 +183,21 @@ def main(argv: list[str] | None = None) -> None:
     from compression.allocation import token_cost_weights
 
     weights = token_cost_weights(stats, names)
-    for ratio in args.ratios:
-        for key in args.rows:
-            label, method, allocation = ROWS[ROW_KEYS[key]]
-            t0 = time.perf_counter()
-            model, report, kept = compress_row(dense, recipe_of(method, allocation, ratio, names), stats, importance)
-            rec = Recorder(model_predictor(model, spec))
-            row = {"row": label, "ratio": ratio, "order": ROW_KEYS[key], "method": method, "allocation": allocation,
-                   **model_cost(model, image_hw, frames=(8,)), "targeted_params_removed": removed(report, kept),
-                   "targeted_flops_removed": removed(report, kept, weights), "dense_kept": len(kept),
-                   "group_kept": group_kept(report, spec, kept), "scores": score_all(rec, sets)}
-            row.update(fidelity(rec.outputs, dense_rec.outputs))
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            save(row)
-            log.info("%s @ %.1f: %.0f s, err depth %.3f pose %.3f", label, ratio, row["seconds"], row["err_depth"],
-                     row["err_pose_enc"])
-            del model
+    for ratio, key in sorted(grid, key=lambda rk: (rk[0] != 0.4, rk[0], ROW_KEYS[rk[1]])):  # 0.4 first
+        label, method, allocation = ROWS[ROW_KEYS[key]]
+        t0 = time.perf_counter()
+        model, report, kept = compress_row(dense, recipe_of(method, allocation, ratio, names), stats, importance)
+        rec = Recorder(model_predictor(model, spec))
+        row = {"row": label, "ratio": ratio, "order": ROW_KEYS[key], "method": method, "allocation": allocation,
+               **model_cost(model, image_hw, frames=(8,)), "targeted_params_removed": removed(report, kept),
+               "targeted_flops_removed": removed(report, kept, weights), "dense_kept": len(kept),
+               "group_kept": group_kept(report, spec, kept), "scores": score_all(rec, sets)}
+        row.update(fidelity(rec.outputs, dense_rec.outputs))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        save(row)
+        log.info("%s @ %.1f: %.0f s, err depth %.3f pose %.3f", label, ratio, row["seconds"], row["err_depth"],
+                 row["err_pose_enc"])
+        del model
     log.info("done in %.0f s", time.perf_counter() - t_start)
 
 
