@@ -16,7 +16,9 @@ split, Castle-simu, castel, the Middlebury motorcycle, graf), its GFLOPs counted
 (``‖f - f_dense‖ / ‖f_dense‖`` of the depth maps and pose encodings over every set).
 
 Rows are appended to ``<out>.json`` as they finish (a run can be split: ``--rows svd svd_llm``), and
-the markdown is rewritten from the JSON after each row.
+the markdown is rewritten from the JSON after each row.  Order: the ``--extra-rows`` at every ratio
+(0.4 first), then the other rows, so a run cut short still compares vanilla SVD and SVD-LLM across ratios;
+the gradient importance is computed only when the first gradient row comes up.
 """
 
 from __future__ import annotations
@@ -175,16 +177,18 @@ def main(argv: list[str] | None = None) -> None:
     importance = None
     grid = [(r, k) for r in args.ratios for k in args.rows]
     grid += [(r, k) for r in args.extra_ratios for k in args.extra_rows]
-    if {"qsvd", "qsvd_flops"} & {k for _, k in grid}:
-        t0 = time.perf_counter()
-        samples = [s for b in calib for s in split_batch(b)][: args.grad_samples]
-        importance = gradient_importance(dense, names, samples, spec.training_loss, "svd_llm", stats)
-        log.info("gradient importance in %.0f s", time.perf_counter() - t0)
     from compression.allocation import token_cost_weights
 
     weights = token_cost_weights(stats, names)
-    for ratio, key in sorted(grid, key=lambda rk: (rk[0] != 0.4, rk[0], ROW_KEYS[rk[1]])):  # 0.4 first
+    # the rows on every ratio first (0.4 leading), then the rest: a run cut short keeps the comparison across ratios
+    order = sorted(set(grid), key=lambda rk: (rk[1] not in args.extra_rows, rk[0] != 0.4, rk[0], ROW_KEYS[rk[1]]))
+    for ratio, key in order:
         label, method, allocation = ROWS[ROW_KEYS[key]]
+        if allocation.startswith("gradient") and importance is None:
+            t0 = time.perf_counter()
+            samples = [s for b in calib for s in split_batch(b)][: args.grad_samples]
+            importance = gradient_importance(dense, names, samples, spec.training_loss, "svd_llm", stats)
+            log.info("gradient importance in %.0f s", time.perf_counter() - t0)
         t0 = time.perf_counter()
         model, report, kept = compress_row(dense, recipe_of(method, allocation, ratio, names), stats, importance)
         rec = Recorder(model_predictor(model, spec))
