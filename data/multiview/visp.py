@@ -123,6 +123,14 @@ def reproject_depth(depth: Tensor, k_src: Tensor, k_dst: Tensor, dst_from_src: T
 
 
 # ----------------------------------------------------------------------------- datasets
+
+def clip_count(frames: int, num_views: int, stride: int, num_samples: int | None) -> int:
+    """Clips of ``num_views`` frames ``stride`` apart that ``frames`` frames hold (at most ``num_samples``)."""
+    fit = frames - stride * (check_num_views(num_views) - 1)
+    if fit < 1:
+        raise ValueError(f"{frames} frames cannot hold {num_views} views at stride {stride}; lower either")
+    return fit if num_samples is None else min(num_samples, fit)
+
 class _ViSPSequence(Dataset):
     """Shared frame loading: grey image, depth warped into the grey camera, resize/crop."""
 
@@ -177,10 +185,7 @@ class CastleSimuDataset(_ViSPSequence):
         self._ids = sorted(int(p.stem.split("_")[1]) for p in (self.dir / "CameraPose").glob("Camera_*.txt"))
         if not self._ids:
             raise FileNotFoundError(f"no CameraPose/Camera_NNN.txt under {self.dir}")
-        fit = len(self._ids) - stride * (check_num_views(num_views) - 1)
-        if fit < 1:
-            raise ValueError(f"{len(self._ids)} frames cannot hold {num_views} views at stride {stride}; lower either")
-        super().__init__(num_views, image_size, fit if num_samples is None else min(num_samples, fit), stride)
+        super().__init__(num_views, image_size, clip_count(len(self._ids), num_views, stride, num_samples), stride)
         self.k_color = read_camera_xml(self.dir / "Config" / "chateau.xml")
         self.k_depth = read_camera_xml(self.dir / "Config" / "chateau_depth.xml")
         self.color_from_depth = torch.linalg.inv(CASTLE_SIMU_DEPTH_M_COLOR)
@@ -228,10 +233,7 @@ class CastelDataset(_ViSPSequence):
         self._ids = sorted(int(p.stem.split("_")[1]) for p in self.dir.glob("image_*.pgm"))
         if not self._ids:
             raise FileNotFoundError(f"no image_NNNN.pgm under {self.dir}")
-        fit = len(self._ids) - stride * (check_num_views(num_views) - 1)
-        if fit < 1:
-            raise ValueError(f"{len(self._ids)} frames cannot hold {num_views} views at stride {stride}; lower either")
-        super().__init__(num_views, image_size, fit if num_samples is None else min(num_samples, fit), stride)
+        super().__init__(num_views, image_size, clip_count(len(self._ids), num_views, stride, num_samples), stride)
         self.k_color = read_camera_xml(base / "chateau.xml")
         self.k_depth = read_camera_xml(base / "chateau_depth.xml")
         self.color_from_depth = torch.linalg.inv(read_homogeneous(base / "depth_M_color.txt"))
