@@ -110,8 +110,13 @@ def run(name: str, args) -> dict:
             ("  + W4A4 RTN (QSVD)", {"rotate": True, "weight_bits": 4, "act_bits": 4, "clip_grid": 20})]
     for row, quantization in rows:
         qsvd = copy.deepcopy(dense)
-        rep = compress_(qsvd, Recipe(**joint, quantization=quantization), stats, family=setup.spec,
-                        importances=importance)
+        try:
+            rep = compress_(qsvd, Recipe(**joint, quantization=quantization), stats, family=setup.spec,
+                            importances=importance)
+        except NotImplementedError as err:  # refused up front by the model's layout
+            out["rows"][row] = {"refused": str(err)}
+            log(f"{name} {row}: refused: {err}")
+            continue
         record(row, qsvd, removed_qkv=round(rep.params_ratio, 4))
         del qsvd
 

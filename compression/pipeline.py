@@ -85,8 +85,22 @@ class CompressionPipeline:
         self.fixed: dict[str, dict[str, float]] = {}
         self.known_spectra: dict[str, torch.Tensor] = {}  # sequential mode: spectra kept from a first pass
         self.sequential = False
+        self._check_layout()
         if self.method is not None:
             self._select()
+
+    def _check_layout(self) -> None:
+        """Refuse a rotation (or rotated weight quantization) the model's layout cannot take, before any stage."""
+        q = self.recipe.quantization
+        layout_of = getattr(self.family, "layout", None)
+        if not q.rotate or layout_of is None:
+            return
+        layout = layout_of(self.model)
+        if layout is None:
+            return
+        layout.require("rotation")
+        if q.weight_bits is not None:
+            layout.require("rotated_weight_quantization")
 
     # -- selection ----------------------------------------------------------------------------------
     def _hook(self, name: str) -> Callable | None:
