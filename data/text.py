@@ -37,6 +37,7 @@ Messages start with the field: ``calibration: ...``, ``test['wiki']: ...``.
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,6 @@ class TextDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
         self.num_workers = num_workers
         self.bos = bos
-        self._bos_id: int | None | bool = False  # False: not resolved yet
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self._tokenizer_id: str | None = None
         self._documents: dict[str, tuple[list[str], str]] = {}
@@ -232,20 +232,16 @@ class TextDataModule(LightningDataModule):
             self._tokenizer_id = tokenizer_fingerprint(self.tokenizer)
         return self._tokenizer_id
 
-    @property
+    @cached_property
     def bos_id(self) -> int | None:
         """The id each window starts with, or ``None`` for plain stream slices (see ``bos``)."""
-        if self._bos_id is False:
-            tok = self.tokenizer
-            bos = getattr(tok, "bos_token_id", None)
-            if self.bos is True and bos is None:
-                raise ValueError("bos: true, but the tokenizer has no BOS token; set data.bos to false or null")
-            if self.bos is None:
-                adds = bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-                self._bos_id = bos if adds else None
-            else:
-                self._bos_id = bos if self.bos else None
-        return self._bos_id
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        if self.bos is True and bos is None:
+            raise ValueError("bos: true, but the tokenizer has no BOS token; set data.bos to false or null")
+        if self.bos is None:
+            return bos if bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+        return bos if self.bos else None
 
     @property
     def text_len(self) -> int:
