@@ -47,19 +47,20 @@ from compression.lowrank import LowRankLinear
 log = logging.getLogger(__name__)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels)."""
+    """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels).
+
+    ``x cos + rotate_half(x) sin`` written half by half (the same products and sums, so the same floats as
+    transformers' ``apply_rotary_pos_emb``) without materializing ``rotate_half(x)``.
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return (x * cos) + (_rotate_half(x) * sin)
-    rot, rest = x[..., :d], x[..., d:]
-    return torch.cat([(rot * cos) + (_rotate_half(rot) * sin), rest], dim=-1)
+    h = d // 2
+    rot = x[..., :d]
+    out = rot * cos
+    out[..., :h] -= rot[..., h:] * sin[..., :h]
+    out[..., h:] += rot[..., :h] * sin[..., h:]
+    return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
 
 
 def _relative(spec: Attention, path: str | None) -> str | None:
