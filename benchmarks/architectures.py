@@ -15,6 +15,7 @@ each cell runs one stage through the model's layout (:mod:`models.layouts`) and 
   ``<= 1e-6``), then every linear but the head is fake-quantized W4A4 and the plan rebuilds the model bit-exactly;
 - ``latent cache``: greedy generation (left-padded batch, sliding windows longer than the window) gives the same
   tokens and scores (max score difference shown, must be ``<= 1e-5``) as the plain cache, which holds latents;
+  both key modes (``keys="latent"`` / ``keys="plain"``: rebuilt / cached rotated keys), shown in that order;
 - ``export``: ``save_compressed`` -> ``load_compressed`` gives bit-identical logits;
 - ``U/V LoRA``: adapters on both factors of every low-rank layer; one step on the up side lowers the loss and,
   merged, changes only up factors.
@@ -276,28 +277,33 @@ def cell_latent(family: str) -> str:
     if family in LAYERNORM_FAMILIES:
         _refusal(lambda: enable_latent_cache_(model, layout), model)
     _joint(model, layout, method="svd_llm_v2")
-    latent = copy.deepcopy(model)
-    paths = enable_latent_cache_(latent, layout_of(latent))
-    assert len(paths) == len(layout.blocks)
     prompt = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0  # left padding: positions come from the mask
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True,
               return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    a, b = model.generate(prompt, **kw), latent.generate(prompt, **kw)
-    assert torch.equal(a.sequences, b.sequences), "greedy tokens differ"
-    diff = float((torch.stack(a.scores) - torch.stack(b.scores)).abs().max())
-    assert diff <= 1e-5, diff
-    with torch.no_grad():
-        out = latent(prompt, use_cache=True)
-    cache = out.cache if "cache" in out else out.past_key_values
-    ranks = [latent.get_submodule(p).rank for p in (b.attn.qkv for b in layout.blocks)] if layout.blocks[0].attn.fused \
-        else [latent.get_submodule(p).qkv_latent.rank for p in paths]
-    assert [layer.keys.shape[-1] for layer in cache.layers] == ranks, "the cache does not hold the latents"
-    kinds = sorted({type(layer).__name__ for layer in cache.layers})
-    disable_latent_cache_(latent)
-    assert not any(isinstance(m, LatentAttention) for m in latent.modules())
-    return f"same tokens, max score diff {diff:.0e}; {'+'.join(kinds)}"
+    a = model.generate(prompt, **kw)
+    fused = layout.blocks[0].attn.fused
+    diffs, kinds = [], []
+    for keys in ("latent", "plain"):
+        latent = copy.deepcopy(model)
+        paths = enable_latent_cache_(latent, layout_of(latent), keys=keys)
+        assert len(paths) == len(layout.blocks)
+        got = latent.generate(prompt, **kw)
+        assert torch.equal(a.sequences, got.sequences), f"greedy tokens differ (keys={keys})"
+        diffs.append(float((torch.stack(a.scores) - torch.stack(got.scores)).abs().max()))
+        assert diffs[-1] <= 1e-5, (keys, diffs[-1])
+        with torch.no_grad():
+            out = latent(prompt, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        ranks = [latent.get_submodule(p).rank for p in (b.attn.qkv for b in layout.blocks)] if fused \
+            else [latent.get_submodule(p).qkv_latent.rank for p in paths]
+        held = [(layer.keys if keys == "latent" else layer.values).shape[-1] for layer in cache.layers]
+        assert held == ranks, "the cache does not hold the latents"
+        kinds.append("+".join(sorted({type(layer).__name__ for layer in cache.layers})))
+        disable_latent_cache_(latent)
+        assert not any(isinstance(m, LatentAttention) for m in latent.modules())
+    return f"same tokens, max score diff {diffs[0]:.0e} / {diffs[1]:.0e}; {kinds[0]} / {kinds[1]}"
 
 
 def cell_export(family: str) -> str:

@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/latent_cache_speed.py --out docs/results/latent_cache.md
 
-SmolLM2-135M with q/k/v factorized jointly (``--ratio`` of their parameters removed, plain SVD: the speed does not
-depend on the method), then three copies of the same compressed model decode one token after a prefix of
-``S`` tokens: the plain cache (rotated keys and values cached), the latent cache (``r`` numbers per token;
-keys rebuilt as ``RoPE(U_k Z)`` every step, values folded into the output: ``U_v (a Z)``), and the latent
-cache rebuilding the values too (the behaviour before the fold).  Steps alternate between the three models
-and the median of ``--steps`` is kept; one process, ``--threads`` threads.
+SmolLM2-135M with q/k/v factorized jointly (each ``--ratio`` of their parameters removed, plain SVD: the speed
+does not depend on the method); copies of the same compressed model decode one token after a prefix of ``S``
+tokens with
+
+- ``plain``: transformers' ``DynamicCache`` (rotated keys and values; ``torch.cat`` copies it every step),
+- ``plain in-place``: the same tensors appended into spare capacity (:class:`GrowingLayer`),
+- ``latent keys``: ``keys="latent"``, ``r`` numbers per token; keys rebuilt as ``RoPE(U_k Z)`` every step,
+  values folded into the output (``U_v (a Z)``),
+- ``plain keys``: ``keys="plain"``, the rotated keys and ``z`` cached; values folded.
+
+Steps alternate between the models and the median of ``--steps`` is kept; one process, ``--threads`` threads.
 """
 
 from __future__ import annotations
@@ -20,35 +25,39 @@ import time
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
 from common import lm_parser
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from compression import Recipe, compress_
-from compression.latent_cache import LatentAttention, enable_latent_cache_, kv_bytes_per_token
+from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
+from compression.latent_cache_layers import GrowingLayer
 from lightning_modules.specs import CausalLMSpec
 from models.causal_lm import load_causal_lm
 from models.layouts import layout_of
 
+NAMES = ("plain", "plain in-place", "latent keys", "plain keys")
 
-def main() -> None:
-    p = lm_parser(__doc__, eval_tokens=None)
-    p.add_argument("--ratio", type=float, default=0.4, help="fraction of q/k/v parameters removed")
-    p.add_argument("--prefix", type=int, nargs="+", default=[64, 512, 2048], help="cached tokens S")
-    p.add_argument("--steps", type=int, default=15, help="timed decode steps per model and prefix")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, _ = load_causal_lm(args.model)
-    model.eval()
-    recipe = Recipe("svd", ratio=args.ratio, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"])
+
+def _cache(name: str, config) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    if name == "plain in-place":
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise ValueError("plain in-place: expects full-attention layers only (SmolLM2)")
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def measure(base, ratio: float, args) -> tuple[list[dict], dict]:
+    model = copy.deepcopy(base)
+    recipe = Recipe("svd", ratio=ratio, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"])
     compress_(model, recipe, family=CausalLMSpec(model=model))
-    latent = copy.deepcopy(model)
-    enable_latent_cache_(latent, layout_of(latent))
-    rebuild = copy.deepcopy(latent)
-    for m in rebuild.modules():
-        if isinstance(m, LatentAttention):
-            m._absorbs = lambda q_len: False  # the path that rebuilds U_v Z every step
-    models = {"plain cache": model, "latent (values folded)": latent, "latent (values rebuilt)": rebuild}
-    from transformers import DynamicCache
-
+    models = {"plain": model, "plain in-place": model}
+    for name, keys in (("latent keys", "latent"), ("plain keys", "plain")):
+        models[name] = copy.deepcopy(model)
+        enable_latent_cache_(models[name], layout_of(models[name]), keys=keys)
+    layout = layout_of(models["latent keys"])
+    sizes = {keys: kv_bytes_per_token(models["latent keys"], layout, latent=True, keys=keys)
+             for keys in ("latent", "plain")}
     rows = []
     with torch.no_grad():
         for s in args.prefix:
@@ -56,7 +65,7 @@ def main() -> None:
             token = torch.randint(100, 40000, (1, 1))
             caches = {}
             for name, m in models.items():
-                caches[name] = DynamicCache(config=m.config)
+                caches[name] = _cache(name, m.config)
                 m(ids, past_key_values=caches[name], use_cache=True)
             times: dict[str, list[float]] = {name: [] for name in models}
             logits = {}
@@ -67,10 +76,26 @@ def main() -> None:
                     logits[name] = m(token, past_key_values=cache, use_cache=True).logits
                     times[name].append(time.perf_counter() - t0)
             ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
-            diff = max(float((logits[n] - logits["plain cache"]).abs().max()) for n in models)
-            rows.append({"S": s, **{k: round(v, 1) for k, v in ms.items()}, "max_logit_diff": diff})
+            diff = max(float((logits[n] - logits["plain"]).abs().max()) for n in models)
+            rows.append({"ratio": ratio, "S": s, **{k: round(v, 1) for k, v in ms.items()}, "max_logit_diff": diff})
             print(rows[-1], flush=True)
-    sizes = kv_bytes_per_token(latent, layout_of(latent), latent=True, bytes_per_value=2)
+    return rows, sizes
+
+
+def main() -> None:
+    p = lm_parser(__doc__, eval_tokens=None)
+    p.add_argument("--ratio", type=float, nargs="+", default=[0.4, 0.6], help="fractions of q/k/v parameters removed")
+    p.add_argument("--prefix", type=int, nargs="+", default=[64, 512, 2048], help="cached tokens S")
+    p.add_argument("--steps", type=int, default=15, help="timed decode steps per model and prefix")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, _ = load_causal_lm(args.model)
+    base.eval()
+    rows, sizes = [], {}
+    for ratio in args.ratio:
+        r, sizes[ratio] = measure(base, ratio, args)
+        rows += r
     text = render(rows, sizes, args)
     print(text)
     if args.out:
@@ -79,27 +104,33 @@ def main() -> None:
 
 
 def render(rows: list[dict], sizes: dict, args) -> str:
-    names = [k for k in rows[0] if k not in ("S", "max_logit_diff")]
     lines = ["# Latent KV cache vs plain cache (SmolLM2-135M, joint q/k/v)", "",
              "Command (one process, models alternating, median of the timed steps):", "",
-             f"    .venv/bin/python benchmarks/latent_cache_speed.py --ratio {args.ratio} "
+             f"    .venv/bin/python benchmarks/latent_cache_speed.py --ratio {' '.join(map(str, args.ratio))} "
              f"--threads {args.threads} --steps {args.steps} --out docs/results/latent_cache.md", "",
-             f"q/k/v ratio {args.ratio}; KV values per token over all layers: latent {sizes['latent_values']} vs "
-             f"plain {sizes['dense_values']} ({sizes['latent_bytes']:.0f} vs {sizes['dense_bytes']:.0f} bytes in "
-             f"16-bit, ratio {sizes['ratio']:.3f}).", "",
-             "| cached tokens S | " + " | ".join(f"{n} ms/step" for n in names)
-             + " | latent / plain | max logit diff |",
-             "|---:|" + "---:|" * (len(names) + 2)]
+             "KV cache per token over all layers (values; bytes in 16-bit):", "",
+             "| q/k/v ratio | plain | latent keys | plain keys |", "|---:|---:|---:|---:|"]
+    for ratio, sz in sizes.items():
+        dense = sz["latent"]["dense_values"]
+        cells = [f"{sz[k]['latent_values']} ({2 * sz[k]['latent_values']} B, {sz[k]['ratio']:.3f})"
+                 for k in ("latent", "plain")]
+        lines.append(f"| {ratio} | {dense} ({2 * dense} B) | " + " | ".join(cells) + " |")
+    lines += ["", "Decode step (ms, one token after `S` cached tokens) and ratio to transformers' plain cache:", "",
+              "| q/k/v ratio | S | " + " | ".join(f"{n} ms" for n in NAMES)
+              + " | latent keys / plain | plain keys / plain | plain keys / plain in-place | max logit diff |",
+              "|---:|---:|" + "---:|" * (len(NAMES) + 4)]
     for r in rows:
-        ratio = r["latent (values folded)"] / r["plain cache"]
-        lines.append(f"| {r['S']} | " + " | ".join(f"{r[n]:.1f}" for n in names)
-                     + f" | {ratio:.2f} | {r['max_logit_diff']:.1e} |")
-    lines += ["", "Reading: the plain cache reads the rotated keys and values; the latent cache stores `r` numbers "
-              "per token and pays `S r m_k` multiply-adds per layer and step to rebuild the keys (RoPE rotates each "
-              "key by its own position after `U_k`, so the key side cannot be folded into the query). Folding the "
-              "values (`U_v (a Z)`, exact since the attention weights sum to one) removes the other `S r m_v`. "
-              "At equal ranks the latent cache is therefore slower than the plain cache, increasingly with `S`; "
-              "it is a memory trade, not a speed-up, on this CPU."]
+        lines.append(f"| {r['ratio']} | {r['S']} | " + " | ".join(f"{r[n]:.1f}" for n in NAMES)
+                     + f" | {r['latent keys'] / r['plain']:.2f} | {r['plain keys'] / r['plain']:.2f}"
+                     + f" | {r['plain keys'] / r['plain in-place']:.2f} | {r['max_logit_diff']:.1e} |")
+    lines += ["", "How the modes differ, per layer and step (`m_k = m_v = kv_heads · head_dim`, `H` query heads): "
+              "`latent keys` stores `r` numbers per token and rebuilds `RoPE(U_k Z)` for all `S` tokens "
+              "(`S r m_k` multiply-adds: RoPE rotates each key by its own position after `U_k`, so `U_k` cannot be "
+              "folded into the query); `plain keys` stores `m_k + r` and reads the keys like the plain cache; both "
+              "fold the values (`U_v (a Z)`, exact since the weights `a` sum to one), `H S r` multiply-adds "
+              "instead of the plain cache's `H S head_dim`. `plain in-place` isolates what the in-place append "
+              "saves over transformers' `torch.cat`, which copies the whole cache every step. The logit "
+              "differences are float32 rounding (the exactness tests run in float64)."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,14 +16,18 @@ with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called
 (Gemma3: the layer type, which selects θ), both from the layout.  RoPE is applied *after* rebuilding the keys
 (it does not commute with ``U_k``), from the cached positions; partial rotary (``cos`` narrower than a head)
 rotates the leading channels only.  The cache is ``r`` numbers (plus one integer position) per token and
-layer; the price is re-multiplying ``U_k``, ``U_v`` over the whole prefix each step (``2 S r (m_k + m_v)``
-FLOPs), which can make decoding slower than a plain cache.
+layer; the price is re-multiplying ``U_k`` over the whole prefix each step (``S r m_k`` multiply-adds per
+layer), which makes decoding slower than a plain cache, increasingly with ``S``.
 
-It works with transformers' ``Cache`` objects unchanged: each layer's entry is a :class:`LatentCacheLayer`
-(a ``DynamicLayer``) or, on sliding-window layers, a :class:`LatentSlidingLayer` (a
-``DynamicSlidingWindowLayer`` keeping the last ``window - 1`` latents, so the attention mask sizes are those of
-the plain cache); ``keys`` hold ``Z [B, 1, S, r]`` and ``values`` the positions ``[B, 1, S, 1]``.  A cache
-created by ``generate`` gets its layers swapped on first use.
+``keys="plain"`` trades memory for that time: the new tokens' keys are rotated once (as the plain attention
+does) and cached next to ``z``; the values stay latent and folded.  ``kv_heads · head_dim + r`` numbers per
+token and layer -- less than the plain cache's ``2 · kv_heads · head_dim`` only when ``r < kv_heads · head_dim``
+-- and per step only the plain cache's key reads plus ``H S r`` for the values.
+
+It works with transformers' ``Cache`` objects unchanged: each layer's entry is one of
+:mod:`compression.latent_cache_layers` (a ``DynamicLayer`` appending into spare capacity, or on sliding-window
+layers a ``DynamicSlidingWindowLayer`` keeping the last ``window - 1`` tokens, so the attention mask sizes are
+those of the plain cache).  A cache created by ``generate`` gets its layers swapped on first use.
 """
 
 from __future__ import annotations
@@ -33,59 +37,30 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from compression.joint import LATENT_NAME, JointProjection
+from compression.latent_cache_layers import KEY_MODES, LatentCacheLayer, LatentSlidingLayer, latent_layer
 from compression.layout import Attention, ModelLayout, rows_index
 from compression.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
 
-class _Latent:
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = torch.zeros(*key_states.shape[:2], 0, key_states.shape[-1], dtype=key_states.dtype,
-                                device=key_states.device)
-        self.values = torch.zeros(*value_states.shape[:2], 0, 1, dtype=torch.long, device=key_states.device)
-        if hasattr(self, "_sliding_window_tensor"):
-            self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
-        self.is_initialized = True
-
-    def update_latent(self, latent: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``latent [B, T, r]`` and ``positions [B, T]``; return the visible ``[B, S, r]``, ``[B, S]``."""
-        keys, values = self.update(latent[:, None], positions[:, None, :, None])
-        return keys[:, 0], values[:, 0, :, 0]
-
-    def nbytes_per_token(self) -> int:
-        """Stored bytes per token (all batch rows together): latent plus the int64 position."""
-        if not self.is_initialized:
-            return 0
-        return self.keys.shape[0] * (self.keys.shape[-1] * self.keys.element_size() + 8)
-
-
-class LatentCacheLayer(_Latent, DynamicLayer):
-    """``keys``: latents ``[B, 1, S, r]`` (model dtype); ``values``: positions ``[B, 1, S, 1]`` (int64)."""
-
-
-class LatentSlidingLayer(_Latent, DynamicSlidingWindowLayer):
-    """As :class:`LatentCacheLayer`, keeping the last ``sliding_window - 1`` tokens like the plain sliding cache."""
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels)."""
+    """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels).
+
+    ``x cos + rotate_half(x) sin`` written half by half (the same products and sums, so the same floats as
+    transformers' ``apply_rotary_pos_emb``) without materializing ``rotate_half(x)``.
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return (x * cos) + (_rotate_half(x) * sin)
-    rot, rest = x[..., :d], x[..., d:]
-    return torch.cat([(rot * cos) + (_rotate_half(rot) * sin), rest], dim=-1)
+    h = d // 2
+    rot = x[..., :d]
+    out = rot * cos
+    out[..., :h] -= rot[..., h:] * sin[..., :h]
+    out[..., h:] += rot[..., :h] * sin[..., h:]
+    return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
 
 
 def _relative(spec: Attention, path: str | None) -> str | None:
@@ -96,8 +71,9 @@ class LatentAttention(nn.Module):
     """An attention module computing K/V from a cached joint latent; same children (state-dict keys) and public
     attributes as the module it replaces, which :func:`disable_latent_cache_` restores."""
 
-    def __init__(self, attn: nn.Module, spec: Attention, rotary: nn.Module) -> None:
+    def __init__(self, attn: nn.Module, spec: Attention, rotary: nn.Module, keys: str = "latent") -> None:
         super().__init__()
+        self.key_mode = keys
         for key, value in attn.__dict__.items():
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
@@ -144,30 +120,39 @@ class LatentAttention(nn.Module):
         past_key_values = cache if cache is not None else past_key_values
         kwargs.pop("use_cache", None)
         bsz, q_len = hidden_states.shape[:2]
+        absorbs = self._absorbs(q_len)
         z = self._latent(hidden_states)  # [B, T, r]
-        (q,) = self._project(z, ("q",))
         cos, sin = position_embeddings
-        query = _rope(self._heads(q, "q_norm"), cos, sin)
-        if past_key_values is not None:
-            layer = _latent_layer(past_key_values, self.layer_idx)
-            if position_ids is None:
-                start = layer.get_seq_length()
-                position_ids = torch.arange(start, start + q_len, device=z.device)[None]
-            z_all, pos_all = layer.update_latent(z, position_ids.expand(bsz, q_len).to(torch.long))
+        if self.key_mode == "plain":  # rotate the new keys once, as the plain attention does, and cache them
+            q, k = self._project(z, ("q", "k"))
+            query = _rope(self._heads(q, "q_norm"), cos, sin)
+            key = _rope(self._heads(k, "k_norm"), cos, sin)
+            z_all = z
+            if past_key_values is not None:
+                layer = latent_layer(past_key_values, self.layer_idx, "plain")
+                key, z_all = layer.update_keys_latent(key, z)
+            value = None if absorbs else self._project(z_all, ("v",))[0]
         else:
-            if position_ids is None:
-                position_ids = torch.arange(q_len, device=z.device)[None]
-            z_all, pos_all = z, position_ids.expand(bsz, q_len)
-        if self._absorbs(q_len):
-            (k,) = self._project(z_all, ("k",))
+            (q,) = self._project(z, ("q",))
+            query = _rope(self._heads(q, "q_norm"), cos, sin)
+            if past_key_values is not None:
+                layer = latent_layer(past_key_values, self.layer_idx, "latent")
+                if position_ids is None:
+                    start = layer.get_seq_length()
+                    position_ids = torch.arange(start, start + q_len, device=z.device)[None]
+                z_all, pos_all = layer.update_latent(z, position_ids.expand(bsz, q_len).to(torch.long))
+            else:
+                if position_ids is None:
+                    position_ids = torch.arange(q_len, device=z.device)[None]
+                z_all, pos_all = z, position_ids.expand(bsz, q_len)
+            k, *rest = self._project(z_all, ("k",) if absorbs else ("k", "v"))
             key = self._heads(k, "k_norm")
-            cos_k, sin_k = self.rotary(key, pos_all, *self.rotary_args)
-            out = self._absorbed(query, _rope(key, cos_k, sin_k), z_all, attention_mask)
+            key = _rope(key, *self._key_rotary(past_key_values, key, pos_all))
+            value = None if absorbs else rest[0]
+        if absorbs:
+            out = self._absorbed(query, key, z_all, attention_mask)
             return self._child("o")(out.reshape(bsz, q_len, -1).contiguous()), None
-        k, v = self._project(z_all, ("k", "v"))
-        key, value = self._heads(k, "k_norm"), self._heads(v, "v_norm")
-        cos_k, sin_k = self.rotary(key, pos_all, *self.rotary_args)
-        key = _rope(key, cos_k, sin_k)
+        value = self._heads(value, "v_norm")
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
@@ -175,6 +160,19 @@ class LatentAttention(nn.Module):
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self._child("o")(out), weights
 
+    def _key_rotary(self, cache, key: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``/``sin`` of the cached positions; computed once per step and rotary kind, not once per layer
+        (the layers of one step see the same positions unless a sliding window has dropped some)."""
+        tag = (self.rotary_args, key.dtype, key.device)
+        memo = getattr(cache, "_latent_rotary", None)
+        if memo is not None and tag in memo:
+            seen, cos, sin = memo[tag]
+            if seen.shape == positions.shape and torch.equal(seen, positions):
+                return cos, sin
+        cos, sin = self.rotary(key, positions, *self.rotary_args)
+        if cache is not None:  # transient: replaced at the next step, S x head_dim per rotary kind
+            cache.__dict__.setdefault("_latent_rotary", {})[tag] = (positions.clone(), cos, sin)
+        return cos, sin
 
     # -- decoding without rebuilding the values ------------------------------------------------------
     def _absorbs(self, q_len: int) -> bool:
@@ -210,30 +208,14 @@ class LatentAttention(nn.Module):
             mask = attention_mask[..., :seq]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-        pz = (probs @ z_all[:, None]).reshape(bsz, groups, heads // groups * q_len, -1)  # [B, G, H/G, r]
+        # one GEMM per batch row reading Z once: [B, H q, S] @ [B, S, r]
+        pz = torch.bmm(probs.reshape(bsz, heads * q_len, seq), z_all)
+        pz = pz.view(bsz, groups, heads // groups * q_len, -1)  # [B, G, H/G, r]
         weight, bias = self._value_up()
         out = pz @ weight.transpose(-1, -2)  # [B, G, H/G, d]
         if bias is not None:
             out = out + bias[None, :, None, :]
         return out.reshape(bsz, heads, q_len, dim).transpose(1, 2)
-
-
-def _latent_layer(cache, layer_idx: int):
-    """The cache's entry for ``layer_idx`` as a latent layer (swapping in a fresh one of the same kind)."""
-    if getattr(cache, "layer_class_to_replicate", None) is not None:
-        while len(cache.layers) <= layer_idx:
-            cache.layers.append(LatentCacheLayer())
-    layer = cache.layers[layer_idx]
-    if isinstance(layer, _Latent):
-        return layer
-    if type(layer) is DynamicLayer and not layer.is_initialized:
-        cache.layers[layer_idx] = LatentCacheLayer()
-    elif type(layer) is DynamicSlidingWindowLayer and not layer.is_initialized:
-        cache.layers[layer_idx] = LatentSlidingLayer(sliding_window=layer.sliding_window)
-    else:
-        raise TypeError(f"layer {layer_idx} of the cache is a {type(layer).__name__} already in use; the latent "
-                        "KV cache needs a fresh DynamicCache (no static, offloaded or quantized cache)")
-    return cache.layers[layer_idx]
 
 
 def _is_joint(model: nn.Module, spec: Attention) -> bool:
@@ -245,12 +227,17 @@ def _is_joint(model: nn.Module, spec: Attention) -> bool:
     return latent is not None and all(isinstance(m, JointProjection) and m.latent is latent for m in members)
 
 
-def enable_latent_cache_(model: nn.Module, layout: ModelLayout) -> list[str]:
+def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "latent") -> list[str]:
     """Swap every attention whose q/k/v share one latent for :class:`LatentAttention`; returns their paths.
+
+    ``keys="latent"`` caches only ``z`` (and positions) and rebuilds the keys every step; ``keys="plain"``
+    caches the rotated keys and ``z`` for the values (more memory, no rebuild over the prefix).
 
     Refused up front for layouts without a latent K/V rebuild (their layout says why) and for attentions
     without rotary positions; attentions that are not joint keep the plain cache.
     """
+    if keys not in KEY_MODES:
+        raise ValueError(f"enable_latent_cache_: keys={keys!r}; choose one of {KEY_MODES}")
     layout.require("latent_cache")
     changed = []
     for block in layout.blocks:
@@ -262,7 +249,8 @@ def enable_latent_cache_(model: nn.Module, layout: ModelLayout) -> list[str]:
             raise NotImplementedError(f"{layout.model_class}: the latent KV cache rebuilds rotary keys; {spec.path} "
                                       "has no rotary module")
         parent, _, child = spec.path.rpartition(".")
-        setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, model.get_submodule(spec.rotary)))
+        setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, model.get_submodule(spec.rotary),
+                                                                        keys))
         changed.append(spec.path)
     if not changed:
         raise ValueError("enable_latent_cache_: no attention with q/k/v sharing one latent; compress with "
@@ -285,9 +273,12 @@ def disable_latent_cache_(model: nn.Module) -> list[str]:
     return changed
 
 
-def kv_bytes_per_token(model: nn.Module, layout: ModelLayout, latent: bool, bytes_per_value: float = 2.0
-                       ) -> dict[str, float]:
-    """KV-cache size per token summed over layers: ``r`` (latent) vs ``2 · kv_heads · head_dim`` values."""
+def kv_bytes_per_token(model: nn.Module, layout: ModelLayout, latent: bool, bytes_per_value: float = 2.0,
+                       keys: str = "latent") -> dict[str, float]:
+    """KV-cache size per token summed over layers: ``r`` (``keys="latent"``) or ``kv_heads · head_dim + r``
+    (``keys="plain"``) vs ``2 · kv_heads · head_dim`` values; layers that are not joint count as plain."""
+    if keys not in KEY_MODES:
+        raise ValueError(f"kv_bytes_per_token: keys={keys!r}; choose one of {KEY_MODES}")
     dense_total = latent_total = 0
     for block in layout.blocks:
         spec = block.attn
@@ -295,10 +286,13 @@ def kv_bytes_per_token(model: nn.Module, layout: ModelLayout, latent: bool, byte
         dense_total += dense
         if not _is_joint(model, spec):
             latent_total += dense
-        elif spec.fused:
+            continue
+        if spec.fused:
             latent_total += model.get_submodule(spec.qkv).rank
         else:
             latent_total += getattr(model.get_submodule(spec.path), LATENT_NAME).rank
+        if keys == "plain":
+            latent_total += spec.kv_heads * spec.head_dim
     return {"dense_values": dense_total, "latent_values": latent_total,
             "dense_bytes": dense_total * bytes_per_value, "latent_bytes": latent_total * bytes_per_value,
             "ratio": latent_total / dense_total, "active": float(latent)}

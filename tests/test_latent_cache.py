@@ -15,6 +15,7 @@ from compression.latent_cache import (
     enable_latent_cache_,
     kv_bytes_per_token,
 )
+from compression.latent_cache_layers import GrowingLayer, PlainKeyLayer
 from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
@@ -40,8 +41,12 @@ def _cache_of(out):
     return out.cache if "cache" in out else out.past_key_values
 
 
-def test_greedy_generation_matches_plain_cache(joint_pair):
+@pytest.mark.parametrize("keys", ["latent", "plain"])
+def test_greedy_generation_matches_plain_cache(joint_pair, keys):
     plain, latent = joint_pair
+    if keys == "plain":
+        latent = copy.deepcopy(plain)
+        enable_latent_cache_(latent, layout_of(latent), keys="plain")
     prompt = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(4))
     seq_a, scores_a = _generate(plain, prompt)
     seq_b, scores_b = _generate(latent, prompt)
@@ -111,3 +116,75 @@ def test_decoding_folds_the_values_instead_of_rebuilding_them(joint_pair, monkey
     seq_b, scores_b = _generate(latent, prompt, mask)
     assert torch.equal(seq_a, seq_b)
     torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-12)
+
+
+def test_plain_keys_cache_holds_the_plain_keys_and_latents(joint_pair):
+    """``keys="plain"``: the cached keys are the plain cache's rotated keys; the values are the latents."""
+    plain, _ = joint_pair
+    latent = copy.deepcopy(plain)
+    enable_latent_cache_(latent, layout_of(latent), keys="plain")
+    prompt = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    nxt = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        ref = plain(prompt, use_cache=True)
+        ref_step = plain(nxt, past_key_values=_cache_of(ref), use_cache=True)
+        out = latent(prompt, use_cache=True)
+        step = latent(nxt, past_key_values=_cache_of(out), use_cache=True)
+    torch.testing.assert_close(step.logits, ref_step.logits, rtol=0, atol=1e-10)
+    layer, ref_layer = _cache_of(step).layers[0], _cache_of(ref_step).layers[0]
+    assert isinstance(layer, PlainKeyLayer)
+    torch.testing.assert_close(layer.keys, ref_layer.keys, rtol=0, atol=1e-12)
+    assert tuple(layer.values.shape) == (2, 1, 7, 29)  # latents, not [2, 2, 7, 16] values
+    assert layer.nbytes_per_token() == 2 * (2 * 16 + 29) * 8  # float64 keys (2 kv heads x 16) + latent, 2 rows
+    sizes = kv_bytes_per_token(latent, layout_of(latent), latent=True, keys="plain")
+    assert sizes["latent_values"] == 2 * (2 * 16 + 29) and sizes["dense_values"] == 2 * 64
+    with pytest.raises(ValueError, match="keys='rope'"):
+        enable_latent_cache_(copy.deepcopy(plain), layout_of(plain), keys="rope")
+
+
+def test_cache_filled_in_one_key_mode_is_refused_by_the_other(joint_pair):
+    plain, latent = joint_pair
+    other = copy.deepcopy(plain)
+    enable_latent_cache_(other, layout_of(other), keys="plain")
+    prompt = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        cache = _cache_of(latent(prompt, use_cache=True))
+        with pytest.raises(TypeError, match="keys='plain'"):
+            other(prompt[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_growing_layer_appends_in_place_and_survives_crop_and_copy():
+    """The buffer behind the cache is written only where new tokens go: the tensor equals ``torch.cat`` of the
+    steps, its storage does not move between steps within the capacity, and a crop or a deepcopy stays exact."""
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(2, 3, t, 4, generator=g) for t in (5, 1, 1, 2, 1)]
+    layer = GrowingLayer()
+    ptrs = []
+    for s in steps:
+        keys, values = layer.update(s, -s)
+        ptrs.append(keys.data_ptr())
+    assert torch.equal(keys, torch.cat(steps, dim=-2)) and torch.equal(values, -keys)
+    assert len(set(ptrs)) == 1  # 10 tokens fit the first buffer (5 + 64 spare)
+    twin = copy.deepcopy(layer)
+    layer.crop(-3)
+    extra = torch.randn(2, 3, 2, 4, generator=g)
+    keys, _ = layer.update(extra, -extra)
+    assert torch.equal(keys, torch.cat([*steps, extra], dim=-2)[..., [*range(7), 10, 11], :])
+    assert torch.equal(twin.keys, torch.cat(steps, dim=-2))  # the copy did not see the overwrite
+    big = torch.randn(2, 3, 80, 4, generator=g)
+    keys, _ = twin.update(big, big)  # past the capacity: a larger buffer, same contents
+    assert torch.equal(keys, torch.cat([*steps, big], dim=-2))
+
+
+@pytest.mark.parametrize("keys", ["latent", "plain"])
+def test_beam_search_matches_plain_cache(joint_pair, keys):
+    """Beam search reorders the cache rows between steps (a fresh buffer from the reordered tensors)."""
+    plain, _ = joint_pair
+    latent = copy.deepcopy(plain)
+    enable_latent_cache_(latent, layout_of(latent), keys=keys)
+    prompt = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=10, do_sample=False, num_beams=3, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    a, b = plain.generate(prompt, **kw), latent.generate(prompt, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(b.scores), torch.stack(a.scores), rtol=0, atol=1e-9)
