@@ -22,18 +22,11 @@ post-norm anyway; the same number of online transforms is placed after every *re
 (:class:`RotatedOutput`: ``norm_s(x) ↦ norm_s(x) Q``, ``diag(signs)`` then a fast Hadamard for a randomized
 Hadamard ``Q``) and the readers become ``W ← W Q``.  Every norm keeps its scale; the stream, the embedding,
 the writers and the head are untouched (no untied head).  Folding is not merely unnecessary there but harmful:
-Gemma-3's reader scales ``1 + w`` are tiny on the channels that carry most of the normalized input (the
-massive activations of the BOS token); folded into ``W diag(s)``, those nearly-zero columns get the same
-quantization step as the others, and the massive inputs multiply it (docs/results/second_llm.md: on Gemma-3-270M
-the folded W8 readers' output error is ~10x the unfolded one, W4 readers' error exceeds their output).
-
-Online rotation before the MLP's output projection: the MLP is replaced by :class:`HadamardMLP` (same child
-names, so state-dict keys do not change), which feeds the output projection with ``a H`` and whose input
-weights become ``W H``; linearized experts (:class:`compression.forms.LinearExperts`) get the same ``H``
-before each expert's ``down``.  3-D expert tensors are left without it (they are not quantized either).
-
-The latent rotation H2, the Σ split β and the β search live in :mod:`compression.latent_rotation`
-(re-exported here).
+Gemma-3-270M's stream carries massive channels in every token (76-91% of the normalized input's energy in 1-2
+channels) which its reader norms drop (``1 + w = 0`` there in every ``pre_feedforward_layernorm``, 0.3-0.8 in
+``input_layernorm``).  Folded, ``W diag(s)`` is (nearly) orthogonal to that energy only in float: rotated, the
+quantization error of every column meets the massive input, and W4 RTN readers' output error reaches 1.1-5.4x
+their output (0.11-0.35x unfolded); docs/results/second_llm.md.
 """
 
 from __future__ import annotations
