@@ -26,8 +26,8 @@ Gemma-3-270M's stream carries massive channels in every token (57-97% of a reade
 its top 2 channels) which its reader norms drop (``1 + w = 0`` on the top channel of each
 ``pre_feedforward_layernorm`` measured, 0.3-1.7 in ``input_layernorm`` whose median scale is 3.5-30).
 Folded, ``W diag(s)`` is (nearly) orthogonal to that energy only in float: rotated, the quantization error of
-every column meets the massive input, and W4 RTN readers' output error reaches 1.1-5.4x their output
-(0.11-0.35x unfolded); docs/results/second_llm.md.
+every column meets the massive input, and W4 RTN readers' output error reaches up to 5.4x their output
+(at most 0.35x unfolded); docs/results/second_llm.md.
 """
 
 from __future__ import annotations
