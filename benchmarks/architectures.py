@@ -93,8 +93,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent cache", "export", "U/V LoRA")
 LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal)
-REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
-    ("Gemma3", "rotation + W4A4")}  # rotated weight quantization refused (models/layouts/gemma3.py)
+REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")}
 RATIO = 0.3
 
 
@@ -253,12 +252,6 @@ def cell_rotation(family: str) -> str:
     rotation = rotate_model_(model, layout, seed=1)
     err = rel(logits(model, ids), ref)
     assert err <= 1e-6, err
-    if not layout.supports("rotated_weight_quantization"):  # Gemma 3: the recipe is refused before any stage
-        recipe = Recipe(None, quantization={"rotate": True, "weight_bits": 4, "act_bits": 4})
-        try:
-            _refusal(lambda: compress_(model, recipe, family=CausalLMSpec(model=model)), model)
-        except Refused as r:
-            raise Refused(f"rotation exact (rel {err:.0e}); rotated weight quantization: {r}") from r
     quant = quantize_model_(model, WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9))
     head = model.get_output_embeddings()
     plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]

