@@ -319,8 +319,10 @@ def cell_lora(family: str) -> str:
     model, _, _ = prepared(family)
     _compress(model)
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
-    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[f"{n}.{s}" for n in names
-                                                                          for s in ("down", "up")]), model)
+    with torch.random.fork_rng(devices=[]):  # the adapters' init draws from the global generator: seed it, so that
+        torch.manual_seed(0)                 # a cell's figures do not depend on which cells ran before it
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[f"{n}.{s}" for n in names
+                                                                              for s in ("down", "up")]), model)
     assert len(lora_layers(model, "down")) == len(lora_layers(model, "up")) == len(names)
     downs = {n: model.get_submodule(f"{n}.down").get_base_layer().weight.clone() for n in names}
     ups = {n: model.get_submodule(f"{n}.up").get_base_layer().weight.clone() for n in names}
