@@ -253,10 +253,21 @@ class CompressionModule(LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: a LoRA stage should have unfrozen its adapters")
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        own = self.spec.learning_rates(self.model) if self.model is not None else {}
+        groups = []
+        for prefix, lr in own.items():
+            mine = [p for n, p in params if n.startswith(f"model.{prefix}.")]
+            if not mine:
+                raise ValueError(f"a learning rate is set for {prefix!r}, which has no trainable parameters")
+            groups.append({"params": mine, "lr": lr})
+        taken = {id(p) for g in groups for p in g["params"]}
+        rest = [p for _, p in params if id(p) not in taken]
+        if rest:
+            groups.append({"params": rest, "lr": self.hparams.learning_rate})
+        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
     # -- evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

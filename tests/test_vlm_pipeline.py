@@ -170,3 +170,45 @@ def test_tiny_configs_run_through_the_cli(config, tmp_path, monkeypatch):
     assert Path(summary["checkpoint"]).is_file()
     assert summary["compression"]["allocation"] == "gradient"
     assert all(math.isfinite(v) and 0 <= v <= 100 for k, v in summary["test"].items() if "/accuracy/" in k)
+
+
+@pytest.mark.parametrize("family, dataset", CASES)
+def test_answer_loss_scores_only_answer_tokens_with_the_head_on_them_alone(family, dataset, roots):
+    """The training loss runs the output head on the answer positions only; it equals the mean cross-entropy of the
+    full logits over the tokens whose label is set, and its gradient reaches the projector unchanged."""
+    import torch.nn.functional as F
+
+    dm = _datamodule(family, dataset, roots[dataset])
+    spec = VLMSpec(f"tiny-{family}", trainable=["projector"])
+    model = spec.build()
+    batch = next(iter(dm.train_dataloader()))
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    target = batch["labels"][:, 1:]
+    assert 0 < int((target != -100).sum()) < target.numel() // 2  # a few answer tokens among many prompt tokens
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                ignore_index=-100)
+    reference.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = spec.training_loss(model, batch)
+    loss.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-7)
+                         for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_projector_trains_at_its_own_learning_rate():
+    """LLaVA's ``mm_projector_lr``: with the projector and the language model trainable, the optimizer holds the
+    projector's parameters at their own rate and every other trainable parameter at the run's rate."""
+    spec = VLMSpec("tiny-llava", trainable=["projector", "language_model"], projector_learning_rate=1e-2)
+    module = CompressionModule(spec, learning_rate=1e-4)
+    module.configure_model()
+    groups = module.configure_optimizers().param_groups
+    projector = {id(p) for p in module.model.model.multi_modal_projector.parameters()}
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4]
+    assert {id(p) for p in groups[0]["params"]} == projector
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in trainable} - projector
+    assert len(groups[1]["params"]) == len(trainable) - len(projector) > 0
+    with pytest.raises(ValueError, match="projector does not train"):
+        VLMSpec("tiny-llava", trainable=["language_model"], projector_learning_rate=1e-2)
