@@ -212,3 +212,30 @@ def test_projector_trains_at_its_own_learning_rate():
     assert len(groups[1]["params"]) == len(trainable) - len(projector) > 0
     with pytest.raises(ValueError, match="projector does not train"):
         VLMSpec("tiny-llava", trainable=["language_model"], projector_learning_rate=1e-2)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_per_step():
+    """``lr_schedule: cosine`` (LLaVA's): linear warm-up over ceil(warmup_ratio * max_steps) steps, then a cosine to 0
+    at max_steps, stepped every optimizer step; constant keeps the plain optimizer."""
+    spec = VLMSpec("tiny-llava", trainable=["projector"])
+    module = CompressionModule(spec, learning_rate=1e-2, lr_schedule="cosine", warmup_ratio=0.1)
+    module.configure_model()
+    module.trainer = Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:2] == pytest.approx([5e-3, 1e-2])  # warm-up: 2 steps
+    assert rates[2] == pytest.approx(1e-2) and rates[11] == pytest.approx(5e-3)  # cos(pi/2) halfway through decay
+    assert all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(
+        math.pi * 17 / 18)))
+    constant = CompressionModule(VLMSpec("tiny-llava", trainable=["projector"]), learning_rate=1e-2)
+    constant.configure_model()
+    assert isinstance(constant.configure_optimizers(), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        CompressionModule(spec, lr_schedule="linear")
