@@ -1,9 +1,10 @@
 """QSVD table on the real offline VLM (CLIP ViT-B/16 + trained projector + SmolLM2-135M), both VQA layouts.
 
     flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py \
-        --model outputs/vlm/clip_smollm2_projector/version_0/pretrained --out docs/results/vlm_real_qsvd.md
+        --model outputs/vlm/clip_smollm2_finetune/version_0/pretrained --out docs/results/vlm_real_qsvd.md
 
-The model is the output of ``configs/vlm/clip_smollm2_projector.yaml`` (LLaVA stage 1).  Test: the first
+The model is the output of ``configs/vlm/clip_smollm2_finetune.yaml`` (projector + language model trained; the
+projector-only model of ``clip_smollm2_projector.yaml`` answers at chance).  Test: the first
 ``--test-samples`` questions of each layout of the labelled sets (:mod:`data.vqa.labelled`; Fashion-MNIST
 t10k and held-out digit images, half each), scored as the CLI scores them (greedy answers; ScienceQA: the
 option letter parsed, chance 25 %; VizWiz: soft VQA accuracy, chance 10 % for a uniform guess).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,8 +47,7 @@ LM_QKV = "model.language_model.layers.*.self_attn.[qkv]_proj"
 VISION_QKV = "model.vision_tower.*.self_attn.[qkv]_proj"
 PROJECTOR = "model.multi_modal_projector.linear_[12]"
 ASVD = {"method": "asvd", "method_args": {"scaling": "abs_mean", "alpha": 0.5}}
-COMMAND = ("flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py "
-           "--model outputs/vlm/clip_smollm2_projector/version_0/pretrained --out docs/results/vlm_real_qsvd.md")
+COMMAND = "flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py"
 
 
 def log(msg: str) -> None:
@@ -156,7 +157,8 @@ def main() -> None:
     results: list[dict] = []
 
     def save() -> None:
-        out = {"command": COMMAND, "args": {k: str(v) for k, v in vars(args).items()}, "rows": results,
+        out = {"command": f"{COMMAND} {shlex.join(sys.argv[1:])}",
+               "args": {k: str(v) for k, v in vars(args).items()}, "rows": results,
                "statistics_seconds": stats_s, "gradient_seconds": grad_s,
                "total_seconds": time.perf_counter() - t_start}
         if args.out:

@@ -29,7 +29,9 @@ DDP wrapper and optimizer.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -44,6 +46,14 @@ log = logging.getLogger(__name__)
 
 PLAN_KEY = "compression_plan"
 LORA_KEY = "uv_lora"  # written by callbacks.lora.UVLoRA while adapters are attached
+
+
+def _cosine_factor(warmup: int, total: int, step: int) -> float:
+    """LLaVA's learning-rate factor at ``step`` (0-based): linear warm-up to 1 over ``warmup`` steps, then
+    cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
 class RecipeMismatch(ValueError):
@@ -62,11 +72,19 @@ class CompressionModule(LightningModule):
         learning_rate: AdamW learning rate for whatever parameters are trainable
             (the LoRA stages freeze everything else).
         weight_decay: AdamW weight decay.
+        lr_schedule: ``constant``, or ``cosine``: LLaVA's schedule -- linear warm-up over the first
+            ``warmup_ratio`` of ``trainer.max_steps``, then cosine decay to 0 at ``max_steps`` (per step).
+        warmup_ratio: the warm-up fraction of ``cosine`` (LLaVA: 0.03).
     """
 
     def __init__(self, spec: ModelSpec, compression: Recipe | None = None, evaluate_dense: bool = False,
-                 learning_rate: float = 1e-4, weight_decay: float = 0.0) -> None:
+                 learning_rate: float = 1e-4, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_ratio: float = 0.03) -> None:
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters(ignore=["spec", "compression"])
         self.spec = spec
         self.recipe = compression
@@ -253,10 +271,29 @@ class CompressionModule(LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: a LoRA stage should have unfrozen its adapters")
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        own = self.spec.learning_rates(self.model) if self.model is not None else {}
+        groups = []
+        for prefix, lr in own.items():
+            mine = [p for n, p in params if n.startswith(f"model.{prefix}.")]
+            if not mine:
+                raise ValueError(f"a learning rate is set for {prefix!r}, which has no trainable parameters")
+            groups.append({"params": mine, "lr": lr})
+        taken = {id(p) for g in groups for p in g["params"]}
+        rest = [p for _, p in params if id(p) not in taken]
+        if rest:
+            groups.append({"params": rest, "lr": self.hparams.learning_rate})
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        if total is None or total < 1:
+            raise ValueError("lr_schedule 'cosine' decays to 0 at trainer.max_steps; set --trainer.max_steps")
+        warmup = math.ceil(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_cosine_factor, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -73,6 +73,11 @@ class ModelSpec:
         """Module-name patterns left in high precision by quantization (default: none)."""
         return []
 
+    def learning_rates(self, model: nn.Module) -> dict[str, float]:
+        """``{module name: learning rate}`` for the trainable parameters under a module that train at their own
+        rate instead of the run's ``learning_rate`` (default: none)."""
+        return {}
+
     def calibration_forward(self, model: nn.Module, batch: Any) -> None:
         raise NotImplementedError
 

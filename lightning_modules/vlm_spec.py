@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -88,6 +89,9 @@ class VLMSpec(ModelSpec):
             forward per batch; ``False`` logs NaN as ``val/loss``).
         trainable: parts whose parameters train (``vision_tower``, ``projector``, ``language_model``);
             the rest is frozen at build time.  ``None``: leave ``requires_grad`` as loaded.
+        projector_learning_rate: the projector's own learning rate when it trains together with other parts
+            (LLaVA's ``mm_projector_lr``: a freshly initialised projector needs a far larger step than a
+            pretrained language model); ``None``: the run's ``learning_rate`` for every part.
         seed: initialisation seed of the tiny models.
         model: an already built model (tests); needs ``processor`` too.
         processor: its processor.
@@ -96,7 +100,8 @@ class VLMSpec(ModelSpec):
     def __init__(self, name_or_path: str = "tiny-llava", dtype: str = "float32", compress_language: bool = True,
                  compress_vision: bool = False, compress_projector: bool = False, quantize_vision: bool = True,
                  max_new_tokens: int = 16, eval_loss: bool = True, trainable: list[str] | None = None,
-                 seed: int = 0, model: nn.Module | None = None, processor: Any = None) -> None:
+                 seed: int = 0, model: nn.Module | None = None, processor: Any = None,
+                 projector_learning_rate: float | None = None) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if not (compress_language or compress_vision or compress_projector):
@@ -110,6 +115,13 @@ class VLMSpec(ModelSpec):
             bad = [t for t in trainable if t not in PARTS]
             if bad or not trainable:
                 raise ValueError(f"trainable must list parts among {PARTS}, got {trainable}")
+        if projector_learning_rate is not None:
+            if projector_learning_rate <= 0:
+                raise ValueError(f"projector_learning_rate must be > 0, got {projector_learning_rate}")
+            if trainable is not None and "projector" not in trainable:
+                raise ValueError(f"projector_learning_rate is set but the projector does not train "
+                                 f"(trainable: {trainable}); add projector to trainable or drop the rate")
+        self.projector_learning_rate = projector_learning_rate
         self.eval_loss, self.trainable = eval_loss, trainable
         self.name_or_path, self.dtype, self.seed = name_or_path, dtype, seed
         self.compress_language, self.compress_vision = compress_language, compress_vision
@@ -162,6 +174,13 @@ class VLMSpec(ModelSpec):
         parts = vlm_parts(model)
         return [parts["lm_head"]] + ([] if self.quantize_vision else [f"{parts['vision_tower']}.*"])
 
+    def learning_rates(self, model: nn.Module) -> dict[str, float]:
+        if self.projector_learning_rate is None:
+            return {}
+        from models.vlm import vlm_parts
+
+        return {vlm_parts(model)["projector"]: self.projector_learning_rate}
+
     # -- forward passes ---------------------------------------------------------------------------
     @staticmethod
     def _train_part(batch: dict) -> dict:
@@ -179,12 +198,22 @@ class VLMSpec(ModelSpec):
         """Summed answer-token NLL (float32 logits) and the number of scored tokens."""
         if "labels" not in batch:
             raise ValueError("a VLM training batch needs `labels` (prompt tokens at -100); use data.vqa.VQADataModule")
-        logits = model(**model_inputs(batch), use_cache=False).logits
         labels = batch["labels"]
-        shift, target = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-        nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100,
-                              reduction="sum")
-        return nll, (target != -100).sum()
+        target = labels[:, 1:]
+        scored = target != -100
+        keep = torch.cat([scored, scored.new_zeros(len(scored), 1)], 1)  # position t predicts token t + 1
+        logits = None
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            # the output head only on the answer positions: the full [B, T, vocab] logits cost as much as a
+            # third of a small LM's forward and backward (SmolLM2: 576 x 49k head), and only ~2 rows per question score
+            logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep.to(labels.device)).logits
+            if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+                logits = None  # a transformers version without boolean masks: fall back to the full logits
+        if logits is None:
+            logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][scored.to(labels.device)]
+        target = target[scored].to(logits.device)
+        nll = F.cross_entropy(logits.float(), target, reduction="sum")
+        return nll, scored.sum()
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt: dict) -> list[str]:

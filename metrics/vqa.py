@@ -200,12 +200,13 @@ class VQAScores(torch.nn.Module):
             raise ValueError(f"unknown VQA task {task!r}; expected 'scienceqa' or 'vizwiz'")
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The scores of every task seen since the last reset (``accuracy``, ScienceQA ``parse_failures``)."""
-        out: dict[str, torch.Tensor] = {}
-        for metric in (self.scienceqa, self.vizwiz):
-            if int(metric.total) > 0:
-                out.update(metric.compute())
-        return out
+        """The scores of every task seen since the last reset (``accuracy``, ScienceQA ``parse_failures``); when
+        both tasks were seen (a validation loader over both layouts), each key is prefixed by its task
+        (``scienceqa/accuracy``, ``vizwiz/accuracy``) so that neither score hides the other."""
+        seen = {name: m for name, m in (("scienceqa", self.scienceqa), ("vizwiz", self.vizwiz)) if int(m.total) > 0}
+        if len(seen) == 1:
+            return dict(next(iter(seen.values())).compute())
+        return {f"{name}/{k}": v for name, m in seen.items() for k, v in m.compute().items()}
 
     def reset(self) -> None:
         self.scienceqa.reset()

@@ -81,7 +81,9 @@ def test_metric_classes_accumulate_and_reset():
     scores.update("vizwiz", ["red"], answers=[["red"] * 10])
     assert set(scores.compute()) == {"accuracy"}
     scores.update("scienceqa", ["A"], choices=[["x", "y"]], answer_index=[1])
-    assert set(scores.compute()) == {"accuracy", "parse_failures"}
+    both = scores.compute()
+    assert set(both) == {"scienceqa/accuracy", "scienceqa/parse_failures", "vizwiz/accuracy"}
+    assert float(both["scienceqa/accuracy"]) == 0.0 and float(both["vizwiz/accuracy"]) == 100.0
     scores.reset()
     assert scores.compute() == {}
     assert isinstance(sqa.correct, torch.Tensor)

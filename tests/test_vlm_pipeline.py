@@ -170,3 +170,72 @@ def test_tiny_configs_run_through_the_cli(config, tmp_path, monkeypatch):
     assert Path(summary["checkpoint"]).is_file()
     assert summary["compression"]["allocation"] == "gradient"
     assert all(math.isfinite(v) and 0 <= v <= 100 for k, v in summary["test"].items() if "/accuracy/" in k)
+
+
+@pytest.mark.parametrize("family, dataset", CASES)
+def test_answer_loss_scores_only_answer_tokens_with_the_head_on_them_alone(family, dataset, roots):
+    """The training loss runs the output head on the answer positions only; it equals the mean cross-entropy of the
+    full logits over the tokens whose label is set, and its gradient reaches the projector unchanged."""
+    import torch.nn.functional as F
+
+    dm = _datamodule(family, dataset, roots[dataset])
+    spec = VLMSpec(f"tiny-{family}", trainable=["projector"])
+    model = spec.build()
+    batch = next(iter(dm.train_dataloader()))
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    target = batch["labels"][:, 1:]
+    assert 0 < int((target != -100).sum()) < target.numel() // 2  # a few answer tokens among many prompt tokens
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                ignore_index=-100)
+    reference.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = spec.training_loss(model, batch)
+    loss.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-7)
+                         for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_projector_trains_at_its_own_learning_rate():
+    """LLaVA's ``mm_projector_lr``: with the projector and the language model trainable, the optimizer holds the
+    projector's parameters at their own rate and every other trainable parameter at the run's rate."""
+    spec = VLMSpec("tiny-llava", trainable=["projector", "language_model"], projector_learning_rate=1e-2)
+    module = CompressionModule(spec, learning_rate=1e-4)
+    module.configure_model()
+    groups = module.configure_optimizers().param_groups
+    projector = {id(p) for p in module.model.model.multi_modal_projector.parameters()}
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4]
+    assert {id(p) for p in groups[0]["params"]} == projector
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in trainable} - projector
+    assert len(groups[1]["params"]) == len(trainable) - len(projector) > 0
+    with pytest.raises(ValueError, match="projector does not train"):
+        VLMSpec("tiny-llava", trainable=["language_model"], projector_learning_rate=1e-2)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_per_step():
+    """``lr_schedule: cosine`` (LLaVA's): linear warm-up over ceil(warmup_ratio * max_steps) steps, then a cosine to 0
+    at max_steps, stepped every optimizer step; constant keeps the plain optimizer."""
+    spec = VLMSpec("tiny-llava", trainable=["projector"])
+    module = CompressionModule(spec, learning_rate=1e-2, lr_schedule="cosine", warmup_ratio=0.1)
+    module.configure_model()
+    module.trainer = Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:2] == pytest.approx([5e-3, 1e-2])  # warm-up: 2 steps
+    assert rates[2] == pytest.approx(1e-2) and rates[11] == pytest.approx(5e-3)  # cos(pi/2) halfway through decay
+    assert all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(
+        math.pi * 17 / 18)))
+    constant = CompressionModule(VLMSpec("tiny-llava", trainable=["projector"]), learning_rate=1e-2)
+    constant.configure_model()
+    assert isinstance(constant.configure_optimizers(), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        CompressionModule(spec, lr_schedule="linear")
