@@ -425,16 +425,11 @@ def compress_streamed_(model: nn.Module, recipe: Recipe, weights: str | os.PathL
     ``model`` built with :func:`compression.streaming.empty_parameters`, weights read from the safetensors
     in ``weights`` one block at a time, the compressed model written to ``out`` block by block
     (:func:`compression.streaming.load_streamed` reads it back)."""
-    from compression.streaming import BlockStream, ShardedWeights
+    from compression.streaming import BlockStream
 
     if not recipe.calibration.sequential:
         raise ValueError("streamed weights need calibration.mode: sequential (one block in memory at a time)")
-    shards = ShardedWeights(weights)
-    paths = block_paths(model, family)
-    shards.load(model, skip=tuple(paths))
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    stream = BlockStream(shards, out)
+    stream = BlockStream.open(model, block_paths(model, family), weights, out)
     pipe = CompressionPipeline(model, recipe, family)
     SequentialRun(pipe, forward, reduce, None, progress, stream=stream).run(list(batches))
     report = pipe.finish()

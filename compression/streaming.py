@@ -50,12 +50,14 @@ def empty_parameters() -> Iterator[None]:
 class ShardedWeights:
     """Tensors by full name from ``folder``'s safetensors file(s), read on demand (memory-mapped)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, files: dict[str, str] | None = None) -> None:
         from safetensors import safe_open
 
         self.folder = Path(folder)
         index = self.folder / INDEX
-        if index.is_file():
+        if files is not None:  # tensor name -> file name in ``folder`` (what a BlockStream wrote so far)
+            self.files = {k: self.folder / v for k, v in files.items()}
+        elif index.is_file():
             self.files = {k: self.folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
         elif (self.folder / "model.safetensors").is_file():
             with safe_open(self.folder / "model.safetensors", "pt") as f:
@@ -74,7 +76,9 @@ class ShardedWeights:
     @torch.no_grad()
     def load(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> int:
         """Materialize every ``meta`` parameter / persistent buffer of ``module`` (full names ``prefix + name``)
-        whose name does not start with one of ``skip``; returns the bytes read."""
+        whose name does not start with one of ``skip``, in the dtype the module was built with (as
+        ``from_pretrained(dtype=...)``: a copy when the file stores another dtype, else memory-mapped);
+        returns the bytes read."""
         state, read = {}, 0
         persistent = {f"{n}.{b}" if n else b for n, m in module.named_modules() for b in m._buffers
                       if b not in m._non_persistent_buffers_set}
@@ -87,6 +91,8 @@ class ShardedWeights:
             if value.shape != tensor.shape:
                 raise ValueError(f"{self.folder}: tensor {full!r} has shape {tuple(value.shape)}, the model expects "
                                  f"{tuple(tensor.shape)}")
+            if value.dtype != tensor.dtype and value.is_floating_point() and tensor.is_floating_point():
+                value = value.to(tensor.dtype)
             state[name] = value
             read += value.nbytes
         module.load_state_dict(state, strict=False, assign=True)
@@ -107,6 +113,17 @@ class BlockStream:
         self.out.mkdir(parents=True, exist_ok=True)
         self.weight_map: dict[str, str] = {}
 
+    @classmethod
+    def open(cls, model: nn.Module, blocks: list[str], weights: str | os.PathLike,
+             out: str | os.PathLike) -> BlockStream:
+        """Load the non-block tensors of ``model`` (built with :func:`empty_parameters`) from ``weights``,
+        tie them, and return the stream of its ``blocks`` (module paths) into ``out``."""
+        shards = ShardedWeights(weights)
+        shards.load(model, skip=tuple(blocks))
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return cls(shards, out)
+
     def before(self, index: int, path: str, block: nn.Module) -> None:
         self.weights.load(block, prefix=path + ".")
         for name, p in block.named_parameters():
@@ -120,6 +137,11 @@ class BlockStream:
             _save(state, self.out / name)
             self.weight_map.update(dict.fromkeys(state, name))
         block.to("meta")
+
+    def reload(self, model: nn.Module) -> int:
+        """Fill the blocks of ``model`` back from the files written (memory-mapped: the compressed model is
+        whole again, its block tensors backed by those files); returns the bytes mapped."""
+        return ShardedWeights(self.out, files=self.weight_map).load(model)
 
     def finish(self, model: nn.Module, plan: dict) -> None:
         """The non-block tensors (tied ones once), the index and the plan."""
