@@ -65,6 +65,15 @@ class ShardedWeights:
         else:
             raise FileNotFoundError(f"{self.folder}: no {INDEX} or model.safetensors to stream weights from")
 
+    def span(self, name: str) -> tuple[Path, str, int, int]:
+        """``(file, safetensors dtype, first byte, end byte)`` of tensor ``name`` in its file (from the header)."""
+        path = self.files[name]
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(size))[name]
+        start, end = entry["data_offsets"]
+        return path, entry["dtype"], 8 + size + start, 8 + size + end
+
     def read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
@@ -103,6 +112,45 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+CHUNK = 16 * 2**20
+
+
+def _save_copying(state: dict[str, torch.Tensor], path: Path, weights: ShardedWeights) -> None:
+    """``state`` as one safetensors file, each tensor that ``weights`` holds in the same dtype copied from its
+    file with plain reads, ``CHUNK`` bytes at a time.  Reading the model's own memory-mapped tensor would page
+    the whole of it into this process (an embedding and a head: 500 MiB at TinyLlama's width); the copy
+    holds one chunk.  The caller guarantees those tensors are unchanged since they were loaded."""
+    sources, header, offset = {}, {}, 0
+    for name, tensor in state.items():
+        dtype = _ST_DTYPES[tensor.dtype]
+        if name in weights.files:
+            src, src_dtype, start, end = weights.span(name)
+            if src_dtype == dtype and end - start == tensor.nbytes:
+                sources[name] = (src, start, end)
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, tensor in state.items():
+            if name in sources:
+                src, start, end = sources[name]
+                with open(src, "rb") as g:
+                    g.seek(start)
+                    for at in range(start, end, CHUNK):
+                        f.write(g.read(min(CHUNK, end - at)))
+            else:
+                flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                for at in range(0, flat.numel(), CHUNK):
+                    f.write(flat[at:at + CHUNK].numpy().tobytes())
+    os.replace(tmp, path)
 
 
 class BlockStream:
@@ -144,7 +192,8 @@ class BlockStream:
         return ShardedWeights(self.out, files=self.weight_map).load(model)
 
     def finish(self, model: nn.Module, plan: dict) -> None:
-        """The non-block tensors (tied ones once), the index and the plan."""
+        """The non-block tensors (tied ones once), the index and the plan.  The sequential driver compresses
+        nothing outside the blocks, so the non-block tensors are the ones loaded: copied from their files."""
         from compression.plan import save_plan
 
         seen, rest = set(), {}
@@ -153,7 +202,7 @@ class BlockStream:
                 continue
             seen.add(id(tensor))
             rest[name] = tensor
-        _save(rest, self.out / "rest.safetensors")
+        _save_copying(rest, self.out / "rest.safetensors", self.weights)
         self.weight_map.update(dict.fromkeys(rest, "rest.safetensors"))
         (self.out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=1))
         save_plan(plan, self.out / PLAN)

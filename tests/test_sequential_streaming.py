@@ -89,3 +89,27 @@ def test_stream_weights_refusals(tmp_path):
     with pytest.raises(ValueError, match="evaluate_dense false"):
         _fit(CompressionModule(CausalLMSpec(name_or_path=str(tmp_path / "dense")), compression=recipe,
                                evaluate_dense=True))
+
+
+def test_rest_tensors_are_copied_from_their_files_in_chunks(tmp_path, monkeypatch):
+    """The non-block tensors are written by copying their bytes from the source file (same dtype) or from memory
+    (another dtype, or not in the files), a few bytes at a time; the file reads back exactly."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compression import streaming
+
+    g = torch.Generator().manual_seed(0)
+    source = {"a": torch.randn(7, 13, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16),
+              "c": torch.arange(11, dtype=torch.int64)}
+    save_file(source, str(tmp_path / "model.safetensors"))
+    weights = streaming.ShardedWeights(tmp_path)
+    state = {"a": weights.read("a"), "b": weights.read("b").float(), "c": weights.read("c"),
+             "d": torch.tensor([True, False, True])}
+    monkeypatch.setattr(streaming, "CHUNK", 40)  # 364 bytes of "a": ten chunks, the last one short
+    streaming._save_copying(state, tmp_path / "rest.safetensors", weights)
+    with safe_open(tmp_path / "rest.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["a", "b", "c", "d"]
+        for name, value in state.items():
+            got = f.get_tensor(name)
+            assert got.dtype == value.dtype and torch.equal(got, value), name
