@@ -79,6 +79,7 @@ def test_stream_weights_refusals(tmp_path):
     with pytest.raises(ValueError, match="mode: sequential only"):
         Recipe("svd_llm", calibration={"stream_weights": True})
     recipe = Recipe("svd_llm", ratio=0.3, calibration={**SEQ, "stream_weights": True})
+    assert recipe.differences(Recipe("svd_llm", ratio=0.3, calibration=SEQ)) == []  # a checkpoint resumes either way
     with pytest.raises(ValueError, match="given a built model"):
         _fit(CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=recipe))
     _save(tmp_path / "bin")
