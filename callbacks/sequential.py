@@ -58,7 +58,8 @@ class SequentialCompression(CompressionStage, Callback):
                                    "(CompressionModule builds it on meta when it streams)")
             out = tempfile.mkdtemp(prefix="svd-streamed-")
             stream = BlockStream.open(model, block_paths(model, pipe.family), pl_module.weights_folder, out)
-        if settings.block_device is not None:  # the model waits on the host: so do the batches
+        on_host = settings.block_device is not None or stream is not None
+        if on_host:  # the model waits on the host: so do the batches
             host = next(model.parameters()).device
             batches = [to_device(b, host) for b in batches]
         was_training = model.training
@@ -67,6 +68,8 @@ class SequentialCompression(CompressionStage, Callback):
         if settings.block_device is not None:  # a bare "cuda" means this rank's GPU
             device, root = torch.device(settings.block_device), trainer.strategy.root_device
             device = root if device.type == root.type and device.index is None else device
+        elif stream is not None:  # streamed blocks are read on the host and run on the strategy's device
+            device = trainer.strategy.root_device
         try:
             run = SequentialRun(pipe, pl_module.spec.calibration_forward, all_reduce_fn(trainer),
                                 progress=settings.progress and trainer.is_global_zero, device=device, stream=stream)

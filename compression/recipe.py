@@ -79,6 +79,7 @@ class CalibrationRecipe:
             each block's weights from the model's local safetensors files just before that block runs
             (:mod:`compression.streaming`): the dense model is never whole in memory.  Each compressed
             block is written to a temporary folder and memory-mapped back when every block is done.
+            The blocks run on ``block_device`` (default: the trainer's device).
     """
 
     max_batches: int | None = None
