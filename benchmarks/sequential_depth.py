@@ -214,7 +214,11 @@ def reading(rows: list[dict], args) -> str:
         f"Besides the block, the peak holds (not broken down here) its float64 statistics ({stats / mib:.0f} MiB), "
         "the decomposition's temporaries (Cholesky factor, whitened weight, its SVD), the block's intermediate "
         "activations, the code pages of the linear algebra libraries on first use, and the embedding rows the "
-        "calibration tokens touch.",
+        "calibration tokens touch. Those rows are clean file pages of the memory-mapped embedding, and how much "
+        "of it a few hundred rows map depends on the page cache: on weights written just before the run (as "
+        "here) the same streamed worker kept ~200 MiB more file pages mapped than on weights written long "
+        "before (a probe at depth 2: 660 vs 433 MiB `peak - start`, the anonymous part equal), so the spread "
+        "between depths here is of that order and not a trend with depth.",
         "",
         "Two things made the streamed peak grow with depth before (same command: 646 / 683 / 1202 MiB at depth "
         "2 / 8 / 22), both fixed: glibc kept the heap freed by each block in its arenas (anonymous resident "
