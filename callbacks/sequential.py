@@ -9,18 +9,27 @@ the running memory peak; every logger gets each block's output error ``compress/
 (compressed vs dense block output on the calibration inputs, step = block index), the same error relative
 to the block's residual update ``compress/block_update_error`` and its statistics bytes
 ``compress/block_stats_mib``.
+
+With ``calibration.stream_weights`` the module built the model with its parameters on ``meta``
+(``pl_module.weights_folder`` names its safetensors): the non-block weights are loaded, each block is read
+just before it runs, written to a temporary folder once compressed and freed
+(:class:`compression.streaming.BlockStream`); after the last block every compressed block is memory-mapped
+back, so the later stages see an ordinary compressed model.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
-from compression.sequential import SequentialRun, to_device
+from compression.sequential import SequentialRun, block_paths, to_device
+from compression.streaming import BlockStream
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,15 @@ class SequentialCompression(CompressionStage, Callback):
                              "more calibration samples (or a smaller batch size) than processes")
         start = time.perf_counter()
         model = pl_module.model
-        if settings.block_device is not None:  # the model waits on the host: so do the batches
+        stream, out = None, None
+        if settings.stream_weights:
+            if getattr(pl_module, "weights_folder", None) is None:
+                raise RuntimeError("calibration.stream_weights: the model was built with its weights loaded "
+                                   "(CompressionModule builds it on meta when it streams)")
+            out = tempfile.mkdtemp(prefix="svd-streamed-")
+            stream = BlockStream.open(model, block_paths(model, pipe.family), pl_module.weights_folder, out)
+        on_host = settings.block_device is not None or stream is not None
+        if on_host:  # the model waits on the host: so do the batches
             host = next(model.parameters()).device
             batches = [to_device(b, host) for b in batches]
         was_training = model.training
@@ -51,12 +68,19 @@ class SequentialCompression(CompressionStage, Callback):
         if settings.block_device is not None:  # a bare "cuda" means this rank's GPU
             device, root = torch.device(settings.block_device), trainer.strategy.root_device
             device = root if device.type == root.type and device.index is None else device
+        elif stream is not None:  # streamed blocks are read on the host and run on the strategy's device
+            device = trainer.strategy.root_device
         try:
             run = SequentialRun(pipe, pl_module.spec.calibration_forward, all_reduce_fn(trainer),
-                                progress=settings.progress and trainer.is_global_zero, device=device)
+                                progress=settings.progress and trainer.is_global_zero, device=device, stream=stream)
             self.records = run.run(batches)
+            if stream is not None:
+                mapped = stream.reload(model)
+                log.info("stream_weights: %.1f MiB of compressed blocks mapped back from %s", mapped / 2**20, out)
         finally:
             model.train(was_training)
+            if out is not None:  # the mapped files stay readable until the model lets go of them (POSIX)
+                shutil.rmtree(out, ignore_errors=True)
         pl_module.calibration_seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             for record in self.records:

@@ -75,6 +75,11 @@ class CalibrationRecipe:
         activations: ``sequential`` only -- where the calibration hidden states wait between
             blocks: ``device`` (the block device), ``host`` (CPU memory) or ``disk`` (a temporary
             directory, memory-mapped).
+        stream_weights: ``sequential`` only -- build the model with its parameters on ``meta`` and read
+            each block's weights from the model's local safetensors files just before that block runs
+            (:mod:`compression.streaming`): the dense model is never whole in memory.  Each compressed
+            block is written to a temporary folder and memory-mapped back when every block is done.
+            The blocks run on ``block_device`` (default: the trainer's device).
     """
 
     max_batches: int | None = None
@@ -86,6 +91,7 @@ class CalibrationRecipe:
     propagate: Literal["compressed", "dense"] = "compressed"
     block_device: str | None = None
     activations: Literal["device", "host", "disk"] = "device"
+    stream_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -98,9 +104,9 @@ class CalibrationRecipe:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"calibration.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.mode != "sequential" and (self.propagate != "compressed" or self.block_device is not None
-                                          or self.activations != "device"):
-            raise ValueError("calibration.propagate / block_device / activations apply to calibration.mode: "
-                             "sequential only; set mode: sequential or leave them at their defaults")
+                                          or self.activations != "device" or self.stream_weights):
+            raise ValueError("calibration.propagate / block_device / activations / stream_weights apply to "
+                             "calibration.mode: sequential only; set mode: sequential or leave them at their defaults")
 
     @property
     def sequential(self) -> bool:
@@ -238,7 +244,7 @@ class LoRARecipe:
 
 
 RUN_ONLY = ("calibration.progress", "calibration.stats_device", "calibration.block_device",
-            "calibration.activations", "device")
+            "calibration.activations", "calibration.stream_weights", "device")
 """Recipe fields that do not change the compressed model (where the maths runs, progress bars)."""
 
 

@@ -15,7 +15,9 @@ restores a checkpoint and before the strategy wraps the model (DDP) or builds op
    (also on resume, before the weights load).  With ``calibration: {mode: sequential}`` one stage
    (:class:`callbacks.SequentialCompression`) replaces calibration, reallocation and truncation;
    with ``calibration.block_device`` set as well, the model waits on the host while its blocks visit
-   that device one at a time, and moves to the strategy's device after compression.
+   that device one at a time, and moves to the strategy's device after compression.  With
+   ``calibration.stream_weights`` the model is built with its parameters on ``meta`` (``spec.build_streamed``)
+   and the sequential stage reads each block from the model's safetensors just before it runs.
 
 The CLI tells the module the checkpoint (``checkpoint_path``) before ``fit``/``validate``/``test``
 start, so ``--ckpt_path`` never recalibrates.  In your own code set ``trainer.ckpt_path = PATH``
@@ -90,6 +92,7 @@ class CompressionModule(LightningModule):
         self.recipe = compression
         self.evaluate_dense = evaluate_dense
         self.checkpoint_path: str | None = None  # set by the CLI from --ckpt_path before the trainer runs
+        self.weights_folder: str | None = None  # calibration.stream_weights: where the blocks are read from
         self.model: nn.Module | None = None
         self.plan: dict | None = None  # built by the compression stages or restored from a checkpoint
         self.plan_restored = False
@@ -146,15 +149,18 @@ class CompressionModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.spec.build()
-        self.val_metrics = self.spec.make_metrics()
         trainer = self._trainer
+        if self._streams_weights(trainer):
+            self.model, self.weights_folder = self.spec.build_streamed()
+        else:
+            self.model = self.spec.build()
+        self.val_metrics = self.spec.make_metrics()
         if trainer is None:
             return
         recipe = self.recipe
-        streamed = (trainer.state.fn == TrainerFn.FITTING and recipe is not None and recipe.lowrank
-                    and recipe.calibration.sequential and recipe.calibration.block_device is not None)
-        if not streamed:
+        on_host = (trainer.state.fn == TrainerFn.FITTING and recipe is not None and recipe.lowrank
+                   and recipe.calibration.sequential and recipe.calibration.block_device is not None)
+        if not on_host and self.weights_folder is None:
             self.model.to(trainer.strategy.root_device)
         check = getattr(trainer.datamodule, "check_model", None)
         if callable(check):  # e.g. a tokenizer whose ids the model cannot embed: refused before any work
@@ -181,6 +187,22 @@ class CompressionModule(LightningModule):
         for stage in stages:
             if isinstance(stage, UVLoRA):  # adds structure: also on resume, before the weights load
                 stage.run_compression_stage(trainer, self)
+
+    def _streams_weights(self, trainer) -> bool:
+        """``calibration.stream_weights`` when fitting without a checkpoint (a checkpoint brings its own weights);
+        refuses what needs the whole dense model in memory."""
+        recipe = self.recipe
+        if trainer is None or recipe is None or not recipe.calibration.stream_weights:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING or self.checkpoint_path or trainer.ckpt_path:
+            return False
+        if self.evaluate_dense:
+            raise ValueError("calibration.stream_weights never holds the whole dense model, so it cannot be "
+                             "evaluated first; set model.evaluate_dense false (--model.evaluate_dense false)")
+        if recipe.lora.enabled and recipe.lora.distill > 0:
+            raise ValueError("calibration.stream_weights never holds the whole dense model, which lora.distill needs "
+                             "as its teacher; set compression.lora.distill 0 or stream_weights false")
+        return True
 
     def _keep_teacher(self) -> None:
         """A frozen copy of the dense model for ``lora.distill`` (a plain attribute: never in checkpoints,

@@ -49,6 +49,12 @@ class ModelSpec:
 
     forms: dict = {}  # the "forms" plan section of the conversions build() made (compression.forms)
 
+    def build_streamed(self) -> tuple[nn.Module, str]:
+        """``calibration.stream_weights``: the model with its parameters on ``meta`` and the local folder of
+        safetensors its weights are read from, one block at a time."""
+        raise ValueError(f"calibration.stream_weights: {type(self).__name__} cannot build its model without "
+                         "loading the weights; set compression.calibration.stream_weights false")
+
     def default_targets(self, model: nn.Module) -> list[str] | None:
         return None
 
@@ -132,6 +138,40 @@ class CausalLMSpec(ModelSpec):
             layout = None
         self.forms = linearize_(model, layout)
         return model
+
+    def build_streamed(self) -> tuple[nn.Module, str]:
+        """The model of ``name_or_path`` (a local ``save_pretrained`` folder with ``model.safetensors`` or
+        sharded ``*.safetensors`` and their index) with every parameter on ``meta``; the weights stay on disk
+        (:mod:`compression.streaming`).  The tokenizer is not loaded (the data module has its own)."""
+        from pathlib import Path
+
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from compression.streaming import INDEX, empty_parameters
+        from models.causal_lm import resolve_model_dir
+
+        if self._model is not None:
+            raise ValueError("calibration.stream_weights reads the weights from disk, but this spec was given a "
+                             "built model; pass name_or_path (a save_pretrained folder) instead")
+        folder = Path(resolve_model_dir(self.name_or_path))
+        if not folder.is_dir() or not ((folder / INDEX).is_file() or (folder / "model.safetensors").is_file()):
+            raise ValueError(f"calibration.stream_weights reads the weights block by block from a local folder "
+                             f"with model.safetensors (or safetensors shards and {INDEX}); {self.name_or_path!r} "
+                             f"resolves to {str(folder)!r}, which has neither. Save the model with "
+                             "save_pretrained(folder) and pass that folder, or set stream_weights false")
+        config = AutoConfig.from_pretrained(folder)
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[self.dtype]).eval()
+        try:
+            layout = self.layout(model)
+        except NotImplementedError:
+            layout = None
+        self.forms = linearize_(model, layout)
+        if self.forms:
+            raise ValueError(f"calibration.stream_weights: {self.name_or_path!r} stores weights in another form "
+                             f"({sorted(self.forms)}: converted to nn.Linear after loading), which the block "
+                             "stream cannot read by name; set stream_weights false")
+        return model, str(folder)
 
     def layout(self, model: nn.Module) -> ModelLayout:
         from models.layouts import layout_of
