@@ -24,6 +24,10 @@ does) and cached next to ``z``; the values stay latent and folded.  ``kv_heads �
 token and layer -- less than the plain cache's ``2 · kv_heads · head_dim`` only when ``r < kv_heads · head_dim``
 -- and per step only the plain cache's key reads plus ``H S r`` for the values.
 
+``keys="auto"`` decides per layer so that the cache is never bigger or slower than the plain one: ``keys="plain"``
+where ``r < kv_heads · head_dim`` (less memory, and the value fold reads ``r`` numbers per token instead of
+``head_dim`` per kv head), the plain attention elsewhere (at such ranks a latent costs memory and time).
+
 It works with transformers' ``Cache`` objects unchanged: each layer's entry is one of
 :mod:`compression.latent_cache_layers` (a ``DynamicLayer`` appending into spare capacity, or on sliding-window
 layers a ``DynamicSlidingWindowLayer`` keeping the last ``window - 1`` tokens, so the attention mask sizes are
@@ -227,31 +231,54 @@ def _is_joint(model: nn.Module, spec: Attention) -> bool:
     return latent is not None and all(isinstance(m, JointProjection) and m.latent is latent for m in members)
 
 
+def _latent_rank(model: nn.Module, spec: Attention) -> int:
+    if spec.fused:
+        return model.get_submodule(spec.qkv).rank
+    return getattr(model.get_submodule(spec.path), LATENT_NAME).rank
+
+
+def _layer_mode(model: nn.Module, spec: Attention, keys: str) -> str | None:
+    """The key mode a joint attention gets under ``keys`` (``"auto"`` resolved), or None: keep it plain."""
+    if keys != "auto":
+        return keys
+    return "plain" if _latent_rank(model, spec) < spec.kv_heads * spec.head_dim else None
+
+
 def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "latent") -> list[str]:
     """Swap every attention whose q/k/v share one latent for :class:`LatentAttention`; returns their paths.
 
     ``keys="latent"`` caches only ``z`` (and positions) and rebuilds the keys every step; ``keys="plain"``
-    caches the rotated keys and ``z`` for the values (more memory, no rebuild over the prefix).
+    caches the rotated keys and ``z`` for the values (more memory, no rebuild over the prefix); ``keys="auto"``
+    uses ``"plain"`` on the layers whose latent rank is below ``kv_heads · head_dim`` and leaves the others
+    plain (an empty list, with a warning, when no layer qualifies).
 
     Refused up front for layouts without a latent K/V rebuild (their layout says why) and for attentions
     without rotary positions; attentions that are not joint keep the plain cache.
     """
-    if keys not in KEY_MODES:
-        raise ValueError(f"enable_latent_cache_: keys={keys!r}; choose one of {KEY_MODES}")
+    if keys not in (*KEY_MODES, "auto"):
+        raise ValueError(f"enable_latent_cache_: keys={keys!r}; choose one of {(*KEY_MODES, 'auto')}")
     layout.require("latent_cache")
-    changed = []
+    changed, joint = [], 0
     for block in layout.blocks:
         spec = block.attn
         attn = model.get_submodule(spec.path)
         if isinstance(attn, LatentAttention) or not _is_joint(model, spec):
+            continue
+        joint += 1
+        mode = _layer_mode(model, spec, keys)
+        if mode is None:
             continue
         if spec.rotary is None:
             raise NotImplementedError(f"{layout.model_class}: the latent KV cache rebuilds rotary keys; {spec.path} "
                                       "has no rotary module")
         parent, _, child = spec.path.rpartition(".")
         setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, model.get_submodule(spec.rotary),
-                                                                        keys))
+                                                                        mode))
         changed.append(spec.path)
+    if not changed and joint:  # keys="auto" and every latent at least as wide as the keys it would replace
+        log.warning("enable_latent_cache_(keys='auto'): every joint latent rank is >= kv_heads * head_dim, where a "
+                    "latent cache costs more memory and time than the plain cache; all %d layers keep it", joint)
+        return changed
     if not changed:
         raise ValueError("enable_latent_cache_: no attention with q/k/v sharing one latent; compress with "
                          "joint_qkv: true (separate q/k/v) or compress the fused qkv projection first")
@@ -276,22 +303,21 @@ def disable_latent_cache_(model: nn.Module) -> list[str]:
 def kv_bytes_per_token(model: nn.Module, layout: ModelLayout, latent: bool, bytes_per_value: float = 2.0,
                        keys: str = "latent") -> dict[str, float]:
     """KV-cache size per token summed over layers: ``r`` (``keys="latent"``) or ``kv_heads · head_dim + r``
-    (``keys="plain"``) vs ``2 · kv_heads · head_dim`` values; layers that are not joint count as plain."""
-    if keys not in KEY_MODES:
-        raise ValueError(f"kv_bytes_per_token: keys={keys!r}; choose one of {KEY_MODES}")
+    (``keys="plain"``) vs ``2 · kv_heads · head_dim`` values; layers that are not joint, or that ``keys="auto"``
+    leaves plain, count as plain."""
+    if keys not in (*KEY_MODES, "auto"):
+        raise ValueError(f"kv_bytes_per_token: keys={keys!r}; choose one of {(*KEY_MODES, 'auto')}")
     dense_total = latent_total = 0
     for block in layout.blocks:
         spec = block.attn
         dense = 2 * spec.kv_heads * spec.head_dim
         dense_total += dense
-        if not _is_joint(model, spec):
+        mode = _layer_mode(model, spec, keys) if _is_joint(model, spec) else None
+        if mode is None:
             latent_total += dense
             continue
-        if spec.fused:
-            latent_total += model.get_submodule(spec.qkv).rank
-        else:
-            latent_total += getattr(model.get_submodule(spec.path), LATENT_NAME).rank
-        if keys == "plain":
+        latent_total += _latent_rank(model, spec)
+        if mode == "plain":
             latent_total += spec.kv_heads * spec.head_dim
     return {"dense_values": dense_total, "latent_values": latent_total,
             "dense_bytes": dense_total * bytes_per_value, "latent_bytes": latent_total * bytes_per_value,

@@ -188,3 +188,36 @@ def test_beam_search_matches_plain_cache(joint_pair, keys):
     a, b = plain.generate(prompt, **kw), latent.generate(prompt, **kw)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(b.scores), torch.stack(a.scores), rtol=0, atol=1e-9)
+
+
+def test_auto_keys_only_where_the_latent_is_narrower_than_the_keys(token_batches, caplog):
+    """``keys="auto"``: plain keys + latent values on a layer whose rank is below ``kv_heads * head_dim`` (32 here),
+    the plain attention on a wider one; generation still equals the plain cache and the byte count follows."""
+    dense = make_tiny_llama().double()
+    stats = collect_stats(dense, list(eligible_linears(dense)[0]), token_batches)
+    narrow, wide = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_joint(narrow, "svd_llm_v2", stats, ratio=0.3)
+    compress_joint(wide, "svd_llm_v2", stats, ratio=0.05)
+    ranks = [narrow.model.layers[0].self_attn.qkv_latent.rank, wide.model.layers[1].self_attn.qkv_latent.rank]
+    assert ranks[0] < 32 <= ranks[1], ranks
+    mixed = copy.deepcopy(narrow)
+    mixed.model.layers[1].self_attn = copy.deepcopy(wide.model.layers[1].self_attn)
+    plain, auto = mixed, copy.deepcopy(mixed)
+    assert enable_latent_cache_(auto, layout_of(auto), keys="auto") == ["model.layers.0.self_attn"]
+    assert isinstance(auto.model.layers[0].self_attn, LatentAttention)
+    assert auto.model.layers[0].self_attn.key_mode == "plain"
+    assert not isinstance(auto.model.layers[1].self_attn, LatentAttention)
+    sizes = kv_bytes_per_token(auto, layout_of(auto), latent=True, keys="auto")
+    assert sizes["latent_values"] == (32 + ranks[0]) + 64 and sizes["dense_values"] == 128
+    prompt = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    seq_a, scores_a = _generate(plain, prompt)
+    seq_b, scores_b = _generate(auto, prompt)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)
+    # every latent at least as wide as the keys: nothing swapped, said in a warning, not an error
+    with caplog.at_level("WARNING", logger="compression.latent_cache"):
+        assert enable_latent_cache_(wide, layout_of(wide), keys="auto") == []
+    assert "keep it" in caplog.text
+    assert kv_bytes_per_token(wide, layout_of(wide), latent=True, keys="auto")["ratio"] == 1.0
+    with pytest.raises(ValueError, match="choose one of"):
+        enable_latent_cache_(copy.deepcopy(narrow), layout_of(narrow), keys="fast")
