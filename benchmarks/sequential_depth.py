@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,36 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+class PeakSampler:
+    """Samples ``VmRSS`` / ``RssAnon`` / ``RssFile`` every few ms and keeps the split at the largest ``VmRSS``:
+    anonymous memory (heap, tensors) is what the run holds; file pages (memory-mapped safetensors, code) are
+    clean and the kernel reclaims them under pressure. ``VmHWM`` stays the reported peak (a sampler can miss
+    a short spike); the split is read at the sampled one."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every, self.peak, self._stop = every, {"VmRSS": 0}, threading.Event()
+        self.start = self._read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> dict[str, int]:
+        return {f: _status(f) for f in ("VmRSS", "RssAnon", "RssFile")}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            now = self._read()
+            if now["VmRSS"] > self.peak["VmRSS"]:
+                self.peak = now
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return {"anon_start": self.start["RssAnon"], "file_start": self.start["RssFile"],
+                "anon_at_peak": self.peak.get("RssAnon", self.start["RssAnon"]),
+                "file_at_peak": self.peak.get("RssFile", self.start["RssFile"])}
+
+
 def worker(mode: str, depth: int, folder: Path, samples: int, seq_len: int) -> dict:
     """One measurement in this process (run in a fresh one)."""
     from compression import Recipe, compress_, prepare
@@ -99,6 +130,7 @@ def worker(mode: str, depth: int, folder: Path, samples: int, seq_len: int) -> d
     recipe = Recipe("svd_llm", ratio=0.4, targets=["k_proj", "v_proj"], calibration=calibration)
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here: imports are not counted
     rss_start = _status("VmRSS")
+    sampler = PeakSampler()
     start = time.perf_counter()
     stats_bytes = 0
     if mode == "streamed":
@@ -114,7 +146,9 @@ def worker(mode: str, depth: int, folder: Path, samples: int, seq_len: int) -> d
         pipe.truncate()
         pipe.finish()
     seconds = time.perf_counter() - start
+    split = sampler.stop()
     out = {"mode": mode, "depth": depth, "seconds": seconds, "rss_start": rss_start, "peak_rss": _status("VmHWM"),
+           **split,
            "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "params": sum(p.numel() for p in skeleton(depth).parameters())}
     if mode in ("sequential", "streamed"):
@@ -174,19 +208,29 @@ def render(rows: list[dict], args, command: str) -> str:
         "Each process imports torch/transformers and builds the meta skeleton (`RSS at start`), then the peak "
         "resident set is reset (`/proc/self/clear_refs`) and measured over loading + compression (`peak`, `VmHWM`); "
         "`peak - start` is what the run itself needs. `baseline` loads nothing. Non-block weights (embeddings + "
-        "head) are 500 MiB at this width.",
+        "head) are 500 MiB at this width. `anon` / `file`: the resident set's anonymous part (heap, tensors) and "
+        "its file pages (memory-mapped safetensors, code; clean, reclaimable), each above its value at start, "
+        "read at the largest `VmRSS` a 5 ms sampler saw.",
         "",
-        "| depth | params | mode | RSS at start MiB | peak MiB | peak - start MiB | statistics alive at peak MiB "
-        "| one block MiB | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| depth | params | mode | RSS at start MiB | peak MiB | peak - start MiB | anon MiB | file MiB "
+        "| statistics alive at peak MiB | one block MiB | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         stats = f"{r['stats_bytes'] / mib:.0f}" if "stats_bytes" in r else "-"
         block = f"{r['block_bytes'] / mib:.0f}" if "block_bytes" in r else "-"
+        anon, file = _split(r)
         lines.append(f"| {r['depth']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['rss_start'] / mib:.0f} | "
-                     f"{r['peak_rss'] / mib:.0f} | {(r['peak_rss'] - r['rss_start']) / mib:.0f} | {stats} | {block} | "
-                     f"{r['seconds']:.1f} |")
+                     f"{r['peak_rss'] / mib:.0f} | {(r['peak_rss'] - r['rss_start']) / mib:.0f} | {anon} | {file} | "
+                     f"{stats} | {block} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n" + reading(rows, args)
+
+
+def _split(r: dict) -> tuple[str, str]:
+    if "anon_at_peak" not in r:
+        return "-", "-"
+    mib = 2**20
+    return f"{(r['anon_at_peak'] - r['anon_start']) / mib:.0f}", f"{(r['file_at_peak'] - r['file_start']) / mib:.0f}"
 
 
 def reading(rows: list[dict], args) -> str:
@@ -201,6 +245,16 @@ def reading(rows: list[dict], args) -> str:
     activations = 2 * hidden  # a block's inputs and its dense outputs wait side by side
     target = 1.5 * block + activations
     over = [r["peak_rss"] - r["rss_start"] for r in streamed]
+    anon = [r["anon_at_peak"] - r["anon_start"] for r in streamed if "anon_at_peak" in r]
+    split = ("" if len(anon) != len(streamed) else
+             "Split at the sampled peak: the anonymous part (heap and the tensors the run computes: what the kernel "
+             "cannot drop) is " + " / ".join(f"{a / mib:.0f}" for a in anon)
+             + f" MiB, {max(anon) / target:.2f} x the target at most; the rest are file pages -- the memory-mapped "
+             "safetensors (weights are mapped, not copied, so a block's own weights count here while it runs), the "
+             "embedding rows the calibration tokens touch, code -- clean pages the kernel drops and reads again under "
+             "memory pressure, whose count depends on the page cache: on weights written "
+             "just before the run (as here) a probe at depth 2 kept ~200 MiB more of them mapped than on weights "
+             "written long before (660 vs 433 MiB `peak - start`, the anonymous part equal). ")
     return "\n".join([
         "",
         "### Reading",
@@ -211,14 +265,9 @@ def reading(rows: list[dict], args) -> str:
         + " / ".join(str(r["depth"]) for r in streamed) + ": "
         + " / ".join(f"{o / mib:.0f}" for o in over)
         + f" MiB (spread {(max(over) - min(over)) / mib:.0f} MiB), {max(over) / target:.2f} x the target at most. "
-        f"Besides the block, the peak holds (not broken down here) its float64 statistics ({stats / mib:.0f} MiB), "
-        "the decomposition's temporaries (Cholesky factor, whitened weight, its SVD), the block's intermediate "
-        "activations, the code pages of the linear algebra libraries on first use, and the embedding rows the "
-        "calibration tokens touch. Those rows are clean file pages of the memory-mapped embedding, and how much "
-        "of it a few hundred rows map depends on the page cache: on weights written just before the run (as "
-        "here) the same streamed worker kept ~200 MiB more file pages mapped than on weights written long "
-        "before (a probe at depth 2: 660 vs 433 MiB `peak - start`, the anonymous part equal), so the spread "
-        "between depths here is of that order and not a trend with depth.",
+        + split + f"The anonymous part holds the block's float64 statistics ({stats / mib:.0f} MiB), the "
+        "decomposition's temporaries (Cholesky factor, whitened weight, its SVD), the new factors and the block's "
+        "intermediate activations.",
         "",
         "Two things made the streamed peak grow with depth before (same command: 646 / 683 / 1202 MiB at depth "
         "2 / 8 / 22), both fixed: glibc kept the heap freed by each block in its arenas (anonymous resident "
