@@ -4,7 +4,7 @@
         --model outputs/vlm/clip_smollm2_finetune/version_0/pretrained --out docs/results/vlm_real_qsvd.md
 
 The model is the output of ``configs/vlm/clip_smollm2_finetune.yaml`` (projector + language model trained; the
-projector-only model of ``clip_smollm2_projector.yaml`` answers at chance).  Test: the first
+projector-only model of ``clip_smollm2_projector.yaml`` is only 2-3 standard errors above chance).  Test: the first
 ``--test-samples`` questions of each layout of the labelled sets (:mod:`data.vqa.labelled`; Fashion-MNIST
 t10k and held-out digit images, half each), scored as the CLI scores them (greedy answers; ScienceQA: the
 option letter parsed, chance 25 %; VizWiz: soft VQA accuracy, chance 10 % for a uniform guess).

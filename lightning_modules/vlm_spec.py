@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -180,6 +181,55 @@ class VLMSpec(ModelSpec):
         from models.vlm import vlm_parts
 
         return {vlm_parts(model)["projector"]: self.projector_learning_rate}
+
+    @torch.no_grad()
+    def normalize_projector_input_(self, model: nn.Module, pixel_batches: Iterable[torch.Tensor],
+                                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the per-channel mean and standard deviation of the projector's inputs on ``pixel_batches`` (the
+        vision features exactly as the model computes them for its projector: a hook on the projector's input)
+        into the projector's first Linear, so at the start of training it sees standardized features.  The
+        projector stays LLaVA's ``linear_1 -> GELU -> linear_2``.  Statistics run over every token of every
+        image; a channel with std <= ``eps`` is only centred.  Returns ``(mean, std)`` (float64, per channel).
+
+        Why: CLIP's features are a small image-dependent change on a large constant (one channel reaches
+        ``|x| = 88`` against an rms of 0.9; docs/results/vlm_real.md), so a freshly initialised projector
+        maps every image to nearly the same tokens."""
+        from models.vlm import fold_input_normalization_, vlm_parts
+
+        if getattr(model.config, "model_type", None) != "llava":
+            raise ValueError(f"normalize_projector_input_ supports LLaVA-1.5 models (model_type 'llava'), got "
+                             f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+        projector = model.get_submodule(vlm_parts(model)["projector"])
+        first = getattr(projector, "linear_1", None)
+        if not isinstance(first, nn.Linear):
+            raise ValueError(f"the projector has no nn.Linear linear_1 to fold into: {type(projector).__name__}")
+        total, squares, count = None, None, 0
+
+        def accumulate(_module, args):
+            nonlocal total, squares, count
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            total = x.sum(0) if total is None else total + x.sum(0)
+            squares = x.square().sum(0) if squares is None else squares + x.square().sum(0)
+            count += x.shape[0]
+
+        hook = projector.register_forward_pre_hook(accumulate)
+        device = first.weight.device
+        try:
+            for pixels in pixel_batches:
+                model.get_image_features(pixel_values=pixels.to(device, first.weight.dtype),
+                                         vision_feature_layer=model.config.vision_feature_layer,
+                                         vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        finally:
+            hook.remove()
+        if count < 2:
+            raise ValueError("normalize_projector_input_ needs at least one image batch (got no image tokens)")
+        mean = total / count
+        std = ((squares - count * mean.square()).clamp_min(0) / (count - 1)).sqrt()
+        std = torch.where(std > eps, std, torch.ones_like(std))
+        fold_input_normalization_(first, mean, std)
+        log.info("projector input normalized over %d image tokens: channel std %.3g to %.3g, |mean| up to %.3g",
+                 count, float(std.min()), float(std.max()), float(mean.abs().max()))
+        return mean, std
 
     # -- forward passes ---------------------------------------------------------------------------
     @staticmethod

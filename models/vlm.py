@@ -43,7 +43,8 @@ REAL_NAME = "clip-smollm2"  # the offline LLaVA assembly of models.vlm_real (CLI
 DOWNLOAD_HINT = ("on a machine with internet run `hf download {repo} --local-dir checkpoints/{leaf}` "
                  "(huggingface_hub) and pass `checkpoints/{leaf}` as name_or_path")
 
-__all__ = ["FAMILIES", "VLMFamily", "family_of", "load_processor", "load_vlm", "resolve_vlm", "save_vlm",
+__all__ = ["FAMILIES", "VLMFamily", "family_of", "fold_input_normalization_", "load_processor", "load_vlm",
+           "resolve_vlm", "save_vlm",
            "vlm_parts"]
 
 
@@ -127,6 +128,28 @@ def vlm_parts(model: nn.Module) -> dict[str, str]:
     head = model.get_output_embeddings()
     parts["lm_head"] = next(n for n, m in model.named_modules() if m is head)
     return parts
+
+
+@torch.no_grad()
+def fold_input_normalization_(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """Make ``linear`` compute ``old((x - mean) / std)`` with its own weights, in place::
+
+        W <- W diag(1 / std),    b <- b - W_new mean
+
+    The layer stays an ``nn.Linear`` (a LLaVA projector keeps its architecture); only its initial function
+    changes.  ``mean`` and ``std`` are per input channel; ``std`` must be positive."""
+    if not isinstance(linear, nn.Linear) or linear.bias is None:
+        raise ValueError(f"folding a normalization needs an nn.Linear with a bias, got {linear}")
+    n = linear.in_features
+    if mean.shape != (n,) or std.shape != (n,):
+        raise ValueError(f"mean and std must have shape ({n},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError("mean must be finite and std finite and > 0 in every channel")
+    w = linear.weight.double() / std.double().to(linear.weight.device)
+    b = linear.bias.double() - w @ mean.double().to(linear.weight.device)
+    linear.weight.copy_(w.to(linear.weight.dtype))
+    linear.bias.copy_(b.to(linear.bias.dtype))
+    return linear
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -218,3 +218,73 @@ def test_real_llava_assembly_keeps_both_towers_exact_through_save_and_reload() -
          for k in ("model.vision_tower", "model.multi_modal_projector", "model.language_model")}
     assert n == {"model.vision_tower": 85_686_528, "model.multi_modal_projector": 768 * 576 + 576 + 576 * 576 + 576,
                  "model.language_model": 134_515_584}
+
+
+def test_folded_normalization_equals_normalize_then_linear() -> None:
+    from models.vlm import fold_input_normalization_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4).double()
+    old = torch.nn.Linear(6, 4).double()
+    old.load_state_dict(linear.state_dict())
+    mean, std = torch.randn(6, dtype=torch.float64) * 50, torch.rand(6, dtype=torch.float64) * 3 + 0.1
+    fold_input_normalization_(linear, mean, std)
+    x = torch.randn(5, 6, dtype=torch.float64) * std + mean
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), old((x - mean) / std), rtol=1e-12, atol=1e-12)
+    for bad in (torch.zeros(6), torch.full((6,), float("nan")), torch.ones(5)):
+        with pytest.raises(ValueError, match="std|shape"):
+            fold_input_normalization_(linear, mean, bad.double())
+    with pytest.raises(ValueError, match="with a bias"):
+        fold_input_normalization_(torch.nn.Linear(6, 4, bias=False), mean, std)
+
+
+def test_projector_input_normalization_folds_the_training_feature_statistics() -> None:
+    """The spec method standardizes exactly what the projector is fed (the tower's selected layer, CLS dropped),
+    every token of every image counted; the callback does it from the training loader on a fresh fit only."""
+    from callbacks.projector import ProjectorInputNormalization
+    from lightning_modules.vlm_spec import VLMSpec
+
+    spec = VLMSpec("tiny-llava", trainable=["projector"])
+    model = spec.build()
+    processor = spec.processor
+    gen = torch.Generator().manual_seed(1)
+    images = [Image.fromarray((torch.rand(28, 28, 3, generator=gen) * 255).byte().numpy()) for _ in range(6)]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    batches = [pixels[:4], pixels[4:]]
+    cfg = model.config
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    feats = hidden[:, 1:].double().reshape(-1, hidden.shape[-1])  # strategy "default": CLS dropped
+    first = model.model.multi_modal_projector.linear_1
+    old = torch.nn.Linear(first.in_features, first.out_features).double()
+    old.load_state_dict({k: v.double() for k, v in first.state_dict().items()})
+    mean, std = spec.normalize_projector_input_(model, batches)
+    torch.testing.assert_close(mean, feats.mean(0), rtol=1e-5, atol=1e-6)  # float32 forwards per batch
+    torch.testing.assert_close(std, feats.std(0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(first(feats.float()).double(), old((feats - mean) / std), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one image batch"):
+        spec.normalize_projector_input_(model, [])
+    other = VLMSpec("tiny-idefics3")
+    with pytest.raises(ValueError, match="supports LLaVA-1.5"):
+        other.normalize_projector_input_(other.build(), batches)
+
+    fresh = VLMSpec("tiny-llava", trainable=["projector"])
+    module = SimpleNamespace(model=fresh.build(), spec=fresh)
+    before = {k: v.clone() for k, v in module.model.model.multi_modal_projector.state_dict().items()}
+    loader = [{"pixel_values": pixels[:4]}, {"pixel_values": pixels[4:]}, {"pixel_values": pixels[:1] * 0}]
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", world_size=1,
+                              datamodule=SimpleNamespace(train_dataloader=lambda: iter(loader)))
+    callback = ProjectorInputNormalization(batches=2)
+    callback.on_fit_start(trainer, module)  # resumed: the checkpoint holds the fold
+    assert all(torch.equal(v, module.model.model.multi_modal_projector.state_dict()[k]) for k, v in before.items())
+    trainer.ckpt_path = None
+    callback.on_fit_start(trainer, module)
+    torch.testing.assert_close(callback.statistics[0], mean, rtol=0, atol=0)  # the first 2 batches, not the third
+    torch.testing.assert_close(module.model.model.multi_modal_projector.linear_1.weight, first.weight, rtol=0, atol=0)
+    trainer.world_size = 2
+    with pytest.raises(ValueError, match="one process"):
+        callback.on_fit_start(trainer, module)
+    with pytest.raises(ValueError, match="batches must be"):
+        ProjectorInputNormalization(batches=0)
