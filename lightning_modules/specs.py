@@ -132,12 +132,16 @@ class CausalLMSpec(ModelSpec):
             from models.causal_lm import load_causal_lm  # imports transformers; only this family needs it
 
             model, self.tokenizer = load_causal_lm(self.name_or_path, dtype=_DTYPES[self.dtype])
+        self._linearize(model)
+        return model
+
+    def _linearize(self, model: nn.Module) -> None:
+        """Convert the model's weights in other forms to ``nn.Linear`` (``self.forms``: what was converted)."""
         try:
             layout = self.layout(model)
         except NotImplementedError:  # a family without a layout: convert Conv1D / Linear subclasses only
             layout = None
         self.forms = linearize_(model, layout)
-        return model
 
     def build_streamed(self) -> tuple[nn.Module, str]:
         """The model of ``name_or_path`` (a local ``save_pretrained`` folder with ``model.safetensors`` or
@@ -162,11 +166,7 @@ class CausalLMSpec(ModelSpec):
         config = AutoConfig.from_pretrained(folder)
         with empty_parameters():
             model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[self.dtype]).eval()
-        try:
-            layout = self.layout(model)
-        except NotImplementedError:
-            layout = None
-        self.forms = linearize_(model, layout)
+        self._linearize(model)
         if self.forms:
             raise ValueError(f"calibration.stream_weights: {self.name_or_path!r} stores weights in another form "
                              f"({sorted(self.forms)}: converted to nn.Linear after loading), which the block "
