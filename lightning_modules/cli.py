@@ -140,9 +140,7 @@ class CompressionCLI(LightningCLI):
         ckpt = None
         if cfg.get("save_compressed", True):
             ckpt = self._log_dir() / "compressed.ckpt"
-            # a full checkpoint (optimizer and loop state too: fit resumes from it); saying so silences Lightning's
-            # "`weights_only` was not set" line, which reads like an unsafe load but is about what is written
-            self.trainer.save_checkpoint(ckpt, weights_only=False)
+            self.trainer.save_checkpoint(ckpt)
         results = {}
         if cfg.get("test_after_fit", True) and self.datamodule is not None:
             # validation logs val/ppl to TensorBoard even when fit trained nothing (max_steps: 0)
