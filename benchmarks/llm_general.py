@@ -64,6 +64,12 @@ class Row:
     allocation: str = "uniform"
     shrinkage: float = 0.0
     test: bool = False  # also scored on the test splits
+    grad_batches: int | None = None  # gradient windows as train.py picks them: this many batches of 4 (else spread)
+    break_even: bool = False  # Recipe.dense_above_break_even
+
+    def __post_init__(self) -> None:
+        if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
+            raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
 
     @property
     def key(self) -> str:
@@ -72,7 +78,7 @@ class Row:
     def recipe(self, targets: list[str]) -> Recipe:
         args = {"shrinkage": self.shrinkage} if self.shrinkage else {}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
-                      calibration={"progress": False})
+                      dense_above_break_even=self.break_even, calibration={"progress": False})
 
 
 def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
@@ -89,6 +95,12 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         if long:
             rows.append(Row("broad, 1024-token windows", ratio, "broad-long"))
         rows += [Row(f"broad + shrinkage {lam:g}", ratio, "broad", shrinkage=lam) for lam in shrinkages]
+        # issue-18 probes of the preset's gradient stage: train.py's pick (calibration.gradient_batches batches of
+        # 4 consecutive windows; 4 reach only 4 of the 7 corpora, 7 reach all) and dense_above_break_even
+        rows += [Row("broad + gradient, 4 batches (as the preset)", ratio, "broad", "gradient", grad_batches=4),
+                 Row("broad + gradient, 7 batches", ratio, "broad", "gradient", grad_batches=7),
+                 Row("broad + gradient, dense above break-even", ratio, "broad", "gradient", test=True,
+                     break_even=True)]
     return rows
 
 
@@ -148,9 +160,12 @@ class Study:
         return stats, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts)
 
     def importance(self, row: Row, stats, windows) -> tuple[dict, float]:
-        key = (row.mix, row.shrinkage)
+        key = (row.mix, row.shrinkage, row.grad_batches)
         if key not in self.importances:
-            picks = common.spread(list(windows), self.args.grad_samples)
+            if row.grad_batches is None:
+                picks = common.spread(list(windows), self.args.grad_samples)
+            else:  # as train.py: whole calibration batches of 4 windows, evenly spaced, split into single windows
+                picks = [w for b in common.spread(list(windows.split(4)), row.grad_batches) for w in b]
             start = time.perf_counter()
             method = build_method("svd_llm", **({"shrinkage": row.shrinkage} if row.shrinkage else {}))
             imp = gradient_importance(self.model, self.targets, [{"input_ids": w[None]} for w in picks], lm_loss,
@@ -165,7 +180,8 @@ class Study:
         start = time.perf_counter()
         report = compress_(model, row.recipe(self.targets), stats, importances=importances)
         out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
-               "shrinkage": row.shrinkage, "params": sum(p.numel() for p in model.parameters()),
+               "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
+               "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}
         out["val"] = self.score(model, "val")
