@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 import time
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
@@ -125,11 +126,9 @@ def main() -> None:
 
 
 def render(rows: list[dict], sizes: dict, args) -> str:
-    v2 = f"--v2-ratio {' '.join(map(str, args.v2_ratio))} " if args.v2_ratio else ""
     lines = ["# Latent KV cache vs plain cache (SmolLM2-135M, joint q/k/v)", "",
              "Command (one process, models alternating, median of the timed steps):", "",
-             f"    .venv/bin/python benchmarks/latent_cache_speed.py --ratio {' '.join(map(str, args.ratio))} "
-             f"{v2}--threads {args.threads} --steps {args.steps} --out docs/results/latent_cache.md", "",
+             "    .venv/bin/python benchmarks/latent_cache_speed.py " + " ".join(sys.argv[1:]), "",
              "KV cache per token over all layers (values; bytes in 16-bit; in brackets the share of the plain cache):",
              "", "| q/k/v ratio | ranks | plain | latent keys | plain keys | auto keys | auto: plain-keys layers |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
