@@ -35,6 +35,16 @@ from compression import ActivationStats, collect_stats, spread_batches  # noqa: 
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 
 
+def gpu_note(device: str) -> str:
+    """What a benchmark says about GPU figures: the GPU they were measured on, or that none were measured and
+    why -- without a GPU a benchmark says so and reports CPU figures only."""
+    if str(device).startswith("cuda"):
+        return f"GPU figures measured on {torch.cuda.get_device_name(device)}"
+    if not torch.cuda.is_available():
+        return "no CUDA device: GPU figures not measured, CPU figures only"
+    return "CUDA device present but this run measured the CPU: GPU figures not measured, CPU figures only"
+
+
 def lm_parser(doc: str, calib_samples: int = 64, eval_tokens: int | None = 8192) -> argparse.ArgumentParser:
     """The arguments every LLM benchmark takes: model, calibration size, window length, test tokens
     (``eval_tokens=None``: a script that scores no test corpus), CPU threads and the markdown output."""

@@ -17,6 +17,9 @@ each variant once, alternating; each figure is the best of ``--repeats`` rounds)
 Then the Grams are compared (float32 rounding against the naive float64 ones) and ``svd_llm`` /
 ``svd_llm_v2`` decompose at ratio 0.2 from the collected statistics, with the time split into the
 LAPACK calls (Cholesky, triangular solves, eigendecomposition, SVD) and the rest.
+
+Everything is timed on the CPU; the output says that GPU figures were not measured (and whether a CUDA device
+was present).
 """
 
 from __future__ import annotations
@@ -98,8 +101,8 @@ def main() -> None:
     model, targets, forward = setup.model, setup.targets, setup.spec.calibration_forward
     batches = list(setup.datamodule.calibration_dataloader())
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
-    print(f"{'CUDA available but' if torch.cuda.is_available() else 'no CUDA device:'} measuring on the CPU, "
-          f"{args.threads} threads, {tokens} tokens in {len(batches)} batches", file=sys.stderr)
+    note = common.gpu_note("cpu")  # calibration and decomposition are timed on the CPU only
+    print(f"{note}; {args.threads} threads, {tokens} tokens in {len(batches)} batches", file=sys.stderr)
 
     def forward_only():
         with torch.no_grad():
@@ -132,7 +135,7 @@ def main() -> None:
     lines = [
         f"# Compression cost: {args.model}", "", f"Command: `{command}`", "",
         f"{tokens:,} calibration tokens ({args.calib_samples} x {args.seq_len}, {len(batches)} batches), "
-        f"{args.threads} CPU threads (no GPU in this run), {len(targets)} targeted layers. One process, variants "
+        f"{args.threads} CPU threads ({note}), {len(targets)} targeted layers. One process, variants "
         f"alternating, best of {args.repeats} rounds.", "",
         "## Calibration", "",
         "| variant | Grams | statistics MiB | seconds | vs naive | statistics part (seconds - forward only) |",

@@ -17,7 +17,7 @@ decomposition method, so the factors are plain SVD (no calibration needed; shape
   16-token prompt (whose prefill is not timed); bound = dense weight bytes / compressed weight bytes
   (whole model: a decode step reads every weight once).
 
-Without a CUDA device the script says so and measures on the CPU only.
+Without a CUDA device the script says so (GPU figures not measured) and measures on the CPU only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (OMP_WAIT_POLICY, sys.path)
+import common  # before torch: OMP_WAIT_POLICY, sys.path
 import torch
 
 from compression import Recipe, compress_
@@ -76,8 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     cuda = args.device.startswith("cuda")
-    note = (f"CUDA device: {torch.cuda.get_device_name(args.device)}" if cuda else
-            "no CUDA device" if not torch.cuda.is_available() else "CUDA available but not used")
+    note = common.gpu_note(args.device)
     print(f"{note}; measuring on {args.device} ({dtype}, {args.threads} threads)", file=sys.stderr)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -186,7 +185,7 @@ def table(rows: list[dict], args, dense, note: str, dtype) -> str:
     lines = [
         "# Causal-LM efficiency: dense vs low-rank, measured against the bounds", "",
         f"Command: `{command}`", "",
-        f"Model `{args.model}` ({sum(p.numel() for p in dense.parameters()):,} parameters), {note}: measured on "
+        f"Model `{args.model}` ({sum(p.numel() for p in dense.parameters()):,} parameters), {note}; measured on "
         f"`{args.device}`, {dtype}, {args.threads} threads. One process, models alternating, best of "
         f"{args.repeats} rounds. Dense: prefill {d['prefill_dense']:.0f} tok/s ({args.prompt}-token prompt), "
         f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "

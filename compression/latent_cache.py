@@ -59,11 +59,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     d = cos.shape[-1]
-    h = d // 2
-    rot = x[..., :d]
+    rot = x if d == x.shape[-1] else x[..., :d]
+    x1, x2 = rot.split(d // 2, dim=-1)
+    sin1, sin2 = sin.split(d // 2, dim=-1)
     out = rot * cos
-    out[..., :h] -= rot[..., h:] * sin[..., :h]
-    out[..., h:] += rot[..., :h] * sin[..., h:]
+    out1, out2 = out.split(d // 2, dim=-1)
+    # in place on views of ``out`` (``out[..] -= y`` would add a ``__setitem__`` copy back per half)
+    out1.sub_(x2 * sin1)
+    out2.add_(x1 * sin2)
     return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
 
 
@@ -129,8 +132,10 @@ class LatentAttention(nn.Module):
         cos, sin = position_embeddings
         if self.key_mode == "plain":  # rotate the new keys once, as the plain attention does, and cache them
             q, k = self._project(z, ("q", "k"))
-            query = _rope(self._heads(q, "q_norm"), cos, sin)
-            key = _rope(self._heads(k, "k_norm"), cos, sin)
+            heads = self._heads(q, "q_norm")
+            # one RoPE over the query and key heads together: half the small ops of a decode step's rotation
+            both = _rope(torch.cat([heads, self._heads(k, "k_norm")], dim=1), cos, sin)
+            query, key = both.split([heads.shape[1], both.shape[1] - heads.shape[1]], dim=1)
             z_all = z
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "plain")
@@ -206,17 +211,25 @@ class LatentAttention(nn.Module):
         """
         bsz, heads, q_len, dim = query.shape
         groups, seq = key.shape[1], key.shape[2]
-        q = query.reshape(bsz, groups, heads // groups * q_len, dim)  # query heads grouped by their kv head
-        scores = (q @ key.transpose(-1, -2)).view(bsz, heads, q_len, seq) * self.scaling
+        per = heads // groups * q_len  # query rows per kv head
+        # query heads grouped by their kv head, one batched GEMM over (batch, kv head); cached plain keys are a
+        # prefix view of a [B, G, capacity, d] buffer, so flattening B and G needs no copy
+        scores = torch.bmm(query.reshape(bsz * groups, per, dim), key.flatten(0, 1).transpose(1, 2))
+        scores = scores.mul_(self.scaling).view(bsz, heads, q_len, seq)
         if attention_mask is not None:
             mask = attention_mask[..., :seq]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+        if query.dtype in (torch.float32, torch.float64):
+            probs = scores.softmax(dim=-1)
+        else:  # half precision: softmax in float32, as transformers' eager attention
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         # one GEMM per batch row reading Z once: [B, H q, S] @ [B, S, r]
         pz = torch.bmm(probs.reshape(bsz, heads * q_len, seq), z_all)
-        pz = pz.view(bsz, groups, heads // groups * q_len, -1)  # [B, G, H/G, r]
-        weight, bias = self._value_up()
-        out = pz @ weight.transpose(-1, -2)  # [B, G, H/G, d]
+        weight, bias = self._value_up()  # [G, d, r]
+        if bsz == 1:  # [G, H/G, r] @ [G, r, d]: the batched GEMM the broadcasting matmul below would run
+            out = torch.bmm(pz.view(groups, per, -1), weight.transpose(1, 2)).unsqueeze(0)
+        else:
+            out = pz.view(bsz, groups, per, -1) @ weight.transpose(-1, -2)  # [B, G, H/G, d]
         if bias is not None:
             out = out + bias[None, :, None, :]
         return out.reshape(bsz, heads, q_len, dim).transpose(1, 2)

@@ -221,3 +221,39 @@ def test_auto_keys_only_where_the_latent_is_narrower_than_the_keys(token_batches
     assert kv_bytes_per_token(wide, layout_of(wide), latent=True, keys="auto")["ratio"] == 1.0
     with pytest.raises(ValueError, match="choose one of"):
         enable_latent_cache_(copy.deepcopy(narrow), layout_of(narrow), keys="fast")
+
+
+def test_rope_gives_the_floats_of_transformers_apply_rotary_pos_emb():
+    """``_rope`` (in place on split views, no ``rotate_half``) equals ``apply_rotary_pos_emb`` bit for bit, on
+    a transposed view as the attention passes it and on query + key heads rotated together; partial rotary
+    rotates the leading channels only."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from compression.latent_cache import _rope
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 16, generator=g).transpose(1, 2)  # [B, H, T, d] view of [B, T, H, d]
+    k = torch.randn(2, 5, 2, 16, generator=g).transpose(1, 2)
+    angle = torch.randn(2, 5, 8, generator=g)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(_rope(q, cos, sin), ref_q) and torch.equal(_rope(k, cos, sin), ref_k)
+    both = _rope(torch.cat([q, k], dim=1), cos, sin)
+    assert torch.equal(both[:, :4], ref_q) and torch.equal(both[:, 4:], ref_k)
+    part_q, _ = apply_rotary_pos_emb(q[..., :8], k[..., :8], cos[..., 4:12], sin[..., 4:12])
+    partial = _rope(q, cos[..., 4:12], sin[..., 4:12])
+    assert torch.equal(partial[..., :8], part_q) and torch.equal(partial[..., 8:], q[..., 8:])
+
+
+@pytest.mark.parametrize("keys", ["latent", "plain"])
+def test_one_row_decoding_matches_plain_cache(joint_pair, keys):
+    """Batch 1 (the deployment case) takes the value fold's single batched GEMM over kv heads; same tokens and
+    scores as the plain cache."""
+    plain, _ = joint_pair
+    latent = copy.deepcopy(plain)
+    enable_latent_cache_(latent, layout_of(latent), keys=keys)
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(5))
+    seq_a, scores_a = _generate(plain, prompt)
+    seq_b, scores_b = _generate(latent, prompt)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)

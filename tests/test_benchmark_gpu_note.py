@@ -1,0 +1,16 @@
+"""The benchmarks' line about GPU figures: measured on which GPU, or not measured and why (CPU figures only)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import gpu_note
+
+
+def test_gpu_note_says_when_gpu_figures_were_not_measured(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_note("cpu") == "no CUDA device: GPU figures not measured, CPU figures only"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_note("cpu").startswith("CUDA device present but this run measured the CPU: GPU figures not measured")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Fake GPU ({device})")
+    assert gpu_note("cuda:0") == "GPU figures measured on Fake GPU (cuda:0)"
