@@ -2,8 +2,9 @@
 
 Calls :meth:`lightning_modules.vlm_spec.VLMSpec.normalize_projector_input_` on the pixel values of the first
 ``batches`` training batches: the per-channel mean and standard deviation of the vision features are folded
-into the projector's first Linear (the architecture stays LLaVA's).  A run resumed from a checkpoint skips it
-(its weights already hold the fold).  Refused under several processes: each would fold its own batches.
+into the projector's first Linear (the architecture stays LLaVA's).  A run resumed from a checkpoint, or a model
+whose config says the fold was done (a saved stage-1 model trained further), skips it.  Refused under several
+processes: each would fold its own batches.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class ProjectorInputNormalization(Callback):
         if getattr(trainer, "ckpt_path", None):
             log.info("resumed from %s: the projector's input normalization is already in its weights",
                      trainer.ckpt_path)
+            return
+        from lightning_modules.vlm_spec import NORMALIZED_FLAG
+
+        if getattr(getattr(pl_module.model, "config", None), NORMALIZED_FLAG, False):
+            log.info("the projector's input normalization is already in its weights (config.%s, e.g. a stage-1 "
+                     "model trained further): not folded again", NORMALIZED_FLAG)
             return
         if getattr(trainer, "world_size", 1) > 1:
             raise ValueError("ProjectorInputNormalization runs in one process only (each rank would fold other "

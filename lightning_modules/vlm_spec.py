@@ -41,6 +41,9 @@ from metrics.vqa import VQAScores
 
 log = logging.getLogger(__name__)
 
+# Set in a LLaVA config once ``VLMSpec.normalize_projector_input_`` has folded the statistics (saved in config.json).
+NORMALIZED_FLAG = "projector_input_normalized"
+
 _NOT_MODEL_INPUTS = ("labels",)
 PARTS = ("vision_tower", "projector", "language_model")
 
@@ -199,6 +202,10 @@ class VLMSpec(ModelSpec):
         if getattr(model.config, "model_type", None) != "llava":
             raise ValueError(f"normalize_projector_input_ supports LLaVA-1.5 models (model_type 'llava'), got "
                              f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+        if getattr(model.config, NORMALIZED_FLAG, False):
+            raise ValueError("this model's projector already holds an input normalization (folded by an earlier run; "
+                             f"config.{NORMALIZED_FLAG} is true): folding again would change what the trained "
+                             "projector computes; continue training it without the normalization")
         projector = model.get_submodule(vlm_parts(model)["projector"])
         first = getattr(projector, "linear_1", None)
         if not isinstance(first, nn.Linear):
@@ -227,6 +234,7 @@ class VLMSpec(ModelSpec):
         std = ((squares - count * mean.square()).clamp_min(0) / (count - 1)).sqrt()
         std = torch.where(std > eps, std, torch.ones_like(std))
         fold_input_normalization_(first, mean, std)
+        setattr(model.config, NORMALIZED_FLAG, True)  # saved with the model: a later fit must not fold again
         log.info("projector input normalized over %d image tokens: channel std %.3g to %.3g, |mean| up to %.3g",
                  count, float(std.min()), float(std.max()), float(mean.abs().max()))
         return mean, std

@@ -239,7 +239,7 @@ def test_folded_normalization_equals_normalize_then_linear() -> None:
         fold_input_normalization_(torch.nn.Linear(6, 4, bias=False), mean, std)
 
 
-def test_projector_input_normalization_folds_the_training_feature_statistics() -> None:
+def test_projector_input_normalization_folds_the_training_feature_statistics(tmp_path) -> None:
     """The spec method standardizes exactly what the projector is fed (the tower's selected layer, CLS dropped),
     every token of every image counted; the callback does it from the training loader on a fresh fit only."""
     from callbacks.projector import ProjectorInputNormalization
@@ -265,7 +265,7 @@ def test_projector_input_normalization_folds_the_training_feature_statistics() -
     with torch.no_grad():
         torch.testing.assert_close(first(feats.float()).double(), old((feats - mean) / std), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="at least one image batch"):
-        spec.normalize_projector_input_(model, [])
+        spec.normalize_projector_input_(spec.build(), [])
     other = VLMSpec("tiny-idefics3")
     with pytest.raises(ValueError, match="supports LLaVA-1.5"):
         other.normalize_projector_input_(other.build(), batches)
@@ -283,7 +283,19 @@ def test_projector_input_normalization_folds_the_training_feature_statistics() -
     callback.on_fit_start(trainer, module)
     torch.testing.assert_close(callback.statistics[0], mean, rtol=0, atol=0)  # the first 2 batches, not the third
     torch.testing.assert_close(module.model.model.multi_modal_projector.linear_1.weight, first.weight, rtol=0, atol=0)
+    # The fold is recorded in the config, survives save_pretrained, and is never applied twice.
+    assert module.model.config.projector_input_normalized is True
+    with pytest.raises(ValueError, match="already holds an input normalization"):
+        fresh.normalize_projector_input_(module.model, batches)
+    module.model.save_pretrained(tmp_path / "stage1")
+    reloaded = type(module.model).from_pretrained(tmp_path / "stage1")
+    assert reloaded.config.projector_input_normalized is True
+    module.model = reloaded
+    folded = {k: v.clone() for k, v in reloaded.model.multi_modal_projector.state_dict().items()}
+    callback.on_fit_start(trainer, module)
+    assert all(torch.equal(v, reloaded.model.multi_modal_projector.state_dict()[k]) for k, v in folded.items())
     trainer.world_size = 2
+    module.model = fresh.build()
     with pytest.raises(ValueError, match="one process"):
         callback.on_fit_start(trainer, module)
     with pytest.raises(ValueError, match="batches must be"):
