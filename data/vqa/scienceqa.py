@@ -17,7 +17,13 @@ user text is LLaVA's multiple-choice format (the ``CQM`` order: context, questio
     ...
     Answer with the option's letter from the given choices directly.
 
-and the training target is the correct option's letter.  Scoring: :mod:`metrics.vqa`.
+and the training target is the correct option's letter (``answer_format="letter"``, the default).
+
+``answer_format="explained"`` is the ScienceQA paper's QCM->EA output format (explanation, then answer):
+the last line of the prompt asks for an explanation first (:data:`INSTRUCTION_EXPLAINED`) and the target is
+the problem's ``solution`` followed by the answer sentence, ``"<solution> The answer is B."`` (just
+``"The answer is B."`` when the solution is empty).  LLaVA's ScienceQA evaluation parses that final
+``The answer is X``; so does :func:`metrics.vqa.parse_choice`.  Scoring: :mod:`metrics.vqa`.
 """
 
 from __future__ import annotations
@@ -32,18 +38,36 @@ from metrics.vqa import LETTERS
 log = logging.getLogger(__name__)
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
+INSTRUCTION_EXPLAINED = "Explain briefly, then end with 'The answer is' and the option's letter."
+ANSWER_FORMATS = ("letter", "explained")
 _REQUIRED = ("question", "choices", "answer")
 
 
-def scienceqa_prompt(question: str, choices: list[str], hint: str = "") -> str:
+def _check_format(answer_format: str) -> None:
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"ScienceQA answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+
+
+def scienceqa_prompt(question: str, choices: list[str], hint: str = "", answer_format: str = "letter") -> str:
     """The user text of one problem (module docstring)."""
+    _check_format(answer_format)
     if len(choices) < 2 or len(choices) > len(LETTERS):
         raise ValueError(f"a ScienceQA problem needs 2..{len(LETTERS)} choices, got {len(choices)}")
     lines = [f"Context: {hint.strip()}"] if hint and hint.strip() else []
     lines.append(question.strip())
     lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    lines.append(INSTRUCTION)
+    lines.append(INSTRUCTION if answer_format == "letter" else INSTRUCTION_EXPLAINED)
     return "\n".join(lines)
+
+
+def scienceqa_target(answer: int, solution: str = "", answer_format: str = "letter") -> str:
+    """The training answer of a problem whose correct option is ``answer`` (module docstring)."""
+    _check_format(answer_format)
+    letter = LETTERS[answer]
+    if answer_format == "letter":
+        return letter
+    solution = " ".join(str(solution or "").split())
+    return f"{solution} The answer is {letter}." if solution else f"The answer is {letter}."
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -58,8 +82,10 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:
-    """The problems of ``split`` that have an image (ScienceQA-IMG), in ``pid_splits.json`` order."""
+def read_scienceqa(root: str | Path, split: str, answer_format: str = "letter") -> list[VQAExample]:
+    """The problems of ``split`` that have an image (ScienceQA-IMG), in ``pid_splits.json`` order, with prompts and
+    targets in ``answer_format`` (``letter`` or ``explained``, module docstring)."""
+    _check_format(answer_format)
     root = Path(root)
     problems = _read_json(root / "problems.json", "problems.json")
     splits = _read_json(root / "pid_splits.json", "pid_splits.json")
@@ -86,10 +112,13 @@ def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:
         if not image.is_file():
             raise FileNotFoundError(f"image of ScienceQA problem {pid!r} not found at {image}")
         choices = [str(c) for c in p["choices"]]
-        out.append(VQAExample(qid=pid, image=image, prompt=scienceqa_prompt(p["question"], choices, p.get("hint", "")),
-                              target=LETTERS[answer], task="scienceqa", choices=choices, answer_index=answer))
+        prompt = scienceqa_prompt(p["question"], choices, p.get("hint", ""), answer_format)
+        out.append(VQAExample(qid=pid, image=image, prompt=prompt, task="scienceqa", choices=choices,
+                              target=scienceqa_target(answer, p.get("solution", ""), answer_format),
+                              answer_index=answer))
     log.info("ScienceQA %s: %d problems with an image (%d without skipped)", split, len(out), skipped)
     return out
 
 
-__all__ = ["INSTRUCTION", "read_scienceqa", "scienceqa_prompt"]
+__all__ = ["ANSWER_FORMATS", "INSTRUCTION", "INSTRUCTION_EXPLAINED", "read_scienceqa", "scienceqa_prompt",
+           "scienceqa_target"]
