@@ -17,7 +17,13 @@ from PIL import Image
 from data.vqa.datamodule import VQADataModule
 from data.vqa.labelled import FASHION_CLASSES, write_labelled
 from data.vqa.mix import GroupedBatches, VQAMixDataModule
-from data.vqa.scienceqa import INSTRUCTION, INSTRUCTION_EXPLAINED, read_scienceqa, scienceqa_target
+from data.vqa.scienceqa import (
+    INSTRUCTION,
+    INSTRUCTION_EXPLAINED,
+    option_targets,
+    read_scienceqa,
+    scienceqa_target,
+)
 from data.vqa.vizwiz import read_vizwiz
 from metrics.vqa import parse_choice, states_answer, vqa_normalize
 from models.vlm_real import resize_position_grid
@@ -113,6 +119,11 @@ def test_explained_format_targets_name_the_class_then_the_letter_and_parse_back(
         assert b.prompt.splitlines()[-1] == INSTRUCTION_EXPLAINED and a.prompt.splitlines()[-1] == INSTRUCTION
         assert parse_choice(b.target, b.choices) == b.answer_index and states_answer(b.target, b.choices)
     assert scienceqa_target(2, "", "explained") == "The answer is C." and scienceqa_target(0, "x y") == "A"
+    e = explained[0]
+    assert e.option_targets == [f"The picture shows: {c}. The answer is {'ABCD'[i]}." for i, c in enumerate(e.choices)]
+    assert letter[0].option_targets == ["A", "B", "C", "D"]
+    assert option_targets(["red", "blue"], 0, "red or red?", "explained") is None  # names the answer twice
+    assert option_targets(["red", "blue"], 0, "", "explained") == ["The answer is A.", "The answer is B."]
     with pytest.raises(ValueError, match="answer_format"):
         read_scienceqa(sources.sqa, "test", answer_format="cot")
     dm = VQAMixDataModule(datasets=["scienceqa", "vizwiz"], root=[str(sources.sqa), str(sources.vw)],

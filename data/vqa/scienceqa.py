@@ -70,6 +70,23 @@ def scienceqa_target(answer: int, solution: str = "", answer_format: str = "lett
     return f"{solution} The answer is {letter}." if solution else f"The answer is {letter}."
 
 
+def option_targets(choices: list[str], answer: int, solution: str = "",
+                   answer_format: str = "letter") -> list[str] | None:
+    """The training target the problem would have if each option were the right one, for likelihood scoring (as an
+    lm-eval-harness multiple-choice task: the option whose target is likeliest).  ``letter``: the letters.
+    ``explained``: the solution (which is about the right option ``answer``) with the right option's text replaced
+    by each option's; ``None`` when the solution does not name the right option's text exactly once (it could not
+    be rewritten for another option without guessing)."""
+    _check_format(answer_format)
+    if answer_format == "letter":
+        return [LETTERS[i] for i in range(len(choices))]
+    truth = choices[answer]
+    solution = " ".join(str(solution or "").split())
+    if solution and solution.count(truth) != 1:
+        return None
+    return [scienceqa_target(i, solution.replace(truth, c), answer_format) for i, c in enumerate(choices)]
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
@@ -115,10 +132,13 @@ def read_scienceqa(root: str | Path, split: str, answer_format: str = "letter") 
         prompt = scienceqa_prompt(p["question"], choices, p.get("hint", ""), answer_format)
         out.append(VQAExample(qid=pid, image=image, prompt=prompt, task="scienceqa", choices=choices,
                               target=scienceqa_target(answer, p.get("solution", ""), answer_format),
-                              answer_index=answer))
+                              answer_index=answer,
+                              option_targets=option_targets(choices, answer, p.get("solution", ""), answer_format)
+                              or []))
     log.info("ScienceQA %s: %d problems with an image (%d without skipped)", split, len(out), skipped)
     return out
 
 
-__all__ = ["ANSWER_FORMATS", "INSTRUCTION", "INSTRUCTION_EXPLAINED", "read_scienceqa", "scienceqa_prompt",
+__all__ = ["ANSWER_FORMATS", "INSTRUCTION", "INSTRUCTION_EXPLAINED", "option_targets", "read_scienceqa",
+           "scienceqa_prompt",
            "scienceqa_target"]
