@@ -20,6 +20,7 @@ from data.vqa.mix import GroupedBatches, VQAMixDataModule
 from data.vqa.scienceqa import (
     INSTRUCTION,
     INSTRUCTION_EXPLAINED,
+    INSTRUCTION_SCAN,
     option_targets,
     read_scienceqa,
     scienceqa_target,
@@ -124,6 +125,15 @@ def test_explained_format_targets_name_the_class_then_the_letter_and_parse_back(
     assert letter[0].option_targets == ["A", "B", "C", "D"]
     assert option_targets(["red", "blue"], 0, "red or red?", "explained") is None  # names the answer twice
     assert option_targets(["red", "blue"], 0, "", "explained") == ["The answer is A.", "The answer is B."]
+    scan = read_scienceqa(sources.sqa, "test", answer_format="scan")
+    for a, b in zip(explained, scan):  # the explanation, the options up to the right one, the answer sentence
+        steps = " ".join(f"{'ABCD'[i]} is {c}." for i, c in enumerate(b.choices[: b.answer_index + 1]))
+        assert b.target == a.target.replace(" The answer is", f" {steps} The answer is")
+        assert b.prompt.splitlines()[-1] == INSTRUCTION_SCAN and parse_choice(b.target, b.choices) == b.answer_index
+        assert len(b.option_targets) == 4 and b.option_targets[b.answer_index] == b.target
+    assert scienceqa_target(1, "", "scan", ["x", "y z"]) == "A is x. B is y z. The answer is B."
+    with pytest.raises(ValueError, match="needs the choices"):
+        scienceqa_target(1, "", "scan")
     with pytest.raises(ValueError, match="answer_format"):
         read_scienceqa(sources.sqa, "test", answer_format="cot")
     dm = VQAMixDataModule(datasets=["scienceqa", "vizwiz"], root=[str(sources.sqa), str(sources.vw)],

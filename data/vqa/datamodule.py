@@ -80,8 +80,9 @@ class VQADataModule(LightningDataModule):
         seed: shuffling seed of the calibration/finetuning examples (and of the synthetic set).
         num_workers: dataloader workers.
         scienceqa_format: ScienceQA prompts and targets: ``letter`` (the option's letter, LLaVA's format) or
-            ``explained`` (the ScienceQA paper's QCM->EA: ``"<solution> The answer is B."``; see
-            :mod:`data.vqa.scienceqa`).  Only for ``dataset: scienceqa``.
+            ``explained`` (the ScienceQA paper's QCM->EA: ``"<solution> The answer is B."``) or ``scan`` (the
+            options checked in order before the answer); see :mod:`data.vqa.scienceqa`.  Only for
+            ``dataset: scienceqa``.
     """
 
     def __init__(

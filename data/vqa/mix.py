@@ -58,7 +58,8 @@ class VQAMixDataModule(LightningDataModule):
         batch_size / eval_batch_size / calibration_batch_size: loader batch sizes.
         seed: split and shuffling seed (and the seed of generated sets).
         num_workers: dataloader workers.
-        scienceqa_format: the ScienceQA set's answer format, ``letter`` or ``explained`` (see ``VQADataModule``).
+        scienceqa_format: the ScienceQA set's answer format, ``letter``, ``explained`` or ``scan`` (see
+            ``VQADataModule``).
     """
 
     def __init__(self, datasets: Sequence[str] = ("scienceqa", "vizwiz"), root: str | Sequence[str] = "labelled",
