@@ -11,6 +11,12 @@ prompt; the predicted option is the likeliest (summed over the answer's tokens, 
 lm-eval-harness multiple-choice ``acc``).  Nothing is generated or parsed, so this measures what the model
 prefers among the options, not whether it writes a parseable answer (the generation metric of the training run's
 test).  Chance: 25 %.  Runs in bf16 autocast, as the training runs' tests do (``--fp32`` for float32).
+In the explained and scan formats the candidates differ first in the named class, so this score mostly measures
+whether the model recognises the image among the options.
+
+``--letter-given-answer`` is a diagnostic, not a metric: the candidates are the *right* target with only its final
+letter changed (``... The answer is A.`` / ``B.`` / ...), so it measures whether, with the right explanation
+written, the model puts the right letter last: the copy step alone.
 """
 
 from __future__ import annotations
@@ -56,8 +62,10 @@ def option_likelihood_choices(model, collator: VQACollator, examples: list, batc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a trained save_pretrained folder")
-    p.add_argument("--scienceqa-format", choices=["letter", "explained"], default="letter")
+    p.add_argument("--scienceqa-format", choices=["letter", "explained", "scan"], default="letter")
     p.add_argument("--test-samples", type=int, default=100, help="first test questions (half per dataset)")
+    p.add_argument("--letter-given-answer", action="store_true",
+                   help="diagnostic: candidates differ only in the final letter of the right target (docstring)")
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--fp32", action="store_true", help="float32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=2)
@@ -70,6 +78,13 @@ def main() -> None:
     dm = VQADataModule(dataset="scienceqa", root="labelled", processor=processor, test_samples=args.test_samples,
                        scienceqa_format=args.scienceqa_format)
     examples = dm.examples("test")
+    if args.letter_given_answer:
+        if args.scienceqa_format == "letter":
+            raise ValueError("--letter-given-answer needs an explained or scan format (a letter target has no "
+                             "explanation before its letter)")
+        examples = [replace(e, option_targets=[e.target.rsplit("The answer is ", 1)[0] + f"The answer is {L}."
+                                               for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(e.choices)]])
+                    for e in examples]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
         picks = option_likelihood_choices(model, VQACollator(processor, "train"), examples, args.batch_size)
     correct = sum(int(k == e.answer_index) for k, e in zip(picks, examples))
@@ -77,7 +92,9 @@ def main() -> None:
     acc = 100.0 * correct / n
     se = 100.0 * math.sqrt(acc / 100 * (1 - acc / 100) / n)
     out = {"command": "flock /tmp/svd-vggt-heavy.lock .venv/bin/python " + " ".join(sys.argv),
-           "model": args.model, "scienceqa_format": args.scienceqa_format, "n": n, "correct": correct,
+           "model": args.model, "scienceqa_format": args.scienceqa_format,
+           "candidates": "right target, final letter varied" if args.letter_given_answer else "option targets",
+           "n": n, "correct": correct,
            "accuracy": acc, "standard_error": se, "chance": 100.0 / len(examples[0].choices),
            "per_dataset": {name: 100.0 * sum(int(k == e.answer_index) for j, (k, e) in enumerate(zip(picks, examples))
                                              if j % 2 == d) / len(examples[d::2])

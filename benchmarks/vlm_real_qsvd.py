@@ -136,10 +136,10 @@ def main() -> None:
     p.add_argument("--quant-ratio", type=float, default=0.001, help="ratio of the quantized QSVD rows (R1 ~ 100 %%)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower (unrotated)")
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose label starts with one of these")
-    p.add_argument("--scienceqa-format", choices=["letter", "explained"], default="letter",
+    p.add_argument("--scienceqa-format", choices=["letter", "explained", "scan"], default="letter",
                    help="ScienceQA answer format the model was trained on (data.vqa.scienceqa)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy decoding budget (default: 6 for the letter format, 16 for explained)")
+                   help="greedy decoding budget (default: 6 for the letter format, 16 for explained, 40 for scan)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="markdown output (a .json twin is written next to it)")
     args = p.parse_args()
@@ -148,7 +148,7 @@ def main() -> None:
     t_start = time.perf_counter()
     dense, processor = load_vlm(args.model)
     if args.max_new_tokens is None:
-        args.max_new_tokens = 6 if args.scienceqa_format == "letter" else 16
+        args.max_new_tokens = {"letter": 6, "explained": 16, "scan": 40}[args.scienceqa_format]
     spec = VLMSpec(model=dense, processor=processor, max_new_tokens=args.max_new_tokens, eval_loss=False,
                    quantize_vision=args.quantize_vision, compress_vision=True, compress_projector=True)
     dm = VQAMixDataModule(root="labelled", processor=processor, calibration_samples=args.calib_samples,
