@@ -1,10 +1,11 @@
 """QSVD table on the real offline VLM (CLIP ViT-B/16 + trained projector + SmolLM2-135M), both VQA layouts.
 
     flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py \
-        --model outputs/vlm/clip_smollm2_finetune/version_0/pretrained --out docs/results/vlm_real_qsvd.md
+        --model outputs/vlm/clip_smollm2_scan/version_0/pretrained --scienceqa-format scan --out docs/results/vlm_real_qsvd.md
 
-The model is the output of ``configs/vlm/clip_smollm2_finetune.yaml`` (projector + language model trained; the
-projector-only model of ``clip_smollm2_projector.yaml`` is only 2-3 standard errors above chance).  Test: the first
+The model is the output of ``configs/vlm/clip_smollm2_scan.yaml`` (both layouts far above chance; the letter-only
+models of the other clip_smollm2 configs answer the ScienceQA layout at chance), scored in the ScienceQA answer
+format it was trained on (``--scienceqa-format``).  Test: the first
 ``--test-samples`` questions of each layout of the labelled sets (:mod:`data.vqa.labelled`; Fashion-MNIST
 t10k and held-out digit images, half each), scored as the CLI scores them (greedy answers; ScienceQA: the
 option letter parsed, chance 25 %; VizWiz: soft VQA accuracy, chance 10 % for a uniform guess).
