@@ -1,7 +1,8 @@
 """QSVD table on the real offline VLM (CLIP ViT-B/16 + trained projector + SmolLM2-135M), both VQA layouts.
 
     flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py \
-        --model outputs/vlm/clip_smollm2_scan/version_0/pretrained --scienceqa-format scan --out docs/results/vlm_real_qsvd.md
+        --model outputs/vlm/clip_smollm2_scan/version_0/pretrained --scienceqa-format scan \
+        --out docs/results/vlm_real_qsvd.md
 
 The model is the output of ``configs/vlm/clip_smollm2_scan.yaml`` (both layouts far above chance; the letter-only
 models of the other clip_smollm2 configs answer the ScienceQA layout at chance), scored in the ScienceQA answer
