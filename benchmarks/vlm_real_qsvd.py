@@ -1,10 +1,12 @@
 """QSVD table on the real offline VLM (CLIP ViT-B/16 + trained projector + SmolLM2-135M), both VQA layouts.
 
     flock /tmp/svd-vggt-heavy.lock .venv/bin/python benchmarks/vlm_real_qsvd.py \
-        --model outputs/vlm/clip_smollm2_finetune/version_0/pretrained --out docs/results/vlm_real_qsvd.md
+        --model outputs/vlm/clip_smollm2_scan/version_0/pretrained --scienceqa-format scan \
+        --out docs/results/vlm_real_qsvd.md
 
-The model is the output of ``configs/vlm/clip_smollm2_finetune.yaml`` (projector + language model trained; the
-projector-only model of ``clip_smollm2_projector.yaml`` is only 2-3 standard errors above chance).  Test: the first
+The model is the output of ``configs/vlm/clip_smollm2_scan.yaml`` (both layouts far above chance; the letter-only
+models of the other clip_smollm2 configs answer the ScienceQA layout at chance), scored in the ScienceQA answer
+format it was trained on (``--scienceqa-format``).  Test: the first
 ``--test-samples`` questions of each layout of the labelled sets (:mod:`data.vqa.labelled`; Fashion-MNIST
 t10k and held-out digit images, half each), scored as the CLI scores them (greedy answers; ScienceQA: the
 option letter parsed, chance 25 %; VizWiz: soft VQA accuracy, chance 10 % for a uniform guess).
@@ -54,10 +56,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def rows(r1s: list[float], bits: list[tuple[int, int]], quant_budget: float) -> list[tuple[str, Recipe | None, str]]:
+def isolating_rows(r1: float, grad_samples: int) -> list[tuple[str, Recipe, str]]:
+    """The 2 x 2 around QSVD's factorization at ``r1``, all with joint q/k/v: {ASVD scaling, SVD-LLM whitening} x
+    {uniform ranks, gradient allocation}; QSVD is (ASVD, gradient).  A whitened row computes its own gradient
+    importances (the singular values it ranks are those of the whitened matrix)."""
+    ratio = round(1 - r1, 6)
+    grad = {"allocation": "gradient", "calibration": {"gradient_batches": grad_samples, "progress": False}}
+    joint = {"ratio": ratio, "targets": [LM_QKV], "joint_qkv": True}
+    return [
+        (f"joint QKV, SVD-LLM whitening, gradient alloc. (QSVD without ASVD scaling) R1 {r1:.0%}",
+         Recipe("svd_llm", **joint, **grad), "isolate"),
+        (f"joint QKV, SVD-LLM whitening, uniform ranks R1 {r1:.0%}", Recipe("svd_llm", **joint), "isolate"),
+        (f"joint QKV, ASVD scaling, uniform ranks (QSVD without gradient alloc.) R1 {r1:.0%}",
+         Recipe(**ASVD, **joint), "isolate"),
+    ]
+
+
+def rows(r1s: list[float], bits: list[tuple[int, int]], quant_budget: float,
+         grad_samples: int = 16) -> list[tuple[str, Recipe | None, str]]:
     """``(label, recipe, group)`` in run order: the paper's headline comparisons first (SVD-LLM / ASVD / QSVD at
-    the lowest R1, QuaRot vs QSVD at the lowest bits), then the other budgets and bit widths, per-tower rows last,
-    so that a run cut short still holds the rows that matter most."""
+    the lowest R1, QuaRot vs QSVD at the lowest bits), the rows that isolate QSVD's scaling and allocation at the
+    lowest R1, then the other budgets and bit widths, per-tower rows last, so that a run cut short still holds the
+    rows that matter most."""
     float_rows, quant_rows = {}, {}
     for r1 in r1s:
         ratio = round(1 - r1, 6)
@@ -82,7 +102,7 @@ def rows(r1s: list[float], bits: list[tuple[int, int]], quant_budget: float) -> 
         ]
     low_r1, low_bits = min(r1s), min(bits)
     out: list[tuple[str, Recipe | None, str]] = [("FP32 dense (FP16 row)", None, "float")]
-    out += float_rows[low_r1] + quant_rows[low_bits][:2]
+    out += float_rows[low_r1] + quant_rows[low_bits][:2] + isolating_rows(low_r1, grad_samples)
     out += [r for r1 in sorted(r1s) if r1 != low_r1 for r in float_rows[r1]]
     out += [r for b in sorted(bits, reverse=True) if b != low_bits for r in quant_rows[b]] + quant_rows[low_bits][2:]
     r1 = max(r1s)
@@ -118,6 +138,10 @@ def main() -> None:
     p.add_argument("--quant-ratio", type=float, default=0.001, help="ratio of the quantized QSVD rows (R1 ~ 100 %%)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower (unrotated)")
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose label starts with one of these")
+    p.add_argument("--scienceqa-format", choices=["letter", "explained", "scan"], default="letter",
+                   help="ScienceQA answer format the model was trained on (data.vqa.scienceqa)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy decoding budget (default: 6 for the letter format, 16 for explained, 40 for scan)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="markdown output (a .json twin is written next to it)")
     args = p.parse_args()
@@ -125,16 +149,18 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     dense, processor = load_vlm(args.model)
-    spec = VLMSpec(model=dense, processor=processor, max_new_tokens=6, eval_loss=False,
+    if args.max_new_tokens is None:
+        args.max_new_tokens = {"letter": 6, "explained": 16, "scan": 40}[args.scienceqa_format]
+    spec = VLMSpec(model=dense, processor=processor, max_new_tokens=args.max_new_tokens, eval_loss=False,
                    quantize_vision=args.quantize_vision, compress_vision=True, compress_projector=True)
     dm = VQAMixDataModule(root="labelled", processor=processor, calibration_samples=args.calib_samples,
-                          test_samples=args.test_samples, eval_batch_size=25)
+                          test_samples=args.test_samples, eval_batch_size=25, scienceqa_format=args.scienceqa_format)
     loaders = dict(zip(dm.test_names, dm.test_dataloader()))
     calib = list(dm.calibration_dataloader())
     first = next(iter(next(iter(loaders.values()))))["full"]
     example = {k: v[:1] for k, v in first.items() if k != "labels"}  # one test question, for the FLOP count
     bits = [tuple(int(x) for x in b.split(",")) for b in args.bits]
-    plan = rows(args.r1, bits, args.quant_ratio)
+    plan = rows(args.r1, bits, args.quant_ratio, args.grad_samples)
     if args.only:
         plan = [r for r in plan if r[0] == plan[0][0] or any(r[0].startswith(o) for o in args.only)]
 
@@ -170,7 +196,8 @@ def main() -> None:
         model, report, t0 = dense, None, time.perf_counter()
         if recipe is not None:
             model = copy.deepcopy(dense)
-            uses_grad = recipe.allocation == "gradient" and recipe.targets == [LM_QKV]
+            # the shared importances are those of the ASVD-scaled joint factorization (grad_recipe)
+            uses_grad = recipe.allocation == "gradient" and recipe.targets == [LM_QKV] and recipe.method == "asvd"
             report = compress_(model, recipe, stats, family=spec, batches=calib,
                                importances=importances if uses_grad else None)
         compress_s = time.perf_counter() - t0
@@ -192,11 +219,13 @@ def main() -> None:
 def table(out: dict) -> str:
     rows_ = out["rows"]
     names = list(rows_[0]["accuracy"])
+    stated = [n for n in names if "answer_sentence" in rows_[0]["accuracy"][n]]  # ScienceQA sets (newer runs)
     dense = rows_[0]
     lines = [
-        "| row | " + " | ".join(f"{n} acc. (%)" for n in names) + " | targeted params kept | vision / projector / "
+        "| row | " + " | ".join(f"{n} acc. (%)" for n in names)
+        + "".join(f" | {n} with 'answer is X' (%)" for n in stated) + " | targeted params kept | vision / projector / "
         "LM params | vision / LM GFLOPs | compress + eval (s) |",
-        "|---|" + "---:|" * len(names) + "---:|---:|---:|---:|",
+        "|---|" + "---:|" * (len(names) + len(stated)) + "---:|---:|---:|---:|",
     ]
     for r in rows_:
         t = r["towers"]
@@ -204,7 +233,8 @@ def table(out: dict) -> str:
         if "targeted_params" in r:
             before, after = r["targeted_params"]
             kept = f"{after:,} / {before:,}"
-        accs = " | ".join(f"{r['accuracy'][n]['accuracy']:.1f}" for n in names)
+        accs = " | ".join([f"{r['accuracy'][n]['accuracy']:.1f}" for n in names]
+                          + [f"{r['accuracy'][n]['answer_sentence']:.1f}" for n in stated])
         lines.append(f"| {r['row']} | {accs} | {kept} | {t['vision_tower']['params'] / 1e6:.2f} M / "
                      f"{t['projector']['params'] / 1e6:.3f} M / {t['language_model']['params'] / 1e6:.2f} M | "
                      f"{t['vision_tower']['gflops']:.2f} / {t['language_model']['gflops'] + t['lm_head']['gflops']:.2f}"

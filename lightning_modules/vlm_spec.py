@@ -254,6 +254,13 @@ class VLMSpec(ModelSpec):
     @staticmethod
     def _nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed answer-token NLL (float32 logits) and the number of scored tokens."""
+        nll, count = VLMSpec.answer_nll(model, batch)
+        return nll.sum(), count.sum()
+
+    @staticmethod
+    def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the summed NLL of its answer tokens (float32 logits; ``[B]``) and their count (``[B]``).
+        ``-answer_nll`` is the conditional log-likelihood an lm-eval-harness multiple-choice task compares."""
         if "labels" not in batch:
             raise ValueError("a VLM training batch needs `labels` (prompt tokens at -100); use data.vqa.VQADataModule")
         labels = batch["labels"]
@@ -269,9 +276,11 @@ class VLMSpec(ModelSpec):
                 logits = None  # a transformers version without boolean masks: fall back to the full logits
         if logits is None:
             logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][scored.to(labels.device)]
+        rows = scored.nonzero()[:, 0].to(logits.device)  # the example of every scored token, in logits' order
         target = target[scored].to(logits.device)
-        nll = F.cross_entropy(logits.float(), target, reduction="sum")
-        return nll, scored.sum()
+        per_token = F.cross_entropy(logits.float(), target, reduction="none")
+        nll = per_token.new_zeros(len(scored)).index_add(0, rows, per_token)
+        return nll, scored.sum(1)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt: dict) -> list[str]:

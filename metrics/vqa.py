@@ -1,8 +1,13 @@
 """VQA metrics: ScienceQA multiple-choice accuracy and VQA/VizWiz soft accuracy, in percent.
 
 ScienceQA (:func:`parse_choice`).  The model is asked to "Answer with the option's letter from
-the given choices directly"; its free-form output is mapped to an option by, in order:
+the given choices directly" (or, in the explained format of :mod:`data.vqa.scienceqa`, to end with "The
+answer is X"); its free-form output is mapped to an option by, in order:
 
+0. **answer sentence**: the *last* ``answer is X`` (``The answer is B.``, ``answer is (B)``; "answer is"
+   in any case, ``X`` a capital) whose ``X`` is an option letter -> that option, whatever else the output
+   says (an explanation may hold other capitals: ``A``, ``I``); LLaVA's ScienceQA evaluation parses
+   ``The answer is X`` the same way;
 1. **letter**: the distinct option letters (``A``.. up to the number of choices) that appear in
    the output as standalone capitals (not inside a word: ``B``, ``B.``, ``(B)``, ``The answer is
    B.``).  Exactly one distinct letter -> that option;
@@ -39,6 +44,7 @@ from torchmetrics import Metric
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _STANDALONE_CAPITAL = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
+_ANSWER_SENTENCE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?([A-Z])(?![A-Za-z])")
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                 "?", "!")
@@ -91,6 +97,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> int | None:
     if len(choices) > len(LETTERS):
         raise ValueError(f"at most {len(LETTERS)} options can be lettered, got {len(choices)}")
     letters = LETTERS[: len(choices)]
+    stated = [c for c in _ANSWER_SENTENCE.findall(prediction) if c in letters]
+    if stated:
+        return letters.index(stated[-1])
     found = {c for c in _STANDALONE_CAPITAL.findall(prediction) if c in letters}
     if len(found) == 1:
         return letters.index(found.pop())
@@ -101,8 +110,16 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def states_answer(prediction: str, choices: Sequence[str]) -> bool:
+    """Whether ``prediction`` holds an answer sentence (rule 0 of the module docstring) naming an option letter."""
+    letters = LETTERS[: len(choices)]
+    return any(c in letters for c in _ANSWER_SENTENCE.findall(prediction))
+
+
 class ScienceQAAccuracy(Metric):
-    """Multiple-choice accuracy in percent over parsed free-form outputs (:func:`parse_choice`)."""
+    """Multiple-choice accuracy in percent over parsed free-form outputs (:func:`parse_choice`); also the percentage
+    of outputs left unparsed (``parse_failures``) and of those decided by an answer sentence (``answer_sentence``,
+    rule 0: in the explained format, the rest fell back to a bare letter or to the option's text)."""
 
     full_state_update = False
 
@@ -111,6 +128,7 @@ class ScienceQAAccuracy(Metric):
         self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("unparsed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("stated", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], choices: Sequence[Sequence[str]], answers: Sequence[int]) -> None:
         """``predictions[i]`` (decoded text) against option index ``answers[i]`` of ``choices[i]``."""
@@ -120,13 +138,15 @@ class ScienceQAAccuracy(Metric):
             if not 0 <= int(answer) < len(opts):
                 raise ValueError(f"answer index {answer} is outside the {len(opts)} options {list(opts)}")
             parsed = parse_choice(pred, opts)
+            self.stated += int(states_answer(pred, opts))
             self.correct += int(parsed == int(answer))
             self.unparsed += int(parsed is None)
             self.total += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.clamp_min(1).double()
-        return {"accuracy": 100.0 * self.correct.double() / total, "parse_failures": 100.0 * self.unparsed / total}
+        return {"accuracy": 100.0 * self.correct.double() / total, "parse_failures": 100.0 * self.unparsed / total,
+                "answer_sentence": 100.0 * self.stated / total}
 
 
 # -- VQA / VizWiz ---------------------------------------------------------------------------------
@@ -213,4 +233,5 @@ class VQAScores(torch.nn.Module):
         self.vizwiz.reset()
 
 
-__all__ = ["ScienceQAAccuracy", "VQAAccuracy", "VQAScores", "parse_choice", "vqa_accuracy", "vqa_normalize"]
+__all__ = ["ScienceQAAccuracy", "VQAAccuracy", "VQAScores", "parse_choice", "states_answer", "vqa_accuracy",
+           "vqa_normalize"]

@@ -23,6 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("red and blue", ["red", "blue"], None),         # two option texts
     ("reddish", ["red", "blue"], None),              # whole words only
     ("", ["red", "blue"], None),
+    # the answer sentence (explained format) decides, whatever other capitals the explanation holds
+    ("A picture of a shoe. The answer is B.", ["bag", "shoe"], 1),
+    ("The picture shows: I. The answer is (C)", ["x", "y", "z"], 2),
+    ("The answer is A. No: the answer is C.", ["x", "y", "z"], 2),  # the last answer sentence counts
+    ("answer is: B", ["red", "blue"], 1),
+    ("The answer is D. It is red.", ["red", "blue"], 0),  # D is no option: the rules after it apply (text)
+    ("The answer is Apple.", ["red", "blue"], None),     # a word, not a letter
 ])
 def test_parse_choice(text, choices, expected):
     assert parse_choice(text, choices) == expected
@@ -72,6 +79,7 @@ def test_metric_classes_accumulate_and_reset():
     out = sqa.compute()
     assert float(out["accuracy"]) == pytest.approx(50.0)  # A (right), B (wrong), blue (right), unparsed (wrong)
     assert float(out["parse_failures"]) == pytest.approx(25.0)
+    assert float(out["answer_sentence"]) == pytest.approx(25.0)  # only "The answer is B." states its answer
     with pytest.raises(ValueError, match="outside"):
         sqa.update(["A"], [["r", "b"]], [2])
     vqa = VQAAccuracy()
@@ -82,7 +90,8 @@ def test_metric_classes_accumulate_and_reset():
     assert set(scores.compute()) == {"accuracy"}
     scores.update("scienceqa", ["A"], choices=[["x", "y"]], answer_index=[1])
     both = scores.compute()
-    assert set(both) == {"scienceqa/accuracy", "scienceqa/parse_failures", "vizwiz/accuracy"}
+    assert set(both) == {"scienceqa/accuracy", "scienceqa/parse_failures", "scienceqa/answer_sentence",
+                         "vizwiz/accuracy"}
     assert float(both["scienceqa/accuracy"]) == 0.0 and float(both["vizwiz/accuracy"]) == 100.0
     scores.reset()
     assert scores.compute() == {}

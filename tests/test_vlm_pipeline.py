@@ -197,6 +197,28 @@ def test_answer_loss_scores_only_answer_tokens_with_the_head_on_them_alone(famil
                          for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_answer_nll_per_example_is_that_example_alone(roots):
+    """``VLMSpec.answer_nll`` (likelihood scoring) gives every example of a padded batch the answer NLL and token count
+    it has when run alone, and its sum is the training loss's numerator."""
+    from dataclasses import replace
+
+    spec = VLMSpec("tiny-llava")
+    model = spec.build().eval()
+    collate = VQACollator(spec.processor, "train")
+    examples = read_scienceqa(roots["scienceqa"], "train")[:3]
+    examples = [replace(e, target=t) for e, t in zip(examples, ["B", "The answer is C.", "a longer answer, B"])]
+    with torch.no_grad():
+        batch = collate(examples)
+        nll, count = spec.answer_nll(model, batch)
+        alone = [spec.answer_nll(model, collate([e])) for e in examples]
+        total, tokens = spec._nll(model, batch)
+    assert batch["attention_mask"].sum(1).unique().numel() == 3  # three lengths: padding is exercised
+    torch.testing.assert_close(nll, torch.cat([a[0] for a in alone]), rtol=1e-4, atol=1e-4)
+    assert count.tolist() == [int(a[1]) for a in alone] and count[1] > count[0]
+    torch.testing.assert_close(total, nll.sum())
+    assert int(tokens) == int(count.sum())
+
+
 def test_projector_trains_at_its_own_learning_rate():
     """LLaVA's ``mm_projector_lr``: with the projector and the language model trainable, the optimizer holds the
     projector's parameters at their own rate and every other trainable parameter at the run's rate."""

@@ -14,11 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
+from data.vqa.datamodule import VQADataModule
 from data.vqa.labelled import FASHION_CLASSES, write_labelled
 from data.vqa.mix import GroupedBatches, VQAMixDataModule
-from data.vqa.scienceqa import read_scienceqa
+from data.vqa.scienceqa import (
+    INSTRUCTION,
+    INSTRUCTION_EXPLAINED,
+    INSTRUCTION_SCAN,
+    option_targets,
+    read_scienceqa,
+    scienceqa_target,
+)
 from data.vqa.vizwiz import read_vizwiz
-from metrics.vqa import vqa_normalize
+from metrics.vqa import parse_choice, states_answer, vqa_normalize
 from models.vlm_real import resize_position_grid
 from tests.fixtures_vit import tiny_clip
 from tests.test_vit_data import write_digits, write_fashion
@@ -97,6 +105,46 @@ def test_labelled_sets_are_written_from_the_labels_with_disjoint_splits(sources)
     with pytest.raises(ValueError, match="pool has"):
         write_labelled(sources.root / "big", "vizwiz", **{**sources.kw, "sizes": {"train": 150, "val": 40,
                                                                                    "test": 40}})
+
+
+def test_explained_format_targets_name_the_class_then_the_letter_and_parse_back(sources) -> None:
+    """ScienceQA's QCM->EA format on the labelled set: "The picture shows: <class>. The answer is <letter>.", the
+    prompt asking for it; the parser reads back exactly the right option from every target."""
+    letter = read_scienceqa(sources.sqa, "test")
+    explained = read_scienceqa(sources.sqa, "test", answer_format="explained")
+    assert [e.qid for e in explained] == [e.qid for e in letter] and len(explained) == 2 * SIZES["test"]
+    for a, b in zip(letter, explained):
+        truth = b.choices[b.answer_index]
+        assert b.target == f"The picture shows: {truth}. The answer is {a.target}."
+        assert b.prompt.splitlines()[:-1] == a.prompt.splitlines()[:-1]  # same question and options
+        assert b.prompt.splitlines()[-1] == INSTRUCTION_EXPLAINED and a.prompt.splitlines()[-1] == INSTRUCTION
+        assert parse_choice(b.target, b.choices) == b.answer_index and states_answer(b.target, b.choices)
+    assert scienceqa_target(2, "", "explained") == "The answer is C." and scienceqa_target(0, "x y") == "A"
+    e = explained[0]
+    assert e.option_targets == [f"The picture shows: {c}. The answer is {'ABCD'[i]}." for i, c in enumerate(e.choices)]
+    assert letter[0].option_targets == ["A", "B", "C", "D"]
+    assert option_targets(["red", "blue"], 0, "red or red?", "explained") is None  # names the answer twice
+    assert option_targets(["red", "blue"], 0, "", "explained") == ["The answer is A.", "The answer is B."]
+    scan = read_scienceqa(sources.sqa, "test", answer_format="scan")
+    for a, b in zip(explained, scan):  # the explanation, the options up to the right one, the answer sentence
+        steps = " ".join(f"{'ABCD'[i]} is {c}." for i, c in enumerate(b.choices[: b.answer_index + 1]))
+        assert b.target == a.target.replace(" The answer is", f" {steps} The answer is")
+        assert b.prompt.splitlines()[-1] == INSTRUCTION_SCAN and parse_choice(b.target, b.choices) == b.answer_index
+        assert len(b.option_targets) == 4 and b.option_targets[b.answer_index] == b.target
+    assert scienceqa_target(1, "", "scan", ["x", "y z"]) == "A is x. B is y z. The answer is B."
+    with pytest.raises(ValueError, match="needs the choices"):
+        scienceqa_target(1, "", "scan")
+    with pytest.raises(ValueError, match="answer_format"):
+        read_scienceqa(sources.sqa, "test", answer_format="cot")
+    dm = VQAMixDataModule(datasets=["scienceqa", "vizwiz"], root=[str(sources.sqa), str(sources.vw)],
+                          processor="tiny-llava", test_split="test", calibration_samples=2, test_samples=2,
+                          scienceqa_format="explained")
+    assert dm.parts[0].examples("test")[0].target.endswith(". The answer is " + letter[0].target + ".")
+    assert dm.parts[1].examples("test")[0].target == vqa_normalize(read_vizwiz(sources.vw, "test")[0].target)
+    with pytest.raises(ValueError, match="needs scienceqa"):
+        VQAMixDataModule(datasets=["vizwiz"], root=str(sources.vw), scienceqa_format="explained")
+    with pytest.raises(ValueError, match="scienceqa only"):
+        VQADataModule(dataset="vizwiz", root=str(sources.vw), scienceqa_format="explained")
 
 
 def test_grouped_batches_never_cross_a_group() -> None:

@@ -53,6 +53,8 @@ class VQAExample:
         choices: the options (ScienceQA).
         answer_index: index of the correct option (ScienceQA), ``-1`` otherwise.
         answers: the human answers (VizWiz: ten).
+        option_targets: the target each option would have if it were the right one (ScienceQA; likelihood
+            scoring), empty when the reader cannot write them.
     """
 
     qid: str
@@ -63,6 +65,7 @@ class VQAExample:
     choices: list[str] = field(default_factory=list)
     answer_index: int = -1
     answers: list[str] = field(default_factory=list)
+    option_targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.vqa.common import VQACollator, VQAExample
 from data.vqa.labelled import labelled_root
-from data.vqa.scienceqa import read_scienceqa
+from data.vqa.scienceqa import ANSWER_FORMATS, read_scienceqa
 from data.vqa.synthetic import synthetic_root
 from data.vqa.vizwiz import read_vizwiz
 
@@ -79,6 +79,10 @@ class VQADataModule(LightningDataModule):
         calibration_batch_size: calibration batch size (1: no padding in the statistics).
         seed: shuffling seed of the calibration/finetuning examples (and of the synthetic set).
         num_workers: dataloader workers.
+        scienceqa_format: ScienceQA prompts and targets: ``letter`` (the option's letter, LLaVA's format) or
+            ``explained`` (the ScienceQA paper's QCM->EA: ``"<solution> The answer is B."``) or ``scan`` (the
+            options checked in order before the answer); see :mod:`data.vqa.scienceqa`.  Only for
+            ``dataset: scienceqa``.
     """
 
     def __init__(
@@ -99,10 +103,17 @@ class VQADataModule(LightningDataModule):
         calibration_batch_size: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        scienceqa_format: str = "letter",
     ) -> None:
         super().__init__()
         if dataset not in READERS:
             raise ValueError(f"dataset must be one of {sorted(READERS)}, got {dataset!r}")
+        if scienceqa_format not in ANSWER_FORMATS:
+            raise ValueError(f"scienceqa_format must be one of {ANSWER_FORMATS}, got {scienceqa_format!r}")
+        if dataset != "scienceqa" and scienceqa_format != "letter":
+            raise ValueError(f"scienceqa_format={scienceqa_format!r} applies to dataset: scienceqa only, "
+                             f"got {dataset!r}")
+        self.scienceqa_format = scienceqa_format
         if calibration_samples < 1 or min(batch_size, eval_batch_size, calibration_batch_size) < 1:
             raise ValueError("calibration_samples and every batch size must be >= 1")
         for name, value in (("finetune_samples", finetune_samples), ("validation_samples", validation_samples),
@@ -147,7 +158,8 @@ class VQADataModule(LightningDataModule):
 
     def _read(self, split: str) -> list[VQAExample]:
         if split not in self._cache:
-            self._cache[split] = READERS[self.dataset](self.data_root(), split)
+            kwargs = {"answer_format": self.scienceqa_format} if self.dataset == "scienceqa" else {}
+            self._cache[split] = READERS[self.dataset](self.data_root(), split, **kwargs)
             if not self._cache[split]:
                 raise ValueError(f"{self.dataset} split {split!r} under {self.data_root()} holds no usable example")
         return self._cache[split]

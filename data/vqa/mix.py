@@ -58,6 +58,8 @@ class VQAMixDataModule(LightningDataModule):
         batch_size / eval_batch_size / calibration_batch_size: loader batch sizes.
         seed: split and shuffling seed (and the seed of generated sets).
         num_workers: dataloader workers.
+        scienceqa_format: the ScienceQA set's answer format, ``letter``, ``explained`` or ``scan`` (see
+            ``VQADataModule``).
     """
 
     def __init__(self, datasets: Sequence[str] = ("scienceqa", "vizwiz"), root: str | Sequence[str] = "labelled",
@@ -65,11 +67,14 @@ class VQAMixDataModule(LightningDataModule):
                  finetune_samples: int | None = None,
                  validation_samples: int | None = 50, test_samples: int | None = None, batch_size: int = 4,
                  eval_batch_size: int = 8, calibration_batch_size: int = 1, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, scienceqa_format: str = "letter") -> None:
         super().__init__()
         datasets = list(datasets)
         if not datasets or len(set(datasets)) != len(datasets):
             raise ValueError(f"datasets must be a non-empty list without repeats, got {datasets}")
+        if scienceqa_format != "letter" and "scienceqa" not in datasets:
+            raise ValueError(f"scienceqa_format={scienceqa_format!r} needs scienceqa among the datasets, "
+                             f"got {datasets}")
         roots = [root] * len(datasets) if isinstance(root, str) else list(root)
         if len(roots) != len(datasets):
             raise ValueError(f"give one root, or one per dataset ({len(datasets)}), got {len(roots)}")
@@ -79,7 +84,8 @@ class VQAMixDataModule(LightningDataModule):
                                     calibration_samples=calibration_samples,
                                     finetune_samples=finetune_samples, validation_samples=validation_samples,
                                     test_samples=test_samples, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                                    calibration_batch_size=calibration_batch_size, seed=seed, num_workers=num_workers)
+                                    calibration_batch_size=calibration_batch_size, seed=seed, num_workers=num_workers,
+                                    scienceqa_format=scienceqa_format if d == "scienceqa" else "letter")
                       for d, r in zip(datasets, roots)]
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.calibration_batch_size, self.seed, self.num_workers = calibration_batch_size, seed, num_workers

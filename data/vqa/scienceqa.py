@@ -17,7 +17,20 @@ user text is LLaVA's multiple-choice format (the ``CQM`` order: context, questio
     ...
     Answer with the option's letter from the given choices directly.
 
-and the training target is the correct option's letter.  Scoring: :mod:`metrics.vqa`.
+and the training target is the correct option's letter (``answer_format="letter"``, the default).
+
+``answer_format="explained"`` is the ScienceQA paper's QCM->EA output format (explanation, then answer):
+the last line of the prompt asks for an explanation first (:data:`INSTRUCTION_EXPLAINED`) and the target is
+the problem's ``solution`` followed by the answer sentence, ``"<solution> The answer is B."`` (just
+``"The answer is B."`` when the solution is empty).  LLaVA's ScienceQA evaluation parses that final
+``The answer is X``; so does :func:`metrics.vqa.parse_choice`.
+
+``answer_format="scan"`` adds a check of the options in order after the explanation, up to the right one:
+``"<solution> A is <option A>. B is <option B>. The answer is B."`` (:data:`INSTRUCTION_SCAN`).  Every step is
+a copy a small language model does well: the next letter of a fixed sequence, the text printed after that
+letter in the prompt (an induction copy), and at the end the most recent letter.  The explained format asks
+instead for the letter printed *before* the named option, which SmolLM2-135M did not learn in 180 steps
+(docs/results/vlm_real.md).  Scoring: :mod:`metrics.vqa`.
 """
 
 from __future__ import annotations
@@ -32,18 +45,62 @@ from metrics.vqa import LETTERS
 log = logging.getLogger(__name__)
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
+INSTRUCTION_EXPLAINED = "Explain briefly, then end with 'The answer is' and the option's letter."
+INSTRUCTION_SCAN = "Explain briefly, check the options in order, then end with 'The answer is' and the option's letter."
+ANSWER_FORMATS = ("letter", "explained", "scan")
+_INSTRUCTIONS = {"letter": INSTRUCTION, "explained": INSTRUCTION_EXPLAINED, "scan": INSTRUCTION_SCAN}
 _REQUIRED = ("question", "choices", "answer")
 
 
-def scienceqa_prompt(question: str, choices: list[str], hint: str = "") -> str:
+def _check_format(answer_format: str) -> None:
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"ScienceQA answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+
+
+def scienceqa_prompt(question: str, choices: list[str], hint: str = "", answer_format: str = "letter") -> str:
     """The user text of one problem (module docstring)."""
+    _check_format(answer_format)
     if len(choices) < 2 or len(choices) > len(LETTERS):
         raise ValueError(f"a ScienceQA problem needs 2..{len(LETTERS)} choices, got {len(choices)}")
     lines = [f"Context: {hint.strip()}"] if hint and hint.strip() else []
     lines.append(question.strip())
     lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    lines.append(INSTRUCTION)
+    lines.append(_INSTRUCTIONS[answer_format])
     return "\n".join(lines)
+
+
+def scienceqa_target(answer: int, solution: str = "", answer_format: str = "letter",
+                     choices: list[str] | None = None) -> str:
+    """The training answer of a problem whose correct option is ``answer`` (module docstring); the ``scan`` format
+    needs the ``choices``."""
+    _check_format(answer_format)
+    letter = LETTERS[answer]
+    if answer_format == "letter":
+        return letter
+    parts = [" ".join(str(solution or "").split())]
+    if answer_format == "scan":
+        if choices is None or not 0 <= answer < len(choices):
+            raise ValueError(f"the scan format needs the choices, with the answer {answer} among them; got {choices}")
+        parts += [f"{LETTERS[i]} is {' '.join(str(c).split())}." for i, c in enumerate(choices[: answer + 1])]
+    parts.append(f"The answer is {letter}.")
+    return " ".join(x for x in parts if x)
+
+
+def option_targets(choices: list[str], answer: int, solution: str = "",
+                   answer_format: str = "letter") -> list[str] | None:
+    """The training target the problem would have if each option were the right one, for likelihood scoring (as an
+    lm-eval-harness multiple-choice task: the option whose target is likeliest).  ``letter``: the letters.
+    ``explained`` / ``scan``: the solution (which is about the right option ``answer``) with the right option's
+    text replaced by each option's; ``None`` when the solution does not name the right option's text exactly once
+    (it could not be rewritten for another option without guessing)."""
+    _check_format(answer_format)
+    if answer_format == "letter":
+        return [LETTERS[i] for i in range(len(choices))]
+    truth = choices[answer]
+    solution = " ".join(str(solution or "").split())
+    if solution and solution.count(truth) != 1:
+        return None
+    return [scienceqa_target(i, solution.replace(truth, c), answer_format, choices) for i, c in enumerate(choices)]
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -58,8 +115,10 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:
-    """The problems of ``split`` that have an image (ScienceQA-IMG), in ``pid_splits.json`` order."""
+def read_scienceqa(root: str | Path, split: str, answer_format: str = "letter") -> list[VQAExample]:
+    """The problems of ``split`` that have an image (ScienceQA-IMG), in ``pid_splits.json`` order, with prompts and
+    targets in ``answer_format`` (``letter``, ``explained`` or ``scan``, module docstring)."""
+    _check_format(answer_format)
     root = Path(root)
     problems = _read_json(root / "problems.json", "problems.json")
     splits = _read_json(root / "pid_splits.json", "pid_splits.json")
@@ -86,10 +145,17 @@ def read_scienceqa(root: str | Path, split: str) -> list[VQAExample]:
         if not image.is_file():
             raise FileNotFoundError(f"image of ScienceQA problem {pid!r} not found at {image}")
         choices = [str(c) for c in p["choices"]]
-        out.append(VQAExample(qid=pid, image=image, prompt=scienceqa_prompt(p["question"], choices, p.get("hint", "")),
-                              target=LETTERS[answer], task="scienceqa", choices=choices, answer_index=answer))
+        prompt = scienceqa_prompt(p["question"], choices, p.get("hint", ""), answer_format)
+        out.append(VQAExample(qid=pid, image=image, prompt=prompt, task="scienceqa", choices=choices,
+                              target=scienceqa_target(answer, p.get("solution", ""), answer_format, choices),
+                              answer_index=answer,
+                              option_targets=option_targets(choices, answer, p.get("solution", ""), answer_format)
+                              or []))
     log.info("ScienceQA %s: %d problems with an image (%d without skipped)", split, len(out), skipped)
     return out
 
 
-__all__ = ["INSTRUCTION", "read_scienceqa", "scienceqa_prompt"]
+__all__ = ["ANSWER_FORMATS", "INSTRUCTION", "INSTRUCTION_EXPLAINED", "INSTRUCTION_SCAN", "option_targets",
+           "read_scienceqa",
+           "scienceqa_prompt",
+           "scienceqa_target"]
