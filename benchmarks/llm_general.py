@@ -27,6 +27,7 @@ markdown.  Recovery rows (U/V LoRA) come from ``train.py`` runs: ``--recovered N
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -66,10 +67,13 @@ class Row:
     test: bool = False  # also scored on the test splits
     grad_batches: int | None = None  # gradient windows as train.py picks them: this many batches of 4 (else spread)
     break_even: bool = False  # Recipe.dense_above_break_even
+    sequential: bool = False  # calibration.mode: sequential, propagate: compressed (ranks from the dense model)
 
     def __post_init__(self) -> None:
         if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
             raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
+        if self.sequential and self.mix == "broad-long":
+            raise ValueError(f"row {self.name!r}: the sequential rows use the 256-token broad windows")
 
     @property
     def key(self) -> str:
@@ -77,8 +81,10 @@ class Row:
 
     def recipe(self, targets: list[str]) -> Recipe:
         args = {"shrinkage": self.shrinkage} if self.shrinkage else {}
+        calibration = {"progress": False, **({"mode": "sequential", "propagate": "compressed"} if self.sequential
+                                             else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
-                      dense_above_break_even=self.break_even, calibration={"progress": False})
+                      dense_above_break_even=self.break_even, calibration=calibration)
 
 
 def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
@@ -100,7 +106,11 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row("broad + gradient, 4 batches (as the preset)", ratio, "broad", "gradient", grad_batches=4),
                  Row("broad + gradient, 7 batches", ratio, "broad", "gradient", grad_batches=7),
                  Row("broad + gradient, dense above break-even", ratio, "broad", "gradient", test=True,
-                     break_even=True)]
+                     break_even=True),
+                 # sequential calibration with error propagation at the same (dense-model gradient) ranks;
+                 # scored on test only with --test, once validation prefers it
+                 Row("broad + gradient, dense above break-even, sequential", ratio, "broad", "gradient",
+                     break_even=True, sequential=True)]
     return rows
 
 
@@ -178,9 +188,15 @@ class Study:
         importances, grad_s = (self.importance(row, stats, windows) if row.allocation == "gradient" else (None, 0.0))
         model = copy.deepcopy(self.model)
         start = time.perf_counter()
-        report = compress_(model, row.recipe(self.targets), stats, importances=importances)
+        if row.sequential:  # the mix's windows again, block by block; the importances are the dense model's
+            batches = [{"input_ids": w} for w in windows.split(4)]
+            report = compress_(model, row.recipe(self.targets), family=CausalLMSpec(model=model), batches=batches,
+                               importances=importances)
+        else:
+            report = compress_(model, row.recipe(self.targets), stats, importances=importances)
         out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
+               "sequential": row.sequential,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}
@@ -270,6 +286,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="row keys (name@ratio) or extra rows "
                    "'name@ratio:mix:allocation:shrinkage[:test]' to run; default: the whole plan")
+    p.add_argument("--test", nargs="*", default=[], help="row keys to score on the test splits too (a row "
+                   "the plan scores on validation only, once validation prefers it)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no new row after this many minutes (the rows are run in the order given)")
     p.add_argument("--state", type=Path, default=Path("/tmp/llm_general.json"))
@@ -297,6 +315,10 @@ def main() -> None:
                 name, ratio = name_ratio.rsplit("@", 1)
                 row = Row(name, float(ratio), mix, alloc, float(lam), test=bool(flag))
                 rows[row.key] = row
+        for key in args.test:
+            if key not in rows:
+                raise SystemExit(f"--test {key!r}: no such row; the plan's rows: {sorted(rows)}")
+            rows[key] = dataclasses.replace(rows[key], test=True)
         keys = [k.split(":")[0] for k in args.only] if args.only else list(rows)
         for key in keys:
             if args.budget_min is not None and time.perf_counter() - t0 > 60 * args.budget_min:

@@ -19,7 +19,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
-from compression import split_batch
+from compression import CompressionPipeline, split_batch
+from compression.sequential import to_device
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,25 @@ class RankReallocation(CompressionStage, Callback):
         pipe.allocate(importances)
 
     def _importances(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
-        """Importance of every singular triplet, from this rank's share of the batches, averaged over ranks."""
-        pipe = pipeline_of(pl_module)
-        settings = pipe.recipe.calibration
-        batches = list(shard(calibration_loader(trainer, "gradient allocation"), settings.gradient_batches, trainer))
-        if settings.per_sample:
-            batches = [s for b in batches for s in split_batch(b)]
-        count = torch.tensor(float(len(batches)), dtype=torch.float64)
-        importance = pipe.importance(batches, pl_module.spec.training_loss)  # zeros on a rank without batches
-        reduce = all_reduce_fn(trainer)  # reduces in place: hand it copies
-        device = trainer.strategy.root_device
-        sums = {k: reduce((v * count).to(device), "sum").cpu() for k, v in importance.items()}
-        total = float(reduce(count.clone().to(device), "sum"))
-        if total == 0:
-            raise ValueError("gradient allocation saw no calibration batch; check the calibration loader")
-        return {k: v / total for k, v in sums.items()}
+        return reduced_importances(trainer, pipeline_of(pl_module), pl_module.spec.training_loss)
+
+
+def reduced_importances(trainer: Trainer, pipe: CompressionPipeline, loss, device: torch.device | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """Importance of every singular triplet of ``pipe``'s matrices (its statistics set), from this rank's share
+    of ``calibration.gradient_batches`` batches (moved to ``device`` when given), averaged over ranks."""
+    settings = pipe.recipe.calibration
+    batches = list(shard(calibration_loader(trainer, "gradient allocation"), settings.gradient_batches, trainer))
+    if device is not None:
+        batches = [to_device(b, device) for b in batches]
+    if settings.per_sample:
+        batches = [s for b in batches for s in split_batch(b)]
+    count = torch.tensor(float(len(batches)), dtype=torch.float64)
+    importance = pipe.importance(batches, loss)  # zeros on a rank without batches
+    reduce = all_reduce_fn(trainer)  # reduces in place: hand it copies
+    root = trainer.strategy.root_device
+    sums = {k: reduce((v * count).to(root), "sum").cpu() for k, v in importance.items()}
+    total = float(reduce(count.clone().to(root), "sum"))
+    if total == 0:
+        raise ValueError("gradient allocation saw no calibration batch; check the calibration loader")
+    return {k: v / total for k, v in sums.items()}

@@ -4,7 +4,10 @@ Replaces the calibration -> reallocation -> truncation stages when the recipe sa
 ``calibration: {mode: sequential}`` (:mod:`compression.sequential` has the maths and the memory bound).
 Under DDP every rank propagates its own share of the calibration batches (round-robin, as the
 all-at-once calibration shares them) and each block's statistics are all-reduced before the block is
-compressed, so every rank computes the same factors.  Rank zero shows a progress bar per block with
+compressed, so every rank computes the same factors.  With ``allocation: gradient`` the ranks are decided
+first on the dense model (every matrix's Gram from the same calibration batches, reduced across ranks, then
+``calibration.gradient_batches`` backward passes, as the all-at-once stages do) and the blocks are then
+compressed at those ranks.  Rank zero shows a progress bar per block with
 the running memory peak; every logger gets each block's output error ``compress/block_output_error``
 (compressed vs dense block output on the calibration inputs, step = block index), the same error relative
 to the block's residual update ``compress/block_update_error`` and its statistics bytes
@@ -28,7 +31,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
+from compression import CompressionPipeline, collect_stats
 from compression.sequential import SequentialRun, block_paths, to_device
+from compression.stats import STAT_FIELDS
 from compression.streaming import BlockStream
 
 log = logging.getLogger(__name__)
@@ -71,9 +76,12 @@ class SequentialCompression(CompressionStage, Callback):
         elif stream is not None:  # streamed blocks are read on the host and run on the strategy's device
             device = trainer.strategy.root_device
         try:
+            importances = None
+            if pipe.needs_importance:  # the whole dense model, before any block is cut (module docstring)
+                importances = self._dense_importances(trainer, pl_module, batches, host if on_host else None)
             run = SequentialRun(pipe, pl_module.spec.calibration_forward, all_reduce_fn(trainer),
                                 progress=settings.progress and trainer.is_global_zero, device=device, stream=stream)
-            self.records = run.run(batches)
+            self.records = run.run(batches, importances)
             if stream is not None:
                 mapped = stream.reload(model)
                 log.info("stream_weights: %.1f MiB of compressed blocks mapped back from %s", mapped / 2**20, out)
@@ -93,3 +101,23 @@ class SequentialCompression(CompressionStage, Callback):
         log.info("sequential: %d blocks in %.1f s; largest block output error %.4g (%s); statistics peak %.1f MiB",
                  len(self.records), pl_module.calibration_seconds, worst["output_error"], worst["path"],
                  max(r["stats_bytes"] for r in self.records) / 2**20)
+
+    @staticmethod
+    def _dense_importances(trainer: Trainer, pl_module: LightningModule, batches: list,
+                           device: torch.device | None) -> dict[str, torch.Tensor]:
+        """``allocation: gradient``: every matrix's Gram from this rank's calibration batches (the ones the
+        sequential pass reads), reduced across ranks, then the gradient importances on the dense model, as the
+        all-at-once stages compute them; the Grams are freed before the first block runs."""
+        from callbacks.reallocation import reduced_importances
+
+        pipe = pipeline_of(pl_module)
+        dense = CompressionPipeline(pl_module.model, pipe.recipe.all_at_once(), pipe.family)
+        start = time.perf_counter()
+        stats = collect_stats(pl_module.model, dense.names, batches, forward=pl_module.spec.calibration_forward,
+                              needs=dense.stat_needs & STAT_FIELDS, device=pipe.recipe.calibration.stats_device)
+        dense.set_statistics(stats.reduce_(all_reduce_fn(trainer)))
+        importances = reduced_importances(trainer, dense, pl_module.spec.training_loss, device)
+        dense.stats = None
+        log.info("sequential + gradient allocation: importances of %d matrices on the dense model in %.1f s",
+                 len(importances), time.perf_counter() - start)
+        return importances

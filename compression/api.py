@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.allocation import AllocationResult
+from compression.allocation import ALLOCATORS, AllocationResult
 from compression.batches import split_batch, spread_batches
 from compression.pipeline import CompressionPipeline
 from compression.recipe import Recipe
@@ -69,6 +69,18 @@ def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationSta
     return pipe
 
 
+def dense_importances(model: nn.Module, recipe: Recipe, *, family: Any = None,
+                      batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> dict[str, torch.Tensor]:
+    """The gradient importances ``allocation: gradient`` ranks by, computed on the dense ``model`` exactly as
+    the all-at-once path computes them (its statistics from ``calibration.max_batches`` batches, then
+    ``calibration.gradient_batches`` backward passes): a sequential run with the gradient allocation takes its
+    ranks from these, so its ranks are the all-at-once ranks.  The statistics are freed before returning."""
+    pipe = prepare(model, recipe.all_at_once(), family=family, batches=batches)
+    importances = pipe.importances
+    pipe.stats = None
+    return importances
+
+
 def allocate(model: nn.Module, recipe: Recipe | None = None, stats: ActivationStats | None = None, *,
              family: Any = None, batches: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
              importances: Mapping[str, torch.Tensor] | None = None) -> AllocationResult:
@@ -93,7 +105,9 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
     On any error the model is left as it was.
 
     ``recipe.calibration.mode: sequential`` runs block by block (:mod:`compression.sequential`):
-    statistics are collected from ``batches`` one block at a time, so ``stats=`` is refused.
+    statistics are collected from ``batches`` one block at a time, so ``stats=`` is refused.  With
+    ``allocation: gradient`` and no ``importances=`` the ranks come first from :func:`dense_importances`
+    (the whole dense model, as all-at-once), then the blocks are compressed at those ranks.
     """
     recipe = recipe if recipe is not None else Recipe()
     if recipe.calibration.sequential:
@@ -105,6 +119,8 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
         source = _batches(batches)
         if source is None:
             raise ValueError("calibration.mode: sequential needs calibration batches (batches=)")
+        if importances is None and recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs:
+            importances = dense_importances(model, recipe, family=family, batches=source)
         limit = recipe.calibration.max_batches
         return compress_sequential_(model, recipe, family=family,
                                     batches=_spread(source, limit) if limit else list(source()),

@@ -66,7 +66,10 @@ class CalibrationRecipe:
         progress: show a progress bar on rank zero.
         mode: ``all_at_once`` (every targeted layer hooked in one pass over the whole model) or
             ``sequential`` (one block at a time: its statistics, its compression, then its
-            outputs feed the next block; :mod:`compression.sequential`).
+            outputs feed the next block; :mod:`compression.sequential`).  With ``allocation: gradient``
+            the ranks are decided first on the dense model, exactly as ``all_at_once`` decides them (every
+            matrix's Gram and a backward through the whole model: that stage needs the whole model in
+            memory), then the blocks are compressed one by one at those ranks.
         propagate: ``sequential`` only -- the next block's inputs are the ``compressed`` block's
             outputs (error propagation, as SVD-LLM's sequential update and GPTQ) or the ``dense``
             block's (reproduces ``all_at_once`` exactly).
@@ -348,10 +351,12 @@ class Recipe:
             elif not (float(spec["rank"]).is_integer() and spec["rank"] >= 1):
                 raise ValueError(f"overrides[{pattern!r}].rank must be an integer >= 1, got {spec['rank']!r}")
         if self.calibration.sequential:
-            if self.allocation == "gradient":
-                raise ValueError("allocation: gradient needs a backward pass through the whole model, which "
-                                 "calibration.mode: sequential exists to avoid; use calibration.mode: all_at_once, "
-                                 "or a spectral allocation (v2, greedy: run in two sequential passes)")
+            if self.allocation == "gradient" and self.calibration.stream_weights:
+                raise ValueError("allocation: gradient takes its ranks from a backward pass through the whole dense "
+                                 "model (and every matrix's Gram at once), but calibration.stream_weights never "
+                                 "holds the dense model: set stream_weights: false (sequential with the model in "
+                                 "memory computes the gradient ranks first), or use a spectral allocation (v2, "
+                                 "greedy: two streamed passes)")
             if self.quantization.enabled:
                 raise ValueError("calibration.mode: sequential runs the low-rank stage block by block; quantization "
                                  "in the same recipe is not supported: quantize the compressed model in a second run "
@@ -359,6 +364,13 @@ class Recipe:
         if self.quantization.enabled and self.lora.enabled:
             raise ValueError("quantization and lora in one recipe is not supported: the LoRA stages train float "
                              "factors; recover in one run, then quantize the recovered model in another")
+
+    def all_at_once(self) -> Recipe:
+        """This recipe with ``calibration.mode: all_at_once`` (the sequential-only settings at their defaults):
+        what a sequential run with ``allocation: gradient`` runs first on the dense model for its ranks."""
+        calibration = dataclasses.replace(self.calibration, mode="all_at_once", propagate="compressed",
+                                          block_device=None, activations="device", stream_weights=False)
+        return dataclasses.replace(self, calibration=calibration)
 
     # -- what the stages need -----------------------------------------------------------------------
     @property

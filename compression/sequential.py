@@ -29,8 +29,12 @@ Allocation.  ``uniform`` and overrides need nothing global.  A spectral allocati
 or a FLOPs budget needs every matrix's spectrum or token count before any rank is fixed: a first pass
 runs steps 1-2 with dense propagation and no compression, keeps each matrix's singular values
 (``min(m, n)`` float64) and token counts and frees each block's statistics; the ranks decided from
-those are the all-at-once ranks; the second pass compresses at those ranks.  ``gradient`` needs a
-backward through the whole model and is refused (:class:`compression.recipe.Recipe`).
+those are the all-at-once ranks; the second pass compresses at those ranks.  ``gradient`` needs every
+matrix's Gram and a backward through the whole dense model: its importances are computed first, exactly as
+all-at-once computes them (:func:`compression.api.dense_importances`; the Lightning stage reduces them
+across processes), so its ranks are the all-at-once ranks and only the factorization runs block by block.
+That stage holds the whole model and every Gram, as all-at-once does; ``stream_weights``, which never holds
+the dense model, refuses it (:class:`compression.recipe.Recipe`).
 
 DDP: every process propagates its own calibration batches; each block's statistics (and the sums of
 its output error) are reduced across processes before the block is compressed, so every process
@@ -308,6 +312,10 @@ class SequentialRun:
         if not batches:
             raise ValueError("calibration.mode: sequential got no calibration batches")
         pipe, recipe = self.pipe, self.recipe
+        if pipe.needs_importance and importances is None:
+            raise ValueError(f"allocation: {recipe.allocation} in calibration.mode: sequential ranks by gradient "
+                             "importances from the dense model: pass importances= (compression.api.dense_importances "
+                             "computes them; compress_ and the Lightning stage do so themselves)")
         free = [k for k in pipe.matrices if k not in pipe.fixed]
         allocator = ALLOCATORS[recipe.allocation]
         if free and ("spectra" in allocator.needs or recipe.budget == "flops"):

@@ -154,8 +154,8 @@ def test_activation_storage_changes_nothing(where):
 
 
 def test_refusals_name_what_to_change():
-    with pytest.raises(ValueError, match="gradient needs a backward"):
-        Recipe("svd_llm", allocation="gradient", calibration={"mode": "sequential"})
+    with pytest.raises(ValueError, match="stream_weights never holds the dense model"):
+        Recipe("svd_llm", allocation="gradient", calibration={"mode": "sequential", "stream_weights": True})
     with pytest.raises(ValueError, match="quantization"):
         Recipe("svd_llm", quantization={"weight_bits": 4}, calibration={"mode": "sequential"})
     with pytest.raises(ValueError, match="mode: sequential only"):
