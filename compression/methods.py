@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -156,17 +157,19 @@ def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:
 # (id of the statistics, layer, token count) -> the statistics, weakly: each is warned about once,
 # although check_stats runs for the pre-check, the allocation spectrum and the decomposition
 _WARNED_SMALL: dict[tuple[int, str, int], weakref.ref] = {}
+_WARNED_LOCK = threading.Lock()  # decompositions may run in worker threads (compression.parallel)
 
 
 def _warn_small_calibration(method: str, stats: ChannelStats, name: str) -> None:
     """Warn (once per statistics object and layer) that ``N < n`` tokens cannot whiten ``n`` channels."""
     key = (id(stats), name, stats.count)
-    known = _WARNED_SMALL.get(key)
-    if known is not None and known() is stats:
-        return
-    for stale in [k for k, ref in _WARNED_SMALL.items() if ref() is None]:
-        del _WARNED_SMALL[stale]
-    _WARNED_SMALL[key] = weakref.ref(stats)
+    with _WARNED_LOCK:
+        known = _WARNED_SMALL.get(key)
+        if known is not None and known() is stats:
+            return
+        for stale in [k for k, ref in _WARNED_SMALL.items() if ref() is None]:
+            del _WARNED_SMALL[stale]
+        _WARNED_SMALL[key] = weakref.ref(stats)
     # XᵀX of N < n tokens has rank <= N: the factors are fitted to the N directions the sample visited
     log.warning(
         "layer %r: calibration saw %d tokens for %d input channels, fewer than whitening needs; the Gram has "

@@ -42,6 +42,7 @@ from compression.allocation import (
 from compression.joint import decompose_joint, install_joint, joint_num_parameters, restore_joint_
 from compression.lowrank import LowRankLinear, linear_num_parameters
 from compression.methods import build_method
+from compression.parallel import ordered_map
 from compression.plan import make_plan, set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport, LayerReport
@@ -296,28 +297,17 @@ class CompressionPipeline:
         if "allocate" not in self.done:
             raise RuntimeError("truncate needs ranks: run allocate first")
         self._advance("truncate")
-        model, alloc = self.model, self.allocation
         singles: list[tuple[str, nn.Module]] = []
         groups: dict[str, dict[str, nn.Module]] = {}
         self.layer_reports: list[LayerReport] = []
         self.plan_layers: dict[str, dict] = {}
         self.plan_groups: dict[str, dict] = {}
         try:
-            for key, matrix in self.matrices.items():
-                if key in alloc.dense:
-                    continue
-                rank = alloc.ranks[key]
-                if matrix.joint:
-                    groups[key] = {n: model.get_submodule(n) for n in matrix.members}
-                    self._truncate_joint(matrix, rank, alloc.components.get(key))
-                else:
-                    layer = model.get_submodule(key)
-                    singles.append((key, layer))
-                    self._truncate_single(matrix, layer, rank)
+            self._swap(list(self.matrices), singles, groups)
         except BaseException:
             for name, layer in reversed(singles):
-                set_submodule(model, name, layer)
-            restore_joint_(model, groups)
+                set_submodule(self.model, name, layer)
+            restore_joint_(self.model, groups)
             log.error("compression failed; %d layers and %d joint groups restored", len(singles), len(groups))
             raise
         return self.layer_reports
@@ -344,17 +334,7 @@ class CompressionPipeline:
         counts, self.stats = self.stats, stats
         start = len(self.layer_reports)
         try:
-            for key in keys:
-                matrix, alloc = self.matrices[key], self.allocation
-                if key in alloc.dense:
-                    continue
-                if matrix.joint:
-                    self._groups[key] = {n: self.model.get_submodule(n) for n in matrix.members}
-                    self._truncate_joint(matrix, alloc.ranks[key], alloc.components.get(key))
-                else:
-                    layer = self.model.get_submodule(key)
-                    self._singles.append((key, layer))
-                    self._truncate_single(matrix, layer, alloc.ranks[key])
+            self._swap(keys, self._singles, self._groups)
         except BaseException:
             self.restore_swapped()
             raise
@@ -386,9 +366,48 @@ class CompressionPipeline:
         rank = self.allocation.ranks[matrix.key]
         return self.allocation.ratios.get(matrix.key, matrix.ratio_at(rank))
 
-    def _truncate_single(self, matrix: Matrix, layer: nn.Linear, rank: int) -> None:
+    def _swap(self, keys: list[str], singles: list[tuple[str, nn.Module]],
+              groups: dict[str, dict[str, nn.Module]]) -> None:
+        """Factorize the allocated matrices among ``keys`` (``recipe.decompose_threads`` at a time,
+        :mod:`compression.parallel`) and swap each in, in order, as its factors arrive; every swapped-out
+        original goes to ``singles`` / ``groups`` (to put back if a later one fails)."""
+        work = [k for k in keys if k not in self.allocation.dense]
+        inputs = ((key, self._inputs(key)) for key in work)  # read in this thread, a bounded few at a time
+        with ordered_map(self._factor, inputs, self.recipe.decompose_threads) as results:
+            for key, factors in zip(work, results):
+                matrix = self.matrices[key]
+                if matrix.joint:
+                    groups[key] = {n: self.model.get_submodule(n) for n in matrix.members}
+                    self._install_joint(matrix, factors)
+                else:
+                    layer = self.model.get_submodule(key)
+                    singles.append((key, layer))
+                    self._install_single(matrix, layer, factors)
+
+    def _inputs(self, key: str) -> tuple:
+        """What decomposing matrix ``key`` reads: weight(s) and statistics (nothing else of the model)."""
+        matrix = self.matrices[key]
+        if not matrix.joint:
+            return self._weight(matrix), self._stats_for(key)
+        weights = [self.model.get_submodule(n).weight.detach().double() for n in matrix.members]
+        if self.recipe.device:
+            weights = [w.to(self.recipe.device) for w in weights]
+        stats = self._stats_for(matrix.members[0])
+        if stats is not None and any(self.stats.owner.get(n) != self.stats.owner.get(matrix.members[0])
+                                     for n in matrix.members):
+            log.warning("group %r: q/k/v statistics are not one shared stream; using %r's", key, matrix.members[0])
+        return weights, stats
+
+    def _factor(self, item: tuple[str, tuple]):
+        """The factors of one matrix at its allocated rank (touches no module: runs in a worker thread)."""
+        key, (weight, stats) = item
+        rank = self.allocation.ranks[key]
+        if self.matrices[key].joint:
+            return decompose_joint(self.method, weight, stats, key, rank, self.allocation.components.get(key))
+        return self.method.decompose(weight, stats, rank, key)
+
+    def _install_single(self, matrix: Matrix, layer: nn.Linear, factors) -> None:
         name = matrix.key
-        factors = self.method.decompose(self._weight(matrix), self._stats_for(name), rank, name)
         rank = factors.up.shape[1]
         new = LowRankLinear.from_linear(layer, rank, factors.up, factors.down)
         set_submodule(self.model, name, new)
@@ -400,17 +419,9 @@ class CompressionPipeline:
             ratio_assigned=self._assigned(matrix), truncation_loss=factors.truncation_loss,
             relative_loss=factors.relative_loss))
 
-    def _truncate_joint(self, matrix: Matrix, rank: int, components: list[int] | None) -> None:
+    def _install_joint(self, matrix: Matrix, f) -> None:
         key, model = matrix.key, self.model
         layers = [model.get_submodule(n) for n in matrix.members]
-        weights = [lin.weight.detach().double() for lin in layers]
-        if self.recipe.device:
-            weights = [w.to(self.recipe.device) for w in weights]
-        stats = self._stats_for(matrix.members[0])
-        if stats is not None and any(self.stats.owner.get(n) != self.stats.owner.get(matrix.members[0])
-                                     for n in matrix.members):
-            log.warning("group %r: q/k/v statistics are not one shared stream; using %r's", key, matrix.members[0])
-        f = decompose_joint(self.method, weights, stats, key, rank, components)
         rank = f.down.shape[0]
         short = [n.rsplit(".", 1)[-1] for n in matrix.members]
         install_joint(model.get_submodule(key), short, f.ups, f.down, rank)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from compression.methods import MethodConfig, build_method
+from compression.parallel import check_threads
 
 
 def check_ratio(value: float, what: str) -> None:
@@ -247,7 +248,7 @@ class LoRARecipe:
 
 
 RUN_ONLY = ("calibration.progress", "calibration.stats_device", "calibration.block_device",
-            "calibration.activations", "calibration.stream_weights", "device")
+            "calibration.activations", "calibration.stream_weights", "device", "decompose_threads")
 """Recipe fields that do not change the compressed model (where the maths runs, progress bars)."""
 
 
@@ -279,6 +280,11 @@ class Recipe:
         joint_qkv: factorize the q/k/v of each attention module as one matrix sharing a down
             projection (QSVD); ``ratio`` keeps its meaning.
         device: where the float64 decompositions run (``null``: each layer's device).
+        decompose_threads: matrices decomposed at once, each in its own thread
+            (:mod:`compression.parallel`).  On a CPU 2 finishes sooner than 1 (the LAPACK calls use
+            the intra-op threads poorly at these sizes; ``docs/results/compression_cost.md``), but holds
+            that many matrices' float64 working sets at once, in every calibration mode; 1 (default)
+            decomposes one matrix at a time.  The factors are the same either way.
         calibration: how much calibration data the stages read.
         quantization: rotations, β and fake quantization after the low-rank stage.
         lora: U/V LoRA recovery after the low-rank stage.
@@ -298,6 +304,7 @@ class Recipe:
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     joint_qkv: bool = False
     device: str | None = None
+    decompose_threads: int = 1
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     quantization: QuantRecipe = field(default_factory=QuantRecipe)
     lora: LoRARecipe = field(default_factory=LoRARecipe)
@@ -316,6 +323,7 @@ class Recipe:
             self.targets = list(self.targets)
             if not self.targets:
                 raise ValueError("targets is an empty list; give patterns, or null for the family's defaults")
+        check_threads(self.decompose_threads)
         if self.method is None:
             if self.method_args:
                 raise ValueError("method_args given but method is null (no low-rank stage)")

@@ -1,0 +1,55 @@
+"""benchmarks/compression_cost.py's decomposition measurements on a tiny LLaMA: the LAPACK split, the
+one-at-a-time vs threaded factors, and the same-shape probe (one at a time / batched / threads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compression import LowRankLinear, collect_stats, eligible_linears
+from tests.conftest import make_tiny_llama
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def cost(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the benchmarks import their `common` as a script does
+    import compression_cost
+
+    return compression_cost
+
+
+def _calibrated():
+    model = make_tiny_llama()
+    targets = list(eligible_linears(model)[0])
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 40), generator=g)} for _ in range(3)]
+    return model, targets, collect_stats(model, targets, batches, needs={"gram"})
+
+
+def test_threaded_decomposition_is_timed_split_and_gives_the_same_factors(cost):
+    model, targets, stats = _calibrated()
+    linalg = {name: getattr(torch.linalg, name) for name in cost.LINALG}
+    one, spent, ref = cost.timed_decomposition(model, "svd_llm", stats, targets, 1)
+    two, _, got = cost.timed_decomposition(model, "svd_llm", stats, targets, 2)
+    assert {name: getattr(torch.linalg, name) for name in cost.LINALG} == linalg  # wrappers removed
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # timed on a copy
+    assert set(ref) == set(targets) and spent["cholesky_ex"] > 0 and spent["svd"] > 0
+    assert one >= sum(spent.values()) and two > 0
+    assert cost.factor_difference(got, ref) < 1e-6
+    name = targets[0]
+    up, down = ref[name]
+    assert cost.factor_difference({**got, name: (up[:, :-1], down[:-1])}, ref) == float("inf")  # rank changed
+    assert cost.factor_difference({**got, name: (2 * up, down)}, ref) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_same_shape_probe_compares_loop_batched_and_threads(cost):
+    model, targets, stats = _calibrated()
+    rows = cost.same_shape_probe(model, stats, targets, 2)
+    assert [r[0].split(" of ")[0] for r in rows] == ["SVD", "eigh"]
+    for what, count, loop, batched, threads, diff in rows:
+        assert count == 2 and min(loop, batched, threads) > 0  # one q_proj per block
+        assert diff < 1e-10, what
