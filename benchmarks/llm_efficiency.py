@@ -12,7 +12,8 @@ see the same machine load.  Ranks come from the uniform allocation, the same for
 decomposition method, so the factors are plain SVD (no calibration needed; shapes are what matter).
 
 - prefill: one forward of ``--prompt`` tokens (no cache); bound = dense FLOPs / compressed FLOPs
-  (whole model, ``torch.utils.flop_counter``);
+  (whole model, :func:`metrics.flops.count_flops`: every matmul plus attention, counted as torch
+  counts its attention kernels, ``4 N M d`` per head with no discount for the causal mask);
 - decode: batch-1 greedy decoding with a KV cache (``DynamicCache``), ``--new`` tokens after a
   16-token prompt (whose prefill is not timed); bound = dense weight bytes / compressed weight bytes
   (whole model: a decode step reads every weight once).
@@ -35,6 +36,7 @@ import torch
 from compression import Recipe, compress_
 from compression.fused import optimize_for_inference_
 from lightning_modules.specs import CausalLMSpec
+from metrics.flops import count_flops
 
 
 def load(model_name: str, device: str, dtype: torch.dtype):
@@ -107,13 +109,10 @@ def main() -> None:
                 models[f"{key} compiled"] = comp
                 info[f"{key} compiled"] = dict(info[key])
 
-    flops = {}
-    from torch.utils.flop_counter import FlopCounterMode
-
-    for name in ("dense", *(f"{r} plain" for r in args.ratios)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            models[name](input_ids=prompt, use_cache=False)
-        flops[name] = counter.get_total_flops() / args.prompt
+    # metrics.flops counts CPU attention too (torch's own counter leaves its flash kernel at 0 FLOPs,
+    # which made the prefill bound a weights-only ratio, higher than the whole model's)
+    flops = {name: count_flops(models[name], input_ids=prompt, use_cache=False, prefixes=[])["total"] * 1e9
+             / args.prompt for name in ("dense", *(f"{r} plain" for r in args.ratios))}
 
     @torch.no_grad()
     def prefill(model):
