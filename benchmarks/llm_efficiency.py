@@ -5,7 +5,8 @@
 
 One process holds the dense model and, per ratio, the factored model as ``compress_`` leaves it
 ("plain") and laid out for inference by :func:`compression.fused.optimize_for_inference_`
-("optimized": shared down GEMMs for q/k/v and gate/up, measured factor layouts, measured merge-back;
+("optimized": shared down GEMMs for q/k/v and gate/up, measured factor layouts, down GEMMs zero-padded
+to a measured faster width, measured merge-back;
 one copy laid out for 1-token decode steps, one for the prompt length).  Every timing round runs
 every model once, alternating, and each figure is the best of ``--repeats`` rounds, so all models
 see the same machine load.  Ranks come from the uniform allocation, the same for every
@@ -102,6 +103,7 @@ def main() -> None:
             info[key] = {"ratio": ratio, "bytes": weight_bytes(fast), "merged": len(report.merged),
                          "groups": len(report.groups), "gemm_speedup": report.gemm_speedup()}
             print(f"{key}: {len(report.merged)} merged, {len(report.groups)} shared-down groups, "
+                  f"{len(report.padding)} padded down GEMMs {sorted(set(report.padding.values()))}, "
                   f"GEMM-time speed-up {report.gemm_speedup():.2f}x", file=sys.stderr)
             if args.compile:
                 comp = copy.deepcopy(plain)
@@ -190,7 +192,7 @@ def table(rows: list[dict], args, dense, note: str, dtype) -> str:
         f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "
         "*plain*: the factored model as `compress_` leaves it; *optimized*: after "
         "`optimize_for_inference_(model, batch_tokens=1 or the prompt length)` (shared down GEMMs, measured "
-        "layouts and merge-back); target = 0.8 x bound.", "",
+        "layouts, padding and merge-back); target = 0.8 x bound.", "",
         "| ratio | params | weights MiB | GFLOP/token | prefill bound | plain | optimized | merged | "
         "decode bound | plain | optimized | merged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
