@@ -24,9 +24,10 @@ calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` and needs no change.
    (:data:`compression.gemm_timing.LAYOUTS`);
 4. **padding**: a down GEMM (stacked or a layer's own) computes ``R`` numbers per token, and ``R`` is a
    rank, not a hardware tile size.  On the 2-core AVX-512 CPU here, MKL's ``tokens x n x R`` product
-   ran 10-20% *slower* per FLOP when ``R`` was not a multiple of 8 (256 tokens: ``R = 167`` took
-   longer than ``R = 168``, ``229`` about as long as ``240``); the up GEMMs, whose inner size is the
-   rank, showed no such effect.  So the down weight may get zero rows appended up to the next
+   ran 8-20% *slower* per FLOP when ``R`` was not a multiple of 8 (256 tokens, 2 threads: ``R = 167``,
+   ``n = 1536`` took 0.94 ms against 0.83-0.85 ms for ``R = 168``; ``R = 229`` took longer than
+   ``R = 240``); the up GEMMs, whose inner size is the rank, showed no such effect (1 thread).
+   So the down weight may get zero rows appended up to the next
    multiple of 8, 16 or 32 (:data:`PAD_MULTIPLES`), chosen by measurement like the layout and kept
    only when it is faster than ``R`` rows by more than ``pad_margin``.  The extra outputs are exact
    zeros that no up factor reads (each layer reads its ``rank`` columns), so the arithmetic of every
