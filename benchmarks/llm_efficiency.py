@@ -5,8 +5,11 @@
 
 One process holds the dense model and, per ratio, the factored model as ``compress_`` leaves it
 ("plain") and laid out for inference by :func:`compression.fused.optimize_for_inference_`
-("optimized": shared down GEMMs for q/k/v and gate/up, measured factor layouts, measured merge-back;
-one copy laid out for 1-token decode steps, one for the prompt length).  Every timing round runs
+("optimized": shared down GEMMs for q/k/v and gate/up, measured factor layouts, down GEMMs zero-padded
+to a measured faster width, measured merge-back;
+one copy laid out for 1-token decode steps, one for the prompt length; the GEMM timings those
+decisions read are measured in this run, not read from the on-disk cache, so a cache filled by an
+earlier run on a loaded machine cannot steer them).  Every timing round runs
 every model once, alternating, and each figure is the best of ``--repeats`` rounds, so all models
 see the same machine load.  Ranks come from the uniform allocation, the same for every
 decomposition method, so the factors are plain SVD (no calibration needed; shapes are what matter).
@@ -35,6 +38,7 @@ import torch
 
 from compression import Recipe, compress_
 from compression.fused import optimize_for_inference_
+from compression.gemm_timing import GemmTimer
 from lightning_modules.specs import CausalLMSpec
 from metrics.flops import count_flops
 
@@ -88,6 +92,7 @@ def main() -> None:
     short = prompt[:, :16]
     models: dict[str, torch.nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"ratio": 0.0, "bytes": weight_bytes(dense)}}
+    timer = GemmTimer(cache_path=False)  # every shape measured once in this run, shared by all ratios
     for ratio in args.ratios:
         plain = copy.deepcopy(dense)
         targets = CausalLMSpec(model=plain).default_targets(plain)
@@ -96,16 +101,18 @@ def main() -> None:
         info[f"{ratio} plain"] = {"ratio": ratio, "bytes": weight_bytes(plain)}
         for kind, tokens, example in (("decode", 1, short), ("prefill", args.prompt, prompt)):
             fast = copy.deepcopy(plain)
-            report = optimize_for_inference_(fast, batch_tokens=tokens, example={"input_ids": example})
+            report = optimize_for_inference_(fast, batch_tokens=tokens, example={"input_ids": example}, timer=timer)
             key = f"{ratio} {kind}"
             models[key] = fast
             info[key] = {"ratio": ratio, "bytes": weight_bytes(fast), "merged": len(report.merged),
                          "groups": len(report.groups), "gemm_speedup": report.gemm_speedup()}
             print(f"{key}: {len(report.merged)} merged, {len(report.groups)} shared-down groups, "
+                  f"{len(report.padding)} padded down GEMMs {sorted(set(report.padding.values()))}, "
                   f"GEMM-time speed-up {report.gemm_speedup():.2f}x", file=sys.stderr)
             if args.compile:
                 comp = copy.deepcopy(plain)
-                optimize_for_inference_(comp, batch_tokens=tokens, example={"input_ids": example}, compile=True)
+                optimize_for_inference_(comp, batch_tokens=tokens, example={"input_ids": example}, compile=True,
+                                        timer=timer)
                 models[f"{key} compiled"] = comp
                 info[f"{key} compiled"] = dict(info[key])
 
@@ -190,7 +197,7 @@ def table(rows: list[dict], args, dense, note: str, dtype) -> str:
         f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "
         "*plain*: the factored model as `compress_` leaves it; *optimized*: after "
         "`optimize_for_inference_(model, batch_tokens=1 or the prompt length)` (shared down GEMMs, measured "
-        "layouts and merge-back); target = 0.8 x bound.", "",
+        "layouts, padding and merge-back; GEMM timings measured in this run); target = 0.8 x bound.", "",
         "| ratio | params | weights MiB | GFLOP/token | prefill bound | plain | optimized | merged | "
         "decode bound | plain | optimized | merged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

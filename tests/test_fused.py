@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compression import LowRankLinear, Recipe, apply_plan, compress_
-from compression.fused import FastLowRankLinear, optimize_for_inference_
+from compression.fused import FastLowRankLinear, optimize_for_inference_, padded_widths
 from compression.gemm_timing import GemmTimer
 from tests.conftest import make_tiny_llama
 
@@ -28,6 +28,18 @@ class FixedTimer:
 
     def save(self):
         pass
+
+
+class AlignedTimer(FixedTimer):
+    """:class:`FixedTimer` where a product whose output width is not a multiple of 16 costs ``penalty`` x its FLOPs
+    (as MKL's thin GEMMs did here for widths off a multiple of 8)."""
+
+    def __init__(self, penalty: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.penalty = penalty
+
+    def seconds(self, out_f, in_f, tokens, layout="rowmajor", dtype=None, device=None):
+        return super().seconds(out_f, in_f, tokens, layout) * (1.0 if out_f % 16 == 0 else self.penalty)
 
 
 @pytest.fixture
@@ -140,6 +152,76 @@ def test_refuses_bad_arguments(compressed):
         optimize_for_inference_(model, layout="diagonal", timer=FixedTimer())
     with pytest.raises(ValueError, match="no LowRankLinear"):
         optimize_for_inference_(make_tiny_llama(), timer=FixedTimer())
+    with pytest.raises(ValueError, match="pad must be"):
+        optimize_for_inference_(model, pad="always", timer=FixedTimer())
+    with pytest.raises(ValueError, match="pad_margin"):
+        optimize_for_inference_(model, pad_margin=1.0, timer=FixedTimer())
+
+
+def test_padded_widths_round_up_to_each_multiple():
+    assert padded_widths(115) == [115, 120, 128]
+    assert padded_widths(229) == [229, 232, 240, 256]
+    assert padded_widths(167) == [167, 168, 176, 192]
+    assert padded_widths(64) == [64]
+    assert padded_widths(1) == [1, 8, 16, 32]
+    assert padded_widths(50, (3,)) == [50, 51]
+    with pytest.raises(ValueError, match="at least one row"):
+        padded_widths(0)
+
+
+def test_padded_down_gemms_are_exact_and_keep_the_state_dict(compressed):
+    """Tiny LLaMA at 0.4: ranks q 19, k/v 12, o 19, gate/up/down 23.  Widths off a multiple of 16 timed 2x slower:
+    the q/k/v stack 43 -> 48 rows, gate/up 46 -> 48, o_proj 19 -> 32 (24 is off 16), down_proj 23 -> 32."""
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    before = ref.state_dict()
+    report = optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never", timer=AlignedTimer())
+    want = {}
+    for i in range(2):
+        pre = f"model.layers.{i}."
+        want |= {pre + "self_attn.q_proj": (43, 48), pre + "self_attn.o_proj": (19, 32),
+                 pre + "mlp.gate_proj": (46, 48), pre + "mlp.down_proj": (23, 32)}
+    assert report.padding == want
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared
+    for layer, rows, width in ((attn.q_proj, 43, 48), (attn.o_proj, 19, 32), (mlp.down_proj, 23, 32)):
+        stored = layer.shared.weight
+        assert stored.shape == (width, layer.in_features)
+        assert torch.count_nonzero(stored[rows:]) == 0 and torch.count_nonzero(stored[:rows]) == rows * stored.shape[1]
+    assert report.layers["model.layers.1.mlp.down_proj"]["width"] == 32
+    ids = tokens()
+    with torch.no_grad():
+        for ids_ in (ids, tokens(1, 7, seed=5)):
+            assert rel_err(model(input_ids=ids_).logits, ref(input_ids=ids_).logits) <= 1e-10
+        prompt = tokens(1, 5)
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    after = model.state_dict()  # the padding is layout only: same keys, shapes and values
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    perturbed = {k: v + 0.01 * torch.randn_like(v) if "down" in k or "up" in k else v for k, v in before.items()}
+    model.load_state_dict(perturbed, strict=True)
+    ref.load_state_dict(perturbed, strict=True)
+    assert torch.count_nonzero(mlp.down_proj.shared.weight[23:]) == 0  # loading writes the real rows only
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-10
+
+
+@pytest.mark.parametrize(("penalty", "margin", "padded"), [(1.1, 0.03, 2), (1.06, 0.03, 0), (1.06, 0.0, 2),
+                                                           (2.0, 0.03, 8)])
+def test_padding_only_when_measured_faster_by_the_margin(compressed, penalty, margin, padded):
+    """With a penalty p on widths off a multiple of 16, gate/up's 46-row stack costs 46 p against 48 rows padded:
+    p = 1.1 saves 5.1% (> the 3% margin: padded, in both layers), p = 1.06 saves 1.7% (padded only with no
+    margin); q/k/v (43 p vs 48), o_proj (19 p vs 32) and down_proj (23 p vs 32) pay only at p = 2."""
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    report = optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never",
+                                     timer=AlignedTimer(penalty=penalty), pad_margin=margin)
+    assert len(report.padding) == padded
+    with torch.no_grad():
+        assert rel_err(model(input_ids=tokens()).logits, ref(input_ids=tokens()).logits) <= 1e-10
+    none = copy.deepcopy(ref)
+    assert optimize_for_inference_(none, example={"input_ids": tokens()}, merge="never",
+                                   timer=AlignedTimer(penalty=penalty), pad="never").padding == {}
 
 
 def test_gemm_timer_caches_per_shape_on_disk(tmp_path):
