@@ -29,6 +29,18 @@ directions this calibration sample happened to leave quiet (other kinds of text 
 ``λ = 0`` is the paper's whitening; ``λ -> 1`` tends to plain SVD.  The mean diagonal makes ``λ``
 scale-free (the same ``λ`` means the same thing for every layer).
 
+Dense targets (``svd_llm`` only; ``calibration.dense_targets`` of the sequential mode).  When the
+tokens ``X`` reach the layer through already-compressed blocks while the dense model would have fed it
+``R`` on the same tokens, the statistics carry ``E = (R - X)ᵀX`` (:mod:`compression.stats`) and the
+target becomes the dense model's output:
+
+    min over rank-r W' of  ‖W Rᵀ - W' Xᵀ‖_F²  =  const + ‖W' L - W (G + E) L⁻ᵀ‖_F²     (L Lᵀ = G),
+
+so the truncated SVD is taken of ``M = W L + W E L⁻ᵀ`` and mapped back by ``L⁻¹`` as before
+(``E = 0``: exactly SVD-LLM).  With shrinkage ``λ`` (and any jitter) the weight-space term
+``‖W - W'‖_F²`` joins the objective with the same weight as in the Gram, which makes it
+``M = W L + (1 - λ) W E L⁻ᵀ`` with ``L`` the Cholesky factor of the shrunk (jittered) Gram.
+
 Either way, with ``N < n`` calibration tokens the Gram has rank ``<= N`` and the factors are
 fitted to the directions that sample happened to visit: :meth:`Method.check_stats` warns once
 per layer with the numbers (layer, ``N``, ``n``) for both methods, since the remedy -- more
@@ -123,11 +135,16 @@ class SVDLLM(Method):
     name = "svd_llm"
     config_type = SVDLLMConfig
     needs = frozenset({"gram"})
+    dense_targets = True
 
     def transformed(self, weight, stats, name):
         cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
         chol = cholesky_with_jitter(_gram(stats, weight, name, cfg.shrinkage), name, cfg.jitter, cfg.max_jitter)
-        return weight @ chol, chol
+        mat = weight @ chol
+        if stats.cross is not None:  # dense targets (module docstring): + (1 - λ) W E L⁻ᵀ
+            shift = weight @ stats.cross.to(weight.device, torch.float64)
+            mat += (1.0 - cfg.shrinkage) * torch.linalg.solve_triangular(chol.T, shift, upper=True, left=False)
+        return mat, chol
 
     def unmap(self, right, ctx):
         # right · L⁻¹ via a triangular solve of X L = right
