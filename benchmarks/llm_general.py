@@ -69,12 +69,13 @@ class Row:
     break_even: bool = False  # Recipe.dense_above_break_even
     sequential: bool = False  # calibration.mode: sequential, propagate: compressed (ranks from the dense model)
     dense_targets: bool = False  # sequential only: calibration.dense_targets (fit to the dense model's outputs)
+    correct_dense: bool = False  # with dense_targets: calibration.correct_dense (kept-dense matrices corrected too)
 
     def __post_init__(self) -> None:
         if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
             raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
-        if self.dense_targets and not self.sequential:
-            raise ValueError(f"row {self.name!r}: dense_targets applies to the sequential rows only")
+        if (self.dense_targets or self.correct_dense) and not self.sequential:
+            raise ValueError(f"row {self.name!r}: dense_targets / correct_dense apply to the sequential rows only")
         if self.sequential and self.mix == "broad-long":
             raise ValueError(f"row {self.name!r}: the sequential rows use the 256-token broad windows")
 
@@ -85,7 +86,8 @@ class Row:
     def recipe(self, targets: list[str]) -> Recipe:
         args = {"shrinkage": self.shrinkage} if self.shrinkage else {}
         calibration = {"progress": False, **({"mode": "sequential", "propagate": "compressed"} if self.sequential
-                                             else {}), **({"dense_targets": True} if self.dense_targets else {})}
+                                             else {}), **({"dense_targets": True} if self.dense_targets else {}),
+                       **({"correct_dense": True} if self.correct_dense else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
                       dense_above_break_even=self.break_even, calibration=calibration)
 
@@ -116,7 +118,10 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
                      break_even=True, sequential=True),
                  # the same with dense targets: each layer fitted to the dense model's output (asymmetric calibration)
                  Row("broad + gradient, dense above break-even, sequential, dense targets", ratio, "broad", "gradient",
-                     break_even=True, sequential=True, dense_targets=True)]
+                     break_even=True, sequential=True, dense_targets=True),
+                 # and the matrices kept dense corrected to their full-rank least-squares weights (same parameters)
+                 Row("broad + gradient, dense above break-even, sequential, dense targets, corrected dense", ratio,
+                     "broad", "gradient", break_even=True, sequential=True, dense_targets=True, correct_dense=True)]
     return rows
 
 
@@ -203,6 +208,7 @@ class Study:
         out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
                "sequential": row.sequential, "dense_targets": row.dense_targets,
+               "correct_dense": row.correct_dense,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}

@@ -125,6 +125,10 @@ class Method:
         if "gram" in self.needs and stats.count < stats.n:
             _warn_small_calibration(self.name, stats, name)
 
+    def corrected(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:
+        """The full-rank dense-target optimum (``calibration.correct_dense``); ``svd_llm`` has one."""
+        raise ValueError(f"method {self.name!r} has no dense-target form; calibration.correct_dense needs svd_llm")
+
     @torch.no_grad()
     def spectrum(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:
         """Singular values (descending, float64) of the transformed weight."""

@@ -80,6 +80,9 @@ class CalibrationRecipe:
             the dense ones (asymmetric calibration, as GPTAQ does for quantization), instead of
             ``min ‖W X_c - W' X_c‖``.  A second, dense stream of block inputs is propagated alongside the
             compressed one, and each stream's statistics add a cross Gram (:mod:`compression.whitening`).
+        correct_dense: with ``dense_targets`` and ``dense_above_break_even`` -- the matrices kept dense get the
+            full-rank dense-target optimum (least squares ``W X_dᵀ X_c (X_cᵀ X_c)⁻¹``, regularized as the
+            whitening is) instead of their weights: the same parameters.
         block_device: ``sequential`` only -- where each block runs while it is calibrated and
             compressed (``None``: where the model is); the model stays where it is otherwise.
         activations: ``sequential`` only -- where the calibration hidden states wait between
@@ -103,6 +106,7 @@ class CalibrationRecipe:
     activations: Literal["device", "host", "disk"] = "device"
     stream_weights: bool = False
     dense_targets: bool = False
+    correct_dense: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -124,6 +128,9 @@ class CalibrationRecipe:
             raise ValueError("calibration.dense_targets fits compressed-stream inputs to dense-model outputs; with "
                              "propagate: dense both streams are the dense one: set propagate: compressed or "
                              "dense_targets: false")
+        if self.correct_dense and not self.dense_targets:
+            raise ValueError("calibration.correct_dense corrects kept-dense matrices towards the dense targets: set "
+                             "dense_targets: true (and mode: sequential) or correct_dense: false")
         if self.dense_targets and self.stream_weights:
             raise ValueError("calibration.dense_targets with stream_weights is not supported; set one of them false")
 
@@ -383,6 +390,10 @@ class Recipe:
             if self.calibration.dense_targets and self.method != "svd_llm":
                 raise ValueError(f"calibration.dense_targets has a closed form for method: svd_llm only (whitening "
                                  f"with a cross Gram), not {self.method!r}; use svd_llm or dense_targets: false")
+            if self.calibration.correct_dense and not self.dense_above_break_even:
+                raise ValueError("calibration.correct_dense corrects the matrices dense_above_break_even keeps dense; "
+                                 "without it none is kept dense: set dense_above_break_even: true or "
+                                 "correct_dense: false")
             if self.quantization.enabled:
                 raise ValueError("calibration.mode: sequential runs the low-rank stage block by block; quantization "
                                  "in the same recipe is not supported: quantize the compressed model in a second run "
@@ -396,7 +407,7 @@ class Recipe:
         what a sequential run with ``allocation: gradient`` runs first on the dense model for its ranks."""
         calibration = dataclasses.replace(self.calibration, mode="all_at_once", propagate="compressed",
                                           block_device=None, activations="device", stream_weights=False,
-                                          dense_targets=False)
+                                          dense_targets=False, correct_dense=False)
         return dataclasses.replace(self, calibration=calibration)
 
     # -- what the stages need -----------------------------------------------------------------------

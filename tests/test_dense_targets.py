@@ -206,3 +206,38 @@ def test_dense_targets_refusals_name_what_to_change():
         Recipe("svd_llm", calibration={**SEQ, "dense_targets": True, "stream_weights": True})
     recipe = Recipe("svd_llm", allocation="gradient", calibration={**SEQ, "dense_targets": True})
     assert recipe.all_at_once().calibration.dense_targets is False
+
+
+def test_correct_dense_gives_kept_dense_matrices_the_least_squares_weight():
+    """correct_dense: each matrix dense_above_break_even keeps dense becomes W + W E L⁻ᵀ L⁻¹, the full-rank
+    closed form on the hooked inputs (block 0: E = 0, the weights stay bitwise); low-rank factors unchanged."""
+    model, batches = _llama(), _batches(count=6)  # 144 tokens: every Gram positive definite at 96 channels
+    fields = dict(ratio=0.1, allocation="greedy", dense_above_break_even=True)
+    base, fixed = copy.deepcopy(model), copy.deepcopy(model)
+    compress_(base, Recipe("svd_llm", **fields, calibration={**SEQ, "dense_targets": True}),
+              family=CausalLMSpec(model=base), batches=batches)
+    report = compress_(fixed, Recipe("svd_llm", **fields,
+                                     calibration={**SEQ, "dense_targets": True, "correct_dense": True}),
+                       family=CausalLMSpec(model=fixed), batches=batches)
+    kept = [k for k, why in report.skipped.items() if "correct_dense" in why]
+    assert any(k.startswith("model.layers.0.") for k in kept) and any(k.startswith("model.layers.1.") for k in kept)
+    sb, sf = base.state_dict(), fixed.state_dict()
+    assert all(torch.equal(sb[k], sf[k]) for k in sf if k.startswith("model.layers.0."))
+    assert all(torch.equal(sb[k], sf[k]) for k in sf if ".up." in k or ".down." in k)
+    mixed = copy.deepcopy(model)
+    mixed.model.layers[0] = copy.deepcopy(fixed.model.layers[0])
+    later = [k for k in kept if k.startswith("model.layers.1.")]
+    xc, xd = _inputs(mixed, later, batches), _inputs(model, later, batches)
+    for name in later:
+        w, got = model.get_submodule(name).weight.detach(), fixed.get_submodule(name).weight.detach()
+        want = w @ (xd[name].T @ xc[name]) @ torch.linalg.inv(xc[name].T @ xc[name])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7 * float(want.abs().max()), msg=name)
+        assert not torch.equal(got, w)
+        assert _objective(w, got, xd[name], xc[name]) < _objective(w, w, xd[name], xc[name])
+
+
+def test_correct_dense_refusals():
+    with pytest.raises(ValueError, match="set dense_targets: true"):
+        Recipe("svd_llm", allocation="greedy", dense_above_break_even=True, calibration={**SEQ, "correct_dense": True})
+    with pytest.raises(ValueError, match="dense_above_break_even: true"):
+        Recipe("svd_llm", calibration={**SEQ, "dense_targets": True, "correct_dense": True})
