@@ -80,6 +80,9 @@ class CalibrationRecipe:
             the dense ones (asymmetric calibration, as GPTAQ does for quantization), instead of
             ``min ‖W X_c - W' X_c‖``.  A second, dense stream of block inputs is propagated alongside the
             compressed one, and each stream's statistics add a cross Gram (:mod:`compression.whitening`).
+        target_alpha: with ``dense_targets`` -- how far the target moves towards the dense model's:
+            ``‖W (X_c + α (X_d - X_c)) - W' X_c‖`` (1: the dense outputs, 0: SVD-LLM's own; QEP's propagation
+            strength); the cross Gram is scaled by ``α``.
         correct_dense: with ``dense_targets`` and ``dense_above_break_even`` -- the matrices kept dense get the
             full-rank dense-target optimum (least squares ``W X_dᵀ X_c (X_cᵀ X_c)⁻¹``, regularized as the
             whitening is) instead of their weights: the same parameters.
@@ -107,6 +110,7 @@ class CalibrationRecipe:
     stream_weights: bool = False
     dense_targets: bool = False
     correct_dense: bool = False
+    target_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -128,6 +132,11 @@ class CalibrationRecipe:
             raise ValueError("calibration.dense_targets fits compressed-stream inputs to dense-model outputs; with "
                              "propagate: dense both streams are the dense one: set propagate: compressed or "
                              "dense_targets: false")
+        if not (isinstance(self.target_alpha, int | float) and 0.0 < self.target_alpha <= 1.0):
+            raise ValueError(f"calibration.target_alpha must lie in (0, 1], got {self.target_alpha!r}")
+        if self.target_alpha != 1.0 and not self.dense_targets:
+            raise ValueError("calibration.target_alpha weighs the dense targets: set dense_targets: true or leave "
+                             "target_alpha at 1")
         if self.correct_dense and not self.dense_targets:
             raise ValueError("calibration.correct_dense corrects kept-dense matrices towards the dense targets: set "
                              "dense_targets: true (and mode: sequential) or correct_dense: false")
@@ -407,7 +416,7 @@ class Recipe:
         what a sequential run with ``allocation: gradient`` runs first on the dense model for its ranks."""
         calibration = dataclasses.replace(self.calibration, mode="all_at_once", propagate="compressed",
                                           block_device=None, activations="device", stream_weights=False,
-                                          dense_targets=False, correct_dense=False)
+                                          dense_targets=False, correct_dense=False, target_alpha=1.0)
         return dataclasses.replace(self, calibration=calibration)
 
     # -- what the stages need -----------------------------------------------------------------------

@@ -30,6 +30,8 @@ factors minimizing ``‖W X_d - W' X_c‖`` (the dense model's output from the c
 more block forward per batch, the cross Gram GEMMs (``n²`` per token and stream, twice the Gram's upper
 triangle), the cross Grams (as many bytes as the Grams) and a second set of hidden states.  Each block's
 record adds ``dense_error = ‖C_l - R_{l+1}‖_F / ‖R_{l+1}‖_F``, its output's distance from the dense model's.
+``calibration.target_alpha`` ``α`` moves the target only part of the way, ``X_c + α (X_d - X_c)``: the cross
+Grams are scaled by ``α`` once reduced.
 
 Peak on the block device: one block, its statistics, and every batch's hidden states
 (``activations: device``) or two batches' (``host`` / ``disk``).  Statistics alive at any moment:
@@ -441,6 +443,9 @@ class SequentialRun:
         stats = collector.stats if collector is not None else None
         if stats is not None and self.reduce is not None:
             stats.reduce_(self.reduce)
+        if stats is not None and dense_stream and cal.target_alpha != 1.0:  # target X_c + α (X_d - X_c)
+            for stream in stats.streams.values():
+                stream.cross.mul_(cal.target_alpha)
         record = {"matrices": len(keys), "stats_bytes": stats.nbytes() if stats is not None else 0,
                   "output_error": 0.0, "update_error": 0.0, "layers": 0}
         if stats is not None:
