@@ -149,12 +149,15 @@ def _inputs(model, names, batches):
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
-def test_sequential_dense_targets_end_to_end():
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_sequential_dense_targets_end_to_end(alpha):
+    """target_alpha α: the target is X_c + α (X_d - X_c) (α = 1: the dense model's)."""
     model, batches = _llama(), _batches()
     plain, target = copy.deepcopy(model), copy.deepcopy(model)
     compress_(plain, Recipe("svd_llm", ratio=0.4, calibration=SEQ), family=CausalLMSpec(model=plain), batches=batches)
-    report = compress_(target, Recipe("svd_llm", ratio=0.4, calibration={**SEQ, "dense_targets": True}),
-                       family=CausalLMSpec(model=target), batches=batches)
+    cal = {**SEQ, "dense_targets": True, "target_alpha": alpha}
+    report = compress_(target, Recipe("svd_llm", ratio=0.4, calibration=cal), family=CausalLMSpec(model=target),
+                       batches=batches)
     sp, st = plain.state_dict(), target.state_dict()
     assert sp.keys() == st.keys() and all(torch.isfinite(v).all() for v in st.values())
     first = [k for k in st if k.startswith("model.layers.0.")]
@@ -168,6 +171,7 @@ def test_sequential_dense_targets_end_to_end():
     names = [n for n, m in model.model.layers[1].named_modules() if isinstance(m, torch.nn.Linear)]
     names = [f"model.layers.1.{n}" for n in names]
     xc, xd = _inputs(mixed, names, batches), _inputs(model, names, batches)
+    xd = {n: xc[n] + alpha * (xd[n] - xc[n]) for n in names}
     method = build_method("svd_llm")
     for name in names:
         layer, w = target.get_submodule(name), model.get_submodule(name).weight.detach()
@@ -202,6 +206,10 @@ def test_dense_targets_refusals_name_what_to_change():
         Recipe("svd_llm", calibration={**SEQ, "propagate": "dense", "dense_targets": True})
     with pytest.raises(ValueError, match="method: svd_llm only"):
         Recipe("svd_llm_v2", calibration={**SEQ, "dense_targets": True})
+    with pytest.raises(ValueError, match="target_alpha must lie in"):
+        Recipe("svd_llm", calibration={**SEQ, "dense_targets": True, "target_alpha": 0.0})
+    with pytest.raises(ValueError, match="set dense_targets: true or leave"):
+        Recipe("svd_llm", calibration={**SEQ, "target_alpha": 0.5})
     with pytest.raises(ValueError, match="stream_weights"):
         Recipe("svd_llm", calibration={**SEQ, "dense_targets": True, "stream_weights": True})
     recipe = Recipe("svd_llm", allocation="gradient", calibration={**SEQ, "dense_targets": True})
