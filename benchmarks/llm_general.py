@@ -68,10 +68,15 @@ class Row:
     grad_batches: int | None = None  # gradient windows as train.py picks them: this many batches of 4 (else spread)
     break_even: bool = False  # Recipe.dense_above_break_even
     sequential: bool = False  # calibration.mode: sequential, propagate: compressed (ranks from the dense model)
+    dense_targets: bool = False  # sequential only: calibration.dense_targets (fit to the dense model's outputs)
+    correct_dense: bool = False  # with dense_targets: calibration.correct_dense (kept-dense matrices corrected too)
+    target_alpha: float = 1.0  # with dense_targets: calibration.target_alpha (the target X_c + α (X_d - X_c))
 
     def __post_init__(self) -> None:
         if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
             raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
+        if (self.dense_targets or self.correct_dense or self.target_alpha != 1.0) and not self.sequential:
+            raise ValueError(f"row {self.name!r}: dense_targets / correct_dense apply to the sequential rows only")
         if self.sequential and self.mix == "broad-long":
             raise ValueError(f"row {self.name!r}: the sequential rows use the 256-token broad windows")
 
@@ -82,7 +87,9 @@ class Row:
     def recipe(self, targets: list[str]) -> Recipe:
         args = {"shrinkage": self.shrinkage} if self.shrinkage else {}
         calibration = {"progress": False, **({"mode": "sequential", "propagate": "compressed"} if self.sequential
-                                             else {})}
+                                             else {}), **({"dense_targets": True} if self.dense_targets else {}),
+                       **({"correct_dense": True} if self.correct_dense else {}),
+                       **({"target_alpha": self.target_alpha} if self.target_alpha != 1.0 else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
                       dense_above_break_even=self.break_even, calibration=calibration)
 
@@ -110,7 +117,17 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
                  # sequential calibration with error propagation at the same (dense-model gradient) ranks;
                  # scored on test only with --test, once validation prefers it
                  Row("broad + gradient, dense above break-even, sequential", ratio, "broad", "gradient",
-                     break_even=True, sequential=True)]
+                     break_even=True, sequential=True),
+                 # the same with dense targets: each layer fitted to the dense model's output (asymmetric calibration)
+                 Row("broad + gradient, dense above break-even, sequential, dense targets", ratio, "broad", "gradient",
+                     break_even=True, sequential=True, dense_targets=True),
+                 # and the matrices kept dense corrected to their full-rank least-squares weights (same parameters)
+                 Row("broad + gradient, dense above break-even, sequential, dense targets, corrected dense", ratio,
+                     "broad", "gradient", break_even=True, sequential=True, dense_targets=True, correct_dense=True)]
+        # the target only part of the way to the dense model's (QEP's propagation strength α)
+        rows += [Row(f"broad + gradient, dense above break-even, sequential, dense targets α={alpha:g}", ratio, "broad",
+                     "gradient", break_even=True, sequential=True, dense_targets=True, target_alpha=alpha)
+                 for alpha in (0.25, 0.5)]
     return rows
 
 
@@ -196,7 +213,8 @@ class Study:
             report = compress_(model, row.recipe(self.targets), stats, importances=importances)
         out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
-               "sequential": row.sequential,
+               "sequential": row.sequential, "dense_targets": row.dense_targets,
+               "correct_dense": row.correct_dense, "target_alpha": row.target_alpha,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}

@@ -88,6 +88,7 @@ class Method:
     name: ClassVar[str]
     config_type: ClassVar[type[MethodConfig]]
     needs: ClassVar[frozenset[str]] = frozenset()  # statistics fields: {"gram"} / {"abs"} / {}
+    dense_targets: ClassVar[bool] = False  # fits W' X_c to W X_d when the statistics carry a cross Gram
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_type):
@@ -117,9 +118,16 @@ class Method:
                              "collect statistics with needs including 'abs'")
         if stats.count == 0:
             raise ValueError(f"statistics for layer {name!r} saw no tokens; did calibration run?")
+        if stats.cross is not None and not self.dense_targets:
+            raise ValueError(f"method {self.name!r} has no dense-target form (layer {name!r}'s statistics carry a "
+                             "cross Gram); calibration.dense_targets needs method: svd_llm")
         stats.check_finite(name)
         if "gram" in self.needs and stats.count < stats.n:
             _warn_small_calibration(self.name, stats, name)
+
+    def corrected(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:
+        """The full-rank dense-target optimum (``calibration.correct_dense``); ``svd_llm`` has one."""
+        raise ValueError(f"method {self.name!r} has no dense-target form; calibration.correct_dense needs svd_llm")
 
     @torch.no_grad()
     def spectrum(self, weight: torch.Tensor, stats: ChannelStats | None, name: str) -> torch.Tensor:

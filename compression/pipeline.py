@@ -335,6 +335,8 @@ class CompressionPipeline:
         start = len(self.layer_reports)
         try:
             self._swap(keys, self._singles, self._groups)
+            if self.recipe.calibration.correct_dense:
+                self._correct_dense(keys)
         except BaseException:
             self.restore_swapped()
             raise
@@ -347,11 +349,32 @@ class CompressionPipeline:
         singles, groups = getattr(self, "_singles", []), getattr(self, "_groups", {})
         for name, layer in reversed(singles):
             set_submodule(self.model, name, layer)
+        for layer, weight in reversed(getattr(self, "_corrected", [])):
+            layer.weight.copy_(weight)
+        self._corrected = []
         restore_joint_(self.model, groups)
         if singles or groups:
             log.error("sequential compression failed; %d layers and %d joint groups restored", len(singles),
                       len(groups))
         self._singles, self._groups = [], {}
+
+    @torch.no_grad()
+    def _correct_dense(self, keys: list[str]) -> None:
+        """``calibration.correct_dense``: each kept-dense matrix among ``keys`` (every member of a kept-dense
+        joint group) takes the method's full-rank dense-target optimum; the old weights are kept to undo."""
+        self._corrected = getattr(self, "_corrected", [])
+        for key in keys:
+            if key not in self.allocation.dense:
+                continue
+            stats = self._stats_for(self.matrices[key].members[0])
+            for name in self.matrices[key].members:
+                layer = self.model.get_submodule(name)
+                weight = layer.weight.detach()
+                new = self.method.corrected(weight.to(self.recipe.device) if self.recipe.device else weight, stats,
+                                            name)
+                self._corrected.append((layer, weight.clone()))
+                layer.weight.copy_(new.to(weight.device, weight.dtype))
+            self.skipped[key] += "; corrected towards the dense targets (calibration.correct_dense)"
 
     def drop_originals(self) -> None:
         """Sequential mode with streamed weights: forget the swapped-out dense layers (they are on disk)."""

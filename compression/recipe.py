@@ -74,6 +74,18 @@ class CalibrationRecipe:
         propagate: ``sequential`` only -- the next block's inputs are the ``compressed`` block's
             outputs (error propagation, as SVD-LLM's sequential update and GPTQ) or the ``dense``
             block's (reproduces ``all_at_once`` exactly).
+        dense_targets: ``sequential`` with ``propagate: compressed`` and ``method: svd_llm`` only -- fit each
+            layer's factors to the output the layer has in the DENSE model on the same tokens,
+            ``min ‖W X_d - W' X_c‖`` with ``X_c`` its inputs through the compressed blocks and ``X_d`` through
+            the dense ones (asymmetric calibration, as GPTAQ does for quantization), instead of
+            ``min ‖W X_c - W' X_c‖``.  A second, dense stream of block inputs is propagated alongside the
+            compressed one, and each stream's statistics add a cross Gram (:mod:`compression.whitening`).
+        target_alpha: with ``dense_targets`` -- how far the target moves towards the dense model's:
+            ``‖W (X_c + α (X_d - X_c)) - W' X_c‖`` (1: the dense outputs, 0: SVD-LLM's own; QEP's propagation
+            strength); the cross Gram is scaled by ``α``.
+        correct_dense: with ``dense_targets`` and ``dense_above_break_even`` -- the matrices kept dense get the
+            full-rank dense-target optimum (least squares ``W X_dᵀ X_c (X_cᵀ X_c)⁻¹``, regularized as the
+            whitening is) instead of their weights: the same parameters.
         block_device: ``sequential`` only -- where each block runs while it is calibrated and
             compressed (``None``: where the model is); the model stays where it is otherwise.
         activations: ``sequential`` only -- where the calibration hidden states wait between
@@ -96,6 +108,9 @@ class CalibrationRecipe:
     block_device: str | None = None
     activations: Literal["device", "host", "disk"] = "device"
     stream_weights: bool = False
+    dense_targets: bool = False
+    correct_dense: bool = False
+    target_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -108,9 +123,25 @@ class CalibrationRecipe:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"calibration.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.mode != "sequential" and (self.propagate != "compressed" or self.block_device is not None
-                                          or self.activations != "device" or self.stream_weights):
-            raise ValueError("calibration.propagate / block_device / activations / stream_weights apply to "
-                             "calibration.mode: sequential only; set mode: sequential or leave them at their defaults")
+                                          or self.activations != "device" or self.stream_weights
+                                          or self.dense_targets):
+            raise ValueError("calibration.propagate / block_device / activations / stream_weights / dense_targets "
+                             "apply to calibration.mode: sequential only; set mode: sequential or leave them at "
+                             "their defaults")
+        if self.dense_targets and self.propagate != "compressed":
+            raise ValueError("calibration.dense_targets fits compressed-stream inputs to dense-model outputs; with "
+                             "propagate: dense both streams are the dense one: set propagate: compressed or "
+                             "dense_targets: false")
+        if not (isinstance(self.target_alpha, int | float) and 0.0 < self.target_alpha <= 1.0):
+            raise ValueError(f"calibration.target_alpha must lie in (0, 1], got {self.target_alpha!r}")
+        if self.target_alpha != 1.0 and not self.dense_targets:
+            raise ValueError("calibration.target_alpha weighs the dense targets: set dense_targets: true or leave "
+                             "target_alpha at 1")
+        if self.correct_dense and not self.dense_targets:
+            raise ValueError("calibration.correct_dense corrects kept-dense matrices towards the dense targets: set "
+                             "dense_targets: true (and mode: sequential) or correct_dense: false")
+        if self.dense_targets and self.stream_weights:
+            raise ValueError("calibration.dense_targets with stream_weights is not supported; set one of them false")
 
     @property
     def sequential(self) -> bool:
@@ -365,6 +396,13 @@ class Recipe:
                                  "holds the dense model: set stream_weights: false (sequential with the model in "
                                  "memory computes the gradient ranks first), or use a spectral allocation (v2, "
                                  "greedy: two streamed passes)")
+            if self.calibration.dense_targets and self.method != "svd_llm":
+                raise ValueError(f"calibration.dense_targets has a closed form for method: svd_llm only (whitening "
+                                 f"with a cross Gram), not {self.method!r}; use svd_llm or dense_targets: false")
+            if self.calibration.correct_dense and not self.dense_above_break_even:
+                raise ValueError("calibration.correct_dense corrects the matrices dense_above_break_even keeps dense; "
+                                 "without it none is kept dense: set dense_above_break_even: true or "
+                                 "correct_dense: false")
             if self.quantization.enabled:
                 raise ValueError("calibration.mode: sequential runs the low-rank stage block by block; quantization "
                                  "in the same recipe is not supported: quantize the compressed model in a second run "
@@ -377,7 +415,8 @@ class Recipe:
         """This recipe with ``calibration.mode: all_at_once`` (the sequential-only settings at their defaults):
         what a sequential run with ``allocation: gradient`` runs first on the dense model for its ranks."""
         calibration = dataclasses.replace(self.calibration, mode="all_at_once", propagate="compressed",
-                                          block_device=None, activations="device", stream_weights=False)
+                                          block_device=None, activations="device", stream_weights=False,
+                                          dense_targets=False, correct_dense=False, target_alpha=1.0)
         return dataclasses.replace(self, calibration=calibration)
 
     # -- what the stages need -----------------------------------------------------------------------

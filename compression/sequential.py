@@ -21,6 +21,18 @@ a model that sits whole on one device.  ``calibration.mode: sequential`` keeps o
    and its error relative to what the block adds to the residual stream, ``‖C_l - D_l‖_F / ‖D_l - H_l‖_F``
    (the stream itself can dwarf the update: massive activations make ``e_l`` ~1e-5 on SmolLM2).
 
+Dense targets (``calibration.dense_targets``, with ``propagate: compressed``, ``svd_llm`` only): a second
+stream ``R_l[b]`` runs the dense blocks on the dense inputs (``R_0 = H_0``).  In step 2 each batch runs first
+through the dense block from ``R_l[b]`` (the targeted layers' inputs there are kept for that batch, and
+the output is ``R_{l+1}[b]``), then from ``H_l[b]`` with the statistics hooks, which add each layer's cross
+Gram ``(X_d - X_c)ᵀ X_c`` token for token to its Gram; :mod:`compression.whitening` turns the two into the
+factors minimizing ``‖W X_d - W' X_c‖`` (the dense model's output from the compressed inputs).  Costs: one
+more block forward per batch, the cross Gram GEMMs (``n²`` per token and stream, twice the Gram's upper
+triangle), the cross Grams (as many bytes as the Grams) and a second set of hidden states.  Each block's
+record adds ``dense_error = ‖C_l - R_{l+1}‖_F / ‖R_{l+1}‖_F``, its output's distance from the dense model's.
+``calibration.target_alpha`` ``α`` moves the target only part of the way, ``X_c + α (X_d - X_c)``: the cross
+Grams are scaled by ``α`` once reduced.
+
 Peak on the block device: one block, its statistics, and every batch's hidden states
 (``activations: device``) or two batches' (``host`` / ``disk``).  Statistics alive at any moment:
 one block's (``L`` times less than all-at-once for ``L`` equal blocks).
@@ -65,7 +77,7 @@ from compression.pipeline import CompressionPipeline, _default_forward
 from compression.plan import set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport
-from compression.stats import STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn, StatsCollector
+from compression.stats import CROSS, STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn, StatsCollector
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +284,26 @@ class _Forward:
         self.out.append(_run(block, self.hidden, self.extra, self.device))
 
 
+class _Inputs:
+    """Forward pre-hooks keeping the last input of each named layer (``inputs[name]``) while active."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.modules = {n: model.get_submodule(n) for n in names}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> _Inputs:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(
+                lambda _m, args, name=name: self.inputs.__setitem__(name, args[0])))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 def _counts_only(stats: ActivationStats, into: ActivationStats) -> None:
     """Keep the token counts of ``stats`` (a FLOPs budget's weights) without their tensors."""
     into.owner.update(stats.owner)
@@ -374,29 +406,46 @@ class SequentialRun:
             store.close()
         return records
 
+    def _reference(self, store: ActivationStore, b: int) -> torch.Tensor:
+        """Batch ``b``'s input to the current block in the dense stream (before block 0: the one input)."""
+        return store.get(("ref", b) if ("ref", b) in store.items else ("in", b), self.device)
+
     def _block(self, i: int, block: nn.Module, store: ActivationStore, extras: list, compress: bool,
                spectra: dict | None, counts: ActivationStats | None) -> dict:
         pipe, cal, device = self.pipe, self.recipe.calibration, self.device
         keys = self.keys_of[i]
         names = [n for k in keys for n in pipe.matrices[k].members]
         needs = pipe.stat_needs & STAT_FIELDS
+        dense_stream = compress and cal.dense_targets  # every block advances it, targeted matrices or not
+        if dense_stream and keys:
+            needs |= {CROSS}
         want_counts = counts is not None and self.recipe.budget == "flops"
         collector = (StatsCollector(self.model, names, needs=needs, device=cal.stats_device)
                      if names and (needs or want_counts) else None)
         dense_key = "dense" if compress and keys else "in"
-        with collector if collector is not None else nullcontext():
-            for b in range(len(extras)):
-                out: list[torch.Tensor] = []
-                run = _Forward(store.get(("in", b), device), extras[b][i], device, out)
+        for b in range(len(extras)):
+            if dense_stream:  # first the dense stream: the layers' reference inputs, the next block's dense input
+                with _Inputs(self.model, names) as seen:
+                    store.put(("ref", b), _run(block, self._reference(store, b), extras[b][i], device))
+                if collector is not None:
+                    collector.reference = seen.inputs
+            out: list[torch.Tensor] = []
+            run = _Forward(store.get(("in", b), device), extras[b][i], device, out)
+            with collector if collector is not None else nullcontext():
                 if collector is not None:
                     collector.run(block, None, run)
                 else:
                     run(block, None)
-                del run
-                store.put((dense_key, b), out.pop())
+            del run
+            if collector is not None:
+                collector.reference = None
+            store.put((dense_key, b), out.pop())
         stats = collector.stats if collector is not None else None
         if stats is not None and self.reduce is not None:
             stats.reduce_(self.reduce)
+        if stats is not None and dense_stream and cal.target_alpha != 1.0:  # target X_c + α (X_d - X_c)
+            for stream in stats.streams.values():
+                stream.cross.mul_(cal.target_alpha)
         record = {"matrices": len(keys), "stats_bytes": stats.nbytes() if stats is not None else 0,
                   "output_error": 0.0, "update_error": 0.0, "layers": 0}
         if stats is not None:
@@ -417,7 +466,7 @@ class SequentialRun:
             return record
         record["layers"] = len(pipe.truncate_block(keys, stats))
         del stats, collector
-        err = torch.zeros(3, dtype=torch.float64, device=device)
+        err = torch.zeros(5, dtype=torch.float64, device=device)
         for b in range(len(extras)):
             hidden = store.get(("in", b), device)
             dense = store.get(("dense", b), device)
@@ -425,6 +474,11 @@ class SequentialRun:
             err[0] += (out.double() - dense.double()).square().sum()
             err[1] += dense.double().square().sum()
             err[2] += (dense.double() - hidden.double()).square().sum()
+            if dense_stream:
+                ref = store.get(("ref", b), device)
+                err[3] += (out.double() - ref.double()).square().sum()
+                err[4] += ref.double().square().sum()
+                del ref
             del hidden
             store.put(("in", b), out if cal.propagate == "compressed" else dense)
             store.drop(("dense", b))
@@ -432,6 +486,8 @@ class SequentialRun:
             err = self.reduce(err, "sum")
         record["output_error"] = float((err[0] / err[1]).sqrt()) if err[1] > 0 else 0.0
         record["update_error"] = float((err[0] / err[2]).sqrt()) if err[2] > 0 else 0.0
+        if dense_stream:
+            record["dense_error"] = float((err[3] / err[4]).sqrt()) if err[4] > 0 else 0.0
         return record
 
 

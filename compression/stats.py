@@ -6,10 +6,17 @@ For an input stream ``X`` (all calibration tokens stacked, ``N x n``) one accumu
     count    = N                (tokens seen)
     abs_sum  = Σ_t |x_t|        (n, float64)       -- ASVD abs-mean scaling:           need "abs"
     abs_max  = max_t |x_t|      (n, float64)       -- ASVD abs-max scaling:            need "abs"
+    cross    = (R - X)ᵀX        (n x n, float64)   -- dense targets (sequential mode):  need "cross"
+
+``cross`` pairs every token with a reference input ``r_t`` of the same layer (``R``, N x n: what the
+layer sees in the dense model on the same token, passed to :meth:`ChannelStats.update`), so that
+``RᵀX = gram + cross``; it is accumulated as the difference, which is exactly zero when ``R = X``
+(:mod:`compression.sequential`, ``calibration.dense_targets``).
 
 Only what some configured method needs is accumulated: ``needs`` is a subset of
 ``{"gram", "abs"}`` (the union of :attr:`compression.methods.Method.needs` over the methods
-that will run; :func:`compression.methods.stats_needs`).
+that will run; :func:`compression.methods.stats_needs`), plus ``"cross"``, asked for by the
+sequential mode only.
 
 Cost and precision of the Gram.  Each batch ``X_b`` (``N_b x n``) is multiplied in a GEMM of
 ``gemm_dtype`` and added to a float64 running sum, ``G = Σ_b fl(X_bᵀ X_b)``:
@@ -62,6 +69,9 @@ ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
 STAT_FIELDS = frozenset({"gram", "abs"})
 """What a method can need: ``"gram"`` (``XᵀX``) and ``"abs"`` (per-channel abs-sum and abs-max)."""
 
+CROSS = "cross"
+"""The dense-target cross Gram ``(R - X)ᵀX`` (module docstring); asked for by the sequential mode only."""
+
 GRAM_BLOCK = 256
 """Largest column block of the upper-triangle Gram update (see the module docstring): ``n`` is cut
 into ``k = ceil(n / 256)`` equal blocks.  Measured on 2 CPU cores, 1024 tokens, float32: 576
@@ -76,9 +86,9 @@ GEMM_ROWS = 8192
 def check_needs(needs: Iterable[str]) -> frozenset[str]:
     """``needs`` as a frozenset, refusing names other than ``"gram"`` / ``"abs"``."""
     out = frozenset(needs)
-    unknown = sorted(out - STAT_FIELDS)
+    unknown = sorted(out - STAT_FIELDS - {CROSS})
     if unknown:
-        raise ValueError(f"unknown statistics {unknown}; choose from {sorted(STAT_FIELDS)}")
+        raise ValueError(f"unknown statistics {unknown}; choose from {sorted(STAT_FIELDS | {CROSS})}")
     return out
 
 
@@ -97,7 +107,7 @@ def gemm_dtype_for(x_dtype: torch.dtype, device: torch.device, gemm_dtype: torch
 class ChannelStats:
     """Running statistics of one input stream with ``n`` channels (see module docstring).
 
-    ``needs``: the fields to accumulate (subset of ``{"gram", "abs"}``); the others stay ``None``.
+    ``needs``: the fields to accumulate (subset of ``{"gram", "abs", "cross"}``); the others stay ``None``.
     ``gemm_dtype``: the Gram GEMM's dtype (``None``: float32, or float64 for float64 inputs).
     """
 
@@ -108,6 +118,7 @@ class ChannelStats:
     count: int = 0
     abs_sum: torch.Tensor | None = field(init=False, default=None)
     abs_max: torch.Tensor | None = field(init=False, default=None)
+    cross: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.needs = check_needs(self.needs)
@@ -118,6 +129,8 @@ class ChannelStats:
             self.abs_max = torch.zeros(self.n, dtype=torch.float64, device=self.device)
         if "gram" in self.needs:
             self._gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
+        if CROSS in self.needs:
+            self.cross = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
 
     # -- the Gram, stored as its upper block triangle while accumulating ---------------------------
     @property
@@ -136,12 +149,13 @@ class ChannelStats:
         self._gram, self._mirrored = value, True
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, name: str = "?") -> None:
-        """Add the tokens of ``x [..., n]``; non-finite activations are an error naming the layer."""
+    def update(self, x: torch.Tensor, name: str = "?", reference: torch.Tensor | None = None) -> None:
+        """Add the tokens of ``x [..., n]`` (and, for ``"cross"``, the same tokens' ``reference`` inputs);
+        non-finite activations are an error naming the layer."""
         if x.shape[-1] != self.n:
             raise ValueError(f"{name}: input has {x.shape[-1]} channels, statistics expect {self.n}")
         x = x.detach().reshape(-1, self.n)  # a view for the usual contiguous activations
-        ref = self._gram if self._gram is not None else self.abs_sum
+        ref = next((t for t in (self._gram, self.abs_sum, self.cross) if t is not None), None)
         if ref is not None and x.device != ref.device:
             x = x.to(ref.device)
         finite = True
@@ -150,6 +164,9 @@ class ChannelStats:
             for chunk in x.split(GEMM_ROWS):
                 self._add_gram(chunk, dtype)
             finite = bool(torch.isfinite(self._gram.diagonal()).all())
+        if self.cross is not None:
+            self._add_cross(x, reference, name)
+            finite = finite and bool(torch.isfinite(self.cross).all())
         if self.abs_sum is not None:
             # the sum runs in float64 (exact abs-mean); the max is exact in any dtype
             ax = x.abs()
@@ -166,17 +183,27 @@ class ChannelStats:
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i``."""
-        if dtype == torch.bfloat16:
-            x = x.to(torch.bfloat16)
-            mm = lambda a, b: torch.mm(a, b, out_dtype=torch.float32)  # noqa: E731
-        else:
-            x = x.to(dtype)  # no copy when the activations already have the GEMM's dtype
-            mm = torch.mm
+        x, mm = _gemm(x, dtype)
         blocks = -(-self.n // GRAM_BLOCK)
         step = -(-self.n // blocks)
         for i in range(0, self.n, step):
             self._gram[i:i + step, i:] += mm(x[:, i:i + step].T, x[:, i:])
         self._mirrored = False
+
+    def _add_cross(self, x: torch.Tensor, reference: torch.Tensor | None, name: str) -> None:
+        """``cross += fl((r - x)ᵀ x)`` over the tokens of ``x`` and their ``reference`` inputs ``r``."""
+        if reference is None:
+            raise ValueError(f"{name}: the dense-target cross Gram needs each token's reference input (the layer's "
+                             "input in the dense model); none was given")
+        r = reference.detach().reshape(-1, reference.shape[-1]).to(x.device)
+        if r.shape != x.shape:
+            raise ValueError(f"{name}: reference input has shape {tuple(r.shape)}, the input {tuple(x.shape)}; "
+                             "the two runs must see the same tokens")
+        dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
+        for lo in range(0, x.shape[0], GEMM_ROWS):
+            diff, _ = _gemm(r[lo:lo + GEMM_ROWS] - x[lo:lo + GEMM_ROWS], dtype)  # exactly 0 where r_t = x_t
+            xc, mm = _gemm(x[lo:lo + GEMM_ROWS], dtype)
+            self.cross += mm(diff.T, xc)
 
     def _require_abs(self) -> None:
         if self.abs_sum is None:
@@ -191,7 +218,7 @@ class ChannelStats:
 
     def reduce_(self, fn: ReduceFn) -> None:
         """Combine with the same accumulator on other processes (sums and max)."""
-        ref = self._gram if self._gram is not None else self.abs_sum
+        ref = next((t for t in (self._gram, self.abs_sum, self.cross) if t is not None), None)
         device = ref.device if ref is not None else self.device
         counts = fn(torch.tensor([float(self.count)], dtype=torch.float64, device=device), "sum")
         self.count = int(round(counts.item()))
@@ -200,20 +227,23 @@ class ChannelStats:
             self.abs_max = fn(self.abs_max, "max")
         if self._gram is not None:
             self.gram = fn(self.gram, "sum")
+        if self.cross is not None:
+            self.cross = fn(self.cross, "sum")
 
     def check_finite(self, name: str) -> None:
         """Raise naming the layer and field when any statistic is NaN/inf."""
-        fields = {"abs_sum": self.abs_sum, "abs_max": self.abs_max, "gram": self.gram}
+        fields = {"abs_sum": self.abs_sum, "abs_max": self.abs_max, "gram": self.gram, "cross": self.cross}
         for key, value in fields.items():
             if value is not None and not torch.isfinite(value).all():
                 raise FloatingPointError(f"statistics for layer {name!r}: field {key!r} contains NaN/inf")
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.abs_sum, self.abs_max, self._gram) if t is not None)
+        return sum(t.nbytes for t in (self.abs_sum, self.abs_max, self._gram, self.cross) if t is not None)
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         state: dict[str, torch.Tensor | int] = {"n": self.n, "count": self.count}
-        for key, value in (("abs_sum", self.abs_sum), ("abs_max", self.abs_max), ("gram", self.gram)):
+        for key, value in (("abs_sum", self.abs_sum), ("abs_max", self.abs_max), ("gram", self.gram),
+                           ("cross", self.cross)):
             if value is not None:
                 state[key] = value.cpu()
         return state
@@ -221,13 +251,16 @@ class ChannelStats:
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> ChannelStats:
         stats = cls(int(state["n"]), needs=frozenset(), device=device)  # allocates nothing
-        stats.needs = frozenset({"gram"} if "gram" in state else set()) | ({"abs"} if "abs_sum" in state else set())
+        fields = (("gram", "gram"), ("abs", "abs_sum"), (CROSS, "cross"))
+        stats.needs = frozenset(f for f, key in fields if key in state)
         stats.count = int(state["count"])
         if "gram" in state:
             stats.gram = state["gram"].to(device, torch.float64)
         if "abs_sum" in state:
             stats.abs_sum = state["abs_sum"].to(device, torch.float64)
             stats.abs_max = state["abs_max"].to(device, torch.float64)
+        if "cross" in state:
+            stats.cross = state["cross"].to(device, torch.float64)
         return stats
 
 
@@ -310,6 +343,9 @@ class StatsCollector:
             the first batch runs whole to learn that order.  Refused (an error, no silent skip)
             when a later batch reaches that layer before every other layer the first batch
             reached.
+
+    With ``"cross"`` among ``needs`` the caller sets the attribute ``reference`` before each batch: layer
+    name -> that layer's reference input on the same tokens (:meth:`ChannelStats.update`).
     """
 
     def __init__(
@@ -342,6 +378,7 @@ class StatsCollector:
         self._order: list[str] | None = None  # hooked layers reached by the first completed batch
         self._seen: list[str] = []  # hooked layers reached in the current batch
         self._in_run = False
+        self.reference: dict[str, torch.Tensor] | None = None  # "cross": the current batch's reference inputs
 
     @property
     def with_gram(self) -> bool:
@@ -387,7 +424,8 @@ class StatsCollector:
             device = self.device if self.device is not None else x.device
             self.stats.streams[name] = ChannelStats(x.shape[-1], needs=self.needs, device=device,
                                                     gemm_dtype=self.gemm_dtype)
-        self.stats.streams[name].update(x, name)
+        reference = self.reference.get(name) if self.reference is not None else None
+        self.stats.streams[name].update(x, name, reference)
         self._last = (x, name)
 
     def run(self, model: nn.Module, batch: object,
@@ -450,8 +488,17 @@ def combine_stats(*parts: ActivationStats) -> ActivationStats:
         if ref.abs_sum is not None:
             merged.abs_sum = torch.stack([s.abs_sum for s in streams]).sum(0)
             merged.abs_max = torch.stack([s.abs_max for s in streams]).amax(0)
+        if ref.cross is not None:
+            merged.cross = torch.stack([s.cross for s in streams]).sum(0)
         out.streams[key] = merged
     return out
+
+
+def _gemm(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Callable]:
+    """``x`` in the GEMM's dtype and the product to use: bfloat16 multiplies with float32 output."""
+    if dtype == torch.bfloat16:
+        return x.to(torch.bfloat16), lambda a, b: torch.mm(a, b, out_dtype=torch.float32)
+    return x.to(dtype), torch.mm  # no copy when the activations already have the GEMM's dtype
 
 
 def _default_forward(m: nn.Module, batch: object) -> object:

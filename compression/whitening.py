@@ -29,6 +29,20 @@ directions this calibration sample happened to leave quiet (other kinds of text 
 ``λ = 0`` is the paper's whitening; ``λ -> 1`` tends to plain SVD.  The mean diagonal makes ``λ``
 scale-free (the same ``λ`` means the same thing for every layer).
 
+Dense targets (``svd_llm`` only; ``calibration.dense_targets`` of the sequential mode).  When the
+tokens ``X`` reach the layer through already-compressed blocks while the dense model would have fed it
+``R`` on the same tokens, the statistics carry ``E = (R - X)ᵀX`` (:mod:`compression.stats`) and the
+target becomes the dense model's output:
+
+    min over rank-r W' of  ‖W Rᵀ - W' Xᵀ‖_F²  =  const + ‖W' L - W (G + E) L⁻ᵀ‖_F²     (L Lᵀ = G),
+
+so the truncated SVD is taken of ``M = W L + W E L⁻ᵀ`` and mapped back by ``L⁻¹`` as before
+(``E = 0``: exactly SVD-LLM).  With shrinkage ``λ`` (and any jitter) the weight-space term
+``‖W - W'‖_F²`` joins the objective with the same weight as in the Gram, which makes it
+``M = W L + (1 - λ) W E L⁻ᵀ`` with ``L`` the Cholesky factor of the shrunk (jittered) Gram.  At full
+rank the optimum is ``M L⁻¹ = W + (1 - λ) W E L⁻ᵀ L⁻¹`` (:meth:`SVDLLM.corrected`; for ``λ = 0`` and no
+jitter the least squares ``W (G + E) G⁻¹``), which ``calibration.correct_dense`` gives the matrices kept dense.
+
 Either way, with ``N < n`` calibration tokens the Gram has rank ``<= N`` and the factors are
 fitted to the directions that sample happened to visit: :meth:`Method.check_stats` warns once
 per layer with the numbers (layer, ``N``, ``n``) for both methods, since the remedy -- more
@@ -123,11 +137,34 @@ class SVDLLM(Method):
     name = "svd_llm"
     config_type = SVDLLMConfig
     needs = frozenset({"gram"})
+    dense_targets = True
+
+    def _chol(self, weight, stats, name):
+        cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
+        return cholesky_with_jitter(_gram(stats, weight, name, cfg.shrinkage), name, cfg.jitter, cfg.max_jitter)
+
+    def _target_shift(self, weight, stats, chol):
+        """``(1 - λ) W E L⁻ᵀ`` (module docstring); exactly zero when ``E`` is."""
+        shift = weight @ stats.cross.to(weight.device, torch.float64)
+        return (1.0 - self.config.shrinkage) * torch.linalg.solve_triangular(chol.T, shift, upper=True, left=False)
 
     def transformed(self, weight, stats, name):
-        cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
-        chol = cholesky_with_jitter(_gram(stats, weight, name, cfg.shrinkage), name, cfg.jitter, cfg.max_jitter)
-        return weight @ chol, chol
+        chol = self._chol(weight, stats, name)
+        mat = weight @ chol
+        if stats.cross is not None:  # dense targets (module docstring): + (1 - λ) W E L⁻ᵀ
+            mat += self._target_shift(weight, stats, chol)
+        return mat, chol
+
+    @torch.no_grad()
+    def corrected(self, weight, stats, name):
+        """The full-rank dense-target optimum ``W + (1 - λ) W E L⁻ᵀ L⁻¹`` (least squares ``W C G⁻¹`` for
+        ``λ = 0`` without jitter): the same parameters as ``W`` (``calibration.correct_dense``)."""
+        self.check_stats(stats, name)
+        if stats.cross is None:
+            raise ValueError(f"layer {name!r}: the dense-target correction needs statistics with a cross Gram")
+        weight = weight.detach().double()
+        chol = self._chol(weight, stats, name)
+        return weight + self.unmap(self._target_shift(weight, stats, chol), chol)
 
     def unmap(self, right, ctx):
         # right · L⁻¹ via a triangular solve of X L = right

@@ -21,13 +21,13 @@ WORKER = ROOT / "tests" / "ddp_worker.py"
 pytestmark = pytest.mark.ddp
 
 
-def launch(out: Path, devices: int, worker: Path = WORKER, timeout: int = 600) -> list[dict]:
-    """Run ``worker OUT DEVICES`` in a clean environment; the per-rank results it saved."""
+def launch(out: Path, devices: int, worker: Path = WORKER, timeout: int = 600, extra: tuple = ()) -> list[dict]:
+    """Run ``worker OUT DEVICES [EXTRA...]`` in a clean environment; the per-rank results it saved."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(worker), str(out), str(devices)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(worker), str(out), str(devices), *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
@@ -121,3 +121,27 @@ def test_sequential_compression_equals_one_process(sequential_runs):
     for got, other, ref in zip(rank0["blocks"], rank1["blocks"], single["blocks"]):
         assert got["stats_bytes"] == ref["stats_bytes"]
         assert got["output_error"] == other["output_error"] == pytest.approx(ref["output_error"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dense_target_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp_dense_targets")
+    extra = ("dense_targets",)
+    return (launch(base / "single", 1, SEQUENTIAL_WORKER, extra=extra)[0],
+            launch(base / "ddp", 2, SEQUENTIAL_WORKER, extra=extra))
+
+
+def test_sequential_dense_targets_equal_one_process(dense_target_runs, sequential_runs):
+    """calibration.dense_targets under DDP: each rank propagates its batches in both streams, the cross Grams
+    are all-reduced with the Grams; factors and per-block errors (also against the dense stream) are those of
+    one process, and they differ from the plain sequential run's after block 0 (the streams part there)."""
+    single, (rank0, rank1) = dense_target_runs
+    assert rank0["ranks"] == rank1["ranks"] == single["ranks"] == sequential_runs[0]["ranks"]
+    assert_same_factors(single["factors"], rank0["factors"], rank1["factors"], layers=14)
+    for got, other, ref in zip(rank0["blocks"], rank1["blocks"], single["blocks"]):
+        assert got["stats_bytes"] == ref["stats_bytes"] > 0
+        for key in ("output_error", "dense_error"):
+            assert got[key] == other[key] == pytest.approx(ref[key], rel=1e-6)
+    plain = sequential_runs[0]["factors"]
+    assert all(torch.equal(v, plain[k]) for k, v in single["factors"].items() if k.startswith("model.layers.0."))
+    assert any(not torch.equal(v, plain[k]) for k, v in single["factors"].items() if k.startswith("model.layers.1."))
