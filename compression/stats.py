@@ -132,6 +132,10 @@ class ChannelStats:
         if CROSS in self.needs:
             self.cross = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
 
+    def _held_device(self) -> torch.device | None:
+        """Where the accumulated fields live (``None`` before any is allocated)."""
+        return next((t.device for t in (self._gram, self.abs_sum, self.cross) if t is not None), None)
+
     # -- the Gram, stored as its upper block triangle while accumulating ---------------------------
     @property
     def gram(self) -> torch.Tensor | None:
@@ -155,9 +159,9 @@ class ChannelStats:
         if x.shape[-1] != self.n:
             raise ValueError(f"{name}: input has {x.shape[-1]} channels, statistics expect {self.n}")
         x = x.detach().reshape(-1, self.n)  # a view for the usual contiguous activations
-        ref = next((t for t in (self._gram, self.abs_sum, self.cross) if t is not None), None)
-        if ref is not None and x.device != ref.device:
-            x = x.to(ref.device)
+        device = self._held_device()
+        if device is not None and x.device != device:
+            x = x.to(device)
         finite = True
         if self._gram is not None:
             dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
@@ -218,8 +222,7 @@ class ChannelStats:
 
     def reduce_(self, fn: ReduceFn) -> None:
         """Combine with the same accumulator on other processes (sums and max)."""
-        ref = next((t for t in (self._gram, self.abs_sum, self.cross) if t is not None), None)
-        device = ref.device if ref is not None else self.device
+        device = self._held_device() or self.device
         counts = fn(torch.tensor([float(self.count)], dtype=torch.float64, device=device), "sum")
         self.count = int(round(counts.item()))
         if self.abs_sum is not None:
