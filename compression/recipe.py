@@ -240,6 +240,12 @@ class LoRARecipe:
             does on any text, not just the finetuning domain), in between a mix.  Keeps a frozen dense
             copy of the model (twice the weights in memory).
         temperature: distillation temperature (the loss is scaled by its square).
+        autocast: ``"bfloat16"`` runs the training forward and backward (student and teacher) under
+            ``torch.autocast`` in bfloat16 while the adapters, their gradients and the optimizer stay in
+            float32; evaluation stays in the weights' dtype. About 1.8x faster steps on a CPU with
+            AVX512-BF16 (SmolLM2-135M, 4 x 256 tokens) and the usual mixed-precision gain on GPUs.
+            ``None`` (default): no autocast.  (``trainer.precision: bf16-mixed`` would autocast the
+            validation and test perplexities too.)
     """
 
     order: list[str] = field(default_factory=lambda: ["down", "up"])
@@ -252,9 +258,13 @@ class LoRARecipe:
     targets: list[str] | None = None
     distill: float = 0.0
     temperature: float = 1.0
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         self.order = list(self.order)
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"lora.autocast takes 'bfloat16' or null, got {self.autocast!r} (float16 needs loss "
+                             "scaling: use trainer.precision 16-mixed for it)")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"lora.distill is a weight in [0, 1] (1 = distillation only), got {self.distill}")
         if not self.temperature > 0:

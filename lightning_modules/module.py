@@ -280,13 +280,15 @@ class CompressionModule(LightningModule):
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         teacher = self.__dict__.get("teacher")
-        if teacher is None:
-            loss = self.spec.training_loss(self.model, batch)
-        else:  # lora.distill: a mix of matching the dense model and the task loss, from one forward
-            weight = self.recipe.lora.distill
-            distill, task = self.spec.distillation_loss(self.model, teacher, batch, self.recipe.lora.temperature)
-            loss = weight * distill + (1.0 - weight) * task
-            self.log_dict({"train/distill": distill.detach(), "train/task": task.detach()})
+        autocast = self.recipe.lora.autocast if self.recipe is not None else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
+            if teacher is None:
+                loss = self.spec.training_loss(self.model, batch)
+            else:  # lora.distill: a mix of matching the dense model and the task loss, from one forward
+                weight = self.recipe.lora.distill
+                distill, task = self.spec.distillation_loss(self.model, teacher, batch, self.recipe.lora.temperature)
+                loss = weight * distill + (1.0 - weight) * task
+                self.log_dict({"train/distill": distill.detach(), "train/task": task.detach()})
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step} (batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True)

@@ -336,3 +336,23 @@ def test_distillation_is_refused_for_a_family_without_it(tmp_path):
         lora_trainer(tmp_path).fit(module, datamodule=OrderedTokens())
     with pytest.raises(ValueError, match="lora.distill is a weight in"):
         LoRARecipe(steps=1, distill=1.5)
+
+
+def test_bf16_autocast_trains_in_bf16_and_keeps_float32_factors(tmp_path):
+    """``lora.autocast: bfloat16``: the same recovery as float32 up to bf16 rounding, factors stay float32."""
+    runs = {}
+    for autocast in (None, "bfloat16"):
+        module, _ = lora_module(learning_rate=5e-3, steps=[4, 4], r=4, alpha=8, dropout=0.0, distill=1.0,
+                                autocast=autocast)
+        probe, rec = KLProbe(), Recorder()
+        lora_trainer(tmp_path, [probe, rec]).fit(module, datamodule=OrderedTokens())
+        assert {p.dtype for p in module.model.parameters()} == {torch.float32}
+        assert probe.kl[1] < 0.7 * probe.kl[0]  # it still recovers
+        runs[autocast] = (probe_logits(module), rec.losses)
+    (ref, ref_losses), (bf16, bf16_losses) = runs[None], runs["bfloat16"]
+    # bf16 matmuls really ran (the losses differ), and the result is float32's up to their rounding
+    assert ref_losses != bf16_losses
+    assert bf16_losses == pytest.approx(ref_losses, rel=0.05)
+    assert float((bf16 - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="lora.autocast takes 'bfloat16' or null"):
+        LoRARecipe(steps=1, autocast="float16")
