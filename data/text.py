@@ -126,6 +126,9 @@ class TextDataModule(LightningDataModule):
         finetune_samples: number of finetuning windows (``None``: every non-overlapping window).
         eval_max_tokens: tokens scored per validation/test corpus (per mix component);
             ``None`` scores the whole corpus.
+        val_max_tokens: tokens scored per validation mix component instead (``None``: ``eval_max_tokens``).
+            A validation mix of corpora with the same count scores the geometric mean of their
+            perplexities (one perplexity over equally many tokens of each).
         batch_size: windows per batch, every split.
         seed: seed of the calibration windows (finetuning uses ``seed + 1``, shuffling ``seed``).
         cache_dir: token cache folder (default ``$SVD_VGGT_CACHE/tokens``, else ``~/.cache/svd-vggt/tokens``).
@@ -145,6 +148,7 @@ class TextDataModule(LightningDataModule):
         calibration_samples: int = 64,
         finetune_samples: int | None = 256,
         eval_max_tokens: int | None = 16384,
+        val_max_tokens: int | None = None,
         batch_size: int = 4,
         seed: int = 0,
         cache_dir: str | None = None,
@@ -158,8 +162,9 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
         if finetune_samples is not None and finetune_samples < 1:
             raise ValueError(f"finetune_samples must be >= 1 or None (all windows), got {finetune_samples}")
-        if eval_max_tokens is not None and eval_max_tokens < seq_len:
-            raise ValueError(f"eval_max_tokens={eval_max_tokens} is less than one window of seq_len={seq_len}")
+        for name, value in (("eval_max_tokens", eval_max_tokens), ("val_max_tokens", val_max_tokens)):
+            if value is not None and value < seq_len:
+                raise ValueError(f"{name}={value} is less than one window of seq_len={seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer_spec = tokenizer
@@ -177,6 +182,7 @@ class TextDataModule(LightningDataModule):
         self.calibration_samples = calibration_samples
         self.finetune_samples = finetune_samples
         self.eval_max_tokens = eval_max_tokens
+        self.val_max_tokens = eval_max_tokens if val_max_tokens is None else val_max_tokens
         self.batch_size = batch_size
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
@@ -313,9 +319,11 @@ class TextDataModule(LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed + 1)
         return self._with_bos(random_windows(tokens, self.text_len, self.finetune_samples, generator))
 
-    def eval_windows(self, source: str) -> torch.Tensor:
-        """Evaluation windows of a source (each mix component's windows, concatenated)."""
-        return self._with_bos(torch.cat([evaluation_windows(self.tokens(p), self.text_len, self.eval_max_tokens)
+    def eval_windows(self, source: str, max_tokens: int | None = None) -> torch.Tensor:
+        """Evaluation windows of a source (each mix component's windows, at most ``max_tokens`` of each
+        (``None``: ``eval_max_tokens``), concatenated)."""
+        max_tokens = self.eval_max_tokens if max_tokens is None else max_tokens
+        return self._with_bos(torch.cat([evaluation_windows(self.tokens(p), self.text_len, max_tokens)
                                          for p in mix_components(source)]))
 
     # -- Lightning hooks ------------------------------------------------------------------------
@@ -331,7 +339,7 @@ class TextDataModule(LightningDataModule):
             elif key == "train":
                 self._windows[key] = self.finetune_windows()
             elif key == "val":
-                self._windows[key] = self.eval_windows(self.validation)
+                self._windows[key] = self.eval_windows(self.validation, self.val_max_tokens)
             else:
                 self._windows[key] = self.eval_windows(self.test[key.removeprefix("test/")])
             log.info("%s windows: %s", key, tuple(self._windows[key].shape))

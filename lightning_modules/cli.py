@@ -141,15 +141,16 @@ class CompressionCLI(LightningCLI):
         if cfg.get("save_compressed", True):
             ckpt = self._log_dir() / "compressed.ckpt"
             self.trainer.save_checkpoint(ckpt)
-        results = {}
+        results, validation = {}, {}
         if cfg.get("test_after_fit", True) and self.datamodule is not None:
             # validation logs val/ppl to TensorBoard even when fit trained nothing (max_steps: 0)
-            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            for d in self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False):
+                validation.update({k: float(v) for k, v in d.items()})
             out = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             for d in out:
                 results.update({k: float(v) for k, v in d.items()})
         if self.trainer.is_global_zero:
-            summary = build_summary(self.model, results, time.perf_counter() - self._start, ckpt)
+            summary = build_summary(self.model, results, time.perf_counter() - self._start, ckpt, validation)
             from compression.io import atomic_write_text
 
             atomic_write_text(self._log_dir() / "summary.json", json.dumps(summary, indent=1))
@@ -163,10 +164,15 @@ class CompressionCLI(LightningCLI):
     after_validate = after_test
 
 
-def build_summary(module: CompressionModule, test_results: dict[str, float], seconds: float, ckpt) -> dict:
+def build_summary(module: CompressionModule, test_results: dict[str, float], seconds: float, ckpt,
+                  validation: dict[str, float] | None = None) -> dict:
     report = module.report
     out: dict = {"wall_seconds": seconds, "checkpoint": str(ckpt) if ckpt else None, "test": test_results,
                  "dense": module.dense_metrics, "calibration_seconds": module.calibration_seconds}
+    if validation:
+        out["validation"] = validation
+    if module.dense_val_metrics:
+        out["dense_validation"] = module.dense_val_metrics
     if report is not None and report.layers:
         out["compression"] = report.summary()
     quant = (module.plan or {}).get("quantization") if not module.plan_restored else None
@@ -208,6 +214,10 @@ def format_summary(summary: dict) -> str:
             gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
             lines.append(f"perplexity / dense, geometric mean over {len(ratios)} test sets: {gmean:.3f} "
                          f"(worst {max(ratios):.3f})")
+    val = (summary.get("validation") or {}).get("val/ppl")
+    dense_val = (summary.get("dense_validation") or {}).get("ppl")
+    if val is not None and dense_val:
+        lines.append(f"validation perplexity: dense {dense_val:.3f}, compressed {val:.3f} ({val / dense_val:.3f}x)")
     if summary.get("checkpoint"):
         lines.append(f"compressed checkpoint: {summary['checkpoint']}")
     lines.append("=" * 72)

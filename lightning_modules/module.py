@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from compression import CompressionPipeline, Recipe, apply_plan
@@ -99,6 +101,7 @@ class CompressionModule(LightningModule):
         self.pipeline: CompressionPipeline | None = None
         self.report = None
         self.dense_metrics: dict[str, dict[str, float]] = {}
+        self.dense_val_metrics: dict[str, float] = {}  # the dense model on the validation batches fit scores
         self.calibration_seconds = 0.0
         self._stages: list[Callback] | None = None
         self.val_metrics: nn.Module | None = None
@@ -243,6 +246,12 @@ class CompressionModule(LightningModule):
         for name, loader in zip(names, loaders):
             self.dense_metrics[name] = self.evaluate_loader(loader)
             log.info("dense %s: %s", name, self.dense_metrics[name])
+        limit = trainer.limit_val_batches
+        if limit and is_overridden("val_dataloader", dm):  # the same batches the validation loop will score
+            loader = dm.val_dataloader()
+            batches = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
+            self.dense_val_metrics = self.evaluate_loader(itertools.islice(loader, batches))
+            log.info("dense validation (%d batches): %s", batches, self.dense_val_metrics)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -248,3 +248,35 @@ def test_windows_start_with_bos_exactly_when_the_tokenizer_adds_it(tmp_path, cor
     assert forced.bos_id == 257 and (forced.calibration_windows()[:, 0] == 257).all()
     with pytest.raises(ValueError, match="no BOS token"):
         _ = make_dm(tmp_path, corpus_files, bos=True).bos_id
+
+
+def test_val_max_tokens_caps_each_validation_component_and_gives_the_geometric_mean(tmp_path, corpus_files):
+    """Equal token counts per mix component: the mix's perplexity is the geometric mean of theirs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_modules import CausalLMSpec
+
+    a, c = (f"file:{corpus_files}/{name}.txt" for name in "ac")
+    dm = make_dm(tmp_path, corpus_files, validation=f"mix:{a},{c}", val_max_tokens=64)
+    assert len(dm.val_dataloader().dataset) == 2 + 2  # 64 tokens = 2 windows of each component
+    n_c = dm.tokens(c).numel()
+    assert len(dm.test_dataloader()[0].dataset) == n_c // 32  # the test sets keep eval_max_tokens (all)
+    with pytest.raises(ValueError, match="val_max_tokens=16 is less than one window of seq_len=32"):
+        make_dm(tmp_path, corpus_files, val_max_tokens=16)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(dm.tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    spec = CausalLMSpec(model=LlamaForCausalLM(config).eval())
+    model = spec.build()
+
+    def ppl(datamodule) -> float:
+        metrics = spec.make_metrics()
+        with torch.no_grad():
+            for i, batch in enumerate(datamodule.val_dataloader()):
+                spec.evaluate(model, batch, metrics, i)
+        return float(spec.compute_metrics(metrics)["ppl"])
+
+    alone = [ppl(make_dm(tmp_path, corpus_files, validation=part, val_max_tokens=64)) for part in (a, c)]
+    assert alone[0] != pytest.approx(alone[1], rel=1e-2)
+    assert ppl(dm) == pytest.approx((alone[0] * alone[1]) ** 0.5, rel=1e-5)
