@@ -38,6 +38,7 @@ from pathlib import Path
 
 import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
 import torch
+import yaml
 from common import perplexity
 
 from compression import Recipe, build_method, collect_stats, compress_, gradient_importance
@@ -271,14 +272,21 @@ def render(state: dict, args, recovered: dict[str, dict]) -> str:
                 continue
             test = {d: summary["test"][d] for d in domains}
             cells = " | ".join(f"{test[d] / dense['test'][d]:.2f}" for d in domains)
-            lines.append(f"| {name} | - | {cells} | **{geomean(test, dense['test']):.3f}** | {summary['params']:,} "
+            val = f"{summary['val']:.3f}" if summary.get("val") else "-"
+            bench = math.exp(sum(math.log(v) for v in dense["val"].values()) / len(dense["val"]))
+            if summary.get("val") and abs(summary["dense_val"] / bench - 1) > 1e-4:
+                raise ValueError(f"{name}: the run's dense validation perplexity {summary['dense_val']:.4f} is not the "
+                                 f"geometric mean of this state's ({bench:.4f}): not the same validation windows")
+            lines.append(f"| {name} | {val} | {cells} | **{geomean(test, dense['test']):.3f}** | {summary['params']:,} "
                          f"| {summary['seconds']:.0f} | train.py |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def read_recovered(specs: list[str]) -> dict[str, dict]:
-    """``NAME=RATIO=PATH`` -> a row from a ``train.py`` run's ``summary.json`` (``test/ppl/<domain>`` keys)."""
+def read_recovered(specs: list[str], val_tokens: int, seq_len: int) -> dict[str, dict]:
+    """``NAME=RATIO=PATH`` -> a row from a ``train.py`` run's ``summary.json`` (``test/ppl/<domain>`` keys), with
+    its validation ratio when the run's ``config.yaml`` (next to it) validated on the ``DOMAIN_VALIDATION``
+    corpora, ``val_tokens`` each (as configs/llm/best.yaml does): then it is this table's ``val gmean``."""
     out = {}
     for spec in specs:
         name, ratio, path = spec.split("=", 2)
@@ -289,6 +297,13 @@ def read_recovered(specs: list[str]) -> dict[str, dict]:
             raise ValueError(f"{path}: the run scored no {missing}; use a config whose data.test is DOMAIN_TESTS")
         out[name] = {"ratio": float(ratio), "test": test, "params": summary["compression"]["model_params_after"],
                      "seconds": summary["wall_seconds"]}
+        val, dense_val = summary.get("validation", {}).get("val/ppl"), summary.get("dense_validation", {}).get("ppl")
+        config = Path(path).parent / "config.yaml"
+        data = yaml.safe_load(config.read_text()).get("data", {}).get("init_args", {}) if config.is_file() else {}
+        same = (data.get("validation") == list(DOMAIN_VALIDATION.values()) and data.get("val_max_tokens") == val_tokens
+                and data.get("seq_len") == seq_len)
+        if val and dense_val and same:  # one perplexity over equal tokens of each domain: their geometric mean
+            out[name].update(val=val / dense_val, dense_val=dense_val)
     return out
 
 
@@ -353,7 +368,7 @@ def main() -> None:
             log.warning("%s: val gmean %.3f%s", key, geomean(result["val"], state["dense"]["val"]),
                         f", test gmean {geomean(result['test'], state['dense']['test']):.3f}" if "test" in result
                         else "")
-    text = render(state, args, read_recovered(args.recovered))
+    text = render(state, args, read_recovered(args.recovered, args.val_tokens, args.seq_len))
     print(text)
     if args.out:
         old = args.out.read_text() if args.out.exists() else ""
