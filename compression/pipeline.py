@@ -39,6 +39,7 @@ from compression.allocation import (
     run_allocation,
     token_cost_weights,
 )
+from compression.collector import collect_stats, default_forward
 from compression.joint import decompose_joint, install_joint, joint_num_parameters, restore_joint_
 from compression.lowrank import LowRankLinear, linear_num_parameters
 from compression.methods import build_method
@@ -46,7 +47,7 @@ from compression.parallel import ordered_map
 from compression.plan import make_plan, set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport, LayerReport
-from compression.stats import STAT_FIELDS, ActivationStats, collect_stats
+from compression.stats import STAT_FIELDS, ActivationStats
 from compression.targets import name_matches, select_targets
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ Batches = Callable[[], Iterable[Any]]
 """A function returning a fresh iterable of calibration batches (already on the model's device)."""
 
 STAGES = ("statistics", "importance", "allocate", "truncate", "quantize", "finish")
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 class CompressionPipeline:
@@ -184,7 +181,7 @@ class CompressionPipeline:
     # -- 1. statistics ------------------------------------------------------------------------------
     def collect(self, batches: Iterable[Any], forward: Callable | None = None) -> ActivationStats:
         """Calibration statistics of every targeted layer (one accumulator per distinct input)."""
-        forward = forward or self._hook("calibration_forward") or _default_forward
+        forward = forward or self._hook("calibration_forward") or default_forward
         stats = collect_stats(self.model, self.names, batches, forward=forward,
                               needs=self.stat_needs & STAT_FIELDS, device=self.recipe.calibration.stats_device)
         self.set_statistics(stats)

@@ -72,12 +72,13 @@ import torch
 from torch import nn
 
 from compression.allocation import ALLOCATORS
+from compression.collector import StatsCollector, default_forward
 from compression.io import safe_torch_load
-from compression.pipeline import CompressionPipeline, _default_forward
+from compression.pipeline import CompressionPipeline
 from compression.plan import set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport
-from compression.stats import CROSS, STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn, StatsCollector
+from compression.stats import CROSS, STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ class SequentialRun:
         self.keys_of = _assign(pipe, self.paths)
         self.host = _device_of(self.model)
         self.device = device or (torch.device(cal.block_device) if cal.block_device else self.host)
-        self.forward = forward or getattr(pipe.family, "calibration_forward", None) or _default_forward
+        self.forward = forward or getattr(pipe.family, "calibration_forward", None) or default_forward
         self.reduce, self.observer, self.stream = reduce, observer, stream  # stream: compression.streaming
         self.progress = cal.progress if progress is None else progress
         self.records: list[dict] = []
