@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
 from compression import CompressionPipeline, split_batch
-from compression.sequential import to_device
+from compression.block_capture import to_device
 
 log = logging.getLogger(__name__)
 

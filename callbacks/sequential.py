@@ -32,7 +32,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.state import CompressionStage, all_reduce_fn, calibration_loader, pipeline_of, shard
 from compression import CompressionPipeline, collect_stats
-from compression.sequential import SequentialRun, block_paths, to_device
+from compression.block_capture import to_device
+from compression.sequential import SequentialRun, block_paths
 from compression.stats import STAT_FIELDS
 from compression.streaming import BlockStream
 

@@ -9,6 +9,7 @@ Nothing in this package imports Lightning.  The public entry point is :func:`com
 from compression.allocation import ALLOCATORS, AllocationResult, Matrix, register_allocation
 from compression.api import allocate, compress_, prepare
 from compression.batches import split_batch, spread_batches
+from compression.collector import StatsCollector, collect_stats
 from compression.export import load_compressed, save_compressed
 from compression.gradient_allocation import GradientAllocation, gradient_allocation, gradient_importance
 from compression.joint import find_joint_groups, joint_rank_for_ratio
@@ -27,7 +28,7 @@ from compression.plan import apply_plan, load_plan, merge_lowrank_, merge_plans,
 from compression.quant import ActQuantConfig, QuantLinear, WeightQuantConfig, quantize_model_
 from compression.recipe import CalibrationRecipe, LoRARecipe, QuantRecipe, Recipe
 from compression.report import CompressionReport, LayerReport, merge_reports
-from compression.stats import ActivationStats, ChannelStats, StatsCollector, collect_stats
+from compression.stats import ActivationStats, ChannelStats
 from compression.targets import eligible_linears, select_targets
 from compression.whitening import SVDLLMConfig, SVDLLMV2Config
 

@@ -158,7 +158,7 @@ class Method:
 
 def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:
     """The calibration statistics the given methods need, e.g. ``{"gram"}`` for ``svd_llm``
-    (the ``needs`` of :class:`compression.stats.StatsCollector`)."""
+    (the ``needs`` of :class:`compression.collector.StatsCollector`)."""
     return frozenset().union(*(build_method(c).needs for c in configs))
 
 

@@ -39,15 +39,17 @@ from compression.allocation import (
     run_allocation,
     token_cost_weights,
 )
+from compression.collector import collect_stats, default_forward
 from compression.joint import decompose_joint, install_joint, joint_num_parameters, restore_joint_
 from compression.lowrank import LowRankLinear, linear_num_parameters
+from compression.matrices import build_matrices, fixed_by_overrides
 from compression.methods import build_method
 from compression.parallel import ordered_map
 from compression.plan import make_plan, set_submodule
 from compression.recipe import Recipe
 from compression.report import CompressionReport, LayerReport
-from compression.stats import STAT_FIELDS, ActivationStats, collect_stats
-from compression.targets import name_matches, select_targets
+from compression.stats import STAT_FIELDS, ActivationStats
+from compression.targets import select_targets
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ Batches = Callable[[], Iterable[Any]]
 """A function returning a fresh iterable of calibration batches (already on the model's device)."""
 
 STAGES = ("statistics", "importance", "allocate", "truncate", "quantize", "finish")
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 class CompressionPipeline:
@@ -114,39 +112,8 @@ class CompressionPipeline:
             targets = self.family.default_targets(model)
         selection = select_targets(model, targets, recipe.exclude)
         self.names, self.skipped = selection.names, dict(selection.skipped)
-        modules = {n: model.get_submodule(n) for n in self.names}
-        for name, layer in modules.items():
-            if layer.weight.device.type != "meta" and not torch.isfinite(layer.weight).all():  # meta: streamed
-                raise FloatingPointError(f"weight of layer {name!r} contains NaN/inf; refusing to compress it")
-        groups: dict[str, list[str]] = {}
-        if recipe.joint_qkv:
-            hook = self._hook("joint_groups")
-            if hook is None:
-                raise ValueError("joint_qkv needs the model family's joint_groups (which projections form q/k/v: "
-                                 "the model layout); pass family= (e.g. CausalLMSpec(model=model))")
-            found = hook(model, self.names)
-            groups = {g: list(m) for g, m in found.items() if all(n in modules for n in m)}
-            if not groups:
-                raise ValueError("joint_qkv: true but no attention module has all of its q/k/v projections among "
-                                 "the targets; target them (e.g. targets: [q_proj, k_proj, v_proj, ...]) or set "
-                                 "joint_qkv: false")
-        members = {n for g in groups.values() for n in g}
-        for key, names in groups.items():
-            layers = [modules[n] for n in names]
-            self.matrices[key] = Matrix(key, tuple(names), tuple(x.out_features for x in layers), layers[0].in_features)
-        for name in self.names:
-            if name not in members:
-                self.matrices[name] = Matrix(name, (name,), (modules[name].out_features,), modules[name].in_features)
-        for pattern in recipe.overrides:
-            if not any(name_matches(n, pattern) for m in self.matrices.values() for n in (m.key, *m.members)):
-                shown = ", ".join(list(self.matrices)[:8]) + (", ..." if len(self.matrices) > 8 else "")
-                raise ValueError(f"override pattern {pattern!r} matches no eligible targeted layer or joint group; "
-                                 f"targeted: {shown}")
-        for key, matrix in self.matrices.items():
-            for pattern, spec in recipe.overrides.items():  # first match wins; a group matches by name or member
-                if any(name_matches(n, pattern) for n in (key, *matrix.members)):
-                    self.fixed[key] = dict(spec)
-                    break
+        self.matrices = build_matrices(model, self.names, recipe.joint_qkv, self._hook("joint_groups"))
+        self.fixed = fixed_by_overrides(self.matrices, recipe.overrides)
         allocator = ALLOCATORS[recipe.allocation]
         if allocator.global_budget and self.fixed and recipe.overrides:
             log.info("%d matrices fixed by overrides; %s allocates the others under their own budget",
@@ -184,7 +151,7 @@ class CompressionPipeline:
     # -- 1. statistics ------------------------------------------------------------------------------
     def collect(self, batches: Iterable[Any], forward: Callable | None = None) -> ActivationStats:
         """Calibration statistics of every targeted layer (one accumulator per distinct input)."""
-        forward = forward or self._hook("calibration_forward") or _default_forward
+        forward = forward or self._hook("calibration_forward") or default_forward
         stats = collect_stats(self.model, self.names, batches, forward=forward,
                               needs=self.stat_needs & STAT_FIELDS, device=self.recipe.calibration.stats_device)
         self.set_statistics(stats)

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.collector import collect_stats
 from compression.quant import ActQuantConfig, WeightQuantConfig, quantizable_linears, quantize_model_
 from compression.recipe import QuantRecipe
-from compression.stats import collect_stats
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,10 @@ All-at-once calibration hooks every targeted layer in one pass and keeps every f
 the end -- ``Σ_streams 8 n²`` bytes of Grams (769 MiB for SmolLM2-135M, ~44 GB for LLaMA-7B) on top of
 a model that sits whole on one device.  ``calibration.mode: sequential`` keeps one block's worth:
 
-1. capture -- every calibration batch runs through the model with each block replaced by a recorder
-   that keeps the block's other arguments (attention mask, position embeddings, position ids: per
-   block, since some families give each layer type its own mask) and passes its input on; the hidden
-   states ``H_0[b]`` entering the first block are kept (``calibration.activations``: on the block
-   device, the host, or memory-mapped files on disk).  The forward stops at the last recorder: no
-   block and no output head runs.
+1. capture -- one forward per calibration batch, with recorders in place of the blocks (no block runs),
+   records the hidden states ``H_0[b]`` entering the first block (``calibration.activations``: on the
+   block device, the host, or memory-mapped files on disk) and every block's other arguments
+   (:mod:`compression.block_capture`).
 2. for each block ``l`` in the layout's order: move it to ``calibration.block_device``; run it on every
    ``H_l[b]`` with statistics hooks on its targeted layers (the dense outputs ``D_l[b]`` come out of
    the same forward); reduce the statistics across processes; factorize the block's matrices at the
@@ -61,8 +59,6 @@ import functools
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -72,22 +68,18 @@ import torch
 from torch import nn
 
 from compression.allocation import ALLOCATORS
-from compression.io import safe_torch_load
-from compression.pipeline import CompressionPipeline, _default_forward
-from compression.plan import set_submodule
+from compression.block_capture import ActivationStore, BlockForward, LayerInputs, capture, run_block
+from compression.collector import StatsCollector, default_forward
+from compression.pipeline import CompressionPipeline
 from compression.recipe import Recipe
 from compression.report import CompressionReport
-from compression.stats import CROSS, STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn, StatsCollector
+from compression.stats import CROSS, STAT_FIELDS, ActivationStats, ChannelStats, ReduceFn
 
 log = logging.getLogger(__name__)
 
 Observer = Callable[[str, dict], None]
 """``fn(event, info)``: ``"stats"`` (a block's reduced statistics are complete: ``block``, ``stats``) and
 ``"block"`` (a block is done: its record)."""
-
-
-class _Stop(Exception):
-    """Raised by the last block's recorder: nothing after the blocks' inputs is needed."""
 
 
 def block_paths(model: nn.Module, family: Any = None) -> list[str]:
@@ -125,17 +117,6 @@ def _assign(pipe: CompressionPipeline, paths: Sequence[str]) -> list[list[str]]:
     return keys_of
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Every tensor in ``obj`` (nested tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -167,143 +148,6 @@ def peak_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-class ActivationStore:
-    """Hidden states by key, kept on ``device``, on the host, or in memory-mapped files (``disk``)."""
-
-    def __init__(self, where: str, device: torch.device) -> None:
-        self.where, self.device = where, device
-        self.items: dict[Any, Any] = {}
-        self.dir = tempfile.mkdtemp(prefix="svd-sequential-") if where == "disk" else None
-        self._files = 0
-
-    def put(self, key: Any, value: torch.Tensor) -> None:
-        self.drop(key)
-        if self.where == "disk":
-            path = os.path.join(self.dir, f"{self._files}.pt")
-            self._files += 1
-            torch.save(value.detach().cpu().contiguous(), path)
-            self.items[key] = path
-        else:
-            self.items[key] = value.detach().to(self.device if self.where == "device" else "cpu")
-
-    def get(self, key: Any, device: torch.device) -> torch.Tensor:
-        value = self.items[key]
-        if isinstance(value, str):
-            value = safe_torch_load(value, mmap=True)
-        return value.to(device)
-
-    def drop(self, key: Any) -> None:
-        old = self.items.pop(key, None)
-        if isinstance(old, str):
-            os.unlink(old)  # a tensor still mapped from it stays readable (POSIX)
-
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.items.values() if isinstance(v, torch.Tensor))
-
-    def close(self) -> None:
-        self.items.clear()
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _Recorder(nn.Module):
-    """Stands in for block ``index`` during the capture: records its arguments, passes its input on."""
-
-    def __init__(self, block: nn.Module, index: int, sink: Callable, last: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "_block", block)  # not a submodule: the capture moves nothing
-        self._index, self._sink, self._last = index, sink, last
-
-    def __getattr__(self, name: str) -> Any:  # the model may read a block attribute (e.g. its layer type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            hidden, extra = args[0], (True, args[1:], kwargs)
-        elif "hidden_states" in kwargs:
-            kwargs = dict(kwargs)
-            hidden, extra = kwargs.pop("hidden_states"), (False, (), kwargs)
-        else:
-            raise RuntimeError("calibration.mode: sequential: a block was called without its hidden states "
-                               "(no positional argument, no hidden_states=)")
-        self._sink(self._index, hidden, extra)
-        if self._last:
-            raise _Stop
-        return hidden
-
-
-def capture(model: nn.Module, paths: Sequence[str], batches: Iterable[Any], forward: Callable,
-            store: ActivationStore) -> list[list[tuple]]:
-    """Store ``("in", b)``: the first block's input for batch ``b``; return every block's other
-    arguments per batch, ``extras[b][l] = (positional, args, kwargs)``."""
-    blocks = [model.get_submodule(p) for p in paths]
-    extras: list[list[tuple]] = []
-    current: dict[int, tuple] = {}
-
-    def sink(index: int, hidden: torch.Tensor, extra: tuple) -> None:
-        if index == 0:
-            store.put(("in", len(extras)), hidden)
-        current[index] = extra
-
-    for i, path in enumerate(paths):
-        set_submodule(model, path, _Recorder(blocks[i], i, sink, i == len(paths) - 1))
-    try:
-        for batch in batches:
-            current.clear()
-            try:
-                forward(model, batch)
-            except _Stop:
-                pass
-            if len(current) != len(paths):
-                raise RuntimeError(f"calibration.mode: sequential: the calibration forward reached "
-                                   f"{len(current)} of the {len(paths)} blocks in order")
-            extras.append([current[i] for i in range(len(paths))])
-    finally:
-        for path, block in zip(paths, blocks):
-            set_submodule(model, path, block)
-    return extras
-
-
-def _run(block: nn.Module, hidden: torch.Tensor, extra: tuple, device: torch.device) -> torch.Tensor:
-    positional, args, kwargs = extra
-    args, kwargs = to_device(args, device), to_device(kwargs, device)
-    out = block(hidden, *args, **kwargs) if positional else block(*args, hidden_states=hidden, **kwargs)
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-class _Forward:
-    """``fn(block, _)`` for :meth:`StatsCollector.run`: one batch through a block, its output appended to ``out``."""
-
-    def __init__(self, hidden: torch.Tensor, extra: tuple, device: torch.device, out: list) -> None:
-        self.hidden, self.extra, self.device, self.out = hidden, extra, device, out
-
-    def __call__(self, block: nn.Module, _: Any) -> None:
-        self.out.append(_run(block, self.hidden, self.extra, self.device))
-
-
-class _Inputs:
-    """Forward pre-hooks keeping the last input of each named layer (``inputs[name]``) while active."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.modules = {n: model.get_submodule(n) for n in names}
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.handles: list = []
-
-    def __enter__(self) -> _Inputs:
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: self.inputs.__setitem__(name, args[0])))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
 def _counts_only(stats: ActivationStats, into: ActivationStats) -> None:
     """Keep the token counts of ``stats`` (a FLOPs budget's weights) without their tensors."""
     into.owner.update(stats.owner)
@@ -328,7 +172,7 @@ class SequentialRun:
         self.keys_of = _assign(pipe, self.paths)
         self.host = _device_of(self.model)
         self.device = device or (torch.device(cal.block_device) if cal.block_device else self.host)
-        self.forward = forward or getattr(pipe.family, "calibration_forward", None) or _default_forward
+        self.forward = forward or getattr(pipe.family, "calibration_forward", None) or default_forward
         self.reduce, self.observer, self.stream = reduce, observer, stream  # stream: compression.streaming
         self.progress = cal.progress if progress is None else progress
         self.records: list[dict] = []
@@ -425,12 +269,12 @@ class SequentialRun:
         dense_key = "dense" if compress and keys else "in"
         for b in range(len(extras)):
             if dense_stream:  # first the dense stream: the layers' reference inputs, the next block's dense input
-                with _Inputs(self.model, names) as seen:
-                    store.put(("ref", b), _run(block, self._reference(store, b), extras[b][i], device))
+                with LayerInputs(self.model, names) as seen:
+                    store.put(("ref", b), run_block(block, self._reference(store, b), extras[b][i], device))
                 if collector is not None:
                     collector.reference = seen.inputs
             out: list[torch.Tensor] = []
-            run = _Forward(store.get(("in", b), device), extras[b][i], device, out)
+            run = BlockForward(store.get(("in", b), device), extras[b][i], device, out)
             with collector if collector is not None else nullcontext():
                 if collector is not None:
                     collector.run(block, None, run)
@@ -470,7 +314,7 @@ class SequentialRun:
         for b in range(len(extras)):
             hidden = store.get(("in", b), device)
             dense = store.get(("dense", b), device)
-            out = _run(block, hidden, extras[b][i], device)
+            out = run_block(block, hidden, extras[b][i], device)
             err[0] += (out.double() - dense.double()).square().sum()
             err[1] += dense.double().square().sum()
             err[2] += (dense.double() - hidden.double()).square().sum()
@@ -522,12 +366,9 @@ def compress_streamed_(model: nn.Module, recipe: Recipe, weights: str | os.PathL
 
 
 __all__ = [
-    "ActivationStore",
     "SequentialRun",
     "block_paths",
-    "capture",
     "compress_sequential_",
     "compress_streamed_",
     "peak_bytes",
-    "to_device",
 ]

@@ -1,4 +1,4 @@
-"""Activation statistics of ``nn.Linear`` inputs, collected through forward pre-hooks.
+"""Activation statistics of ``nn.Linear`` inputs (collected by the forward pre-hooks of :mod:`compression.collector`).
 
 For an input stream ``X`` (all calibration tokens stacked, ``N x n``) one accumulator keeps
 
@@ -40,12 +40,7 @@ non-finite check reads the Gram's diagonal (``Σ_t x_tj²`` is NaN/inf iff some 
 float32 overflow of squares above ~1.8e19, reported the same way) or the abs sums, not the
 ``N x n`` activations.
 
-Layers that read the *same tensor* (q/k/v after the attention norm, gate/up after the
-MLP norm) share one accumulator: the public SVD-LLM code keeps one Gram per layer, seven
-per block, which is most of its memory.  Sharing is discovered, not assumed: during a
-forward, a pre-hook that sees the very tensor object the previous hook saw joins that
-hook's accumulator.  The hook holds a reference to the last tensor, so its memory cannot be
-recycled for another tensor and identity is exact.
+Layers that read the *same tensor* share one accumulator (:mod:`compression.collector`).
 
 Everything is a sum (or a max), so accumulators from several processes combine exactly:
 :meth:`ActivationStats.reduce_` takes any ``fn(tensor, op)`` (e.g. an all-reduce).
@@ -53,15 +48,11 @@ Everything is a sum (or a max), so accumulators from several processes combine e
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
-log = logging.getLogger(__name__)
 
 ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
 """``fn(tensor, op)`` with ``op`` in ``{"sum", "max"}``; returns the reduced tensor."""
@@ -319,150 +310,6 @@ class ActivationStats:
         return stats
 
 
-class _StopForward(Exception):
-    """Raised by the last hook of a batch when nothing after it is needed (``stop_early``)."""
-
-
-class StatsCollector:
-    """Forward pre-hooks on named ``nn.Linear`` layers that fill an :class:`ActivationStats`.
-
-    Use as a context manager; hooks are removed on exit, even after an exception::
-
-        with StatsCollector(model, names, needs={"gram"}) as collector:
-            for batch in loader:
-                collector.run(model, batch, forward)     # or forward(model, batch) directly
-        stats = collector.stats
-
-    Args:
-        needs: statistics to accumulate, a subset of ``{"gram", "abs"}`` (default: both, or
-            ``{"abs"}`` with ``with_gram=False``); :func:`compression.methods.stats_needs` gives
-            what a set of methods needs.
-        with_gram: the older switch for ``"gram"``; only used when ``needs`` is not given.
-        device: where accumulators live (default: each layer's device).
-        share_inputs: one accumulator per distinct input tensor (see the module docstring).
-        gemm_dtype: the Gram GEMM's dtype (default float32; float64 for float64 activations).
-        stop_early: in :meth:`run`, end each forward after the last hooked layer of the first
-            batch has been accumulated (the rest of the model, e.g. an LM head, is not needed);
-            the first batch runs whole to learn that order.  Refused (an error, no silent skip)
-            when a later batch reaches that layer before every other layer the first batch
-            reached.
-
-    With ``"cross"`` among ``needs`` the caller sets the attribute ``reference`` before each batch: layer
-    name -> that layer's reference input on the same tokens (:meth:`ChannelStats.update`).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer_names: Iterable[str],
-        with_gram: bool = True,
-        device: torch.device | str | None = None,
-        share_inputs: bool = True,
-        needs: Iterable[str] | None = None,
-        gemm_dtype: torch.dtype | None = None,
-        stop_early: bool = False,
-    ) -> None:
-        modules = dict(model.named_modules())
-        self.layer_names = list(layer_names)
-        missing = [n for n in self.layer_names if n not in modules]
-        if missing:
-            raise KeyError(f"cannot collect statistics: no module named {missing[:5]}")
-        if needs is None:
-            needs = {"gram", "abs"} if with_gram else {"abs"}
-        self.needs = check_needs(needs)
-        self.stats = ActivationStats()
-        self.device = device
-        self.share_inputs = share_inputs
-        self.gemm_dtype = gemm_dtype
-        self.stop_early = stop_early
-        self._modules = {n: modules[n] for n in self.layer_names}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._last: tuple[torch.Tensor, str] | None = None
-        self._order: list[str] | None = None  # hooked layers reached by the first completed batch
-        self._seen: list[str] = []  # hooked layers reached in the current batch
-        self._in_run = False
-        self.reference: dict[str, torch.Tensor] | None = None  # "cross": the current batch's reference inputs
-
-    @property
-    def with_gram(self) -> bool:
-        return "gram" in self.needs
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._seen.append(name)
-            self._accumulate(name, args[0])
-            order = self._order
-            if self._in_run and order is not None and name == order[-1]:
-                if len(self._seen) != len(order) or set(self._seen) != set(order):
-                    raise RuntimeError(
-                        f"stop_early: layer {name!r} ended the first batch but this batch reached it after "
-                        f"{len(self._seen) - 1} other hooked layers instead of {len(order) - 1}; the model's data "
-                        "flow depends on the input, collect with stop_early=False"
-                    )
-                raise _StopForward
-
-        return hook
-
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        last = self._last
-        same_as_last = self.share_inputs and last is not None and last[0] is x
-        known = self.stats.owner.get(name)
-        if same_as_last:
-            key = last[1]
-            if known is None:
-                self.stats.owner[name] = key
-            elif known != key:
-                raise RuntimeError(
-                    f"layer {name!r} shared its input with {known!r} earlier but with {key!r} now; "
-                    "the model's data flow changed between calibration batches"
-                )
-            return  # the tensor was already accumulated under `key`
-        if known is not None and known != name:
-            raise RuntimeError(
-                f"layer {name!r} shared its input with {known!r} on earlier batches but not on this one; "
-                "collect with share_inputs=False for models with data-dependent routing"
-            )
-        if known is None:
-            self.stats.owner[name] = name
-            device = self.device if self.device is not None else x.device
-            self.stats.streams[name] = ChannelStats(x.shape[-1], needs=self.needs, device=device,
-                                                    gemm_dtype=self.gemm_dtype)
-        reference = self.reference.get(name) if self.reference is not None else None
-        self.stats.streams[name].update(x, name, reference)
-        self._last = (x, name)
-
-    def run(self, model: nn.Module, batch: object,
-            forward: Callable[[nn.Module, object], object] | None = None) -> None:
-        """One calibration forward, ``forward(model, batch)`` (default ``model(**batch)`` / ``model(batch)``),
-        ended after the last needed layer when ``stop_early`` (see the class docstring)."""
-        forward = forward or _default_forward
-        self._seen = []
-        self._in_run = self.stop_early
-        try:
-            forward(model, batch)
-        except _StopForward:
-            pass
-        finally:
-            self._in_run = False
-            self._last = None  # the next batch's tensors are new objects
-        if self.stop_early and self._order is None and self._seen:
-            self._order = list(dict.fromkeys(self._seen))
-
-    def __enter__(self) -> StatsCollector:
-        for name, module in self._modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last = None
-
-
 def combine_stats(*parts: ActivationStats) -> ActivationStats:
     """Statistics of the union of the token sets that ``parts`` were collected on (new tensors).
 
@@ -502,36 +349,3 @@ def _gemm(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Callable]:
     if dtype == torch.bfloat16:
         return x.to(torch.bfloat16), lambda a, b: torch.mm(a, b, out_dtype=torch.float32)
     return x.to(dtype), torch.mm  # no copy when the activations already have the GEMM's dtype
-
-
-def _default_forward(m: nn.Module, batch: object) -> object:
-    return m(**batch) if isinstance(batch, dict) else m(batch)
-
-
-@torch.no_grad()
-def collect_stats(
-    model: nn.Module,
-    layer_names: Iterable[str],
-    batches: Iterable,
-    forward: Callable[[nn.Module, object], object] | None = None,
-    with_gram: bool = True,
-    device: torch.device | str | None = None,
-    needs: Iterable[str] | None = None,
-    gemm_dtype: torch.dtype | None = None,
-    stop_early: bool = True,
-) -> ActivationStats:
-    """Run ``forward(model, batch)`` (default ``model(batch)`` / ``model(**batch)``) over ``batches``.
-
-    ``needs`` / ``with_gram`` / ``gemm_dtype`` / ``stop_early``: see :class:`StatsCollector`.
-    """
-    with StatsCollector(model, layer_names, with_gram=with_gram, device=device, needs=needs,
-                        gemm_dtype=gemm_dtype, stop_early=stop_early) as collector:
-        for batch in batches:
-            collector.run(model, batch, forward)
-    n_groups = len(collector.stats.shared_groups())
-    log.info(
-        "collected %s for %d layers in %d input streams (%d shared), %.1f MiB",
-        "/".join(sorted(collector.needs)) or "token counts", len(collector.stats.owner),
-        len(collector.stats.streams), n_groups, collector.stats.nbytes() / 2**20,
-    )
-    return collector.stats
