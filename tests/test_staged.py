@@ -85,6 +85,25 @@ def test_recipe_refusals_name_what_to_change():
         Recipe("svd", calibration={**SEQ, "staged": True})
     recipe = Recipe("svd_llm", allocation="gradient", calibration={**SEQ, "staged": True})
     assert recipe.calibration.staged and recipe.all_at_once().calibration.staged is False
+    # it changes the factors: a checkpoint of one does not resume as the other
+    assert recipe.differences(Recipe("svd_llm", allocation="gradient", calibration=SEQ)) == [
+        "calibration.staged: False -> True"]
+
+
+def test_streamed_weights_staged_equals_loaded_staged(tmp_path):
+    """stream_weights (one block read from disk at a time) runs the same stages on the same block."""
+    from tests.test_sequential_streaming import _fit, _module, _save
+
+    _save(tmp_path / "dense")
+    loaded = _fit(_module(tmp_path / "dense", "float64", staged=True))
+    streamed = _fit(_module(tmp_path / "dense", "float64", staged=True, stream_weights=True))
+    plain = _fit(_module(tmp_path / "dense", "float64"))
+    assert [r["stages"] for r in streamed.report.blocks] == [r["stages"] for r in loaded.report.blocks] == [4, 4]
+    expected, got = loaded.model.state_dict(), streamed.model.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+    assert any(not torch.equal(v, plain.model.state_dict()[k]) for k, v in expected.items() if ".o_proj." in k)
 
 
 FULL = {"*q_proj": {"rank": 64}, "*k_proj": {"rank": 32}, "*v_proj": {"rank": 32}, "*o_proj": {"rank": 64},
