@@ -13,9 +13,9 @@ inference both see the compressed ones.  Staging (GPTQ's ``true-sequential`` opt
    no layer names are assumed.  Refused: a targeted layer not reached by that forward, one called more
    than once (its inputs cannot be given one place in the order), a joint matrix (q/k/v with one basis)
    whose members read different tensors;
-2. *stages* -- consecutive groups are merged as long as compressing them changes nothing (every matrix
-   of the earlier groups kept dense by ``dense_above_break_even``, without ``correct_dense``): the
-   inputs of the next group are then the same with or without them;
+2. *stages* -- a group joins the stage before it when factorizing that stage changes nothing (every
+   matrix kept dense by ``dense_above_break_even``, without ``correct_dense``: the group's inputs are the
+   same either way) or when the group itself changes nothing (its statistics are only checked, not used);
 3. for each stage ``s``: run the block -- its stages ``< s`` already factorized -- on every calibration
    batch with statistics hooks on the stage's layers (stages after the first end each forward after
    the stage's last layer), reduce, factorize the stage's matrices at the allocated ranks.
@@ -93,7 +93,8 @@ def input_groups(block: nn.Module, names: Mapping[str, str], forward: Callable[[
 def plan_stages(groups: Sequence[list[str]], members: Mapping[str, Sequence[str]],
                 changes: Callable[[str], bool]) -> list[Stage]:
     """Stages from the ordered input groups: ``members[key]`` are matrix ``key``'s layers; ``changes(key)``
-    says whether factorizing ``key`` alters its layers (not for a matrix kept dense and left as it is)."""
+    says whether factorizing ``key`` alters its layers (not for a matrix kept dense and left as it is).
+    A new stage starts only where a changing group follows a stage that changes."""
     group_of = {n: g for g, names in enumerate(groups) for n in names}
     keys_of: list[list[str]] = [[] for _ in groups]
     for key, layers in members.items():
@@ -104,7 +105,7 @@ def plan_stages(groups: Sequence[list[str]], members: Mapping[str, Sequence[str]
         keys_of[owners.pop()].append(key)
     stages: list[Stage] = []
     for g, names in enumerate(groups):
-        if not stages or any(changes(k) for k in stages[-1].keys):
+        if not stages or (any(changes(k) for k in stages[-1].keys) and any(changes(k) for k in keys_of[g])):
             stages.append(Stage())
         stages[-1].keys += keys_of[g]
         stages[-1].groups.append(list(names))

@@ -50,10 +50,13 @@ def test_plan_stages_merges_groups_that_stay_dense():
     members = {n: [n] for g in groups for n in g}
     stages = plan_stages(groups, members, lambda k: True)
     assert [s.names for s in stages] == groups
-    kept = {"q", "k", "v", "u", "g"}  # q/k/v and gate/up kept dense: their groups change nothing downstream
+    kept = {"q", "k", "v", "u", "g"}  # q/k/v and gate/up kept dense: they change nothing
     stages = plan_stages(groups, members, lambda k: k not in kept)
+    assert [s.names for s in stages] == [["q", "k", "v", "o", "g", "u"], ["d"]]
+    assert [sorted(s.keys) for s in stages] == [["g", "k", "o", "q", "u", "v"], ["d"]]
+    stages = plan_stages(groups, members, lambda k: k not in {"o", "d"})  # o, down kept dense
     assert [s.names for s in stages] == [["q", "k", "v", "o"], ["g", "u", "d"]]
-    assert [sorted(s.keys) for s in stages] == [["k", "o", "q", "v"], ["d", "g", "u"]]
+    assert [s.names for s in plan_stages(groups, members, lambda k: False)] == [sum(groups, [])]
     joint = {"qkv": ["q", "k", "v"], "o": ["o"], "g": ["g"], "u": ["u"], "d": ["d"]}
     assert [s.keys for s in plan_stages(groups, joint, lambda k: True)] == [["qkv"], ["o"], ["g", "u"], ["d"]]
     with pytest.raises(ValueError, match="matrix 'ko' joins layers"):
