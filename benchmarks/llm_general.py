@@ -72,12 +72,15 @@ class Row:
     dense_targets: bool = False  # sequential only: calibration.dense_targets (fit to the dense model's outputs)
     correct_dense: bool = False  # with dense_targets: calibration.correct_dense (kept-dense matrices corrected too)
     target_alpha: float = 1.0  # with dense_targets: calibration.target_alpha (the target X_c + α (X_d - X_c))
+    staged: bool = False  # sequential only: calibration.staged (each block's layer groups on the compressed inputs)
 
     def __post_init__(self) -> None:
         if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
             raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
-        if (self.dense_targets or self.correct_dense or self.target_alpha != 1.0) and not self.sequential:
-            raise ValueError(f"row {self.name!r}: dense_targets / correct_dense apply to the sequential rows only")
+        if (self.dense_targets or self.correct_dense or self.target_alpha != 1.0 or self.staged) \
+                and not self.sequential:
+            raise ValueError(f"row {self.name!r}: dense_targets / correct_dense / staged apply to the sequential rows "
+                             "only")
         if self.sequential and self.mix == "broad-long":
             raise ValueError(f"row {self.name!r}: the sequential rows use the 256-token broad windows")
 
@@ -90,7 +93,8 @@ class Row:
         calibration = {"progress": False, **({"mode": "sequential", "propagate": "compressed"} if self.sequential
                                              else {}), **({"dense_targets": True} if self.dense_targets else {}),
                        **({"correct_dense": True} if self.correct_dense else {}),
-                       **({"target_alpha": self.target_alpha} if self.target_alpha != 1.0 else {})}
+                       **({"target_alpha": self.target_alpha} if self.target_alpha != 1.0 else {}),
+                       **({"staged": True} if self.staged else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
                       dense_above_break_even=self.break_even, calibration=calibration)
 
@@ -129,6 +133,10 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row(f"broad + gradient, dense above break-even, sequential, dense targets α={alpha:g}", ratio, "broad",
                      "gradient", break_even=True, sequential=True, dense_targets=True, target_alpha=alpha)
                  for alpha in (0.25, 0.5)]
+        # staged within each block: o / gate,up / down calibrated through the block's compressed earlier layers
+        rows += [Row("broad + gradient, dense above break-even, sequential, staged" + (", dense targets" if dt else ""),
+                     ratio, "broad", "gradient", break_even=True, sequential=True, staged=True, dense_targets=dt)
+                 for dt in (False, True)]
     return rows
 
 
@@ -216,9 +224,12 @@ class Study:
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
                "sequential": row.sequential, "dense_targets": row.dense_targets,
                "correct_dense": row.correct_dense, "target_alpha": row.target_alpha,
+               "staged": row.staged,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}
+        if row.staged:  # forwards per calibration batch grow with the stages (kept-dense groups merge)
+            out["block_stages"] = [r.get("stages", 0) for r in report.blocks]
         out["val"] = self.score(model, "val")
         if row.test:
             out["test"] = self.score(model, "test")

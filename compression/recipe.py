@@ -86,6 +86,11 @@ class CalibrationRecipe:
         correct_dense: with ``dense_targets`` and ``dense_above_break_even`` -- the matrices kept dense get the
             full-rank dense-target optimum (least squares ``W X_dᵀ X_c (X_cᵀ X_c)⁻¹``, regularized as the
             whitening is) instead of their weights: the same parameters.
+        staged: ``sequential`` only -- within each block, take the statistics of the layers that read the
+            same tensor (q/k/v; o; gate/up; down) group by group, each on the inputs that flow through the
+            block's already-factorized earlier groups, as they will at inference (GPTQ's true-sequential
+            order; groups and their order are found by hooking one forward of the block:
+            :mod:`compression.staged`).  Up to one more block forward per group and batch.
         block_device: ``sequential`` only -- where each block runs while it is calibrated and
             compressed (``None``: where the model is); the model stays where it is otherwise.
         activations: ``sequential`` only -- where the calibration hidden states wait between
@@ -111,6 +116,7 @@ class CalibrationRecipe:
     dense_targets: bool = False
     correct_dense: bool = False
     target_alpha: float = 1.0
+    staged: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -140,6 +146,9 @@ class CalibrationRecipe:
         if self.correct_dense and not self.dense_targets:
             raise ValueError("calibration.correct_dense corrects kept-dense matrices towards the dense targets: set "
                              "dense_targets: true (and mode: sequential) or correct_dense: false")
+        if self.staged and self.mode != "sequential":
+            raise ValueError("calibration.staged orders the statistics within each block of the sequential mode; set "
+                             "mode: sequential or staged: false")
         if self.dense_targets and self.stream_weights:
             raise ValueError("calibration.dense_targets with stream_weights is not supported; set one of them false")
 
@@ -408,6 +417,10 @@ class Recipe:
                                  "holds the dense model: set stream_weights: false (sequential with the model in "
                                  "memory computes the gradient ranks first), or use a spectral allocation (v2, "
                                  "greedy: two streamed passes)")
+            if self.calibration.staged and not build_method(self.method, **self.method_args).needs:
+                raise ValueError(f"calibration.staged re-collects each group's statistics on the compressed inputs, "
+                                 f"but method {self.method!r} reads no statistics; set staged: false or use a "
+                                 "whitening method (svd_llm, svd_llm_v2) or asvd")
             if self.calibration.dense_targets and self.method != "svd_llm":
                 raise ValueError(f"calibration.dense_targets has a closed form for method: svd_llm only (whitening "
                                  f"with a cross Gram), not {self.method!r}; use svd_llm or dense_targets: false")
@@ -428,7 +441,8 @@ class Recipe:
         what a sequential run with ``allocation: gradient`` runs first on the dense model for its ranks."""
         calibration = dataclasses.replace(self.calibration, mode="all_at_once", propagate="compressed",
                                           block_device=None, activations="device", stream_weights=False,
-                                          dense_targets=False, correct_dense=False, target_alpha=1.0)
+                                          dense_targets=False, correct_dense=False, target_alpha=1.0,
+                                          staged=False)
         return dataclasses.replace(self, calibration=calibration)
 
     # -- what the stages need -----------------------------------------------------------------------

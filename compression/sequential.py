@@ -267,6 +267,10 @@ class SequentialRun:
         collector = (StatsCollector(self.model, names, needs=needs, device=cal.stats_device)
                      if names and (needs or want_counts) else None)
         dense_key = "dense" if compress and keys else "in"
+        if compress and keys and cal.staged:  # statistics and factors stage by stage within the block
+            from compression.staged import staged_block
+
+            return self._propagate(i, block, store, extras, staged_block(self, i, block, store, extras))
         for b in range(len(extras)):
             if dense_stream:  # first the dense stream: the layers' reference inputs, the next block's dense input
                 with LayerInputs(self.model, names) as seen:
@@ -310,6 +314,13 @@ class SequentialRun:
             return record
         record["layers"] = len(pipe.truncate_block(keys, stats))
         del stats, collector
+        return self._propagate(i, block, store, extras, record)
+
+    def _propagate(self, i: int, block: nn.Module, store: ActivationStore, extras: list, record: dict) -> dict:
+        """Run the compressed block ``i`` on its inputs, record its errors against the dense outputs
+        ``("dense", b)`` (and the dense stream's ``("ref", b)``), and pass the next block's inputs on."""
+        cal, device = self.recipe.calibration, self.device
+        dense_stream = cal.dense_targets
         err = torch.zeros(5, dtype=torch.float64, device=device)
         for b in range(len(extras)):
             hidden = store.get(("in", b), device)
