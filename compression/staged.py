@@ -41,7 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.stats import CROSS, STAT_FIELDS, StatsCollector
+from compression.block_capture import BlockForward, LayerInputs, run_block
+from compression.collector import StatsCollector
+from compression.stats import CROSS, STAT_FIELDS
 
 
 @dataclass
@@ -117,13 +119,12 @@ def staged_block(seq: Any, i: int, block: nn.Module, store: Any, extras: list) -
     :class:`compression.sequential.SequentialRun` (``seq``).  Leaves in ``store`` what the one-pass
     code leaves: ``("dense", b)`` (the dense block's outputs) and, with dense targets, ``("ref", b)``.
     Returns the block's record so far (``stats_bytes``: the largest stage's statistics)."""
-    from compression.sequential import _Forward, _run
 
     pipe, cal, device, model = seq.pipe, seq.recipe.calibration, seq.device, seq.model
     keys, path = seq.keys_of[i], seq.paths[i]
     names = [n for k in keys for n in pipe.matrices[k].members]
     groups = input_groups(block, {n[len(path) + 1:]: n for n in names},
-                          lambda blk: _run(blk, store.get(("in", 0), device), extras[0][i], device))
+                          lambda blk: run_block(blk, store.get(("in", 0), device), extras[0][i], device))
     changes = (lambda k: True) if cal.correct_dense else (lambda k: k not in pipe.allocation.dense)
     stages = plan_stages(groups, {k: pipe.matrices[k].members for k in keys}, changes)
     needs = (pipe.stat_needs & STAT_FIELDS) | ({CROSS} if cal.dense_targets else set())
@@ -136,7 +137,7 @@ def staged_block(seq: Any, i: int, block: nn.Module, store: Any, extras: list) -
                 collector.reference = _dense_inputs(seq, i, b, block, store, extras, names, stages, s)
             out: list[torch.Tensor] = []
             with collector:
-                collector.run(block, None, _Forward(store.get(("in", b), device), extras[b][i], device, out))
+                collector.run(block, None, BlockForward(store.get(("in", b), device), extras[b][i], device, out))
             collector.reference = None
             if s == 0:  # the whole dense block ran: its output is what the block's error is measured against
                 store.put(("dense", b), out.pop())
@@ -160,13 +161,12 @@ def _dense_inputs(seq: Any, i: int, b: int, block: nn.Module, store: Any, extras
     """Stage ``s``'s layers' inputs in the dense model for batch ``b``.  In stage 0 (the block still dense)
     the dense stream runs: its output is the next block's dense input; the later stages' inputs are kept
     (one per shared tensor, under its group's first layer)."""
-    from compression.sequential import _Inputs, _run
 
     device = seq.device
     if s > 0:
         return {n: store.get(("xd", g[0], b), device) for g in stages[s].groups for n in g}
-    with _Inputs(seq.model, names) as seen:
-        store.put(("ref", b), _run(block, seq._reference(store, b), extras[b][i], device))
+    with LayerInputs(seq.model, names) as seen:
+        store.put(("ref", b), run_block(block, seq._reference(store, b), extras[b][i], device))
     for stage in stages[1:]:
         for g in stage.groups:
             store.put(("xd", g[0], b), seen.inputs[g[0]])
