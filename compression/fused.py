@@ -39,8 +39,9 @@ stacked storage, ``name.up.weight`` a transposed view where that layout won), so
 gives the same tensors (made contiguous) and ``load_state_dict`` writes through into the stacked
 storage.  Move or cast the model (``.to``) *before* optimizing: the stacked storage is shared by
 several modules, and a conversion that would copy it is refused.  Optionally the model's forward is
-wrapped in ``torch.compile`` (under compilation the memo is bypassed; the repeated identical
-stacked products of one attention call are one common subexpression of the traced graph).
+wrapped in ``torch.compile`` (under compilation the memo is bypassed, and the repeated identical
+stacked products of one attention call are merged in the compiled graph by
+:class:`compression.graph_cse.SharedProductsPass`: inductor does not merge them by itself).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.gemm_timing import LAYOUTS, GemmTimer
+from compression.graph_cse import SharedProductsPass
 from compression.lowrank import LowRankLinear
 from compression.plan import set_submodule
 
@@ -233,6 +235,15 @@ def _fusable(module: nn.Module) -> bool:
             and type(module.down) is nn.Linear and type(module.up) is nn.Linear)
 
 
+def compile_forward_(model: nn.Module) -> nn.Module:
+    """Wrap ``model.forward`` in ``torch.compile(dynamic=True)`` with :class:`SharedProductsPass`: the compiled
+    graph computes each shared down product once, as the eager memo does (inductor does not merge the
+    repeated GEMMs itself).  Compile a dense baseline with this too, for a like-for-like comparison."""
+    model.forward = torch.compile(model.forward, dynamic=True,
+                                  options={"post_grad_custom_pre_pass": SharedProductsPass()})
+    return model
+
+
 @torch.no_grad()
 def optimize_for_inference_(
     model: nn.Module,
@@ -257,7 +268,7 @@ def optimize_for_inference_(
         layout: ``"auto"`` (the measured faster layout per factor), ``"rowmajor"`` or ``"transposed"``.
         timer: the GEMM timer (default: :class:`GemmTimer` with the on-disk cache).
         plan: the model's compression plan; the report's ``plan`` is a copy without merged layers.
-        compile: wrap ``model.forward`` in ``torch.compile(dynamic=True)``.
+        compile: wrap ``model.forward`` in ``torch.compile(dynamic=True)`` (:func:`compile_forward_`).
         pad: ``"auto"`` (append zero rows to a down GEMM's weight, up to the measured fastest of the
             widths :func:`padded_widths` gives, when that is faster than no padding by more than
             ``pad_margin``) or ``"never"``.
@@ -353,7 +364,7 @@ def optimize_for_inference_(
             report.plan["layers"].pop(name, None)
         report.plan["inference"] = {"merged": report.merged, "batch_tokens": batch_tokens}
     if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
+        compile_forward_(model)
         report.compiled = True
     report.seconds = time.perf_counter() - start_time
     log.info("inference layout at %d tokens: %d layers, %d merged back, %d shared-down groups, %d padded down "
