@@ -17,6 +17,19 @@ def _deterministic():
     yield
 
 
+def layer_inputs(model, names, batches) -> dict:
+    """Every named layer's inputs over ``batches`` (tokens stacked), from forward pre-hooks."""
+    seen = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
 def make_tiny_llama(seed: int = 0, tie: bool = True):
     """A random-init LLaMA with grouped-query attention (4 query heads, 2 KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -20,6 +20,7 @@ import torch
 from compression import ChannelStats, Recipe, build_method, compress_
 from compression.stats import ActivationStats
 from lightning_modules.specs import CausalLMSpec
+from tests.conftest import layer_inputs
 from tests.test_sequential import _batches, _llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,19 +137,6 @@ def test_cross_gram_refusals():
         build_method("svd_llm_v2").decompose(torch.randn(3, 4), _stats(x.double(), x.double()), 2, "layer")
 
 
-def _inputs(model, names, batches):
-    """Every named layer's inputs over ``batches`` (tokens stacked), from forward pre-hooks."""
-    seen = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
-
-
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_sequential_dense_targets_end_to_end(alpha):
     """target_alpha α: the target is X_c + α (X_d - X_c) (α = 1: the dense model's)."""
@@ -170,7 +158,7 @@ def test_sequential_dense_targets_end_to_end(alpha):
     mixed.model.layers[0] = copy.deepcopy(target.model.layers[0])
     names = [n for n, m in model.model.layers[1].named_modules() if isinstance(m, torch.nn.Linear)]
     names = [f"model.layers.1.{n}" for n in names]
-    xc, xd = _inputs(mixed, names, batches), _inputs(model, names, batches)
+    xc, xd = layer_inputs(mixed, names, batches), layer_inputs(model, names, batches)
     xd = {n: xc[n] + alpha * (xd[n] - xc[n]) for n in names}
     method = build_method("svd_llm")
     for name in names:
@@ -235,7 +223,7 @@ def test_correct_dense_gives_kept_dense_matrices_the_least_squares_weight():
     mixed = copy.deepcopy(model)
     mixed.model.layers[0] = copy.deepcopy(fixed.model.layers[0])
     later = [k for k in kept if k.startswith("model.layers.1.")]
-    xc, xd = _inputs(mixed, later, batches), _inputs(model, later, batches)
+    xc, xd = layer_inputs(mixed, later, batches), layer_inputs(model, later, batches)
     for name in later:
         w, got = model.get_submodule(name).weight.detach(), fixed.get_submodule(name).weight.detach()
         want = w @ (xd[name].T @ xc[name]) @ torch.linalg.inv(xc[name].T @ xc[name])

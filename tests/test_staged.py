@@ -22,6 +22,7 @@ from compression.pipeline import CompressionPipeline
 from compression.sequential import SequentialRun
 from compression.staged import input_groups, plan_stages
 from lightning_modules.specs import CausalLMSpec
+from tests.conftest import layer_inputs
 from tests.test_sequential import _batches, _llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,18 +139,6 @@ def test_full_rank_staged_equals_unstaged(method):
     assert rs.blocks[1]["output_error"] < 1e-12
 
 
-def _inputs(model: nn.Module, names: list[str], batches: list[dict]) -> dict[str, torch.Tensor]:
-    seen = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
-
-
 def _with(model: nn.Module, source: nn.Module, names: list[str]) -> nn.Module:
     """A copy of ``model`` with the layers ``names`` taken from ``source`` (the compressed ones)."""
     out = copy.deepcopy(model)
@@ -180,10 +169,10 @@ def test_stage_statistics_are_taken_through_the_compressed_layers(dense_targets)
     SequentialRun(pipe, observer=observer).run(batches)
     second = [n.replace("layers.0.", "layers.1.") for n in LAYERS]
     assert {n: g[0] for n, g in grams.items()} == dict(zip(LAYERS + second, [0, 0, 0, 1, 2, 2, 3] * 2))
-    dense_in = _inputs(model, second, batches)
-    unstaged = _inputs(_with(model, staged, LAYERS), second, batches)
+    dense_in = layer_inputs(model, second, batches)
+    unstaged = layer_inputs(_with(model, staged, LAYERS), second, batches)
     for k, name in ((3, second[3]), (4, second[4]), (6, second[6])):
-        x = _inputs(_with(model, staged, LAYERS + second[:k]), [name], batches)[name]
+        x = layer_inputs(_with(model, staged, LAYERS + second[:k]), [name], batches)[name]
         _, gram, cross = grams[name]
         scale = float(gram.diagonal().max())
         torch.testing.assert_close(gram, x.T @ x, rtol=1e-10, atol=1e-10 * scale, msg=name)
