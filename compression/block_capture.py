@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,11 +182,45 @@ class LayerInputs:
         self.handles.clear()
 
 
+def layer_calls(model: nn.Module, names: Mapping[str, str], run: Callable[[nn.Module], Any]) -> list[tuple[str, Any]]:
+    """``(label, input)`` of every call of the layers ``names`` (module path in ``model`` -> label) during
+    ``run(model)`` under ``no_grad``, in call order; the inputs are held, so tensor identities stay unique."""
+    calls: list[tuple[str, Any]] = []
+    handles = [model.get_submodule(path).register_forward_pre_hook(
+        lambda _m, args, label=label: calls.append((label, args[0]))) for path, label in names.items()]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def group_by_input(calls: Sequence[tuple[str, Any]]) -> list[list[str]]:
+    """Labels grouped by the very tensor their first call read (identity), groups in order of first call."""
+    groups: list[tuple[Any, list[str]]] = []
+    first: set[str] = set()
+    for label, x in calls:
+        if label in first:
+            continue
+        first.add(label)
+        for tensor, members in groups:
+            if tensor is x:
+                members.append(label)
+                break
+        else:
+            groups.append((x, [label]))
+    return [members for _, members in groups]
+
+
 __all__ = [
     "ActivationStore",
     "BlockForward",
     "LayerInputs",
     "capture",
+    "group_by_input",
+    "layer_calls",
     "run_block",
     "to_device",
 ]

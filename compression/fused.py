@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression.block_capture import group_by_input, layer_calls
 from compression.gemm_timing import LAYOUTS, GemmTimer
 from compression.graph_cse import SharedProductsPass
 from compression.lowrank import LowRankLinear
@@ -201,27 +202,7 @@ class InferenceReport:
 
 def find_shared_inputs(model: nn.Module, names: list[str], example: Callable[[nn.Module], object]) -> list[list[str]]:
     """Groups (in call order) of ``names`` whose modules receive the very same tensor in ``example(model)``."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            seen.setdefault(name, args[0])  # held until the end: ids cannot be recycled
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            example(model)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    for name, x in seen.items():
-        for group in groups:
-            if seen[group[0]] is x:
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-    return groups
+    return group_by_input(layer_calls(model, {n: n for n in names}, example))
 
 
 def _as_example(example) -> Callable[[nn.Module], object] | None:

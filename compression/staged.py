@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.block_capture import BlockForward, LayerInputs, run_block
+from compression.block_capture import BlockForward, LayerInputs, group_by_input, layer_calls, run_block
 from compression.collector import StatsCollector
 from compression.stats import CROSS, STAT_FIELDS
 
@@ -63,15 +63,7 @@ def input_groups(block: nn.Module, names: Mapping[str, str], forward: Callable[[
 
     ``names``: module path inside ``block`` -> the layer's name in the model; ``forward(block)`` runs
     the block once.  Layers not reached, or reached more than once, are refused (ValueError)."""
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = [block.get_submodule(local).register_forward_pre_hook(
-        lambda _m, args, name=name: calls.append((name, args[0]))) for local, name in names.items()]
-    try:
-        with torch.no_grad():
-            forward(block)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = layer_calls(block, names, forward)
     seen = [n for n, _ in calls]
     twice = sorted({n for n in seen if seen.count(n) > 1})
     if twice:
@@ -81,15 +73,7 @@ def input_groups(block: nn.Module, names: Mapping[str, str], forward: Callable[[
     if missing:
         raise ValueError(f"calibration.staged: {missing[:3]} were not reached by a forward of the block, so their "
                          "inputs cannot be ordered; set calibration.staged: false or exclude them")
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, x in calls:  # identity, as the statistics share accumulators: the tensors are alive in `calls`
-        for tensor, members in groups:
-            if tensor is x:
-                members.append(name)
-                break
-        else:
-            groups.append((x, [name]))
-    return [members for _, members in groups]
+    return group_by_input(calls)  # identity, as the statistics share accumulators
 
 
 def plan_stages(groups: Sequence[list[str]], members: Mapping[str, Sequence[str]],
