@@ -140,7 +140,7 @@ class CompressionCLI(LightningCLI):
         ckpt = None
         if cfg.get("save_compressed", True):
             ckpt = self._log_dir() / "compressed.ckpt"
-            self.trainer.save_checkpoint(ckpt, weights_only=False)  # the whole state (resumable), said explicitly
+            self.trainer.save_checkpoint(ckpt)
         results, validation = {}, {}
         if cfg.get("test_after_fit", True) and self.datamodule is not None:
             # validation logs val/ppl to TensorBoard even when fit trained nothing (max_steps: 0)
