@@ -32,6 +32,8 @@ class RankReallocation(CompressionStage, Callback):
 
     def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pipe = pipeline_of(pl_module)
+        if pipe.needs_fisher:  # the weights the importance bases (and the truncation) are taken in
+            pipe.set_output_fisher(reduced_fisher(trainer, pipe, pl_module.spec.training_loss))
         importances = self._importances(trainer, pl_module) if pipe.needs_importance else None
         pipe.allocate(importances)
 
@@ -39,14 +41,28 @@ class RankReallocation(CompressionStage, Callback):
         return reduced_importances(trainer, pipeline_of(pl_module), pl_module.spec.training_loss)
 
 
+def _gradient_share(trainer: Trainer, pipe: CompressionPipeline, device: torch.device | None) -> list:
+    """This rank's share of ``calibration.gradient_batches`` batches, moved to ``device`` when given."""
+    batches = list(shard(calibration_loader(trainer, "gradient allocation"), pipe.recipe.calibration.gradient_batches,
+                         trainer))
+    return [to_device(b, device) for b in batches] if device is not None else batches
+
+
+def reduced_fisher(trainer: Trainer, pipe: CompressionPipeline, loss, device: torch.device | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """``calibration.output_fisher``: every targeted layer's squared output gradient summed over this rank's
+    share of the gradient batches (whole batches), then over ranks."""
+    fisher = pipe.output_fisher(_gradient_share(trainer, pipe, device), loss)  # zeros on a rank without batches
+    reduce, root = all_reduce_fn(trainer), trainer.strategy.root_device
+    return {k: reduce(v.clone().to(root), "sum").cpu() for k, v in fisher.items()}
+
+
 def reduced_importances(trainer: Trainer, pipe: CompressionPipeline, loss, device: torch.device | None = None
                         ) -> dict[str, torch.Tensor]:
     """Importance of every singular triplet of ``pipe``'s matrices (its statistics set), from this rank's share
     of ``calibration.gradient_batches`` batches (moved to ``device`` when given), averaged over ranks."""
     settings = pipe.recipe.calibration
-    batches = list(shard(calibration_loader(trainer, "gradient allocation"), settings.gradient_batches, trainer))
-    if device is not None:
-        batches = [to_device(b, device) for b in batches]
+    batches = _gradient_share(trainer, pipe, device)
     if settings.per_sample:
         batches = [s for b in batches for s in split_batch(b)]
     count = torch.tensor(float(len(batches)), dtype=torch.float64)

@@ -77,12 +77,12 @@ class SequentialCompression(CompressionStage, Callback):
         elif stream is not None:  # streamed blocks are read on the host and run on the strategy's device
             device = trainer.strategy.root_device
         try:
-            importances = None
-            if pipe.needs_importance:  # the whole dense model, before any block is cut (module docstring)
-                importances = self._dense_importances(trainer, pl_module, batches, host if on_host else None)
+            importances = fisher = None
+            if pipe.needs_importance or pipe.needs_fisher:  # the whole dense model, before any block is cut
+                importances, fisher = self._dense_signals(trainer, pl_module, batches, host if on_host else None)
             run = SequentialRun(pipe, pl_module.spec.calibration_forward, all_reduce_fn(trainer),
                                 progress=settings.progress and trainer.is_global_zero, device=device, stream=stream)
-            self.records = run.run(batches, importances)
+            self.records = run.run(batches, importances, fisher)
             if stream is not None:
                 mapped = stream.reload(model)
                 log.info("stream_weights: %.1f MiB of compressed blocks mapped back from %s", mapped / 2**20, out)
@@ -104,21 +104,30 @@ class SequentialCompression(CompressionStage, Callback):
                  max(r["stats_bytes"] for r in self.records) / 2**20)
 
     @staticmethod
-    def _dense_importances(trainer: Trainer, pl_module: LightningModule, batches: list,
-                           device: torch.device | None) -> dict[str, torch.Tensor]:
-        """``allocation: gradient``: every matrix's Gram from this rank's calibration batches (the ones the
-        sequential pass reads), reduced across ranks, then the gradient importances on the dense model, as the
-        all-at-once stages compute them; the Grams are freed before the first block runs."""
-        from callbacks.reallocation import reduced_importances
+    def _dense_signals(trainer: Trainer, pl_module: LightningModule, batches: list,
+                       device: torch.device | None) -> tuple[dict | None, dict | None]:
+        """``(importances, fisher)`` of the dense model, before any block is cut, each reduced across ranks.
+        ``calibration.output_fisher``: the output Fisher sums of this rank's gradient batches.  ``allocation:
+        gradient``: every matrix's Gram from this rank's calibration batches (the ones the sequential pass
+        reads), reduced across ranks, then the gradient importances (in the Fisher-weighted bases when set), as
+        the all-at-once stages compute them; the Grams are freed before the first block runs."""
+        from callbacks.reallocation import reduced_fisher, reduced_importances
 
         pipe = pipeline_of(pl_module)
         dense = CompressionPipeline(pl_module.model, pipe.recipe.all_at_once(), pipe.family)
         start = time.perf_counter()
-        stats = collect_stats(pl_module.model, dense.names, batches, forward=pl_module.spec.calibration_forward,
-                              needs=dense.stat_needs & STAT_FIELDS, device=pipe.recipe.calibration.stats_device)
-        dense.set_statistics(stats.reduce_(all_reduce_fn(trainer)))
-        importances = reduced_importances(trainer, dense, pl_module.spec.training_loss, device)
-        dense.stats = None
-        log.info("sequential + gradient allocation: importances of %d matrices on the dense model in %.1f s",
-                 len(importances), time.perf_counter() - start)
-        return importances
+        fisher = importances = None
+        if dense.needs_fisher:
+            fisher = reduced_fisher(trainer, dense, pl_module.spec.training_loss, device)
+        if dense.needs_importance:
+            stats = collect_stats(pl_module.model, dense.names, batches, forward=pl_module.spec.calibration_forward,
+                                  needs=dense.stat_needs & STAT_FIELDS, device=pipe.recipe.calibration.stats_device)
+            dense.set_statistics(stats.reduce_(all_reduce_fn(trainer)))
+            if fisher is not None:
+                dense.set_output_fisher(fisher)
+            importances = reduced_importances(trainer, dense, pl_module.spec.training_loss, device)
+            dense.stats = None
+        log.info("sequential: %s of the dense model in %.1f s",
+                 " and ".join(w for w, v in (("output Fisher", fisher), ("importances", importances)) if v is not None),
+                 time.perf_counter() - start)
+        return importances, fisher

@@ -18,6 +18,7 @@ The U/V LoRA part of a recipe needs training and is run by the Lightning callbac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,8 +45,9 @@ def _spread(batches: Callable[[], Iterable[Any]], count: int | None) -> list[Any
 
 def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationStats | None = None, *,
             family: Any = None, batches: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
-            importances: Mapping[str, torch.Tensor] | None = None) -> CompressionPipeline:
-    """A pipeline with statistics, importances and ranks decided; nothing cut yet."""
+            importances: Mapping[str, torch.Tensor] | None = None,
+            fisher: Mapping[str, torch.Tensor] | None = None) -> CompressionPipeline:
+    """A pipeline with statistics, output Fisher weights, importances and ranks decided; nothing cut yet."""
     recipe = recipe if recipe is not None else Recipe()
     pipe = CompressionPipeline(model, recipe, family)
     if pipe.method is None:
@@ -58,6 +60,17 @@ def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationSta
         pipe.collect(_spread(source, limit) if limit else source())
     else:
         pipe.set_statistics(stats)
+    if pipe.needs_fisher:
+        if fisher is None:
+            if importances is not None:
+                raise ValueError("calibration.output_fisher: importances= were computed in the output-weighted bases; "
+                                 "pass the fisher= sums they were computed with (compression.api.dense_signals)")
+            if source is None:
+                raise ValueError("calibration.output_fisher needs calibration batches (batches=) or fisher=")
+            fisher = pipe.output_fisher(_spread(source, recipe.calibration.gradient_batches))
+        pipe.set_output_fisher(dict(fisher))
+    elif fisher is not None:
+        raise ValueError("fisher= given, but the recipe's calibration.output_fisher is not set")
     if pipe.needs_importance and importances is None:
         if source is None:
             raise ValueError("allocation 'gradient' needs calibration batches (batches=) or importances=")
@@ -69,28 +82,57 @@ def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationSta
     return pipe
 
 
+@dataclass
+class DenseSignals:
+    """What a sequential run takes from the dense model before any block is cut: the gradient importances
+    (``allocation: gradient``) and the output Fisher sums (``calibration.output_fisher``), each ``None`` when
+    the recipe does not use it."""
+
+    importances: dict[str, torch.Tensor] | None
+    fisher: dict[str, torch.Tensor] | None
+
+
+def dense_signals(model: nn.Module, recipe: Recipe, *, family: Any = None,
+                  batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> DenseSignals:
+    """:func:`dense_importances` when the allocation needs them, and the output Fisher sums of the dense model
+    (its ``gradient_batches`` batches) when ``calibration.output_fisher`` is set; the importances are taken
+    in the bases those sums weight, as the all-at-once path takes them."""
+    source = _batches(batches)
+    dense = recipe.all_at_once()
+    if recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs:
+        pipe = prepare(model, dense, family=family, batches=source)
+        pipe.stats = None
+        return DenseSignals(pipe.importances, pipe.output_fisher_sums)
+    if recipe.lowrank and recipe.calibration.output_fisher is not None:
+        pipe = CompressionPipeline(model, dense, family)
+        return DenseSignals(None, pipe.output_fisher(_spread(source, recipe.calibration.gradient_batches)))
+    return DenseSignals(None, None)
+
+
 def dense_importances(model: nn.Module, recipe: Recipe, *, family: Any = None,
                       batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> dict[str, torch.Tensor]:
     """The gradient importances ``allocation: gradient`` ranks by, computed on the dense ``model`` exactly as
     the all-at-once path computes them (its statistics from ``calibration.max_batches`` batches, then
     ``calibration.gradient_batches`` backward passes): a sequential run with the gradient allocation takes its
     ranks from these, so its ranks are the all-at-once ranks.  The statistics are freed before returning."""
-    pipe = prepare(model, recipe.all_at_once(), family=family, batches=batches)
-    importances = pipe.importances
-    pipe.stats = None
-    return importances
+    if not (recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs):
+        raise ValueError(f"allocation {recipe.allocation!r} ranks by no gradient importances")
+    return dense_signals(model, recipe, family=family, batches=batches).importances
 
 
 def allocate(model: nn.Module, recipe: Recipe | None = None, stats: ActivationStats | None = None, *,
              family: Any = None, batches: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
-             importances: Mapping[str, torch.Tensor] | None = None) -> AllocationResult:
+             importances: Mapping[str, torch.Tensor] | None = None,
+             fisher: Mapping[str, torch.Tensor] | None = None) -> AllocationResult:
     """Decide every targeted matrix's rank without touching the model (see :func:`compress_`)."""
-    return prepare(model, recipe, stats, family=family, batches=batches, importances=importances).allocation
+    return prepare(model, recipe, stats, family=family, batches=batches, importances=importances,
+                   fisher=fisher).allocation
 
 
 def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationStats | None = None, *,
               family: Any = None, batches: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
-              importances: Mapping[str, torch.Tensor] | None = None) -> CompressionReport:
+              importances: Mapping[str, torch.Tensor] | None = None,
+              fisher: Mapping[str, torch.Tensor] | None = None) -> CompressionReport:
     """Run ``recipe`` (default: ``Recipe()``, svd_llm at ratio 0.2) on ``model`` in place; return the report.
 
     Args:
@@ -102,12 +144,15 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
             stages that read data: statistics, gradient importance, β search, GPTQ.
         importances: precomputed gradient importances (``allocation: gradient``), e.g. summed over
             processes.
+        fisher: precomputed output Fisher sums (``calibration.output_fisher``; layer name -> summed squared
+            output gradient), e.g. summed over processes; required with ``importances=`` when that is set.
     On any error the model is left as it was.
 
     ``recipe.calibration.mode: sequential`` runs block by block (:mod:`compression.sequential`):
     statistics are collected from ``batches`` one block at a time, so ``stats=`` is refused.  With
-    ``allocation: gradient`` and no ``importances=`` the ranks come first from :func:`dense_importances`
-    (the whole dense model, as all-at-once), then the blocks are compressed at those ranks.
+    ``allocation: gradient`` and no ``importances=`` the ranks come first from :func:`dense_signals`
+    (the whole dense model, as all-at-once; with ``calibration.output_fisher`` also its output Fisher), then the
+    blocks are compressed at those ranks.
     """
     recipe = recipe if recipe is not None else Recipe()
     if recipe.calibration.sequential:
@@ -119,13 +164,20 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
         source = _batches(batches)
         if source is None:
             raise ValueError("calibration.mode: sequential needs calibration batches (batches=)")
-        if importances is None and recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs:
-            importances = dense_importances(model, recipe, family=family, batches=source)
+        needs_importance = recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs
+        needs_fisher = recipe.lowrank and recipe.calibration.output_fisher is not None
+        if importances is not None and needs_fisher and fisher is None:
+            raise ValueError("calibration.output_fisher: importances= were computed in the output-weighted bases; "
+                             "pass the fisher= sums they were computed with (compression.api.dense_signals)")
+        if (needs_importance and importances is None) or (needs_fisher and fisher is None):
+            signals = dense_signals(model, recipe, family=family, batches=source)
+            importances, fisher = signals.importances, signals.fisher
         limit = recipe.calibration.max_batches
         return compress_sequential_(model, recipe, family=family,
                                     batches=_spread(source, limit) if limit else list(source()),
-                                    importances=dict(importances) if importances is not None else None)
-    pipe = prepare(model, recipe, stats, family=family, batches=batches, importances=importances)
+                                    importances=dict(importances) if importances is not None else None,
+                                    fisher=dict(fisher) if fisher is not None else None)
+    pipe = prepare(model, recipe, stats, family=family, batches=batches, importances=importances, fisher=fisher)
     if pipe.method is not None:
         pipe.truncate()
     if pipe.recipe.quantization.enabled:

@@ -92,7 +92,7 @@ def gradient_importance(
             w = w.to(dev) if dev is not None else w
             mat, ctx = method.transformed(w, st, key)
             u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-            bases[key] = _Basis(u, method.unmap(vh, ctx), s)
+            bases[key] = _Basis(method.unmap_left(u, ctx), method.unmap(vh, ctx), s)
     flags = {p: p.requires_grad for p in model.parameters()}
     sums = {k: torch.zeros_like(b.sigma) for k, b in bases.items()}
     count = 0

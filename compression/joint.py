@@ -176,7 +176,7 @@ def decompose_joint(method: Method, weights: Sequence[torch.Tensor], stats, name
     beta = method.config.beta
     keep = torch.zeros_like(s, dtype=torch.bool)
     keep[idx] = True
-    up = u[:, idx] * s[idx].pow(1.0 - beta)
+    up = method.unmap_left(u[:, idx] * s[idx].pow(1.0 - beta), ctx)
     down = method.unmap(s[idx].pow(beta)[:, None] * vh[idx], ctx)
     return JointFactors(list(up.split(sizes, 0)), down, float(s[~keep].square().sum().sqrt()),
                         float(s.square().sum()))

@@ -104,6 +104,11 @@ class Method:
         """``right (r x n)`` in the transformed space -> ``right T⁻¹``."""
         raise NotImplementedError
 
+    def unmap_left(self, left: torch.Tensor, ctx: object) -> torch.Tensor:
+        """``left (m x r)`` in the transformed space -> the weight's output space: the identity unless a
+        left transform is used (:class:`compression.output_fisher.OutputWeighted`)."""
+        return left
+
     # -- shared -----------------------------------------------------------------------------------
     def check_stats(self, stats: ChannelStats | None, name: str) -> None:
         if not self.needs:
@@ -147,7 +152,7 @@ class Method:
         rank = min(rank, s.numel())
         beta = self.config.beta
         s_r = s[:rank]
-        up = u[:, :rank] * s_r.pow(1.0 - beta)
+        up = self.unmap_left(u[:, :rank] * s_r.pow(1.0 - beta), ctx)
         down = self.unmap(s_r.pow(beta)[:, None] * vh[:rank], ctx)
         tail = s[rank:]
         factors = Factors(up, down, float(tail.square().sum().sqrt()), float(s.square().sum()))

@@ -8,7 +8,10 @@ weights.  Each stage then runs once, in order, and refuses to run out of order:
 1. statistics -- :meth:`collect` (or :meth:`set_statistics` with statistics reduced elsewhere,
    e.g. across DDP ranks); only what the method and budget need (Gram for whitening, abs
    statistics for ASVD, token counts for a FLOPs budget);
-2. :meth:`importance` -- calibration-loss gradients, only for ``allocation: gradient``;
+2. :meth:`importance` -- calibration-loss gradients, only for ``allocation: gradient``; before it (and
+   before or after the statistics) :meth:`set_output_fisher`, the output-row weights of
+   ``calibration.output_fisher`` (squared loss gradients at every targeted output, summed by
+   :meth:`output_fisher`), only when that is set;
 3. :meth:`allocate` -- the registered strategy over the free matrices, overrides outside it;
 4. :meth:`truncate` -- every matrix factorized and swapped; on any failure every swapped
    layer is put back before the error propagates;
@@ -83,6 +86,7 @@ class CompressionPipeline:
         self.matrices: dict[str, Matrix] = {}
         self.fixed: dict[str, dict[str, float]] = {}
         self.known_spectra: dict[str, torch.Tensor] = {}  # sequential mode: spectra kept from a first pass
+        self.output_fisher_sums: dict[str, torch.Tensor] | None = None  # calibration.output_fisher
         self.sequential = False
         self._check_layout()
         if self.method is not None:
@@ -135,6 +139,15 @@ class CompressionPipeline:
         return self.method is not None and "importance" in ALLOCATORS[self.recipe.allocation].needs
 
     @property
+    def needs_fisher(self) -> bool:
+        return self.method is not None and self.recipe.calibration.output_fisher is not None
+
+    def _require_fisher(self, stage: str) -> None:
+        if self.needs_fisher and "fisher" not in self.done:
+            raise RuntimeError(f"calibration.output_fisher is set: run the output Fisher stage (set_output_fisher) "
+                               f"before {stage}")
+
+    @property
     def needs_batches(self) -> bool:
         """Whether :meth:`quantize` reads calibration batches (β search, GPTQ Grams)."""
         q = self.recipe.quantization
@@ -143,7 +156,7 @@ class CompressionPipeline:
     def _advance(self, stage: str) -> None:
         if stage in self.done:
             raise RuntimeError(f"compression stage {stage!r} already ran")
-        later = [s for s in self.done if STAGES.index(s) > STAGES.index(stage)]
+        later = [s for s in self.done if s in STAGES and STAGES.index(s) > STAGES.index(stage)]
         if later:
             raise RuntimeError(f"compression stage {stage!r} must run before {later}")
         self.done.append(stage)
@@ -177,12 +190,52 @@ class CompressionPipeline:
         self.known_spectra = dict(spectra or {})
         self.stats = counts
 
-    # -- 2. importance ------------------------------------------------------------------------------
+    # -- 2. output Fisher, importance ---------------------------------------------------------------
+    def output_fisher(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Every targeted layer's summed squared loss gradient at its output over ``batches`` (this process's
+        share: sum across processes before :meth:`set_output_fisher`); reads the model, changes nothing."""
+        from compression.output_fisher import output_fisher
+
+        loss = loss or self._hook("training_loss")
+        if loss is None:
+            raise ValueError("calibration.output_fisher needs a loss: give the family's training_loss")
+        batches = list(batches)
+        if not batches:  # a DDP rank without a share still joins the sum: it adds zeros
+            return {n: torch.zeros(self.model.get_submodule(n).out_features, dtype=torch.float64)
+                    for n in self.names}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return output_fisher(self.model, self.names, batches, loss)[0]
+        finally:
+            self.model.train(was_training)
+
+    def set_output_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        """Weight the method's truncation by these sums (:class:`compression.output_fisher.OutputWeighted`,
+        damping ``calibration.output_fisher``); a joint group's members are stacked in member order."""
+        from compression.output_fisher import OutputWeighted
+
+        if not self.needs_fisher:
+            raise ValueError("set_output_fisher: calibration.output_fisher is not set in the recipe")
+        if "fisher" in self.done:
+            raise RuntimeError("compression stage 'fisher' already ran")
+        later = [s for s in self.done if s != "statistics"]
+        if later:
+            raise RuntimeError(f"the output Fisher weights must be set before {later}")
+        missing = sorted({n for m in self.matrices.values() for n in m.members} - set(fisher))
+        if missing:
+            raise ValueError(f"output Fisher missing for {len(missing)} targeted layers, e.g. {missing[:3]}")
+        per_key = {k: torch.cat([fisher[n].double().cpu() for n in m.members]) for k, m in self.matrices.items()}
+        self.method = OutputWeighted(self.method, per_key, self.recipe.calibration.output_fisher)
+        self.done.append("fisher")
+        self.output_fisher_sums = {n: fisher[n] for n in self.names}
+
     def importance(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:
         """QSVD importance of every singular triplet of every matrix from these batches' gradients
         (this process's share only: sum across processes before :meth:`allocate`)."""
         from compression.gradient_allocation import gradient_importance
 
+        self._require_fisher("the gradient importance")
         self._advance("importance")
         loss = loss or self._hook("training_loss")
         if loss is None:
@@ -220,6 +273,7 @@ class CompressionPipeline:
         """Every matrix's rank: overrides first (exact), the strategy over the rest."""
         if "statistics" not in self.done:
             self.set_statistics(None)
+        self._require_fisher("the allocation")
         self._advance("allocate")
         recipe = self.recipe
         if importances is not None:

@@ -91,6 +91,12 @@ class CalibrationRecipe:
             block's already-factorized earlier groups, as they will at inference (GPTQ's true-sequential
             order; groups and their order are found by hooking one forward of the block:
             :mod:`compression.staged`).  Up to one more block forward per group and batch.
+        output_fisher: weight each factorized matrix's output rows by the squared calibration-loss gradient at
+            that output, summed over the tokens of the ``gradient_batches`` batches (one backward each, on the
+            dense model, unsplit), damped towards uniform weights by this ``λ`` in ``(0, 1]`` (1: no weighting;
+            ``null``: off): the truncation then minimises the loss's Kronecker-factored second-order change
+            instead of the plain output error (FWSVD's row weights on top of the method's input transform,
+            :mod:`compression.output_fisher`).  Needs the family's ``training_loss``.
         block_device: ``sequential`` only -- where each block runs while it is calibrated and
             compressed (``None``: where the model is); the model stays where it is otherwise.
         activations: ``sequential`` only -- where the calibration hidden states wait between
@@ -117,6 +123,7 @@ class CalibrationRecipe:
     correct_dense: bool = False
     target_alpha: float = 1.0
     staged: bool = False
+    output_fisher: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -151,6 +158,14 @@ class CalibrationRecipe:
                              "mode: sequential or staged: false")
         if self.dense_targets and self.stream_weights:
             raise ValueError("calibration.dense_targets with stream_weights is not supported; set one of them false")
+        if self.output_fisher is not None:
+            if not (isinstance(self.output_fisher, int | float) and not isinstance(self.output_fisher, bool)
+                    and 0.0 < self.output_fisher <= 1.0):
+                raise ValueError(f"calibration.output_fisher is the damping λ in (0, 1] of the output-row weights "
+                                 f"(1: unweighted) or null (off), got {self.output_fisher!r}")
+            if self.stream_weights:
+                raise ValueError("calibration.output_fisher needs a backward through the whole dense model; "
+                                 "stream_weights never holds it whole: set one of them off")
 
     @property
     def sequential(self) -> bool:
@@ -387,6 +402,9 @@ class Recipe:
             if self.calibration.sequential:
                 raise ValueError("calibration.mode: sequential runs the low-rank stage block by block, but method "
                                  "is null (no low-rank stage); use calibration.mode: all_at_once")
+            if self.calibration.output_fisher is not None:
+                raise ValueError("calibration.output_fisher weights the low-rank truncation; method: null has none: "
+                                 "set a method or output_fisher: null")
             return
         build_method(self.method, **self.method_args)  # unknown method or bad method_args fail here
         check_ratio(self.ratio, "ratio")

@@ -43,6 +43,8 @@ those are the all-at-once ranks; the second pass compresses at those ranks.  ``g
 matrix's Gram and a backward through the whole dense model: its importances are computed first, exactly as
 all-at-once computes them (:func:`compression.api.dense_importances`; the Lightning stage reduces them
 across processes), so its ranks are the all-at-once ranks and only the factorization runs block by block.
+``calibration.output_fisher`` takes its row weights from the same dense model (one backward per gradient
+batch, :func:`compression.api.dense_signals`) and weights every block's truncation by them.
 That stage holds the whole model and every Gram, as all-at-once does; ``stream_weights``, which never holds
 the dense model, refuses it (:class:`compression.recipe.Recipe`).
 
@@ -182,8 +184,10 @@ class SequentialRun:
             self.observer(event, info)
 
     @torch.no_grad()
-    def run(self, batches: Sequence[Any], importances: dict[str, torch.Tensor] | None = None) -> list[dict]:
-        """Two passes when the allocation needs every spectrum / token count first, else one."""
+    def run(self, batches: Sequence[Any], importances: dict[str, torch.Tensor] | None = None,
+            fisher: dict[str, torch.Tensor] | None = None) -> list[dict]:
+        """Two passes when the allocation needs every spectrum / token count first, else one.  ``fisher``: the
+        dense model's output Fisher sums when ``calibration.output_fisher`` is set (required then)."""
         batches = list(batches)
         if not batches:
             raise ValueError("calibration.mode: sequential got no calibration batches")
@@ -192,6 +196,14 @@ class SequentialRun:
             raise ValueError(f"allocation: {recipe.allocation} in calibration.mode: sequential ranks by gradient "
                              "importances from the dense model: pass importances= (compression.api.dense_importances "
                              "computes them; compress_ and the Lightning stage do so themselves)")
+        if pipe.needs_fisher:  # before the spectra pass: the spectra are taken in the weighted space
+            if fisher is None:
+                raise ValueError("calibration.output_fisher in calibration.mode: sequential weights every block by the "
+                                 "dense model's output Fisher: pass fisher= (compression.api.dense_signals computes "
+                                 "it; compress_ and the Lightning stage do so themselves)")
+            pipe.set_output_fisher(fisher)
+        elif fisher is not None:
+            raise ValueError("fisher= given, but the recipe's calibration.output_fisher is not set")
         free = [k for k in pipe.matrices if k not in pipe.fixed]
         allocator = ALLOCATORS[recipe.allocation]
         if free and ("spectra" in allocator.needs or recipe.budget == "flops"):
@@ -349,11 +361,11 @@ class SequentialRun:
 def compress_sequential_(model: nn.Module, recipe: Recipe, *, family: Any = None, batches: Iterable[Any],
                          forward: Callable | None = None, reduce: ReduceFn | None = None,
                          observer: Observer | None = None, importances: dict | None = None,
-                         progress: bool | None = None) -> CompressionReport:
+                         fisher: dict | None = None, progress: bool | None = None) -> CompressionReport:
     """``compress_`` for ``calibration.mode: sequential`` (see the module docstring); the report's
     ``blocks`` lists every block's record (matrices, statistics bytes, output error, seconds, peak)."""
     pipe = CompressionPipeline(model, recipe, family)
-    SequentialRun(pipe, forward, reduce, observer, progress).run(list(batches), importances)
+    SequentialRun(pipe, forward, reduce, observer, progress).run(list(batches), importances, fisher)
     return pipe.finish()
 
 
