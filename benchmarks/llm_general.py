@@ -18,6 +18,9 @@ per group of corpora and combined (:func:`compression.stats.combine_stats`) into
   pydoc, pycode); ``broad`` = A1 + O (16 windows of each of 7 corpora, 112), ``broad-144`` = A1 + A2 + O;
 - ``L`` (``--long``): ``broad`` again as 4 windows of 1024 tokens per corpus (the same token count).
 
+Rows with an output Fisher (``calibration.output_fisher``) take its sums once per mix from the dense model's
+backward passes over the same gradient windows, four windows to a pass.
+
 The gradient importances (``allocation: gradient``) are computed once per (statistics, method)
 pair from ``--grad-samples`` single windows spread over that mix.  Results accumulate in a JSON
 state file (``--state``), so rows can be run in several sessions; ``--render`` only writes the
@@ -43,6 +46,7 @@ from common import perplexity
 
 from compression import Recipe, build_method, collect_stats, compress_, gradient_importance
 from compression.gradient_allocation import lm_loss
+from compression.output_fisher import OutputWeighted, output_fisher
 from compression.stats import combine_stats
 from data.domains import DOMAIN_TESTS, DOMAIN_VALIDATION
 from data.text import TextDataModule, random_windows
@@ -73,10 +77,13 @@ class Row:
     correct_dense: bool = False  # with dense_targets: calibration.correct_dense (kept-dense matrices corrected too)
     target_alpha: float = 1.0  # with dense_targets: calibration.target_alpha (the target X_c + α (X_d - X_c))
     staged: bool = False  # sequential only: calibration.staged (each block's layer groups on the compressed inputs)
+    output_fisher: float | None = None  # calibration.output_fisher: output rows weighted, damping λ
 
     def __post_init__(self) -> None:
-        if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even):
-            raise ValueError(f"row {self.name!r}: grad_batches / break_even apply to allocation 'gradient' only")
+        if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even
+                                              or self.output_fisher is not None):
+            raise ValueError(f"row {self.name!r}: grad_batches / break_even / output_fisher apply to allocation "
+                             "'gradient' only (the Fisher is taken on its gradient windows)")
         if (self.dense_targets or self.correct_dense or self.target_alpha != 1.0 or self.staged) \
                 and not self.sequential:
             raise ValueError(f"row {self.name!r}: dense_targets / correct_dense / staged apply to the sequential rows "
@@ -94,7 +101,8 @@ class Row:
                                              else {}), **({"dense_targets": True} if self.dense_targets else {}),
                        **({"correct_dense": True} if self.correct_dense else {}),
                        **({"target_alpha": self.target_alpha} if self.target_alpha != 1.0 else {}),
-                       **({"staged": True} if self.staged else {})}
+                       **({"staged": True} if self.staged else {}),
+                       **({"output_fisher": self.output_fisher} if self.output_fisher is not None else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
                       dense_above_break_even=self.break_even, calibration=calibration)
 
@@ -137,6 +145,10 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row("broad + gradient, dense above break-even, sequential, staged" + (", dense targets" if dt else ""),
                      ratio, "broad", "gradient", break_even=True, sequential=True, staged=True, dense_targets=dt)
                  for dt in (False, True)]
+        # output rows weighted by the dense model's squared loss gradients (FWSVD on the whitening), damping λ
+        rows += [Row(f"broad + gradient, dense above break-even{', sequential' * seq}, output Fisher λ={lam:g}", ratio,
+                     "broad", "gradient", break_even=True, sequential=seq, output_fisher=lam)
+                 for seq in (False, True) for lam in (0.5, 0.1, 0.02)]
     return rows
 
 
@@ -161,6 +173,7 @@ class Study:
         self.loaders: dict[str, dict] = {}
         self.parts: dict[str, tuple] = {}  # part -> (stats, windows, seconds)
         self.importances: dict[tuple, tuple] = {}
+        self.fishers: dict[tuple, tuple] = {}
 
     def split(self, split: str) -> dict:
         if split not in self.loaders:
@@ -195,36 +208,56 @@ class Study:
         stats = parts[0][0] if len(parts) == 1 else combine_stats(*(p[0] for p in parts))
         return stats, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts)
 
+    def picks(self, row: Row, windows) -> list[torch.Tensor]:
+        """The gradient windows of a row (and of its output Fisher)."""
+        if row.grad_batches is None:
+            return common.spread(list(windows), self.args.grad_samples)
+        # as train.py: whole calibration batches of 4 windows, evenly spaced, split into single windows
+        return [w for b in common.spread(list(windows.split(4)), row.grad_batches) for w in b]
+
+    def fisher(self, row: Row, windows) -> tuple[dict | None, float]:
+        """The dense model's output Fisher sums on the row's gradient windows, 4 to a backward."""
+        if row.output_fisher is None:
+            return None, 0.0
+        key = (row.mix, row.grad_batches)
+        if key not in self.fishers:
+            picks, start = self.picks(row, windows), time.perf_counter()
+            sums, _ = output_fisher(self.model, self.targets,
+                                    [{"input_ids": torch.stack(picks[i:i + 4])} for i in range(0, len(picks), 4)],
+                                    lm_loss)
+            self.fishers[key] = (sums, time.perf_counter() - start)
+        return self.fishers[key]
+
     def importance(self, row: Row, stats, windows) -> tuple[dict, float]:
-        key = (row.mix, row.shrinkage, row.grad_batches)
+        key = (row.mix, row.shrinkage, row.grad_batches, row.output_fisher)
         if key not in self.importances:
-            if row.grad_batches is None:
-                picks = common.spread(list(windows), self.args.grad_samples)
-            else:  # as train.py: whole calibration batches of 4 windows, evenly spaced, split into single windows
-                picks = [w for b in common.spread(list(windows.split(4)), row.grad_batches) for w in b]
+            fisher, fisher_s = self.fisher(row, windows)
             start = time.perf_counter()
             method = build_method("svd_llm", **({"shrinkage": row.shrinkage} if row.shrinkage else {}))
-            imp = gradient_importance(self.model, self.targets, [{"input_ids": w[None]} for w in picks], lm_loss,
-                                      method, stats)
-            self.importances[key] = (imp, time.perf_counter() - start)
+            if fisher is not None:
+                method = OutputWeighted(method, fisher, row.output_fisher)
+            singles = [{"input_ids": w[None]} for w in self.picks(row, windows)]
+            imp = gradient_importance(self.model, self.targets, singles, lm_loss, method, stats)
+            self.importances[key] = (imp, fisher_s + time.perf_counter() - start)
         return self.importances[key]
 
     def run(self, row: Row) -> dict:
         stats, windows, calib_s = self.mix(row.mix)
         importances, grad_s = (self.importance(row, stats, windows) if row.allocation == "gradient" else (None, 0.0))
+        fisher = self.fisher(row, windows)[0]
         model = copy.deepcopy(self.model)
         start = time.perf_counter()
         if row.sequential:  # the mix's windows again, block by block; the importances are the dense model's
             batches = [{"input_ids": w} for w in windows.split(4)]
             report = compress_(model, row.recipe(self.targets), family=CausalLMSpec(model=model), batches=batches,
-                               importances=importances)
+                               importances=importances, fisher=fisher)
         else:
-            report = compress_(model, row.recipe(self.targets), stats, importances=importances)
+            report = compress_(model, row.recipe(self.targets), stats, importances=importances, fisher=fisher)
         out = {"row": row.name, "ratio": row.ratio, "mix": row.mix, "allocation": row.allocation,
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
                "sequential": row.sequential, "dense_targets": row.dense_targets,
                "correct_dense": row.correct_dense, "target_alpha": row.target_alpha,
-               "staged": row.staged,
+               "staged": row.staged, "output_fisher": row.output_fisher,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}
