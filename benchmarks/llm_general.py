@@ -78,6 +78,7 @@ class Row:
     target_alpha: float = 1.0  # with dense_targets: calibration.target_alpha (the target X_c + α (X_d - X_c))
     staged: bool = False  # sequential only: calibration.staged (each block's layer groups on the compressed inputs)
     output_fisher: float | None = None  # calibration.output_fisher: output rows weighted, damping λ
+    fisher_full: bool = False  # calibration.output_fisher_full: the whole output-gradient covariance
 
     def __post_init__(self) -> None:
         if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even
@@ -102,7 +103,8 @@ class Row:
                        **({"correct_dense": True} if self.correct_dense else {}),
                        **({"target_alpha": self.target_alpha} if self.target_alpha != 1.0 else {}),
                        **({"staged": True} if self.staged else {}),
-                       **({"output_fisher": self.output_fisher} if self.output_fisher is not None else {})}
+                       **({"output_fisher": self.output_fisher} if self.output_fisher is not None else {}),
+                       **({"output_fisher_full": True} if self.fisher_full else {})}
         return Recipe("svd_llm", method_args=args, ratio=self.ratio, targets=targets, allocation=self.allocation,
                       dense_above_break_even=self.break_even, calibration=calibration)
 
@@ -149,6 +151,9 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row(f"broad + gradient, dense above break-even{', sequential' * seq}, output Fisher λ={lam:g}", ratio,
                      "broad", "gradient", break_even=True, sequential=seq, output_fisher=lam)
                  for seq in (False, True) for lam in (0.5, 0.1, 0.02)]
+        rows += [Row(f"broad + gradient, dense above break-even{', sequential' * seq}, full output Fisher λ={lam:g}",
+                     ratio, "broad", "gradient", break_even=True, sequential=seq, output_fisher=lam, fisher_full=True)
+                 for seq in (False, True) for lam in (0.5, 0.1)]
     return rows
 
 
@@ -219,17 +224,17 @@ class Study:
         """The dense model's output Fisher sums on the row's gradient windows, 4 to a backward."""
         if row.output_fisher is None:
             return None, 0.0
-        key = (row.mix, row.grad_batches)
+        key = (row.mix, row.grad_batches, row.fisher_full)
         if key not in self.fishers:
             picks, start = self.picks(row, windows), time.perf_counter()
             sums, _ = output_fisher(self.model, self.targets,
                                     [{"input_ids": torch.stack(picks[i:i + 4])} for i in range(0, len(picks), 4)],
-                                    lm_loss)
+                                    lm_loss, full=row.fisher_full)
             self.fishers[key] = (sums, time.perf_counter() - start)
         return self.fishers[key]
 
     def importance(self, row: Row, stats, windows) -> tuple[dict, float]:
-        key = (row.mix, row.shrinkage, row.grad_batches, row.output_fisher)
+        key = (row.mix, row.shrinkage, row.grad_batches, row.output_fisher, row.fisher_full)
         if key not in self.importances:
             fisher, fisher_s = self.fisher(row, windows)
             start = time.perf_counter()
@@ -257,7 +262,7 @@ class Study:
                "shrinkage": row.shrinkage, "grad_batches": row.grad_batches, "break_even": row.break_even,
                "sequential": row.sequential, "dense_targets": row.dense_targets,
                "correct_dense": row.correct_dense, "target_alpha": row.target_alpha,
-               "staged": row.staged, "output_fisher": row.output_fisher,
+               "staged": row.staged, "output_fisher": row.output_fisher, "fisher_full": row.fisher_full,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}

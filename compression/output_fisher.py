@@ -21,6 +21,12 @@ towards uniform weights, scale-free:
 
 (``λ = 1``: every ``d_j = 1``, exactly the unweighted method; the mean normalisation keeps the
 transformed spectrum on the unweighted scale, which spectrum-based allocations compare across layers).
+
+``full`` (``calibration.output_fisher_full``): the whole ``F_out = Σ_t g_t g_tᵀ`` instead of its diagonal,
+damped the same way, ``F_λ = (1 - λ) F_out / mean(diag F_out) + λ I = R Rᵀ`` (Cholesky); the loss term is
+``‖Rᵀ ΔW L‖_F²`` and the truncation that of ``Rᵀ W L``, mapped back by ``R⁻ᵀ`` (a triangular solve) -- the
+Kronecker-factored form of GFWSVD (Chekalina et al., 2025), its input factor taken from the activations.
+It costs an ``out x out`` float64 sum per layer (joint groups: block-diagonal over their members).
 :class:`OutputWeighted` wraps any :class:`compression.methods.Method`: its right transform (``L``, an
 ASVD scaling, ``I``) is the wrapped method's, the left one is ``D``; ``Method.unmap_left`` applies
 ``D⁻¹`` to the up factor, and the gradient importance maps its bases the same way.
@@ -40,9 +46,11 @@ log = logging.getLogger(__name__)
 
 
 def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterable,
-                  loss_fn: Callable[[nn.Module, object], torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+                  loss_fn: Callable[[nn.Module, object], torch.Tensor],
+                  full: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """``(name -> Σ_t g_t² (out_features,) float64 CPU, batches)``: the squared loss gradient at each named
-    ``nn.Linear``'s output, summed over every token of ``batches`` (one backward each).
+    ``nn.Linear``'s output, summed over every token of ``batches`` (one backward each).  ``full``: the whole
+    ``Σ_t g_t g_tᵀ`` (out x out; a float32 GEMM per batch, float64 for float64 models, into a float64 sum).
 
     Sums, so processes combine them by adding (then divide nothing: only the shape of ``f`` matters).
     The model's ``requires_grad`` flags are restored and gradients cleared afterwards.
@@ -51,12 +59,17 @@ def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterabl
     for n, mod in modules.items():
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"output_fisher: {n!r} is a {type(mod).__name__}; run it before compression")
-    sums = {n: torch.zeros(mod.out_features, dtype=torch.float64, device=mod.weight.device)
+    sums = {n: torch.zeros((mod.out_features,) * (2 if full else 1), dtype=torch.float64, device=mod.weight.device)
             for n, mod in modules.items()}
 
     def hook(name: str):
         def accumulate(grad: torch.Tensor) -> None:
-            sums[name].add_(grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0))
+            g = grad.detach().reshape(-1, grad.shape[-1])
+            if full:
+                g = g if g.dtype == torch.float64 else g.float()
+                sums[name].add_((g.T @ g).double())
+            else:
+                sums[name].add_(g.double().square().sum(0))
 
         def forward_hook(_mod, _inp, out):
             if out.requires_grad:
@@ -96,15 +109,22 @@ def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterabl
 
 
 def row_weights(fisher: torch.Tensor, damping: float, name: str) -> torch.Tensor:
-    """``d`` with ``d_j² = (1 - λ) f_j / mean(f) + λ`` (module docstring), float64."""
+    """``d`` with ``d_j² = (1 - λ) f_j / mean(f) + λ`` (module docstring), float64; for a full ``F`` (out x
+    out) the lower Cholesky factor ``R`` of ``(1 - λ) F / mean(diag F) + λ I`` (``R Rᵀ``, positive definite
+    for ``λ > 0``), whose ``Rᵀ`` is the left transform."""
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"output Fisher damping λ must lie in (0, 1] (1: unweighted), got {damping!r}")
     f = fisher.double()
-    mean = float(f.mean())
-    if not (mean > 0.0 and torch.isfinite(f).all() and bool((f >= 0).all())):
+    diag = f if f.dim() == 1 else f.diagonal()
+    mean = float(diag.mean())
+    if not (mean > 0.0 and torch.isfinite(f).all() and bool((diag >= 0).all())):
         raise ValueError(f"layer {name!r}: its output Fisher is zero, negative or non-finite; did the "
                          "calibration loss reach it?")
-    return ((1.0 - damping) * f / mean + damping).sqrt()
+    if f.dim() == 1:
+        return ((1.0 - damping) * f / mean + damping).sqrt()
+    shrunk = (1.0 - damping) / mean * (f + f.T) / 2
+    shrunk.diagonal().add_(damping)
+    return torch.linalg.cholesky(shrunk)
 
 
 class OutputWeighted(Method):
@@ -128,8 +148,8 @@ class OutputWeighted(Method):
             raise KeyError(f"output Fisher weighting: no output Fisher for matrix {name!r}; it was collected for "
                            f"{len(self.weights)} matrices (e.g. {sorted(self.weights)[:3]})")
         d = self.weights[name]
-        if d.numel() != weight.shape[0]:
-            raise ValueError(f"matrix {name!r} has {weight.shape[0]} outputs, its output Fisher {d.numel()}")
+        if d.shape[0] != weight.shape[0]:
+            raise ValueError(f"matrix {name!r} has {weight.shape[0]} outputs, its output Fisher {d.shape[0]}")
         return d.to(weight.device, torch.float64)
 
     def check_stats(self, stats, name):
@@ -138,13 +158,15 @@ class OutputWeighted(Method):
     def transformed(self, weight, stats, name):
         mat, ctx = self.inner.transformed(weight, stats, name)
         d = self._rows(weight, name)
-        return d[:, None] * mat, (ctx, d)
+        return (d[:, None] * mat if d.dim() == 1 else d.T @ mat), (ctx, d)
 
     def unmap(self, right, ctx):
         return self.inner.unmap(right, ctx[0])
 
     def unmap_left(self, left, ctx):
-        return self.inner.unmap_left(left, ctx[0]) / ctx[1][:, None]
+        d = ctx[1]
+        left = left / d[:, None] if d.dim() == 1 else torch.linalg.solve_triangular(d.T, left, upper=True)
+        return self.inner.unmap_left(left, ctx[0])
 
     def corrected(self, weight, stats, name):  # full rank: the row weights change nothing
         return self.inner.corrected(weight, stats, name)

@@ -200,13 +200,14 @@ class CompressionPipeline:
         if loss is None:
             raise ValueError("calibration.output_fisher needs a loss: give the family's training_loss")
         batches = list(batches)
+        full = self.recipe.calibration.output_fisher_full
         if not batches:  # a DDP rank without a share still joins the sum: it adds zeros
-            return {n: torch.zeros(self.model.get_submodule(n).out_features, dtype=torch.float64)
-                    for n in self.names}
+            return {n: torch.zeros((self.model.get_submodule(n).out_features,) * (2 if full else 1),
+                                   dtype=torch.float64) for n in self.names}
         was_training = self.model.training
         self.model.eval()
         try:
-            return output_fisher(self.model, self.names, batches, loss)[0]
+            return output_fisher(self.model, self.names, batches, loss, full=full)[0]
         finally:
             self.model.train(was_training)
 
@@ -225,7 +226,11 @@ class CompressionPipeline:
         missing = sorted({n for m in self.matrices.values() for n in m.members} - set(fisher))
         if missing:
             raise ValueError(f"output Fisher missing for {len(missing)} targeted layers, e.g. {missing[:3]}")
-        per_key = {k: torch.cat([fisher[n].double().cpu() for n in m.members]) for k, m in self.matrices.items()}
+        full = self.recipe.calibration.output_fisher_full  # full: a joint group's Fisher is block-diagonal
+        per_key = {}
+        for key, matrix in self.matrices.items():
+            parts = [fisher[n].double().cpu() for n in matrix.members]
+            per_key[key] = torch.block_diag(*parts) if full else torch.cat(parts)
         self.method = OutputWeighted(self.method, per_key, self.recipe.calibration.output_fisher)
         self.done.append("fisher")
         self.output_fisher_sums = {n: fisher[n] for n in self.names}

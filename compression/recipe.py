@@ -97,6 +97,8 @@ class CalibrationRecipe:
             ``null``: off): the truncation then minimises the loss's Kronecker-factored second-order change
             instead of the plain output error (FWSVD's row weights on top of the method's input transform,
             :mod:`compression.output_fisher`).  Needs the family's ``training_loss``.
+        output_fisher_full: with ``output_fisher`` -- the whole output-gradient covariance ``Σ_t g_t g_tᵀ`` (out x
+            out per layer, damped the same way) instead of its diagonal: Kronecker-factored weights (GFWSVD).
         block_device: ``sequential`` only -- where each block runs while it is calibrated and
             compressed (``None``: where the model is); the model stays where it is otherwise.
         activations: ``sequential`` only -- where the calibration hidden states wait between
@@ -124,6 +126,7 @@ class CalibrationRecipe:
     target_alpha: float = 1.0
     staged: bool = False
     output_fisher: float | None = None
+    output_fisher_full: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "gradient_batches"):
@@ -166,6 +169,9 @@ class CalibrationRecipe:
             if self.stream_weights:
                 raise ValueError("calibration.output_fisher needs a backward through the whole dense model; "
                                  "stream_weights never holds it whole: set one of them off")
+        elif self.output_fisher_full:
+            raise ValueError("calibration.output_fisher_full chooses the form of the output Fisher weights: set "
+                             "output_fisher (a damping in (0, 1]) or output_fisher_full: false")
 
     @property
     def sequential(self) -> bool:

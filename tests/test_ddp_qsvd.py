@@ -1,7 +1,8 @@
 """2-process DDP on CPU (gloo): QSVD's gradient allocation, joint truncation and quantization equal one process.
 
 The gradient importance is summed over the ranks' calibration shards, so both processes choose
-the single-process ranks; rotations and β are deterministic, so the quantized weights agree too.
+the single-process ranks; rotations and β are deterministic, so the quantized weights agree too.  With
+``calibration.output_fisher`` the Fisher sums are all-reduced first (the importance bases depend on them).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ WORKER = Path(__file__).resolve().parent / "ddp_qsvd_worker.py"
 pytestmark = pytest.mark.ddp
 
 
-def test_qsvd_under_ddp_equals_one_process(tmp_path):
-    single = launch(tmp_path / "single", 1, WORKER)[0]
-    rank0, rank1 = launch(tmp_path / "ddp", 2, WORKER)
+@pytest.mark.parametrize("fisher", [None, 0.25], ids=["plain", "output_fisher"])
+def test_qsvd_under_ddp_equals_one_process(tmp_path, fisher):
+    extra = () if fisher is None else (str(fisher),)  # output Fisher sums all-reduced before the importance
+    single = launch(tmp_path / "single", 1, WORKER, extra=extra)[0]
+    rank0, rank1 = launch(tmp_path / "ddp", 2, WORKER, extra=extra)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert rank0["plan"] == rank1["plan"]
     ref, got = single["plan"], rank0["plan"]

@@ -235,3 +235,37 @@ def test_lightning_stages_weight_by_the_output_fisher(tmp_path):
     assert seq.plan["layers"] == weighted.plan["layers"] != plain.plan["layers"]
     for key, value in weighted.model.state_dict().items():
         torch.testing.assert_close(seq.model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_full_output_fisher_is_the_kronecker_factored_optimum():
+    """``output_fisher_full``: the collected matrix is Σ g gᵀ (its diagonal the diagonal sums); the truncation
+    minimises tr(ΔWᵀ F_λ ΔW G) and reports its square root; a diagonal F gives the diagonal method."""
+    model = make_tiny_llama().double()
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.gate_proj"]
+    batches = [{"input_ids": torch.randint(0, 128, (2, 10))} for _ in range(2)]
+    full, _ = output_fisher(model, names, batches, lm_loss, full=True)
+    diag, _ = output_fisher(model, names, batches, lm_loss)
+    for n in names:
+        assert full[n].shape == (diag[n].numel(),) * 2
+        torch.testing.assert_close(full[n].diagonal(), diag[n], rtol=1e-10, atol=0)
+        torch.testing.assert_close(full[n], full[n].T, rtol=1e-12, atol=0)
+    w, x, stats, _ = _problem()
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(40, 12, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, 12, dtype=torch.float64)
+    fisher, lam, rank = grads.T @ grads, 0.1, 4
+    f = fisher.double()
+    f_lam = (1 - lam) * f / float(f.diagonal().mean()) + lam * torch.eye(12, dtype=torch.float64)
+    factors = OutputWeighted(build_method("svd_llm"), {"w": fisher}, lam).decompose(w, stats, rank, "w")
+    delta = w - factors.up @ factors.down
+    gram = x.T @ x
+    loss = float(torch.trace(delta.T @ f_lam @ delta @ gram)) ** 0.5
+    assert loss == pytest.approx(factors.truncation_loss, rel=1e-9)
+    root = torch.linalg.cholesky(f_lam)
+    tail = torch.linalg.svdvals(root.T @ w @ torch.linalg.cholesky(gram))[rank:]
+    assert factors.truncation_loss == pytest.approx(float(tail.square().sum().sqrt()), rel=1e-9)
+    method = build_method("svd_llm")
+    plain = OutputWeighted(method, {"w": fisher.diagonal().clone()}, lam).decompose(w, stats, rank, "w")
+    as_matrix = OutputWeighted(method, {"w": torch.diag(fisher.diagonal())}, lam).decompose(w, stats, rank, "w")
+    torch.testing.assert_close(as_matrix.up @ as_matrix.down, plain.up @ plain.down, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="set output_fisher"):
+        _recipe({"output_fisher_full": True})
