@@ -269,3 +269,28 @@ def test_full_output_fisher_is_the_kronecker_factored_optimum():
     torch.testing.assert_close(as_matrix.up @ as_matrix.down, plain.up @ plain.down, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="set output_fisher"):
         _recipe({"output_fisher_full": True})
+
+
+def test_joint_groups_stack_their_members_fisher():
+    """Joint q/k/v: the group's weights are its members' sums stacked in member order (block-diagonal when
+    full); the joint factors are those of the weighted stacked SVD."""
+    from compression.joint import decompose_joint
+
+    model, batches = _llama(), _batches(count=4)
+    for full in (False, True):
+        calibration = {"output_fisher": 0.25, "output_fisher_full": full, "gradient_batches": 2, "progress": False}
+        recipe = Recipe("svd_llm", ratio=0.3, joint_qkv=True, targets=["q_proj", "k_proj", "v_proj"],
+                        calibration=calibration)
+        pipe = prepare(copy.deepcopy(model), recipe, family=CausalLMSpec(model=model), batches=batches)
+        key = next(k for k, m in pipe.matrices.items() if m.joint)
+        members = pipe.matrices[key].members
+        sums = [pipe.output_fisher_sums[n] for n in members]
+        stacked = torch.block_diag(*sums) if full else torch.cat(sums)
+        ref = OutputWeighted(build_method("svd_llm"), {key: stacked}, 0.25)
+        weights, stats = pipe._inputs(key)
+        got = decompose_joint(pipe.method, weights, stats, key, 5)
+        want = decompose_joint(ref, weights, stats, key, 5)
+        for a, b in zip(got.ups, want.ups):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert got.truncation_loss == want.truncation_loss
+        assert stacked.shape[0] == sum(model.get_submodule(n).out_features for n in members)
