@@ -32,7 +32,7 @@ What is kept -- ``mode``:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,34 @@ def _as_groups(layer_names: Sequence[str] | Mapping[str, Sequence[str]]) -> dict
     if isinstance(layer_names, Mapping):
         return {k: list(v) for k, v in layer_names.items()}
     return {n: [n] for n in layer_names}
+
+
+def targeted_backwards(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable, loss_fn: LossFn
+                       ) -> Iterator[None]:
+    """One backward of ``loss_fn(model, batch)`` per batch with gradients enabled for the ``layers``' weights
+    only; yields after each (their ``.grad`` set, cleared before the next).  The model's ``requires_grad``
+    flags are restored and every gradient cleared afterwards; a non-finite loss is an error naming the batch."""
+    layers = list(layers)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for mod in layers:
+            mod.weight.requires_grad_(True)
+            mod.weight.grad = None
+        for count, batch in enumerate(batches):
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite calibration loss on batch {count}")
+                loss.backward()
+            yield
+            for mod in layers:
+                mod.weight.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 @dataclass
@@ -93,34 +121,16 @@ def gradient_importance(
             mat, ctx = method.transformed(w, st, key)
             u, s, vh = torch.linalg.svd(mat, full_matrices=False)
             bases[key] = _Basis(method.unmap_left(u, ctx), method.unmap(vh, ctx), s)
-    flags = {p: p.requires_grad for p in model.parameters()}
     sums = {k: torch.zeros_like(b.sigma) for k, b in bases.items()}
     count = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for mod in modules.values():
-            mod.weight.requires_grad_(True)
-            mod.weight.grad = None
-        for batch in batches:
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite calibration loss on batch {count}")
-                loss.backward()
-            with torch.no_grad():
-                for key, names in groups.items():
-                    b = bases[key]
-                    g = torch.cat([modules[n].weight.grad.double() for n in names], 0).to(b.u.device)
-                    score = b.sigma * ((b.u.T @ g) * b.right).sum(1)
-                    sums[key] += score.square()
-            for mod in modules.values():
-                mod.weight.grad = None
-            count += 1
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
+    for _ in targeted_backwards(model, modules.values(), batches, loss_fn):
+        with torch.no_grad():
+            for key, names in groups.items():
+                b = bases[key]
+                g = torch.cat([modules[n].weight.grad.double() for n in names], 0).to(b.u.device)
+                score = b.sigma * ((b.u.T @ g) * b.right).sum(1)
+                sums[key] += score.square()
+        count += 1
     if count == 0:
         raise ValueError("gradient_importance: no calibration batches")
     log.info("gradient importance of %d matrices from %d batches", len(groups), count)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from compression.gradient_allocation import targeted_backwards
 from compression.methods import Method
 
 log = logging.getLogger(__name__)
@@ -76,29 +77,14 @@ def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterabl
                 out.register_hook(accumulate)
         return forward_hook
 
-    flags = {p: p.requires_grad for p in model.parameters()}
     handles = [mod.register_forward_hook(hook(n)) for n, mod in modules.items()]
     count = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for mod in modules.values():  # the graph must reach every targeted output
-            mod.weight.requires_grad_(True)
-        for batch in batches:
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"output_fisher: non-finite calibration loss on batch {count}")
-                loss.backward()
-            for mod in modules.values():
-                mod.weight.grad = None
+    try:  # the targeted weights need gradients: then the graph reaches every targeted output
+        for _ in targeted_backwards(model, modules.values(), batches, loss_fn):
             count += 1
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
     if count == 0:
         raise ValueError("output_fisher: no calibration batches")
     for n, f in sums.items():

@@ -54,6 +54,17 @@ def cpu_trainer(root, callbacks: list, max_steps: int = -1, every: int | None = 
                    deterministic=True, default_root_dir=root)
 
 
+def compress_tiny_llama(root, recipe):
+    """The tiny random LLaMA compressed by ``recipe`` through the Lightning stages (no training): the module."""
+    from lightning_modules import CompressionModule
+    from tests.conftest import make_tiny_llama
+
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama()), compression=recipe)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=0, enable_progress_bar=False, logger=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(module, datamodule=TinyTokens())
+    return module
+
 
 class TinyLlamaSpec(CausalLMSpec):
     """``CausalLMSpec`` on the tiny random LLaMA of the tests, for CLI runs (a ``class_path`` in a config).

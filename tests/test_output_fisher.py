@@ -215,19 +215,11 @@ def test_output_fisher_refusals_name_what_to_change():
 def test_lightning_stages_weight_by_the_output_fisher(tmp_path):
     """Through the Lightning stages: all-at-once (the reallocation stage sets the weights) and sequential with
     dense propagation (the weights come from the dense model first) give the same model, unlike no weighting."""
-    from lightning.pytorch import Trainer
-
-    from lightning_modules import CompressionModule
-    from tests.lightning_helpers import TinyTokens
+    from tests.lightning_helpers import compress_tiny_llama
 
     def fit(calibration):
-        module = CompressionModule(CausalLMSpec(model=make_tiny_llama()),
-                                   compression=Recipe("svd_llm", ratio=0.2, allocation="gradient",
-                                                      dense_above_break_even=True, calibration=calibration))
-        trainer = Trainer(accelerator="cpu", devices=1, max_steps=0, enable_progress_bar=False, logger=False,
-                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
-        trainer.fit(module, datamodule=TinyTokens())
-        return module
+        return compress_tiny_llama(tmp_path, Recipe("svd_llm", ratio=0.2, allocation="gradient",
+                                                    dense_above_break_even=True, calibration=calibration))
 
     weighted = fit({"progress": False, "output_fisher": 0.25})
     seq = fit({"mode": "sequential", "propagate": "dense", "progress": False, "output_fisher": 0.25})

@@ -95,20 +95,11 @@ def test_sequential_gradient_refusals_name_what_to_change():
 
 
 def test_lightning_sequential_gradient_matches_the_all_at_once_stages(tmp_path):
-    from lightning.pytorch import Trainer
-
-    from lightning_modules import CompressionModule
-    from tests.conftest import make_tiny_llama
-    from tests.lightning_helpers import TinyTokens
+    from tests.lightning_helpers import compress_tiny_llama
 
     def fit(calibration):
-        module = CompressionModule(CausalLMSpec(model=make_tiny_llama()),
-                                   compression=Recipe("svd_llm", ratio=0.2, allocation="gradient",
-                                                      dense_above_break_even=True, calibration=calibration))
-        trainer = Trainer(accelerator="cpu", devices=1, max_steps=0, enable_progress_bar=False, logger=False,
-                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
-        trainer.fit(module, datamodule=TinyTokens())
-        return module
+        return compress_tiny_llama(tmp_path, Recipe("svd_llm", ratio=0.2, allocation="gradient",
+                                                    dense_above_break_even=True, calibration=calibration))
 
     dense = fit({"progress": False})
     seq = fit({**SEQ, "block_device": "cpu"})
