@@ -43,6 +43,19 @@ def _spread(batches: Callable[[], Iterable[Any]], count: int | None) -> list[Any
     return list(spread_batches(list(batches()), count))
 
 
+def _needs(recipe: Recipe) -> tuple[bool, bool]:
+    """``(gradient importances, output Fisher sums)``: what the recipe takes from backward passes."""
+    return (recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs,
+            recipe.lowrank and recipe.calibration.output_fisher is not None)
+
+
+def _check_signals(recipe: Recipe, importances: Mapping | None, fisher: Mapping | None) -> None:
+    """Importances given without the Fisher sums their bases were weighted by are refused."""
+    if importances is not None and fisher is None and _needs(recipe)[1]:
+        raise ValueError("calibration.output_fisher: importances= were computed in the output-weighted bases; "
+                         "pass the fisher= sums they were computed with (compression.api.dense_signals)")
+
+
 def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationStats | None = None, *,
             family: Any = None, batches: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
             importances: Mapping[str, torch.Tensor] | None = None,
@@ -60,11 +73,9 @@ def prepare(model: nn.Module, recipe: Recipe | None = None, stats: ActivationSta
         pipe.collect(_spread(source, limit) if limit else source())
     else:
         pipe.set_statistics(stats)
+    _check_signals(recipe, importances, fisher)
     if pipe.needs_fisher:
         if fisher is None:
-            if importances is not None:
-                raise ValueError("calibration.output_fisher: importances= were computed in the output-weighted bases; "
-                                 "pass the fisher= sums they were computed with (compression.api.dense_signals)")
             if source is None:
                 raise ValueError("calibration.output_fisher needs calibration batches (batches=) or fisher=")
             fisher = pipe.output_fisher(_spread(source, recipe.calibration.gradient_batches))
@@ -99,11 +110,12 @@ def dense_signals(model: nn.Module, recipe: Recipe, *, family: Any = None,
     in the bases those sums weight, as the all-at-once path takes them."""
     source = _batches(batches)
     dense = recipe.all_at_once()
-    if recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs:
+    needs_importance, needs_fisher = _needs(recipe)
+    if needs_importance:
         pipe = prepare(model, dense, family=family, batches=source)
         pipe.stats = None
         return DenseSignals(pipe.importances, pipe.output_fisher_sums)
-    if recipe.lowrank and recipe.calibration.output_fisher is not None:
+    if needs_fisher:
         pipe = CompressionPipeline(model, dense, family)
         return DenseSignals(None, pipe.output_fisher(_spread(source, recipe.calibration.gradient_batches)))
     return DenseSignals(None, None)
@@ -115,7 +127,7 @@ def dense_importances(model: nn.Module, recipe: Recipe, *, family: Any = None,
     the all-at-once path computes them (its statistics from ``calibration.max_batches`` batches, then
     ``calibration.gradient_batches`` backward passes): a sequential run with the gradient allocation takes its
     ranks from these, so its ranks are the all-at-once ranks.  The statistics are freed before returning."""
-    if not (recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs):
+    if not _needs(recipe)[0]:
         raise ValueError(f"allocation {recipe.allocation!r} ranks by no gradient importances")
     return dense_signals(model, recipe, family=family, batches=batches).importances
 
@@ -164,11 +176,8 @@ def compress_(model: nn.Module, recipe: Recipe | None = None, stats: ActivationS
         source = _batches(batches)
         if source is None:
             raise ValueError("calibration.mode: sequential needs calibration batches (batches=)")
-        needs_importance = recipe.lowrank and "importance" in ALLOCATORS[recipe.allocation].needs
-        needs_fisher = recipe.lowrank and recipe.calibration.output_fisher is not None
-        if importances is not None and needs_fisher and fisher is None:
-            raise ValueError("calibration.output_fisher: importances= were computed in the output-weighted bases; "
-                             "pass the fisher= sums they were computed with (compression.api.dense_signals)")
+        needs_importance, needs_fisher = _needs(recipe)
+        _check_signals(recipe, importances, fisher)
         if (needs_importance and importances is None) or (needs_fisher and fisher is None):
             signals = dense_signals(model, recipe, family=family, batches=source)
             importances, fisher = signals.importances, signals.fisher

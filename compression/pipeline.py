@@ -60,6 +60,9 @@ Batches = Callable[[], Iterable[Any]]
 """A function returning a fresh iterable of calibration batches (already on the model's device)."""
 
 STAGES = ("statistics", "importance", "allocate", "truncate", "quantize", "finish")
+STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)} | {"fisher": STAGES.index("statistics")}
+"""Each stage's place; the output Fisher weights share the statistics' (either may come first: the
+sequential mode needs the weights for its spectra pass, before its statistics)."""
 
 
 class CompressionPipeline:
@@ -156,7 +159,7 @@ class CompressionPipeline:
     def _advance(self, stage: str) -> None:
         if stage in self.done:
             raise RuntimeError(f"compression stage {stage!r} already ran")
-        later = [s for s in self.done if s in STAGES and STAGES.index(s) > STAGES.index(stage)]
+        later = [s for s in self.done if STAGE_ORDER[s] > STAGE_ORDER[stage]]
         if later:
             raise RuntimeError(f"compression stage {stage!r} must run before {later}")
         self.done.append(stage)
@@ -218,11 +221,6 @@ class CompressionPipeline:
 
         if not self.needs_fisher:
             raise ValueError("set_output_fisher: calibration.output_fisher is not set in the recipe")
-        if "fisher" in self.done:
-            raise RuntimeError("compression stage 'fisher' already ran")
-        later = [s for s in self.done if s != "statistics"]
-        if later:
-            raise RuntimeError(f"the output Fisher weights must be set before {later}")
         missing = sorted({n for m in self.matrices.values() for n in m.members} - set(fisher))
         if missing:
             raise ValueError(f"output Fisher missing for {len(missing)} targeted layers, e.g. {missing[:3]}")
@@ -231,8 +229,8 @@ class CompressionPipeline:
         for key, matrix in self.matrices.items():
             parts = [fisher[n].double().cpu() for n in matrix.members]
             per_key[key] = torch.block_diag(*parts) if full else torch.cat(parts)
+        self._advance("fisher")
         self.method = OutputWeighted(self.method, per_key, self.recipe.calibration.output_fisher)
-        self.done.append("fisher")
         self.output_fisher_sums = {n: fisher[n] for n in self.names}
 
     def importance(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:

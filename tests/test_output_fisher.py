@@ -210,6 +210,18 @@ def test_output_fisher_refusals_name_what_to_change():
         pipe.importance(batches)
     with pytest.raises(ValueError, match="output Fisher missing for 14 targeted layers"):
         pipe.set_output_fisher({})
+    sums = pipe.output_fisher(batches[:1])
+    pipe.set_output_fisher(sums)
+    with pytest.raises(RuntimeError, match="stage 'fisher' already ran"):
+        pipe.set_output_fisher(sums)
+    first = CompressionPipeline(model, _recipe({"output_fisher": 0.5}), family)
+    first.set_output_fisher(sums)  # before the statistics too (the sequential mode's order)
+    first.collect(batches)
+    assert first.done == ["fisher", "statistics"]
+    again = CompressionPipeline(model, _recipe({"output_fisher": 0.5}), family)
+    again.done.append("importance")  # as if the importance had run unweighted
+    with pytest.raises(RuntimeError, match=r"stage 'fisher' must run before \['importance'\]"):
+        again.set_output_fisher(sums)
 
 
 def test_lightning_stages_weight_by_the_output_fisher(tmp_path):
