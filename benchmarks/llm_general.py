@@ -79,12 +79,15 @@ class Row:
     staged: bool = False  # sequential only: calibration.staged (each block's layer groups on the compressed inputs)
     output_fisher: float | None = None  # calibration.output_fisher: output rows weighted, damping λ
     fisher_full: bool = False  # calibration.output_fisher_full: the whole output-gradient covariance
+    grad_samples: int | None = None  # gradient / Fisher windows spread over the mix (None: --grad-samples)
 
     def __post_init__(self) -> None:
-        if self.allocation != "gradient" and (self.grad_batches is not None or self.break_even
-                                              or self.output_fisher is not None):
-            raise ValueError(f"row {self.name!r}: grad_batches / break_even / output_fisher apply to allocation "
-                             "'gradient' only (the Fisher is taken on its gradient windows)")
+        if self.allocation not in ("gradient", "kfac") and (self.grad_batches is not None or self.break_even
+                                                            or self.output_fisher is not None):
+            raise ValueError(f"row {self.name!r}: grad_batches / break_even / output_fisher apply to allocations "
+                             "'gradient' and 'kfac' only (the Fisher is taken on the gradient windows)")
+        if self.allocation == "kfac" and self.output_fisher is None:
+            raise ValueError(f"row {self.name!r}: allocation 'kfac' ranks by the output Fisher: set output_fisher")
         if (self.dense_targets or self.correct_dense or self.target_alpha != 1.0 or self.staged) \
                 and not self.sequential:
             raise ValueError(f"row {self.name!r}: dense_targets / correct_dense / staged apply to the sequential rows "
@@ -154,6 +157,13 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row(f"broad + gradient, dense above break-even{', sequential' * seq}, full output Fisher λ={lam:g}",
                      ratio, "broad", "gradient", break_even=True, sequential=seq, output_fisher=lam, fisher_full=True)
                  for seq in (False, True) for lam in (0.5, 0.1)]
+        # the ranks from the same Fisher: every triplet by its Kronecker-factored loss, no gradient importance
+        rows += [Row(f"broad + K-FAC allocation, dense above break-even{', sequential' * seq}, output Fisher λ={lam:g}",
+                     ratio, "broad", "kfac", break_even=True, sequential=seq, output_fisher=lam)
+                 for seq in (False, True) for lam in (0.1, 0.02)]
+        rows += [Row(f"broad + K-FAC allocation, dense above break-even{', sequential' * seq}, output Fisher λ=0.1 "
+                     "from 64 windows", ratio, "broad", "kfac", break_even=True, sequential=seq, output_fisher=0.1,
+                     grad_samples=64) for seq in (False, True)]
     return rows
 
 
@@ -216,7 +226,7 @@ class Study:
     def picks(self, row: Row, windows) -> list[torch.Tensor]:
         """The gradient windows of a row (and of its output Fisher)."""
         if row.grad_batches is None:
-            return common.spread(list(windows), self.args.grad_samples)
+            return common.spread(list(windows), row.grad_samples or self.args.grad_samples)
         # as train.py: whole calibration batches of 4 windows, evenly spaced, split into single windows
         return [w for b in common.spread(list(windows.split(4)), row.grad_batches) for w in b]
 
@@ -224,7 +234,7 @@ class Study:
         """The dense model's output Fisher sums on the row's gradient windows, 4 to a backward."""
         if row.output_fisher is None:
             return None, 0.0
-        key = (row.mix, row.grad_batches, row.fisher_full)
+        key = (row.mix, row.grad_batches, row.grad_samples, row.fisher_full)
         if key not in self.fishers:
             picks, start = self.picks(row, windows), time.perf_counter()
             sums, _ = output_fisher(self.model, self.targets,
@@ -234,7 +244,7 @@ class Study:
         return self.fishers[key]
 
     def importance(self, row: Row, stats, windows) -> tuple[dict, float]:
-        key = (row.mix, row.shrinkage, row.grad_batches, row.output_fisher, row.fisher_full)
+        key = (row.mix, row.shrinkage, row.grad_batches, row.grad_samples, row.output_fisher, row.fisher_full)
         if key not in self.importances:
             fisher, fisher_s = self.fisher(row, windows)
             start = time.perf_counter()
@@ -249,7 +259,9 @@ class Study:
     def run(self, row: Row) -> dict:
         stats, windows, calib_s = self.mix(row.mix)
         importances, grad_s = (self.importance(row, stats, windows) if row.allocation == "gradient" else (None, 0.0))
-        fisher = self.fisher(row, windows)[0]
+        fisher, fisher_s = self.fisher(row, windows)
+        if row.allocation != "gradient":  # a gradient row's importance time counts its Fisher already
+            grad_s += fisher_s
         model = copy.deepcopy(self.model)
         start = time.perf_counter()
         if row.sequential:  # the mix's windows again, block by block; the importances are the dense model's
@@ -263,6 +275,7 @@ class Study:
                "sequential": row.sequential, "dense_targets": row.dense_targets,
                "correct_dense": row.correct_dense, "target_alpha": row.target_alpha,
                "staged": row.staged, "output_fisher": row.output_fisher, "fisher_full": row.fisher_full,
+               "grad_samples": row.grad_samples,
                "params": sum(p.numel() for p in model.parameters()),
                "removed": report.params_ratio, "calibration_s": calib_s, "gradient_s": grad_s,
                "decomposition_s": time.perf_counter() - start}
@@ -297,9 +310,9 @@ def render(state: dict, args, recovered: dict[str, dict]) -> str:
              f"(`data.domains.DOMAIN_TESTS`), validation: {args.val_tokens} tokens per domain "
              "(`DOMAIN_VALIDATION`), windows of 256 tokens. Cells: perplexity / dense perplexity "
              "(lower is better); `gmean` = geometric mean over the seven domains. `params`: the whole model's "
-             "parameters. `time`: calibration + gradient importance + decomposition seconds for that row on 2 "
-             "shared CPU cores (statistics shared between rows were collected once; the time counts them "
-             "for every row that uses them).", ""]
+             "parameters. `time`: calibration + output Fisher + gradient importance + decomposition seconds for "
+             "that row on 2 shared CPU cores (statistics shared between rows were collected once; the time counts "
+             "them for every row that uses them).", ""]
     if dense.get("test"):
         lines += ["Dense perplexity: " + ", ".join(f"{d} {dense['test'][d]:.2f}" for d in domains)
                   + f"; {dense['params']:,} parameters.", ""]

@@ -6,6 +6,15 @@ one matrix to every strategy.  A matrix ``m x n`` at removal ratio ``ρ`` keeps
 ``r = floor((1-ρ) m n / (m+n))`` (at least 1).
 
 - ``uniform``: every matrix gets the global ratio ``ρ``.
+- ``greedy`` / ``greedy_relative``: one budget over every matrix; triplets are added in order of ``σ²``
+  (``σ²`` over the matrix's total energy) per parameter they cost.
+- ``kfac``: ``greedy`` on the loss each triplet's removal costs to second order, ``½ f̄ σ²`` in the space of
+  ``calibration.output_fisher`` (the Kronecker-factored Fisher ``E[g gᵀ] ⊗ E[x xᵀ]``, its output factor
+  damped and divided by its mean ``f̄`` in :mod:`compression.output_fisher`, multiplied back here), so
+  matrices are compared by what their cuts cost the model's loss rather than their output energy: the
+  ranking LLM Surgeon (van der Ouderaa et al., ICLR 2024) makes with the same curvature for structured
+  pruning, applied to singular triplets.  Unlike ``gradient`` it takes no backward of its own and
+  its per-triplet estimate averages over every gradient token instead of a few sampled batches.
 - ``v2_paper``: ``v2`` with the paper's weighting ``w_i = 1 / log L_i`` on the absolute loss (kept
   for comparison; see below why ``v2`` uses ``-log ℓ``).
 - ``v2`` (SVD-LLM V2, heterogeneous ratios): layers are grouped by type (the module name
@@ -213,6 +222,7 @@ class AllocationInputs:
     importance: Mapping[str, torch.Tensor] | None = None
     components: str = "leading"
     budget: float | None = None  # global strategies: explicit budget instead of (1 - ratio) Σ c m n
+    loss_scale: Mapping[str, float] | None = None  # kfac: each matrix's mean output Fisher (OutputWeighted.scales)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {k: m.shape for k, m in self.matrices.items()}
@@ -295,8 +305,9 @@ def _unit(inp: AllocationInputs, key: str) -> float:
     return float(inp.cost[key]) if inp.cost else 1.0
 
 
-def _greedy(inp: AllocationInputs, relative: bool) -> AllocationResult:
-    """Keep ``min_rank`` leading triplets each, then add triplets in order of error removed per cost."""
+def _greedy(inp: AllocationInputs, relative: bool, scale: Mapping[str, float] | None = None) -> AllocationResult:
+    """Keep ``min_rank`` leading triplets each, then add triplets in order of error removed per cost
+    (``scale[key]`` times ``σ²``: the loss a triplet's removal costs, when given)."""
     spectra = inp.spectra()
     budget = _budget(inp)
     shapes = inp.shapes()
@@ -308,9 +319,9 @@ def _greedy(inp: AllocationInputs, relative: bool) -> AllocationResult:
     candidates = []
     for key, sigma in spectra.items():
         energy = sigma.double().square()
-        scale = float(energy.sum()) if relative else 1.0
-        scale = scale if scale > 0 else 1.0
-        candidates += [(float(e) / scale / cost[key], key, j) for j, e in enumerate(energy.tolist()) if j >= ranks[key]]
+        norm = float(energy.sum()) if relative else 1.0 / (float(scale[key]) if scale is not None else 1.0)
+        norm = norm if norm > 0 else 1.0
+        candidates += [(float(e) / norm / cost[key], key, j) for j, e in enumerate(energy.tolist()) if j >= ranks[key]]
     candidates.sort(key=lambda t: (-t[0], t[1], t[2]))
     for _, key, j in candidates:  # σ descend within a matrix, so its indices arrive in order
         if j == ranks[key] and used + cost[key] <= budget:
@@ -327,6 +338,20 @@ def _greedy_absolute(inp: AllocationInputs) -> AllocationResult:
 @register_allocation("greedy_relative", needs=("spectra",), global_budget=True)
 def _greedy_relative(inp: AllocationInputs) -> AllocationResult:
     return _greedy(inp, relative=True)
+
+
+@register_allocation("kfac", needs=("spectra",), global_budget=True)
+def _kfac(inp: AllocationInputs) -> AllocationResult:
+    """``greedy`` on the Kronecker-factored loss: in the output-Fisher-weighted whitened space
+    (:class:`compression.output_fisher.OutputWeighted`) dropping triplet ``i`` of matrix ``k`` costs
+    ``ΔL ≈ ½ f̄_k σ_i²`` (``f̄_k``: the mean of its damped output Fisher, the scale the row weights divide out),
+    so every triplet of every matrix is ranked on one scale, per parameter it costs."""
+    if inp.loss_scale is None:
+        raise ValueError("allocation 'kfac' ranks by the output-Fisher-weighted loss: set calibration.output_fisher")
+    missing = sorted(set(inp.matrices) - set(inp.loss_scale))
+    if missing:
+        raise ValueError(f"allocation 'kfac': no output Fisher scale for matrices {missing[:5]}")
+    return _greedy(inp, relative=False, scale=inp.loss_scale)
 
 
 @register_allocation("gradient", needs=("importance",), global_budget=True)
@@ -374,7 +399,7 @@ def run_allocation(name: str, inp: AllocationInputs, dense_above_break_even: boo
         sub = AllocationInputs(free, 1.0 - left / free_cost, inp.max_ratio, inp.min_rank,
                                {k: inp.cost[k] for k in free} if inp.cost else None,
                                spectrum if inp.spectrum is not None else None, inp.importance, inp.components,
-                               budget=left)
+                               budget=left, loss_scale=inp.loss_scale)
         result = allocator.fn(sub)
         spectra.update(result.spectra)
         crossed = [k for k in free if result.ranks[k] >= free[k].break_even]

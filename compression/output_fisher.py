@@ -21,6 +21,8 @@ towards uniform weights, scale-free:
 
 (``λ = 1``: every ``d_j = 1``, exactly the unweighted method; the mean normalisation keeps the
 transformed spectrum on the unweighted scale, which spectrum-based allocations compare across layers).
+Multiplied back, ``f̄ σ_i²`` (``f̄ = mean(f)``, :attr:`OutputWeighted.scales`) is ``tr(ΔWᵀ F_λ ΔW G)`` of
+dropping triplet ``i``, ``F_λ = f̄ D²`` the damped output Fisher: what allocation ``kfac`` ranks by.
 
 ``full`` (``calibration.output_fisher_full``): the whole ``F_out = Σ_t g_t g_tᵀ`` instead of its diagonal,
 damped the same way, ``F_λ = (1 - λ) F_out / mean(diag F_out) + λ I = R Rᵀ`` (Cholesky); the loss term is
@@ -128,6 +130,9 @@ class OutputWeighted(Method):
         self.name, self.config_type, self.needs = inner.name, inner.config_type, inner.needs
         self.dense_targets = inner.dense_targets
         self.weights = {k: row_weights(f, self.damping, k) for k, f in fisher.items()}
+        # mean of each output Fisher's diagonal: the scale row_weights divides out, so that f̄ σ² of the weighted
+        # spectrum is the Kronecker-factored loss of dropping a triplet (allocation ``kfac``)
+        self.scales = {k: float((f if f.dim() == 1 else f.diagonal()).double().mean()) for k, f in fisher.items()}
 
     def _rows(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         if name not in self.weights:

@@ -290,8 +290,11 @@ class CompressionPipeline:
             cost = {k: tokens[m.members[0]] for k, m in free.items()}
         result = AllocationResult({})
         if free:
+            from compression.output_fisher import OutputWeighted
+
+            scales = self.method.scales if isinstance(self.method, OutputWeighted) else None
             inputs = AllocationInputs(free, recipe.ratio, recipe.max_ratio, recipe.min_rank, cost, self.spectrum,
-                                      self.importances, recipe.components)
+                                      self.importances, recipe.components, loss_scale=scales)
             result = run_allocation(recipe.allocation, inputs, dense_above_break_even=recipe.dense_above_break_even)
         for key, spec in self.fixed.items():
             matrix = self.matrices[key]

@@ -336,11 +336,12 @@ class Recipe:
             ``asvd`` or ``{beta: 0.5}``.
         ratio: fraction of the targeted parameters (or FLOPs, ``budget: flops``) to remove, in (0, 1).
         allocation: how ranks are spread over the targeted matrices: ``uniform``, ``v2``,
-            ``greedy``, ``gradient`` (see :mod:`compression.allocation`).
+            ``greedy``, ``gradient``, ``kfac`` (with ``calibration.output_fisher``; see
+            :mod:`compression.allocation`).
         budget: ``params`` (the ratio counts parameters) or ``flops`` (each matrix weighted by the
             tokens through it per forward, from the calibration statistics).
         max_ratio: upper bound on any one matrix's removal ratio under ``v2``.
-        min_rank: rank every matrix keeps under the global allocations (``greedy``, ``gradient``).
+        min_rank: rank every matrix keeps under the global allocations (``greedy``, ``gradient``, ``kfac``).
         dense_above_break_even: global allocations only -- a matrix given a rank at or above its
             break-even ``m n / (m + n)`` stays dense and the budget is spread again over the others.
         components: ``gradient`` only -- ``leading`` (each matrix keeps its leading triplets, as
@@ -423,6 +424,10 @@ class Recipe:
             raise ValueError(f"budget must be 'params' or 'flops', got {self.budget!r}")
         if self.components not in ("leading", "chosen"):
             raise ValueError(f"components must be 'leading' or 'chosen', got {self.components!r}")
+        if self.allocation == "kfac" and self.calibration.output_fisher is None:
+            raise ValueError("allocation: kfac ranks every singular triplet by the loss its removal costs, which "
+                             "needs the output Fisher: set calibration.output_fisher (e.g. 0.1), or use greedy / "
+                             "gradient")
         if self.components == "chosen" and self.allocation != "gradient":
             raise ValueError("components: chosen applies to allocation: gradient only")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
