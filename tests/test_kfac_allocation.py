@@ -97,3 +97,21 @@ def test_kfac_through_the_recipe_all_at_once_and_sequential():
     assert plain.plan["layers"] != runs["all"].plan["layers"]  # the Fisher scales move the ranks
     with pytest.raises(ValueError, match="set calibration.output_fisher"):
         Recipe("svd_llm", ratio=0.3, allocation="kfac")
+
+
+def test_kfac_through_the_lightning_stages(tmp_path):
+    """The Lightning stages (all-at-once reallocation; sequential with dense propagation) take the same ranks
+    from the output Fisher's scales and give the same model."""
+    from tests.lightning_helpers import compress_tiny_llama
+
+    def fit(calibration):
+        recipe = Recipe("svd_llm", ratio=0.2, allocation="kfac", dense_above_break_even=True,
+                        calibration={"progress": False, "output_fisher": 0.25, **calibration})
+        return compress_tiny_llama(tmp_path, recipe)
+
+    once = fit({})
+    seq = fit({"mode": "sequential", "propagate": "dense"})
+    assert seq.plan["layers"] == once.plan["layers"]
+    assert len({v.get("rank") for v in once.plan["layers"].values()}) > 1
+    for key, value in once.model.state_dict().items():
+        torch.testing.assert_close(seq.model.state_dict()[key], value, rtol=0, atol=1e-6)
