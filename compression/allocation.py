@@ -319,9 +319,13 @@ def _greedy(inp: AllocationInputs, relative: bool, scale: Mapping[str, float] | 
     candidates = []
     for key, sigma in spectra.items():
         energy = sigma.double().square()
-        norm = float(energy.sum()) if relative else 1.0 / (float(scale[key]) if scale is not None else 1.0)
-        norm = norm if norm > 0 else 1.0
-        candidates += [(float(e) / norm / cost[key], key, j) for j, e in enumerate(energy.tolist()) if j >= ranks[key]]
+        if relative:  # σ² over the matrix's energy
+            total = float(energy.sum())
+            divisor = total if total > 0 else 1.0
+        else:  # σ², times the loss scale when given
+            divisor = 1.0 / float(scale[key]) if scale is not None else 1.0
+        candidates += [(float(e) / divisor / cost[key], key, j) for j, e in enumerate(energy.tolist())
+                       if j >= ranks[key]]
     candidates.sort(key=lambda t: (-t[0], t[1], t[2]))
     for _, key, j in candidates:  # σ descend within a matrix, so its indices arrive in order
         if j == ranks[key] and used + cost[key] <= budget:

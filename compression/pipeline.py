@@ -46,6 +46,7 @@ from compression.allocation import (
 from compression.collector import collect_stats, default_forward
 from compression.matrices import build_matrices, fixed_by_overrides
 from compression.methods import build_method
+from compression.output_fisher import OutputWeighted, output_fisher
 from compression.pipeline_truncate import TruncateStage
 from compression.plan import make_plan
 from compression.recipe import Recipe
@@ -196,8 +197,6 @@ class CompressionPipeline(TruncateStage):
     def output_fisher(self, batches: Iterable[Any], loss: Callable | None = None) -> dict[str, torch.Tensor]:
         """Every targeted layer's summed squared loss gradient at its output over ``batches`` (this process's
         share: sum across processes before :meth:`set_output_fisher`); reads the model, changes nothing."""
-        from compression.output_fisher import output_fisher
-
         loss = loss or self._hook("training_loss")
         if loss is None:
             raise ValueError("calibration.output_fisher needs a loss: give the family's training_loss")
@@ -216,8 +215,6 @@ class CompressionPipeline(TruncateStage):
     def set_output_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
         """Weight the method's truncation by these sums (:class:`compression.output_fisher.OutputWeighted`,
         damping ``calibration.output_fisher``); a joint group's members are stacked in member order."""
-        from compression.output_fisher import OutputWeighted
-
         if not self.needs_fisher:
             raise ValueError("set_output_fisher: calibration.output_fisher is not set in the recipe")
         missing = sorted({n for m in self.matrices.values() for n in m.members} - set(fisher))
@@ -289,8 +286,6 @@ class CompressionPipeline(TruncateStage):
             cost = {k: tokens[m.members[0]] for k, m in free.items()}
         result = AllocationResult({})
         if free:
-            from compression.output_fisher import OutputWeighted
-
             scales = self.method.scales if isinstance(self.method, OutputWeighted) else None
             inputs = AllocationInputs(free, recipe.ratio, recipe.max_ratio, recipe.min_rank, cost, self.spectrum,
                                       self.importances, recipe.components, loss_scale=scales)
