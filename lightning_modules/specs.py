@@ -30,6 +30,7 @@ from torch import nn
 from compression import eligible_linears, find_joint_groups
 from compression.forms import linearize_
 from compression.layout import ModelLayout
+from lightning_modules.lm_distill import chunked_distillation_loss, full_logits_distillation_loss
 from metrics.perplexity import Perplexity
 
 
@@ -205,18 +206,8 @@ class CausalLMSpec(ModelSpec):
         """``T² · mean_t KL(p_teacher,t ‖ p_student,t)`` over every real next-token position (the attention
         mask, not the labels: the dense model's distribution is a target everywhere) at temperature ``T``,
         and the next-token NLL of the same student forward (``-100`` labels ignored)."""
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-        with torch.no_grad():
-            target = F.log_softmax(teacher(**kwargs).logits[:, :-1].float() / temperature, dim=-1)
-        logits = student(**kwargs).logits[:, :-1].float()
-        kl = (target.exp() * (target - F.log_softmax(logits / temperature, dim=-1))).sum(-1)  # [B, S-1]
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl.dtype)
-        distill = (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2
-        labels = batch.get("labels", batch["input_ids"])[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                              reduction="sum")
-        return distill, nll / (labels != -100).sum().clamp_min(1)
+        fused = chunked_distillation_loss(student, teacher, batch, temperature)
+        return fused if fused is not None else full_logits_distillation_loss(student, teacher, batch, temperature)
 
     def make_metrics(self) -> nn.Module:
         return Perplexity()
