@@ -6,6 +6,15 @@ Nothing in this package imports Lightning.  The public entry point is :func:`com
     report = compress_(model, Recipe(method="svd_llm", ratio=0.2), stats)
 """
 
+import os
+
+# oneDNN (torch's CPU bfloat16 GEMMs) keeps one JIT-compiled kernel per GEMM shape in a cache of 1024 by default.
+# A compressed model with per-matrix ranks has more distinct shapes than that in one training step (forward and
+# backward of every factor: SmolLM2 at ratio 0.4, gradient ranks, over a thousand), and each miss compiles a
+# kernel again: a bf16-autocast LoRA step took 7.0 s instead of 3.7 s (docs/results/llm_general.md). Read by
+# oneDNN at its first GEMM, so set here, before any; a value the user set is kept.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+
 from compression.allocation import ALLOCATORS, AllocationResult, Matrix, register_allocation
 from compression.api import allocate, compress_, prepare
 from compression.batches import split_batch, spread_batches

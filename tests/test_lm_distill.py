@@ -117,3 +117,18 @@ def test_a_trained_head_or_a_model_without_the_split_uses_the_full_logits():
     plain = torch.nn.Linear(4, 4)
     assert head_split(plain, {}) is None
     assert plain in _SPLITS  # checked once per model
+
+
+@pytest.mark.parametrize("preset", [None, "100"])
+def test_importing_compression_enlarges_the_onednn_kernel_cache_unless_the_user_set_it(preset):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, compression; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == (preset or "8192")
