@@ -54,7 +54,7 @@ def _try_split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[tuple[nn.Modul
     head = get_head() if callable(get_head) else None
     if not isinstance(decoder, nn.Module) or decoder is model or type(head) is not nn.Linear:
         return None, "no Hugging Face decoder / nn.Linear head split"
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module: some may be in eval mode
     model.eval()
     try:
         with torch.no_grad():
@@ -64,7 +64,8 @@ def _try_split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[tuple[nn.Modul
     except (TypeError, AttributeError) as error:  # no logits_to_keep / last_hidden_state
         return None, f"the split could not be checked ({error})"
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     scale = reference.abs().max().clamp_min(1.0)
     if reference.shape != mine.shape or not bool((reference - mine).abs().max() <= 1e-3 * scale):
         return None, "head(decoder(x)) differs from the model's logits (scaled or soft-capped logits?)"

@@ -110,6 +110,16 @@ def test_a_model_with_post_processed_logits_falls_back_to_the_full_logits():
     assert float(spec_loss[0]) == pytest.approx(float(full[0]), rel=1e-6)
 
 
+def test_the_split_check_leaves_every_module_in_its_mode():
+    student, batch = _student(), _batch()
+    student.model.layers[0].eval()  # a part in eval mode inside a model in train mode stays so
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    before = {name: m.training for name, m in student.named_modules()}
+    assert head_split(student, kwargs) is not None
+    assert {name: m.training for name, m in student.named_modules()} == before
+    assert not before["model.layers.0"] and before[""]
+
+
 def test_a_trained_head_or_a_model_without_the_split_uses_the_full_logits():
     teacher, student, batch = make_tiny_llama(), make_tiny_llama(seed=3), _batch()
     student.get_output_embeddings().weight.requires_grad_(True)
