@@ -102,7 +102,7 @@ class _ChunkedDistillation(torch.autograd.Function):
             log_p_t = torch.log_softmax(z_t, -1)
             p_t = log_p_t.exp()
             # KL_r = Σ_v p_t (log p_t − log p), as two batched dot products (no vocabulary-sized temporary)
-            kl = (_rowdot(p_t, log_p_t) - _rowdot(p_t, log_p))
+            kl = _rowdot(p_t, log_p_t) - _rowdot(p_t, log_p)
             distill += (kl * kl_w[rows]).sum()
             task += (nll.squeeze(-1) * ce_w[rows]).sum()
             g = log_p.exp_().sub_(p_t).mul_((kl_w[rows] / temperature)[:, None])
@@ -129,8 +129,9 @@ class _ChunkedDistillation(torch.autograd.Function):
 def chunked_distillation_loss(student: nn.Module, teacher: nn.Module, batch: dict, temperature: float = 1.0,
                               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``CausalLMSpec.distillation_loss`` with the head and both losses in chunks of ``chunk`` positions
-    (default: about 2²⁴ logits per chunk); ``None`` where a model's decoder / head split does not hold or the
-    head is trained (the caller then uses the full logits)."""
+    (default: 2²² logits per chunk on a CPU, whose float32 temporaries then stay under glibc's 32 MB mmap
+    threshold -- larger chunks were slower there -- and 2²⁵ on an accelerator); ``None`` where a model's
+    decoder / head split does not hold or the head is trained (the caller then uses the full logits)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     splits = head_split(student, kwargs), head_split(teacher, kwargs)
     if splits[0] is None or splits[1] is None:
