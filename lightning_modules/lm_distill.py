@@ -72,6 +72,11 @@ def _try_split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[tuple[nn.Modul
     return (decoder, head), ""
 
 
+def _forward_kwargs(batch: dict) -> dict[str, Any]:
+    """The keyword arguments of one model (or decoder) forward over ``batch``, without a KV cache."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(-1)`` for 2-D ``a``, ``b`` without the product's temporary."""
     return torch.bmm(a[:, None, :], b[:, :, None]).reshape(a.shape[0])
@@ -132,7 +137,7 @@ def chunked_distillation_loss(student: nn.Module, teacher: nn.Module, batch: dic
     (default: 2²² logits per chunk on a CPU, whose float32 temporaries then stay under glibc's 32 MB mmap
     threshold -- larger chunks were slower there -- and 2²⁵ on an accelerator); ``None`` where a model's
     decoder / head split does not hold or the head is trained (the caller then uses the full logits)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    kwargs = _forward_kwargs(batch)
     splits = head_split(student, kwargs), head_split(teacher, kwargs)
     if splits[0] is None or splits[1] is None:
         return None
@@ -164,7 +169,7 @@ def chunked_distillation_loss(student: nn.Module, teacher: nn.Module, batch: dic
 def full_logits_distillation_loss(student: nn.Module, teacher: nn.Module, batch: dict,
                                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The same two losses from the models' full ``[batch, seq, vocab]`` logits (any causal LM)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    kwargs = _forward_kwargs(batch)
     with torch.no_grad():
         target = F.log_softmax(teacher(**kwargs).logits[:, :-1].float() / temperature, dim=-1)
     logits = student(**kwargs).logits[:, :-1].float()

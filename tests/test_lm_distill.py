@@ -69,18 +69,15 @@ def test_chunked_matches_full_logits_under_bf16_autocast():
         assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max())
 
 
-def test_the_spec_uses_the_chunked_path_and_a_teacher_copy_has_zero_kl():
+def test_the_spec_uses_the_chunked_path_and_a_teacher_copy_has_zero_kl(monkeypatch):
+    import lightning_modules.lm_distill as lm_distill
+
     teacher, batch = make_tiny_llama(), _batch()
     calls = []
     spec = CausalLMSpec(model=teacher)
-    import lightning_modules.lm_distill as lm_distill
-
     original = lm_distill._ChunkedDistillation.apply
-    try:
-        lm_distill._ChunkedDistillation.apply = lambda *a: calls.append(1) or original(*a)
-        distill, task = spec.distillation_loss(make_tiny_llama().requires_grad_(False), teacher, batch)
-    finally:
-        lm_distill._ChunkedDistillation.apply = original
+    monkeypatch.setattr(lm_distill._ChunkedDistillation, "apply", lambda *a: calls.append(1) or original(*a))
+    distill, task = spec.distillation_loss(make_tiny_llama().requires_grad_(False), teacher, batch)
     assert calls == [1]
     assert float(distill) == pytest.approx(0.0, abs=1e-6)
     assert float(task) == pytest.approx(float(spec.training_loss(teacher, batch)), rel=1e-6)
