@@ -108,6 +108,18 @@ def fold_lora_state_dict_(state_dict: dict[str, torch.Tensor], scaling: float) -
     return folded
 
 
+_BASE_LR = "uvlora_base_lr"
+
+
+def cosine_factor(warmup: int, total: int, step: int) -> float:
+    """Learning-rate factor at ``step`` (0-based) of ``total``: linear warm-up to 1 over ``warmup`` steps
+    (``(step + 1) / warmup``), then cosine decay to 0 at ``total`` (LLaVA's schedule; the module's
+    ``lr_schedule: cosine`` over the whole fit, ``lora.schedule: cosine`` within each stage)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
+
+
 def _per_stage(value: Any, name: str, cast: type) -> list | None:
     if value is None:
         return None
@@ -133,6 +145,7 @@ class UVLoRA(Callback):
         self.epochs = _per_stage(recipe.epochs, "epochs", int)
         self.r, self.alpha, self.dropout = recipe.r, recipe.alpha, recipe.dropout
         self.learning_rate = _per_stage(recipe.learning_rate, "learning_rate", float)
+        self.schedule, self.warmup = recipe.schedule, recipe.warmup
         self.targets = recipe.targets
         self.boundaries: list[int] | None = None  # [s1, s1 + s2] in global steps, resolved at train start
         self.merged: list[str] = []  # sides already folded into their factors
@@ -181,6 +194,16 @@ class UVLoRA(Callback):
         assert self.boundaries is not None
         return 1 if step < self.boundaries[0] else 2 if step < self.boundaries[1] else 3
 
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the stage's learning rate at global ``step`` (1 with the constant schedule)."""
+        if self.schedule == "constant":
+            return 1.0
+        assert self.boundaries is not None
+        stage = self.stage_at(step)
+        start = 0 if stage == 1 else self.boundaries[0]
+        length = self.boundaries[stage - 1] - start
+        return cosine_factor(math.ceil(self.warmup * length), length, step - start)
+
     def active_side(self, step: int) -> str | None:
         stage = self.stage_at(step)
         return self.order[stage - 1] if stage <= 2 else None
@@ -200,6 +223,9 @@ class UVLoRA(Callback):
                 f"{boundaries}; resume with the same steps/epochs (and train loader length)"
             )
         self.boundaries = boundaries
+        if self.schedule != "constant" and trainer.lr_scheduler_configs:
+            raise ValueError(f"lora.schedule {self.schedule!r} sets the learning rate of every step itself; leave "
+                             "the module's lr_schedule at 'constant' (a second scheduler would fight it)")
         if 0 <= trainer.max_steps < boundaries[1]:
             log.warning("trainer.max_steps=%d stops before UVLoRA stage 2 ends at step %d", trainer.max_steps,
                         boundaries[1])
@@ -226,10 +252,15 @@ class UVLoRA(Callback):
         if stage >= 3:
             trainer.should_stop = True
             return
-        if self.learning_rate is not None and self._stage != stage:
+        if self.schedule != "constant" or (self.learning_rate is not None and self._stage != stage):
+            factor = self.lr_factor(step)
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = self.learning_rate[stage - 1]
+                    # the group's own rate, kept in the group (saved with the optimizer state on resume)
+                    base = group.setdefault(_BASE_LR, group["lr"])
+                    group["lr"] = factor * (base if self.learning_rate is None else self.learning_rate[stage - 1])
+            if self.schedule != "constant":
+                pl_module.log("lora/lr_factor", factor, on_step=True, on_epoch=False)
         self._stage = stage
         # logged at batch start: callbacks listed by the user run before this one and read it at batch end
         pl_module.log("lora/stage", float(stage), on_step=True, on_epoch=False)

@@ -252,6 +252,11 @@ class LoRARecipe:
             does on any text, not just the finetuning domain), in between a mix.  Keeps a frozen dense
             copy of the model (twice the weights in memory).
         temperature: distillation temperature (the loss is scaled by its square).
+        schedule: learning rate within each stage: ``"constant"`` (default) or ``"cosine"`` (linear
+            warm-up over ``warmup`` of the stage's steps, then a half cosine from the stage's rate towards
+            0 at its last step; each stage restarts it). The module's own ``lr_schedule`` must stay
+            ``constant`` with it.
+        warmup: fraction of each stage's steps spent in the cosine schedule's linear warm-up, in [0, 1).
         autocast: ``"bfloat16"`` runs the training forward and backward (student and teacher) under
             ``torch.autocast`` in bfloat16 while the adapters, their gradients and the optimizer stay in
             float32; evaluation stays in the weights' dtype. On a CPU with AVX512-BF16 (Zen 4): a dense
@@ -272,6 +277,8 @@ class LoRARecipe:
     targets: list[str] | None = None
     distill: float = 0.0
     temperature: float = 1.0
+    schedule: str = "constant"
+    warmup: float = 0.0
     autocast: str | None = None
 
     def __post_init__(self) -> None:
@@ -294,6 +301,10 @@ class LoRARecipe:
                 raise ValueError(f"lora.{name} takes one value or one per stage (2), got {value!r}")
             if name != "learning_rate" and value is not None and any(int(v) < 0 for v in values):
                 raise ValueError(f"lora.{name} must be >= 0, got {value!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"lora.schedule takes 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"lora.warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if self.r < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora needs r >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
 

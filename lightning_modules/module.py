@@ -52,14 +52,6 @@ PLAN_KEY = "compression_plan"
 LORA_KEY = "uv_lora"  # written by callbacks.lora.UVLoRA while adapters are attached
 
 
-def _cosine_factor(warmup: int, total: int, step: int) -> float:
-    """LLaVA's learning-rate factor at ``step`` (0-based): linear warm-up to 1 over ``warmup`` steps, then
-    cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
-
-
 class RecipeMismatch(ValueError):
     """The recipe of this run differs from the one a checkpoint's plan was made with."""
 
@@ -324,8 +316,10 @@ class CompressionModule(LightningModule):
         total = self.trainer.max_steps if self._trainer is not None else -1
         if total is None or total < 1:
             raise ValueError("lr_schedule 'cosine' decays to 0 at trainer.max_steps; set --trainer.max_steps")
+        from callbacks.lora import cosine_factor  # callbacks import this module
+
         warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_cosine_factor, warmup, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(cosine_factor, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -------------------------------------------------------------------------------

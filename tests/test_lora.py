@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks import UVLoRA
-from callbacks.lora import fold_lora_state_dict_, lora_layers
+from callbacks.lora import cosine_factor, fold_lora_state_dict_, lora_layers
 from compression import LoRARecipe, LowRankLinear, Recipe
 from lightning_modules import CausalLMSpec, CompressionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
@@ -127,6 +127,48 @@ def test_epochs_per_stage_convert_to_steps(tmp_path):
     assert rec.stages == [1.0] * 4 + [2.0] * 8  # logged per batch: 2 batches per step
 
 
+class LearningRates(Callback):
+    """The optimizer's learning rates at every optimizer step (read after UVLoRA set them)."""
+
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rates.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_cosine_schedule_restarts_in_each_stage():
+    assert cosine_factor(0, 4, 0) == 1.0 and cosine_factor(0, 4, 2) == pytest.approx(0.5)
+    assert cosine_factor(0, 4, 3) == pytest.approx((1 - 0.5**0.5) / 2)
+    assert cosine_factor(0, 4, 4) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_factor(2, 6, 1) == 1.0 and cosine_factor(2, 6, 2) == 1.0
+    assert cosine_factor(2, 6, 4) == pytest.approx(0.5)  # half way through the 4 decay steps
+
+
+@pytest.mark.parametrize("learning_rate", [None, [1e-2, 4e-3]])
+def test_lora_cosine_schedule_per_stage(tmp_path, learning_rate):
+    recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                    lora={"steps": [4, 6], "r": 2, "dropout": 0.0, "schedule": "cosine", "warmup": 0.25,
+                          "learning_rate": learning_rate})
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=0)), compression=recipe, learning_rate=2e-2)
+    rec = LearningRates()
+    lora_trainer(tmp_path, [rec]).fit(module, datamodule=OrderedTokens())
+    base = [2e-2, 2e-2] if learning_rate is None else learning_rate
+    # stage 1: 4 steps, warm-up ceil(0.25 * 4) = 1 step, then cos over 3; stage 2: 6 steps, warm-up 2, cos over 4
+    expected = [base[0] * f for f in (1.0, 1.0, 0.75, 0.25)]
+    expected += [base[1] * f for f in (0.5, 1.0, 1.0, (1 + 0.5**0.5) / 2, 0.5, (1 - 0.5**0.5) / 2)]
+    assert [r[0] for r in rec.rates] == pytest.approx(expected, rel=1e-12)
+
+
+def test_lora_cosine_schedule_refuses_a_second_scheduler(tmp_path):
+    recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                    lora={"steps": [2, 2], "r": 2, "schedule": "cosine"})
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=0)), compression=recipe, learning_rate=1e-2,
+                               lr_schedule="cosine")
+    with pytest.raises(ValueError, match="leave the module's lr_schedule at 'constant'"):
+        lora_trainer(tmp_path, max_steps=4).fit(module, datamodule=OrderedTokens())
+
+
 def test_recovery_lowers_training_loss_and_evaluates_the_same_after_reload(tmp_path):
     dm = OrderedTokens()
     module, _ = lora_module(learning_rate=2e-2, steps=[8, 8], r=4, alpha=8, dropout=0.0)
@@ -203,6 +245,10 @@ def test_bad_arguments_are_explained():
         LoRARecipe(steps=[1, 2, 3])
     with pytest.raises(ValueError, match="not both"):
         LoRARecipe(steps=1, epochs=1)
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        LoRARecipe(steps=1, schedule="linear")
+    with pytest.raises(ValueError, match="lora.warmup"):
+        LoRARecipe(steps=1, schedule="cosine", warmup=1.0)
     with pytest.raises(ValueError, match="method is null"):
         Recipe(None, quantization={"rotate": True}, lora={"steps": 1})
 

@@ -67,6 +67,21 @@ def test_resume_inside_stage_two_reproduces_losses(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_resume_with_the_cosine_schedule_reproduces_losses(tmp_path):
+    """``lora.schedule: cosine`` on the module's own rate: each step's rate comes from the global step and the
+    optimizer group's base rate, saved with the optimizer state (the group's current rate at step 8 is a decayed
+    one; taking it as the base would change every later step)."""
+    recipe = Recipe.from_dict({**RECIPE.to_dict(), "lora": {**RECIPE.lora.__dict__, "learning_rate": None,
+                                                             "schedule": "cosine", "warmup": 0.25}})
+    full, full_rec, _, _ = run(tmp_path, "full", recipe=recipe)
+    run(tmp_path, "cut", max_steps=8, every=8, recipe=recipe)
+    resumed, rec, _, _ = run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / "step=8.ckpt", seed=11, recipe=recipe)
+    assert rec.stages == [2] * 4
+    assert rec.losses == pytest.approx(full_rec.losses[8:], rel=1e-6, abs=1e-7)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_resume_through_fit_ckpt_path_with_the_module_told_matches(tmp_path):
     """``fit(ckpt_path=...)`` names the file after configure_model; telling the module (as the CLI does)
     rebuilds the plan instead of recompressing."""
