@@ -225,7 +225,8 @@ class UVLoRA(Callback):
         self.boundaries = boundaries
         if self.schedule != "constant" and trainer.lr_scheduler_configs:
             raise ValueError(f"lora.schedule {self.schedule!r} sets the learning rate of every step itself; leave "
-                             "the module's lr_schedule at 'constant' (a second scheduler would fight it)")
+                             "the module's lr_schedule at 'constant' and give no --lr_scheduler (a second scheduler "
+                             "would fight it)")
         if 0 <= trainer.max_steps < boundaries[1]:
             log.warning("trainer.max_steps=%d stops before UVLoRA stage 2 ends at step %d", trainer.max_steps,
                         boundaries[1])

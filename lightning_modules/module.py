@@ -81,6 +81,11 @@ class CompressionModule(LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if lr_schedule != "constant" and compression is not None and compression.lora.schedule != "constant":
+            # refused here, before any calibration; UVLoRA also refuses a scheduler given another way (the CLI's)
+            raise ValueError(f"compression.lora.schedule {compression.lora.schedule!r} sets the learning rate of "
+                             "every LoRA step itself; leave the module's lr_schedule at 'constant' (a second "
+                             "scheduler would fight it)")
         self.save_hyperparameters(ignore=["spec", "compression"])
         self.spec = spec
         self.recipe = compression

@@ -163,8 +163,15 @@ def test_lora_cosine_schedule_per_stage(tmp_path, learning_rate):
 def test_lora_cosine_schedule_refuses_a_second_scheduler(tmp_path):
     recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
                     lora={"steps": [2, 2], "r": 2, "schedule": "cosine"})
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=0)), compression=recipe, learning_rate=1e-2,
-                               lr_schedule="cosine")
+    with pytest.raises(ValueError, match="leave the module's lr_schedule at 'constant'"):  # up front
+        CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=0)), compression=recipe, lr_schedule="cosine")
+
+    class WithScheduler(CompressionModule):  # a scheduler the module's arguments do not show (the CLI's)
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer)}
+
+    module = WithScheduler(CausalLMSpec(model=make_tiny_llama(seed=0)), compression=recipe, learning_rate=1e-2)
     with pytest.raises(ValueError, match="leave the module's lr_schedule at 'constant'"):
         lora_trainer(tmp_path, max_steps=4).fit(module, datamodule=OrderedTokens())
 
