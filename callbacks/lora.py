@@ -10,7 +10,10 @@ trains only its side's adapters; at the stage boundary they are merged into the 
 ``V <- V + (α/k) B_V A_V`` -- same ``r x in`` shape, so the rank and the plan are
 unchanged -- and ``B_V`` is zeroed; stage 2 trains the other side the same way, and at the
 end of fit everything is merged and the adapter wrappers removed, so the model is a plain
-compressed model again (export, ``evaluate.py``).
+compressed model again (export, ``evaluate.py``).  A stage whose ``order`` entry is ``both`` trains
+the U and V adapters together (the backward computes both sides' gradients in any case, so
+joint training updates twice the adapters for the same step cost); at its end both sides merge
+and their ``B`` restart from zero with fresh optimizer moments.
 
 Design (why a fixed structure and step boundaries):
 
@@ -120,6 +123,11 @@ def cosine_factor(warmup: int, total: int, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
+def _sides(entry: str) -> tuple[str, ...]:
+    """The factors an ``order`` entry trains: ``down``, ``up`` or ``both``."""
+    return SIDES if entry == "both" else (entry,)
+
+
 def _per_stage(value: Any, name: str, cast: type) -> list | None:
     if value is None:
         return None
@@ -148,7 +156,7 @@ class UVLoRA(Callback):
         self.schedule, self.warmup = recipe.schedule, recipe.warmup
         self.targets = recipe.targets
         self.boundaries: list[int] | None = None  # [s1, s1 + s2] in global steps, resolved at train start
-        self.merged: list[str] = []  # sides already folded into their factors
+        self.merged: list[str] = []  # sides folded into their factors at the stage-1 boundary (all at fit end)
         self._restored: dict | None = None
         self._stage: int | None = None  # stage of the current step (set at batch start)
 
@@ -204,9 +212,10 @@ class UVLoRA(Callback):
         length = self.boundaries[stage - 1] - start
         return cosine_factor(math.ceil(self.warmup * length), length, step - start)
 
-    def active_side(self, step: int) -> str | None:
+    def active_sides(self, step: int) -> tuple[str, ...]:
+        """The factors trained at global ``step`` (none once both stages are done)."""
         stage = self.stage_at(step)
-        return self.order[stage - 1] if stage <= 2 else None
+        return _sides(self.order[stage - 1]) if stage <= 2 else ()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.steps is not None:
@@ -231,8 +240,7 @@ class UVLoRA(Callback):
             log.warning("trainer.max_steps=%d stops before UVLoRA stage 2 ends at step %d", trainer.max_steps,
                         boundaries[1])
         counts = self.parameter_counts(pl_module)
-        side = self.active_side(trainer.global_step)
-        trainable = counts[side] if side else 0
+        trainable = sum(counts[side] for side in self.active_sides(trainer.global_step))
         for logger in trainer.loggers:
             logger.log_metrics({"lora/trainable_params": trainable, "lora/frozen_params": counts["frozen"]},
                                step=trainer.global_step)
@@ -242,12 +250,15 @@ class UVLoRA(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         stage = self.stage_at(step)
-        if stage >= 2 and self.order[0] not in self.merged:
-            n = merge_side_(pl_module.model, self.order[0])
-            self.merged.append(self.order[0])
-            for p in self._side_params(pl_module, self.order[0]):  # their moments are of no further use
-                for opt in trainer.optimizers:
-                    opt.state.pop(p, None)
+        first = _sides(self.order[0])
+        if stage >= 2 and not set(first) <= set(self.merged):
+            n = 0
+            for side in first:
+                n += merge_side_(pl_module.model, side)
+                self.merged.append(side)
+                for p in self._side_params(pl_module, side):  # their moments are of no further use (or restart)
+                    for opt in trainer.optimizers:
+                        opt.state.pop(p, None)
             log.info("UVLoRA: stage 1 done at step %d; merged %d %s adapters into the factors", step, n,
                      self.order[0])
         if stage >= 3:
@@ -267,9 +278,9 @@ class UVLoRA(Callback):
         pl_module.log("lora/stage", float(stage), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        active = self.active_side(trainer.global_step)
+        active = self.active_sides(trainer.global_step)
         for side in SIDES:
-            if side != active:
+            if side not in active:
                 for p in self._side_params(pl_module, side):
                     p.grad = None
 

@@ -239,7 +239,11 @@ class LoRARecipe:
     """Alternating U/V LoRA recovery (off unless ``steps`` or ``epochs`` is set).
 
     Args:
-        order: which factors train first: ``[down, up]`` (V then U) or ``[up, down]``.
+        order: which factors each stage trains: ``[down, up]`` (V then U, SVD-LLM's alternation),
+            ``[up, down]``, or ``both`` in a stage to train the U and V adapters together (e.g.
+            ``[both, both]``: joint training, every step updating both factors for the same backward
+            cost, with the adapters merged and restarted at the stage boundary); every factor must be
+            trained in some stage.
         steps: optimizer steps per stage, one value or ``[stage1, stage2]``.
         epochs: epochs per stage instead of ``steps``.
         r: LoRA rank.
@@ -290,8 +294,11 @@ class LoRARecipe:
             raise ValueError(f"lora.distill is a weight in [0, 1] (1 = distillation only), got {self.distill}")
         if not self.temperature > 0:
             raise ValueError(f"lora.temperature must be > 0, got {self.temperature}")
-        if sorted(self.order) != ["down", "up"]:
-            raise ValueError(f"lora.order must be [down, up] or [up, down], got {self.order!r}")
+        trained = {side for entry in self.order for side in (("down", "up") if entry == "both" else (entry,))}
+        if len(self.order) != 2 or not set(self.order) <= {"down", "up", "both"} or trained != {"down", "up"}:
+            raise ValueError(f"lora.order takes one entry per stage (2), each 'down', 'up' or 'both', training both "
+                             f"factors over the two stages: e.g. [down, up], [up, down], [both, both]; got "
+                             f"{self.order!r}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give lora.steps or lora.epochs, not both")
         for name in ("steps", "epochs", "learning_rate"):

@@ -119,6 +119,30 @@ def test_stages_train_one_side_each_and_merges_keep_ranks(tmp_path, order):
     assert not any(p.requires_grad for p in module.parameters())
 
 
+def test_joint_stages_train_both_sides_and_restart_at_the_boundary(tmp_path):
+    lr, r, alpha = 1e-2, 2, 4.0
+    module, stage = lora_module(learning_rate=lr, order=["both", "both"], steps=[3, 3], r=r, alpha=alpha, dropout=0.0)
+    rec = Recorder()
+    lora_trainer(tmp_path, [rec]).fit(module, datamodule=OrderedTokens())
+    assert rec.stages == [1, 1, 1, 2, 2, 2]
+    s = rec.snapshots
+    for side in ("down", "up"):
+        # stage 1: both sides' adapters train at once, the factors stay put
+        assert changed(s[0][side + ".B"], s[2][side + ".B"]) and torch.equal(s[0][side], s[2][side])
+        # boundary: each side merged exactly (W + (alpha / r) B A), B restarted from zero with fresh AdamW
+        # moments: one step from B = 0 leaves A untouched (its gradient is Bᵀ(...) = 0) and moves each entry
+        # of B by at most the learning rate (the bias-corrected first Adam step)
+        merged = s[2][side] + (alpha / r) * s[2][side + ".B"] @ s[2][side + ".A"]
+        torch.testing.assert_close(s[3][side], merged, rtol=0, atol=1e-6)
+        assert torch.equal(s[3][side + ".A"], s[2][side + ".A"])
+        assert 0 < s[3][side + ".B"].abs().max() <= lr * (1 + 1e-4)
+        # stage 2: both train again, the factors stay at their merged values
+        assert changed(s[3][side + ".B"], s[5][side + ".B"]) and changed(s[3][side + ".A"], s[5][side + ".A"])
+        assert torch.equal(s[3][side], s[5][side])
+    assert stage.merged == ["down", "up"] and not lora_layers(module.model)
+    torch.testing.assert_close(probe_logits(module), rec.logits_before_unwrap, rtol=0, atol=1e-5)
+
+
 def test_epochs_per_stage_convert_to_steps(tmp_path):
     module, lora = lora_module(epochs=[1, 2], r=2, dropout=0.0)
     rec = Recorder()
@@ -244,8 +268,10 @@ def test_fold_lora_state_dict_matches_the_adapted_layer():
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(ValueError, match="order"):
-        LoRARecipe(order=["down", "down"], steps=2)
+    for order in (["down", "down"], ["both"], ["both", "both", "up"], ["down", "left"]):
+        with pytest.raises(ValueError, match="lora.order takes one entry per stage"):
+            LoRARecipe(order=order, steps=2)
+    assert LoRARecipe(order=["both", "up"], steps=2).order == ["both", "up"]
     with pytest.raises(ValueError, match="lora.steps or lora.epochs"):
         UVLoRA(LoRARecipe())
     with pytest.raises(ValueError, match="one value or one per stage"):

@@ -82,6 +82,24 @@ def test_resume_with_the_cosine_schedule_reproduces_losses(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("cut", [4, 8])
+def test_resume_with_joint_stages_reproduces_losses(tmp_path, cut):
+    """``lora.order: [both, both]``: cut at the stage boundary (step 4: stage 1 not merged yet, the resumed run
+    merges it) or inside stage 2 (step 8: merged and restarted before the checkpoint, not merged again)."""
+    recipe = Recipe.from_dict({**RECIPE.to_dict(), "lora": {**RECIPE.lora.__dict__, "order": ["both", "both"]}})
+    full, full_rec, _, _ = run(tmp_path, "full", recipe=recipe)
+    run(tmp_path, "cut", max_steps=cut, every=cut, recipe=recipe)
+    saved = torch.load(tmp_path / "ckpt" / f"step={cut}.ckpt", weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("UVLoRA"))
+    assert state["merged"] == ([] if cut == 4 else ["down", "up"])
+    resumed, rec, _, _ = run(tmp_path, "resumed", ckpt_path=tmp_path / "ckpt" / f"step={cut}.ckpt", seed=11,
+                             recipe=recipe)
+    assert rec.stages == [2] * (12 - cut)
+    assert rec.losses == pytest.approx(full_rec.losses[cut:], rel=1e-6, abs=1e-7)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_resume_through_fit_ckpt_path_with_the_module_told_matches(tmp_path):
     """``fit(ckpt_path=...)`` names the file after configure_model; telling the module (as the CLI does)
     rebuilds the plan instead of recompressing."""
