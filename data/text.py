@@ -101,6 +101,11 @@ def _check_source(source: str, what: str) -> list[str]:
         raise ValueError(f"{what}: {err}") from None
 
 
+def even_counts(n: int, k: int) -> list[int]:
+    """``n`` split over ``k`` parts as evenly as can be, the first parts taking the remainder."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
 def _token_bound(documents: list[str]) -> int:
     """An upper bound on the tokens of a stream, from bytes alone: byte-level BPE (and SentencePiece
     with byte fallback) never make more tokens than UTF-8 bytes, plus at most a prefix-space token
@@ -124,6 +129,10 @@ class TextDataModule(LightningDataModule):
         seq_len: tokens per window.
         calibration_samples: number of calibration windows.
         finetune_samples: number of finetuning windows (``None``: every non-overlapping window).
+        finetune_mix: how a ``mix:`` finetuning source shares its windows: ``"tokens"`` draws them from the
+            components' streams concatenated, so each component in proportion to its tokens (a large
+            dictionary crowds out a small dialogue corpus); ``"even"`` draws ``finetune_samples`` split evenly
+            over the components, each from its own stream, as the calibration windows are.
         eval_max_tokens: tokens scored per validation/test corpus (per mix component);
             ``None`` scores the whole corpus.
         val_max_tokens: tokens scored per validation mix component instead (``None``: ``eval_max_tokens``).
@@ -147,6 +156,7 @@ class TextDataModule(LightningDataModule):
         seq_len: int = 256,
         calibration_samples: int = 64,
         finetune_samples: int | None = 256,
+        finetune_mix: str = "tokens",
         eval_max_tokens: int | None = 16384,
         val_max_tokens: int | None = None,
         batch_size: int = 4,
@@ -162,6 +172,13 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
         if finetune_samples is not None and finetune_samples < 1:
             raise ValueError(f"finetune_samples must be >= 1 or None (all windows), got {finetune_samples}")
+        if finetune_mix not in ("tokens", "even"):
+            raise ValueError(f"finetune_mix must be 'tokens' (each mix component in proportion to its tokens) or "
+                             f"'even' (finetune_samples split evenly over the components), got {finetune_mix!r}")
+        if finetune_mix == "even" and finetune_samples is None:
+            raise ValueError("finetune_mix='even' splits finetune_samples evenly over the mix components: set "
+                             "finetune_samples to a number of windows, or use finetune_mix='tokens' to take every "
+                             "non-overlapping window")
         for name, value in (("eval_max_tokens", eval_max_tokens), ("val_max_tokens", val_max_tokens)):
             if value is not None and value < seq_len:
                 raise ValueError(f"{name}={value} is less than one window of seq_len={seq_len}")
@@ -181,6 +198,7 @@ class TextDataModule(LightningDataModule):
         self.seq_len = seq_len
         self.calibration_samples = calibration_samples
         self.finetune_samples = finetune_samples
+        self.finetune_mix = finetune_mix
         self.eval_max_tokens = eval_max_tokens
         self.val_max_tokens = eval_max_tokens if val_max_tokens is None else val_max_tokens
         self.batch_size = batch_size
@@ -209,7 +227,7 @@ class TextDataModule(LightningDataModule):
             if roles is not None and role not in roles:
                 continue
             counts = [(p, count(p)) for p in mix_components(source)]
-            if role == "finetune":  # its windows are drawn from the components' streams concatenated
+            if role == "finetune" and self.finetune_mix == "tokens":  # drawn from the streams concatenated
                 total = [n for _, n in counts]
                 counts = [(source, None if None in total else sum(total))]
             for part, n in counts:
@@ -304,8 +322,7 @@ class TextDataModule(LightningDataModule):
 
         def build() -> torch.Tensor:
             g = torch.Generator().manual_seed(self.seed)
-            n, k = self.calibration_samples, len(parts)
-            counts = [n // k + (i < n % k) for i in range(k)]
+            counts = even_counts(self.calibration_samples, len(parts))
             return torch.cat([random_windows(self.tokens(p), self.text_len, c, g) for p, c in zip(parts, counts)])
 
         check = token_check(len(self.tokenizer), shape=(self.calibration_samples, self.text_len))
@@ -313,10 +330,14 @@ class TextDataModule(LightningDataModule):
         return self._with_bos(windows.long())
 
     def finetune_windows(self) -> torch.Tensor:
-        tokens = torch.cat([self.tokens(p) for p in mix_components(self.finetune)])
+        parts = mix_components(self.finetune)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        if self.finetune_mix == "even":  # the train loader shuffles, so grouping by component here is harmless
+            return self._with_bos(torch.cat([random_windows(self.tokens(p), self.text_len, c, generator)
+                                             for p, c in zip(parts, even_counts(self.finetune_samples, len(parts)))]))
+        tokens = torch.cat([self.tokens(p) for p in parts])
         if self.finetune_samples is None:
             return self._with_bos(evaluation_windows(tokens, self.text_len))
-        generator = torch.Generator().manual_seed(self.seed + 1)
         return self._with_bos(random_windows(tokens, self.text_len, self.finetune_samples, generator))
 
     def eval_windows(self, source: str, max_tokens: int | None = None) -> torch.Tensor:

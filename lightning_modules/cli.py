@@ -140,7 +140,10 @@ class CompressionCLI(LightningCLI):
         ckpt = None
         if cfg.get("save_compressed", True):
             ckpt = self._log_dir() / "compressed.ckpt"
-            self.trainer.save_checkpoint(ckpt)
+            # the whole training state (optimizer, loops, callbacks) so `--ckpt_path` can resume from it; said
+            # explicitly, or Lightning logs "`weights_only` was not set, defaulting to `False`", which reads like
+            # unpickling -- every load in this project is weights_only=True (checkpoint_io.py)
+            self.trainer.save_checkpoint(ckpt, weights_only=False)
         results, validation = {}, {}
         if cfg.get("test_after_fit", True) and self.datamodule is not None:
             # validation logs val/ppl to TensorBoard even when fit trained nothing (max_steps: 0)

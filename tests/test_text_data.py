@@ -166,6 +166,35 @@ def test_datamodule_windows_shapes_counts_and_determinism(tmp_path, corpus_files
     assert not torch.equal(other.calibration_windows(), calib)
 
 
+def test_finetune_mix_even_splits_windows_over_components(tmp_path, corpus_files):
+    a, b = (f"file:{corpus_files}/{name}.txt" for name in "ab")
+    (corpus_files / "short.txt").write_text("zeta " * 4)  # 20 bytes: under one 32-token window on its own
+    short = f"file:{corpus_files}/short.txt"
+
+    def texts(dm):
+        return [dm.tokenizer.decode(row) for row in dm.finetune_windows()]
+
+    def source(text):
+        return [k for k in "ab" if any(w in text for w in WORDS[k])]
+
+    even = make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=7, finetune_mix="even")
+    assert [source(t) for t in texts(even)] == [["a"]] * 4 + [["b"]] * 3  # 7 = 4 + 3, each from its own stream
+    again = make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=7, finetune_mix="even",
+                    cache_dir=str(tmp_path / "fresh"))
+    assert torch.equal(again.finetune_windows(), even.finetune_windows())
+    # the default draws from the concatenated streams: a window may straddle the two components
+    drawn = texts(make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=64))
+    assert {tuple(source(t)) for t in drawn} == {("a",), ("b",), ("a", "b")}
+    # a component too short for a window of its own: fine when pooled, refused when windowed alone
+    make_dm(tmp_path, corpus_files, finetune=f"mix:{short},{b}").setup("fit")
+    with pytest.raises(ValueError, match="finetune:.*short.txt.*fewer than one window"):
+        make_dm(tmp_path, corpus_files, finetune=f"mix:{short},{b}", finetune_mix="even").setup("fit")
+    with pytest.raises(ValueError, match="finetune_mix must be 'tokens'.*or 'even'"):
+        make_dm(tmp_path, corpus_files, finetune_mix="balanced")
+    with pytest.raises(ValueError, match="set finetune_samples to a number of windows"):
+        make_dm(tmp_path, corpus_files, finetune_mix="even", finetune_samples=None)
+
+
 def test_cache_keys_change_with_tokenizer_seed_count_and_length(tmp_path, corpus_files, monkeypatch):
     def calib_files():
         return {p.name for p in (tmp_path / "tokens").glob("calib-*.pt")}
