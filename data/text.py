@@ -17,7 +17,9 @@ worse; ``bos=False`` reproduces the papers' plain slicing):
 - calibration: ``calibration_samples`` windows at uniformly random offsets drawn with
   ``seed``, split evenly over the components of a ``mix:`` source;
 - finetuning: random windows too (``finetune_samples``; every non-overlapping window when
-  ``None``), drawn from the components' concatenated streams with ``seed + 1``.
+  ``None``), drawn with ``seed + 1`` from the components' concatenated streams (``finetune_mix="tokens"``,
+  each component in proportion to its tokens) or split evenly over the components (``"even"``; a
+  component shorter than its share gives overlapping windows, so its text is seen more than once).
 
 Batches are ``{"input_ids": [B, T], "labels": [B, T]}`` with ``labels = input_ids`` (the
 model's loss shifts them).  Token streams and calibration windows are cached under

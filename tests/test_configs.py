@@ -29,11 +29,8 @@ def test_config_parses_and_documents_its_command(path, capsys, monkeypatch):
     assert match, f"{path}: first line must be '# Run: python train.py fit --config {path.relative_to(ROOT)} ...'"
     entry, subcommand = match.group(2), match.group(3)
     assert str(path.relative_to(ROOT)) in match.group(1)
-    if path.parent.name == "debug":  # overlays are parsed on top of the config their command names
-        configs = re.findall(r"--config (\S+)", match.group(1))
-        args = [subcommand] + [a for c in configs for a in ("--config", str(ROOT / c))]
-    else:
-        args = [subcommand, "--config", str(path)]
+    configs = re.findall(r"--config (\S+)", match.group(1))  # an overlay is parsed on top of the configs before it
+    args = [subcommand] + [a for c in configs for a in ("--config", str(ROOT / c))]
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.argv", ["train.py"])
     cli = EvaluationCLI if entry == "evaluate" else CompressionCLI
@@ -42,3 +39,31 @@ def test_config_parses_and_documents_its_command(path, capsys, monkeypatch):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path" in printed
+
+
+def _printed_config(capsys, monkeypatch, args: list[str]) -> str:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        CompressionCLI(args=[*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return "".join(line for line in capsys.readouterr().out.splitlines(keepends=True) if not line.startswith("#"))
+
+
+@pytest.mark.parametrize(("args", "folder"), [
+    (["--config", "configs/llm/best.yaml", "--config", "configs/llm/best_0.4.yaml"],
+     "llm_general_preset_0.4_kfac_sequential_336_r32_even"),
+    (["--config", "configs/llm/best.yaml", "--config", "configs/llm/best_0.4.yaml", "--compression.lora.steps",
+      "[320,320]", "--data.finetune_samples", "2560", "--data.finetune_mix", "tokens"],
+     "llm_general_preset_0.4_kfac_sequential_640_r32"),
+])
+def test_preset_overlay_is_the_configuration_its_figures_were_measured_with(args, folder, capsys, monkeypatch):
+    """The figures quoted for a preset come from the run whose saved config.yaml is in docs/results: the
+    shipped YAMLs must still resolve to exactly that configuration (the older run predates finetune_mix,
+    whose default "tokens" it used)."""
+    printed = _printed_config(capsys, monkeypatch, ["fit", *args])
+    measured = (ROOT / "docs" / "results" / folder / "config.yaml").read_text()
+    measured = "".join(line for line in measured.splitlines(keepends=True) if not line.startswith("#"))
+    if "finetune_mix" not in measured:
+        printed = printed.replace("    finetune_mix: tokens\n", "")
+    assert printed == measured
