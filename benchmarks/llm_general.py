@@ -16,6 +16,7 @@ per group of corpora and combined (:func:`compression.stats.combine_stats`) into
   ``default`` = A1 + A2 (the demo's calibration, 64 windows), ``default-32`` = A1 alone (size);
 - ``O``: 16 windows of each of the five other corpora' ``calib`` splits (kjv, gcide, chatterbot,
   pydoc, pycode); ``broad`` = A1 + O (16 windows of each of 7 corpora, 112), ``broad-144`` = A1 + A2 + O;
+- ``O2``: a second draw of O; ``broad-224`` = A1 + A2 + O + O2 (32 windows of each of the 7 corpora: size);
 - ``L`` (``--long``): ``broad`` again as 4 windows of 1024 tokens per corpus (the same token count).
 
 Rows with an output Fisher (``calibration.output_fisher``) take its sums once per mix from the dense model's
@@ -57,7 +58,7 @@ OTHERS = ("kjv:calib", "gcide:calib", "chatterbot:calib", "pydoc:calib", "pycode
 DEFAULT_PAIR = ("shakespeare:comedies", "wiki:calib")
 NOTES = "## Reading"
 MIXES = {"default": ("A1", "A2"), "default-32": ("A1",), "broad": ("A1", "O"), "broad-144": ("A1", "A2", "O"),
-         "broad-long": ("L",)}
+         "broad-224": ("A1", "A2", "O", "O2"), "broad-long": ("L",)}
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
                  Row("default-32 (half the windows)", ratio, "default-32"),
                  Row("broad mix", ratio, "broad", test=True),
                  Row("broad-144 (more windows)", ratio, "broad-144"),
+                 Row("broad-224 (twice the windows)", ratio, "broad-224"),
                  Row("default + gradient", ratio, "default", "gradient", test=True),
                  Row("broad + v2", ratio, "broad", "v2"),
                  Row("broad + gradient", ratio, "broad", "gradient", test=True)]
@@ -164,6 +166,12 @@ def plan(ratios: list[float], shrinkages: list[float], long: bool) -> list[Row]:
         rows += [Row(f"broad + K-FAC allocation, dense above break-even{', sequential' * seq}, output Fisher λ=0.1 "
                      "from 64 windows", ratio, "broad", "kfac", break_even=True, sequential=seq, output_fisher=0.1,
                      grad_samples=64) for seq in (False, True)]
+        # calibration size and window length on the 0.2 preset's compression (its Fisher and gradient tokens kept:
+        # 16 windows of 256 tokens, or 4 of 1024)
+        rows += [Row("broad-224 + gradient, dense above break-even, output Fisher λ=0.1", ratio, "broad-224",
+                     "gradient", break_even=True, output_fisher=0.1),
+                 Row("broad, 1024-token windows + gradient, dense above break-even, output Fisher λ=0.1", ratio,
+                     "broad-long", "gradient", break_even=True, output_fisher=0.1, grad_samples=4)]
     return rows
 
 
@@ -205,10 +213,10 @@ class Study:
         if name in self.parts:
             return self.parts[name]
         n, seq, seed = self.args.windows, self.args.seq_len, self.args.seed
-        sources = {"A1": DEFAULT_PAIR, "A2": DEFAULT_PAIR, "O": OTHERS, "L": DEFAULT_PAIR + OTHERS}[name]
+        sources = {"A1": DEFAULT_PAIR, "A2": DEFAULT_PAIR, "O": OTHERS, "O2": OTHERS, "L": DEFAULT_PAIR + OTHERS}[name]
         if name == "L":
             n, seq = max(1, n * seq // self.args.long_len), self.args.long_len
-        offset = {"A1": 0, "A2": 1000, "O": 0, "L": 2000}[name]
+        offset = {"A1": 0, "A2": 1000, "O": 0, "O2": 1000, "L": 2000}[name]
         windows = torch.cat([_windows(self.tokens, s, n, seq, seed + offset + i) for i, s in enumerate(sources)])
         start = time.perf_counter()
         batches = [{"input_ids": w} for w in windows.split(4)]
