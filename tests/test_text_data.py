@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -166,7 +168,7 @@ def test_datamodule_windows_shapes_counts_and_determinism(tmp_path, corpus_files
     assert not torch.equal(other.calibration_windows(), calib)
 
 
-def test_finetune_mix_even_splits_windows_over_components(tmp_path, corpus_files):
+def test_finetune_mix_even_splits_windows_over_components(tmp_path, corpus_files, caplog):
     a, b = (f"file:{corpus_files}/{name}.txt" for name in "ab")
     (corpus_files / "short.txt").write_text("zeta " * 4)  # 20 bytes: under one 32-token window on its own
     short = f"file:{corpus_files}/short.txt"
@@ -182,6 +184,15 @@ def test_finetune_mix_even_splits_windows_over_components(tmp_path, corpus_files
     again = make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=7, finetune_mix="even",
                     cache_dir=str(tmp_path / "fresh"))
     assert torch.equal(again.finetune_windows(), even.finetune_windows())
+    # a component shorter than its share repeats its text: said, with how often
+    n_a, length = even.tokens(a).numel(), even.text_len
+    share = n_a // length + 1
+    many = make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=2 * share, finetune_mix="even")
+    with caplog.at_level(logging.WARNING, logger="data.text"):
+        windows = many.finetune_windows()
+    assert windows.shape == (2 * share, even.seq_len)
+    assert f"{a} gives {share} windows of {length} tokens from {n_a} tokens" in caplog.text
+    assert f"seen about {share * length / n_a:.1f} times" in caplog.text
     # the default draws from the concatenated streams: a window may straddle the two components
     drawn = texts(make_dm(tmp_path, corpus_files, finetune=f"mix:{a},{b}", finetune_samples=64))
     assert {tuple(source(t)) for t in drawn} == {("a",), ("b",), ("a", "b")}
