@@ -6,8 +6,8 @@ Perplexity over the dense model's can fall below 1 when recovery trains on raw t
 towards the finetuning corpora, away from the model it compresses); this measures how far each compressed
 model's next-token distribution is from the dense model's on held-out windows (``data.domains.DOMAIN_TESTS``
 plus any ``--extra NAME=SOURCE``). Each ``--ckpt NAME=PATH`` is a ``compressed.ckpt`` written by ``train.py``
-for the same base model: its plan is applied to a copy of the dense model and its weights loaded (tensors only,
-``weights_only=True``: nothing is unpickled).
+for the same base model: its plan is applied to a copy of the dense model and its weights loaded
+(:func:`compression.io.safe_torch_load`: tensors only, nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import common  # noqa: F401 -- before torch: passive OpenMP waiting, the reposit
 import torch
 
 from compression import apply_plan
+from compression.io import safe_torch_load
 from data.domains import DOMAIN_TESTS
 from data.text import TextDataModule
 from lightning_modules.module import PLAN_KEY
@@ -38,12 +39,12 @@ def _pairs(specs: list[str], what: str) -> dict[str, str]:
 
 
 def load_student(dense: torch.nn.Module, path: str) -> torch.nn.Module:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = safe_torch_load(path)  # tensors and plain containers only: nothing is unpickled
     if PLAN_KEY not in checkpoint:
         raise SystemExit(f"--ckpt {path}: no compression plan in it; pass a compressed.ckpt written by train.py")
     model = copy.deepcopy(dense)
     apply_plan(model, checkpoint[PLAN_KEY])
-    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
 

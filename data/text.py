@@ -337,10 +337,11 @@ class TextDataModule(LightningDataModule):
         if self.finetune_mix == "even":  # the train loader shuffles, so grouping by component here is harmless
             counts = even_counts(self.finetune_samples, len(parts))
             for part, count in zip(parts, counts):
-                if count * self.text_len > self.tokens(part).numel():
+                available = self.tokens(part).numel()
+                if count * self.text_len > available:
                     log.warning("finetune_mix='even': %s gives %d windows of %d tokens from %d tokens, so its text is "
-                                "seen about %.1f times", part, count, self.text_len, self.tokens(part).numel(),
-                                count * self.text_len / self.tokens(part).numel())
+                                "seen about %.1f times", part, count, self.text_len, available,
+                                count * self.text_len / available)
             return self._with_bos(torch.cat([random_windows(self.tokens(p), self.text_len, c, generator)
                                              for p, c in zip(parts, counts)]))
         tokens = torch.cat([self.tokens(p) for p in parts])

@@ -31,21 +31,16 @@ def test_config_parses_and_documents_its_command(path, capsys, monkeypatch):
     assert str(path.relative_to(ROOT)) in match.group(1)
     configs = re.findall(r"--config (\S+)", match.group(1))  # an overlay is parsed on top of the configs before it
     args = [subcommand] + [a for c in configs for a in ("--config", str(ROOT / c))]
+    cli = EvaluationCLI if entry == "evaluate" else CompressionCLI
+    assert "class_path" in _printed_config(capsys, monkeypatch, args, cli)
+
+
+def _printed_config(capsys, monkeypatch, args: list[str], cli=CompressionCLI) -> str:
+    """What ``--print_config`` prints for ``args`` (run from the repository root), comment lines dropped."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.argv", ["train.py"])
-    cli = EvaluationCLI if entry == "evaluate" else CompressionCLI
     with pytest.raises(SystemExit) as exit_info:
         cli(args=[*args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "class_path" in printed
-
-
-def _printed_config(capsys, monkeypatch, args: list[str]) -> str:
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr("sys.argv", ["train.py"])
-    with pytest.raises(SystemExit) as exit_info:
-        CompressionCLI(args=[*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return "".join(line for line in capsys.readouterr().out.splitlines(keepends=True) if not line.startswith("#"))
 
