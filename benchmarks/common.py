@@ -7,7 +7,12 @@ then on ``sys.path``)::
 
 - OpenMP threads that spin while waiting starve when another process holds a core (2-core
   machines, parallel jobs): a 1536x576 float64 SVD took 11.8 s instead of 0.4 s; passive waiting
-  fixes it, and it must be set before torch loads its OpenMP runtime.
+  fixes it, and it must be set before torch loads its OpenMP runtime.  Scripts that time inference
+  (``llm_efficiency.py``, ``latent_cache_speed.py``) opt out: they set ``SVD_VGGT_OMP_WAIT=default``
+  before importing this module and run with the OpenMP runtime's own policy (spin, then sleep), as
+  a user's process does; they run under the heavy-job lock, where no other job holds a core.  Passive
+  waiting wakes the threads at every parallel region: it made SmolLM2's batch-1 decoding 1.7x slower
+  and its factored model 2.2x slower (docs/results/llm_efficiency.md).
 - :func:`lm_setup` loads the model (default SmolLM2-135M, offline) and the default
   :class:`data.text.TextDataModule` (calibration mix of comedies + Wikipedia, held-out tragedies
   and Wikipedia test split); :func:`calibrate` collects the statistics every method needs;
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("SVD_VGGT_OMP_WAIT") != "default":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -32,6 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from compression import ActivationStats, collect_stats, spread_batches  # noqa: E402
+from compression.gemm_timing import omp_wait_policy  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 
 
@@ -43,6 +50,27 @@ def gpu_note(device: str) -> str:
     if not torch.cuda.is_available():
         return "no CUDA device: GPU figures not measured, CPU figures only"
     return "CUDA device present but this run measured the CPU: GPU figures not measured, CPU figures only"
+
+
+def omp_note() -> str:
+    """The OpenMP wait policy a timing ran under, for its table (see the module docstring)."""
+    policy = omp_wait_policy()
+    if policy == "default":
+        return "OpenMP wait policy: the runtime's default (OMP_WAIT_POLICY unset)"
+    if policy == "PASSIVE":
+        return ("OMP_WAIT_POLICY=PASSIVE: threads sleep between parallel regions, so small products run slower than "
+                "in a process with the default policy")
+    return f"OMP_WAIT_POLICY={policy}"
+
+
+def write_keeping_notes(path: Path, text: str, heading: str = "## Reading") -> None:
+    """Write a regenerated results file, keeping what an existing one has from ``heading`` on: the notes
+    written by hand after a run survive a rerun of the command that made the tables above them."""
+    old = path.read_text() if path.exists() else ""
+    if heading in old:
+        text += "\n" + old[old.index(heading):]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def lm_parser(doc: str, calib_samples: int = 64, eval_tokens: int | None = 8192) -> argparse.ArgumentParser:

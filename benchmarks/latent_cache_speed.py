@@ -17,19 +17,22 @@ tokens with
 A uniform ``--ratio`` gives every layer the same rank, so ``auto`` is all ``plain keys`` or all plain there;
 ``--v2-ratio`` allocates the ranks per layer (``allocation: v2`` from the weights' spectra, no calibration), the
 mixed case where ``auto`` keeps some layers plain.  Steps alternate between the models and the median of
-``--steps`` is kept; one process, ``--threads`` threads.
+``--steps`` is kept; one process, ``--threads`` threads, the OpenMP runtime's default wait policy
+(``benchmarks/common.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import sys
 import time
 
-import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
-import torch
+os.environ.setdefault("SVD_VGGT_OMP_WAIT", "default")  # time what a user's process gets (see benchmarks/common.py)
+import common  # noqa: E402 -- before torch: the OpenMP wait policy, the repository on sys.path
+import torch  # noqa: E402
 from common import lm_parser
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -127,7 +130,7 @@ def main() -> None:
 
 def render(rows: list[dict], sizes: dict, args) -> str:
     lines = ["# Latent KV cache vs plain cache (SmolLM2-135M, joint q/k/v)", "",
-             "Command (one process, models alternating, median of the timed steps):", "",
+             f"Command (one process, models alternating, median of the timed steps; {common.omp_note()}):", "",
              "    .venv/bin/python benchmarks/latent_cache_speed.py " + " ".join(sys.argv[1:]), "",
              "KV cache per token over all layers (values; bytes in 16-bit; in brackets the share of the plain cache):",
              "", "| q/k/v ratio | ranks | plain | latent keys | plain keys | auto keys | auto: plain-keys layers |",

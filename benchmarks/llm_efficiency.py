@@ -32,6 +32,9 @@ during warm-up and during the timed rounds are counted and printed (a recompile 
 rounds would be timed, so the table says how many there were).
 
 Without a CUDA device the script says so (GPU figures not measured) and measures on the CPU only.
+It runs with the OpenMP runtime's default wait policy, not the passive one the other benchmarks set
+(``benchmarks/common.py``), and its table says which policy it ran under (an ``OMP_WAIT_POLICY``
+exported by the caller is kept): run it under the heavy-job lock, with no other job on the cores.
 """
 
 from __future__ import annotations
@@ -39,18 +42,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import common  # before torch: OMP_WAIT_POLICY, sys.path
-import torch
+os.environ.setdefault("SVD_VGGT_OMP_WAIT", "default")  # time what a user's process gets (see benchmarks/common.py)
+import common  # noqa: E402 -- before torch: the OpenMP wait policy, sys.path
+import torch  # noqa: E402
 
-from compression import Recipe, compress_
-from compression.fused import compile_forward_, optimize_for_inference_
-from compression.gemm_timing import GemmTimer
-from lightning_modules.specs import CausalLMSpec
-from metrics.flops import count_flops
+from compression import Recipe, compress_  # noqa: E402
+from compression.fused import compile_forward_, optimize_for_inference_  # noqa: E402
+from compression.gemm_timing import GemmTimer  # noqa: E402
+from lightning_modules.specs import CausalLMSpec  # noqa: E402
+from metrics.flops import count_flops  # noqa: E402
 
 
 def load(model_name: str, device: str, dtype: torch.dtype):
@@ -93,7 +98,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     cuda = args.device.startswith("cuda")
     note = common.gpu_note(args.device)
-    print(f"{note}; measuring on {args.device} ({dtype}, {args.threads} threads)", file=sys.stderr)
+    print(f"{note}; measuring on {args.device} ({dtype}, {args.threads} threads); {common.omp_note()}", file=sys.stderr)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     dense = load(args.model, args.device, dtype)
@@ -204,9 +209,8 @@ def main() -> None:
     print(json.dumps(rows), file=sys.stderr)
     text = table(rows, args, dense, note, dtype, graphs)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if args.out:  # notes under "## Reading" in an existing file are kept
+        common.write_keeping_notes(args.out, text)
 
 
 def compiled_graphs() -> int:
@@ -223,7 +227,8 @@ def table(rows: list[dict], args, dense, note: str, dtype, graphs: dict[str, int
         "# Causal-LM efficiency: dense vs low-rank, measured against the bounds", "",
         f"Command: `{command}`", "",
         f"Model `{args.model}` ({sum(p.numel() for p in dense.parameters()):,} parameters), {note}; measured on "
-        f"`{args.device}`, {dtype}, {args.threads} threads. One process, models alternating, best of "
+        f"`{args.device}`, {dtype}, {args.threads} threads; {common.omp_note()}. One process, models alternating, "
+        f"best of "
         f"{args.repeats} rounds. Dense: prefill {d['prefill_dense']:.0f} tok/s ({args.prompt}-token prompt), "
         f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "
         "*plain*: the factored model as `compress_` leaves it; *optimized*: after "

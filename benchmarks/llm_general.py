@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common  # noqa: F401 -- before torch: passive OpenMP waiting, the repository on sys.path
+import common  # before torch: passive OpenMP waiting, the repository on sys.path
 import torch
 import yaml
 from common import perplexity
@@ -442,10 +442,7 @@ def main() -> None:
     text = render(state, args, read_recovered(args.recovered, args.val_tokens, args.seq_len))
     print(text)
     if args.out:
-        old = args.out.read_text() if args.out.exists() else ""
-        if NOTES in old:  # notes written by hand after a run are kept when the tables are regenerated
-            text += "\n" + old[old.index(NOTES):]
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text, NOTES)
         args.out.with_suffix(".json").write_text(json.dumps(state, indent=1))
 
 

@@ -10,11 +10,19 @@ FLOP counts, because at small batch sizes a GEMM's speed depends on more than it
 - whether a factored layer ``x -> (x Dᵀ) Uᵀ`` is slower than its merged dense form ``x (U D)ᵀ`` at
   the deployment batch size (then it is merged back).
 
-A measurement is ``best of repeats`` of the mean time per call over a pool of weight copies large
-enough (``stream_bytes``, default 64 MiB, over any last-level cache here) that every call reads its
-weight from memory, as a decode step reading the whole model does.  Results are cached in a JSON
-file keyed by device (type and name), dtype, intra-op threads, tokens, shape and layout, so each
-shape is measured once per machine; the file is rewritten atomically.
+On a CPU the key includes the OpenMP wait policy (``OMP_WAIT_POLICY`` as this process's environment
+says, ``default`` when unset): with ``PASSIVE`` every parallel region wakes sleeping threads, and on
+2 cores a batch-1 product took 63-111 µs instead of 4-68 µs (SmolLM2's shapes, 2026-12-04), which
+turned merge decisions around; a timing taken under one policy must not steer a process running
+under the other.
+
+A measurement is ``best of repeats`` of the mean time per call over a pool of weight copies
+(``stream_bytes``, default 64 MiB, at most 64 copies) cycled through, so that a call does not find its
+weight where the previous call left it in the cache, as a decode step reading the whole model does
+not.  (A 1 GiB pool, over the 480 MiB L3 one machine here reports, gave the same counts of merged
+layers and padded GEMMs for SmolLM2 at ratio 0.6, 2026-12-04.)  Results are cached in a JSON file
+keyed by device (type and name), dtype, intra-op threads, OpenMP wait policy (CPU), tokens, shape and
+layout, so each shape is measured once per machine and policy; the file is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"{device.type}:{platform.processor() or platform.machine()}:{os.cpu_count()}cpu"
+
+
+def omp_wait_policy() -> str:
+    """``OMP_WAIT_POLICY`` as set in this process's environment (upper case), ``"default"`` when unset: the
+    OpenMP runtime reads it once, when torch loads it, so set it before importing torch."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() or "default"
 
 
 def make_weight(out_features: int, in_features: int, layout: str, dtype: torch.dtype,
@@ -84,8 +98,9 @@ class GemmTimer:
     @staticmethod
     def key(out_features: int, in_features: int, tokens: int, layout: str, dtype: torch.dtype,
             device: torch.device) -> str:
+        omp = f"omp={omp_wait_policy()}|" if device.type == "cpu" else ""
         return (f"{device_name(device)}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|"
-                f"tokens={tokens}|{out_features}x{in_features}|{layout}")
+                f"{omp}tokens={tokens}|{out_features}x{in_features}|{layout}")
 
     @torch.no_grad()
     def seconds(self, out_features: int, in_features: int, tokens: int, layout: str = "rowmajor",

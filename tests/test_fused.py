@@ -239,6 +239,23 @@ def test_gemm_timer_caches_per_shape_on_disk(tmp_path):
         timer.seconds(8, 16, 1, "diagonal")
 
 
+def test_gemm_timer_keeps_timings_of_each_openmp_wait_policy_apart(tmp_path, monkeypatch):
+    """A passive-waiting process's timings (a thread wake-up per call) must not steer a default one."""
+    path = tmp_path / "timings.json"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    timer = GemmTimer(path, repeats=1, min_seconds=1e-4, stream_bytes=1)
+    passive = timer.seconds(8, 16, 1)
+    assert "|omp=PASSIVE|" in GemmTimer.key(8, 16, 1, "rowmajor", torch.float32, torch.device("cpu"))
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert "|omp=default|" in GemmTimer.key(8, 16, 1, "rowmajor", torch.float32, torch.device("cpu"))
+    default = timer.seconds(8, 16, 1)
+    assert timer.measured == 2 and passive > 0 and default > 0  # measured again, not read back
+    timer.save()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    again = GemmTimer(path)
+    assert again.seconds(8, 16, 1) == passive and again.measured == 0
+
+
 @pytest.mark.slow
 def test_compiled_path_matches_the_compiled_unfused_model(compressed):
     """``compile=True`` (about a minute or two of compilation on 2 cores).  Compared with the *compiled*
