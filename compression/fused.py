@@ -96,12 +96,17 @@ class SharedDown:
 
     ``weight`` is ``D_all (R' x n)`` (possibly a transposed view); not a module, so it adds no
     state-dict entry: its first ``R`` rows are the members' ``down.weight`` parameters, the others
-    (``R' - R`` alignment padding, see the module docstring) are zeros nobody reads.
+    (``R' - R`` alignment padding, see the module docstring) are zeros nobody reads.  ``uses``: how
+    many member layers read each product; the memo lets go of ``z`` after the last of them, so no
+    product outlives its use (one per group would otherwise stay alive until the next forward:
+    ``tokens x R'`` numbers each, gigabytes over a model at long prompts).
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self._last: tuple | None = None
+    def __init__(self, weight: torch.Tensor, uses: int = 1) -> None:
+        if uses < 1:
+            raise ValueError(f"a shared down product needs at least one reader, got uses={uses}")
+        self.weight, self.uses = weight, uses
+        self._last: list | None = None  # [weakref to x, version, grad mode, z, reads left]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -109,9 +114,12 @@ class SharedDown:
         last, grad = self._last, torch.is_grad_enabled()
         version = None if x.is_inference() else x._version
         if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
+            last[4] -= 1
+            if last[4] <= 0:
+                self._last = None
             return last[3]
         z = F.linear(x, self.weight)
-        self._last = (weakref.ref(x), version, grad, z)
+        self._last = [weakref.ref(x), version, grad, z, self.uses - 1] if self.uses > 1 else None
         return z
 
     def clear(self) -> None:
@@ -324,7 +332,7 @@ def optimize_for_inference_(
                                      _relayout(layers[0].up.weight, report.layers[group[0]]["up"]))
             set_submodule(model, group[0], fast)
             continue
-        shared = SharedDown(_relayout(_padded(stacked, width), stack_layout))
+        shared = SharedDown(_relayout(_padded(stacked, width), stack_layout), uses=len(group))
         if width > stacked.shape[0]:
             report.padding[group[0]] = (stacked.shape[0], width)
         start = 0

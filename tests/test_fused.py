@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compression import LowRankLinear, Recipe, apply_plan, compress_
-from compression.fused import FastLowRankLinear, optimize_for_inference_, padded_widths
+from compression.fused import FastLowRankLinear, SharedDown, optimize_for_inference_, padded_widths
 from compression.gemm_timing import GemmTimer
 from tests.conftest import make_tiny_llama
 
@@ -80,6 +80,28 @@ def test_shared_downs_are_exact(compressed, layout):
     with torch.no_grad():
         for ids_ in (ids, tokens(1, 7, seed=5)):
             assert rel_err(model(input_ids=ids_).logits, ref(input_ids=ids_).logits) <= 1e-10
+
+
+def test_shared_product_is_released_after_its_last_reader(compressed):
+    """No stacked product outlives a forward (one per group would hold ``tokens x R'`` numbers until the next
+    call); a member reading again after the release recomputes the same product."""
+    model, _ = compressed
+    ref = copy.deepcopy(model)
+    optimize_for_inference_(model, example={"input_ids": tokens()}, merge="never", timer=FixedTimer())
+    shared = {id(m.shared): m.shared for m in model.modules() if isinstance(m, FastLowRankLinear) and m.shared}
+    assert sorted(s.uses for s in shared.values()) == [2, 2, 3, 3]  # gate/up and q/k/v of two blocks
+    with torch.no_grad():
+        assert rel_err(model(input_ids=tokens()).logits, ref(input_ids=tokens()).logits) <= 1e-10
+        assert all(s._last is None for s in shared.values())
+        attn, ref_attn = model.model.layers[0].self_attn, ref.model.layers[0].self_attn
+        x = torch.randn(1, 3, attn.q_proj.in_features, dtype=torch.float64)
+        stacked, held = attn.q_proj.shared, []
+        for name in ("q_proj", "k_proj", "q_proj", "v_proj"):  # q twice: after 3 reads the product is let go
+            assert rel_err(getattr(attn, name)(x), getattr(ref_attn, name)(x)) <= 1e-12, name
+            held.append(stacked._last is not None)
+        assert held == [True, True, False, True]  # v finds no product and computes it afresh (then holds it)
+    with pytest.raises(ValueError, match="at least one reader"):
+        SharedDown(stacked.weight, uses=0)
 
 
 def test_greedy_decode_with_kv_cache_is_exact(compressed):
