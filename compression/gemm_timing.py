@@ -12,7 +12,7 @@ FLOP counts, because at small batch sizes a GEMM's speed depends on more than it
 
 On a CPU the key includes the OpenMP wait policy (``OMP_WAIT_POLICY`` as this process's environment
 says, ``default`` when unset): with ``PASSIVE`` every parallel region wakes sleeping threads, and on
-2 cores a batch-1 product took 63-111 µs instead of 4-68 µs (SmolLM2's shapes, 2026-12-04), which
+2 cores a batch-1 product took 63-189 µs instead of 4-68 µs (SmolLM2's shapes, 2026-12-04), which
 turned merge decisions around; a timing taken under one policy must not steer a process running
 under the other.
 
