@@ -25,7 +25,8 @@ With ``--compile`` the dense model and every optimized model are also timed wrap
 ``torch.compile(dynamic=True)`` (:func:`compression.fused.optimize_for_inference_` with ``compile=True``;
 the dense copy by :func:`compression.fused.compile_forward_`, the same options; one compiled dense
 copy serves prefill and decode), and the compiled speed-ups are compiled compressed
-over *compiled dense*, against the same bounds.  The untimed decode prompt runs eagerly
+over *compiled dense*, against the same bounds; ``--cpp-wrapper`` compiles both with inductor's C++
+wrapper.  The untimed decode prompt runs eagerly
 (``torch.compiler.set_stance("force_eager")``), so a compiled decode model compiles one graph, the
 1-token step with a growing cache (the cache length is a dynamic dimension); the graphs compiled
 during warm-up and during the timed rounds are counted and printed (a recompile inside the timed
@@ -92,8 +93,12 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32, help="decoded tokens")
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (best of)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd optimized models")
+    p.add_argument("--cpp-wrapper", action="store_true",
+                   help="with --compile: inductor's C++ wrapper, for the dense and the optimized models alike")
     p.add_argument("--out", type=Path, default=None, help="markdown file for the table")
     args = p.parse_args()
+    if args.cpp_wrapper and not args.compile:
+        p.error("--cpp-wrapper applies to the compiled models: add --compile")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     cuda = args.device.startswith("cuda")
@@ -108,7 +113,7 @@ def main() -> None:
     models: dict[str, torch.nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"ratio": 0.0, "bytes": weight_bytes(dense)}}
     if args.compile:  # the baseline of the compiled speed-ups is compiled too
-        models["dense compiled"] = compile_forward_(copy.deepcopy(dense))  # same options as compile=True
+        models["dense compiled"] = compile_forward_(copy.deepcopy(dense), cpp_wrapper=args.cpp_wrapper)  # as below
     timer = GemmTimer(cache_path=False)  # every shape measured once in this run, shared by all ratios
     for ratio in args.ratios:
         plain = copy.deepcopy(dense)
@@ -129,7 +134,7 @@ def main() -> None:
             if args.compile:
                 comp = copy.deepcopy(plain)
                 optimize_for_inference_(comp, batch_tokens=tokens, example={"input_ids": example}, compile=True,
-                                        timer=timer)
+                                        timer=timer, cpp_wrapper=args.cpp_wrapper)
                 models[f"{key} compiled"] = comp
                 info[f"{key} compiled"] = dict(info[key])
 
@@ -260,7 +265,8 @@ def compiled_table(rows: list[dict], args, graphs: dict[str, int]) -> list[str]:
     d = rows[0]
     lines = [
         "", "## torch.compile: compiled compressed over compiled dense", "",
-        f"`torch.compile(dynamic=True)` with the shared-product merge (`compile_forward_`) on the dense model and on "
+        f"`torch.compile(dynamic=True)` with the shared-product merge (`compile_forward_`"
+        f"{', inductor C++ wrapper' if args.cpp_wrapper else ''}) on the dense model and on "
         f"each optimized model "
         f"(`optimize_for_inference_(..., compile=True)`). Compiled dense: prefill "
         f"{d['prefill_dense_compiled']:.0f} tok/s, decode {d['decode_dense_compiled']:.1f} tok/s "

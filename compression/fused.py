@@ -224,12 +224,20 @@ def _fusable(module: nn.Module) -> bool:
             and type(module.down) is nn.Linear and type(module.up) is nn.Linear)
 
 
-def compile_forward_(model: nn.Module) -> nn.Module:
+def compile_forward_(model: nn.Module, cpp_wrapper: bool = False) -> nn.Module:
     """Wrap ``model.forward`` in ``torch.compile(dynamic=True)`` with :class:`SharedProductsPass`: the compiled
     graph computes each shared down product once, as the eager memo does (inductor does not merge the
-    repeated GEMMs itself).  Compile a dense baseline with this too, for a like-for-like comparison."""
-    model.forward = torch.compile(model.forward, dynamic=True,
-                                  options={"post_grad_custom_pre_pass": SharedProductsPass()})
+    repeated GEMMs itself).  Compile a dense baseline with this too, for a like-for-like comparison.
+
+    ``cpp_wrapper``: inductor calls the graph's kernels and GEMMs from generated C++ instead of Python.
+    That cuts a fixed cost per call, which matters where calls are many and small: batch-1 decoding of a
+    factored model. On 2 CPU cores, SmolLM2 decoding got 7 % (dense) and 10 % (ratio 0.6) faster. Compiling
+    took 3-5x longer (125 / 233 s against 34 / 45 s; docs/results/llm_efficiency.md).
+    """
+    options = {"post_grad_custom_pre_pass": SharedProductsPass()}
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
+    model.forward = torch.compile(model.forward, dynamic=True, options=options)
     return model
 
 
@@ -246,6 +254,7 @@ def optimize_for_inference_(
     compile: bool = False,
     pad: str = "auto",
     pad_margin: float = 0.03,
+    cpp_wrapper: bool = False,
 ) -> InferenceReport:
     """Lay out every :class:`LowRankLinear` of ``model`` for inference at ``batch_tokens`` tokens per forward.
 
@@ -258,6 +267,7 @@ def optimize_for_inference_(
         timer: the GEMM timer (default: :class:`GemmTimer` with the on-disk cache).
         plan: the model's compression plan; the report's ``plan`` is a copy without merged layers.
         compile: wrap ``model.forward`` in ``torch.compile(dynamic=True)`` (:func:`compile_forward_`).
+        cpp_wrapper: with ``compile``, inductor's C++ wrapper (:func:`compile_forward_`).
         pad: ``"auto"`` (append zero rows to a down GEMM's weight, up to the measured fastest of the
             widths :func:`padded_widths` gives, when that is faster than no padding by more than
             ``pad_margin``) or ``"never"``.
@@ -274,6 +284,8 @@ def optimize_for_inference_(
         raise ValueError(f"pad_margin must lie in [0, 1), got {pad_margin}")
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    if cpp_wrapper and not compile:
+        raise ValueError("cpp_wrapper=True applies to the compiled forward: pass compile=True as well")
     start_time = time.perf_counter()
     timer = timer or GemmTimer()
     report = InferenceReport(batch_tokens=batch_tokens)
@@ -353,7 +365,7 @@ def optimize_for_inference_(
             report.plan["layers"].pop(name, None)
         report.plan["inference"] = {"merged": report.merged, "batch_tokens": batch_tokens}
     if compile:
-        compile_forward_(model)
+        compile_forward_(model, cpp_wrapper=cpp_wrapper)
         report.compiled = True
     report.seconds = time.perf_counter() - start_time
     log.info("inference layout at %d tokens: %d layers, %d merged back, %d shared-down groups, %d padded down "

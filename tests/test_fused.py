@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from compression import LowRankLinear, Recipe, apply_plan, compress_
-from compression.fused import FastLowRankLinear, SharedDown, optimize_for_inference_, padded_widths
+from compression.fused import (
+    FastLowRankLinear,
+    SharedDown,
+    compile_forward_,
+    optimize_for_inference_,
+    padded_widths,
+)
 from compression.gemm_timing import GemmTimer
 from tests.conftest import make_tiny_llama
 
@@ -334,14 +340,37 @@ def test_compiled_decode_with_a_growing_cache_is_one_graph_and_exact(monkeypatch
     assert graphs == 1 and error <= 1e-5
 
 
+def test_cpp_wrapper_reaches_inductor_only_with_compile(monkeypatch):
+    """``cpp_wrapper=True`` is an inductor option of the compiled forward (the shared-product pass kept); it is
+    refused without ``compile=True`` rather than silently ignored."""
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = make_tiny_llama()
+    compress_(model, Recipe("svd", ratio=0.4))
+    with pytest.raises(ValueError, match="pass compile=True"):
+        optimize_for_inference_(copy.deepcopy(model), timer=FixedTimer(), cpp_wrapper=True)
+    optimize_for_inference_(model, timer=FixedTimer(), compile=True, cpp_wrapper=True)
+    compile_forward_(make_tiny_llama())
+    assert [sorted(k["options"]) for k in seen] == [["cpp_wrapper", "post_grad_custom_pre_pass"],
+                                                     ["post_grad_custom_pre_pass"]]
+    assert seen[0]["options"]["cpp_wrapper"] is True and all(k["dynamic"] for k in seen)
+
+
 @pytest.mark.slow
-def test_inductor_decode_matches_the_eager_unfused_model():
-    """The same with inductor (a minute of compilation on 2 cores): float32 kernels, ~2e-7 from eager here."""
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_inductor_decode_matches_the_eager_unfused_model(cpp_wrapper):
+    """The same with inductor (a minute or more of compilation on 2 cores; the C++ wrapper takes longer):
+    float32 kernels, ~2e-7 from eager here."""
     model = make_tiny_llama()
     compress_(model, Recipe("svd", ratio=0.4))
     ref = copy.deepcopy(model)
     optimize_for_inference_(model, batch_tokens=1, example={"input_ids": tokens(1, 8)}, merge="never",
-                            timer=FixedTimer(), compile=True)
+                            timer=FixedTimer(), compile=True, cpp_wrapper=cpp_wrapper)
     error, graphs = decode_against_eager(model, ref)
     assert graphs == 1 and error <= 1e-5
 
