@@ -60,13 +60,20 @@ class FactorLinear(nn.Linear):
 
 
 class JointLatent(nn.Module):
-    """``z = down(x)``: ``[..., E] -> [..., r]``, computed once per distinct input tensor."""
+    """``z = down(x)``: ``[..., E] -> [..., r]``, computed once per distinct input tensor.
 
-    def __init__(self, in_features: int, rank: int, device=None, dtype=None) -> None:
+    ``uses``: how many projections read each latent (q/k/v: 3); the memo lets go of ``z`` after the last
+    of them, so no latent outlives its attention call (``tokens x r`` numbers per layer, and under
+    autograd the reference kept it past the backward).  ``None``: kept until the next input.
+    """
+
+    def __init__(self, in_features: int, rank: int, device=None, dtype=None, uses: int | None = None) -> None:
         super().__init__()
-        self.in_features, self.rank = in_features, rank
+        if uses is not None and uses < 1:
+            raise ValueError(f"a joint latent needs at least one reader, got uses={uses}")
+        self.in_features, self.rank, self.uses = in_features, rank, uses
         self.down = FactorLinear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self._last: tuple | None = None
+        self._last: list | None = None  # [weakref to x, version, grad mode, z, reads left or None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last, grad = self._last, torch.is_grad_enabled()
@@ -74,9 +81,14 @@ class JointLatent(nn.Module):
         # attention call read the same unmodified tensor, so identity alone identifies it there
         version = None if x.is_inference() else x._version
         if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
+            if last[4] is not None:
+                last[4] -= 1
+                if last[4] <= 0:
+                    self._last = None
             return last[3]
         z = self.down(x)
-        self._last = (weakref.ref(x), version, grad, z)
+        left = None if self.uses is None else self.uses - 1
+        self._last = None if left == 0 else [weakref.ref(x), version, grad, z, left]
         return z
 
     def clear(self) -> None:
@@ -190,7 +202,7 @@ def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.T
     """
     layers = [getattr(attn, m) for m in members]
     ref = layers[0].weight
-    latent = JointLatent(layers[0].in_features, rank, device=ref.device, dtype=ref.dtype)
+    latent = JointLatent(layers[0].in_features, rank, device=ref.device, dtype=ref.dtype, uses=len(layers))
     projections = []
     for i, layer in enumerate(layers):
         proj = JointProjection(latent, layer.out_features, bias=layer.bias is not None)

@@ -89,12 +89,20 @@ def test_latent_computed_once_per_input(tiny_llama, token_batches):
     with torch.no_grad():
         tiny_llama(**token_batches[0])
     assert len(calls) == 2  # one per block, not three
-    latent = tiny_llama.model.layers[0].self_attn.qkv_latent
+    latents = [layer.self_attn.qkv_latent for layer in tiny_llama.model.layers]
+    assert [lat.uses for lat in latents] == [3, 3] and all(lat._last is None for lat in latents)  # released
+    latent = latents[0]
     x = torch.randn(3, 64)
     z = latent(x)
     assert latent(x) is z
     x.mul_(2.0)  # in-place change bumps the version: recomputed
-    torch.testing.assert_close(latent(x), 2 * z)
+    z2 = latent(x)
+    torch.testing.assert_close(z2, 2 * z)
+    assert latent(x) is z2 and latent(x) is z2 and latent._last is None  # let go after the third read
+    z3 = latent(x)
+    assert z3 is not z2 and torch.equal(z3, z2) and latent._last is not None  # a fourth read recomputes
+    with pytest.raises(ValueError, match="at least one reader"):
+        type(latent)(64, 8, uses=0)
 
 
 def test_subset_components_build_selected_triplets():
