@@ -104,7 +104,7 @@ class LatentAttention(nn.Module):
     def _latent(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
             return self._child("qkv").down(x)
-        return getattr(self, LATENT_NAME)(x)
+        return getattr(self, LATENT_NAME).down(x)  # read once here: no memo to hold the latent until the next call
 
     def _project(self, z: torch.Tensor, roles: tuple[str, ...]) -> list[torch.Tensor]:
         if self.rows is not None:
