@@ -59,6 +59,7 @@ from compression.quant import QuantLinear  # noqa: E402
 from compression.rotation import rotate_model_  # noqa: E402
 from compression.targets import layer_type  # noqa: E402
 from lightning_modules.specs import CausalLMSpec, shrinkable  # noqa: E402
+from models.causal_lm import output_cache  # noqa: E402
 from models.layouts import layout_of  # noqa: E402
 
 VOCAB, HIDDEN = 128, 32
@@ -288,7 +289,7 @@ def cell_latent(family: str) -> str:
         assert diffs[-1] <= 1e-5, (keys, diffs[-1])
         with torch.no_grad():
             out = latent(prompt, use_cache=True)
-        cache = out.cache if "cache" in out else out.past_key_values
+        cache = output_cache(out)
         ranks = [latent.get_submodule(p).rank for p in (b.attn.qkv for b in layout.blocks)] if fused \
             else [latent.get_submodule(p).qkv_latent.rank for p in paths]
         held = [(layer.keys if keys == "latent" else layer.values).shape[-1] for layer in cache.layers]

@@ -42,7 +42,7 @@ from compression.joint import LATENT_NAME
 from compression.latent_cache import enable_latent_cache_, kv_bytes_per_token
 from compression.latent_cache_layers import GrowingLayer
 from lightning_modules.specs import CausalLMSpec
-from models.causal_lm import load_causal_lm
+from models.causal_lm import cache_keyword, load_causal_lm
 from models.layouts import layout_of
 
 NAMES = ("plain", "plain in-place", "latent keys", "plain keys", "auto keys")
@@ -88,14 +88,14 @@ def measure(base, ratio: float, allocation: str, args) -> tuple[list[dict], dict
                     caches[name] = _in_place(caches["plain"], m.config)
                     continue
                 caches[name] = DynamicCache(config=m.config)
-                m(ids, past_key_values=caches[name], use_cache=True)
+                m(ids, **{cache_keyword(m): caches[name]}, use_cache=True)
             times: dict[str, list[float]] = {name: [] for name in models}
             logits = {}
             for _ in range(args.steps):
                 for name, m in models.items():
                     cache = copy.deepcopy(caches[name])
                     t0 = time.perf_counter()
-                    logits[name] = m(token, past_key_values=cache, use_cache=True).logits
+                    logits[name] = m(token, **{cache_keyword(m): cache}, use_cache=True).logits
                     times[name].append(time.perf_counter() - t0)
             ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
             diff = max(float((logits[n] - logits["plain"]).abs().max()) for n in models)

@@ -57,6 +57,7 @@ from compression.fused import compile_forward_, optimize_for_inference_  # noqa:
 from compression.gemm_timing import GemmTimer  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 from metrics.flops import count_flops  # noqa: E402
+from models.causal_lm import cache_keyword  # noqa: E402
 
 # models built from a config, random weights: speed and memory depend on the shapes only
 CONFIG_MODELS = {
@@ -167,12 +168,12 @@ def main() -> None:
 
         cache = DynamicCache()
         with torch.compiler.set_stance("force_eager"):  # the untimed prompt: no graph compiled for it
-            out = model(input_ids=short, past_key_values=cache, use_cache=True)
+            out = model(input_ids=short, **{cache_keyword(model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         sync()
         start = time.perf_counter()
         for _ in range(args.new):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **{cache_keyword(model): cache}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         sync()
         return time.perf_counter() - start

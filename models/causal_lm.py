@@ -23,6 +23,7 @@ symbols + ``<eos>``, no merges), both in-process.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -188,6 +189,17 @@ def load_causal_lm(
     log.info("loaded %s (%s, %.1f M parameters, %s)", name_or_path, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, dtype)
     return model.eval(), tokenizer
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache under: ``cache`` (transformers renamed it in 5.24) or
+    ``past_key_values`` (before; deprecated since, and removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned: the output field ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return out.cache if "cache" in out else out.past_key_values
 
 
 def build_tiny_llama(seed: int = 0, tie_word_embeddings: bool = True, **overrides: Any) -> nn.Module:

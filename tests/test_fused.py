@@ -17,6 +17,7 @@ from compression.fused import (
     padded_widths,
 )
 from compression.gemm_timing import GemmTimer
+from models.causal_lm import cache_keyword
 from tests.conftest import make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -311,14 +312,14 @@ def decode_against_eager(model, ref, steps=4, prompt=8):
     cache, ref_cache = DynamicCache(), DynamicCache()
     with torch.no_grad():
         with torch.compiler.set_stance("force_eager"):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        want = ref(input_ids=ids, past_key_values=ref_cache, use_cache=True)
+            out = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)
+        want = ref(input_ids=ids, **{cache_keyword(ref): ref_cache}, use_cache=True)
         errors = [rel_err(out.logits, want.logits)]
         before = counters["stats"]["unique_graphs"]
         for _ in range(steps):
             token = want.logits[:, -1:].argmax(-1)
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            want = ref(input_ids=token, past_key_values=ref_cache, use_cache=True)
+            out = model(input_ids=token, **{cache_keyword(model): cache}, use_cache=True)
+            want = ref(input_ids=token, **{cache_keyword(ref): ref_cache}, use_cache=True)
             errors.append(rel_err(out.logits, want.logits))
     assert cache.get_seq_length() == ref_cache.get_seq_length() == prompt + steps
     return max(errors), counters["stats"]["unique_graphs"] - before

@@ -16,6 +16,7 @@ from compression.latent_cache import (
     kv_bytes_per_token,
 )
 from compression.latent_cache_layers import GrowingLayer, PlainKeyLayer
+from models.causal_lm import cache_keyword, output_cache
 from models.layouts import layout_of
 from tests.conftest import compress_joint, make_tiny_llama
 
@@ -37,8 +38,7 @@ def _generate(model, prompt, mask=None):
 
 
 def _cache_of(out):
-    # transformers 5.24 renamed the output field ``past_key_values`` to ``cache``
-    return out.cache if "cache" in out else out.past_key_values
+    return output_cache(out)
 
 
 @pytest.mark.parametrize("keys", ["latent", "plain"])
@@ -66,7 +66,7 @@ def test_cache_holds_latents_and_positions(joint_pair):
     with torch.no_grad():
         out = latent(prompt, use_cache=True)
         ref = plain(prompt).logits
-        step = latent(torch.tensor([[5], [7]]), past_key_values=_cache_of(out), use_cache=True)
+        step = latent(torch.tensor([[5], [7]]), **{cache_keyword(latent): _cache_of(out)}, use_cache=True)
         full = plain(torch.cat([prompt, torch.tensor([[5], [7]])], 1)).logits[:, -1:]
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(step.logits, full, rtol=0, atol=1e-10)
@@ -128,9 +128,9 @@ def test_plain_keys_cache_holds_the_plain_keys_and_latents(joint_pair):
     nxt = torch.tensor([[5], [7]])
     with torch.no_grad():
         ref = plain(prompt, use_cache=True)
-        ref_step = plain(nxt, past_key_values=_cache_of(ref), use_cache=True)
+        ref_step = plain(nxt, **{cache_keyword(plain): _cache_of(ref)}, use_cache=True)
         out = latent(prompt, use_cache=True)
-        step = latent(nxt, past_key_values=_cache_of(out), use_cache=True)
+        step = latent(nxt, **{cache_keyword(latent): _cache_of(out)}, use_cache=True)
     torch.testing.assert_close(step.logits, ref_step.logits, rtol=0, atol=1e-10)
     layer, ref_layer = _cache_of(step).layers[0], _cache_of(ref_step).layers[0]
     assert isinstance(layer, PlainKeyLayer)
@@ -151,7 +151,7 @@ def test_cache_filled_in_one_key_mode_is_refused_by_the_other(joint_pair):
     with torch.no_grad():
         cache = _cache_of(latent(prompt, use_cache=True))
         with pytest.raises(TypeError, match="keys='plain'"):
-            other(prompt[:, :1], past_key_values=cache, use_cache=True)
+            other(prompt[:, :1], **{cache_keyword(other): cache}, use_cache=True)
 
 
 def test_growing_layer_appends_in_place_and_survives_crop_and_copy():
