@@ -8,8 +8,8 @@ for their down factors: stacking ``D_all = [D_1; D_2; ...]`` (``R = Σ r_i`` row
 
 is the same arithmetic as the separate products (every entry of ``z`` is the same dot product),
 done as one ``tokens x n x R`` GEMM instead of several thin ones: fewer calls, one pass over ``x``.
-The stacked product is computed once per input tensor and memoized (object identity + version
-counter + grad mode, as :class:`compression.joint.JointLatent` does), so the model's own code still
+The stacked product is computed once per input tensor and memoized (:class:`compression.memo.InputMemo`,
+as :class:`compression.joint.JointLatent` does), so the model's own code still
 calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` and needs no change.
 
 :func:`optimize_for_inference_` rewrites a compressed model in place for a deployment batch size
@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +60,7 @@ from compression.block_capture import group_by_input, layer_calls
 from compression.gemm_timing import LAYOUTS, GemmTimer
 from compression.graph_cse import SharedProductsPass
 from compression.lowrank import LowRankLinear
+from compression.memo import InputMemo
 from compression.plan import set_submodule
 
 log = logging.getLogger(__name__)
@@ -103,27 +103,21 @@ class SharedDown:
     """
 
     def __init__(self, weight: torch.Tensor, uses: int = 1) -> None:
-        if uses < 1:
-            raise ValueError(f"a shared down product needs at least one reader, got uses={uses}")
-        self.weight, self.uses = weight, uses
-        self._last: list | None = None  # [weakref to x, version, grad mode, z, reads left]
+        self.weight = weight
+        self.memo = InputMemo(uses, "shared down product")
+
+    @property
+    def uses(self) -> int:
+        return self.memo.uses
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return F.linear(x, self.weight)
-        last, grad = self._last, torch.is_grad_enabled()
-        version = None if x.is_inference() else x._version
-        if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
-            last[4] -= 1
-            if last[4] <= 0:
-                self._last = None
-            return last[3]
-        z = F.linear(x, self.weight)
-        self._last = [weakref.ref(x), version, grad, z, self.uses - 1] if self.uses > 1 else None
-        return z
+        z = self.memo.get(x)
+        return z if z is not None else self.memo.put(x, F.linear(x, self.weight))
 
     def clear(self) -> None:
-        self._last = None
+        self.memo.clear()
 
 
 class FastLowRankLinear(LowRankLinear):

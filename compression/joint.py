@@ -39,7 +39,6 @@ the latent is computed once per input tensor (identity + version check) and reus
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from compression.lowrank import linear_num_parameters
+from compression.memo import InputMemo
 from compression.methods import Method
 
 log = logging.getLogger(__name__)
@@ -69,36 +69,23 @@ class JointLatent(nn.Module):
 
     def __init__(self, in_features: int, rank: int, device=None, dtype=None, uses: int | None = None) -> None:
         super().__init__()
-        if uses is not None and uses < 1:
-            raise ValueError(f"a joint latent needs at least one reader, got uses={uses}")
-        self.in_features, self.rank, self.uses = in_features, rank, uses
+        self.in_features, self.rank = in_features, rank
         self.down = FactorLinear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self._last: list | None = None  # [weakref to x, version, grad mode, z, reads left or None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last, grad = self._last, torch.is_grad_enabled()
         # inference-mode tensors (Trainer.test/validate) carry no version counter; q/k/v of one
         # attention call read the same unmodified tensor, so identity alone identifies it there
-        version = None if x.is_inference() else x._version
-        if last is not None and last[0]() is x and last[1] == version and last[2] == grad:
-            if last[4] is not None:
-                last[4] -= 1
-                if last[4] <= 0:
-                    self._last = None
-            return last[3]
-        z = self.down(x)
-        left = None if self.uses is None else self.uses - 1
-        self._last = None if left == 0 else [weakref.ref(x), version, grad, z, left]
-        return z
+        self.memo = InputMemo(uses, "joint latent")
+
+    @property
+    def uses(self) -> int | None:
+        return self.memo.uses
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.memo.get(x)
+        return z if z is not None else self.memo.put(x, self.down(x))
 
     def clear(self) -> None:
         """Forget the memoized latent (it is also replaced on the next new input)."""
-        self._last = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_last"] = None  # a weak reference cannot be pickled, and the memo is transient
-        return state
+        self.memo.clear()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}"

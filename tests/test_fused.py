@@ -99,13 +99,13 @@ def test_shared_product_is_released_after_its_last_reader(compressed):
     assert sorted(s.uses for s in shared.values()) == [2, 2, 3, 3]  # gate/up and q/k/v of two blocks
     with torch.no_grad():
         assert rel_err(model(input_ids=tokens()).logits, ref(input_ids=tokens()).logits) <= 1e-10
-        assert all(s._last is None for s in shared.values())
+        assert all(not s.memo.held for s in shared.values())
         attn, ref_attn = model.model.layers[0].self_attn, ref.model.layers[0].self_attn
         x = torch.randn(1, 3, attn.q_proj.in_features, dtype=torch.float64)
         stacked, held = attn.q_proj.shared, []
         for name in ("q_proj", "k_proj", "q_proj", "v_proj"):  # q twice: after 3 reads the product is let go
             assert rel_err(getattr(attn, name)(x), getattr(ref_attn, name)(x)) <= 1e-12, name
-            held.append(stacked._last is not None)
+            held.append(stacked.memo.held)
         assert held == [True, True, False, True]  # v finds no product and computes it afresh (then holds it)
     with pytest.raises(ValueError, match="at least one reader"):
         SharedDown(stacked.weight, uses=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_latent_computed_once_per_input(tiny_llama, token_batches):
         tiny_llama(**token_batches[0])
     assert len(calls) == 2  # one per block, not three
     latents = [layer.self_attn.qkv_latent for layer in tiny_llama.model.layers]
-    assert [lat.uses for lat in latents] == [3, 3] and all(lat._last is None for lat in latents)  # released
+    assert [lat.uses for lat in latents] == [3, 3] and all(not lat.memo.held for lat in latents)  # released
     latent = latents[0]
     x = torch.randn(3, 64)
     z = latent(x)
@@ -98,9 +99,11 @@ def test_latent_computed_once_per_input(tiny_llama, token_batches):
     x.mul_(2.0)  # in-place change bumps the version: recomputed
     z2 = latent(x)
     torch.testing.assert_close(z2, 2 * z)
-    assert latent(x) is z2 and latent(x) is z2 and latent._last is None  # let go after the third read
+    assert latent(x) is z2 and latent(x) is z2 and not latent.memo.held  # let go after the third read
     z3 = latent(x)
-    assert z3 is not z2 and torch.equal(z3, z2) and latent._last is not None  # a fourth read recomputes
+    assert z3 is not z2 and torch.equal(z3, z2) and latent.memo.held  # a fourth read recomputes
+    twin = pickle.loads(pickle.dumps(latent.memo))  # a held product (a weak reference) is not carried along
+    assert not twin.held and twin.uses == 3 and not copy.deepcopy(latent).memo.held
     with pytest.raises(ValueError, match="at least one reader"):
         type(latent)(64, 8, uses=0)
 

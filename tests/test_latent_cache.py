@@ -73,7 +73,7 @@ def test_cache_holds_latents_and_positions(joint_pair):
     layer = _cache_of(step).layers[0]
     rank = latent.model.layers[0].self_attn.qkv_latent.rank
     assert isinstance(layer, LatentCacheLayer) and rank == 29
-    assert all(b.self_attn.qkv_latent._last is None for b in latent.model.layers)  # no latent held past the call
+    assert all(not b.self_attn.qkv_latent.memo.held for b in latent.model.layers)  # no latent held past the call
     assert tuple(layer.keys.shape) == (2, 1, 7, rank)  # the latent, not [2, kv_heads, 7, head_dim]
     assert layer.values.tolist() == [[[[i] for i in range(7)]]] * 2
     assert _cache_of(step).get_seq_length() == 7
