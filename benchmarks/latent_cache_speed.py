@@ -93,9 +93,9 @@ def measure(base, ratio: float, allocation: str, args) -> tuple[list[dict], dict
             logits = {}
             for _ in range(args.steps):
                 for name, m in models.items():
-                    cache = copy.deepcopy(caches[name])
+                    cache = {cache_keyword(m): copy.deepcopy(caches[name])}
                     t0 = time.perf_counter()
-                    logits[name] = m(token, **{cache_keyword(m): cache}, use_cache=True).logits
+                    logits[name] = m(token, **cache, use_cache=True).logits
                     times[name].append(time.perf_counter() - t0)
             ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
             diff = max(float((logits[n] - logits["plain"]).abs().max()) for n in models)

@@ -166,14 +166,14 @@ def main() -> None:
     def decode(model):
         from transformers import DynamicCache
 
-        cache = DynamicCache()
+        cache = {cache_keyword(model): DynamicCache()}
         with torch.compiler.set_stance("force_eager"):  # the untimed prompt: no graph compiled for it
-            out = model(input_ids=short, **{cache_keyword(model): cache}, use_cache=True)
+            out = model(input_ids=short, **cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         sync()
         start = time.perf_counter()
         for _ in range(args.new):
-            out = model(input_ids=token, **{cache_keyword(model): cache}, use_cache=True)
+            out = model(input_ids=token, **cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         sync()
         return time.perf_counter() - start
@@ -281,8 +281,7 @@ def table(rows: list[dict], args, dense, note: str, dtype, graphs: dict[str, int
         f"Command: `{command}`", "",
         f"Model `{args.model}` ({sum(p.numel() for p in dense.parameters()):,} parameters), {note}; measured on "
         f"`{args.device}`, {dtype}, {args.threads} threads; {common.omp_note()}. One process, models alternating, "
-        f"best of "
-        f"{args.repeats} rounds. Dense: prefill {d['prefill_dense']:.0f} tok/s ({args.prompt}-token prompt), "
+        f"best of {args.repeats} rounds. Dense: prefill {d['prefill_dense']:.0f} tok/s ({args.prompt}-token prompt), "
         f"decode {d['decode_dense']:.1f} tok/s (batch 1, greedy, KV cache, {args.new} tokens). "
         "*plain*: the factored model as `compress_` leaves it; *optimized*: after "
         "`optimize_for_inference_(model, batch_tokens=1 or the prompt length)` (shared down GEMMs, measured "

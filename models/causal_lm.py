@@ -23,6 +23,7 @@ symbols + ``<eos>``, no merges), both in-process.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -193,8 +194,13 @@ def load_causal_lm(
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model``'s forward takes its KV cache under: ``cache`` (transformers renamed it in 5.24) or
-    ``past_key_values`` (before; deprecated since, and removed in 5.40)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    ``past_key_values`` (before; deprecated since, and removed in 5.40).  Read once per model class."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_cache(out: Any) -> Any:
