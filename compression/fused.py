@@ -41,7 +41,9 @@ storage.  Move or cast the model (``.to``) *before* optimizing: the stacked stor
 several modules, and a conversion that would copy it is refused.  Optionally the model's forward is
 wrapped in ``torch.compile`` (under compilation the memo is bypassed, and the repeated identical
 stacked products of one attention call are merged in the compiled graph by
-:class:`compression.graph_cse.SharedProductsPass`: inductor does not merge them by itself).
+:class:`compression.graph_cse.SharedProductsPass`: inductor does not merge them by itself); for batch-1
+decoding on a CPU, ``gemv=True`` also replaces the BLAS calls of the one-token products by generated
+multiply-reduce kernels (:mod:`compression.gemv`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from torch import nn
 
 from compression.block_capture import group_by_input, layer_calls
 from compression.gemm_timing import LAYOUTS, GemmTimer
+from compression.gemv import GemvPass
 from compression.graph_cse import SharedProductsPass
 from compression.lowrank import LowRankLinear
 from compression.memo import InputMemo
@@ -104,6 +107,9 @@ class SharedDown:
 
     def __init__(self, weight: torch.Tensor, uses: int = 1) -> None:
         self.weight = weight
+        # not a parameter, so torch.compile(dynamic=True) would make its sizes symbolic: its GEMM then has a
+        # dynamic width (a generic kernel; compression.gemv leaves it to BLAS). Its sizes never change.
+        torch._dynamo.mark_static(weight)
         self.memo = InputMemo(uses, "shared down product")
 
     @property
@@ -145,8 +151,9 @@ class FastLowRankLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is None:
             return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
-        if self.down.weight.requires_grad and torch.is_grad_enabled():
-            # the stacked product reads the shared storage, not the down.weight parameter views
+        # the stacked product reads the shared storage, not the down.weight parameter views. Grad mode is
+        # tested first: under no_grad a compiled forward never reads down.weight, so dynamo does not guard it
+        if torch.is_grad_enabled() and self.down.weight.requires_grad:
             raise RuntimeError("a model laid out by optimize_for_inference_ is for inference: its shared down "
                                "factors get no gradients; train (or LoRA-tune) the model before optimizing it")
         z = self.shared(x)[..., self.start:self.start + self.rank]
@@ -218,7 +225,7 @@ def _fusable(module: nn.Module) -> bool:
             and type(module.down) is nn.Linear and type(module.up) is nn.Linear)
 
 
-def compile_forward_(model: nn.Module, cpp_wrapper: bool = False) -> nn.Module:
+def compile_forward_(model: nn.Module, cpp_wrapper: bool = False, gemv: bool = False) -> nn.Module:
     """Wrap ``model.forward`` in ``torch.compile(dynamic=True)`` with :class:`SharedProductsPass`: the compiled
     graph computes each shared down product once, as the eager memo does (inductor does not merge the
     repeated GEMMs itself).  Compile a dense baseline with this too, for a like-for-like comparison.
@@ -227,10 +234,17 @@ def compile_forward_(model: nn.Module, cpp_wrapper: bool = False) -> nn.Module:
     That cuts a fixed cost per call, which matters where calls are many and small: batch-1 decoding of a
     factored model. On 2 CPU cores, SmolLM2 decoding got 7 % (dense) and 10 % (ratio 0.6) faster. Compiling
     took 3-5x longer (125 / 233 s against 34 / 45 s; docs/results/llm_efficiency.md).
+
+    ``gemv``: every one-token product on the CPU becomes an inductor-generated multiply-reduce kernel
+    instead of a BLAS call (:class:`compression.gemv.GemvPass`). This is for batch-1 decoding, where BLAS
+    streamed the weights at well under memory speed on the machine measured; products with more rows are
+    left to BLAS. Float32 rounding differs from BLAS (about 1e-6 relative).
     """
     options = {"post_grad_custom_pre_pass": SharedProductsPass()}
     if cpp_wrapper:
         options["cpp_wrapper"] = True
+    if gemv:
+        options["post_grad_custom_post_pass"] = GemvPass()
     model.forward = torch.compile(model.forward, dynamic=True, options=options)
     return model
 
@@ -249,6 +263,7 @@ def optimize_for_inference_(
     pad: str = "auto",
     pad_margin: float = 0.03,
     cpp_wrapper: bool = False,
+    gemv: bool = False,
 ) -> InferenceReport:
     """Lay out every :class:`LowRankLinear` of ``model`` for inference at ``batch_tokens`` tokens per forward.
 
@@ -262,6 +277,12 @@ def optimize_for_inference_(
         plan: the model's compression plan; the report's ``plan`` is a copy without merged layers.
         compile: wrap ``model.forward`` in ``torch.compile(dynamic=True)`` (:func:`compile_forward_`).
         cpp_wrapper: with ``compile``, inductor's C++ wrapper (:func:`compile_forward_`).
+        gemv: with ``compile`` and ``batch_tokens=1``, the one-token products as generated kernels
+            (:func:`compile_forward_`). The GEMM timer measures BLAS calls, which these kernels replace,
+            so its timings choose nothing (the report still gives them). ``"auto"`` means row-major factors
+            (the layout the kernels read fastest in a probe: SmolLM2 at 0.6, 2 CPU threads, 14.7 ms per token
+            against 18.5 transposed and 16.8 with the BLAS-measured layouts; docs/results/llm_efficiency.md),
+            no padding and no merge-back (a factored layer reads fewer bytes).
         pad: ``"auto"`` (append zero rows to a down GEMM's weight, up to the measured fastest of the
             widths :func:`padded_widths` gives, when that is faster than no padding by more than
             ``pad_margin``) or ``"never"``.
@@ -280,6 +301,15 @@ def optimize_for_inference_(
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
     if cpp_wrapper and not compile:
         raise ValueError("cpp_wrapper=True applies to the compiled forward: pass compile=True as well")
+    if gemv and not compile:
+        raise ValueError("gemv=True applies to the compiled forward: pass compile=True as well")
+    if gemv and batch_tokens != 1:
+        raise ValueError(f"gemv=True rewrites one-token products; batch_tokens={batch_tokens} would leave them to "
+                         "BLAS: optimize with batch_tokens=1, or without gemv")
+    if gemv:  # the timer measures BLAS, not the generated kernels: its timings choose nothing
+        merge = "never" if merge == "auto" else merge
+        layout = "rowmajor" if layout == "auto" else layout
+        pad = "never" if pad == "auto" else pad
     start_time = time.perf_counter()
     timer = timer or GemmTimer()
     report = InferenceReport(batch_tokens=batch_tokens)
@@ -359,7 +389,7 @@ def optimize_for_inference_(
             report.plan["layers"].pop(name, None)
         report.plan["inference"] = {"merged": report.merged, "batch_tokens": batch_tokens}
     if compile:
-        compile_forward_(model, cpp_wrapper=cpp_wrapper)
+        compile_forward_(model, cpp_wrapper=cpp_wrapper, gemv=gemv)
         report.compiled = True
     report.seconds = time.perf_counter() - start_time
     log.info("inference layout at %d tokens: %d layers, %d merged back, %d shared-down groups, %d padded down "

@@ -22,6 +22,7 @@ one does, bit for bit (ATen ops are deterministic on CPU for a fixed input).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -87,16 +88,28 @@ def _frozen(value):
     return value
 
 
-class SharedProductsPass(CustomGraphPass):
+class CountingPass(CustomGraphPass):
+    """An inductor graph pass: ``rewrite(graph)`` edits the graph in place and returns how many nodes it
+    changed, summed in ``changed``. Inductor's FX graph cache keys on the source file of the subclass (a new
+    version of the pass, a new key); a graph served from that cache is not passed through again."""
+
+    def __init__(self) -> None:
+        self.changed = 0
+
+    def rewrite(self, graph: torch.fx.Graph) -> int:
+        raise NotImplementedError
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.changed += self.rewrite(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((str(Path(inspect.getfile(type(self))).resolve()),))
+
+
+class SharedProductsPass(CountingPass):
     """Inductor post-grad pass running :func:`merge_common_subexpressions`.
 
     Given as ``torch.compile(..., options={"post_grad_custom_pre_pass": SharedProductsPass()})``."""
 
-    def __init__(self) -> None:
-        self.removed = 0
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.removed += merge_common_subexpressions(graph)
-
-    def uuid(self) -> bytes:  # inductor's FX graph cache keys on it: a new version of this file, a new key
-        return get_hash_for_files((str(Path(__file__).resolve()),))
+    def rewrite(self, graph: torch.fx.Graph) -> int:
+        return merge_common_subexpressions(graph)

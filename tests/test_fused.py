@@ -308,6 +308,9 @@ def decode_against_eager(model, ref, steps=4, prompt=8):
     from torch._dynamo.utils import counters
     from transformers import DynamicCache
 
+    # every test compiling LlamaForCausalLM.forward shares dynamo's per-code-object recompile limit (8 graphs,
+    # then it runs eagerly without a graph): each decode starts from an empty dynamo cache
+    torch._dynamo.reset()
     ids = tokens(1, prompt, seed=7)
     cache, ref_cache = DynamicCache(), DynamicCache()
     with torch.no_grad():
