@@ -74,12 +74,12 @@ def decompose_gemv(graph: torch.fx.Graph) -> int:
         a_val, b_val = _val(a), _val(b)
         if not _one_static_row(a_val, b_val):
             continue
-        if bias is not None and (not isinstance(_val(bias), torch.Tensor) or _val(bias).dtype != a_val.dtype):
+        bias_val = _val(bias)
+        if bias is not None and (not isinstance(bias_val, torch.Tensor) or bias_val.dtype != a_val.dtype):
             continue
-        modes = {id(getattr(_val(t), "fake_mode", None)): getattr(_val(t), "fake_mode", None)
-                 for t in (a, b, bias) if t is not None}
-        fake_mode = next(iter(modes.values()))
-        if len(modes) != 1 or fake_mode is None:  # no one fake mode to compute the new nodes' values in
+        modes = [getattr(v, "fake_mode", None) for v in (a_val, b_val, bias_val) if v is not None]
+        fake_mode = modes[0]
+        if fake_mode is None or any(m is not fake_mode for m in modes):  # no one fake mode for the new values
             continue
         with graph.inserting_before(node):
             column = _add(graph, aten.unsqueeze.default, (a, 2), fake_mode)  # 1 x k x 1
