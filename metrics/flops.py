@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +41,38 @@ VGGT_COMPONENTS = (
 )
 
 
-def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """``4 N M d`` per head, as torch counts its CUDA attention kernels (shapes ``[B, h, N, d]``;
-    the counter hands custom formulas the shapes of tensor arguments, not the tensors)."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+ATTENTION_OPS = (  # the aten kernels scaled_dot_product_attention dispatches to, CPU and CUDA
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """``2 N M (d + d_v)`` per query head (``4 N M d`` when ``d_v = d``), as torch counts attention, with
+    grouped-query shapes too: query ``[B, h, N, d]``, key / value ``[B, h_kv, M, d]`` with ``h_kv`` dividing
+    ``h`` (``enable_gqa``, what transformers passes on CUDA), where torch's own formula asserts equal heads.
+    The counter hands custom formulas the shapes of tensor arguments, not the tensors."""
+    b, h, n, d = query_shape
+    bk, hk, m, dk = key_shape
+    bv, hv, mv, dv = value_shape
+    if (bk, dk) != (b, d) or (bv, hv, mv) != (bk, hk, m) or h % hk:
+        raise ValueError(f"attention FLOPs: incompatible query {tuple(query_shape)}, key {tuple(key_shape)}, "
+                         f"value {tuple(value_shape)}")
+    return 2 * b * h * n * m * (d + dv)
 
 
 def _extra_formulas() -> dict[Any, Callable[..., int]]:
-    """Formulas for attention kernels this torch's counter does not know.
+    """Attention formulas that replace or add to torch's counter.
 
     torch 2.14 dispatches CPU ``scaled_dot_product_attention`` to
     ``_scaled_dot_product_flash_attention_for_cpu``, which its flop registry lacks, so the
-    attention FLOPs would silently count as 0 on CPU while meta tensors count them.
+    attention FLOPs would silently count as 0 on CPU while meta tensors count them; and its CUDA
+    formulas assert on grouped-query attention (fewer key / value heads than query heads).
     """
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in flop_registry:
-        return {}
-    return {op: _cpu_flash_attention_flops}
+    ops = (getattr(torch.ops.aten, name, None) for name in ATTENTION_OPS)
+    return {op: _attention_flops for op in ops if op is not None}
 
 
 def _hook_targets(model: nn.Module, prefix: str) -> list[nn.Module] | None:
