@@ -138,7 +138,8 @@ class StatsCollector:
             self.stats.streams[name] = ChannelStats(x.shape[-1], needs=self.needs, device=device,
                                                     gemm_dtype=self.gemm_dtype)
         reference = self.reference.get(name) if self.reference is not None else None
-        self.stats.streams[name].update(x, name, reference)
+        # off a CPU the finiteness test is read after the batch (run), not at each layer: a read waits for the GPU
+        self.stats.streams[name].update(x, name, reference, defer_check=x.device.type != "cpu")
         self._last = (x, name)
 
     def run(self, model: nn.Module, batch: object,
@@ -155,6 +156,7 @@ class StatsCollector:
         finally:
             self._in_run = False
             self._last = None  # the next batch's tensors are new objects
+        ChannelStats.check_deferred(self.stats.streams)  # on a GPU: one wait per batch, not one per layer
         if self.stop_early and self._order is None and self._seen:
             self._order = list(dict.fromkeys(self._seen))
 

@@ -115,6 +115,7 @@ class ChannelStats:
         self.needs = check_needs(self.needs)
         self._gram: torch.Tensor | None = None
         self._mirrored = True  # the lower triangle of _gram is up to date
+        self._unchecked: torch.Tensor | None = None  # deferred check: "a field went non-finite", on the device
         if "abs" in self.needs:
             self.abs_sum = torch.zeros(self.n, dtype=torch.float64, device=self.device)
             self.abs_max = torch.zeros(self.n, dtype=torch.float64, device=self.device)
@@ -144,37 +145,63 @@ class ChannelStats:
         self._gram, self._mirrored = value, True
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, name: str = "?", reference: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, name: str = "?", reference: torch.Tensor | None = None,
+               defer_check: bool = False) -> None:
         """Add the tokens of ``x [..., n]`` (and, for ``"cross"``, the same tokens' ``reference`` inputs);
-        non-finite activations are an error naming the layer."""
+        non-finite activations are an error naming the layer.
+
+        ``defer_check``: the finiteness test stays on the device, for :meth:`check_deferred` to read later --
+        on a GPU, reading it here would wait for the device at every update (``StatsCollector`` defers off a
+        CPU and reads every stream's flag once per batch)."""
         if x.shape[-1] != self.n:
             raise ValueError(f"{name}: input has {x.shape[-1]} channels, statistics expect {self.n}")
         x = x.detach().reshape(-1, self.n)  # a view for the usual contiguous activations
         device = self._held_device()
         if device is not None and x.device != device:
             x = x.to(device)
-        finite = True
+        checked = []  # what must stay finite: a non-finite input reaches each of these sums
         if self._gram is not None:
             dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
             for chunk in x.split(GEMM_ROWS):
                 self._add_gram(chunk, dtype)
-            finite = bool(torch.isfinite(self._gram.diagonal()).all())
+            checked.append(self._gram.diagonal())
         if self.cross is not None:
             self._add_cross(x, reference, name)
-            finite = finite and bool(torch.isfinite(self.cross).all())
+            checked.append(self.cross)
         if self.abs_sum is not None:
             # the sum runs in float64 (exact abs-mean); the max is exact in any dtype
             ax = x.abs()
             self.abs_sum += ax.sum(0, dtype=torch.float64)
             torch.maximum(self.abs_max, ax.amax(0).to(torch.float64), out=self.abs_max)
             del ax
-            finite = finite and bool(torch.isfinite(self.abs_sum).all())
-        if not finite:
-            raise FloatingPointError(
-                f"non-finite activation entering layer {name!r} during calibration; "
-                "check the model's dtype (use float32/bfloat16, not float16 overflow) and the inputs"
-            )
+            checked.append(self.abs_sum)
+        if checked and defer_check:
+            bad = torch.stack([~torch.isfinite(t).all() for t in checked]).any()
+            self._unchecked = bad if self._unchecked is None else self._unchecked | bad
+        elif not all(bool(torch.isfinite(t).all()) for t in checked):
+            raise self._nonfinite(name)
         self.count += x.shape[0]
+
+    @staticmethod
+    def _nonfinite(name: str) -> FloatingPointError:
+        return FloatingPointError(
+            f"non-finite activation entering layer {name!r} during calibration; "
+            "check the model's dtype (use float32/bfloat16, not float16 overflow) and the inputs"
+        )
+
+    @staticmethod
+    def check_deferred(streams: dict[str, ChannelStats]) -> None:
+        """Raise, naming the first such layer, when a deferred check of ``streams`` (name -> statistics) saw a
+        non-finite value; one wait per device for all of them."""
+        pending = [(name, st) for name, st in streams.items() if st._unchecked is not None]
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, st in pending:
+            by_device.setdefault(st._unchecked.device, []).append((name, st._unchecked))
+            st._unchecked = None
+        for flags in by_device.values():
+            bad = torch.stack([flag for _, flag in flags]).cpu()
+            if bad.any():
+                raise ChannelStats._nonfinite(flags[int(bad.nonzero()[0])][0])
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i``."""

@@ -166,6 +166,50 @@ def test_non_finite_activation_names_the_layer(tiny_llama, token_batches):
     assert not tiny_llama.model.layers[1].self_attn.o_proj._forward_pre_hooks
 
 
+@pytest.mark.parametrize("needs", [{"gram"}, {"abs"}, {"gram", "abs"}])
+def test_deferred_finite_check_names_the_first_bad_layer_once_read(needs):
+    """What the collector does off a CPU: updates record the finiteness test on the device without reading it;
+    ``check_deferred`` reads all streams' flags at once, raises naming the first bad layer, and clears them."""
+    from compression.stats import ChannelStats
+
+    streams = {name: ChannelStats(3, needs=needs) for name in ("a", "b", "c")}
+    good, bad = torch.ones(4, 3), torch.tensor([[1.0, float("inf"), 0.0]])
+    streams["a"].update(good, "a", defer_check=True)
+    streams["b"].update(bad, "b", defer_check=True)  # no error yet: nothing was read
+    streams["c"].update(bad, "c", defer_check=True)
+    assert streams["b"].count == 1 and all(st._unchecked is not None for st in streams.values())
+    with pytest.raises(FloatingPointError, match="layer 'b'"):
+        ChannelStats.check_deferred(streams)
+    assert all(st._unchecked is None for st in streams.values())  # read once
+    ChannelStats.check_deferred(streams)  # nothing pending: no error
+    streams["a"].update(good, "a", defer_check=True)
+    ChannelStats.check_deferred(streams)  # finite: no error
+    with pytest.raises(FloatingPointError, match="layer 'a'"):
+        streams["a"].update(bad, "a")  # not deferred: at once
+
+
+def test_collector_reads_deferred_checks_after_each_batch(tiny_llama, token_batches, monkeypatch):
+    """Off a CPU the collector defers every update's check to the end of the batch; forced here on the CPU,
+    a NaN entering a layer still stops calibration naming it, after the batch that produced it."""
+    from compression.stats import ChannelStats
+
+    calls = []
+    update = ChannelStats.update
+
+    def deferred(self, x, name="?", reference=None, defer_check=False):
+        calls.append(defer_check)
+        return update(self, x, name, reference, defer_check=True)
+
+    monkeypatch.setattr(ChannelStats, "update", deferred)
+    names = [n for n in eligible_linears(tiny_llama)[0] if ".layers.1." in n]
+    tiny_llama.model.layers[1].self_attn.v_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="o_proj"):
+        collect_stats(tiny_llama, names, token_batches)
+    assert calls and not any(calls)  # on the CPU the collector itself asks for immediate checks
+    assert len(calls) == len(set(names) - {"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+                                           "model.layers.1.mlp.up_proj"})  # one batch: one update per input
+
+
 def test_unknown_layer_is_an_error(tiny_llama):
     with pytest.raises(KeyError, match="no module named"):
         StatsCollector(tiny_llama, ["model.layers.9.mlp.up_proj"])
