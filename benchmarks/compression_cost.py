@@ -30,7 +30,10 @@ GPU only) and synchronizes the device before every clock is read.  A model built
 random token ids, ``--calib-samples`` windows of ``--seq-len``, 4 to a batch::
 
     python benchmarks/compression_cost.py --model llama-1b --device cuda --calib-samples 128 --seq-len 1024 \
-        --methods svd_llm --out docs/results/gpu/compression_cost_llama1b.md
+        --repeats 2 --methods svd_llm --decompose-threads 1 --out docs/results/gpu/compression_cost_llama1b.md
+
+(``--decompose-threads 1``: one matrix at a time only, as the 1.1B model's run on an H200 was timed, where two
+threads had gained 1.08x on SmolLM2's shapes: docs/results/gpu/README.md.)
 """
 
 from __future__ import annotations
