@@ -40,7 +40,7 @@ class StatsCollector:
 
         with StatsCollector(model, names, needs={"gram"}) as collector:
             for batch in loader:
-                collector.run(model, batch, forward)     # or forward(model, batch) directly
+                collector.run(model, batch, forward)     # or forward(model, batch) directly (*)
         stats = collector.stats
 
     Args:
@@ -59,6 +59,10 @@ class StatsCollector:
 
     With ``"cross"`` among ``needs`` the caller sets the attribute ``reference`` before each batch: layer
     name -> that layer's reference input on the same tokens (:meth:`ChannelStats.update`).
+
+    (*) Non-finite inputs are an error naming the layer. On a CPU each update tests its statistics at once;
+    off a CPU the test waits for the device, so it runs after each :meth:`run` batch and on leaving the
+    context (:meth:`check_finite`): with forwards called directly, only at the end.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class StatsCollector:
         self._last: tuple[torch.Tensor, str] | None = None
         self._order: list[str] | None = None  # hooked layers reached by the first completed batch
         self._seen: list[str] = []  # hooked layers reached in the current batch
+        self._deferred = False  # an update of the current batch left its finiteness test to the batch's end
         self._in_run = False
         self.reference: dict[str, torch.Tensor] | None = None  # "cross": the current batch's reference inputs
 
@@ -138,8 +143,10 @@ class StatsCollector:
             self.stats.streams[name] = ChannelStats(x.shape[-1], needs=self.needs, device=device,
                                                     gemm_dtype=self.gemm_dtype)
         reference = self.reference.get(name) if self.reference is not None else None
-        # off a CPU the finiteness test is read after the batch (run), not at each layer: a read waits for the GPU
-        self.stats.streams[name].update(x, name, reference, defer_check=x.device.type != "cpu")
+        # off a CPU the finiteness test runs after the batch (run), not at each layer: a test waits for the GPU
+        defer = x.device.type != "cpu"
+        self._deferred |= defer
+        self.stats.streams[name].update(x, name, reference, defer_check=defer)
         self._last = (x, name)
 
     def run(self, model: nn.Module, batch: object,
@@ -156,7 +163,16 @@ class StatsCollector:
         finally:
             self._in_run = False
             self._last = None  # the next batch's tensors are new objects
-        ChannelStats.check_deferred(self.stats.streams)  # on a GPU: one wait per batch, not one per layer
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Test the statistics whose updates left their finiteness test for later (off a CPU) and raise,
+        naming the first layer whose input was non-finite. :meth:`run` calls it after each batch (on a GPU:
+        one test and one wait per batch, not one per layer), and leaving the context calls it (forwards
+        called directly)."""
+        if self._deferred:
+            self._deferred = False
+            ChannelStats.check_deferred(self.stats.streams)
         if self.stop_early and self._order is None and self._seen:
             self._order = list(dict.fromkeys(self._seen))
 
@@ -165,8 +181,10 @@ class StatsCollector:
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.remove()
+        if exc_type is None:
+            self.check_finite()
 
     def remove(self) -> None:
         for h in self._handles:

@@ -115,7 +115,6 @@ class ChannelStats:
         self.needs = check_needs(self.needs)
         self._gram: torch.Tensor | None = None
         self._mirrored = True  # the lower triangle of _gram is up to date
-        self._unchecked: torch.Tensor | None = None  # deferred check: "a field went non-finite", on the device
         if "abs" in self.needs:
             self.abs_sum = torch.zeros(self.n, dtype=torch.float64, device=self.device)
             self.abs_max = torch.zeros(self.n, dtype=torch.float64, device=self.device)
@@ -150,16 +149,18 @@ class ChannelStats:
         """Add the tokens of ``x [..., n]`` (and, for ``"cross"``, the same tokens' ``reference`` inputs);
         non-finite activations are an error naming the layer.
 
-        ``defer_check``: the finiteness test stays on the device, for :meth:`check_deferred` to read later --
-        on a GPU, reading it here would wait for the device at every update (``StatsCollector`` defers off a
-        CPU and reads every stream's flag once per batch)."""
+        ``defer_check``: no finiteness test here; the caller runs :meth:`check_deferred` later. A non-finite
+        input leaves every sum it reaches non-finite for good (sums and maxima keep an inf or NaN), so one
+        test of the accumulated fields after many updates finds what a test after each would have. On a GPU
+        each test here would wait for the device and launch its own small kernels (``StatsCollector``
+        defers off a CPU and tests all streams once per batch)."""
         if x.shape[-1] != self.n:
             raise ValueError(f"{name}: input has {x.shape[-1]} channels, statistics expect {self.n}")
         x = x.detach().reshape(-1, self.n)  # a view for the usual contiguous activations
         device = self._held_device()
         if device is not None and x.device != device:
             x = x.to(device)
-        checked = []  # what must stay finite: a non-finite input reaches each of these sums
+        checked = []  # what must stay finite: a non-finite input reaches each of these sums (_finiteness_parts)
         if self._gram is not None:
             dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
             for chunk in x.split(GEMM_ROWS):
@@ -175,10 +176,7 @@ class ChannelStats:
             torch.maximum(self.abs_max, ax.amax(0).to(torch.float64), out=self.abs_max)
             del ax
             checked.append(self.abs_sum)
-        if checked and defer_check:
-            bad = torch.stack([~torch.isfinite(t).all() for t in checked]).any()
-            self._unchecked = bad if self._unchecked is None else self._unchecked | bad
-        elif not all(bool(torch.isfinite(t).all()) for t in checked):
+        if not defer_check and not all(bool(torch.isfinite(t).all()) for t in checked):
             raise self._nonfinite(name)
         self.count += x.shape[0]
 
@@ -189,19 +187,30 @@ class ChannelStats:
             "check the model's dtype (use float32/bfloat16, not float16 overflow) and the inputs"
         )
 
+    def _finiteness_parts(self) -> list[torch.Tensor]:
+        """1-D tensors that are all finite exactly when every accumulated field is: the Gram's diagonal (sums
+        of squares), the abs sums, and the cross Gram's largest magnitude (a max keeps a NaN, a sum could
+        overflow)."""
+        parts = [t for t in (self._gram.diagonal() if self._gram is not None else None, self.abs_sum)
+                 if t is not None]
+        if self.cross is not None:
+            parts.append(self.cross.abs().amax().reshape(1))
+        return parts
+
     @staticmethod
     def check_deferred(streams: dict[str, ChannelStats]) -> None:
-        """Raise, naming the first such layer, when a deferred check of ``streams`` (name -> statistics) saw a
-        non-finite value; one wait per device for all of them."""
-        pending = [(name, st) for name, st in streams.items() if st._unchecked is not None]
-        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-        for name, st in pending:
-            by_device.setdefault(st._unchecked.device, []).append((name, st._unchecked))
-            st._unchecked = None
-        for flags in by_device.values():
-            bad = torch.stack([flag for _, flag in flags]).cpu()
-            if bad.any():
-                raise ChannelStats._nonfinite(flags[int(bad.nonzero()[0])][0])
+        """Raise, naming the first such layer in ``streams``' order (name -> statistics, in the order the layers
+        first ran), when an accumulated field of one of them is non-finite. One concatenation and one
+        read per device for all of them: on a GPU, one wait."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for st in streams.values():
+            for part in st._finiteness_parts():
+                by_device.setdefault(part.device, []).append(part)
+        if all(bool(torch.isfinite(torch.cat(parts)).all()) for parts in by_device.values()):
+            return
+        for name, st in streams.items():  # the error path: which layer
+            if not all(bool(torch.isfinite(part).all()) for part in st._finiteness_parts()):
+                raise ChannelStats._nonfinite(name)
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i``."""

@@ -166,31 +166,40 @@ def test_non_finite_activation_names_the_layer(tiny_llama, token_batches):
     assert not tiny_llama.model.layers[1].self_attn.o_proj._forward_pre_hooks
 
 
-@pytest.mark.parametrize("needs", [{"gram"}, {"abs"}, {"gram", "abs"}])
-def test_deferred_finite_check_names_the_first_bad_layer_once_read(needs):
-    """What the collector does off a CPU: updates record the finiteness test on the device without reading it;
-    ``check_deferred`` reads all streams' flags at once, raises naming the first bad layer, and clears them."""
+@pytest.mark.parametrize("needs", [{"gram"}, {"abs"}, {"gram", "abs"}, {"gram", "cross"}])
+def test_deferred_finite_check_of_the_sums_names_the_first_bad_layer(needs):
+    """What the collector does off a CPU: updates skip the finiteness test; ``check_deferred`` tests the
+    accumulated sums of all streams at once (a non-finite input leaves them non-finite for good, through
+    later finite updates too) and names the first bad layer in the streams' order."""
     from compression.stats import ChannelStats
 
     streams = {name: ChannelStats(3, needs=needs) for name in ("a", "b", "c")}
     good, bad = torch.ones(4, 3), torch.tensor([[1.0, float("inf"), 0.0]])
-    streams["a"].update(good, "a", defer_check=True)
-    streams["b"].update(bad, "b", defer_check=True)  # no error yet: nothing was read
-    streams["c"].update(bad, "c", defer_check=True)
-    assert streams["b"].count == 1 and all(st._unchecked is not None for st in streams.values())
+    nan = torch.tensor([[float("nan"), 0.0, 0.0]])
+
+    def update(name, x):
+        ref = torch.zeros_like(x) if "cross" in needs else None
+        streams[name].update(x, name, ref, defer_check=True)
+
+    for name in streams:
+        update(name, good)
+    ChannelStats.check_deferred(streams)  # all finite: no error
+    update("c", nan)
+    update("b", bad)  # no error yet: nothing was tested
+    for name in streams:
+        update(name, good)  # finite updates after the bad ones do not make the sums finite again
+    assert streams["b"].count == 9
     with pytest.raises(FloatingPointError, match="layer 'b'"):
-        ChannelStats.check_deferred(streams)
-    assert all(st._unchecked is None for st in streams.values())  # read once
-    ChannelStats.check_deferred(streams)  # nothing pending: no error
-    streams["a"].update(good, "a", defer_check=True)
-    ChannelStats.check_deferred(streams)  # finite: no error
+        ChannelStats.check_deferred(streams)  # b comes before c in the streams' order
     with pytest.raises(FloatingPointError, match="layer 'a'"):
-        streams["a"].update(bad, "a")  # not deferred: at once
+        streams["a"].update(bad, "a", torch.zeros_like(bad))  # not deferred: at once
 
 
-def test_collector_reads_deferred_checks_after_each_batch(tiny_llama, token_batches, monkeypatch):
-    """Off a CPU the collector defers every update's check to the end of the batch; forced here on the CPU,
-    a NaN entering a layer still stops calibration naming it, after the batch that produced it."""
+def test_collector_tests_deferred_updates_after_each_batch_and_on_exit(tiny_llama, token_batches, monkeypatch):
+    """Off a CPU the collector leaves every update's test to the end of the batch (``run``) or of the context
+    (forwards called directly, as the calibration callback does); forced here on the CPU, a NaN entering a
+    layer still stops calibration naming it."""
+    from compression.collector import StatsCollector
     from compression.stats import ChannelStats
 
     calls = []
@@ -201,6 +210,7 @@ def test_collector_reads_deferred_checks_after_each_batch(tiny_llama, token_batc
         return update(self, x, name, reference, defer_check=True)
 
     monkeypatch.setattr(ChannelStats, "update", deferred)
+    monkeypatch.setattr(StatsCollector, "_accumulate", _forcing_deferral(StatsCollector._accumulate))
     names = [n for n in eligible_linears(tiny_llama)[0] if ".layers.1." in n]
     tiny_llama.model.layers[1].self_attn.v_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="o_proj"):
@@ -208,6 +218,19 @@ def test_collector_reads_deferred_checks_after_each_batch(tiny_llama, token_batc
     assert calls and not any(calls)  # on the CPU the collector itself asks for immediate checks
     assert len(calls) == len(set(names) - {"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
                                            "model.layers.1.mlp.up_proj"})  # one batch: one update per input
+
+    with pytest.raises(FloatingPointError, match="o_proj"):
+        with StatsCollector(tiny_llama, names, needs={"gram"}):
+            for batch in token_batches:
+                tiny_llama(**batch)  # directly, no run(): the test comes on leaving the context
+    assert not tiny_llama.model.layers[1].self_attn.o_proj._forward_pre_hooks
+
+
+def _forcing_deferral(accumulate):
+    def fn(self, name, x):
+        self._deferred = True  # what an update off a CPU sets
+        return accumulate(self, name, x)
+    return fn
 
 
 def test_unknown_layer_is_an_error(tiny_llama):
