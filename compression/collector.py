@@ -163,6 +163,8 @@ class StatsCollector:
         finally:
             self._in_run = False
             self._last = None  # the next batch's tensors are new objects
+        if self.stop_early and self._order is None and self._seen:
+            self._order = list(dict.fromkeys(self._seen))
         self.check_finite()
 
     def check_finite(self) -> None:
@@ -173,8 +175,6 @@ class StatsCollector:
         if self._deferred:
             self._deferred = False
             ChannelStats.check_deferred(self.stats.streams)
-        if self.stop_early and self._order is None and self._seen:
-            self._order = list(dict.fromkeys(self._seen))
 
     def __enter__(self) -> StatsCollector:
         for name, module in self._modules.items():

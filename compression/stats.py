@@ -160,23 +160,19 @@ class ChannelStats:
         device = self._held_device()
         if device is not None and x.device != device:
             x = x.to(device)
-        checked = []  # what must stay finite: a non-finite input reaches each of these sums (_finiteness_parts)
         if self._gram is not None:
             dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
             for chunk in x.split(GEMM_ROWS):
                 self._add_gram(chunk, dtype)
-            checked.append(self._gram.diagonal())
         if self.cross is not None:
             self._add_cross(x, reference, name)
-            checked.append(self.cross)
         if self.abs_sum is not None:
             # the sum runs in float64 (exact abs-mean); the max is exact in any dtype
             ax = x.abs()
             self.abs_sum += ax.sum(0, dtype=torch.float64)
             torch.maximum(self.abs_max, ax.amax(0).to(torch.float64), out=self.abs_max)
             del ax
-            checked.append(self.abs_sum)
-        if not defer_check and not all(bool(torch.isfinite(t).all()) for t in checked):
+        if not defer_check and not self._all_finite():
             raise self._nonfinite(name)
         self.count += x.shape[0]
 
@@ -197,6 +193,9 @@ class ChannelStats:
             parts.append(self.cross.abs().amax().reshape(1))
         return parts
 
+    def _all_finite(self) -> bool:
+        return all(bool(torch.isfinite(part).all()) for part in self._finiteness_parts())
+
     @staticmethod
     def check_deferred(streams: dict[str, ChannelStats]) -> None:
         """Raise, naming the first such layer in ``streams``' order (name -> statistics, in the order the layers
@@ -209,7 +208,7 @@ class ChannelStats:
         if all(bool(torch.isfinite(torch.cat(parts)).all()) for parts in by_device.values()):
             return
         for name, st in streams.items():  # the error path: which layer
-            if not all(bool(torch.isfinite(part).all()) for part in st._finiteness_parts()):
+            if not st._all_finite():
                 raise ChannelStats._nonfinite(name)
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
