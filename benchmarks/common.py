@@ -52,6 +52,12 @@ def gpu_note(device: str) -> str:
     return "CUDA device present but this run measured the CPU: GPU figures not measured, CPU figures only"
 
 
+def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse ``--device cuda`` up front, with what to change, where torch sees no CUDA device."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device here (leave --device out to measure on the CPU)")
+
+
 def omp_note() -> str:
     """The OpenMP wait policy a timing ran under, for its table (see the module docstring)."""
     policy = omp_wait_policy()

@@ -178,9 +178,8 @@ def main() -> None:
     args = p.parse_args()
     if args.decompose_threads < 1:
         p.error(f"--decompose-threads must be >= 1, got {args.decompose_threads}")
+    common.require_device(p, args.device)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (leave --device out to measure on the CPU)")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     if args.model in common.CONFIG_MODELS:  # random weights and token ids: the times depend on the shapes only

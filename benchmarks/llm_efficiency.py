@@ -116,6 +116,7 @@ def main() -> None:
         p.error("--cpp-wrapper applies to the compiled models: add --compile")
     if args.gemv and not args.compile:
         p.error("--gemv applies to the compiled models: add --compile")
+    common.require_device(p, args.device)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     cuda = args.device.startswith("cuda")
