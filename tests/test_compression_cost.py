@@ -74,3 +74,13 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     assert "threads s" not in text and "Same-shaped" not in text  # one matrix at a time only
     split = [line for line in text.splitlines() if line.startswith("| svd_llm |")]
     assert len(split) == 2 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| one Gram per input")
+            or line.startswith("| **one Gram per input")]
+    assert len(rows) == 2 and all(row[5].strip(" *") == row[6].strip() for row in rows)  # one round: the same ratio
+
+
+def test_round_ratio_is_the_median_of_each_rounds_ratio(cost):
+    """A spike in one round of one variant does not move it (the best-of ratio would move: 4 / 10 -> 4 / 8)."""
+    rounds = {"naive": [10.0, 8.0, 12.0], "ours": [4.0, 8.0, 4.8]}  # round ratios 0.4, 1.0, 0.4
+    assert cost.round_ratio(rounds, "ours") == 0.4
+    assert cost.round_ratio(rounds, "naive") == 1.0
