@@ -159,6 +159,7 @@ class UVLoRA(Callback):
         self.merged: list[str] = []  # sides folded into their factors at the stage-1 boundary (all at fit end)
         self._restored: dict | None = None
         self._stage: int | None = None  # stage of the current step (set at batch start)
+        self._mode_before_fit: bool | None = None  # the model's training flag before fit (restored at its end)
 
     @property
     def scaling(self) -> float:
@@ -169,6 +170,7 @@ class UVLoRA(Callback):
         if not already_compressed(pl_module):
             raise RuntimeError("UVLoRA found no compressed model: the recipe's low-rank stage must run first")
         model = pl_module.model
+        self._train_mode(model)
         if lora_layers(model):
             return
         names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)
@@ -185,6 +187,19 @@ class UVLoRA(Callback):
         counts = self.parameter_counts(pl_module)
         log.info("UVLoRA: adapters on %d low-rank layers (r=%d, alpha=%g); %d adapter params per side, %d frozen",
                  len(names), self.r, self.alpha, counts["down"], counts["frozen"])
+
+    def _train_mode(self, model: nn.Module) -> None:
+        """The whole model trains in train mode. A model loaded for inference (transformers' loaders return eval
+        mode) would otherwise train with its own modules in eval mode and only the modules the compression added
+        (factors, adapters) in train mode: its dropout and its ``gradient_checkpointing`` (both gated on
+        ``training``) silently off, and Lightning warning of "modules in eval mode" at the start of training.
+        Set here, before fit starts, so the model summary shows it too; the mode the model had comes back at the
+        end of fit. The dense teacher of ``lora.distill`` (not a submodule) stays in eval mode."""
+        if self._mode_before_fit is None:
+            self._mode_before_fit = model.training
+        model.train()
+        log.info("UVLoRA: the model trains in train mode (it was in %s mode; restored at the end of fit)",
+                 "train" if self._mode_before_fit else "eval")
 
     @staticmethod
     def parameter_counts(pl_module: LightningModule) -> dict[str, int]:
@@ -294,6 +309,8 @@ class UVLoRA(Callback):
         for p in pl_module.parameters():
             p.requires_grad_(False)
         self.merged = list(SIDES)
+        if self._mode_before_fit is not None:
+            pl_module.model.train(self._mode_before_fit)
         log.info("UVLoRA: merged %d adapters into the low-rank factors (ranks unchanged)", n)
 
     @staticmethod

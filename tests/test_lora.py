@@ -119,6 +119,34 @@ def test_stages_train_one_side_each_and_merges_keep_ranks(tmp_path, order):
     assert not any(p.requires_grad for p in module.parameters())
 
 
+class ModeRecorder(Callback):
+    """The training flag of every module of the model at the start of training and at each step."""
+
+    def __init__(self) -> None:
+        self.eval_at_start: list[str] | None = None
+        self.eval_in_steps: set[str] = set()
+
+    def on_train_start(self, trainer, pl_module):
+        self.eval_at_start = [n for n, m in pl_module.model.named_modules() if not m.training]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.eval_in_steps |= {n for n, m in pl_module.model.named_modules() if not m.training}
+
+
+def test_a_model_loaded_in_eval_mode_trains_in_train_mode_and_gets_its_mode_back(tmp_path, recwarn):
+    """transformers' loaders return eval mode; before, only the modules compression added trained in train mode (the
+    model's own dropout and gradient checkpointing off) and Lightning warned of 'modules in eval mode'."""
+    recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False},
+                    lora={"steps": [2, 2], "r": 2, "dropout": 0.0, "distill": 1.0})
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=0).eval()), compression=recipe)
+    rec = ModeRecorder()
+    lora_trainer(tmp_path, [rec]).fit(module, datamodule=OrderedTokens())
+    assert rec.eval_at_start == [] and rec.eval_in_steps == set()
+    assert not any("in eval mode" in str(w.message) for w in recwarn.list)
+    assert not any(m.training for m in module.model.modules())  # back in eval mode after fit
+    assert not module.teacher.training  # the dense teacher never left eval mode
+
+
 def test_joint_stages_train_both_sides_and_restart_at_the_boundary(tmp_path):
     lr, r, alpha = 1e-2, 2, 4.0
     module, stage = lora_module(learning_rate=lr, order=["both", "both"], steps=[3, 3], r=r, alpha=alpha, dropout=0.0)
