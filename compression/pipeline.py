@@ -44,6 +44,7 @@ from compression.allocation import (
     token_cost_weights,
 )
 from compression.collector import collect_stats, default_forward
+from compression.lowrank import linear_num_parameters
 from compression.matrices import build_matrices, fixed_by_overrides
 from compression.methods import build_method
 from compression.output_fisher import OutputWeighted, output_fisher
@@ -303,6 +304,8 @@ class CompressionPipeline(TruncateStage):
                 result.ratios[key] = float(spec["ratio"])
         for key in result.dense:
             self.skipped[key] = f"kept dense: {recipe.allocation} gave it a rank at or above its break-even"
+        self.kept_dense_params = sum(linear_num_parameters(self.model.get_submodule(name))
+                                     for key in result.dense for name in self.matrices[key].members)
         self.allocation = result
         ranks = [r for k, r in result.ranks.items() if k not in result.dense]
         if ranks:
@@ -348,7 +351,8 @@ class CompressionPipeline(TruncateStage):
             ratio=self.plan["ratio"], layers=getattr(self, "layer_reports", []),
             model_params_before=self.params_before,
             model_params_after=sum(p.numel() for p in self.model.parameters()),
-            plan=self.plan, skipped=self.skipped, seconds=time.perf_counter() - self.start,
+            plan=self.plan, skipped=self.skipped, kept_dense_params=getattr(self, "kept_dense_params", 0),
+            seconds=time.perf_counter() - self.start,
             blocks=list(getattr(self, "block_records", [])))
         if self.report.layers:
             log.info("%s", self.report.to_table(max_rows=0))

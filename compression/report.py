@@ -36,6 +36,7 @@ class CompressionReport:
     model_params_after: int
     plan: dict
     skipped: dict[str, str] = field(default_factory=dict)
+    kept_dense_params: int = 0  # parameters of the targeted matrices the allocation kept dense (not in ``layers``)
     seconds: float = 0.0
     blocks: list[dict] = field(default_factory=list)  # calibration.mode: sequential, one record per block
 
@@ -49,9 +50,17 @@ class CompressionReport:
 
     @property
     def params_ratio(self) -> float:
-        """Measured fraction of the targeted parameters removed (compare with ``ratio`` asked)."""
+        """Measured fraction of the factorized layers' parameters removed (a matrix the allocation kept dense is not
+        among them: :attr:`targets_ratio` is the fraction of all the targets', what ``ratio`` asks for)."""
         before = self.targeted_params_before
         return 1.0 - self.targeted_params_after / before if before else 0.0
+
+    @property
+    def targets_ratio(self) -> float:
+        """Measured fraction removed of all the targeted matrices' parameters, the ones kept dense included: the
+        figure the asked ``ratio`` aims at."""
+        before = self.targeted_params_before + self.kept_dense_params
+        return 1.0 - (self.targeted_params_after + self.kept_dense_params) / before if before else 0.0
 
     @property
     def uncovered_params(self) -> int:
@@ -73,6 +82,9 @@ class CompressionReport:
             "targeted_params_before": self.targeted_params_before,
             "targeted_params_after": self.targeted_params_after,
             "params_ratio": self.params_ratio,
+            "kept_dense": sum(why.startswith("kept dense") for why in self.skipped.values()),
+            "kept_dense_params": self.kept_dense_params,
+            "targets_ratio": self.targets_ratio,
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
             "model_params_ratio": self.model_params_ratio,
@@ -111,9 +123,11 @@ class CompressionReport:
             if len(shown) < len(uncovered):
                 lines.append(f"  ... {len(uncovered) - len(shown)} more")
         s = self.summary()
+        kept = (f" ({s['targets_ratio']:.4f} of {s['targeted_params_before'] + self.kept_dense_params:,} with the "
+                f"{s['kept_dense']} matrices kept dense)" if self.kept_dense_params else "")
         lines.append(
             f"{self.method} / {self.allocation}: asked ratio {self.ratio:.3f}, removed {s['params_ratio']:.4f} of "
-            f"{s['targeted_params_before']:,} targeted parameters; model {s['model_params_before']:,} -> "
+            f"{s['targeted_params_before']:,} factorized parameters{kept}; model {s['model_params_before']:,} -> "
             f"{s['model_params_after']:,} ({s['model_params_ratio']:.4f} removed) in {self.seconds:.1f} s"
         )
         return "\n".join(lines)
@@ -133,4 +147,4 @@ def merge_reports(first: CompressionReport, *rest: CompressionReport) -> Compres
         model_params_before=first.model_params_before, model_params_after=last.model_params_after,
         plan=merge_plans(*(r.plan for r in reports)),
         skipped={k: v for r in reports for k, v in r.skipped.items()},
-        seconds=sum(r.seconds for r in reports))
+        kept_dense_params=sum(r.kept_dense_params for r in reports), seconds=sum(r.seconds for r in reports))

@@ -191,10 +191,15 @@ def format_summary(summary: dict) -> str:
     comp = summary.get("compression")
     if comp:
         lines.append(f"method {comp['method']} / allocation {comp['allocation']}, ratio asked {comp['ratio_asked']}")
+        factored = (f"{comp['targeted_params_before']:,} -> {comp['targeted_params_after']:,} "
+                    f"({comp['params_ratio']:.2%} removed)")
+        kept = comp.get("kept_dense_params", 0)
+        before, after = comp["targeted_params_before"] + kept, comp["targeted_params_after"] + kept
+        targets = (f"targeted layers {before:,} -> {after:,} "
+                   f"({comp['targets_ratio']:.2%} removed; {comp['kept_dense']} matrices kept dense, the factorized "
+                   f"ones {factored})" if kept else f"targeted layers {factored}")
         lines.append(f"parameters: model {comp['model_params_before']:,} -> {comp['model_params_after']:,} "
-                     f"({comp['model_params_ratio']:.2%} removed); targeted layers "
-                     f"{comp['targeted_params_before']:,} -> {comp['targeted_params_after']:,} "
-                     f"({comp['params_ratio']:.2%} removed)")
+                     f"({comp['model_params_ratio']:.2%} removed); {targets}")
         lines.append(f"time: calibration {summary.get('calibration_seconds', 0):.1f} s, "
                      f"decomposition {comp['seconds']:.1f} s, whole run {summary['wall_seconds']:.1f} s")
     quant = summary.get("quantization")

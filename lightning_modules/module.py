@@ -227,8 +227,9 @@ class CompressionModule(LightningModule):
         self.plan = self.report.plan
         self.pipeline.stats = None  # free the Grams: nothing downstream needs them
         if self.report.layers:
-            log.info("compressed %d matrices: removed %.4f of targeted parameters", len(self.report.layers),
-                     self.report.params_ratio)
+            log.info("compressed %d matrices: removed %.4f of their parameters, %.4f of all targeted ones (%d matrices "
+                     "kept dense)", len(self.report.layers), self.report.params_ratio, self.report.targets_ratio,
+                     self.report.summary()["kept_dense"])
         if trainer.is_global_zero:
             from callbacks.tb import log_compression
 
