@@ -81,10 +81,9 @@ def truncated(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
                              "truncate from a model compressed at a lower ratio")
         cut = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.up.bias is not None,
                             device=layer.up.weight.device, dtype=layer.up.weight.dtype)
-        with torch.no_grad():
-            cut.down.weight.copy_(layer.down.weight[:rank])
-            cut.up.weight.copy_(layer.up.weight[:, :rank])
-            if layer.up.bias is not None:
+        cut.set_factors(layer.up.weight[:, :rank], layer.down.weight[:rank])
+        if layer.up.bias is not None:
+            with torch.no_grad():
                 cut.up.bias.copy_(layer.up.bias)
         set_submodule(out, name, cut)
     return out

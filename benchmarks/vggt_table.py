@@ -189,8 +189,7 @@ def compress_row(dense, recipe: Recipe, stats, importance):
 
     model = copy.deepcopy(dense)
     report = compress_(model, recipe, stats, importances=importance)
-    dense_layers = {n: sum(p.numel() for p in model.get_submodule(n).parameters())
-                    for n, why in report.skipped.items() if why.startswith("kept dense")}
+    dense_layers = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in report.kept_dense}
     return model.eval(), report, dense_layers
 
 

@@ -49,6 +49,11 @@ class CompressionReport:
         return sum(r.params_after for r in self.layers)
 
     @property
+    def kept_dense(self) -> list[str]:
+        """The targeted matrices the allocation kept dense (their ``skipped`` reason says so)."""
+        return [key for key, why in self.skipped.items() if why.startswith("kept dense")]
+
+    @property
     def params_ratio(self) -> float:
         """Measured fraction of the factorized layers' parameters removed (a matrix the allocation kept dense is not
         among them: :attr:`targets_ratio` is the fraction of all the targets', what ``ratio`` asks for)."""
@@ -82,7 +87,7 @@ class CompressionReport:
             "targeted_params_before": self.targeted_params_before,
             "targeted_params_after": self.targeted_params_after,
             "params_ratio": self.params_ratio,
-            "kept_dense": sum(why.startswith("kept dense") for why in self.skipped.values()),
+            "kept_dense": len(self.kept_dense),
             "kept_dense_params": self.kept_dense_params,
             "targets_ratio": self.targets_ratio,
             "model_params_before": self.model_params_before,

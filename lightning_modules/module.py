@@ -229,7 +229,7 @@ class CompressionModule(LightningModule):
         if self.report.layers:
             log.info("compressed %d matrices: removed %.4f of their parameters, %.4f of all targeted ones (%d matrices "
                      "kept dense)", len(self.report.layers), self.report.params_ratio, self.report.targets_ratio,
-                     self.report.summary()["kept_dense"])
+                     len(self.report.kept_dense))
         if trainer.is_global_zero:
             from callbacks.tb import log_compression
 

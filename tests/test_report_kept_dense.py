@@ -28,6 +28,7 @@ def test_kept_dense_matrices_count_among_the_targets(mode):
                                           calibration=calibration),
                        family=CausalLMSpec(model=compressed), batches=batches)
     kept = [n for n, why in report.skipped.items() if why.startswith("kept dense")]
+    assert report.kept_dense == kept
     assert kept and len(kept) + len(report.layers) == len(targets)
     assert report.kept_dense_params == sum(linear_num_parameters(compressed.get_submodule(n)) for n in kept) > 0
     assert report.targeted_params_before + report.kept_dense_params == all_targets
