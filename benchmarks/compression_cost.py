@@ -319,9 +319,8 @@ def main() -> None:
             else f"{one / (one + calib):.0%} |"))
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if args.out:  # the notes written under an earlier run's tables stay
+        common.write_keeping_notes(args.out, text)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,14 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     import sys
 
     out = tmp_path / "cost.md"
+    out.write_text("# an earlier run\n\n| old | table |\n\n## Reading (notes)\n\n- kept across reruns\n")
     monkeypatch.setattr(sys, "argv", ["compression_cost.py", "--model", "tiny", "--calib-samples", "8", "--seq-len",
                                       "32", "--repeats", "1", "--methods", "svd_llm", "--decompose-threads", "1",
                                       "--out", str(out)])
     cost.main()
     text = out.read_text()
     assert "8 x 32 of uniformly random token ids" in text and "torch.float32" in text
+    assert "| old | table |" not in text and text.endswith("## Reading (notes)\n\n- kept across reruns\n")
     errors = dict(re.findall(r"(float64|float32) GEMMs (\d\.\de[+-]\d+)", text))
     assert float(errors["float64"]) < 1e-13 and float(errors["float32"]) < 1e-5
     assert "bfloat16" not in text  # a GPU-only variant
