@@ -71,6 +71,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=8)),
     "Qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _COMMON),
     "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, head_dim=8)),
+    "Granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(_COMMON, attention_multiplier=0.2, residual_multiplier=0.7, embedding_multiplier=3.0,
+                     logits_scaling=2.5)),
+    "Ministral": ("MinistralConfig", "MinistralForCausalLM",
+                  dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Phi-3": ("Phi3Config", "Phi3ForCausalLM", _COMMON),
@@ -90,6 +95,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Qwen2-MoE": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
                        num_experts_per_tok=2)),
+    "Qwen3-MoE": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(_COMMON, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                       norm_topk_prob=True, mlp_only_layers=[1], sliding_window=8)),
 }
 CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent cache", "export", "U/V LoRA")
 LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")

@@ -1,9 +1,14 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Qwen2, Qwen3 (and the language model of LLaVA / Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite (and the language model of LLaVA /
+Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
 stream.  RMSNorm scales by ``w``; rotary ``model.rotary_emb(x, positions)``; sliding windows per layer
-(Qwen2/Qwen3 ``layer_types``) or on every layer (Mistral ``sliding_window``).
+(Qwen2/Qwen3/Ministral ``layer_types``) or on every layer (Mistral ``sliding_window``).  Granite's scalars
+(``embedding_multiplier`` on the embeddings, ``residual_multiplier`` on each writer's output before the residual
+add, ``attention_multiplier`` as the attention's ``scaling``, ``logits_scaling`` dividing the logits) stay in the
+model's own code: a scalar commutes with the rotations and factorizations here, and the latent cache uses the
+attention module's ``scaling``.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from torch import nn
 from compression.layout import MLP, Attention, Block, ModelLayout
 from models.layouts.common import eager_of, join, rms, sliding_kwargs
 
-CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config")
+CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Qwen2Config": "module",
-                 "Qwen3Config": "module", "Gemma3TextConfig": "module"}
+                 "Qwen3Config": "module", "Qwen3MoeConfig": "module", "MinistralConfig": "module",
+                 "Gemma3TextConfig": "module"}
 
 
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
