@@ -13,11 +13,11 @@ When decoding one token the values are never rebuilt: the attention weights ``a`
 cannot be absorbed the same way: RoPE rotates each key by its own position after ``U_k``.
 
 with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
-(Gemma3: the layer type, which selects θ), both from the layout.  RoPE is applied *after* rebuilding the keys
-(it does not commute with ``U_k``), from the cached positions; partial rotary (``cos`` narrower than a head)
-rotates the leading channels only.  The cache is ``r`` numbers (plus one integer position) per token and
-layer; the price is re-multiplying ``U_k`` over the whole prefix each step (``S r m_k`` multiply-adds per
-layer), which makes decoding slower than a plain cache, increasingly with ``S``.
+(Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers).
+RoPE is applied *after* rebuilding the keys (it does not commute with ``U_k``), from the cached positions;
+partial rotary (``cos`` narrower than a head) rotates the leading channels only.  The cache is ``r`` numbers
+(plus one integer position) per token and layer; the price is re-multiplying ``U_k`` over the whole prefix each
+step (``S r m_k`` multiply-adds per layer), which makes decoding slower than a plain cache, increasingly with ``S``.
 
 ``keys="plain"`` trades memory for that time: the new tokens' keys are rotated once (as the plain attention
 does) and cached next to ``z``; the values stay latent and folded.  ``kv_heads · head_dim + r`` numbers per
@@ -78,7 +78,7 @@ class LatentAttention(nn.Module):
     """An attention module computing K/V from a cached joint latent; same children (state-dict keys) and public
     attributes as the module it replaces, which :func:`disable_latent_cache_` restores."""
 
-    def __init__(self, attn: nn.Module, spec: Attention, rotary: nn.Module, keys: str = "latent") -> None:
+    def __init__(self, attn: nn.Module, spec: Attention, rotary: nn.Module | None, keys: str = "latent") -> None:
         super().__init__()
         self.key_mode = keys
         for key, value in attn.__dict__.items():
@@ -134,7 +134,7 @@ class LatentAttention(nn.Module):
             q, k = self._project(z, ("q", "k"))
             heads = self._heads(q, "q_norm")
             # one RoPE over the query and key heads together: half the small ops of a decode step's rotation
-            both = _rope(torch.cat([heads, self._heads(k, "k_norm")], dim=1), cos, sin)
+            both = self._rotate(torch.cat([heads, self._heads(k, "k_norm")], dim=1), cos, sin)
             query, key = both.split([heads.shape[1], both.shape[1] - heads.shape[1]], dim=1)
             z_all = z
             if past_key_values is not None:
@@ -143,7 +143,7 @@ class LatentAttention(nn.Module):
             value = None if absorbs else self._project(z_all, ("v",))[0]
         else:
             (q,) = self._project(z, ("q",))
-            query = _rope(self._heads(q, "q_norm"), cos, sin)
+            query = self._rotate(self._heads(q, "q_norm"), cos, sin)
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "latent")
                 if position_ids is None:
@@ -156,7 +156,8 @@ class LatentAttention(nn.Module):
                 z_all, pos_all = z, position_ids.expand(bsz, q_len)
             k, *rest = self._project(z_all, ("k",) if absorbs else ("k", "v"))
             key = self._heads(k, "k_norm")
-            key = _rope(key, *self._key_rotary(past_key_values, key, pos_all))
+            if self.rotary is not None:
+                key = _rope(key, *self._key_rotary(past_key_values, key, pos_all))
             value = None if absorbs else rest[0]
         if absorbs:
             out = self._absorbed(query, key, z_all, attention_mask)
@@ -168,6 +169,10 @@ class LatentAttention(nn.Module):
                                  scaling=self.scaling, **self.extra, **kwargs)
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self._child("o")(out), weights
+
+    def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``heads``, or ``heads`` unchanged on a NoPE layer (no rotary module)."""
+        return heads if self.rotary is None else _rope(heads, cos, sin)
 
     def _key_rotary(self, cache, key: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` of the cached positions; computed once per step and rotary kind, not once per layer
@@ -266,13 +271,14 @@ def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "lat
     plain (an empty list, with a warning, when no layer qualifies).
 
     Refused up front for layouts without a latent K/V rebuild (their layout says why) and for attentions
-    without rotary positions; attentions that are not joint keep the plain cache.
+    without rotary positions (NoPE layers, which rotate neither queries nor keys, rebuild their keys unrotated),
+    before any layer is swapped; attentions that are not joint keep the plain cache.
     """
     if keys not in (*KEY_MODES, "auto"):
         raise ValueError(f"enable_latent_cache_: keys={keys!r}; choose one of {(*KEY_MODES, 'auto')}")
     layout.require("latent_cache")
-    changed, joint = [], 0
-    for block in layout.blocks:
+    swaps, joint = [], 0
+    for block in layout.blocks:  # every layer checked before any is swapped: a refusal leaves the model as it was
         spec = block.attn
         attn = model.get_submodule(spec.path)
         if isinstance(attn, LatentAttention) or not _is_joint(model, spec):
@@ -281,12 +287,15 @@ def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "lat
         mode = _layer_mode(model, spec, keys)
         if mode is None:
             continue
-        if spec.rotary is None:
+        if spec.rotary is None and not spec.nope:
             raise NotImplementedError(f"{layout.model_class}: the latent KV cache rebuilds rotary keys; {spec.path} "
                                       "has no rotary module")
+        swaps.append((spec, attn, mode))
+    changed = []
+    for spec, attn, mode in swaps:
         parent, _, child = spec.path.rpartition(".")
-        setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, model.get_submodule(spec.rotary),
-                                                                        mode))
+        rotary = None if spec.nope else model.get_submodule(spec.rotary)
+        setattr(model.get_submodule(parent), child, LatentAttention(attn, spec, rotary, mode))
         changed.append(spec.path)
     if not changed and joint:  # keys="auto" and every latent at least as wide as the keys it would replace
         log.warning("enable_latent_cache_(keys='auto'): every joint latent rank is >= kv_heads * head_dim, where a "

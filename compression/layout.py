@@ -62,11 +62,14 @@ class Attention:
     rotary_args: tuple = ()
     attention_kwargs: tuple[tuple[str, object], ...] = ()   # e.g. (("sliding_window", 4096),)
     eager: Callable | None = None          # the family's eager attention function (fallback interface)
+    nope: bool = False                     # no position rotation of q/k on this layer (SmolLM3's NoPE layers)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)
         if separate == (self.qkv is not None):
             raise ValueError(f"attention {self.path!r}: give q, k and v, or one fused qkv")
+        if self.nope and self.rotary is not None:
+            raise ValueError(f"attention {self.path!r}: a NoPE layer has no rotary module")
         if self.qkv is not None and (self.qkv_rows is None or len(self.qkv_rows) != 3):
             raise ValueError(f"attention {self.path!r}: a fused qkv needs qkv_rows for q, k and v")
 

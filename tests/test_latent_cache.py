@@ -93,6 +93,23 @@ def test_bytes_per_token_and_state_dict_unchanged(joint_pair):
         assert torch.equal(latent(x).logits, plain(x).logits)
 
 
+def test_a_layer_without_positions_is_refused_before_any_layer_is_swapped(joint_pair):
+    """A joint attention whose spec has no rotary module and is not NoPE has no K rebuild: refused, and the
+    earlier layers, which could have been swapped, are left as they were (checked before any swap)."""
+    import dataclasses
+
+    plain, _ = joint_pair
+    model = copy.deepcopy(plain)
+    layout = layout_of(model)
+    last = layout.blocks[-1]
+    blocks = (*layout.blocks[:-1], dataclasses.replace(last, attn=dataclasses.replace(last.attn, rotary=None)))
+    with pytest.raises(NotImplementedError, match="model.layers.1.self_attn has no rotary module"):
+        enable_latent_cache_(model, dataclasses.replace(layout, blocks=blocks))
+    assert not any(isinstance(m, LatentAttention) for m in model.modules())
+    with pytest.raises(ValueError, match="NoPE layer has no rotary module"):
+        dataclasses.replace(last.attn, nope=True)
+
+
 def test_requires_joint_layers():
     with pytest.raises(ValueError, match="joint_qkv: true"):
         enable_latent_cache_(make_tiny_llama(), layout_of(make_tiny_llama()))

@@ -1,5 +1,5 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite (and the language model of LLaVA /
-Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3 (and the language model of
+LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -8,7 +8,8 @@ stream.  RMSNorm scales by ``w``; rotary ``model.rotary_emb(x, positions)``; sli
 (``embedding_multiplier`` on the embeddings, ``residual_multiplier`` on each writer's output before the residual
 add, ``attention_multiplier`` as the attention's ``scaling``, ``logits_scaling`` dividing the logits) stay in the
 model's own code: a scalar commutes with the rotations and factorizations here, and the latent cache uses the
-attention module's ``scaling``.
+attention module's ``scaling``.  SmolLM3's NoPE layers (``no_rope_layers[i] == 0``: the attention's ``use_rope``
+is false) rotate neither queries nor keys; their spec has ``nope=True`` and no rotary module.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ from torch import nn
 from compression.layout import MLP, Attention, Block, ModelLayout
 from models.layouts.common import eager_of, join, rms, sliding_kwargs
 
-CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig")
+CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
+           "SmolLM3Config")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Qwen2Config": "module",
                  "Qwen3Config": "module", "Qwen3MoeConfig": "module", "MinistralConfig": "module",
-                 "Gemma3TextConfig": "module"}
+                 "SmolLM3Config": "module", "Gemma3TextConfig": "module"}
 
 
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
               ) -> Attention:
+    nope = not getattr(attn, "use_rope", True)  # SmolLM3: q/k of its NoPE layers are not rotated
     q_norm = rms(join(path, "q_norm"), offset) if hasattr(attn, "q_norm") else None
     k_norm = rms(join(path, "k_norm"), offset) if hasattr(attn, "k_norm") else None
     return Attention(
         path=path, o=join(path, "o_proj"), q=join(path, "q_proj"), k=join(path, "k_proj"), v=join(path, "v_proj"),
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
-        q_norm=q_norm, k_norm=k_norm, rotary=rotary, rotary_args=rotary_args,
+        q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
         eager=eager_of(attn))
 
