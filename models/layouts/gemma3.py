@@ -1,4 +1,4 @@
-"""Gemma 3 text decoders (``Gemma3ForCausalLM``, e.g. Gemma-3-270M).
+"""Gemma 3 text decoders (``Gemma3ForCausalLM``, e.g. Gemma-3-270M) and Gemma 2 (``Gemma2ForCausalLM``).
 
 Differences from LLaMA that matter to compression: every RMSNorm scales by ``1 + w`` (``offset = 1``);
 each block has four norms, ``input_layernorm`` -> attention -> ``post_attention_layernorm`` -> stream and
@@ -9,9 +9,16 @@ rotary module takes the layer type (``rotary_emb(x, positions, layer_type)``: di
 Because of the post-norms, :func:`compression.rotation.rotate_model_` rotates Gemma at the readers (online
 after each reader norm, scales kept) instead of folding the scales and rotating the stream: folded, the tiny
 scales of Gemma-3-270M's reader norms broke its weight quantization (docs/results/second_llm.md).
+
+Gemma 2 has the same blocks without ``q_norm``/``k_norm``, one rotary table for every layer
+(``rotary_emb(x, positions)``), and caps the attention scores (``softcap``, passed to the attention function
+with the window: the latent KV cache passes it too, and rebuilds the values instead of folding them, which
+would skip the cap).  Its final logit cap stays in the model's own forward.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import nn
 
@@ -19,7 +26,7 @@ from compression.layout import Block, ModelLayout
 from models.layouts.common import join, rms
 from models.layouts.llama import attention, gated_mlp
 
-CONFIGS = ("Gemma3TextConfig",)
+CONFIGS = ("Gemma3TextConfig", "Gemma2Config")
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
@@ -27,11 +34,17 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
     config = decoder.config
     rotary = join(base, "rotary_emb")
     blocks = []
+    per_type = type(config).__name__ == "Gemma3TextConfig"  # Gemma 3's rotary takes the layer type, Gemma 2's not
     for i, layer in enumerate(decoder.layers):
         p = join(base, "layers", str(i))
+        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary,
+                         (config.layer_types[i],) if per_type else (), offset=1.0)
+        cap = None if per_type else getattr(layer.self_attn, "attn_logit_softcapping", None)
+        if cap is not None:
+            attn = dataclasses.replace(attn, attention_kwargs=(*attn.attention_kwargs, ("softcap", float(cap))))
         blocks.append(Block(
             path=p,
-            attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary, (config.layer_types[i],), offset=1.0),
+            attn=attn,
             mlp=gated_mlp(join(p, "mlp")),
             attn_norm=rms(join(p, "input_layernorm"), 1.0), mlp_norm=rms(join(p, "pre_feedforward_layernorm"), 1.0),
             attn_out_norm=rms(join(p, "post_attention_layernorm"), 1.0),
