@@ -190,10 +190,10 @@ class LatentAttention(nn.Module):
 
     # -- decoding without rebuilding the values ------------------------------------------------------
     def _absorbs(self, q_len: int) -> bool:
-        """One new token (decoding), no value norm, no attention extras beyond a sliding window, not training:
-        the values are folded into the output instead of being rebuilt for the whole prefix."""
+        """One new token (decoding), no value norm, no attention extras beyond a sliding window and a score cap,
+        not training: the values are folded into the output instead of being rebuilt for the whole prefix."""
         return (q_len == 1 and not self.training and self.roles.get("v_norm") is None
-                and set(self.extra) <= {"sliding_window"}
+                and set(self.extra) <= {"sliding_window", "softcap"}
                 and self.config._attn_implementation in ("sdpa", "eager"))
 
     def _value_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,7 +208,8 @@ class LatentAttention(nn.Module):
 
     def _absorbed(self, query: torch.Tensor, key: torch.Tensor, z_all: torch.Tensor,
                   attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """``softmax(q Kᵀ s) (Z U_vᵀ + b)`` computed as ``(softmax(q Kᵀ s) Z) U_vᵀ + b`` (the weights sum to 1).
+        """``softmax(q Kᵀ s) (Z U_vᵀ + b)`` computed as ``(softmax(q Kᵀ s) Z) U_vᵀ + b`` (the weights sum to 1;
+        with a ``softcap`` ``c`` the scores are ``c tanh(q Kᵀ s / c)``).
 
         ``query [B, H, 1, d]``, rotated ``key [B, G, S, d]`` (``G`` kv heads, ``H / G`` query heads each),
         ``z_all [B, S, r]``; returns ``[B, 1, H, d]`` like transformers' attention functions.  The value
@@ -221,6 +222,9 @@ class LatentAttention(nn.Module):
         # prefix view of a [B, G, capacity, d] buffer, so flattening B and G needs no copy
         scores = torch.bmm(query.reshape(bsz * groups, per, dim), key.flatten(0, 1).transpose(1, 2))
         scores = scores.mul_(self.scaling).view(bsz, heads, q_len, seq)
+        cap = self.extra.get("softcap")
+        if cap is not None:  # Gemma 2: scores capped at +-cap before the mask, as its eager attention does
+            scores = torch.tanh(scores / cap) * cap
         if attention_mask is not None:
             mask = attention_mask[..., :seq]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

@@ -12,8 +12,7 @@ scales of Gemma-3-270M's reader norms broke its weight quantization (docs/result
 
 Gemma 2 has the same blocks without ``q_norm``/``k_norm``, one rotary table for every layer
 (``rotary_emb(x, positions)``), and caps the attention scores (``softcap``, passed to the attention function
-with the window: the latent KV cache passes it too, and rebuilds the values instead of folding them, which
-would skip the cap).  Its final logit cap stays in the model's own forward.
+with the window; the latent KV cache applies it too).  Its final logit cap stays in the model's own forward.
 """
 
 from __future__ import annotations
