@@ -22,8 +22,8 @@ from models.layouts.common import eager_of, join, rms, sliding_kwargs
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
-WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Qwen2Config": "module",
-                 "Qwen3Config": "module", "Qwen3MoeConfig": "module", "MinistralConfig": "module",
+WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
+                 "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module", "MinistralConfig": "module",
                  "SmolLM3Config": "module", "Gemma3TextConfig": "module", "Gemma2Config": "module"}
 
 
