@@ -23,8 +23,9 @@ CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Granit
            "SmolLM3Config")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
-                 "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module", "MinistralConfig": "module",
-                 "SmolLM3Config": "module", "Gemma3TextConfig": "module", "Gemma2Config": "module"}
+                 "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
+                 "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
+                 "Gemma2Config": "module"}
 
 
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
