@@ -82,6 +82,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",
                 dict(_COMMON, head_dim=8, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=4,
                      layer_types=["sliding_attention", "full_attention"])),
+    "Seed-OSS": ("SeedOssConfig", "SeedOssForCausalLM",
+                 dict(_COMMON, head_dim=8, attention_bias=True, attention_out_bias=True, mlp_bias=True)),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM",

@@ -40,6 +40,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -55,18 +56,24 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """``x [B, H, S, D]`` with ``cos``/``sin [B, S, d]`` (``d <= D``: partial rotary on the first ``d`` channels).
 
     ``x cos + rotate_half(x) sin`` written half by half (the same products and sums, so the same floats as
-    transformers' ``apply_rotary_pos_emb``) without materializing ``rotate_half(x)``.
+    transformers' ``apply_rotary_pos_emb``) without materializing ``rotate_half(x)``.  When autograd records
+    (training with the latent attention), the halves are built out of place: autograd refuses in-place updates
+    of ``split``'s views.
     """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     d = cos.shape[-1]
     rot = x if d == x.shape[-1] else x[..., :d]
     x1, x2 = rot.split(d // 2, dim=-1)
     sin1, sin2 = sin.split(d // 2, dim=-1)
-    out = rot * cos
-    out1, out2 = out.split(d // 2, dim=-1)
-    # in place on views of ``out`` (``out[..] -= y`` would add a ``__setitem__`` copy back per half)
-    out1.sub_(x2 * sin1)
-    out2.add_(x1 * sin2)
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        cos1, cos2 = cos.split(d // 2, dim=-1)
+        out = torch.cat([x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2], dim=-1)
+    else:
+        out = rot * cos
+        out1, out2 = out.split(d // 2, dim=-1)
+        # in place on views of ``out`` (``out[..] -= y`` would add a ``__setitem__`` copy back per half)
+        out1.sub_(x2 * sin1)
+        out2.add_(x1 * sin2)
     return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
 
 
@@ -161,14 +168,21 @@ class LatentAttention(nn.Module):
             value = None if absorbs else rest[0]
         if absorbs:
             out = self._absorbed(query, key, z_all, attention_mask)
-            return self._child("o")(out.reshape(bsz, q_len, -1).contiguous()), None
+            return self._output(out.reshape(bsz, q_len, -1).contiguous()), None
         value = self._heads(value, "v_norm")
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, **self.extra, **kwargs)
         out = out.reshape(bsz, q_len, -1).contiguous()
-        return self._child("o")(out), weights
+        return self._output(out), weights
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection, then the dropout some attentions apply to their own output (StarCoder2 and
+        Seed-OSS: ``residual_dropout``, copied from the replaced module; active in training mode only)."""
+        out = self._child("o")(out)
+        p = getattr(self, "residual_dropout", 0.0)
+        return F.dropout(out, p=p, training=self.training) if p else out
 
     def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on ``heads``, or ``heads`` unchanged on a NoPE layer (no rotary module)."""

@@ -261,6 +261,15 @@ def test_rope_gives_the_floats_of_transformers_apply_rotary_pos_emb():
     part_q, _ = apply_rotary_pos_emb(q[..., :8], k[..., :8], cos[..., 4:12], sin[..., 4:12])
     partial = _rope(q, cos[..., 4:12], sin[..., 4:12])
     assert torch.equal(partial[..., :8], part_q) and torch.equal(partial[..., 8:], q[..., 8:])
+    # recorded by autograd (training): built out of place, the same floats, and it differentiates
+    qg = q.detach().clone().requires_grad_()
+    out = _rope(qg, cos, sin)
+    assert torch.equal(out.detach(), ref_q)
+    out.sum().backward()
+    ref_grad = torch.autograd.grad(apply_rotary_pos_emb(qg, k, cos, sin)[0].sum(), qg)[0]
+    assert torch.equal(qg.grad, ref_grad)
+    partial = _rope(qg, cos[..., 4:12], sin[..., 4:12])
+    assert torch.equal(partial.detach()[..., :8], part_q) and torch.equal(partial.detach()[..., 8:], q[..., 8:])
 
 
 @pytest.mark.parametrize("keys", ["latent", "plain"])
@@ -275,3 +284,31 @@ def test_one_row_decoding_matches_plain_cache(joint_pair, keys):
     seq_b, scores_b = _generate(latent, prompt)
     assert torch.equal(seq_a, seq_b)
     torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["StarCoder2", "Seed-OSS"])
+def test_training_mode_applies_the_attentions_own_output_dropout(family):
+    """StarCoder2 and Seed-OSS drop out their attention's output (``residual_dropout``) inside the attention
+    module: in training mode the latent attention does the same, drawing the same random numbers in the same
+    order, so one seeded forward gives the same loss as the plain model's (and a different one without it)."""
+    from benchmarks.architectures import _joint, batches, prepared
+
+    model, layout, _ = prepared(family)
+    _joint(model, layout, method="svd_llm_v2")
+    for module in model.modules():
+        if hasattr(module, "residual_dropout"):
+            module.residual_dropout = 0.5
+    latent = copy.deepcopy(model)
+    enable_latent_cache_(latent, layout_of(latent))
+    ids = batches()[0]["input_ids"]
+
+    def loss(m, seed):
+        m.train()
+        torch.manual_seed(seed)
+        out = m(input_ids=ids, labels=ids, use_cache=False)
+        return float(out.loss.detach())
+
+    assert loss(latent, 3) == pytest.approx(loss(model, 3), rel=1e-12)
+    assert loss(latent, 3) != pytest.approx(loss(latent, 4), rel=1e-6)  # the dropout is on: the seed matters
+    attn = latent.get_submodule(layout.blocks[0].attn.path)
+    assert isinstance(attn, LatentAttention) and attn.residual_dropout == 0.5

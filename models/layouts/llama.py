@@ -1,5 +1,5 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3 (and the language model of
-LLaVA / Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS (and the language
+model of LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -20,7 +20,7 @@ from compression.layout import MLP, Attention, Block, ModelLayout
 from models.layouts.common import eager_of, join, rms, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
-           "SmolLM3Config")
+           "SmolLM3Config", "SeedOssConfig")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
