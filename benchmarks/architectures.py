@@ -84,6 +84,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                      layer_types=["sliding_attention", "full_attention"])),
     "Seed-OSS": ("SeedOssConfig", "SeedOssForCausalLM",
                  dict(_COMMON, head_dim=8, attention_bias=True, attention_out_bias=True, mlp_bias=True)),
+    "Ernie4.5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(_COMMON, head_dim=8, use_bias=True)),
+    "Helium": ("HeliumConfig", "HeliumForCausalLM", dict(_COMMON, head_dim=8)),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM",

@@ -13,7 +13,8 @@ When decoding one token the values are never rebuilt: the attention weights ``a`
 cannot be absorbed the same way: RoPE rotates each key by its own position after ``U_k``.
 
 with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
-(Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers).
+(Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers; the
+family's own RoPE function where it rotates interleaved pairs: Ernie 4.5, Helium).
 RoPE is applied *after* rebuilding the keys (it does not commute with ``U_k``), from the cached positions;
 partial rotary (``cos`` narrower than a head) rotates the leading channels only.  The cache is ``r`` numbers
 (plus one integer position) per token and layer; the price is re-multiplying ``U_k`` over the whole prefix each
@@ -101,6 +102,7 @@ class LatentAttention(nn.Module):
         self.eager = spec.eager
         self.rows = [rows_index(r) for r in spec.qkv_rows] if spec.fused else None
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
+        self.rope_fn = spec.rope                      # the family's own RoPE (interleaved pairs), or None: _rope
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
         self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
@@ -164,7 +166,7 @@ class LatentAttention(nn.Module):
             k, *rest = self._project(z_all, ("k",) if absorbs else ("k", "v"))
             key = self._heads(k, "k_norm")
             if self.rotary is not None:
-                key = _rope(key, *self._key_rotary(past_key_values, key, pos_all))
+                key = self._rotate(key, *self._key_rotary(past_key_values, key, pos_all))
             value = None if absorbs else rest[0]
         if absorbs:
             out = self._absorbed(query, key, z_all, attention_mask)
@@ -185,8 +187,13 @@ class LatentAttention(nn.Module):
         return F.dropout(out, p=p, training=self.training) if p else out
 
     def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE on ``heads``, or ``heads`` unchanged on a NoPE layer (no rotary module)."""
-        return heads if self.rotary is None else _rope(heads, cos, sin)
+        """RoPE on ``heads [B, H, S, d]``: the family's own function where the layout gives one (its key argument
+        an empty head slice), else :func:`_rope`; ``heads`` unchanged on a NoPE layer (no rotary module)."""
+        if self.rotary is None:
+            return heads
+        if self.rope_fn is not None:
+            return self.rope_fn(heads, heads[:, :0], cos, sin)[0]
+        return _rope(heads, cos, sin)
 
     def _key_rotary(self, cache, key: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` of the cached positions; computed once per step and rotary kind, not once per layer

@@ -63,6 +63,8 @@ class Attention:
     attention_kwargs: tuple[tuple[str, object], ...] = ()   # e.g. (("sliding_window", 4096),)
     eager: Callable | None = None          # the family's eager attention function (fallback interface)
     nope: bool = False                     # no position rotation of q/k on this layer (SmolLM3's NoPE layers)
+    rope: Callable | None = None           # the family's ``apply_rotary_pos_emb(q, k, cos, sin)`` where its RoPE is
+    #                                        not LLaMA's rotate-half (interleaved pairs: Ernie 4.5, Helium)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)

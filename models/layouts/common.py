@@ -19,6 +19,15 @@ def eager_of(attn: nn.Module) -> Callable | None:
     return getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
 
 
+def rope_of(attn: nn.Module) -> Callable:
+    """The ``apply_rotary_pos_emb`` defined next to ``attn``'s class in its transformers module."""
+    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise NotImplementedError(f"{type(attn).__name__}: no apply_rotary_pos_emb next to it in "
+                                  f"{type(attn).__module__}")
+    return fn
+
+
 def sliding_kwargs(attn: nn.Module, config, source: str | None) -> tuple[tuple[str, object], ...]:
     """``(("sliding_window", w),)`` when this family's attention passes a window to the attention function:
     ``source="module"``: ``attn.sliding_window`` (per layer, ``None`` on full layers: Qwen2, Qwen3, Gemma3);

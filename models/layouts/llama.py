@@ -1,5 +1,5 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS (and the language
-model of LLaVA / Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS, Ernie 4.5, Helium
+(and the language model of LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -9,7 +9,9 @@ stream.  RMSNorm scales by ``w``; rotary ``model.rotary_emb(x, positions)``; sli
 add, ``attention_multiplier`` as the attention's ``scaling``, ``logits_scaling`` dividing the logits) stay in the
 model's own code: a scalar commutes with the rotations and factorizations here, and the latent cache uses the
 attention module's ``scaling``.  SmolLM3's NoPE layers (``no_rope_layers[i] == 0``: the attention's ``use_rope``
-is false) rotate neither queries nor keys; their spec has ``nope=True`` and no rotary module.
+is false) rotate neither queries nor keys; their spec has ``nope=True`` and no rotary module.  Ernie 4.5 and Helium
+rotate interleaved channel pairs; their spec carries the family's own ``apply_rotary_pos_emb`` (``rope``), which
+the latent KV cache calls instead of its rotate-half RoPE.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import eager_of, join, rms, sliding_kwargs
+from models.layouts.common import eager_of, join, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
-           "SmolLM3Config", "SeedOssConfig")
+           "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig")
+# families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
+INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
@@ -37,6 +41,7 @@ def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tupl
         path=path, o=join(path, "o_proj"), q=join(path, "q_proj"), k=join(path, "k_proj"), v=join(path, "v_proj"),
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
         q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
+        rope=rope_of(attn) if type(config).__name__ in INTERLEAVED_ROPE else None,
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
         eager=eager_of(attn))
 
