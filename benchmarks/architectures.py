@@ -86,6 +86,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                  dict(_COMMON, head_dim=8, attention_bias=True, attention_out_bias=True, mlp_bias=True)),
     "Ernie4.5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(_COMMON, head_dim=8, use_bias=True)),
     "Helium": ("HeliumConfig", "HeliumForCausalLM", dict(_COMMON, head_dim=8)),
+    # the query scale grows past position 8 (the "original context"), inside the latent-cache cell's 21 tokens
+    "Ministral3": ("Ministral3Config", "Ministral3ForCausalLM",
+                   dict(_COMMON, head_dim=8, sliding_window=16,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=8.0, max_position_embeddings=64,
+                                             original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM",

@@ -103,6 +103,7 @@ class LatentAttention(nn.Module):
         self.rows = [rows_index(r) for r in spec.qkv_rows] if spec.fused else None
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
         self.rope_fn = spec.rope                      # the family's own RoPE (interleaved pairs), or None: _rope
+        self.query_scale = spec.query_scale           # positions -> factor on the rotated queries, or None
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
         self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
@@ -135,6 +136,8 @@ class LatentAttention(nn.Module):
         # transformers 5.24 renamed the decoder layers' ``past_key_values`` keyword to ``cache``
         past_key_values = cache if cache is not None else past_key_values
         kwargs.pop("use_cache", None)
+        if position_ids is not None:  # the plain attention hands them on (flash attention's packed sequences)
+            kwargs["position_ids"] = position_ids
         bsz, q_len = hidden_states.shape[:2]
         absorbs = self._absorbs(q_len)
         z = self._latent(hidden_states)  # [B, T, r]
@@ -145,6 +148,7 @@ class LatentAttention(nn.Module):
             # one RoPE over the query and key heads together: half the small ops of a decode step's rotation
             both = self._rotate(torch.cat([heads, self._heads(k, "k_norm")], dim=1), cos, sin)
             query, key = both.split([heads.shape[1], both.shape[1] - heads.shape[1]], dim=1)
+            query = self._scale_query(query, position_ids)
             z_all = z
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "plain")
@@ -152,7 +156,7 @@ class LatentAttention(nn.Module):
             value = None if absorbs else self._project(z_all, ("v",))[0]
         else:
             (q,) = self._project(z, ("q",))
-            query = self._rotate(self._heads(q, "q_norm"), cos, sin)
+            query = self._scale_query(self._rotate(self._heads(q, "q_norm"), cos, sin), position_ids)
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "latent")
                 if position_ids is None:
@@ -194,6 +198,16 @@ class LatentAttention(nn.Module):
         if self.rope_fn is not None:
             return self.rope_fn(heads, heads[:, :0], cos, sin)[0]
         return _rope(heads, cos, sin)
+
+    def _scale_query(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """The rotated queries times the family's position-dependent factor, where the layout gives one
+        (Ministral 3: ``1 + β log(1 + ⌊p / P⌋)``), else unchanged."""
+        if self.query_scale is None:
+            return query
+        if position_ids is None:
+            raise ValueError(f"{type(self.original).__name__}: its query scale depends on the positions; the "
+                             "decoder layer passed no position_ids")
+        return query * self.query_scale(position_ids).to(query.dtype)
 
     def _key_rotary(self, cache, key: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` of the cached positions; computed once per step and rotary kind, not once per layer

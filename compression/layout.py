@@ -65,6 +65,8 @@ class Attention:
     nope: bool = False                     # no position rotation of q/k on this layer (SmolLM3's NoPE layers)
     rope: Callable | None = None           # the family's ``apply_rotary_pos_emb(q, k, cos, sin)`` where its RoPE is
     #                                        not LLaMA's rotate-half (interleaved pairs: Ernie 4.5, Helium)
+    query_scale: Callable | None = None    # position_ids [B, S] -> factor [B, 1, S, 1] on the rotated queries
+    #                                        (Ministral 3's long-context scale)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)

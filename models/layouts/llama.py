@@ -1,5 +1,5 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS, Ernie 4.5, Helium
-(and the language model of LLaVA / Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS,
+Ernie 4.5, Helium (and the language model of LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -11,10 +11,15 @@ model's own code: a scalar commutes with the rotations and factorizations here, 
 attention module's ``scaling``.  SmolLM3's NoPE layers (``no_rope_layers[i] == 0``: the attention's ``use_rope``
 is false) rotate neither queries nor keys; their spec has ``nope=True`` and no rotary module.  Ernie 4.5 and Helium
 rotate interleaved channel pairs; their spec carries the family's own ``apply_rotary_pos_emb`` (``rope``), which
-the latent KV cache calls instead of its rotate-half RoPE.
+the latent KV cache calls instead of its rotate-half RoPE.  Ministral 3 scales its rotated queries by position
+beyond its original context (:func:`query_scale`), which the latent KV cache applies too.
 """
 
 from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,14 +27,26 @@ from compression.layout import MLP, Attention, Block, ModelLayout
 from models.layouts.common import eager_of, join, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
-           "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig")
+           "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config")
 # families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
 INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig")
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
+                 "Ministral3Config": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module"}
+
+
+def query_scale(attn: nn.Module, config) -> Callable | None:
+    """Ministral 3 multiplies its rotated queries by ``1 + β log(1 + ⌊p / P⌋)`` (``llama_4_scaling_beta``, the
+    original context ``P``): the family's own function with the config's numbers; ``None`` for the others."""
+    if type(config).__name__ != "Ministral3Config":
+        return None
+    fn = sys.modules[type(attn).__module__].get_llama_4_attn_scale
+    rope = config.rope_parameters
+    return functools.partial(fn, beta=rope.get("llama_4_scaling_beta"),
+                             max_position_embeddings=rope.get("original_max_position_embeddings"))
 
 
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
@@ -42,6 +59,7 @@ def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tupl
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
         q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
         rope=rope_of(attn) if type(config).__name__ in INTERLEAVED_ROPE else None,
+        query_scale=query_scale(attn, config),
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
         eager=eager_of(attn))
 
