@@ -98,6 +98,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
                     attn_logit_softcapping=0.5, final_logit_softcapping=3.0, query_pre_attn_scalar=12)),
     "Phi-3": ("Phi3Config", "Phi3ForCausalLM", _COMMON),
+    "OLMo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, head_dim=8)),
+    "OLMo3": ("Olmo3Config", "Olmo3ForCausalLM",
+              dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "StarCoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
                    dict(_COMMON, sliding_window=8, use_bias=True, norm_epsilon=1e-5)),
     "OPT": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
@@ -125,8 +128,9 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal)
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
 LAYERNORM_ROTARY_FAMILIES = ("StarCoder2",)
+NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3")  # OLMo: no reader norms to rotate after
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
-    (f, "rotation + W4A4") for f in LAYERNORM_ROTARY_FAMILIES}
+    (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES}
 RATIO = 0.3
 
 
@@ -279,7 +283,7 @@ def cell_rotation(family: str) -> str:
     ids = batches()[0]["input_ids"]
     report = _joint(model, layout)
     layout = layout_of(model)
-    if family in LAYERNORM_FAMILIES + LAYERNORM_ROTARY_FAMILIES:
+    if family in LAYERNORM_FAMILIES + NO_ROTATION_FAMILIES:
         _refusal(lambda: rotate_model_(model, layout), model)
     ref = logits(model, ids)
     rotation = rotate_model_(model, layout, seed=1)

@@ -104,6 +104,7 @@ class LatentAttention(nn.Module):
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
         self.rope_fn = spec.rope                      # the family's own RoPE (interleaved pairs), or None: _rope
         self.query_scale = spec.query_scale           # positions -> factor on the rotated queries, or None
+        self.qk_norm_whole = spec.qk_norm_whole
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
         self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
@@ -124,8 +125,12 @@ class LatentAttention(nn.Module):
         return [self._child(r).up(z) for r in roles]
 
     def _heads(self, x: torch.Tensor, norm: str) -> torch.Tensor:
-        x = x.view(*x.shape[:2], -1, self.head_dim_)
+        """``x [B, T, heads · d]`` as ``[B, heads, T, d]``, through the family's q/k norm: per head, or over the whole
+        projection before the heads are split (OLMo 2 / 3)."""
         module = self._child(norm)
+        if module is not None and self.qk_norm_whole:
+            x, module = module(x), None
+        x = x.view(*x.shape[:2], -1, self.head_dim_)
         return (module(x) if module is not None else x).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor,

@@ -67,6 +67,8 @@ class Attention:
     #                                        not LLaMA's rotate-half (interleaved pairs: Ernie 4.5, Helium)
     query_scale: Callable | None = None    # position_ids [B, S] -> factor [B, 1, S, 1] on the rotated queries
     #                                        (Ministral 3's long-context scale)
+    qk_norm_whole: bool = False            # q_norm / k_norm normalize the whole projection (all heads at once:
+    #                                        OLMo 2 / 3), not each head (Qwen3, Gemma3)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)
@@ -134,12 +136,14 @@ class MLP:
 class Block:
     """One decoder block.  ``mlp_norm=None``: the MLP reads ``attn_norm``'s output (Falcon's parallel block);
     ``parallel``: the MLP reads the block input, not the stream after attention (GPT-NeoX, Falcon).
-    ``attn_out_norm`` / ``mlp_out_norm``: norms between a writer and the stream (Gemma's post-norms)."""
+    ``attn_out_norm`` / ``mlp_out_norm``: norms between a writer and the stream (Gemma's post-norms).
+    ``attn_norm=None`` (and ``mlp_norm=None``, not parallel): no reader norms, the attention and the MLP read
+    the raw stream (OLMo 2 / 3, whose norms are all post-norms)."""
 
     path: str
     attn: Attention
     mlp: MLP
-    attn_norm: Norm
+    attn_norm: Norm | None
     mlp_norm: Norm | None
     attn_out_norm: Norm | None = None
     mlp_out_norm: Norm | None = None

@@ -1,4 +1,4 @@
-"""The architecture matrix: 22 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: 24 transformers families x 7 compression stages on tiny models built from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
@@ -31,7 +31,8 @@ def test_layouts_resolve_by_config_class_and_name_real_modules():
         layout = layout_of(model)
         modules = dict(model.named_modules())
         for block in layout.blocks:
-            for path in (*block.attn.readers, block.attn.o, block.attn_norm.path, *block.mlp.readers):
+            norms = [n.path for n in (block.attn_norm, block.mlp_norm, block.attn_out_norm, block.mlp_out_norm) if n]
+            for path in (*block.attn.readers, block.attn.o, *norms, *block.mlp.readers):
                 assert path in modules, (family, path)
             if block.attn.fused:  # q, k, v rows partition the fused output exactly once
                 rows = [i for part in block.attn.qkv_rows for i in rows_index(part)]

@@ -35,7 +35,7 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Ministral3Config": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
-                 "Gemma2Config": "module"}
+                 "Gemma2Config": "module", "Olmo3Config": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:

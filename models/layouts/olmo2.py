@@ -1,0 +1,46 @@
+"""OLMo 2 and OLMo 3: post-norm-only decoders.
+
+``model.layers.i``: the raw stream -> ``self_attn.{q,k,v}_proj``; ``q_norm`` / ``k_norm`` normalize the whole
+q and k projections (all heads at once, before the heads are split) -> rotary -> ``o_proj`` ->
+``post_attention_layernorm`` -> stream; the raw stream -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
+``post_feedforward_layernorm`` -> stream.  No norm sits in front of a reader, so the blocks have no reader norms
+(``attn_norm=None``).  OLMo 3 alternates sliding and full layers (``config.layer_types``) and its rotary module
+takes the layer type.
+
+Rotation is refused: the online rotation of the reader-side scheme (Gemma) rides on the reader norms' outputs,
+and these blocks have none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from compression.layout import Block, ModelLayout
+from models.layouts.common import join, rms
+from models.layouts.llama import attention, gated_mlp
+
+CONFIGS = ("Olmo2Config", "Olmo3Config")
+NO_READER_NORM = ("OLMo 2/3 blocks have no reader norms (post-norms only), and the reader-side rotation rides on "
+                  "a reader norm's output; rotating the raw stream in front of the readers is not implemented")
+
+
+def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    per_type = type(config).__name__ == "Olmo3Config"  # OLMo 3's rotary takes the layer type
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p = join(base, "layers", str(i))
+        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary,
+                         (config.layer_types[i],) if per_type else ())
+        blocks.append(Block(
+            path=p, attn=dataclasses.replace(attn, qk_norm_whole=True), mlp=gated_mlp(join(p, "mlp")),
+            attn_norm=None, mlp_norm=None,
+            attn_out_norm=rms(join(p, "post_attention_layernorm")),
+            mlp_out_norm=rms(join(p, "post_feedforward_layernorm"))))
+    return ModelLayout(family="olmo2", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=rms(join(base, "norm")), head=head, unsupported=(("rotation", NO_READER_NORM),))
