@@ -98,9 +98,16 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
                     attn_logit_softcapping=0.5, final_logit_softcapping=3.0, query_pre_attn_scalar=12)),
     "Phi-3": ("Phi3Config", "Phi3ForCausalLM", _COMMON),
+    "OLMoE": ("OlmoeConfig", "OlmoeForCausalLM", dict(_COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2)),
+    "GLM": ("GlmConfig", "GlmForCausalLM", dict(_COMMON, head_dim=8, partial_rotary_factor=0.5)),
+    "GLM-4": ("Glm4Config", "Glm4ForCausalLM", dict(_COMMON, head_dim=8, partial_rotary_factor=0.5)),
+    "Arcee": ("ArceeConfig", "ArceeForCausalLM", dict(_COMMON, head_dim=8)),
+    "Apertus": ("ApertusConfig", "ApertusForCausalLM", dict(_COMMON, head_dim=8)),
     "OLMo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, head_dim=8)),
     "OLMo3": ("Olmo3Config", "Olmo3ForCausalLM",
               dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "EXAONE4": ("Exaone4Config", "Exaone4ForCausalLM",
+                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "StarCoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
                    dict(_COMMON, sliding_window=8, use_bias=True, norm_epsilon=1e-5)),
     "OPT": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
@@ -128,7 +135,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal)
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
 LAYERNORM_ROTARY_FAMILIES = ("StarCoder2",)
-NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3")  # OLMo: no reader norms to rotate after
+NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3", "EXAONE4")  # no reader norms to rotate after
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
     (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES}
 RATIO = 0.3

@@ -1,5 +1,5 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS,
-Ernie 4.5, Helium (and the language model of LLaVA / Idefics3).
+Ernie 4.5, Helium, Arcee, Apertus (and the language model of LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -11,7 +11,9 @@ model's own code: a scalar commutes with the rotations and factorizations here, 
 attention module's ``scaling``.  SmolLM3's NoPE layers (``no_rope_layers[i] == 0``: the attention's ``use_rope``
 is false) rotate neither queries nor keys; their spec has ``nope=True`` and no rotary module.  Ernie 4.5 and Helium
 rotate interleaved channel pairs; their spec carries the family's own ``apply_rotary_pos_emb`` (``rope``), which
-the latent KV cache calls instead of its rotate-half RoPE.  Ministral 3 scales its rotated queries by position
+the latent KV cache calls instead of its rotate-half RoPE.  Arcee and Apertus have a plain MLP
+(``down_proj(act(up_proj(x)))``, ReLU² / xIELU); Apertus names its norms ``attention_layernorm`` and
+``feedforward_layernorm``.  Ministral 3 scales its rotated queries by position
 beyond its original context (:func:`query_scale`), which the latent KV cache applies too.
 """
 
@@ -27,12 +29,19 @@ from compression.layout import MLP, Attention, Block, ModelLayout
 from models.layouts.common import eager_of, join, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
-           "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config")
+           "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
+           "ApertusConfig")
 # families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
-INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig")
+INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config")
+# families whose q_norm / k_norm normalize the whole projection, before the heads are split
+WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
+# families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
+PLAIN_MLP = ("ArceeConfig", "ApertusConfig")
+# reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
+NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm")}
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
-                 "Ministral3Config": "config",
+                 "Ministral3Config": "config", "OlmoeConfig": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module", "Olmo3Config": "module"}
@@ -59,7 +68,7 @@ def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tupl
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
         q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
         rope=rope_of(attn) if type(config).__name__ in INTERLEAVED_ROPE else None,
-        query_scale=query_scale(attn, config),
+        query_scale=query_scale(attn, config), qk_norm_whole=type(config).__name__ in WHOLE_QK_NORM,
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
         eager=eager_of(attn))
 
@@ -69,19 +78,26 @@ def gated_mlp(path: str) -> MLP:
                names=(("gate", "gate_proj"), ("up", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
 
 
+def plain_mlp(path: str) -> MLP:
+    return MLP(path, "plain", (join(path, "up_proj"),), join(path, "down_proj"),
+               names=(("fc", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
+
+
 def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None) -> ModelLayout:
     """``base``: the decoder (``model`` of a causal LM, ``model.language_model`` of a VLM); ``mlp(layer, path)``
-    describes a block's MLP (default: the gated LLaMA MLP)."""
+    describes a block's MLP (default: the gated LLaMA MLP, or the plain one of Arcee / Apertus)."""
     decoder = model.get_submodule(base)
     config = decoder.config
+    name = type(config).__name__
     rotary = join(base, "rotary_emb")
+    mlp = mlp or (lambda la, q: plain_mlp(q) if name in PLAIN_MLP else gated_mlp(q))
+    attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
     blocks = []
     for i, layer in enumerate(decoder.layers):
         p = join(base, "layers", str(i))
         blocks.append(Block(
             path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
-            mlp=(mlp or (lambda la, q: gated_mlp(q)))(layer, join(p, "mlp")),
-            attn_norm=rms(join(p, "input_layernorm")), mlp_norm=rms(join(p, "post_attention_layernorm"))))
+            mlp=mlp(layer, join(p, "mlp")), attn_norm=rms(join(p, attn_norm)), mlp_norm=rms(join(p, mlp_norm))))
     return ModelLayout(family="llama", model_class=type(model).__name__, hidden=config.hidden_size,
                        token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
                        final_norm=rms(join(base, "norm")), head=head)

@@ -1,11 +1,12 @@
-"""Mixture-of-experts LLaMA-shaped decoders: Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""Mixture-of-experts LLaMA-shaped decoders: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
 
 Attention as LLaMA.  The MLP is ``mlp.gate`` (router, ``n x E`` weight, kept dense by default) choosing
 top-k ``mlp.experts``, whose weights are 3-D tensors ``gate_up_proj (n x 2I x E)`` and ``down_proj
 (n x E x I)`` (or per-expert linears once linearized by :func:`compression.forms.linearize_experts_`).  Qwen2-MoE
 adds a gated ``shared_expert`` MLP scaled by ``sigmoid(shared_expert_gate(x))``; its layers listed in
 ``mlp_only_layers`` (or off the ``decoder_sparse_step``) have a plain gated MLP.  Qwen3-MoE is Qwen2-MoE without
-the shared expert, with Qwen3's per-head ``q_norm``/``k_norm`` and its window passed by the attention module.
+the shared expert, with Qwen3's per-head ``q_norm``/``k_norm`` and its window passed by the attention module; OLMoE
+is the same MoE with OLMo 2's whole-projection q/k norms.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from compression.layout import MLP, Experts
 from models.layouts import llama
 from models.layouts.common import join
 
-CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig")
+CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig")
 
 
 def _experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:

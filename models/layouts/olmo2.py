@@ -1,11 +1,12 @@
-"""OLMo 2 and OLMo 3: post-norm-only decoders.
+"""Post-norm-only decoders: OLMo 2, OLMo 3 and EXAONE 4.
 
 ``model.layers.i``: the raw stream -> ``self_attn.{q,k,v}_proj``; ``q_norm`` / ``k_norm`` normalize the whole
 q and k projections (all heads at once, before the heads are split) -> rotary -> ``o_proj`` ->
 ``post_attention_layernorm`` -> stream; the raw stream -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
 ``post_feedforward_layernorm`` -> stream.  No norm sits in front of a reader, so the blocks have no reader norms
 (``attn_norm=None``).  OLMo 3 alternates sliding and full layers (``config.layer_types``) and its rotary module
-takes the layer type.
+takes the layer type.  EXAONE 4 has the same blocks with per-head q/k norms; with a window configured, its
+sliding layers get the window and RoPE and its full layers neither (global NoPE).
 
 Rotation is refused: the online rotation of the reader-side scheme (Gemma) rides on the reader norms' outputs,
 and these blocks have none.
@@ -17,13 +18,21 @@ import dataclasses
 
 from torch import nn
 
-from compression.layout import Block, ModelLayout
+from compression.layout import Attention, Block, ModelLayout
 from models.layouts.common import join, rms
 from models.layouts.llama import attention, gated_mlp
 
-CONFIGS = ("Olmo2Config", "Olmo3Config")
-NO_READER_NORM = ("OLMo 2/3 blocks have no reader norms (post-norms only), and the reader-side rotation rides on "
+CONFIGS = ("Olmo2Config", "Olmo3Config", "Exaone4Config")
+NO_READER_NORM = ("these blocks have no reader norms (post-norms only), and the reader-side rotation rides on "
                   "a reader norm's output; rotating the raw stream in front of the readers is not implemented")
+
+
+def _exaone4(attn: Attention, module: nn.Module) -> Attention:
+    """EXAONE 4 passes its window only on sliding layers and, when a window is set, rotates only there."""
+    window = module.sliding_window if module.is_sliding else None
+    nope = module.sliding_window is not None and not module.is_sliding
+    return dataclasses.replace(attn, attention_kwargs=(("sliding_window", int(window)),) if window is not None else (),
+                               nope=nope, rotary=None if nope else attn.rotary)
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
@@ -36,8 +45,10 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
         p = join(base, "layers", str(i))
         attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary,
                          (config.layer_types[i],) if per_type else ())
+        if type(config).__name__ == "Exaone4Config":
+            attn = _exaone4(attn, layer.self_attn)
         blocks.append(Block(
-            path=p, attn=dataclasses.replace(attn, qk_norm_whole=True), mlp=gated_mlp(join(p, "mlp")),
+            path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
             attn_norm=None, mlp_norm=None,
             attn_out_norm=rms(join(p, "post_attention_layernorm")),
             mlp_out_norm=rms(join(p, "post_feedforward_layernorm"))))

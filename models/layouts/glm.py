@@ -1,0 +1,39 @@
+"""GLM and GLM-4 (``GlmForCausalLM``, ``Glm4ForCausalLM``): LLaMA's attention with RoPE on interleaved channel pairs
+over part of each head, and Phi-3's fused MLP (``gate, up = chunk(gate_up_proj(x), 2)``,
+``down_proj(up · act(gate))``).
+
+GLM's blocks are LLaMA's (``input_layernorm`` -> attention -> stream; ``post_attention_layernorm`` -> MLP ->
+stream).  GLM-4 adds post-norms between each writer and the stream (``post_self_attn_layernorm``,
+``post_mlp_layernorm``), so, like Gemma, it is rotated at the readers.  The latent KV cache rebuilds keys with the
+family's own RoPE function (the layout's ``rope``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compression.layout import MLP, Block, ModelLayout
+from models.layouts.common import join, rms
+from models.layouts.llama import attention
+
+CONFIGS = ("GlmConfig", "Glm4Config")
+
+
+def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    post = type(config).__name__ == "Glm4Config"
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p, mp = join(base, "layers", str(i)), join(base, "layers", str(i), "mlp")
+        blocks.append(Block(
+            path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
+            mlp=MLP(mp, "gated_fused", (join(mp, "gate_up_proj"),), join(mp, "down_proj"),
+                    names=(("gate_up", "gate_up_proj"), ("act", "activation_fn"), ("down", "down_proj"))),
+            attn_norm=rms(join(p, "input_layernorm")), mlp_norm=rms(join(p, "post_attention_layernorm")),
+            attn_out_norm=rms(join(p, "post_self_attn_layernorm")) if post else None,
+            mlp_out_norm=rms(join(p, "post_mlp_layernorm")) if post else None))
+    return ModelLayout(family="glm", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=rms(join(base, "norm")), head=head)
