@@ -108,6 +108,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
               dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "EXAONE4": ("Exaone4Config", "Exaone4ForCausalLM",
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "Cohere": ("CohereConfig", "CohereForCausalLM", dict(_COMMON, use_qk_norm=True, logit_scale=0.5)),
+    "Cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
+                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "StarCoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
                    dict(_COMMON, sliding_window=8, use_bias=True, norm_epsilon=1e-5)),
     "OPT": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
@@ -134,7 +137,7 @@ CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent c
 LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal)
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
-LAYERNORM_ROTARY_FAMILIES = ("StarCoder2",)
+LAYERNORM_ROTARY_FAMILIES = ("StarCoder2", "Cohere", "Cohere2")
 NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3", "EXAONE4")  # no reader norms to rotate after
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
     (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES}

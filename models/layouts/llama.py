@@ -32,7 +32,7 @@ CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Granit
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig")
 # families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
-INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config")
+INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
 # families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
@@ -44,7 +44,7 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Ministral3Config": "config", "OlmoeConfig": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
-                 "Gemma2Config": "module", "Olmo3Config": "module"}
+                 "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:

@@ -1,0 +1,40 @@
+"""Cohere and Cohere2 (Command R, Command R7B, Aya): parallel blocks with a mean-subtracting LayerNorm.
+
+``model.layers.i``: ``input_layernorm`` (LayerNorm without bias) feeds both ``self_attn.{q,k,v}_proj`` and
+``mlp.{gate,up}_proj``; the attention's ``o_proj`` and the MLP's ``down_proj`` both add to the block input
+(``parallel``).  RoPE rotates interleaved channel pairs (the family's own function, the layout's ``rope``).  Cohere
+may normalize q and k per head (``use_qk_norm``: a LayerNorm with one weight row per head); Cohere2 alternates
+sliding and full layers, and rotates only on the sliding ones (its full layers are NoPE).  The model scales its
+logits (``logit_scale``) in its own forward.  Rotation is refused as for every LayerNorm family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from compression.layout import Block, ModelLayout
+from models.layouts.common import LAYERNORM_ROTATION, join, layer_norm
+from models.layouts.llama import attention, gated_mlp
+
+CONFIGS = ("CohereConfig", "Cohere2Config")
+
+
+def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    cohere2 = type(config).__name__ == "Cohere2Config"
+    blocks = []
+    for i, layer in enumerate(decoder.layers):
+        p = join(base, "layers", str(i))
+        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary)
+        if cohere2 and layer.self_attn.sliding_window is None:  # a full layer: no RoPE
+            attn = dataclasses.replace(attn, nope=True, rotary=None)
+        blocks.append(Block(path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
+                            attn_norm=layer_norm(join(p, "input_layernorm")), mlp_norm=None, parallel=True))
+    return ModelLayout(family="cohere", model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
+                       final_norm=layer_norm(join(base, "norm")), head=head,
+                       unsupported=(("rotation", LAYERNORM_ROTATION),))
