@@ -92,6 +92,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                         rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=8.0, max_position_embeddings=64,
                                              original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
                                              mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
+    "HunYuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(_COMMON, head_dim=8)),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM",

@@ -104,7 +104,7 @@ class LatentAttention(nn.Module):
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
         self.rope_fn = spec.rope                      # the family's own RoPE (interleaved pairs), or None: _rope
         self.query_scale = spec.query_scale           # positions -> factor on the rotated queries, or None
-        self.qk_norm_whole = spec.qk_norm_whole
+        self.qk_norm_whole, self.qk_norm_after_rope = spec.qk_norm_whole, spec.qk_norm_after_rope
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
         self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
@@ -127,11 +127,16 @@ class LatentAttention(nn.Module):
     def _heads(self, x: torch.Tensor, norm: str) -> torch.Tensor:
         """``x [B, T, heads · d]`` as ``[B, heads, T, d]``, through the family's q/k norm: per head, or over the whole
         projection before the heads are split (OLMo 2 / 3)."""
-        module = self._child(norm)
+        module = None if self.qk_norm_after_rope else self._child(norm)
         if module is not None and self.qk_norm_whole:
             x, module = module(x), None
         x = x.view(*x.shape[:2], -1, self.head_dim_)
         return (module(x) if module is not None else x).transpose(1, 2)
+
+    def _late_norm(self, heads: torch.Tensor, norm: str) -> torch.Tensor:
+        """The q/k norm of families that normalize the *rotated* heads (HunYuan), on ``[B, heads, T, d]``."""
+        module = self._child(norm) if self.qk_norm_after_rope else None
+        return module(heads) if module is not None else heads
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -153,7 +158,8 @@ class LatentAttention(nn.Module):
             # one RoPE over the query and key heads together: half the small ops of a decode step's rotation
             both = self._rotate(torch.cat([heads, self._heads(k, "k_norm")], dim=1), cos, sin)
             query, key = both.split([heads.shape[1], both.shape[1] - heads.shape[1]], dim=1)
-            query = self._scale_query(query, position_ids)
+            query = self._scale_query(self._late_norm(query, "q_norm"), position_ids)
+            key = self._late_norm(key, "k_norm")
             z_all = z
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "plain")
@@ -161,7 +167,8 @@ class LatentAttention(nn.Module):
             value = None if absorbs else self._project(z_all, ("v",))[0]
         else:
             (q,) = self._project(z, ("q",))
-            query = self._scale_query(self._rotate(self._heads(q, "q_norm"), cos, sin), position_ids)
+            query = self._late_norm(self._rotate(self._heads(q, "q_norm"), cos, sin), "q_norm")
+            query = self._scale_query(query, position_ids)
             if past_key_values is not None:
                 layer = latent_layer(past_key_values, self.layer_idx, "latent")
                 if position_ids is None:
@@ -176,6 +183,7 @@ class LatentAttention(nn.Module):
             key = self._heads(k, "k_norm")
             if self.rotary is not None:
                 key = self._rotate(key, *self._key_rotary(past_key_values, key, pos_all))
+            key = self._late_norm(key, "k_norm")
             value = None if absorbs else rest[0]
         if absorbs:
             out = self._absorbed(query, key, z_all, attention_mask)

@@ -69,6 +69,7 @@ class Attention:
     #                                        (Ministral 3's long-context scale)
     qk_norm_whole: bool = False            # q_norm / k_norm normalize the whole projection (all heads at once:
     #                                        OLMo 2 / 3), not each head (Qwen3, Gemma3)
+    qk_norm_after_rope: bool = False       # q_norm / k_norm act on the rotated heads (HunYuan), not before RoPE
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)

@@ -1,5 +1,5 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS,
-Ernie 4.5, Helium, Arcee, Apertus (and the language model of LLaVA / Idefics3).
+Ernie 4.5, Helium, Arcee, Apertus, HunYuan (and the language model of LLaVA / Idefics3).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -13,7 +13,8 @@ is false) rotate neither queries nor keys; their spec has ``nope=True`` and no r
 rotate interleaved channel pairs; their spec carries the family's own ``apply_rotary_pos_emb`` (``rope``), which
 the latent KV cache calls instead of its rotate-half RoPE.  Arcee and Apertus have a plain MLP
 (``down_proj(act(up_proj(x)))``, ReLU² / xIELU); Apertus names its norms ``attention_layernorm`` and
-``feedforward_layernorm``.  Ministral 3 scales its rotated queries by position
+``feedforward_layernorm``.  HunYuan normalizes q and k per head *after* RoPE (``query_layernorm``,
+``key_layernorm``).  Ministral 3 scales its rotated queries by position
 beyond its original context (:func:`query_scale`), which the latent KV cache applies too.
 """
 
@@ -30,13 +31,16 @@ from models.layouts.common import eager_of, join, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
-           "ApertusConfig")
+           "ApertusConfig", "HunYuanDenseV1Config")
 # families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
 INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
 # families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
 PLAIN_MLP = ("ArceeConfig", "ApertusConfig")
+# q/k norms not named ``q_norm`` / ``k_norm``, and families that apply them after RoPE
+QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm")}
+QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config",)
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
 NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm")}
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
@@ -61,14 +65,17 @@ def query_scale(attn: nn.Module, config) -> Callable | None:
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
               ) -> Attention:
     nope = not getattr(attn, "use_rope", True)  # SmolLM3: q/k of its NoPE layers are not rotated
-    q_norm = rms(join(path, "q_norm"), offset) if hasattr(attn, "q_norm") else None
-    k_norm = rms(join(path, "k_norm"), offset) if hasattr(attn, "k_norm") else None
+    name = type(config).__name__
+    qn, kn = QK_NORM_NAMES.get(name, ("q_norm", "k_norm"))
+    q_norm = rms(join(path, qn), offset) if hasattr(attn, qn) else None
+    k_norm = rms(join(path, kn), offset) if hasattr(attn, kn) else None
     return Attention(
         path=path, o=join(path, "o_proj"), q=join(path, "q_proj"), k=join(path, "k_proj"), v=join(path, "v_proj"),
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
         q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
-        rope=rope_of(attn) if type(config).__name__ in INTERLEAVED_ROPE else None,
-        query_scale=query_scale(attn, config), qk_norm_whole=type(config).__name__ in WHOLE_QK_NORM,
+        rope=rope_of(attn) if name in INTERLEAVED_ROPE else None,
+        query_scale=query_scale(attn, config), qk_norm_whole=name in WHOLE_QK_NORM,
+        qk_norm_after_rope=name in QK_NORM_AFTER_ROPE,
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
         eager=eager_of(attn))
 
