@@ -109,6 +109,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
               dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "EXAONE4": ("Exaone4Config", "Exaone4ForCausalLM",
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "Phi-3.5-MoE": ("PhimoeConfig", "PhimoeForCausalLM",
+                    dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, attention_bias=True)),
     "Cohere": ("CohereConfig", "CohereForCausalLM", dict(_COMMON, use_qk_norm=True, logit_scale=0.5)),
     "Cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
@@ -138,7 +140,7 @@ CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent c
 LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal)
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
-LAYERNORM_ROTARY_FAMILIES = ("StarCoder2", "Cohere", "Cohere2")
+LAYERNORM_ROTARY_FAMILIES = ("StarCoder2", "Cohere", "Cohere2", "Phi-3.5-MoE")
 NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3", "EXAONE4")  # no reader norms to rotate after
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
     (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES}

@@ -49,7 +49,8 @@ def is_linear_map(module: nn.Linear) -> bool:
     x = torch.randn(3, module.in_features, dtype=w.dtype, device=w.device,
                     generator=torch.Generator(device=w.device).manual_seed(0))
     got, want = module(x), F.linear(x, w, module.bias)
-    return got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6)))
 
 
 @torch.no_grad()
@@ -124,11 +125,15 @@ def linearize_(model: nn.Module, layout: ModelLayout | None = None) -> dict:
     experts to ``nn.Linear`` form, in place, function unchanged; return the ``"forms"`` plan section."""
     conv1d = _conv1d_class()
     entry: dict = {"conv1d": [], "linear": [], "experts": {}}
+    # a MoE router stays as it is, whatever its class (Phi-3.5-MoE's is an nn.Linear subclass returning the routing)
+    blocks = layout.blocks if layout is not None else ()
+    routers = {b.mlp.experts.router for b in blocks if b.mlp.experts is not None}
     for name, module in list(model.named_modules()):
         if conv1d is not None and type(module) is conv1d:
             _set(model, name, _plain_linear(module.weight.T, module.bias))
             entry["conv1d"].append(name)
-        elif isinstance(module, nn.Linear) and type(module) is not nn.Linear and not _ours(module):
+        elif (isinstance(module, nn.Linear) and type(module) is not nn.Linear and not _ours(module)
+              and name not in routers):
             if not is_linear_map(module):
                 raise NotImplementedError(f"{name} is a {type(module).__name__}, an nn.Linear subclass whose forward "
                                           "is not x Wᵀ + b; it cannot be compressed as a linear layer")

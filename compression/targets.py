@@ -76,7 +76,7 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
             skipped[name] = "nn.MultiheadAttention.out_proj (read directly by MHA)"
         elif type(module) is not nn.Linear:
             skipped[name] = (f"not a plain nn.Linear ({type(module).__name__}); compression.forms.linearize_ converts "
-                             "it when its forward is x Wᵀ + b")
+                             "it when its forward is x Wᵀ + b and it is not a MoE router")
         elif id(module.weight) in embeddings:
             skipped[name] = "weight tied to an input embedding"
         else:
@@ -167,6 +167,8 @@ def select_targets(
         layer = name.rpartition(".")[0]
         if layer not in skipped:
             skipped[name] = f"{reason} [{count:,} parameters]"
+        elif not skipped[layer].endswith(" parameters]"):  # a layer skipped above (e.g. a foreign Linear subclass)
+            skipped[layer] += f" [{count:,} parameters]"  # still counts as not covered
     return Selection(chosen, skipped)
 
 

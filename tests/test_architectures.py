@@ -1,4 +1,4 @@
-"""The architecture matrix: 33 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: 34 transformers families x 7 compression stages on tiny models built from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
@@ -82,3 +82,30 @@ def test_untied_gpt2_head_is_not_the_only_target():
     assert len(names) == 8 and "lm_head" not in names
     skipped = select_targets(model, names).skipped
     assert skipped["lm_head.weight"].startswith("output head") and "[4,096 parameters]" in skipped["lm_head.weight"]
+
+
+def test_linearize_refuses_a_linear_subclass_that_is_not_a_linear_map_but_leaves_routers_alone():
+    """A foreign nn.Linear subclass whose forward is not ``x Wᵀ + b`` (here: one returning a tuple, as Phi-3.5-MoE's
+    router does) is refused by name, not crashed on; the same module as the layout's MoE router is left as it is,
+    and the report counts its weight as not covered."""
+    from torch import nn
+
+    from compression.forms import linearize_
+    from compression.targets import select_targets
+
+    class Routing(nn.Linear):
+        def forward(self, x):
+            return super().forward(x), x
+
+    model = build("LLaMA")
+    model.model.layers[0].mlp.extra = Routing(32, 4)
+    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.extra is a Routing.*not x Wᵀ \+ b"):
+        linearize_(model)
+
+    model, layout, forms = prepared("Phi-3.5-MoE")
+    router = model.get_submodule(layout.blocks[0].mlp.experts.router)
+    assert type(router).__name__ == "PhimoeTopKRouter" and "linear" not in forms
+    skipped = select_targets(model).skipped
+    assert skipped[layout.blocks[0].mlp.experts.router] == "not a plain nn.Linear (PhimoeTopKRouter); " \
+        "compression.forms.linearize_ converts it when its forward is x Wᵀ + b and it is not a MoE router " \
+        "[128 parameters]"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import eager_of, join, rms, rope_of, sliding_kwargs
+from models.layouts.common import LAYERNORM_ROTATION, eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
@@ -41,6 +41,8 @@ PLAIN_MLP = ("ArceeConfig", "ApertusConfig")
 # q/k norms not named ``q_norm`` / ``k_norm``, and families that apply them after RoPE
 QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm")}
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config",)
+# families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
+LAYERNORM = ("PhimoeConfig",)
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
 NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm")}
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
@@ -99,12 +101,14 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     rotary = join(base, "rotary_emb")
     mlp = mlp or (lambda la, q: plain_mlp(q) if name in PLAIN_MLP else gated_mlp(q))
     attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
+    norm = layer_norm if name in LAYERNORM else rms
     blocks = []
     for i, layer in enumerate(decoder.layers):
         p = join(base, "layers", str(i))
         blocks.append(Block(
             path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
-            mlp=mlp(layer, join(p, "mlp")), attn_norm=rms(join(p, attn_norm)), mlp_norm=rms(join(p, mlp_norm))))
+            mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)), mlp_norm=norm(join(p, mlp_norm))))
     return ModelLayout(family="llama", model_class=type(model).__name__, hidden=config.hidden_size,
                        token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=rms(join(base, "norm")), head=head)
+                       final_norm=norm(join(base, "norm")), head=head,
+                       unsupported=(("rotation", LAYERNORM_ROTATION),) if name in LAYERNORM else ())
