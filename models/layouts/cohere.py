@@ -16,25 +16,19 @@ from torch import nn
 
 from compression.layout import Block, ModelLayout
 from models.layouts.common import LAYERNORM_ROTATION, join, layer_norm
-from models.layouts.llama import attention, gated_mlp
+from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 
 CONFIGS = ("CohereConfig", "Cohere2Config")
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
-    rotary = join(base, "rotary_emb")
+    config, layers = decoder_layers(model, base)
     cohere2 = type(config).__name__ == "Cohere2Config"
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
-        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary)
+    for p, layer, attn in layers:
         if cohere2 and layer.self_attn.sliding_window is None:  # a full layer: no RoPE
             attn = dataclasses.replace(attn, nope=True, rotary=None)
         blocks.append(Block(path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
                             attn_norm=layer_norm(join(p, "input_layernorm")), mlp_norm=None, parallel=True))
-    return ModelLayout(family="cohere", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=layer_norm(join(base, "norm")), head=head,
-                       unsupported=(("rotation", LAYERNORM_ROTATION),))
+    return decoder_layout(model, "cohere", config, base, head, blocks, layer_norm(join(base, "norm")),
+                          unsupported=(("rotation", LAYERNORM_ROTATION),))

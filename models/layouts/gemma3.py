@@ -23,33 +23,25 @@ from torch import nn
 
 from compression.layout import Block, ModelLayout
 from models.layouts.common import join, rms
-from models.layouts.llama import attention, gated_mlp
+from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 
 CONFIGS = ("Gemma3TextConfig", "Gemma2Config")
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
     decoder = model.get_submodule(base)
-    config = decoder.config
-    rotary = join(base, "rotary_emb")
+    per_type = type(decoder.config).__name__ == "Gemma3TextConfig"  # Gemma 3's rotary takes the layer type
+    types = decoder.config.layer_types
+    config, layers = decoder_layers(model, base, (lambda i: (types[i],)) if per_type else None, offset=1.0)
     blocks = []
-    per_type = type(config).__name__ == "Gemma3TextConfig"  # Gemma 3's rotary takes the layer type, Gemma 2's not
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
-        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary,
-                         (config.layer_types[i],) if per_type else (), offset=1.0)
+    for p, layer, attn in layers:
         cap = None if per_type else getattr(layer.self_attn, "attn_logit_softcapping", None)
         if cap is not None:
             attn = dataclasses.replace(attn, attention_kwargs=(*attn.attention_kwargs, ("softcap", float(cap))))
         blocks.append(Block(
-            path=p,
-            attn=attn,
-            mlp=gated_mlp(join(p, "mlp")),
+            path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
             attn_norm=rms(join(p, "input_layernorm"), 1.0), mlp_norm=rms(join(p, "pre_feedforward_layernorm"), 1.0),
             attn_out_norm=rms(join(p, "post_attention_layernorm"), 1.0),
             mlp_out_norm=rms(join(p, "post_feedforward_layernorm"), 1.0)))
-    return ModelLayout(family="gemma3", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=rms(join(base, "norm"), 1.0), head=head,
-                       embedding_scale=float(decoder.embed_tokens.embed_scale))
-
+    return decoder_layout(model, "gemma3", config, base, head, blocks, rms(join(base, "norm"), 1.0),
+                          embedding_scale=float(decoder.embed_tokens.embed_scale))

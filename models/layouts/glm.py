@@ -14,26 +14,22 @@ from torch import nn
 
 from compression.layout import MLP, Block, ModelLayout
 from models.layouts.common import join, rms
-from models.layouts.llama import attention
+from models.layouts.llama import decoder_layers, decoder_layout
 
 CONFIGS = ("GlmConfig", "Glm4Config")
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
-    rotary = join(base, "rotary_emb")
+    config, layers = decoder_layers(model, base)
     post = type(config).__name__ == "Glm4Config"
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p, mp = join(base, "layers", str(i)), join(base, "layers", str(i), "mlp")
+    for p, _, attn in layers:
+        mp = join(p, "mlp")
         blocks.append(Block(
-            path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
+            path=p, attn=attn,
             mlp=MLP(mp, "gated_fused", (join(mp, "gate_up_proj"),), join(mp, "down_proj"),
                     names=(("gate_up", "gate_up_proj"), ("act", "activation_fn"), ("down", "down_proj"))),
             attn_norm=rms(join(p, "input_layernorm")), mlp_norm=rms(join(p, "post_attention_layernorm")),
             attn_out_norm=rms(join(p, "post_self_attn_layernorm")) if post else None,
             mlp_out_norm=rms(join(p, "post_mlp_layernorm")) if post else None))
-    return ModelLayout(family="glm", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=rms(join(base, "norm")), head=head)
+    return decoder_layout(model, "glm", config, base, head, blocks, rms(join(base, "norm")))

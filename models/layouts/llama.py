@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout
+from compression.layout import MLP, Attention, Block, ModelLayout, Norm
 from models.layouts.common import LAYERNORM_ROTATION, eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
@@ -92,23 +92,39 @@ def plain_mlp(path: str) -> MLP:
                names=(("fc", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
 
 
+def decoder_layers(model: nn.Module, base: str, rotary_args=None, offset: float = 0.0
+                   ) -> tuple[object, list[tuple[str, nn.Module, Attention]]]:
+    """``(config, [(layer path, layer, attention spec)])`` of the LLaMA-shaped decoder at ``base``
+    (``base.layers.i.self_attn``, rotary ``base.rotary_emb``); ``rotary_args(i)``: the rotary module's extra
+    arguments for layer ``i`` (Gemma 3, OLMo 3: the layer type)."""
+    decoder = model.get_submodule(base)
+    config = decoder.config
+    rotary = join(base, "rotary_emb")
+    out = []
+    for i, layer in enumerate(decoder.layers):
+        p = join(base, "layers", str(i))
+        args = rotary_args(i) if rotary_args is not None else ()
+        out.append((p, layer, attention(layer.self_attn, join(p, "self_attn"), config, rotary, args, offset)))
+    return config, out
+
+
+def decoder_layout(model: nn.Module, family: str, config, base: str, head: str, blocks, final_norm: Norm,
+                   **extra) -> ModelLayout:
+    """The :class:`ModelLayout` of a LLaMA-shaped decoder at ``base`` (token embedding ``base.embed_tokens``)."""
+    return ModelLayout(family=family, model_class=type(model).__name__, hidden=config.hidden_size,
+                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks), final_norm=final_norm,
+                       head=head, **extra)
+
+
 def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None) -> ModelLayout:
     """``base``: the decoder (``model`` of a causal LM, ``model.language_model`` of a VLM); ``mlp(layer, path)``
     describes a block's MLP (default: the gated LLaMA MLP, or the plain one of Arcee / Apertus)."""
-    decoder = model.get_submodule(base)
-    config = decoder.config
+    config, layers = decoder_layers(model, base)
     name = type(config).__name__
-    rotary = join(base, "rotary_emb")
     mlp = mlp or (lambda la, q: plain_mlp(q) if name in PLAIN_MLP else gated_mlp(q))
     attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
     norm = layer_norm if name in LAYERNORM else rms
-    blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
-        blocks.append(Block(
-            path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
-            mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)), mlp_norm=norm(join(p, mlp_norm))))
-    return ModelLayout(family="llama", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=norm(join(base, "norm")), head=head,
-                       unsupported=(("rotation", LAYERNORM_ROTATION),) if name in LAYERNORM else ())
+    blocks = [Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
+                    mlp_norm=norm(join(p, mlp_norm))) for p, layer, attn in layers]
+    return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")),
+                          unsupported=(("rotation", LAYERNORM_ROTATION),) if name in LAYERNORM else ())

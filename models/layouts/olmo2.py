@@ -20,7 +20,7 @@ from torch import nn
 
 from compression.layout import Attention, Block, ModelLayout
 from models.layouts.common import join, rms
-from models.layouts.llama import attention, gated_mlp
+from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 
 CONFIGS = ("Olmo2Config", "Olmo3Config", "Exaone4Config")
 NO_READER_NORM = ("these blocks have no reader norms (post-norms only), and the reader-side rotation rides on "
@@ -36,22 +36,16 @@ def _exaone4(attn: Attention, module: nn.Module) -> Attention:
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
-    rotary = join(base, "rotary_emb")
-    per_type = type(config).__name__ == "Olmo3Config"  # OLMo 3's rotary takes the layer type
+    types = getattr(model.get_submodule(base).config, "layer_types", None)
+    olmo3 = type(model.get_submodule(base).config).__name__ == "Olmo3Config"  # its rotary takes the layer type
+    config, layers = decoder_layers(model, base, (lambda i: (types[i],)) if olmo3 else None)
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
-        attn = attention(layer.self_attn, join(p, "self_attn"), config, rotary,
-                         (config.layer_types[i],) if per_type else ())
+    for p, layer, attn in layers:
         if type(config).__name__ == "Exaone4Config":
             attn = _exaone4(attn, layer.self_attn)
         blocks.append(Block(
-            path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
-            attn_norm=None, mlp_norm=None,
+            path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")), attn_norm=None, mlp_norm=None,
             attn_out_norm=rms(join(p, "post_attention_layernorm")),
             mlp_out_norm=rms(join(p, "post_feedforward_layernorm"))))
-    return ModelLayout(family="olmo2", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=rms(join(base, "norm")), head=head, unsupported=(("rotation", NO_READER_NORM),))
+    return decoder_layout(model, "olmo2", config, base, head, blocks, rms(join(base, "norm")),
+                          unsupported=(("rotation", NO_READER_NORM),))

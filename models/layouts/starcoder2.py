@@ -12,25 +12,17 @@ from torch import nn
 
 from compression.layout import MLP, Block, ModelLayout
 from models.layouts.common import LAYERNORM_ROTATION, join, layer_norm
-from models.layouts.llama import attention
+from models.layouts.llama import decoder_layers, decoder_layout
 
 CONFIGS = ("Starcoder2Config",)
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
-    rotary = join(base, "rotary_emb")
-    blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
-        mp = join(p, "mlp")
-        blocks.append(Block(
-            path=p, attn=attention(layer.self_attn, join(p, "self_attn"), config, rotary),
-            mlp=MLP(mp, "plain", (join(mp, "c_fc"),), join(mp, "c_proj"),
-                    names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj"))),
-            attn_norm=layer_norm(join(p, "input_layernorm")), mlp_norm=layer_norm(join(p, "post_attention_layernorm"))))
-    return ModelLayout(family="starcoder2", model_class=type(model).__name__, hidden=config.hidden_size,
-                       token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
-                       final_norm=layer_norm(join(base, "norm")), head=head,
-                       unsupported=(("rotation", LAYERNORM_ROTATION),))
+    config, layers = decoder_layers(model, base)
+    blocks = [Block(path=p, attn=attn,
+                    mlp=MLP(join(p, "mlp"), "plain", (join(p, "mlp", "c_fc"),), join(p, "mlp", "c_proj"),
+                            names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj"))),
+                    attn_norm=layer_norm(join(p, "input_layernorm")),
+                    mlp_norm=layer_norm(join(p, "post_attention_layernorm"))) for p, _, attn in layers]
+    return decoder_layout(model, "starcoder2", config, base, head, blocks, layer_norm(join(base, "norm")),
+                          unsupported=(("rotation", LAYERNORM_ROTATION),))
