@@ -111,6 +111,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Phi-3.5-MoE": ("PhimoeConfig", "PhimoeForCausalLM",
                     dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, attention_bias=True)),
+    "GPT-OSS": ("GptOssConfig", "GptOssForCausalLM",
+                dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.05,
+                     rope_parameters=dict(rope_type="default", rope_theta=150000.0))),
     "Cohere": ("CohereConfig", "CohereForCausalLM", dict(_COMMON, use_qk_norm=True, logit_scale=0.5)),
     "Cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
@@ -142,8 +146,9 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
 LAYERNORM_ROTARY_FAMILIES = ("StarCoder2", "Cohere", "Cohere2", "Phi-3.5-MoE")
 NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3", "EXAONE4")  # no reader norms to rotate after
+NO_LATENT_FAMILIES = ("GPT-OSS",)  # attention sinks: no latent K/V rebuild carries them
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
-    (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES}
+    (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 
 
@@ -317,7 +322,7 @@ def cell_latent(family: str) -> str:
     from compression.latent_cache import LatentAttention, disable_latent_cache_, enable_latent_cache_
 
     model, layout, _ = prepared(family)
-    if family in LAYERNORM_FAMILIES:
+    if family in LAYERNORM_FAMILIES + NO_LATENT_FAMILIES:
         _refusal(lambda: enable_latent_cache_(model, layout), model)
     _joint(model, layout, method="svd_llm_v2")
     prompt = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(4))

@@ -8,7 +8,10 @@ A projection ``y = x Wᵀ + b`` (``W: out x in``) is stored in several ways by `
 - ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W: in x out``; converted with ``W ← Wᵀ``;
 - mixture-of-experts tensors (Mixtral, Qwen2-MoE): ``gate_up (n x 2I x E)``, ``down (n x E x I)``; each
   expert matrix becomes its own ``nn.Linear`` in :class:`LinearExperts`, which routes exactly like the
-  original module (same top-k weights, same accumulation order), so the outputs are bit-identical.
+  original module (same top-k weights, same accumulation order), so the outputs are bit-identical.  GPT-OSS
+  (form ``"gpt_oss"``) stores them the other way round (``gate_up (n x E x 2I)``, ``down (n x I x E)``, applied
+  as ``x W + b``) with biases, interleaves gate and up (``h[..., ::2]``, ``h[..., 1::2]``) and clamps its SwiGLU
+  (:class:`ClampedSwiGLU`); its experts become the same per-expert linears, with biases.
 
 :func:`linearize_` returns a plain-data plan section (``"forms"``) that :func:`apply_forms_plan` replays on a
 freshly built model before the low-rank layers are rebuilt (:func:`compression.plan.apply_plan`), so an
@@ -62,20 +65,38 @@ def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS's expert activation on the interleaved ``gate_up`` output ``h``: ``g = min(h[..., ::2], limit)``,
+    ``u = clamp(h[..., 1::2], ±limit)``, ``(u + 1) · g · σ(α g)``."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
+        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
 class LinearExperts(nn.Module):
     """Experts as per-expert ``nn.Linear``: ``<gate_up>.e: E -> 2I``, ``<down>.e: I -> E`` (``nn.ModuleList``
     named like the 3-D parameters they replace).  ``forward(x [T, E], top_k_index [T, k], top_k_weights [T, k])``
-    routes exactly as the transformers experts module: ``Σ_k w_k · down_e(act(gate) * up)``.
-    ``hadamard``: an online transform applied to ``act(gate) * up`` before ``down`` (set by rotation)."""
+    routes exactly as the transformers experts module: ``Σ_k w_k · down_e(act(gate) * up)``, or, when ``act``
+    takes the whole ``gate_up`` output (``fused_act``: GPT-OSS's :class:`ClampedSwiGLU`), ``down_e(act(gate_up))``.
+    ``hadamard``: an online transform applied to the activation's output before ``down`` (set by rotation)."""
 
     def __init__(self, count: int, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str],
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, bias: bool = False, fused_act: bool = False) -> None:
         super().__init__()
-        self.num_experts, self.names = count, tuple(names)
+        self.num_experts, self.names, self.fused_act = count, tuple(names), fused_act
         gate_up, down, act_name = self.names
-        self.add_module(gate_up, nn.ModuleList(nn.Linear(hidden, 2 * inter, bias=False, device=device, dtype=dtype)
+        self.add_module(gate_up, nn.ModuleList(nn.Linear(hidden, 2 * inter, bias=bias, device=device, dtype=dtype)
                                                for _ in range(count)))
-        self.add_module(down, nn.ModuleList(nn.Linear(inter, hidden, bias=False, device=device, dtype=dtype)
+        self.add_module(down, nn.ModuleList(nn.Linear(inter, hidden, bias=bias, device=device, dtype=dtype)
                                             for _ in range(count)))
         self.add_module(act_name, act)
         self.hadamard: nn.Module | None = None
@@ -91,8 +112,11 @@ class LinearExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tokens = torch.where(mask[e])
-            gate, up = gate_up[e](hidden_states[tokens]).chunk(2, dim=-1)
-            h = act(gate) * up
+            if self.fused_act:
+                h = act(gate_up[e](hidden_states[tokens]))
+            else:
+                gate, up = gate_up[e](hidden_states[tokens]).chunk(2, dim=-1)
+                h = act(gate) * up
             if self.hadamard is not None:
                 h = self.hadamard(h)
             h = down[e](h) * top_k_weights[tokens, pos, None]
@@ -100,17 +124,32 @@ class LinearExperts(nn.Module):
         return out
 
 
+EXPERT_FORMS = ("mixtral", "gpt_oss")
+
+
 @torch.no_grad()
-def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str) -> LinearExperts:
+def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, form: str = "mixtral"
+                       ) -> LinearExperts:
     gu, dn = getattr(module, gate_up), getattr(module, down)
     if not (isinstance(gu, torch.Tensor) and gu.dim() == 3 and isinstance(dn, torch.Tensor) and dn.dim() == 3):
         raise ValueError(f"{type(module).__name__}: expected 3-D expert tensors {gate_up!r} and {down!r}")
+    if form not in EXPERT_FORMS:
+        raise ValueError(f"experts form must be one of {EXPERT_FORMS}, got {form!r}")
+    if form == "gpt_oss":  # x W + b storage, biases, the clamped SwiGLU on interleaved gate/up
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+        biases = (getattr(module, f"{gate_up}_bias"), getattr(module, f"{down}_bias"))
+        activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
+    else:
+        biases, activation, fused = None, getattr(module, act), False
     count, two_inter, hidden = gu.shape
-    new = LinearExperts(count, hidden, two_inter // 2, getattr(module, act), (gate_up, down, act),
-                        device=gu.device, dtype=gu.dtype)
+    new = LinearExperts(count, hidden, two_inter // 2, activation, (gate_up, down, act), device=gu.device,
+                        dtype=gu.dtype, bias=biases is not None, fused_act=fused)
     for e in range(count):
         getattr(new, gate_up)[e].weight.copy_(gu[e])
         getattr(new, down)[e].weight.copy_(dn[e])
+        if biases is not None:
+            getattr(new, gate_up)[e].bias.copy_(biases[0][e])
+            getattr(new, down)[e].bias.copy_(biases[1][e])
     return new
 
 
@@ -143,8 +182,10 @@ def linearize_(model: nn.Module, layout: ModelLayout | None = None) -> dict:
         spec = block.mlp.experts
         if spec is None or isinstance(model.get_submodule(spec.path), LinearExperts):
             continue
-        _set(model, spec.path, _linearize_experts(model.get_submodule(spec.path), spec.gate_up, spec.down, spec.act))
-        entry["experts"][spec.path] = {"gate_up": spec.gate_up, "down": spec.down, "act": spec.act}
+        _set(model, spec.path, _linearize_experts(model.get_submodule(spec.path), spec.gate_up, spec.down, spec.act,
+                                                  spec.form))
+        entry["experts"][spec.path] = {"gate_up": spec.gate_up, "down": spec.down, "act": spec.act,
+                                       **({"form": spec.form} if spec.form != "mixtral" else {})}
     n = len(entry["conv1d"]) + len(entry["linear"]) + len(entry["experts"])
     if n:
         log.info("linearized %d Conv1D, %d Linear subclasses, %d expert modules", len(entry["conv1d"]),
@@ -173,9 +214,10 @@ def apply_forms_plan(model: nn.Module, entry: Mapping) -> list[str]:
     for name, spec in entry.get("experts", {}).items():
         module = model.get_submodule(name)
         if not isinstance(module, LinearExperts):
-            _set(model, name, _linearize_experts(module, spec["gate_up"], spec["down"], spec["act"]))
+            _set(model, name, _linearize_experts(module, spec["gate_up"], spec["down"], spec["act"],
+                                                 spec.get("form", "mixtral")))
             changed.append(name)
     return changed
 
 
-__all__ = ["LinearExperts", "apply_forms_plan", "is_linear_map", "linearize_"]
+__all__ = ["ClampedSwiGLU", "LinearExperts", "apply_forms_plan", "is_linear_map", "linearize_"]

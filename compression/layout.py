@@ -105,6 +105,7 @@ class Experts:
     act: str
     count: int
     router: str                # module with an ``(n x E)`` ``weight`` reading the stream; kept dense by default
+    form: str = "mixtral"      # "gpt_oss": stored as ``x W + b`` with biases, interleaved gate/up, clamped SwiGLU
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ def _mlp_readers(model: nn.Module, mlp: MLP) -> tuple[list[nn.Parameter], list[n
         if isinstance(experts, LinearExperts):
             for lin in getattr(experts, spec.down):
                 outs += output_params(lin)
+        elif spec.form != "mixtral":
+            raise NotImplementedError(f"{spec.path}: {spec.form} experts are rotated as per-expert linears; "
+                                      "convert them first (compression.forms.linearize_)")
         else:
             ins.append(getattr(experts, spec.gate_up))    # n x 2I x E: rotate the last axis
             outs.append(getattr(experts, spec.down))      # n x E x I: rotate axis -2

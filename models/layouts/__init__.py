@@ -13,10 +13,24 @@ from types import ModuleType
 from torch import nn
 
 from compression.layout import ModelLayout
-from models.layouts import cohere, falcon, gemma3, glm, gpt2, gpt_neox, llama, moe, olmo2, opt, phi3, starcoder2
+from models.layouts import (
+    cohere,
+    falcon,
+    gemma3,
+    glm,
+    gpt2,
+    gpt_neox,
+    gpt_oss,
+    llama,
+    moe,
+    olmo2,
+    opt,
+    phi3,
+    starcoder2,
+)
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, olmo2, cohere, starcoder2, opt, gpt2, gpt_neox,
-                                     falcon)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, gpt_oss, olmo2, cohere, starcoder2, opt, gpt2,
+                                     gpt_neox, falcon)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:

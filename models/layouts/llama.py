@@ -50,7 +50,8 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Ministral3Config": "config", "OlmoeConfig": "config",
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
-                 "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module"}
+                 "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module",
+                 "GptOssConfig": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:

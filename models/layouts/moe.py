@@ -22,7 +22,7 @@ from models.layouts.common import join
 CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "PhimoeConfig")
 
 
-def _experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
+def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
     """Per-expert linears when linearized, else nothing (the 3-D tensor is rotated through the Experts spec)."""
     value = getattr(experts, name)
     return tuple(join(path, name, str(e)) for e in range(len(value))) if isinstance(value, nn.ModuleList) else ()
@@ -35,7 +35,7 @@ def moe_mlp(layer: nn.Module, path: str) -> MLP:
     ep = join(path, "experts")
     experts = Experts(path=ep, gate_up="gate_up_proj", down="down_proj", act="act_fn", count=mlp.experts.num_experts,
                       router=join(path, "gate" if hasattr(mlp, "gate") else "router"))
-    readers = _experts_readers(mlp.experts, ep, "gate_up_proj")
+    readers = experts_readers(mlp.experts, ep, "gate_up_proj")
     shared = llama.gated_mlp(join(path, "shared_expert")) if hasattr(mlp, "shared_expert") else None
     shared_gate = join(path, "shared_expert_gate") if hasattr(mlp, "shared_expert_gate") else None
     return MLP(path, "moe", readers, None, experts=experts, shared=shared, shared_gate=shared_gate)
