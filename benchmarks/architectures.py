@@ -110,7 +110,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "EXAONE4": ("Exaone4Config", "Exaone4ForCausalLM",
                 dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Phi-3.5-MoE": ("PhimoeConfig", "PhimoeForCausalLM",
-                    dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, attention_bias=True)),
+                    # without q/k/v biases: with them, this tiny router never picks one expert of layer 1
+                    dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
     "GPT-OSS": ("GptOssConfig", "GptOssForCausalLM",
                 dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                      layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.05,
@@ -174,6 +175,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if "norm" in name and p.dim() == 1:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+            elif "bias" in name and not p.any():  # zero-initialized biases nonzero, so that every bias path counts
+                p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
 

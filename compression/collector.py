@@ -12,8 +12,15 @@ forward, a pre-hook that sees the very tensor object the previous hook saw joins
 hook's accumulator.  The hook holds a reference to the last tensor, so its memory cannot be
 recycled for another tensor and identity is exact.
 
-``stop_early`` ends each forward after the last hooked layer (the first batch, run whole, gives that
-layer); a later batch that reaches the layers in another order is refused rather than cut short.
+``stop_early`` ends each forward once every hooked layer has run.  A model with an output head that is not
+hooked (a causal LM: ``get_output_embeddings()``) is stopped just before its head, which runs after every decoder
+layer whatever the routing, so a mixture of experts whose batches reach different experts loses nothing.  Other
+models are stopped after the last hooked layer of the first batch (run whole to learn it); a later batch that
+reaches the layers in another order is refused rather than cut short.  That fallback learns the first batch's
+whole sequence of hooked calls (a module called repeatedly, e.g. VGGT's iterated camera trunk, counts each
+time) and stops a later batch once it has made the same calls; it cannot see calls a later batch would make
+*beyond* that sequence, so a model without an output head whose data flow depends on the input needs
+``stop_early=False``.
 """
 
 from __future__ import annotations
@@ -51,11 +58,11 @@ class StatsCollector:
         device: where accumulators live (default: each layer's device).
         share_inputs: one accumulator per distinct input tensor (see the module docstring).
         gemm_dtype: the Gram GEMM's dtype (default float32; float64 for float64 activations).
-        stop_early: in :meth:`run`, end each forward after the last hooked layer of the first
-            batch has been accumulated (the rest of the model, e.g. an LM head, is not needed);
-            the first batch runs whole to learn that order.  Refused (an error, no silent skip)
-            when a later batch reaches that layer before every other layer the first batch
-            reached.
+        stop_early: in :meth:`run`, end each forward once the hooked layers have run (the rest of the
+            model, e.g. an LM head, is not needed): just before an unhooked output head when the model
+            has one, else after the last hooked layer of the first batch, which runs whole to learn that
+            order (refused, an error and no silent skip, when a later batch reaches that layer before
+            every other layer the first batch reached).
 
     With ``"cross"`` among ``needs`` the caller sets the attribute ``reference`` before each batch: layer
     name -> that layer's reference input on the same tokens (:meth:`ChannelStats.update`).
@@ -90,10 +97,11 @@ class StatsCollector:
         self.gemm_dtype = gemm_dtype
         self.stop_early = stop_early
         self._modules = {n: modules[n] for n in self.layer_names}
+        self._head = _unhooked_head(model, self._modules.values()) if stop_early else None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._last: tuple[torch.Tensor, str] | None = None
-        self._order: list[str] | None = None  # hooked layers reached by the first completed batch
-        self._seen: list[str] = []  # hooked layers reached in the current batch
+        self._order: list[str] | None = None  # the first completed batch's hooked calls, in order, repeats included
+        self._seen: list[str] = []  # the current batch's hooked calls
         self._deferred = False  # an update of the current batch left its finiteness test to the batch's end
         self._in_run = False
         self.reference: dict[str, torch.Tensor] | None = None  # "cross": the current batch's reference inputs
@@ -107,11 +115,14 @@ class StatsCollector:
             self._seen.append(name)
             self._accumulate(name, args[0])
             order = self._order
-            if self._in_run and order is not None and name == order[-1]:
-                if len(self._seen) != len(order) or set(self._seen) != set(order):
+            # stop once this batch has made as many hooked calls as the whole first batch, ending on the same layer
+            # (a module called repeatedly, like VGGT's camera trunk, is reached again after its first call)
+            if (self._in_run and self._head is None and order is not None and name == order[-1]
+                    and len(self._seen) == len(order)):
+                if self._seen != order:
                     raise RuntimeError(
-                        f"stop_early: layer {name!r} ended the first batch but this batch reached it after "
-                        f"{len(self._seen) - 1} other hooked layers instead of {len(order) - 1}; the model's data "
+                        f"stop_early: layer {name!r} ended the first batch after {len(order) - 1} other hooked "
+                        "calls, and this batch reached it after as many but in another sequence; the model's data "
                         "flow depends on the input, collect with stop_early=False"
                     )
                 raise _StopForward
@@ -164,7 +175,7 @@ class StatsCollector:
             self._in_run = False
             self._last = None  # the next batch's tensors are new objects
         if self.stop_early and self._order is None and self._seen:
-            self._order = list(dict.fromkeys(self._seen))
+            self._order = list(self._seen)
         self.check_finite()
 
     def check_finite(self) -> None:
@@ -176,9 +187,15 @@ class StatsCollector:
             self._deferred = False
             ChannelStats.check_deferred(self.stats.streams)
 
+    def _stop_at_head(self, module: nn.Module, args: tuple) -> None:
+        if self._in_run:
+            raise _StopForward
+
     def __enter__(self) -> StatsCollector:
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        if self._head is not None:
+            self._handles.append(self._head.register_forward_pre_hook(self._stop_at_head))
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -191,6 +208,17 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
         self._last = None
+
+
+def _unhooked_head(model: nn.Module, hooked) -> nn.Module | None:
+    """The model's output head (``get_output_embeddings()``) when neither it nor a module inside it is hooked: the
+    point every hooked layer of a causal LM has run by, whichever experts a batch reaches."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return None
+    inside = {id(m) for m in head.modules()}
+    return None if any(id(m) in inside for m in hooked) else head
 
 
 def default_forward(m: nn.Module, batch: object) -> object:

@@ -114,7 +114,12 @@ class Method:
         if not self.needs:
             return
         if stats is None:
-            raise ValueError(f"method {self.name!r} needs calibration statistics for layer {name!r}; none given")
+            expert = ".experts." in name
+            raise ValueError(
+                f"method {self.name!r} needs calibration statistics for layer {name!r}; none given"
+                + ("; the calibration forwards never reached it (a mixture-of-experts expert its router never chose "
+                   "on these batches): calibrate on more or more varied tokens, or leave the layer out of the "
+                   f"targets (exclude: ['{name}'])" if expert else ""))
         if "gram" in self.needs and stats.gram is None:
             raise ValueError(f"method {self.name!r} needs a Gram matrix for layer {name!r}; "
                              "collect statistics with needs including 'gram' (with_gram=True)")

@@ -86,16 +86,37 @@ def test_stats_needs_of_methods():
 
 
 def test_stop_early_skips_the_rest_of_the_forward(tiny_llama, token_batches):
-    """Ending each forward after the last hooked layer changes no statistic and skips the LM head."""
+    """Ending each forward just before the (unhooked) LM head changes no statistic and never runs the head."""
     names = list(eligible_linears(tiny_llama)[0])
     calls = []
     tiny_llama.lm_head.register_forward_hook(lambda *a: calls.append(1))
     early = collect_stats(tiny_llama, names, token_batches, stop_early=True)
-    assert len(calls) == 1  # only the first batch (which learns the order) ran the head
+    assert len(calls) == 0
     whole = collect_stats(tiny_llama, names, token_batches, stop_early=False)
-    assert len(calls) == 1 + len(token_batches)
+    assert len(calls) == len(token_batches)
     for name in names:
         assert torch.equal(early[name].gram, whole[name].gram) and early[name].count == whole[name].count
+
+
+def test_stop_early_on_experts_that_batches_reach_differently():
+    """A mixture of experts whose batches reach different experts (GPT-OSS, tiny, biased router) stops before the
+    head with the same statistics as whole forwards; stopping after the first batch's last hooked layer refused
+    it ("collect with stop_early=False")."""
+    from benchmarks.architectures import batches, prepared, targets
+
+    model = prepared("GPT-OSS")[0]
+    names = targets(model)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    early = collect_stats(model, names, batches(), stop_early=True)
+    whole = collect_stats(model, names, batches(), stop_early=False)
+    assert len(calls) == len(batches())  # the whole forwards only
+    reached = [{n for n in names if n in s.owner} for s in (early, whole)]
+    assert reached[0] == reached[1] and len(reached[0]) == len(names)
+    for name in names:
+        assert torch.equal(early[name].gram, whole[name].gram) and early[name].count == whole[name].count
+    counts = {early[f"model.layers.1.mlp.experts.down_proj.{e}"].count for e in range(4)}
+    assert len(counts) > 1  # the experts saw different numbers of tokens: the routing depends on the input
 
 
 def test_q_k_v_and_gate_up_share_one_stream(tiny_llama, token_batches):
@@ -239,22 +260,51 @@ def test_unknown_layer_is_an_error(tiny_llama):
 
 
 def test_stop_early_refuses_input_dependent_routing():
+    """Without an output head: a later batch whose hooked calls, as many as the first batch's and ending on the
+    same layer, came in another sequence is refused; one that makes fewer calls simply runs whole."""
     class Route(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, repeat: bool):
             super().__init__()
             self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+            self.repeat = repeat
 
         def forward(self, x):
             y = self.a(x)
-            if float(x[0, 0]) > 0:  # the second batch skips b
+            if float(x[0, 0]) > 0:
                 y = self.b(y)
+            elif self.repeat:  # the second batch calls c where the first called b
+                y = self.c(y)
             return self.c(y)
 
     batches = [torch.ones(2, 4), -torch.ones(2, 4)]
-    with pytest.raises(RuntimeError, match="stop_early=False"):
-        collect_stats(Route(), ["a", "b", "c"], batches, stop_early=True)
-    stats = collect_stats(Route(), ["a", "b", "c"], batches, stop_early=False)
-    assert stats["a"].count == 4 and stats["b"].count == 2
+    with pytest.raises(RuntimeError, match="another sequence.*stop_early=False"):
+        collect_stats(Route(repeat=True), ["a", "b", "c"], batches, stop_early=True)
+    model = Route(repeat=False)  # the second batch skips b: fewer calls, nothing cut short
+    early = collect_stats(model, ["a", "b", "c"], batches, stop_early=True)
+    whole = collect_stats(model, ["a", "b", "c"], batches, stop_early=False)
+    assert [early[n].count for n in "abc"] == [whole[n].count for n in "abc"] == [4, 2, 4]
+
+
+def test_stop_early_counts_a_module_called_repeatedly():
+    """A module called several times per forward (an iterated head, as VGGT's camera trunk) is not cut after its
+    first call: the statistics equal whole forwards'. (Stopping at the first batch's last *distinct* layer kept
+    one iteration of four in the later batches.)"""
+    class Iterated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.trunk = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            for _ in range(4):
+                y = y + self.trunk(y)
+            return y
+
+    model, batches = Iterated(), [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    early = collect_stats(model, ["a", "trunk"], batches, stop_early=True)
+    whole = collect_stats(model, ["a", "trunk"], batches, stop_early=False)
+    assert early["trunk"].count == whole["trunk"].count == 3 * 3 * 4
+    torch.testing.assert_close(early["trunk"].gram, whole["trunk"].gram, rtol=0, atol=0)
 
 
 def test_combine_stats_equals_one_pass_over_all_batches(tiny_llama, token_batches):
