@@ -50,14 +50,16 @@ class WhiteningCollection(CompressionStage, Callback):
         was_training = model.training
         model.eval()
         bar = tqdm(total=total, desc="calibration", disable=not (settings.progress and trainer.is_global_zero))
+        # stop_early: each forward ends once the targeted layers have run (before an LM head: nothing after it
+        # is needed), the same collection compress_ and benchmarks/compression_cost.py time
         with StatsCollector(model, pipe.names, needs=pipe.stat_needs & STAT_FIELDS,
-                            device=settings.stats_device) as collector:
+                            device=settings.stats_device, stop_early=True) as collector:
             for i, batch in enumerate(loader):
                 if settings.max_batches is not None and i >= settings.max_batches:
                     break
                 if i % world != rank:
                     continue
-                pl_module.spec.calibration_forward(model, trainer.strategy.batch_to_device(batch))
+                collector.run(model, trainer.strategy.batch_to_device(batch), pl_module.spec.calibration_forward)
                 bar.update(1)
         bar.close()
         model.train(was_training)
