@@ -26,6 +26,8 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
     cohere2 = type(config).__name__ == "Cohere2Config"
     blocks = []
     for p, layer, attn in layers:
+        if attn.q_norm is not None:  # Cohere's optional q/k norms are LayerNorms (one weight row per head)
+            attn = dataclasses.replace(attn, q_norm=layer_norm(attn.q_norm.path), k_norm=layer_norm(attn.k_norm.path))
         if cohere2 and layer.self_attn.sliding_window is None:  # a full layer: no RoPE
             attn = dataclasses.replace(attn, nope=True, rotary=None)
         blocks.append(Block(path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
