@@ -147,7 +147,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # LayerNorm families whose attention is LLaMA's (rotary, q/k/v): the latent cache covers them, rotation does not
 LAYERNORM_ROTARY_FAMILIES = ("StarCoder2", "Cohere", "Cohere2", "Phi-3.5-MoE")
 NO_ROTATION_FAMILIES = (*LAYERNORM_ROTARY_FAMILIES, "OLMo2", "OLMo3", "EXAONE4")  # no reader norms to rotate after
-NO_LATENT_FAMILIES = ("GPT-OSS",)  # attention sinks: no latent K/V rebuild carries them
+NO_LATENT_FAMILIES: tuple[str, ...] = ()
 REFUSED = {(f, c) for f in LAYERNORM_FAMILIES for c in ("rotation + W4A4", "latent cache")} | {
     (f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3

@@ -94,6 +94,8 @@ class LatentAttention(nn.Module):
                 setattr(self, key, value)
         for name, child in attn.named_children():
             self.add_module(name, child)
+        for name, param in attn.named_parameters(recurse=False):  # GPT-OSS's sinks: same tensor, same state-dict key
+            self.register_parameter(name, param)
         self.roles = {r: _relative(spec, getattr(spec, r)) for r in ("q", "k", "v", "qkv", "o")}
         self.roles.update({r: _relative(spec, getattr(spec, r).path) if getattr(spec, r) else None
                            for r in ("q_norm", "k_norm")})
@@ -276,10 +278,16 @@ class LatentAttention(nn.Module):
         if attention_mask is not None:
             mask = attention_mask[..., :seq]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        sinks = getattr(self, "sinks", None)
+        if sinks is not None:  # GPT-OSS: one more logit per head in every softmax, dropped after it
+            scores = torch.cat([scores, sinks.to(scores.dtype).view(1, -1, 1, 1).expand(bsz, -1, q_len, 1)], dim=-1)
+            scores = scores - scores.amax(dim=-1, keepdim=True)  # as its eager attention does
         if query.dtype in (torch.float32, torch.float64):
             probs = scores.softmax(dim=-1)
         else:  # half precision: softmax in float32, as transformers' eager attention
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if sinks is not None:
+            probs = probs[..., :-1]  # the weights now sum to less than 1: the value bias is scaled by their sum
         # one GEMM per batch row reading Z once: [B, H q, S] @ [B, S, r]
         pz = torch.bmm(probs.reshape(bsz, heads * q_len, seq), z_all)
         weight, bias = self._value_up()  # [G, d, r]
@@ -288,7 +296,8 @@ class LatentAttention(nn.Module):
         else:
             out = pz.view(bsz, groups, per, -1) @ weight.transpose(-1, -2)  # [B, G, H/G, d]
         if bias is not None:
-            out = out + bias[None, :, None, :]
+            total = probs.sum(-1).view(bsz, groups, per, 1) if sinks is not None else 1.0
+            out = out + bias[None, :, None, :] * total
         return out.reshape(bsz, heads, q_len, dim).transpose(1, 2)
 
 

@@ -6,7 +6,9 @@ bias, softmax over the top-k logits) choosing ``mlp.experts``: 3-D tensors store
 gate and up interleaved, a clamped SwiGLU (form ``"gpt_oss"`` of :func:`compression.forms.linearize_`, which
 makes each expert matrix an ``nn.Linear`` with its bias).  Sliding and full layers alternate.
 
-The latent KV cache is refused: its rebuild does not carry the sink logits.
+The latent KV cache keeps the sink logits (the attention's ``sinks`` parameter stays on the swapped module, and
+the decode-step value fold scales the value bias by the weights left after the sink) and rotates with the family's
+own RoPE function (half-width cos/sin).
 """
 
 from __future__ import annotations
@@ -32,6 +34,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
         mlp = MLP(mp, "moe", experts_readers(layer.mlp.experts, ep, "gate_up_proj"), None, experts=experts)
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=rms(join(p, "input_layernorm")),
                             mlp_norm=rms(join(p, "post_attention_layernorm"))))
-    return decoder_layout(model, "gpt_oss", config, base, head, blocks, rms(join(base, "norm")),
-                          unsupported=(("latent_cache", "GPT-OSS attention adds a learned sink logit per head to "
-                                                        "every softmax, which the latent K/V rebuild does not carry"),))
+    return decoder_layout(model, "gpt_oss", config, base, head, blocks, rms(join(base, "norm")))

@@ -32,8 +32,10 @@ from models.layouts.common import LAYERNORM_ROTATION, eager_of, join, layer_norm
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config")
-# families whose RoPE rotates interleaved channel pairs (``x[..., 0::2]``, ``x[..., 1::2]``), not LLaMA's halves
-INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config")
+# families whose RoPE is not LLaMA's rotate-half with full-width cos/sin: interleaved channel pairs
+# (``x[..., 0::2]``, ``x[..., 1::2]``), or GPT-OSS's half-width cos/sin
+INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config",
+                    "GptOssConfig")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
 # families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
