@@ -15,10 +15,10 @@ recycled for another tensor and identity is exact.
 ``stop_early`` ends each forward once every hooked layer has run.  A model with an output head that is not
 hooked (a causal LM: ``get_output_embeddings()``) is stopped just before its head, which runs after every decoder
 layer whatever the routing, so a mixture of experts whose batches reach different experts loses nothing.  Other
-models are stopped after the last hooked layer of the first batch (run whole to learn it); a later batch that
-reaches the layers in another order is refused rather than cut short.  That fallback learns the first batch's
-whole sequence of hooked calls (a module called repeatedly, e.g. VGGT's iterated camera trunk, counts each
-time) and stops a later batch once it has made the same calls; it cannot see calls a later batch would make
+models learn the first batch's whole sequence of hooked calls (a module called repeatedly, e.g. VGGT's iterated
+camera trunk, counts each time; that batch runs whole) and stop a later batch once it has made the same calls; a
+later batch that makes as many calls, ending on the same layer, in another sequence is refused rather than cut
+short.  The fallback cannot see calls a later batch would make
 *beyond* that sequence, so a model without an output head whose data flow depends on the input needs
 ``stop_early=False``.
 """
@@ -60,9 +60,9 @@ class StatsCollector:
         gemm_dtype: the Gram GEMM's dtype (default float32; float64 for float64 activations).
         stop_early: in :meth:`run`, end each forward once the hooked layers have run (the rest of the
             model, e.g. an LM head, is not needed): just before an unhooked output head when the model
-            has one, else after the last hooked layer of the first batch, which runs whole to learn that
-            order (refused, an error and no silent skip, when a later batch reaches that layer before
-            every other layer the first batch reached).
+            has one, else once a batch has made the first batch's whole sequence of hooked calls (the
+            first batch runs whole to learn it; refused, an error and no silent skip, when a later batch
+            makes as many calls ending on the same layer but in another sequence).
 
     With ``"cross"`` among ``needs`` the caller sets the attribute ``reference`` before each batch: layer
     name -> that layer's reference input on the same tokens (:meth:`ChannelStats.update`).

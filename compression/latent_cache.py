@@ -14,7 +14,7 @@ cannot be absorbed the same way: RoPE rotates each key by its own position after
 
 with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
 (Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers; the
-family's own RoPE function where it rotates interleaved pairs: Ernie 4.5, Helium).
+family's own RoPE function where it is not rotate-half: Ernie 4.5, Helium, GLM, Cohere, GPT-OSS).
 RoPE is applied *after* rebuilding the keys (it does not commute with ``U_k``), from the cached positions;
 partial rotary (``cos`` narrower than a head) rotates the leading channels only.  The cache is ``r`` numbers
 (plus one integer position) per token and layer; the price is re-multiplying ``U_k`` over the whole prefix each
@@ -104,7 +104,7 @@ class LatentAttention(nn.Module):
         self.eager = spec.eager
         self.rows = [rows_index(r) for r in spec.qkv_rows] if spec.fused else None
         object.__setattr__(self, "rotary", rotary)    # shared with the model, not a child
-        self.rope_fn = spec.rope                      # the family's own RoPE (interleaved pairs), or None: _rope
+        self.rope_fn = spec.rope                      # the family's own RoPE (not rotate-half), or None: _rope
         self.query_scale = spec.query_scale           # positions -> factor on the rotated queries, or None
         self.qk_norm_whole, self.qk_norm_after_rope = spec.qk_norm_whole, spec.qk_norm_after_rope
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
@@ -150,6 +150,8 @@ class LatentAttention(nn.Module):
         kwargs.pop("use_cache", None)
         if position_ids is not None:  # the plain attention hands them on (flash attention's packed sequences)
             kwargs["position_ids"] = position_ids
+        if getattr(self, "sinks", None) is not None:  # as GPT-OSS's attention does (kernels read s_aux, eager sinks)
+            kwargs["s_aux"] = self.sinks
         bsz, q_len = hidden_states.shape[:2]
         absorbs = self._absorbs(q_len)
         z = self._latent(hidden_states)  # [B, T, r]

@@ -64,7 +64,7 @@ class Attention:
     eager: Callable | None = None          # the family's eager attention function (fallback interface)
     nope: bool = False                     # no position rotation of q/k on this layer (SmolLM3's NoPE layers)
     rope: Callable | None = None           # the family's ``apply_rotary_pos_emb(q, k, cos, sin)`` where its RoPE is
-    #                                        not LLaMA's rotate-half (interleaved pairs: Ernie 4.5, Helium)
+    #                                        not LLaMA's rotate-half (interleaved pairs, GPT-OSS's half-width cos)
     query_scale: Callable | None = None    # position_ids [B, S] -> factor [B, 1, S, 1] on the rotated queries
     #                                        (Ministral 3's long-context scale)
     qk_norm_whole: bool = False            # q_norm / k_norm normalize the whole projection (all heads at once:

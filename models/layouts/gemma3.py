@@ -29,13 +29,11 @@ CONFIGS = ("Gemma3TextConfig", "Gemma2Config")
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    per_type = type(decoder.config).__name__ == "Gemma3TextConfig"  # Gemma 3's rotary takes the layer type
-    types = decoder.config.layer_types
-    config, layers = decoder_layers(model, base, (lambda i: (types[i],)) if per_type else None, offset=1.0)
+    config, layers = decoder_layers(model, base, offset=1.0)
+    gemma2 = type(config).__name__ == "Gemma2Config"  # Gemma 3's attention takes no score cap
     blocks = []
     for p, layer, attn in layers:
-        cap = None if per_type else getattr(layer.self_attn, "attn_logit_softcapping", None)
+        cap = getattr(layer.self_attn, "attn_logit_softcapping", None) if gemma2 else None
         if cap is not None:
             attn = dataclasses.replace(attn, attention_kwargs=(*attn.attention_kwargs, ("softcap", float(cap))))
         blocks.append(Block(
@@ -44,4 +42,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
             attn_out_norm=rms(join(p, "post_attention_layernorm"), 1.0),
             mlp_out_norm=rms(join(p, "post_feedforward_layernorm"), 1.0)))
     return decoder_layout(model, "gemma3", config, base, head, blocks, rms(join(base, "norm"), 1.0),
-                          embedding_scale=float(decoder.embed_tokens.embed_scale))
+                          embedding_scale=float(model.get_submodule(base).embed_tokens.embed_scale))

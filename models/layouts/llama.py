@@ -32,9 +32,11 @@ from models.layouts.common import LAYERNORM_ROTATION, eager_of, join, layer_norm
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config")
+# families whose rotary module takes the layer type (a different θ per type): Gemma 3, OLMo 3
+ROTARY_BY_LAYER_TYPE = ("Gemma3TextConfig", "Olmo3Config")
 # families whose RoPE is not LLaMA's rotate-half with full-width cos/sin: interleaved channel pairs
-# (``x[..., 0::2]``, ``x[..., 1::2]``), or GPT-OSS's half-width cos/sin
-INTERLEAVED_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config",
+# (``x[..., 0::2]``, ``x[..., 1::2]``), or GPT-OSS's half-width cos/sin; their own function is used
+FAMILY_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config",
                     "GptOssConfig")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
@@ -78,7 +80,7 @@ def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tupl
         path=path, o=join(path, "o_proj"), q=join(path, "q_proj"), k=join(path, "k_proj"), v=join(path, "v_proj"),
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
         q_norm=q_norm, k_norm=k_norm, rotary=None if nope else rotary, rotary_args=rotary_args, nope=nope,
-        rope=rope_of(attn) if name in INTERLEAVED_ROPE else None,
+        rope=rope_of(attn) if name in FAMILY_ROPE else None,
         query_scale=query_scale(attn, config), qk_norm_whole=name in WHOLE_QK_NORM,
         qk_norm_after_rope=name in QK_NORM_AFTER_ROPE,
         attention_kwargs=sliding_kwargs(attn, config, WINDOW_SOURCE.get(type(config).__name__)),
@@ -95,18 +97,19 @@ def plain_mlp(path: str) -> MLP:
                names=(("fc", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
 
 
-def decoder_layers(model: nn.Module, base: str, rotary_args=None, offset: float = 0.0
+def decoder_layers(model: nn.Module, base: str, offset: float = 0.0
                    ) -> tuple[object, list[tuple[str, nn.Module, Attention]]]:
     """``(config, [(layer path, layer, attention spec)])`` of the LLaMA-shaped decoder at ``base``
-    (``base.layers.i.self_attn``, rotary ``base.rotary_emb``); ``rotary_args(i)``: the rotary module's extra
-    arguments for layer ``i`` (Gemma 3, OLMo 3: the layer type)."""
+    (``base.layers.i.self_attn``, rotary ``base.rotary_emb``, called with the layer's type in the families of
+    :data:`ROTARY_BY_LAYER_TYPE`); ``offset``: the q/k norms' scale offset (Gemma: 1)."""
     decoder = model.get_submodule(base)
     config = decoder.config
     rotary = join(base, "rotary_emb")
+    by_type = type(config).__name__ in ROTARY_BY_LAYER_TYPE
     out = []
     for i, layer in enumerate(decoder.layers):
         p = join(base, "layers", str(i))
-        args = rotary_args(i) if rotary_args is not None else ()
+        args = (config.layer_types[i],) if by_type else ()
         out.append((p, layer, attention(layer.self_attn, join(p, "self_attn"), config, rotary, args, offset)))
     return config, out
 

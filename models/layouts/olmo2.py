@@ -36,9 +36,7 @@ def _exaone4(attn: Attention, module: nn.Module) -> Attention:
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    types = getattr(model.get_submodule(base).config, "layer_types", None)
-    olmo3 = type(model.get_submodule(base).config).__name__ == "Olmo3Config"  # its rotary takes the layer type
-    config, layers = decoder_layers(model, base, (lambda i: (types[i],)) if olmo3 else None)
+    config, layers = decoder_layers(model, base)
     blocks = []
     for p, layer, attn in layers:
         if type(config).__name__ == "Exaone4Config":
