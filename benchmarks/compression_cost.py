@@ -11,7 +11,7 @@ given twice: of the best times, and as the median over the rounds of the same ro
   ``XᵀX`` with a float64 GEMM (one Gram per layer, seven per block -- the public SVD-LLM code's way);
 - *ours, float64*: :func:`compression.collect_stats` with ``gemm_dtype=torch.float64``: one Gram per
   distinct input (q/k/v share, gate/up share), upper block triangle only, no activation copy,
-  each forward ended after the last hooked layer (no LM head), only the Gram collected
+  each forward ended just before the LM head (``stop_early``), only the Gram collected
   (``needs={"gram"}``: what ``svd_llm`` needs);
 - *ours*: the same with the default float32 GEMMs into the float64 sum.
 
@@ -278,8 +278,8 @@ def main() -> None:
     lines += [
         "", "Largest relative difference of a Gram from the naive float64 one (Frobenius): " + ", ".join(
             f"{name.removeprefix('ours, ') if ',' in name else 'float32'} GEMMs {err:.1e}"
-            for name, err in gram_err.items()) + ". Ours ends each forward after the last hooked "
-        "layer (`stop_early`: no final norm / LM head), so it can beat *forward only*.", "",
+            for name, err in gram_err.items()) + ". Ours ends each forward just before the LM head "
+        "(`stop_early`), so it can beat *forward only*.", "",
         "## Decomposition at ratio 0.2 (from the float32-GEMM statistics), one matrix at a time"
         + (f" vs {threads} threads" if threads > 1 else ""), "",
         f"*1 thread*: `decompose_threads=1` (one matrix at a time, {args.threads} intra-op threads), its time split "
