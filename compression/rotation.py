@@ -14,7 +14,8 @@ output back.  An RMSNorm commutes with an orthogonal ``Q`` once its scale is gon
    output projections, experts' ``down``, a VLM projector's output layer) ``W ← Qᵀ W``, ``b ← Qᵀ b``;
    learned stream vectors ``v ← v Q``.
 The float function is unchanged (float64: to rounding); the stream now carries ``x Q``, whose outliers a
-random Hadamard ``Q`` spreads over all channels.  LayerNorm families are refused (their layout says why).
+random Hadamard ``Q`` spreads over all channels.  Blocks without reader norms (OLMo 2: post-norms only) are
+rotated this way too, with nothing to fold but the final norm.
 
 Post-norm layouts (Gemma: ``stream += norm_g(o_proj(...))``) are rotated at the *readers* instead: a post-norm's
 scale acts after normalization and cannot be folded, so a rotated stream would need ``Q`` online after every
@@ -28,6 +29,11 @@ its top 2 channels) which its reader norms drop (``1 + w = 0`` on the top channe
 Folded, ``W diag(s)`` is (nearly) orthogonal to that energy only in float: rotated, the quantization error of
 every column meets the massive input, and W4 RTN readers' output error reaches up to 5.4x their output
 (at most 0.35x unfolded); docs/results/second_llm.md.
+
+LayerNorm layouts (StarCoder2, Cohere, Phi-3.5-MoE, GPT-2, GPT-NeoX, Falcon) and parallel blocks are rotated at the
+readers as well (:func:`default_site`): a LayerNorm subtracts the channel mean, and ``mean(xQ) != mean(x) Q``, so a
+rotated stream would not commute with it, while at the readers the norm (weight and bias) runs on the unrotated
+stream and only its output turns.  One norm feeding both halves of a parallel block is wrapped once.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ def input_weights(module: nn.Module) -> list[nn.Parameter]:
         return [module.down.weight]
     if isinstance(module, JointProjection):
         return [module.latent.down.weight]
+    if type(module).__name__ == "Conv1D":  # weight stored in x out: ``W Q`` would rotate its output
+        raise TypeError("cannot rotate the input of a Conv1D (its weight is stored in x out); convert it to "
+                        "nn.Linear first (compression.forms.linearize_)")
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.Parameter) and weight.dim() == 2:
         return [weight]
@@ -125,15 +134,53 @@ def _mlp_readers(model: nn.Module, mlp: MLP) -> tuple[list[nn.Parameter], list[n
     return ins, outs
 
 
-def _check_rotatable(layout: ModelLayout) -> None:
+def _reader_groups(model: nn.Module, layout: ModelLayout) -> list[tuple[Norm | None, list[nn.Parameter]]]:
+    """``(reader norm, input weights of every layer reading its output)`` for every block, in order.  A norm that
+    feeds both the attention and the MLP (``mlp_norm=None`` with a reader ``attn_norm``: Falcon's and Cohere's
+    parallel blocks) is one group; blocks with no reader norms (post-norm only) give ``(None, readers)``.  Raises
+    ``TypeError`` for a reader it cannot rotate (callers call it before changing anything)."""
+    groups = []
+    for b in layout.blocks:
+        attn_in = [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
+        mlp_in = _mlp_readers(model, b.mlp)[0]
+        if b.attn_norm is not None and b.mlp_norm is None:
+            groups.append((b.attn_norm, attn_in + mlp_in))
+        else:
+            groups += [(b.attn_norm, attn_in), (b.mlp_norm, mlp_in)]
+    return groups
+
+
+def default_site(layout: ModelLayout) -> str:
+    """``"stream"`` for pre-norm RMSNorm decoders and for blocks without reader norms; ``"readers"`` where a reader
+    norm's scale must stay (post-norm layouts, Gemma), where a norm subtracts the mean (LayerNorm) or where one
+    norm feeds a parallel block."""
+    if any(b.attn_norm is None for b in layout.blocks):
+        return "stream"
+    norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm) if n is not None]
+    if _post_norms(layout) or any(n.kind != "rms" for n in norms) or any(b.parallel or b.mlp_norm is None
+                                                                         for b in layout.blocks):
+        return "readers"
+    return "stream"
+
+
+def _check_rotatable(layout: ModelLayout, site: str = "stream") -> None:
     layout.require("rotation")
+    if site == "readers":
+        bare = [b.path for b in layout.blocks if b.attn_norm is None]
+        if bare:
+            raise NotImplementedError(f"{layout.model_class}: the reader-side rotation rides on the reader norms' "
+                                      f"outputs and {bare[0]} has none; rotate the stream (site='stream')")
+        return
     norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm, b.attn_out_norm,
                                                                       b.mlp_out_norm) if n is not None]
     bad = [n.path for n in norms if n.kind != "rms"]
     if bad:
-        raise NotImplementedError(f"{layout.model_class}: rotation needs RMSNorm everywhere; {bad[0]} is a LayerNorm")
-    if any(b.mlp_norm is None or b.parallel for b in layout.blocks):
-        raise NotImplementedError(f"{layout.model_class}: rotation of parallel blocks is not implemented")
+        raise NotImplementedError(f"{layout.model_class}: the stream rotation needs RMSNorm everywhere; {bad[0]} is a "
+                                  "LayerNorm, whose mean subtraction does not commute with a rotation; rotate at "
+                                  "the readers (site='readers', the default for LayerNorm layouts)")
+    if any(b.parallel or (b.attn_norm is not None and b.mlp_norm is None) for b in layout.blocks):
+        raise NotImplementedError(f"{layout.model_class}: the stream rotation of parallel blocks is not implemented; "
+                                  "rotate at the readers (site='readers', the default for them)")
 
 
 def _scale_identity(norm: nn.Module, spec: Norm) -> bool:
@@ -163,10 +210,7 @@ def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
     """Fold every reader norm's scale into the layers that read it; set the scales to 1 (function unchanged)."""
     _check_rotatable(layout)
     untie_lm_head_(model, layout)
-    pairs = []
-    for b in layout.blocks:
-        attn_in = [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
-        pairs += [(b.attn_norm, attn_in), (b.mlp_norm, _mlp_readers(model, b.mlp)[0])]
+    pairs = [(norm, readers) for norm, readers in _reader_groups(model, layout) if norm is not None]
     pairs.append((layout.final_norm, input_weights(model.get_submodule(layout.head))))
     for spec, readers in pairs:
         norm = model.get_submodule(spec.path)
@@ -239,7 +283,7 @@ def rotate_residual_(model: nn.Module, layout: ModelLayout, q: torch.Tensor, wri
     Returns the post-norm paths that were wrapped.
     """
     _check_rotatable(layout)
-    norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm)]
+    norms = [layout.final_norm] + [n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm) if n is not None]
     for spec in norms:
         if not _scale_identity(model.get_submodule(spec.path), spec):
             raise ValueError(f"rotate_residual_: the scale of {spec.path} is not folded; call fold_norms_ first")
@@ -248,7 +292,7 @@ def rotate_residual_(model: nn.Module, layout: ModelLayout, q: torch.Tensor, wri
         raise ValueError("rotate_residual_: the head is tied to the embedding; call fold_norms_ (it unties) first")
     writers = _stream_writers(layout, writers)
     q = q.double()
-    _right_([emb.weight], q)
+    _right_([emb.weight] + [model.get_submodule(p).weight for p in layout.position_embeddings], q)
     wrapped = []
     for b in layout.blocks:
         ins, outs = _mlp_readers(model, b.mlp)
@@ -276,16 +320,29 @@ class HadamardMLP(nn.Module):
     """An MLP computing ``down(H(inner activations))`` with an online Hadamard ``H``; same child names as the
     MLP it replaces.  ``kind`` / ``roles`` come from the layout (:class:`compression.layout.MLP`): ``gated``
     ``act(gate(x)) * up(x)``, ``gated_fused`` ``act(g) * u`` with ``g, u = chunk(gate_up(x))``, ``plain``
-    ``act(fc(x))``."""
+    ``act(fc(x))``.
 
-    def __init__(self, mlp: nn.Module, kind: str, roles: Mapping[str, str]) -> None:
+    ``signs_seed``: random signs before ``H`` (``h ↦ (h ⊙ s) H``).  A plain MLP's activations (GELU, ReLU²) are
+    nearly all non-negative, and a bare Hadamard gathers their mean into its first coefficient, one outlier per
+    token that a per-token activation quantizer then has to span (measured: the A4 error of the down projection
+    3-4x *worse* than unrotated on GPT-2, GPT-NeoX, Falcon and StarCoder2 shapes); the signs remove it.  A gated
+    MLP's activations are signed, and its plans keep the bare ``H`` they were written with."""
+
+    def __init__(self, mlp: nn.Module, kind: str, roles: Mapping[str, str], signs_seed: int | None = None) -> None:
         super().__init__()
         if kind not in ("gated", "gated_fused", "plain"):
             raise ValueError(f"HadamardMLP supports gated, gated_fused and plain MLPs, not {kind!r}")
         for name, child in mlp.named_children():
             self.add_module(name, child)
         self.kind, self.roles = kind, dict(roles)
-        self.hadamard = HadamardTransform(getattr(self, self.roles["down"]).in_features)
+        n = getattr(self, self.roles["down"]).in_features
+        self.hadamard = HadamardTransform(n)
+        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
+
+    def matrix(self) -> torch.Tensor:
+        """The online transform as a dense float64 matrix ``M`` (``forward`` feeds ``down`` with ``h M``)."""
+        m = self.hadamard.matrix()
+        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = {role: getattr(self, name) for role, name in self.roles.items()}
@@ -296,11 +353,14 @@ class HadamardMLP(nn.Module):
             h = r["act"](gate) * up
         else:
             h = r["act"](r["fc"](x))
+        if self.signs is not None:
+            h = h * self.signs.to(h.dtype)
         return r["down"](self.hadamard(h))
 
 
-def _online_targets(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, dict], list[str], list[str]]:
-    """``(mlp path -> {kind, roles})`` of dense MLPs, linearized expert modules, and 3-D expert modules skipped."""
+def _online_targets(model: nn.Module, layout: ModelLayout, seed: int) -> tuple[dict[str, dict], list[str], list[str]]:
+    """``(mlp path -> {kind, roles[, signs_seed]})`` of dense MLPs (plain ones get random signs, see
+    :class:`HadamardMLP`), linearized expert modules, and 3-D expert modules skipped."""
     mlps, experts, skipped = {}, [], []
     for b in layout.blocks:
         for mlp in (b.mlp, b.mlp.shared):
@@ -311,6 +371,8 @@ def _online_targets(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, di
                     mlp.experts.path)
             else:
                 mlps[mlp.path] = {"kind": mlp.kind, "roles": dict(mlp.names)}
+                if mlp.kind == "plain":
+                    mlps[mlp.path]["signs_seed"] = seed
     return mlps, experts, skipped
 
 
@@ -318,9 +380,9 @@ def _install_hadamard_mlp(model: nn.Module, path: str, spec: Mapping, fuse: bool
     mlp = model.get_submodule(path)
     if isinstance(mlp, HadamardMLP):
         return False
-    new = HadamardMLP(mlp, spec["kind"], spec["roles"]).to(next(mlp.parameters()).device)
+    new = HadamardMLP(mlp, spec["kind"], spec["roles"], spec.get("signs_seed")).to(next(mlp.parameters()).device)
     if fuse:
-        _right_(input_weights(getattr(new, spec["roles"]["down"])), new.hadamard.matrix())
+        _right_(input_weights(getattr(new, spec["roles"]["down"])), new.matrix())
     _set(model, path, new)
     return True
 
@@ -336,10 +398,10 @@ def _install_hadamard_experts(model: nn.Module, path: str, fuse: bool) -> bool:
     return True
 
 
-def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool = True) -> dict:
-    """Add the online Hadamard before every MLP output projection (fusing ``W H`` unless ``fuse=False``);
-    returns ``{"mlps": {...}, "experts": [...], "skipped": [...]}`` for the plan."""
-    mlps, experts, skipped = _online_targets(model, layout)
+def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool = True, seed: int = 0) -> dict:
+    """Add the online Hadamard before every MLP output projection (fusing ``W H`` unless ``fuse=False``; ``seed``:
+    the random signs of plain MLPs); returns ``{"mlps": {...}, "experts": [...], "skipped": [...]}`` for the plan."""
+    mlps, experts, skipped = _online_targets(model, layout, seed)
     for path, spec in mlps.items():
         _install_hadamard_mlp(model, path, spec, fuse)
     for path in experts:
@@ -353,21 +415,35 @@ def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool =
 @torch.no_grad()
 def rotate_readers_(model: nn.Module, layout: ModelLayout, rotation: StreamRotation) -> list[str]:
     """``norm_s(x) ↦ norm_s(x) Q`` online after every reader norm (scales kept) and ``W ← W Q`` on the readers;
-    returns the wrapped norm paths.  The stream itself is not rotated (see the module docstring)."""
-    _check_rotatable(layout)
+    returns the wrapped norm paths.  The stream itself is not rotated (see the module docstring), so any norm
+    (LayerNorm's mean subtraction and bias included) and parallel blocks are covered."""
+    _check_rotatable(layout, "readers")
     q = rotation_matrix(rotation.n, rotation.kind, rotation.seed)
+    groups = _reader_groups(model, layout)
     wrapped = []
-    for b in layout.blocks:
-        attn_in = [p for r in b.attn.readers for p in input_weights(model.get_submodule(r))]
-        for norm, readers in ((b.attn_norm, attn_in), (b.mlp_norm, _mlp_readers(model, b.mlp)[0])):
-            _right_(readers, q)
-            _wrap_output(model, norm.path, rotation)
+    for norm, readers in groups:
+        _right_(readers, q)
+        _wrap_output(model, norm.path, rotation)
+        if norm.path not in wrapped:
             wrapped.append(norm.path)
     return wrapped
 
 
 def _post_norms(layout: ModelLayout) -> bool:
     return any(b.attn_out_norm is not None or b.mlp_out_norm is not None for b in layout.blocks)
+
+
+def _check_modules(model: nn.Module, layout: ModelLayout, site: str, writers: Mapping[str, list[str]]) -> None:
+    """Find every weight the rotation will change before changing any: a module it cannot rotate (a ``Conv1D``
+    not yet linearized, say) raises here, with the model untouched."""
+    _reader_groups(model, layout)
+    if site == "stream":
+        input_weights(model.get_submodule(layout.head))
+        for b in layout.blocks:
+            output_params(model.get_submodule(b.attn.o))
+            _mlp_readers(model, b.mlp)
+        for name in writers["linears"]:
+            output_params(model.get_submodule(name))
 
 
 def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_hadamard", seed: int = 0,
@@ -381,16 +457,17 @@ def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_had
     rebuilt by :func:`apply_rotation_plan` without the layout)."""
     from compression.quant import QuantLinear
 
-    _check_rotatable(layout)
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("rotate_model_: the model is already quantized; rotate before quantize_model_")
-    site = site or ("readers" if _post_norms(layout) else "stream")
+    site = site or default_site(layout)
     if site not in ("stream", "readers"):
         raise ValueError(f"rotation site must be 'stream' or 'readers', got {site!r}")
-    if site == "stream" and _post_norms(layout):
-        raise ValueError(f"{layout.model_class}: post-norm layouts are rotated at the readers (site='readers'); "
-                         "folding their reader scales is what broke their weight quantization")
+    _check_rotatable(layout, site)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("rotate_model_: the model is already quantized; rotate before quantize_model_")
+    if site == "stream" and _post_norms(layout) and any(b.attn_norm is not None for b in layout.blocks):
+        raise ValueError(f"{layout.model_class}: post-norm layouts with reader norms are rotated at the readers "
+                         "(site='readers'); folding their reader scales is what broke their weight quantization")
     writers = _stream_writers(layout, writers)
+    _check_modules(model, layout, site, writers)
     rotation = StreamRotation(layout.hidden, kind, seed).to(model.get_submodule(layout.token_embedding).weight.device)
     entry = {"residual": {"kind": kind, "seed": seed, "size": layout.hidden}}
     if site == "readers":
@@ -404,7 +481,7 @@ def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_had
         entry.update(site="stream", rotated_outputs=wrapped,
                      untied={"head": layout.head, "embedding": layout.token_embedding} if untied else None)
     if online:
-        entry["online"] = install_online_hadamard_(model, layout)
+        entry["online"] = install_online_hadamard_(model, layout, seed=seed)
     if any(writers.values()):
         entry["stream_writers"] = writers
     return entry

@@ -5,7 +5,8 @@
 (``parallel``).  RoPE rotates interleaved channel pairs (the family's own function, the layout's ``rope``).  Cohere
 may normalize q and k per head (``use_qk_norm``: a LayerNorm with one weight row per head); Cohere2 alternates
 sliding and full layers, and rotates only on the sliding ones (its full layers are NoPE).  The model scales its
-logits (``logit_scale``) in its own forward.  Rotation is refused as for every LayerNorm family.
+logits (``logit_scale``) in its own forward.  Rotation happens at the readers (after the shared
+``input_layernorm``), as for every LayerNorm family.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 from torch import nn
 
 from compression.layout import Block, ModelLayout
-from models.layouts.common import LAYERNORM_ROTATION, join, layer_norm
+from models.layouts.common import join, layer_norm
 from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 
 CONFIGS = ("CohereConfig", "Cohere2Config")
@@ -32,5 +33,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
             attn = dataclasses.replace(attn, nope=True, rotary=None)
         blocks.append(Block(path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")),
                             attn_norm=layer_norm(join(p, "input_layernorm")), mlp_norm=None, parallel=True))
-    return decoder_layout(model, "cohere", config, base, head, blocks, layer_norm(join(base, "norm")),
-                          unsupported=(("rotation", LAYERNORM_ROTATION),))
+    return decoder_layout(model, "cohere", config, base, head, blocks, layer_norm(join(base, "norm")))

@@ -55,6 +55,3 @@ def head_path(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is head)
 
 
-LAYERNORM_ROTATION = ("LayerNorm subtracts the mean before scaling, so an orthogonal rotation of the residual "
-                      "stream commutes with it only once every writer's output is made mean-free (SliceGPT-style "
-                      "centring), which is not implemented")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout, row_ranges
-from models.layouts.common import LAYERNORM_ROTATION, head_path, join, layer_norm
+from models.layouts.common import head_path, join, layer_norm
 
 CONFIGS = ("FalconConfig",)
 
@@ -51,6 +51,5 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         family="falcon", model_class=type(model).__name__, hidden=config.hidden_size,
         token_embedding=join(base, "word_embeddings"), blocks=tuple(blocks),
         final_norm=layer_norm(join(base, "ln_f")), head=head or head_path(model),
-        unsupported=(("rotation", LAYERNORM_ROTATION),
-                     ("latent_cache", "Falcon attention (fused multi-query qkv, optional ALiBi) has no latent K/V "
-                                      "rebuild")))
+        unsupported=(("latent_cache", "Falcon attention (fused multi-query qkv, optional ALiBi) has no latent K/V "
+                                      "rebuild"),))

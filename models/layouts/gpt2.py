@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout, row_ranges
-from models.layouts.common import LAYERNORM_ROTATION, eager_of, head_path, join, layer_norm
+from models.layouts.common import eager_of, head_path, join, layer_norm
 
 CONFIGS = ("GPT2Config",)
 
@@ -30,5 +30,4 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         family="gpt2", model_class=type(model).__name__, hidden=e, token_embedding=join(base, "wte"),
         blocks=tuple(blocks), final_norm=layer_norm(join(base, "ln_f")), head=head or head_path(model),
         position_embeddings=(join(base, "wpe"),),
-        unsupported=(("rotation", LAYERNORM_ROTATION),
-                     ("latent_cache", "GPT-2 attention (learned positions, Conv1D c_attn) has no latent K/V rebuild")))
+        unsupported=(("latent_cache", "GPT-2 attention (learned positions, Conv1D c_attn) has no latent K/V rebuild"),))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import LAYERNORM_ROTATION, eager_of, head_path, join, layer_norm
+from models.layouts.common import eager_of, head_path, join, layer_norm
 
 CONFIGS = ("GPTNeoXConfig",)
 
@@ -34,6 +34,5 @@ def build(model: nn.Module, base: str = "gpt_neox", head: str | None = None) -> 
         family="gpt_neox", model_class=type(model).__name__, hidden=config.hidden_size,
         token_embedding=join(base, "embed_in"), blocks=tuple(blocks),
         final_norm=layer_norm(join(base, "final_layer_norm")), head=head or head_path(model),
-        unsupported=(("rotation", LAYERNORM_ROTATION),
-                     ("latent_cache", "GPT-NeoX attention (per-head interleaved fused qkv, partial rotary) has no "
-                                      "latent K/V rebuild")))
+        unsupported=(("latent_cache", "GPT-NeoX attention (per-head interleaved fused qkv, partial rotary) has no "
+                                      "latent K/V rebuild"),))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout, Norm
-from models.layouts.common import LAYERNORM_ROTATION, eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
+from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
@@ -132,5 +132,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     norm = layer_norm if name in LAYERNORM else rms
     blocks = [Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
                     mlp_norm=norm(join(p, mlp_norm))) for p, layer, attn in layers]
-    return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")),
-                          unsupported=(("rotation", LAYERNORM_ROTATION),) if name in LAYERNORM else ())
+    return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")))

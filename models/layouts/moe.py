@@ -7,8 +7,8 @@ adds a gated ``shared_expert`` MLP scaled by ``sigmoid(shared_expert_gate(x))``;
 ``mlp_only_layers`` (or off the ``decoder_sparse_step``) have a plain gated MLP.  Qwen3-MoE is Qwen2-MoE without
 the shared expert, with Qwen3's per-head ``q_norm``/``k_norm`` and its window passed by the attention module; OLMoE
 is the same MoE with OLMo 2's whole-projection q/k norms; Phi-3.5-MoE (``PhimoeForCausalLM``) has LayerNorm instead
-of RMSNorm (so rotation is refused) and its router, an ``nn.Linear`` subclass returning the routing, at ``mlp.router``
-(not a target: only plain linears are).
+of RMSNorm (so it is rotated at the readers) and its router, an ``nn.Linear`` subclass returning the routing, at
+``mlp.router`` (not a target: only plain linears are).
 """
 
 from __future__ import annotations

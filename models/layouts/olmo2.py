@@ -8,8 +8,8 @@ q and k projections (all heads at once, before the heads are split) -> rotary ->
 takes the layer type.  EXAONE 4 has the same blocks with per-head q/k norms; with a window configured, its
 sliding layers get the window and RoPE and its full layers neither (global NoPE).
 
-Rotation is refused: the online rotation of the reader-side scheme (Gemma) rides on the reader norms' outputs,
-and these blocks have none.
+Rotation turns the stream itself (``site="stream"``): the readers read it raw, so nothing is folded but the
+final norm's scale, and each post-norm's output is rotated online on its way into the stream.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from models.layouts.common import join, rms
 from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 
 CONFIGS = ("Olmo2Config", "Olmo3Config", "Exaone4Config")
-NO_READER_NORM = ("these blocks have no reader norms (post-norms only), and the reader-side rotation rides on "
-                  "a reader norm's output; rotating the raw stream in front of the readers is not implemented")
 
 
 def _exaone4(attn: Attention, module: nn.Module) -> Attention:
@@ -45,5 +43,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
             path=p, attn=attn, mlp=gated_mlp(join(p, "mlp")), attn_norm=None, mlp_norm=None,
             attn_out_norm=rms(join(p, "post_attention_layernorm")),
             mlp_out_norm=rms(join(p, "post_feedforward_layernorm"))))
-    return decoder_layout(model, "olmo2", config, base, head, blocks, rms(join(base, "norm")),
-                          unsupported=(("rotation", NO_READER_NORM),))
+    return decoder_layout(model, "olmo2", config, base, head, blocks, rms(join(base, "norm")))

@@ -1,13 +1,14 @@
 """OPT: ``model.decoder.layers.i`` with ``self_attn_layer_norm`` -> ``self_attn.{q,k,v}_proj`` -> ``out_proj``
 and ``final_layer_norm`` -> ``fc1`` -> act -> ``fc2`` on the layer itself; learned positions
-(``embed_positions``) add to the stream; LayerNorm everywhere (biases)."""
+(``embed_positions``) add to the stream; LayerNorm everywhere (biases).  Rotation is refused: the MLP has no
+module of its own for the online Hadamard."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import LAYERNORM_ROTATION, eager_of, head_path, join, layer_norm
+from models.layouts.common import eager_of, head_path, join, layer_norm
 
 CONFIGS = ("OPTConfig",)
 
@@ -26,7 +27,8 @@ def build(model: nn.Module, base: str = "model.decoder", head: str | None = None
                   names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
                             mlp_norm=layer_norm(join(p, "final_layer_norm"))))
-    unsupported = [("rotation", LAYERNORM_ROTATION),
+    unsupported = [("rotation", "fc1 / fc2 sit on the decoder layer itself, not in an MLP module, so the online "
+                                "Hadamard in front of fc2 has no module to live in; not implemented"),
                    ("latent_cache", "OPT attention has no rotary embedding and scales q inside its own forward; a "
                                     "latent K/V rebuild for it is not implemented")]
     if not config.do_layer_norm_before or getattr(decoder, "project_in", None) is not None:

@@ -3,7 +3,7 @@
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (GQA, biases with ``use_bias``) -> rotary ->
 ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.c_fc`` -> act -> ``mlp.c_proj`` -> stream; the window
 (``config.sliding_window``) is passed to the attention function on every layer.  The attention is LLaMA's, so the
-latent KV cache covers it; rotation is refused as for every LayerNorm family.
+latent KV cache covers it; rotation happens at the readers, as for every LayerNorm family.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Block, ModelLayout
-from models.layouts.common import LAYERNORM_ROTATION, join, layer_norm
+from models.layouts.common import join, layer_norm
 from models.layouts.llama import decoder_layers, decoder_layout
 
 CONFIGS = ("Starcoder2Config",)
@@ -24,5 +24,4 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
                             names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj"))),
                     attn_norm=layer_norm(join(p, "input_layernorm")),
                     mlp_norm=layer_norm(join(p, "post_attention_layernorm"))) for p, _, attn in layers]
-    return decoder_layout(model, "starcoder2", config, base, head, blocks, layer_norm(join(base, "norm")),
-                          unsupported=(("rotation", LAYERNORM_ROTATION),))
+    return decoder_layout(model, "starcoder2", config, base, head, blocks, layer_norm(join(base, "norm")))
