@@ -1,4 +1,5 @@
-"""Mixture-of-experts LLaMA-shaped decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and Phi-3.5-MoE.
+"""Mixture-of-experts LLaMA-shaped decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Phi-3.5-MoE, Granite-MoE and
+Granite-MoE-Shared.
 
 Attention as LLaMA.  The MLP is ``mlp.gate`` (router, ``n x E`` weight, kept dense by default) choosing
 top-k ``mlp.experts``, whose weights are 3-D tensors ``gate_up_proj (n x 2I x E)`` and ``down_proj
@@ -8,7 +9,10 @@ adds a gated ``shared_expert`` MLP scaled by ``sigmoid(shared_expert_gate(x))``;
 the shared expert, with Qwen3's per-head ``q_norm``/``k_norm`` and its window passed by the attention module; OLMoE
 is the same MoE with OLMo 2's whole-projection q/k norms; Phi-3.5-MoE (``PhimoeForCausalLM``) has LayerNorm instead
 of RMSNorm (so it is rotated at the readers) and its router, an ``nn.Linear`` subclass returning the routing, at
-``mlp.router`` (not a target: only plain linears are).
+``mlp.router`` (not a target: only plain linears are).  Granite-MoE keeps the same experts and router at
+``block_sparse_moe`` (its multipliers stay in its own code); Granite-MoE-Shared adds a shared expert beside it,
+``shared_mlp`` (``input_linear`` -> chunk into gate and up -> ``output_linear``), reading the same normed stream and
+added to the MoE's output.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from compression.layout import MLP, Experts
 from models.layouts import llama
 from models.layouts.common import join
 
-CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "PhimoeConfig")
+CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "PhimoeConfig", "GraniteMoeConfig",
+           "GraniteMoeSharedConfig")
 
 
 def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
@@ -28,15 +33,28 @@ def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]
     return tuple(join(path, name, str(e)) for e in range(len(value))) if isinstance(value, nn.ModuleList) else ()
 
 
+def _granite_shared(layer: nn.Module, block: str) -> MLP | None:
+    if getattr(layer, "shared_mlp", None) is None:
+        return None
+    sp = join(block, "shared_mlp")
+    return MLP(sp, "gated_fused", (join(sp, "input_linear"),), join(sp, "output_linear"),
+               names=(("gate_up", "input_linear"), ("act", "activation"), ("down", "output_linear")))
+
+
 def moe_mlp(layer: nn.Module, path: str) -> MLP:
-    mlp = layer.mlp
+    block, _, name = path.rpartition(".")
+    if not hasattr(layer, name) and hasattr(layer, "block_sparse_moe"):  # Granite-MoE
+        name = "block_sparse_moe"
+        path = join(block, name)
+    mlp = getattr(layer, name)
     if not hasattr(mlp, "experts"):
         return llama.gated_mlp(path)
     ep = join(path, "experts")
     experts = Experts(path=ep, gate_up="gate_up_proj", down="down_proj", act="act_fn", count=mlp.experts.num_experts,
                       router=join(path, "gate" if hasattr(mlp, "gate") else "router"))
     readers = experts_readers(mlp.experts, ep, "gate_up_proj")
-    shared = llama.gated_mlp(join(path, "shared_expert")) if hasattr(mlp, "shared_expert") else None
+    shared = llama.gated_mlp(join(path, "shared_expert")) if hasattr(mlp, "shared_expert") else _granite_shared(
+        layer, block)
     shared_gate = join(path, "shared_expert_gate") if hasattr(mlp, "shared_expert_gate") else None
     return MLP(path, "moe", readers, None, experts=experts, shared=shared, shared_gate=shared_gate)
 
