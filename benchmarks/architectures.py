@@ -51,7 +51,6 @@ from compression import (  # noqa: E402
     apply_plan,
     collect_stats,
     compress_,
-    eligible_linears,
     merge_plans,
     quantize_model_,
 )
@@ -61,7 +60,7 @@ from compression.plan import make_plan  # noqa: E402
 from compression.quant import QuantLinear  # noqa: E402
 from compression.rotation import rotate_model_  # noqa: E402
 from compression.targets import layer_type  # noqa: E402
-from lightning_modules.specs import CausalLMSpec, shrinkable  # noqa: E402
+from lightning_modules.specs import CausalLMSpec  # noqa: E402
 from models.causal_lm import output_cache  # noqa: E402
 from models.layouts import layout_of  # noqa: E402
 
@@ -134,6 +133,32 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                                                          num_attention_heads=4, bos_token_id=1, eos_token_id=2)),
     "Mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "GLM-4.5": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                dict(_COMMON, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, partial_rotary_factor=0.5)),
+    "MiniMax-M2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, rotary_dim=4)),
+    "Ernie4.5-MoE": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(_COMMON, moe_intermediate_size=32, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                          moe_layer_start_index=0)),
+    "dots.llm1": ("Dots1Config", "Dots1ForCausalLM",
+                  dict(_COMMON, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                       n_shared_experts=1, first_k_dense_replace=1, sliding_window=4, max_window_layers=1,
+                       layer_types=["full_attention", "sliding_attention"])),
+    "HunYuan-MoE": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                    dict(_COMMON, head_dim=8, num_experts=4, moe_topk=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "FlexOlmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(_COMMON, num_experts=4, num_experts_per_tok=2)),
+    "DeepSeek-V2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(_COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
+                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                         kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                         topk_group=1)),
+    "DeepSeek-V3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(_COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
+                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                         kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, n_group=1,
+                         topk_group=1)),
     "Granite-MoE": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
                     dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.2,
                          residual_multiplier=0.7, embedding_multiplier=3.0, logits_scaling=2.5)),
@@ -153,7 +178,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v); rotation needs an MLP module for its online Hadamard (OPT's fc1 / fc2 sit on the layer)
 NO_ROTATION_FAMILIES = ("OPT",)
-NO_LATENT_FAMILIES = LAYERNORM_FAMILIES
+NO_LATENT_FAMILIES = (*LAYERNORM_FAMILIES, "DeepSeek-V2", "DeepSeek-V3")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 
@@ -174,7 +199,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
             model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
         finally:
             torch.set_default_dtype(default)
-    model = model.double().eval()
+    kept = [p for p in model.parameters() if p.dtype == torch.float32]  # float32 by the family's own choice
+    model = model.double().eval()  # (HunYuan-MoE's router): kept so, as from_pretrained and load_compressed keep it
+    for p in kept:
+        p.data = p.data.float()
     with torch.no_grad():  # norms away from their init (1 or 0) so that folding them is tested
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
@@ -198,9 +226,9 @@ def batches(n: int = 4, length: int = 24) -> list[dict]:
 
 
 def targets(model: nn.Module) -> list[str]:
-    """``CausalLMSpec.default_targets``: every eligible linear but the head and layers no rank can shrink."""
-    head = model.get_output_embeddings()
-    return [n for n, m in eligible_linears(model)[0].items() if m is not head and shrinkable(m)]
+    """``CausalLMSpec.default_targets``: every eligible linear but the head, the MoE routers and layers no rank can
+    shrink."""
+    return CausalLMSpec(model=model).default_targets(model)
 
 
 @torch.no_grad()
@@ -293,7 +321,8 @@ def cell_joint(family: str) -> str:
     for r in report.layers:
         bias = r.params_before - r.out_features * r.in_features
         assert r.params_after == r.rank * (r.in_features + r.out_features) + bias, r
-    kind = "fused qkv" if layout.blocks[0].attn.fused else "separate q/k/v"
+    attn = layout.blocks[0].attn
+    kind = "fused qkv" if attn.fused else "MLA q/kv stream readers" if attn.inputs else "separate q/k/v"
     return f"{kind}: full rank rel {err:.0e}; ranks {[r.rank for r in report.layers]}"
 
 
@@ -315,9 +344,10 @@ def cell_rotation(family: str) -> str:
     rotation = rotate_model_(model, layout, seed=1)
     err = rel(logits(model, ids), ref)
     assert err <= 1e-6, err
-    quant = quantize_model_(model, WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9))
-    head = model.get_output_embeddings()
-    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    kept = CausalLMSpec(model=model).quant_exclude(model)  # the head and Linear routers stay in float
+    quant = quantize_model_(model, WeightQuantConfig(bits=4, grid=20), ActQuantConfig(bits=4, clip_ratio=0.9),
+                            exclude=kept)
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in kept]
     assert not plain, f"not quantized: {plain[:3]}"
     plan = merge_plans(make_plan({"name": "forms"}, 0.0, "none", {}, forms=forms, rotation=rotation), report.plan,
                        make_plan({"name": "quantization"}, 0.0, "none", {}, quantization=quant))

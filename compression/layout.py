@@ -44,7 +44,10 @@ class Norm:
 class Attention:
     """One attention block.  Either ``q``/``k``/``v`` (separate projections) or ``qkv`` (fused, with
     ``qkv_rows = (q_rows, k_rows, v_rows)``: the rows of the fused output that form q, k and v, each a
-    tuple of ``(start, stop)`` ranges in head-major order)."""
+    tuple of ``(start, stop)`` ranges in head-major order), or ``inputs``: the linears reading the normed stream
+    when they are no q/k/v triple (DeepSeek's multi-head latent attention: ``q_a_proj`` or ``q_proj``, and
+    ``kv_a_proj_with_mqa``); they share their input, so they are one joint group, and the rest of the attention
+    (``q_b_proj``, ``kv_b_proj``) reads its own latents."""
 
     path: str
     o: str
@@ -70,10 +73,14 @@ class Attention:
     qk_norm_whole: bool = False            # q_norm / k_norm normalize the whole projection (all heads at once:
     #                                        OLMo 2 / 3), not each head (Qwen3, Gemma3)
     qk_norm_after_rope: bool = False       # q_norm / k_norm act on the rotated heads (HunYuan), not before RoPE
+    inputs: tuple[str, ...] = ()           # the stream readers of an attention with no q/k/v triple (MLA)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)
-        if separate == (self.qkv is not None):
+        if self.inputs:
+            if separate or self.qkv is not None:
+                raise ValueError(f"attention {self.path!r}: give inputs, or q/k/v, or one fused qkv")
+        elif separate == (self.qkv is not None):
             raise ValueError(f"attention {self.path!r}: give q, k and v, or one fused qkv")
         if self.nope and self.rotary is not None:
             raise ValueError(f"attention {self.path!r}: a NoPE layer has no rotary module")
@@ -86,6 +93,8 @@ class Attention:
 
     @property
     def readers(self) -> tuple[str, ...]:
+        if self.inputs:
+            return self.inputs
         return (self.qkv,) if self.fused else (self.q, self.k, self.v)
 
     @property
@@ -183,9 +192,14 @@ class ModelLayout:
     def joint_groups(self) -> dict[str, list[str]]:
         """``attention path -> [q, k, v paths]`` for every attention with separate projections (fused ones
         need no group: factorizing the fused matrix is the joint factorization)."""
-        groups = {b.attn.path: [b.attn.q, b.attn.k, b.attn.v] for b in self.blocks if not b.attn.fused}
+        groups = {b.attn.path: list(b.attn.readers) for b in self.blocks if not b.attn.fused}
         groups.update({path: list(members) for path, members in self.extra_joint_groups})
         return groups
+
+    def routers(self) -> list[str]:
+        """The MoE routers' paths.  Kept dense and in float by default: a changed routing sends tokens to other
+        experts, an error no whitening sees."""
+        return [b.mlp.experts.router for b in self.blocks if b.mlp.experts is not None]
 
     def attention(self, path: str) -> Attention:
         for block in self.blocks:

@@ -108,6 +108,16 @@ class ModelSpec:
         raise NotImplementedError
 
 
+def _routers(model: nn.Module) -> list[str]:
+    """The layout's MoE router paths, or none when the family has no layout."""
+    from models.layouts import layout_of
+
+    try:
+        return layout_of(model).routers()
+    except NotImplementedError:
+        return []
+
+
 class CausalLMSpec(ModelSpec):
     """Any ``transformers`` causal LM; perplexity as the metric.
 
@@ -183,16 +193,18 @@ class CausalLMSpec(ModelSpec):
         """Every eligible ``nn.Linear`` except the output head (the LM head is never factorized
         by default: it is tied on small models and its error hits every token directly) and layers no rank
         can shrink (``m n <= m + n``, e.g. Qwen2-MoE's ``1 x E`` shared-expert gate); both are reported as
-        not covered."""
+        not covered.  A MoE router that is a plain ``nn.Linear`` (HunYuan-MoE's ``gate.wg``) is left out too."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in eligible.items() if m is not head and shrinkable(m)]
+        routers = set(_routers(model))
+        names = [n for n, m in eligible.items() if m is not head and shrinkable(m) and n not in routers]
         return names or None
 
     def quant_exclude(self, model: nn.Module) -> list[str]:
-        """The output head stays in high precision (its error hits every token's logits directly)."""
+        """The output head stays in high precision (its error hits every token's logits directly), and so do
+        MoE routers (a changed routing sends tokens to other experts)."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return [n for n, m in model.named_modules() if head is not None and m is head]
+        return [n for n, m in model.named_modules() if head is not None and m is head] + _routers(model)
 
     def calibration_forward(self, model: nn.Module, batch: dict) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)

@@ -1,4 +1,4 @@
-"""The architecture matrix: 37 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: 45 transformers families x 7 compression stages on tiny models built from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
@@ -110,3 +110,39 @@ def test_linearize_refuses_a_linear_subclass_that_is_not_a_linear_map_but_leaves
     assert skipped[layout.blocks[0].mlp.experts.router] == "not a plain nn.Linear (PhimoeTopKRouter); " \
         "compression.forms.linearize_ converts it when its forward is x Wᵀ + b and it is not a MoE router " \
         "[128 parameters]"
+
+
+def test_linear_routers_stay_dense_and_in_float():
+    """HunYuan-MoE's router is a plain ``nn.Linear`` (``mlp.gate.wg``, float32 by the family's own choice): the
+    default targets leave it out (a factorized router sends tokens to other experts) and quantization keeps it."""
+    from torch import nn
+
+    from lightning_modules.specs import CausalLMSpec
+    from models.layouts import layout_of
+
+    model = build("HunYuan-MoE")
+    spec = CausalLMSpec(model=model)
+    routers = layout_of(model).routers()
+    assert routers == ["model.layers.0.mlp.gate.wg", "model.layers.1.mlp.gate.wg"]
+    assert all(type(model.get_submodule(r)) is nn.Linear for r in routers)
+    assert model.get_submodule(routers[0]).weight.dtype == torch.float32
+    assert not set(routers) & set(spec.default_targets(model))
+    assert set(routers) <= set(spec.quant_exclude(model))
+    assert layout_of(build("Mixtral")).routers() == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def test_mla_attention_reads_the_stream_through_its_first_projections():
+    """DeepSeek's MLA: only ``q_a_proj`` (V3; ``q_proj`` without a q LoRA rank, V2-Lite) and ``kv_a_proj_with_mqa``
+    read the normed stream; they are the attention's readers and its joint group, and a spec mixing them with a
+    q/k/v triple is refused."""
+    from compression.layout import Attention
+    from models.layouts import layout_of
+
+    for family, q in (("DeepSeek-V2", "q_proj"), ("DeepSeek-V3", "q_a_proj")):
+        layout = layout_of(build(family))
+        attn = layout.blocks[1].attn
+        assert attn.readers == (f"model.layers.1.self_attn.{q}", "model.layers.1.self_attn.kv_a_proj_with_mqa")
+        assert layout.joint_groups()["model.layers.1.self_attn"] == list(attn.readers) and not attn.fused
+        assert not layout.supports("latent_cache") and layout.supports("rotation")
+    with pytest.raises(ValueError, match="give inputs, or q/k/v"):
+        Attention(path="a", o="a.o", heads=1, kv_heads=1, head_dim=4, q="a.q", k="a.k", v="a.v", inputs=("a.x",))

@@ -81,7 +81,8 @@ def test_dense_propagation_reproduces_all_at_once(case):
 
 @pytest.mark.parametrize("family", ["Gemma3", "Gemma2", "GPT-2", "Qwen3-MoE", "Granite", "Ministral", "SmolLM3",
                                     "StarCoder2", "Seed-OSS", "OLMo3", "GLM-4", "EXAONE4", "OLMoE", "Apertus",
-                                    "Cohere", "HunYuan", "Phi-3.5-MoE", "Granite-MoE-Shared"])
+                                    "Cohere", "HunYuan", "Phi-3.5-MoE", "Granite-MoE-Shared",
+                                    "GLM-4.5", "HunYuan-MoE", "FlexOlmo", "DeepSeek-V3"])
 def test_dense_propagation_other_layouts(family):
     """Gemma 3 gives sliding and full layers different masks and rotary tables; GPT-2 passes its mask
     positionally and its blocks come from Conv1D converted to nn.Linear; Qwen3-MoE routes through 3-D experts
@@ -92,7 +93,9 @@ def test_dense_propagation_other_layouts(family):
     sandwich norms; EXAONE 4 has global NoPE layers; OLMoE routes experts; Apertus has a plain MLP with a learned
     activation; Cohere runs attention and MLP in parallel off one LayerNorm; HunYuan normalizes q/k after RoPE;
     Phi-3.5-MoE has LayerNorm and a router that is an nn.Linear subclass; Granite-MoE-Shared has its shared expert
-    beside the MoE module, not in it."""
+    beside the MoE module, not in it; GLM-4.5 has a dense first layer, always-on shared experts and partial RoPE;
+    HunYuan-MoE routes through a float32 nn.Linear; FlexOlmo is post-norm-only with experts; DeepSeek-V3's
+    attention reads its own latents through q_b_proj and kv_b_proj."""
     from benchmarks.architectures import VOCAB, prepared, targets
 
     model = prepared(family)[0].eval()

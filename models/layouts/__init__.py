@@ -15,6 +15,7 @@ from torch import nn
 from compression.layout import ModelLayout
 from models.layouts import (
     cohere,
+    deepseek,
     falcon,
     gemma3,
     glm,
@@ -29,8 +30,8 @@ from models.layouts import (
     starcoder2,
 )
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, gpt_oss, olmo2, cohere, starcoder2, opt, gpt2,
-                                     gpt_neox, falcon)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, deepseek, gpt_oss, olmo2, cohere, starcoder2, opt,
+                                     gpt2, gpt_neox, falcon)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:

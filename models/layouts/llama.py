@@ -37,14 +37,15 @@ ROTARY_BY_LAYER_TYPE = ("Gemma3TextConfig", "Olmo3Config")
 # families whose RoPE is not LLaMA's rotate-half with full-width cos/sin: interleaved channel pairs
 # (``x[..., 0::2]``, ``x[..., 1::2]``), or GPT-OSS's half-width cos/sin; their own function is used
 FAMILY_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config",
-                    "GptOssConfig")
+               "GptOssConfig", "Ernie4_5_MoeConfig")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
-WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig")
+WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig", "MiniMaxM2Config", "FlexOlmoConfig")
 # families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
 PLAIN_MLP = ("ArceeConfig", "ApertusConfig")
 # q/k norms not named ``q_norm`` / ``k_norm``, and families that apply them after RoPE
-QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm")}
-QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config",)
+QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
+                 "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
+QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config")
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
 LAYERNORM = ("PhimoeConfig",)
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
@@ -55,7 +56,7 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module",
-                 "GptOssConfig": "module"}
+                 "GptOssConfig": "module", "Dots1Config": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:

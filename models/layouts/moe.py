@@ -12,7 +12,14 @@ of RMSNorm (so it is rotated at the readers) and its router, an ``nn.Linear`` su
 ``mlp.router`` (not a target: only plain linears are).  Granite-MoE keeps the same experts and router at
 ``block_sparse_moe`` (its multipliers stay in its own code); Granite-MoE-Shared adds a shared expert beside it,
 ``shared_mlp`` (``input_linear`` -> chunk into gate and up -> ``output_linear``), reading the same normed stream and
-added to the MoE's output.
+added to the MoE's output.  GLM-4.5 (``Glm4MoeConfig``), dots.llm1 and Ernie 4.5 MoE route with a score
+correction bias and add always-on ``shared_experts`` (a gated MLP, no gate of its own); GLM-4.5 and MiniMax-M2
+rotate the leading channels of each head only (partial rotary), MiniMax-M2 normalizes the whole q and k
+projections, Ernie 4.5 MoE rotates interleaved channel pairs (the family's own RoPE function).  HunYuan-MoE's
+router is an ``nn.Linear`` (``mlp.gate.wg``), its always-on expert ``mlp.shared_mlp``, its q/k norms act after
+RoPE as in dense HunYuan.  Routers are left out of the default targets and of quantization
+(:meth:`compression.layout.ModelLayout.routers`).
+The first ``first_k_dense_replace`` layers of GLM-4.5 and dots.llm1 have a dense gated MLP.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from models.layouts import llama
 from models.layouts.common import join
 
 CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "PhimoeConfig", "GraniteMoeConfig",
-           "GraniteMoeSharedConfig")
+           "GraniteMoeSharedConfig", "Glm4MoeConfig", "MiniMaxM2Config", "Ernie4_5_MoeConfig", "Dots1Config",
+           "HunYuanMoEV1Config")
 
 
 def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
@@ -50,11 +58,17 @@ def moe_mlp(layer: nn.Module, path: str) -> MLP:
     if not hasattr(mlp, "experts"):
         return llama.gated_mlp(path)
     ep = join(path, "experts")
+    router = join(path, "gate" if hasattr(mlp, "gate") else "router")
+    if hasattr(getattr(mlp, "gate", None), "wg"):  # HunYuan-MoE: an nn.Linear inside its gate module
+        router = join(router, "wg")
     experts = Experts(path=ep, gate_up="gate_up_proj", down="down_proj", act="act_fn", count=mlp.experts.num_experts,
-                      router=join(path, "gate" if hasattr(mlp, "gate") else "router"))
+                      router=router)
     readers = experts_readers(mlp.experts, ep, "gate_up_proj")
-    shared = llama.gated_mlp(join(path, "shared_expert")) if hasattr(mlp, "shared_expert") else _granite_shared(
-        layer, block)
+    name = next((n for n in ("shared_expert", "shared_experts", "shared_mlp") if hasattr(mlp, n)), None)
+    if name is not None:  # Qwen2-MoE's gated one, or always-on ones
+        shared = llama.gated_mlp(join(path, name))
+    else:
+        shared = _granite_shared(layer, block)
     shared_gate = join(path, "shared_expert_gate") if hasattr(mlp, "shared_expert_gate") else None
     return MLP(path, "moe", readers, None, experts=experts, shared=shared, shared_gate=shared_gate)
 
