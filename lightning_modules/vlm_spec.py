@@ -81,7 +81,7 @@ class VLMSpec(ModelSpec):
     Args:
         name_or_path: hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
             ``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or
-            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` (random-init, CPU tests).
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` (random-init, CPU tests).
         dtype: weights dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
         compress_language: the language model's attention and MLP layers are default targets.
         compress_vision: the vision tower's attention and MLP layers are default targets too.
@@ -157,7 +157,12 @@ class VLMSpec(ModelSpec):
         if self.compress_vision:
             names += _layer_list_linears(model.get_submodule(parts["vision_tower"]), parts["vision_tower"], eligible)
         if self.compress_projector:
-            names += [n for n in eligible if n.startswith(parts["projector"] + ".")]
+            projector = [n for n in eligible if n.startswith(parts["projector"] + ".")]
+            if not projector:
+                raise ValueError(f"compress_projector: the projector of {type(model).__name__} "
+                                 f"({type(model.get_submodule(parts['projector'])).__name__}) holds no nn.Linear to "
+                                 "factorize (Gemma 3's is a raw weight matrix); set compress_projector: false")
+            names += projector
         if not names:
             raise ValueError(f"no eligible nn.Linear among the parts chosen for {type(model).__name__}")
         order = {n: i for i, n in enumerate(eligible)}

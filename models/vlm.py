@@ -1,4 +1,4 @@
-"""Vision-language models through ``transformers``: LLaVA-1.5, LLaVA-NeXT and SmolVLM (Idefics3).
+"""Vision-language models through ``transformers``: LLaVA-1.5, LLaVA-NeXT, SmolVLM (Idefics3) and Gemma 3.
 
 A VLM here is ``vision tower -> projector -> language model``: the vision tower encodes image
 patches, the projector maps them into the language model's residual stream, where they replace
@@ -10,14 +10,20 @@ apart by their *config class* (never by a name substring) and each names its thr
 - ``llava_next`` (``LlavaNextConfig``): the same three, plus the learned ``model.image_newline``
   vector written into the stream after every row of image features (AnyRes);
 - ``idefics3`` (``Idefics3Config``, SmolVLM): ``model.vision_model`` (SigLIP), ``model.connector``
-  (pixel shuffle, then ``modality_projection.proj``), ``model.text_model``.
+  (pixel shuffle, then ``modality_projection.proj``), ``model.text_model``;
+- ``gemma3`` (``Gemma3Config``, Gemma 3 4B / 12B / 27B): ``model.vision_tower`` (SigLIP),
+  ``model.multi_modal_projector`` (average pooling to ``mm_tokens_per_image``, an RMSNorm, then a raw
+  weight matrix ``mm_input_projection_weight``: no ``nn.Linear``, so no projector targets),
+  ``model.language_model`` (Gemma 3's text decoder: post-norms, rotated at the readers, so the projector's
+  output need not turn); the processor's ``token_type_ids`` mark the image tokens, which attend to each
+  other both ways.
 
 ``lm_head`` is always the top-level ``lm_head``.
 
 :func:`load_vlm` accepts a hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
-``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or ``tiny-<family>``
-for the in-process test models of :mod:`models.vlm_tiny`, or ``clip-smollm2``: the real towers assembled
-offline by :mod:`models.vlm_real` (its cached ``save_pretrained`` folder, built on first use).
+``HuggingFaceTB/SmolVLM-Instruct``, ``google/gemma-3-4b-it``...), a local ``save_pretrained`` folder, or
+``tiny-<family>`` for the in-process test models of :mod:`models.vlm_tiny`, or ``clip-smollm2``: the real towers
+assembled offline by :mod:`models.vlm_real` (its cached ``save_pretrained`` folder, built on first use).
 Offline, a hub id must already be in the Hugging Face cache; otherwise the error says how to download
 it and where to put it.
 """
@@ -57,7 +63,8 @@ class VLMFamily:
         config_class / model_class: class names in ``transformers``.
         vision_tower / projector / language_model: attribute paths inside the
             ``*ForConditionalGeneration`` model.
-        projector_out: the projector's output layer (its output is written into the LM's residual stream).
+        projector_out: the projector's output layer (its output is written into the LM's residual stream), or
+            ``None`` where that is no ``nn.Linear`` (Gemma 3's ``mm_input_projection_weight``).
         stream_vectors: learned vectors (attribute paths) written into the LM's residual stream.
     """
 
@@ -67,7 +74,7 @@ class VLMFamily:
     vision_tower: str
     projector: str
     language_model: str
-    projector_out: str
+    projector_out: str | None
     stream_vectors: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, type]:
@@ -89,6 +96,8 @@ FAMILIES: dict[str, VLMFamily] = {
                   stream_vectors=("model.image_newline",)),
         VLMFamily("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration", "model.vision_model",
                   "model.connector", "model.text_model", "model.connector.modality_projection.proj"),
+        VLMFamily("gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration", "model.vision_tower",
+                  "model.multi_modal_projector", "model.language_model", None),
     )
 }
 
@@ -164,7 +173,7 @@ def _read_config_json(path: Path) -> dict:
 def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
-    known = {"llava", "llava_next", "idefics3"}
+    known = {"llava", "llava_next", "idefics3", "gemma3"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -185,7 +194,7 @@ def resolve_vlm(name_or_path: str) -> str:
     if _looks_local(name_or_path) or path.exists():
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
-                                "tiny-llava / tiny-llava_next / tiny-idefics3")
+                                "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -215,7 +224,7 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
     Args:
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
-            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3``
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3``
             (random-init test models built in-process, seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).

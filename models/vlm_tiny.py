@@ -1,7 +1,8 @@
 """Tiny random-init VLMs of each family with real processors, built in-process (tests, CPU demos).
 
 Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP vision tower,
-the family's projector, a LLaMA language model with grouped-query attention) at toy sizes,
+the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
+Gemma 3's own text decoder with sliding and full layers) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -12,10 +13,13 @@ family          prompt (one user turn with one image)                  image tok
 ``llava``       ``USER: <image>\\n{text} ASSISTANT:``                  4 (28 px, patch 14)
 ``llava_next``  same                                                   4 per tile + newlines (AnyRes)
 ``idefics3``    ``User:<image>{text}<end_of_utterance>\\nAssistant:``  4 (32 px, patch 8, shuffle 2)
+``gemma3``      ``<start_of_turn>user\\n<start_of_image>{text}``        4 (28 px, patch 7, pooled 2x2)
+                ``<end_of_turn>\\n<start_of_turn>model\\n``
 ==============  ====================================================  ==========================
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
-Idefics3), so a training target rendered by the template teaches the model where to stop.
+Idefics3, ``<end_of_turn>`` for Gemma 3), so a training target rendered by the template teaches
+the model where to stop.
 Everything is deterministic: the same ``seed`` gives the same weights, and the processor does
 not depend on the seed (a DataModule and a spec built separately agree).
 """
@@ -29,10 +33,14 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
+# Gemma 3's named image tokens (its tokenizer's ``boi_token`` / ``image_token`` / ``eoi_token``) and turn markers
+GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                       "eoi_token": "<end_of_image>"}
+GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
 _LLAVA_TEMPLATE = (
@@ -49,6 +57,13 @@ _IDEFICS3_TEMPLATE = (
     "<end_of_utterance>{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+_GEMMA3_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}{{ '\n' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<end_of_turn>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
+)
 
 
 def _check(family: str) -> None:
@@ -60,10 +75,14 @@ def build_tiny_tokenizer(family: str) -> Any:
     """Byte-level tokenizer + ``<pad>`` + the family's image (and turn) tokens, all special."""
     _check(family)
     tok = build_byte_tokenizer()
-    extra = list(IDEFICS3_TOKENS) if family == "idefics3" else ["<image>"]
+    extra = {"idefics3": list(IDEFICS3_TOKENS),
+             "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS]}.get(family, ["<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
     if family == "idefics3":
         tok.add_special_tokens({"eos_token": "<end_of_utterance>"})
+    if family == "gemma3":
+        tok.add_special_tokens({"eos_token": "<end_of_turn>"})
+        tok._set_model_specific_special_tokens(GEMMA3_IMAGE_TOKENS)  # tok.boi_token(_id)..., saved with it
     return tok
 
 
@@ -86,6 +105,11 @@ def build_tiny_processor(family: str) -> Any:
         return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                   chat_template=_LLAVA_TEMPLATE)
+    if family == "gemma3":
+        from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+        ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
+        return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     ip = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
@@ -103,6 +127,8 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                 tie_word_embeddings=False)
     text.update(text_overrides)
+    if family == "gemma3":
+        return _gemma3_config(tokenizer, text)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if family in ("llava", "llava_next"):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
@@ -122,6 +148,19 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
                                   image_size=32, patch_size=8)
     return Idefics3Config(vision_config=vision, text_config=LlamaConfig(**text), image_token_id=image_token,
                           scale_factor=2, tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def _gemma3_config(tokenizer: Any, text: dict) -> Any:
+    """Gemma 3: SigLIP without its pooling head (28 px, patch 7: 16 patches pooled to 4 tokens) and Gemma 3's text
+    decoder (head_dim 16, a sliding and a full layer) sized like the others."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=7, vision_use_head=False)
+    text = dict(text, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4,
+                        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                        image_token_index=tokenizer.image_token_id, tie_word_embeddings=text["tie_word_embeddings"])
 
 
 def build_tiny_vlm(family: str, seed: int = 0, **text_overrides: Any) -> tuple[nn.Module, Any]:

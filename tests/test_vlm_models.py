@@ -14,8 +14,10 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3"]
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3"]
+NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
 PARTS = {
+    "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
@@ -26,7 +28,7 @@ def _inputs(processor, family):
     img = Image.new("RGB", (30, 40), (200, 30, 30))
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
     prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
-    return dict(processor(images=[[img]] if family == "idefics3" else [img], text=[prompt], return_tensors="pt"))
+    return dict(processor(images=[[img]] if family in NESTED else [img], text=[prompt], return_tensors="pt"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -42,9 +44,13 @@ def test_tiny_vlm_parts_and_save_load_round_trip(family, tmp_path):
 
     layout = layout_of(model)
     assert list(layout.stream_vectors) == list(FAMILIES[family].stream_vectors)
-    assert len(layout.writers) == 1 and layout.writers[0].startswith(parts["projector"] + ".")
-    assert isinstance(model.get_submodule(layout.writers[0]), torch.nn.Linear)
-    assert model.get_submodule(layout.writers[0]).out_features == model.config.get_text_config().hidden_size
+    if FAMILIES[family].projector_out is None:  # Gemma 3: a raw projection matrix, its LM rotated at the readers
+        assert layout.writers == () and not any(isinstance(m, torch.nn.Linear) for m in
+                                                 model.get_submodule(parts["projector"]).modules())
+    else:
+        assert len(layout.writers) == 1 and layout.writers[0].startswith(parts["projector"] + ".")
+        assert isinstance(model.get_submodule(layout.writers[0]), torch.nn.Linear)
+        assert model.get_submodule(layout.writers[0]).out_features == model.config.get_text_config().hidden_size
     inputs = _inputs(processor, family)
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -106,3 +112,22 @@ def test_tiny_config_ties_embeddings_on_request():
 
     cfg = tiny_config("llava_next", build_tiny_tokenizer("llava_next"))
     assert cfg.image_grid_pinpoints == [[28, 28], [28, 56], [56, 28]]
+
+
+def test_gemma3_image_tokens_attend_both_ways_and_its_projector_is_no_target():
+    """Gemma 3's processor marks the image tokens (``token_type_ids``); the model lets them attend to each other
+    both ways, so dropping the ids changes the logits.  Its projector holds no nn.Linear: asking to compress it is
+    refused by name instead of silently compressing nothing."""
+    model, processor = build_tiny_vlm("gemma3")
+    inputs = _inputs(processor, "gemma3")
+    image = processor.tokenizer.image_token_id
+    assert torch.equal(inputs["token_type_ids"].bool(), inputs["input_ids"] == image)
+    assert int((inputs["input_ids"] == image).sum()) == model.config.mm_tokens_per_image == 4
+    with torch.no_grad():
+        both = model(**inputs).logits
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+    assert (both - causal).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="Gemma3MultiModalProjector.*compress_projector: false"):
+        VLMSpec(model=model, processor=processor, compress_projector=True).default_targets(model)
+    names = VLMSpec(model=model, processor=processor, compress_vision=True).default_targets(model)
+    assert len(names) == 2 * 7 + 2 * 6  # LM: q, k, v, o, gate, up, down; SigLIP: q, k, v, out_proj, fc1, fc2

@@ -25,7 +25,7 @@ from tests.fixtures_vqa import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz")]
+CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz"), ("gemma3", "scienceqa")]
 
 
 def _trainer(callbacks=(), **kw) -> Trainer:
@@ -64,7 +64,10 @@ def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_
     groups = plan["joint_groups"]
     assert any(".vision_" in g for g in groups) and any(("language_model" in g or "text_model" in g) for g in groups)
     assert plan["allocation"] == "gradient" and "rotation" in plan and plan["quantization"]["act"]["bits"] == 4
-    assert plan["rotation"]["stream_writers"]["linears"]  # the projector output was rotated
+    if family == "gemma3":  # post-norms: rotated at the readers, the stream (and the projector output) untouched
+        assert plan["rotation"]["site"] == "readers" and "stream_writers" not in plan["rotation"]
+    else:
+        assert plan["rotation"]["stream_writers"]["linears"]  # the projector output was rotated
     assert sum(isinstance(m, JointProjection) for m in model.modules()) == 3 * len(groups)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, QuantLinear)

@@ -1,4 +1,4 @@
-"""The language model of a VLM (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM) as a decoder layout.
+"""The language model of a VLM (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Gemma 3) as a decoder layout.
 
 The decoder is the VLM's language model (``vlm_parts``), laid out by its text config's family; besides the
 token embedding, the projector's output layer writes into the residual stream (its output replaces the image
@@ -26,5 +26,6 @@ def build(model: nn.Module) -> ModelLayout:
     groups = tuple((f"{prefix}.{n}", tuple(f"{prefix}.{n}.{a}" for a in qkv)) for n, m in tower.named_modules()
                    if all(isinstance(getattr(m, a, None), nn.Module) for a in qkv))
     return type(layout)(**{**layout.__dict__, "model_class": type(model).__name__,
-                           "writers": (family.projector_out,), "stream_vectors": family.stream_vectors,
+                           "writers": (family.projector_out,) if family.projector_out else (),
+                           "stream_vectors": family.stream_vectors,
                            "extra_joint_groups": groups})
