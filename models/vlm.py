@@ -16,14 +16,19 @@ apart by their *config class* (never by a name substring) and each names its thr
   weight matrix ``mm_input_projection_weight``: no ``nn.Linear``, so no projector targets),
   ``model.language_model`` (Gemma 3's text decoder: post-norms, rotated at the readers, so the projector's
   output need not turn); the processor's ``token_type_ids`` mark the image tokens, which attend to each
-  other both ways.
+  other both ways;
+- ``qwen2_vl`` / ``qwen2_5_vl`` (``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``): ``model.visual`` (a ViT with one
+  fused ``qkv`` per block over dynamic-resolution patches), whose ``merger`` (2x2 patch merge, ``mlp.0``, GELU,
+  ``mlp.2``) is the projector, ``model.language_model`` (Qwen2 with multimodal RoPE: 3-D positions from the
+  image grid, so no latent KV cache).
 
 ``lm_head`` is always the top-level ``lm_head``.
 
 :func:`load_vlm` accepts a hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
-``HuggingFaceTB/SmolVLM-Instruct``, ``google/gemma-3-4b-it``...), a local ``save_pretrained`` folder, or
-``tiny-<family>`` for the in-process test models of :mod:`models.vlm_tiny`, or ``clip-smollm2``: the real towers
-assembled offline by :mod:`models.vlm_real` (its cached ``save_pretrained`` folder, built on first use).
+``HuggingFaceTB/SmolVLM-Instruct``, ``google/gemma-3-4b-it``, ``Qwen/Qwen2.5-VL-3B-Instruct``...), a local
+``save_pretrained`` folder, or ``tiny-<family>`` for the in-process test models of :mod:`models.vlm_tiny`, or
+``clip-smollm2``: the real towers assembled offline by :mod:`models.vlm_real` (its cached ``save_pretrained``
+folder, built on first use).
 Offline, a hub id must already be in the Hugging Face cache; otherwise the error says how to download
 it and where to put it.
 """
@@ -98,6 +103,10 @@ FAMILIES: dict[str, VLMFamily] = {
                   "model.connector", "model.text_model", "model.connector.modality_projection.proj"),
         VLMFamily("gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration", "model.vision_tower",
                   "model.multi_modal_projector", "model.language_model", None),
+        VLMFamily("qwen2_vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "model.visual",
+                  "model.visual.merger", "model.language_model", "model.visual.merger.mlp.2"),
+        VLMFamily("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "model.visual",
+                  "model.visual.merger", "model.language_model", "model.visual.merger.mlp.2"),
     )
 }
 
@@ -173,7 +182,7 @@ def _read_config_json(path: Path) -> dict:
 def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
-    known = {"llava", "llava_next", "idefics3", "gemma3"}
+    known = {"llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -194,7 +203,7 @@ def resolve_vlm(name_or_path: str) -> str:
     if _looks_local(name_or_path) or path.exists():
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
-                                "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3")
+                                "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -224,7 +233,7 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
     Args:
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
-            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3``
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl``
             (random-init test models built in-process, seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).

@@ -2,7 +2,8 @@
 
 Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP vision tower,
 the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
-Gemma 3's own text decoder with sliding and full layers) at toy sizes,
+Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
+Qwen2 decoder with multimodal RoPE) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -15,11 +16,14 @@ family          prompt (one user turn with one image)                  image tok
 ``idefics3``    ``User:<image>{text}<end_of_utterance>\\nAssistant:``  4 (32 px, patch 8, shuffle 2)
 ``gemma3``      ``<start_of_turn>user\\n<start_of_image>{text}``        4 (28 px, patch 7, pooled 2x2)
                 ``<end_of_turn>\\n<start_of_turn>model\\n``
+``qwen2_5_vl``  ``<|im_start|>user\\n<|vision_start|><|image_pad|>``   4-9 (dynamic resolution
+                ``<|vision_end|>{text}<|im_end|>\\n``                   within 56²-84² px, patch 14,
+                ``<|im_start|>assistant\\n``                            2x2 patches merged)
 ==============  ====================================================  ==========================
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
-Idefics3, ``<end_of_turn>`` for Gemma 3), so a training target rendered by the template teaches
-the model where to stop.
+Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen2.5-VL), so a training target
+rendered by the template teaches the model where to stop.
 Everything is deterministic: the same ``seed`` gives the same weights, and the processor does
 not depend on the seed (a DataModule and a spec built separately agree).
 """
@@ -33,7 +37,7 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
@@ -41,6 +45,8 @@ LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
 GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                        "eoi_token": "<end_of_image>"}
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
+QWEN_VL_PIXELS = 56 * 56, 84 * 84  # min / max pixels: 4-9 merged image tokens per image
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
 _LLAVA_TEMPLATE = (
@@ -64,6 +70,14 @@ _GEMMA3_TEMPLATE = (
     "<end_of_turn>{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
 )
+_QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+)
 
 
 def _check(family: str) -> None:
@@ -75,14 +89,16 @@ def build_tiny_tokenizer(family: str) -> Any:
     """Byte-level tokenizer + ``<pad>`` + the family's image (and turn) tokens, all special."""
     _check(family)
     tok = build_byte_tokenizer()
-    extra = {"idefics3": list(IDEFICS3_TOKENS),
-             "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS]}.get(family, ["<image>"])
+    extra = {"idefics3": list(IDEFICS3_TOKENS), "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS],
+             "qwen2_5_vl": list(QWEN_VL_TOKENS)}.get(family, ["<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
     if family == "idefics3":
         tok.add_special_tokens({"eos_token": "<end_of_utterance>"})
     if family == "gemma3":
         tok.add_special_tokens({"eos_token": "<end_of_turn>"})
         tok._set_model_specific_special_tokens(GEMMA3_IMAGE_TOKENS)  # tok.boi_token(_id)..., saved with it
+    if family == "qwen2_5_vl":
+        tok.add_special_tokens({"eos_token": "<|im_end|>"})
     return tok
 
 
@@ -110,6 +126,13 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        sizes = dict(min_pixels=QWEN_VL_PIXELS[0], max_pixels=QWEN_VL_PIXELS[1], patch_size=14, merge_size=2,
+                     temporal_patch_size=2)
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+                                   video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=_QWEN_VL_TEMPLATE)
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     ip = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
@@ -129,6 +152,8 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
     text.update(text_overrides)
     if family == "gemma3":
         return _gemma3_config(tokenizer, text)
+    if family == "qwen2_5_vl":
+        return _qwen2_5_vl_config(tokenizer, text)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if family in ("llava", "llava_next"):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
@@ -161,6 +186,21 @@ def _gemma3_config(tokenizer: Any, text: dict) -> Any:
     return Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4,
                         boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
                         image_token_index=tokenizer.image_token_id, tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def _qwen2_5_vl_config(tokenizer: Any, text: dict) -> Any:
+    """Qwen2.5-VL: a 2-block ViT (window attention in block 0, full in block 1) merging 2x2 patches into the
+    language model's width, and Qwen2's decoder with multimodal RoPE (sections 2 + 3 + 3 of 8 frequencies)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    text = dict(text, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                                                               ("video_token_id", "<|video_pad|>"),
+                                                               ("vision_start_token_id", "<|vision_start|>"))}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
+                            **ids)
 
 
 def build_tiny_vlm(family: str, seed: int = 0, **text_overrides: Any) -> tuple[nn.Module, Any]:

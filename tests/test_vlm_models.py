@@ -14,10 +14,11 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3"]
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl"]
 NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
 PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
@@ -131,3 +132,36 @@ def test_gemma3_image_tokens_attend_both_ways_and_its_projector_is_no_target():
         VLMSpec(model=model, processor=processor, compress_projector=True).default_targets(model)
     names = VLMSpec(model=model, processor=processor, compress_vision=True).default_targets(model)
     assert len(names) == 2 * 7 + 2 * 6  # LM: q, k, v, o, gate, up, down; SigLIP: q, k, v, out_proj, fc1, fc2
+
+
+def test_qwen2_vl_parts_layout_and_rotation_with_images():
+    """Qwen2-VL (the Qwen2.5-VL family's predecessor: no window attention, LayerNorm ViT blocks) resolves to the same
+    parts; its language model's layout names the merger's last Linear as the stream writer and refuses the latent
+    cache (multimodal RoPE); the fused rotation keeps float64 logits with an image."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from compression.rotation import rotate_model_
+    from models.layouts import layout_of
+    from models.vlm_tiny import build_tiny_processor, tiny_config
+
+    processor = build_tiny_processor("qwen2_5_vl")  # same tokens, image processor and template
+    text = tiny_config("qwen2_5_vl", processor.tokenizer).text_config.to_dict()
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"],
+                                                                num_heads=2, mlp_ratio=2, patch_size=14,
+                                                                spatial_merge_size=2, temporal_patch_size=2),
+                           image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+                           vision_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).double().eval()
+    assert family_of(model).name == "qwen2_vl"
+    parts = vlm_parts(model)
+    assert (parts["vision_tower"], parts["projector"], parts["language_model"]) == PARTS["qwen2_5_vl"]
+    layout = layout_of(model)
+    assert layout.writers == ("model.visual.merger.mlp.2",) and not layout.supports("latent_cache")
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in _inputs(processor, "qwen2_5_vl").items()}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    entry = rotate_model_(model, layout, seed=2)
+    assert entry["site"] == "stream" and entry["stream_writers"]["linears"] == ["model.visual.merger.mlp.2"]
+    with torch.no_grad():
+        assert (model(**inputs).logits - ref).abs().max() < 1e-6 * ref.abs().max()

@@ -31,7 +31,12 @@ from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, slid
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
-           "ApertusConfig", "HunYuanDenseV1Config")
+           "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig")
+# text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
+# does not rebuild
+MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig"}
+MROPE_REASON = ("multimodal RoPE rotates q and k by 3-D positions (time, height, width) computed from the image "
+                "grid; the latent K/V rebuild implements 1-D RoPE only")
 # families whose rotary module takes the layer type (a different θ per type): Gemma 3, OLMo 3
 ROTARY_BY_LAYER_TYPE = ("Gemma3TextConfig", "Olmo3Config")
 # families whose RoPE is not LLaMA's rotate-half with full-width cos/sin: interleaved channel pairs
@@ -133,4 +138,5 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     norm = layer_norm if name in LAYERNORM else rms
     blocks = [Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
                     mlp_norm=norm(join(p, mlp_norm))) for p, layer, attn in layers]
-    return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")))
+    unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
+    return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")), unsupported=unsupported)
