@@ -81,7 +81,7 @@ class VLMSpec(ModelSpec):
     Args:
         name_or_path: hub id (``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
             ``HuggingFaceTB/SmolVLM-Instruct``...), a local ``save_pretrained`` folder, or
-            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` (random-init, CPU tests).
+            ``tiny-<family>`` of :mod:`models.vlm_tiny` (random-init, CPU tests).
         dtype: weights dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
         compress_language: the language model's attention and MLP layers are default targets.
         compress_vision: the vision tower's attention and MLP layers are default targets too.

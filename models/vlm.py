@@ -20,7 +20,11 @@ apart by their *config class* (never by a name substring) and each names its thr
 - ``qwen2_vl`` / ``qwen2_5_vl`` (``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``): ``model.visual`` (a ViT with one
   fused ``qkv`` per block over dynamic-resolution patches), whose ``merger`` (2x2 patch merge, ``mlp.0``, GELU,
   ``mlp.2``) is the projector, ``model.language_model`` (Qwen2 with multimodal RoPE: 3-D positions from the
-  image grid, so no latent KV cache).
+  image grid, so no latent KV cache);
+- ``qwen3_vl`` (``Qwen3VLConfig``): the same parts (``merger``: LayerNorm, ``linear_fc1``, GELU, ``linear_fc2``),
+  plus *deepstack*: features of some ViT blocks pass through their own mergers
+  (``model.visual.deepstack_merger_list.i``) and are added to the stream at the image positions after the
+  first decoder layers, so those mergers' ``linear_fc2`` write into the stream too (``writer_lists``).
 
 ``lm_head`` is always the top-level ``lm_head``.
 
@@ -71,6 +75,8 @@ class VLMFamily:
         projector_out: the projector's output layer (its output is written into the LM's residual stream), or
             ``None`` where that is no ``nn.Linear`` (Gemma 3's ``mm_input_projection_weight``).
         stream_vectors: learned vectors (attribute paths) written into the LM's residual stream.
+        writer_lists: ``(module list, sub-path)`` pairs: every element of the list has a stream writer at that
+            sub-path (Qwen3-VL's deepstack mergers).
     """
 
     name: str
@@ -81,6 +87,7 @@ class VLMFamily:
     language_model: str
     projector_out: str | None
     stream_vectors: tuple[str, ...] = ()
+    writer_lists: tuple[tuple[str, str], ...] = ()
 
     def classes(self) -> tuple[type, type]:
         import transformers
@@ -107,6 +114,9 @@ FAMILIES: dict[str, VLMFamily] = {
                   "model.visual.merger", "model.language_model", "model.visual.merger.mlp.2"),
         VLMFamily("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "model.visual",
                   "model.visual.merger", "model.language_model", "model.visual.merger.mlp.2"),
+        VLMFamily("qwen3_vl", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "model.visual",
+                  "model.visual.merger", "model.language_model", "model.visual.merger.linear_fc2",
+                  writer_lists=(("model.visual.deepstack_merger_list", "linear_fc2"),)),
     )
 }
 
@@ -182,7 +192,7 @@ def _read_config_json(path: Path) -> dict:
 def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
-    known = {"llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl"}
+    known = {"llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -203,7 +213,8 @@ def resolve_vlm(name_or_path: str) -> str:
     if _looks_local(name_or_path) or path.exists():
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
-                                "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl")
+                                "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl / "
+                                "tiny-qwen3_vl")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -233,8 +244,8 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
     Args:
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
-            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl``
-            (random-init test models built in-process, seeded with ``seed``).
+            ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl`` /
+            ``tiny-qwen3_vl`` (random-init test models built in-process, seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).
     """

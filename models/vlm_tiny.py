@@ -3,7 +3,8 @@
 Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP vision tower,
 the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
 Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
-Qwen2 decoder with multimodal RoPE) at toy sizes,
+Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger) at toy
+sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -19,6 +20,7 @@ family          prompt (one user turn with one image)                  image tok
 ``qwen2_5_vl``  ``<|im_start|>user\\n<|vision_start|><|image_pad|>``   4-9 (dynamic resolution
                 ``<|vision_end|>{text}<|im_end|>\\n``                   within 56²-84² px, patch 14,
                 ``<|im_start|>assistant\\n``                            2x2 patches merged)
+``qwen3_vl``    same                                                   4-9 (patch 16: 64²-96² px)
 ==============  ====================================================  ==========================
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
@@ -37,7 +39,8 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL = ("qwen2_5_vl", "qwen3_vl")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
@@ -46,7 +49,7 @@ GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_s
                        "eoi_token": "<end_of_image>"}
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
-QWEN_VL_PIXELS = 56 * 56, 84 * 84  # min / max pixels: 4-9 merged image tokens per image
+QWEN_VL_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}  # ViT patch; images resized to 4-6 merged tokens a side
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
 _LLAVA_TEMPLATE = (
@@ -90,14 +93,14 @@ def build_tiny_tokenizer(family: str) -> Any:
     _check(family)
     tok = build_byte_tokenizer()
     extra = {"idefics3": list(IDEFICS3_TOKENS), "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS],
-             "qwen2_5_vl": list(QWEN_VL_TOKENS)}.get(family, ["<image>"])
+             **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
     if family == "idefics3":
         tok.add_special_tokens({"eos_token": "<end_of_utterance>"})
     if family == "gemma3":
         tok.add_special_tokens({"eos_token": "<end_of_turn>"})
         tok._set_model_specific_special_tokens(GEMMA3_IMAGE_TOKENS)  # tok.boi_token(_id)..., saved with it
-    if family == "qwen2_5_vl":
+    if family in QWEN_VL:
         tok.add_special_tokens({"eos_token": "<|im_end|>"})
     return tok
 
@@ -126,13 +129,20 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    if family in QWEN_VL:
+        import transformers
 
-        sizes = dict(min_pixels=QWEN_VL_PIXELS[0], max_pixels=QWEN_VL_PIXELS[1], patch_size=14, merge_size=2,
+        patch = QWEN_VL_PATCH[family]
+        sizes = dict(min_pixels=(4 * patch) ** 2, max_pixels=(6 * patch) ** 2, patch_size=patch, merge_size=2,
                      temporal_patch_size=2)
-        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
-                                   video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=_QWEN_VL_TEMPLATE)
+        processor, video = (("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor") if family == "qwen2_5_vl" else
+                            ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"))
+        video_sizes = sizes if family == "qwen2_5_vl" else dict(
+            size={"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]}, patch_size=patch,
+            merge_size=2, temporal_patch_size=2)
+        return getattr(transformers, processor)(
+            image_processor=transformers.Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+            video_processor=getattr(transformers, video)(**video_sizes), chat_template=_QWEN_VL_TEMPLATE)
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     ip = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
@@ -152,8 +162,8 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
     text.update(text_overrides)
     if family == "gemma3":
         return _gemma3_config(tokenizer, text)
-    if family == "qwen2_5_vl":
-        return _qwen2_5_vl_config(tokenizer, text)
+    if family in QWEN_VL:
+        return _qwen_vl_config(family, tokenizer, text)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if family in ("llava", "llava_next"):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
@@ -188,19 +198,27 @@ def _gemma3_config(tokenizer: Any, text: dict) -> Any:
                         image_token_index=tokenizer.image_token_id, tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def _qwen2_5_vl_config(tokenizer: Any, text: dict) -> Any:
+def _qwen_vl_config(family: str, tokenizer: Any, text: dict) -> Any:
     """Qwen2.5-VL: a 2-block ViT (window attention in block 0, full in block 1) merging 2x2 patches into the
-    language model's width, and Qwen2's decoder with multimodal RoPE (sections 2 + 3 + 3 of 8 frequencies)."""
-    from transformers import Qwen2_5_VLConfig
+    language model's width, and Qwen2's decoder with multimodal RoPE (sections 2 + 3 + 3 of 8 frequencies).
+    Qwen3-VL: a 2-block ViT with learned 4x4 position embeddings, a deepstack merger on block 0, and Qwen3's
+    decoder (per-head q/k norms, head_dim 16) with the same multimodal RoPE."""
+    import transformers
 
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-    text = dict(text, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+                  patch_size=QWEN_VL_PATCH[family], spatial_merge_size=2, temporal_patch_size=2)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    if family == "qwen2_5_vl":
+        vision.update(window_size=56, fullatt_block_indexes=[1])
+        text = dict(text, rope_parameters=rope)
+    else:
+        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0])
+        text = dict(text, head_dim=16, rope_parameters=rope)
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
                                                                ("video_token_id", "<|video_pad|>"),
                                                                ("vision_start_token_id", "<|vision_start|>"))}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
-                            **ids)
+    config = getattr(transformers, "Qwen2_5_VLConfig" if family == "qwen2_5_vl" else "Qwen3VLConfig")
+    return config(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"], **ids)
 
 
 def build_tiny_vlm(family: str, seed: int = 0, **text_overrides: Any) -> tuple[nn.Module, Any]:

@@ -14,11 +14,12 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl"]
 NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
 PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen3_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
@@ -49,9 +50,11 @@ def test_tiny_vlm_parts_and_save_load_round_trip(family, tmp_path):
         assert layout.writers == () and not any(isinstance(m, torch.nn.Linear) for m in
                                                  model.get_submodule(parts["projector"]).modules())
     else:
-        assert len(layout.writers) == 1 and layout.writers[0].startswith(parts["projector"] + ".")
-        assert isinstance(model.get_submodule(layout.writers[0]), torch.nn.Linear)
-        assert model.get_submodule(layout.writers[0]).out_features == model.config.get_text_config().hidden_size
+        assert layout.writers[0].startswith(parts["projector"] + ".")  # then Qwen3-VL's deepstack mergers
+        assert len(layout.writers) == (2 if family == "qwen3_vl" else 1)
+        for writer in layout.writers:
+            assert isinstance(model.get_submodule(writer), torch.nn.Linear)
+            assert model.get_submodule(writer).out_features == model.config.get_text_config().hidden_size
     inputs = _inputs(processor, family)
     with torch.no_grad():
         ref = model(**inputs).logits

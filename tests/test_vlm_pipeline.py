@@ -26,7 +26,7 @@ from tests.fixtures_vqa import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz"), ("gemma3", "scienceqa"),
-         ("qwen2_5_vl", "vizwiz")]
+         ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa")]
 
 
 def _trainer(callbacks=(), **kw) -> Trainer:
@@ -64,7 +64,7 @@ def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_
     model, plan = module.model, module.plan
     groups = plan["joint_groups"]
     assert any(("language_model" in g or "text_model" in g) for g in groups)
-    if family == "qwen2_5_vl":  # its ViT's fused qkv is compressed as one matrix (the joint factorization itself)
+    if family.startswith("qwen"):  # their ViT's fused qkv is compressed as one matrix (the joint factorization)
         assert isinstance(model.get_submodule("model.visual.blocks.0.attn.qkv"), LowRankLinear)
     else:
         assert any(".vision_" in g for g in groups)

@@ -25,8 +25,10 @@ from models.vlm_tiny import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl"]
 WRITERS = {
+    "qwen3_vl": {"linears": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.0.linear_fc2"],
+                 "vectors": []},
     "qwen2_5_vl": {"linears": ["model.visual.merger.mlp.2"], "vectors": []},
     "llava": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "llava_next": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": ["model.image_newline"]},
@@ -73,7 +75,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     groups = find_joint_groups(model, layout_of(model))  # both towers: LM self_attn and vision self_attn
     parts = vlm_parts(model)
     # Qwen2.5-VL's ViT has one fused qkv per block: compressing it is the joint factorization, no group needed
-    vision = set() if family == "qwen2_5_vl" else {f"{parts['vision_tower']}.encoder"}
+    vision = set() if family.startswith("qwen") else {f"{parts['vision_tower']}.encoder"}
     assert {g.split(".layers.")[0] for g in groups} == {f"{parts['language_model']}"} | vision
     stats = collect_stats(model, [n for g in groups.values() for n in g], [batch], forward=lambda m, b: m(**b))
     class Both:  # joint groups in both towers (the LM spec would name only the language model's)
@@ -99,7 +101,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
 
 
-@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl"])
 def test_projector_output_must_be_rotated(family, tmp_path):
     """Without rotating the stream writers the image tokens enter the rotated stream unrotated."""
     model, processor = build_tiny_vlm(family)
@@ -192,3 +194,15 @@ def test_gemma3_vlm_rotates_its_language_model_at_the_readers(tie, tmp_path):
     compress_(fresh, Recipe("svd", ratio=0.3, targets=["o_proj", "down_proj"]))
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
+
+
+def test_qwen3_vl_deepstack_mergers_write_into_the_stream(tmp_path):
+    """Qwen3-VL adds its deepstack mergers' output to the stream after the first decoder layer: rotating only the
+    main merger leaves those image features unrotated and the logits move."""
+    model, processor = build_tiny_vlm("qwen3_vl")
+    model = model.double()
+    batch = _double(_batch(processor, tmp_path))
+    ref = _logits(model, batch)
+    main_only = {"linears": ["model.visual.merger.linear_fc2"], "vectors": []}
+    rotate_model_(model, layout_of(model), seed=1, writers=main_only)
+    assert (_logits(model, batch) - ref).abs().max() > 1e-3

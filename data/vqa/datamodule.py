@@ -67,7 +67,7 @@ class VQADataModule(LightningDataModule):
             docs/vlm.md), ``synthetic`` for the generated fixture set, or ``labelled`` for real images with
             questions from their labels (:mod:`data.vqa.labelled`).
         processor: name or path of the model whose processor renders prompts and images
-            (``tiny-llava``, ``tiny-llava_next``, ``tiny-idefics3``, ``tiny-gemma3``, a hub id or a local folder), or a
+            (``tiny-<family>`` of :mod:`models.vlm_tiny`, a hub id or a local folder), or a
             processor object.
         calibration_split / finetune_split / validation_split / test_split: dataset split names
             (``None``: the dataset's default, see the module docstring).

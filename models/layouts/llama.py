@@ -31,10 +31,10 @@ from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, slid
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
-           "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig")
+           "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
-MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig"}
+MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
 MROPE_REASON = ("multimodal RoPE rotates q and k by 3-D positions (time, height, width) computed from the image "
                 "grid; the latent K/V rebuild implements 1-D RoPE only")
 # families whose rotary module takes the layer type (a different θ per type): Gemma 3, OLMo 3
