@@ -3,8 +3,8 @@
 Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP vision tower,
 the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
 Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
-Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger) at toy
-sizes,
+Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger;
+Mistral 3: Pixtral, its patch-merging projector and a Mistral decoder) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -21,10 +21,12 @@ family          prompt (one user turn with one image)                  image tok
                 ``<|vision_end|>{text}<|im_end|>\\n``                   within 56²-84² px, patch 14,
                 ``<|im_start|>assistant\\n``                            2x2 patches merged)
 ``qwen3_vl``    same                                                   4-9 (patch 16: 64²-96² px)
+``mistral3``    ``[INST][IMG]{text}[/INST]``                           up to 2 x 2 + row breaks (32 px,
+                                                                       patch 8, merge 2x2)
 ==============  ====================================================  ==========================
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
-Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen2.5-VL), so a training target
+Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen-VL), so a training target
 rendered by the template teaches the model where to stop.
 Everything is deterministic: the same ``seed`` gives the same weights, and the processor does
 not depend on the seed (a DataModule and a spec built separately agree).
@@ -39,7 +41,7 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3")
 QWEN_VL = ("qwen2_5_vl", "qwen3_vl")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
@@ -49,6 +51,7 @@ GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_s
                        "eoi_token": "<end_of_image>"}
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
+MISTRAL3_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
 QWEN_VL_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}  # ViT patch; images resized to 4-6 merged tokens a side
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
@@ -73,6 +76,13 @@ _GEMMA3_TEMPLATE = (
     "<end_of_turn>{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
 )
+_MISTRAL3_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST]"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}[IMG]{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<eos>"
+    "{% endif %}{% endfor %}"
+)
 _QWEN_VL_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
@@ -93,7 +103,7 @@ def build_tiny_tokenizer(family: str) -> Any:
     _check(family)
     tok = build_byte_tokenizer()
     extra = {"idefics3": list(IDEFICS3_TOKENS), "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS],
-             **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
+             "mistral3": list(MISTRAL3_TOKENS), **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
     if family == "idefics3":
         tok.add_special_tokens({"eos_token": "<end_of_utterance>"})
@@ -129,6 +139,11 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
+    if family == "mistral3":
+        from transformers import PixtralImageProcessor, PixtralProcessor
+
+        return PixtralProcessor(image_processor=PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8),
+                                tokenizer=tok, patch_size=8, spatial_merge_size=2, chat_template=_MISTRAL3_TEMPLATE)
     if family in QWEN_VL:
         import transformers
 
@@ -164,6 +179,14 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
         return _gemma3_config(tokenizer, text)
     if family in QWEN_VL:
         return _qwen_vl_config(family, tokenizer, text)
+    if family == "mistral3":
+        from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+        vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     head_dim=16, image_size=32, patch_size=8)
+        return Mistral3Config(vision_config=vision, text_config=MistralConfig(**text), spatial_merge_size=2,
+                              image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1,
+                              tie_word_embeddings=text["tie_word_embeddings"])
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if family in ("llava", "llava_next"):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
