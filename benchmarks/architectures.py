@@ -176,8 +176,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent cache", "export", "U/V LoRA")
 LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
-# (rotary, q/k/v); rotation needs an MLP module for its online Hadamard (OPT's fc1 / fc2 sit on the layer)
-NO_ROTATION_FAMILIES = ("OPT",)
+# (rotary, q/k/v, 1-D positions); MLA caches its own latent
+NO_ROTATION_FAMILIES: tuple[str, ...] = ()
 NO_LATENT_FAMILIES = (*LAYERNORM_FAMILIES, "DeepSeek-V2", "DeepSeek-V3")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3

@@ -358,22 +358,49 @@ class HadamardMLP(nn.Module):
         return r["down"](self.hadamard(h))
 
 
-def _online_targets(model: nn.Module, layout: ModelLayout, seed: int) -> tuple[dict[str, dict], list[str], list[str]]:
+class HadamardAfterAct(nn.Module):
+    """``x -> (act(x) ⊙ s) H``: the online Hadamard of an MLP that has no module of its own (OPT's ``fc1`` /
+    ``fc2`` sit on the decoder layer), placed on its activation module, which runs right before the down
+    projection; ``act`` keeps its own (parameter-free or not) state under ``act``."""
+
+    def __init__(self, act: nn.Module, n: int, signs_seed: int | None) -> None:
+        super().__init__()
+        self.act = act
+        self.hadamard = HadamardTransform(n)
+        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
+
+    def matrix(self) -> torch.Tensor:
+        m = self.hadamard.matrix()
+        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(x)
+        return self.hadamard(h if self.signs is None else h * self.signs.to(h.dtype))
+
+
+def _online_targets(model: nn.Module, layout: ModelLayout, seed: int
+                    ) -> tuple[dict[str, dict], dict[str, dict], list[str], list[str]]:
     """``(mlp path -> {kind, roles[, signs_seed]})`` of dense MLPs (plain ones get random signs, see
-    :class:`HadamardMLP`), linearized expert modules, and 3-D expert modules skipped."""
-    mlps, experts, skipped = {}, [], []
+    :class:`HadamardMLP`), ``(activation path -> {down, signs_seed})`` of plain MLPs with no module of their own
+    (the MLP's path is its block's), linearized expert modules, and 3-D expert modules skipped."""
+    mlps, acts, experts, skipped = {}, {}, [], []
     for b in layout.blocks:
         for mlp in (b.mlp, b.mlp.shared):
             if mlp is None:
                 continue
-            if mlp.kind == "moe":
+            if mlp.path == b.path:
+                if mlp.kind != "plain":
+                    raise NotImplementedError(f"{layout.model_class}: the online Hadamard of a {mlp.kind} MLP "
+                                              "without a module of its own is not implemented")
+                acts[f"{mlp.path}.{mlp.name('act')}"] = {"down": mlp.writer, "signs_seed": seed}
+            elif mlp.kind == "moe":
                 (experts if isinstance(model.get_submodule(mlp.experts.path), LinearExperts) else skipped).append(
                     mlp.experts.path)
             else:
                 mlps[mlp.path] = {"kind": mlp.kind, "roles": dict(mlp.names)}
                 if mlp.kind == "plain":
                     mlps[mlp.path]["signs_seed"] = seed
-    return mlps, experts, skipped
+    return mlps, acts, experts, skipped
 
 
 def _install_hadamard_mlp(model: nn.Module, path: str, spec: Mapping, fuse: bool) -> bool:
@@ -383,6 +410,19 @@ def _install_hadamard_mlp(model: nn.Module, path: str, spec: Mapping, fuse: bool
     new = HadamardMLP(mlp, spec["kind"], spec["roles"], spec.get("signs_seed")).to(next(mlp.parameters()).device)
     if fuse:
         _right_(input_weights(getattr(new, spec["roles"]["down"])), new.matrix())
+    _set(model, path, new)
+    return True
+
+
+def _install_hadamard_act(model: nn.Module, path: str, spec: Mapping, fuse: bool) -> bool:
+    act = model.get_submodule(path)
+    if isinstance(act, HadamardAfterAct):
+        return False
+    down = model.get_submodule(spec["down"])
+    new = HadamardAfterAct(act, input_weights(down)[0].shape[1], spec.get("signs_seed"))
+    new = new.to(input_weights(down)[0].device)
+    if fuse:
+        _right_(input_weights(down), new.matrix())
     _set(model, path, new)
     return True
 
@@ -400,16 +440,22 @@ def _install_hadamard_experts(model: nn.Module, path: str, fuse: bool) -> bool:
 
 def install_online_hadamard_(model: nn.Module, layout: ModelLayout, fuse: bool = True, seed: int = 0) -> dict:
     """Add the online Hadamard before every MLP output projection (fusing ``W H`` unless ``fuse=False``; ``seed``:
-    the random signs of plain MLPs); returns ``{"mlps": {...}, "experts": [...], "skipped": [...]}`` for the plan."""
-    mlps, experts, skipped = _online_targets(model, layout, seed)
+    the random signs of plain MLPs); returns ``{"mlps": {...}, "acts": {...}, "experts": [...], "skipped": [...]}``
+    for the plan (``acts`` only when some MLP has no module of its own)."""
+    mlps, acts, experts, skipped = _online_targets(model, layout, seed)
     for path, spec in mlps.items():
         _install_hadamard_mlp(model, path, spec, fuse)
+    for path, spec in acts.items():
+        _install_hadamard_act(model, path, spec, fuse)
     for path in experts:
         _install_hadamard_experts(model, path, fuse)
     if skipped:
         log.warning("online Hadamard skipped on %d 3-D expert modules (linearize and compress them to cover them)",
                     len(skipped))
-    return {"mlps": mlps, "experts": experts, "skipped": skipped}
+    entry = {"mlps": mlps, "experts": experts, "skipped": skipped}
+    if acts:
+        entry["acts"] = acts
+    return entry
 
 
 @torch.no_grad()
@@ -512,6 +558,9 @@ def apply_rotation_plan(model: nn.Module, entry: Mapping) -> list[str]:
     online = entry.get("online") or {}
     for path, spec in online.get("mlps", {}).items():
         if _install_hadamard_mlp(model, path, spec, fuse=False):
+            changed.append(path)
+    for path, spec in online.get("acts", {}).items():
+        if _install_hadamard_act(model, path, spec, fuse=False):
             changed.append(path)
     for path in online.get("experts", []):
         if _install_hadamard_experts(model, path, fuse=False):

@@ -1,7 +1,8 @@
 """OPT: ``model.decoder.layers.i`` with ``self_attn_layer_norm`` -> ``self_attn.{q,k,v}_proj`` -> ``out_proj``
 and ``final_layer_norm`` -> ``fc1`` -> act -> ``fc2`` on the layer itself; learned positions
-(``embed_positions``) add to the stream; LayerNorm everywhere (biases).  Rotation is refused: the MLP has no
-module of its own for the online Hadamard."""
+(``embed_positions``) add to the stream; LayerNorm everywhere (biases).  The MLP has no module of its own, so
+rotation's online Hadamard before ``fc2`` rides on ``activation_fn`` (:class:`compression.rotation.HadamardAfterAct`).
+OPT-350m (post-norm, projected embeddings) is refused for rotation."""
 
 from __future__ import annotations
 
@@ -27,13 +28,11 @@ def build(model: nn.Module, base: str = "model.decoder", head: str | None = None
                   names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
                             mlp_norm=layer_norm(join(p, "final_layer_norm"))))
-    unsupported = [("rotation", "fc1 / fc2 sit on the decoder layer itself, not in an MLP module, so the online "
-                                "Hadamard in front of fc2 has no module to live in; not implemented"),
-                   ("latent_cache", "OPT attention has no rotary embedding and scales q inside its own forward; a "
+    unsupported = [("latent_cache", "OPT attention has no rotary embedding and scales q inside its own forward; a "
                                     "latent K/V rebuild for it is not implemented")]
     if not config.do_layer_norm_before or getattr(decoder, "project_in", None) is not None:
-        unsupported[0] = ("rotation", "post-norm blocks or a projected embedding (project_in/project_out) sit "
-                                      "between the stream and its readers")
+        unsupported.append(("rotation", "post-norm blocks or a projected embedding (project_in/project_out) sit "
+                                        "between the stream and its readers"))
     return ModelLayout(family="opt", model_class=type(model).__name__, hidden=config.hidden_size,
                        token_embedding=join(base, "embed_tokens"), blocks=tuple(blocks),
                        final_norm=layer_norm(join(base, "final_layer_norm")), head=head or head_path(model),
