@@ -178,7 +178,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
 NO_ROTATION_FAMILIES: tuple[str, ...] = ()
-NO_LATENT_FAMILIES = (*LAYERNORM_FAMILIES, "DeepSeek-V2", "DeepSeek-V3")
+NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 

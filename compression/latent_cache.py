@@ -13,8 +13,10 @@ When decoding one token the values are never rebuilt: the attention weights ``a`
 cannot be absorbed the same way: RoPE rotates each key by its own position after ``U_k``.
 
 with the family's per-head key norm (Qwen3, Gemma3) and its rotary module called with the layer's arguments
-(Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers; the
-family's own RoPE function where it is not rotate-half: Ernie 4.5, Helium, GLM, Cohere, GPT-OSS).
+(Gemma3: the layer type, which selects θ), both from the layout (no rotation on SmolLM3's NoPE layers, nor in
+GPT-2, whose positions are learned embeddings added to the stream; the family's own RoPE function where it is
+not rotate-half: Ernie 4.5, Helium, GLM, Cohere, GPT-OSS).  The replaced attention's own dropouts come along,
+whatever their form (a float, or GPT-2's ``nn.Dropout`` modules).
 RoPE is applied *after* rebuilding the keys (it does not commute with ``U_k``), from the cached positions;
 partial rotary (``cos`` narrower than a head) rotates the leading channels only.  The cache is ``r`` numbers
 (plus one integer position) per token and layer; the price is re-multiplying ``U_k`` over the whole prefix each
@@ -82,6 +84,16 @@ def _relative(spec: Attention, path: str | None) -> str | None:
     return None if path is None else path[len(spec.path) + 1:]
 
 
+def _dropout_p(module: nn.Module, *names: str) -> float:
+    """The first of ``names`` the replaced attention has, as a probability: a float (LLaMA's and Falcon's
+    ``attention_dropout``, OPT's ``dropout``) or an ``nn.Dropout`` (GPT-2's ``attn_dropout`` / ``resid_dropout``)."""
+    for name in names:
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value.p if isinstance(value, nn.Dropout) else value)
+    return 0.0
+
+
 class LatentAttention(nn.Module):
     """An attention module computing K/V from a cached joint latent; same children (state-dict keys) and public
     attributes as the module it replaces, which :func:`disable_latent_cache_` restores."""
@@ -107,6 +119,7 @@ class LatentAttention(nn.Module):
         self.rope_fn = spec.rope                      # the family's own RoPE (not rotate-half), or None: _rope
         self.query_scale = spec.query_scale           # positions -> factor on the rotated queries, or None
         self.qk_norm_whole, self.qk_norm_after_rope = spec.qk_norm_whole, spec.qk_norm_after_rope
+        self.prescaled = spec.prescaled_queries      # OPT: q * scaling first, then the product at scale 1
         object.__setattr__(self, "original", attn)    # restored by disable_latent_cache_
         self.train(attn.training)  # a module built for an eval-mode model stays in eval mode
 
@@ -143,10 +156,11 @@ class LatentAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None,
-                position_ids: torch.Tensor | None = None, cache=None,
+                position_ids: torch.Tensor | None = None, cache=None, layer_past=None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # transformers 5.24 renamed the decoder layers' ``past_key_values`` keyword to ``cache``
-        past_key_values = cache if cache is not None else past_key_values
+        # transformers 5.24 renamed the decoder layers' ``past_key_values`` keyword to ``cache``; GPT-NeoX's layer
+        # hands it on as ``layer_past``
+        past_key_values = next((c for c in (cache, layer_past) if c is not None), past_key_values)
         kwargs.pop("use_cache", None)
         if position_ids is not None:  # the plain attention hands them on (flash attention's packed sequences)
             kwargs["position_ids"] = position_ids
@@ -155,7 +169,10 @@ class LatentAttention(nn.Module):
         bsz, q_len = hidden_states.shape[:2]
         absorbs = self._absorbs(q_len)
         z = self._latent(hidden_states)  # [B, T, r]
-        cos, sin = position_embeddings
+        if position_embeddings is None and self.rotary is not None:
+            raise ValueError(f"{type(self.original).__name__}: the decoder layer passed no position_embeddings to a "
+                             "rotary attention")
+        cos, sin = position_embeddings if position_embeddings is not None else (None, None)  # GPT-2: none
         if self.key_mode == "plain":  # rotate the new keys once, as the plain attention does, and cache them
             q, k = self._project(z, ("q", "k"))
             heads = self._heads(q, "q_norm")
@@ -194,17 +211,18 @@ class LatentAttention(nn.Module):
             return self._output(out.reshape(bsz, q_len, -1).contiguous()), None
         value = self._heads(value, "v_norm")
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
-        out, weights = interface(self, query, key, value, attention_mask,
-                                 dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, **self.extra, **kwargs)
+        dropout = _dropout_p(self, "attention_dropout", "attn_dropout", "dropout") if self.training else 0.0
+        out, weights = interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self._score_scale,
+                                 **self.extra, **kwargs)
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self._output(out), weights
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """The output projection, then the dropout some attentions apply to their own output (StarCoder2 and
-        Seed-OSS: ``residual_dropout``, copied from the replaced module; active in training mode only)."""
+        Seed-OSS: ``residual_dropout``; GPT-2: ``resid_dropout``, copied from the replaced module; active in
+        training mode only)."""
         out = self._child("o")(out)
-        p = getattr(self, "residual_dropout", 0.0)
+        p = _dropout_p(self, "residual_dropout", "resid_dropout")
         return F.dropout(out, p=p, training=self.training) if p else out
 
     def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,9 +234,16 @@ class LatentAttention(nn.Module):
             return self.rope_fn(heads, heads[:, :0], cos, sin)[0]
         return _rope(heads, cos, sin)
 
+    @property
+    def _score_scale(self) -> float:
+        return 1.0 if self.prescaled else self.scaling
+
     def _scale_query(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """The rotated queries times the family's position-dependent factor, where the layout gives one
-        (Ministral 3: ``1 + β log(1 + ⌊p / P⌋)``), else unchanged."""
+        (Ministral 3: ``1 + β log(1 + ⌊p / P⌋)``), or times the attention scale where the family scales its queries
+        first (OPT), else unchanged."""
+        if self.prescaled:
+            return query * self.scaling
         if self.query_scale is None:
             return query
         if position_ids is None:
@@ -273,7 +298,7 @@ class LatentAttention(nn.Module):
         # query heads grouped by their kv head, one batched GEMM over (batch, kv head); cached plain keys are a
         # prefix view of a [B, G, capacity, d] buffer, so flattening B and G needs no copy
         scores = torch.bmm(query.reshape(bsz * groups, per, dim), key.flatten(0, 1).transpose(1, 2))
-        scores = scores.mul_(self.scaling).view(bsz, heads, q_len, seq)
+        scores = scores.mul_(self._score_scale).view(bsz, heads, q_len, seq)
         cap = self.extra.get("softcap")
         if cap is not None:  # Gemma 2: scores capped at +-cap before the mask, as its eager attention does
             scores = torch.tanh(scores / cap) * cap

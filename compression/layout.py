@@ -74,6 +74,8 @@ class Attention:
     #                                        OLMo 2 / 3), not each head (Qwen3, Gemma3)
     qk_norm_after_rope: bool = False       # q_norm / k_norm act on the rotated heads (HunYuan), not before RoPE
     inputs: tuple[str, ...] = ()           # the stream readers of an attention with no q/k/v triple (MLA)
+    prescaled_queries: bool = False        # q is multiplied by the attention scale before the product, which then
+    #                                        runs at scale 1 (OPT)
 
     def __post_init__(self) -> None:
         separate = None not in (self.q, self.k, self.v)

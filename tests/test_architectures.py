@@ -146,3 +146,17 @@ def test_mla_attention_reads_the_stream_through_its_first_projections():
         assert not layout.supports("latent_cache") and layout.supports("rotation")
     with pytest.raises(ValueError, match="give inputs, or q/k/v"):
         Attention(path="a", o="a.o", heads=1, kv_heads=1, head_dim=4, q="a.q", k="a.k", v="a.v", inputs=("a.x",))
+
+
+@pytest.mark.parametrize("variant", [dict(new_decoder_architecture=True, num_kv_heads=2),  # Falcon-40B / 180B
+                                     dict(multi_query=False, parallel_attn=False)])       # Falcon-RW
+@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
+def test_falcon_variants(variant, cell, monkeypatch):
+    """Falcon's other qkv layouts (grouped kv heads in per-group blocks; multi-head interleaved per head) and its
+    sequential block pass the cells the default (multi-query, parallel) row shows."""
+    import benchmarks.architectures as matrix
+
+    config, model, kwargs = FAMILIES["Falcon"]
+    monkeypatch.setitem(matrix.FAMILIES, "Falcon", (config, model, {**kwargs, **variant}))
+    status, detail = run_cell("Falcon", cell)
+    assert status == "pass", detail

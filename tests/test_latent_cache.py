@@ -286,18 +286,32 @@ def test_one_row_decoding_matches_plain_cache(joint_pair, keys):
     torch.testing.assert_close(scores_a, scores_b, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["StarCoder2", "Seed-OSS"])
+def _set_dropouts_(model, family: str) -> str:
+    """Switch on the dropouts each family applies inside its attention module; returns the attribute to check."""
+    for module in model.modules():
+        if family in ("StarCoder2", "Seed-OSS") and hasattr(module, "residual_dropout"):
+            module.residual_dropout = 0.5                 # a float
+        if family == "GPT-2" and hasattr(module, "resid_dropout") and hasattr(module, "attn_dropout"):
+            module.attn_dropout.p, module.resid_dropout.p = 0.3, 0.5   # nn.Dropout modules
+        if family == "Falcon" and hasattr(module, "query_key_value"):
+            module.attention_dropout = 0.5                # a float on the attention weights
+        if family == "OPT" and hasattr(module, "q_proj"):
+            module.dropout = 0.5                          # a float named ``dropout``
+    return {"GPT-2": "resid_dropout", "Falcon": "attention_dropout", "OPT": "dropout"}.get(family, "residual_dropout")
+
+
+@pytest.mark.parametrize("family", ["StarCoder2", "Seed-OSS", "GPT-2", "Falcon", "OPT"])
 def test_training_mode_applies_the_attentions_own_output_dropout(family):
-    """StarCoder2 and Seed-OSS drop out their attention's output (``residual_dropout``) inside the attention
-    module: in training mode the latent attention does the same, drawing the same random numbers in the same
-    order, so one seeded forward gives the same loss as the plain model's (and a different one without it)."""
+    """StarCoder2 and Seed-OSS drop out their attention's output (``residual_dropout``, a float) inside the attention
+    module, GPT-2 its weights and its output (``attn_dropout`` / ``resid_dropout`` modules), Falcon its weights
+    (``attention_dropout``, a float), OPT its weights (``dropout``, a float): in training mode the latent attention
+    does the same, drawing the same random numbers in the same order, so one seeded forward gives the same loss as
+    the plain model's (and a different one without it)."""
     from benchmarks.architectures import _joint, batches, prepared
 
     model, layout, _ = prepared(family)
     _joint(model, layout, method="svd_llm_v2")
-    for module in model.modules():
-        if hasattr(module, "residual_dropout"):
-            module.residual_dropout = 0.5
+    name = _set_dropouts_(model, family)
     latent = copy.deepcopy(model)
     enable_latent_cache_(latent, layout_of(latent))
     ids = batches()[0]["input_ids"]
@@ -311,4 +325,5 @@ def test_training_mode_applies_the_attentions_own_output_dropout(family):
     assert loss(latent, 3) == pytest.approx(loss(model, 3), rel=1e-12)
     assert loss(latent, 3) != pytest.approx(loss(latent, 4), rel=1e-6)  # the dropout is on: the seed matters
     attn = latent.get_submodule(layout.blocks[0].attn.path)
-    assert isinstance(attn, LatentAttention) and attn.residual_dropout == 0.5
+    value = getattr(attn, name)
+    assert isinstance(attn, LatentAttention) and (value.p if isinstance(value, torch.nn.Dropout) else value) == 0.5

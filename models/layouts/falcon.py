@@ -51,5 +51,5 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         family="falcon", model_class=type(model).__name__, hidden=config.hidden_size,
         token_embedding=join(base, "word_embeddings"), blocks=tuple(blocks),
         final_norm=layer_norm(join(base, "ln_f")), head=head or head_path(model),
-        unsupported=(("latent_cache", "Falcon attention (fused multi-query qkv, optional ALiBi) has no latent K/V "
-                                      "rebuild"),))
+        unsupported=(("latent_cache", "ALiBi attention biases (alibi: true) are not rebuilt by the latent K/V "
+                                      "cache"),) if config.alibi else ())

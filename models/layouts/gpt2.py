@@ -21,7 +21,7 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         p = join(base, "h", str(i))
         ap, mp = join(p, "attn"), join(p, "mlp")
         attn = Attention(path=ap, o=join(ap, "c_proj"), qkv=join(ap, "c_attn"), qkv_rows=row_ranges([e, e, e]),
-                         heads=h, kv_heads=h, head_dim=e // h, eager=eager_of(layer.attn))
+                         heads=h, kv_heads=h, head_dim=e // h, eager=eager_of(layer.attn), nope=True)
         mlp = MLP(mp, "plain", (join(mp, "c_fc"),), join(mp, "c_proj"),
                   names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj")))
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "ln_1")),
@@ -30,4 +30,6 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         family="gpt2", model_class=type(model).__name__, hidden=e, token_embedding=join(base, "wte"),
         blocks=tuple(blocks), final_norm=layer_norm(join(base, "ln_f")), head=head or head_path(model),
         position_embeddings=(join(base, "wpe"),),
-        unsupported=(("latent_cache", "GPT-2 attention (learned positions, Conv1D c_attn) has no latent K/V rebuild"),))
+        unsupported=(("latent_cache", "reorder_and_upcast_attn: true computes the eager attention in its own order, "
+                                      "which the latent K/V cache does not reproduce"),)
+        if config.reorder_and_upcast_attn else ())

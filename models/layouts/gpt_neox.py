@@ -33,6 +33,4 @@ def build(model: nn.Module, base: str = "gpt_neox", head: str | None = None) -> 
     return ModelLayout(
         family="gpt_neox", model_class=type(model).__name__, hidden=config.hidden_size,
         token_embedding=join(base, "embed_in"), blocks=tuple(blocks),
-        final_norm=layer_norm(join(base, "final_layer_norm")), head=head or head_path(model),
-        unsupported=(("latent_cache", "GPT-NeoX attention (per-head interleaved fused qkv, partial rotary) has no "
-                                      "latent K/V rebuild"),))
+        final_norm=layer_norm(join(base, "final_layer_norm")), head=head or head_path(model))

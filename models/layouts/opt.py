@@ -23,13 +23,12 @@ def build(model: nn.Module, base: str = "model.decoder", head: str | None = None
         d = config.hidden_size // config.num_attention_heads
         attn = Attention(path=ap, o=join(ap, "out_proj"), q=join(ap, "q_proj"), k=join(ap, "k_proj"),
                          v=join(ap, "v_proj"), heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
-                         head_dim=d, eager=eager_of(layer.self_attn))
+                         head_dim=d, eager=eager_of(layer.self_attn), nope=True, prescaled_queries=True)
         mlp = MLP(p, "plain", (join(p, "fc1"),), join(p, "fc2"),
                   names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
                             mlp_norm=layer_norm(join(p, "final_layer_norm"))))
-    unsupported = [("latent_cache", "OPT attention has no rotary embedding and scales q inside its own forward; a "
-                                    "latent K/V rebuild for it is not implemented")]
+    unsupported = []
     if not config.do_layer_norm_before or getattr(decoder, "project_in", None) is not None:
         unsupported.append(("rotation", "post-norm blocks or a projected embedding (project_in/project_out) sit "
                                         "between the stream and its readers"))
