@@ -316,6 +316,23 @@ def rotate_residual_(model: nn.Module, layout: ModelLayout, q: torch.Tensor, wri
     return wrapped
 
 
+class SignedHadamard(nn.Module):
+    """``h -> (h ⊙ s) H`` with random signs ``s`` (``signs_seed``), or ``h -> h H`` (``None``); nothing stored."""
+
+    def __init__(self, n: int, signs_seed: int | None) -> None:
+        super().__init__()
+        self.transform = HadamardTransform(n)
+        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
+
+    def matrix(self) -> torch.Tensor:
+        """Dense float64 ``M`` with ``forward(h) = h M``."""
+        m = self.transform.matrix()
+        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transform(h if self.signs is None else h * self.signs.to(h.dtype))
+
+
 class HadamardMLP(nn.Module):
     """An MLP computing ``down(H(inner activations))`` with an online Hadamard ``H``; same child names as the
     MLP it replaces.  ``kind`` / ``roles`` come from the layout (:class:`compression.layout.MLP`): ``gated``
@@ -335,14 +352,11 @@ class HadamardMLP(nn.Module):
         for name, child in mlp.named_children():
             self.add_module(name, child)
         self.kind, self.roles = kind, dict(roles)
-        n = getattr(self, self.roles["down"]).in_features
-        self.hadamard = HadamardTransform(n)
-        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
+        self.hadamard = SignedHadamard(getattr(self, self.roles["down"]).in_features, signs_seed)
 
     def matrix(self) -> torch.Tensor:
         """The online transform as a dense float64 matrix ``M`` (``forward`` feeds ``down`` with ``h M``)."""
-        m = self.hadamard.matrix()
-        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
+        return self.hadamard.matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = {role: getattr(self, name) for role, name in self.roles.items()}
@@ -353,8 +367,6 @@ class HadamardMLP(nn.Module):
             h = r["act"](gate) * up
         else:
             h = r["act"](r["fc"](x))
-        if self.signs is not None:
-            h = h * self.signs.to(h.dtype)
         return r["down"](self.hadamard(h))
 
 
@@ -366,16 +378,13 @@ class HadamardAfterAct(nn.Module):
     def __init__(self, act: nn.Module, n: int, signs_seed: int | None) -> None:
         super().__init__()
         self.act = act
-        self.hadamard = HadamardTransform(n)
-        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
+        self.hadamard = SignedHadamard(n, signs_seed)
 
     def matrix(self) -> torch.Tensor:
-        m = self.hadamard.matrix()
-        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
+        return self.hadamard.matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(x)
-        return self.hadamard(h if self.signs is None else h * self.signs.to(h.dtype))
+        return self.hadamard(self.act(x))
 
 
 def _online_targets(model: nn.Module, layout: ModelLayout, seed: int

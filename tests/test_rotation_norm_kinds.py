@@ -102,6 +102,16 @@ def _outlier_(model, family: str) -> None:
                     model.get_submodule(spec.path).weight[K] = GAIN
 
 
+def _outlier_model(family: str):
+    """``(model, layout, ids, float64 reference logits)``: the width-256 model with its outlier channel."""
+    model = _wide(family)
+    _outlier_(model, family)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    return model, layout_of(model), ids, ref
+
+
 def _a4_error(model, ids, ref, only: list[str]) -> float:
     """Relative logits error with per-token A4 on the linears named in ``only`` (the rest stay in float)."""
     others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in only]
@@ -115,12 +125,7 @@ def _a4_error(model, ids, ref, only: list[str]) -> float:
 def test_rotation_spreads_the_outlier_before_a4(family):
     """Exact in float64, the reader norms wrapped (stream site: the post-norms), and with A4 on the readers only
     the logits error at most 0.7x the unrotated one (measured 0.27-0.59x at width 256)."""
-    model = _wide(family)
-    layout = layout_of(model)
-    _outlier_(model, family)
-    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = model(ids).logits
+    model, layout, ids, ref = _outlier_model(family)
     rotated = copy.deepcopy(model)
     entry = rotate_model_(rotated, layout_of(rotated), seed=1, online=False)
     with torch.no_grad():
@@ -142,12 +147,7 @@ def test_plain_mlp_online_hadamard_needs_its_signs(family):
     within 1.1x of unrotated (measured 0.75-1.01x); OPT's ReLU output is half exact zeros, which per-token A4 keeps
     exactly unrotated, and the signed transform measured 1.43x unrotated on this construction (bound 1.6x).  OPT's
     MLP has no module of its own: its transform rides on the activation module (``acts`` in the plan)."""
-    model = _wide(family)
-    layout = layout_of(model)
-    _outlier_(model, family)
-    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = model(ids).logits
+    model, layout, ids, ref = _outlier_model(family)
     downs = [b.mlp.writer for b in layout.blocks]
     errors = {}
     for signs in (True, False):
