@@ -159,6 +159,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                          num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
                          kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, n_group=1,
                          topk_group=1)),
+    "Llama-4": ("Llama4TextConfig", "Llama4ForCausalLM",
+                dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=32,
+                     intermediate_size_mlp=64, moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=8,
+                     use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1)),
     "Granite-MoE": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
                     dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.2,
                          residual_multiplier=0.7, embedding_multiplier=3.0, logits_scaling=2.5)),
@@ -178,7 +182,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
 NO_ROTATION_FAMILIES: tuple[str, ...] = ()
-NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3")
+NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 

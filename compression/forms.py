@@ -87,12 +87,19 @@ class LinearExperts(nn.Module):
     named like the 3-D parameters they replace).  ``forward(x [T, E], top_k_index [T, k], top_k_weights [T, k])``
     routes exactly as the transformers experts module: ``Σ_k w_k · down_e(act(gate) * up)``, or, when ``act``
     takes the whole ``gate_up`` output (``fused_act``: GPT-OSS's :class:`ClampedSwiGLU`), ``down_e(act(gate_up))``.
-    ``hadamard``: an online transform applied to the activation's output before ``down`` (set by rotation)."""
+    ``routed_input`` (Llama 4): ``forward(x [E·T, E_dim])`` takes every expert's copy of the tokens already scaled by
+    its routing score (zero rows for the tokens not routed to it) and returns the experts' outputs in that layout;
+    each expert runs on its nonzero rows only (a zero row's output is zero: no biases), so calibration sees the
+    tokens routed to it.  ``hadamard``: an online transform applied to the activation's output before ``down``
+    (set by rotation)."""
 
     def __init__(self, count: int, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str],
-                 device=None, dtype=None, bias: bool = False, fused_act: bool = False) -> None:
+                 device=None, dtype=None, bias: bool = False, fused_act: bool = False,
+                 routed_input: bool = False) -> None:
         super().__init__()
-        self.num_experts, self.names, self.fused_act = count, tuple(names), fused_act
+        if routed_input and bias:
+            raise ValueError("routed_input experts have no biases (a zero row must give a zero output)")
+        self.num_experts, self.names, self.fused_act, self.routed_input = count, tuple(names), fused_act, routed_input
         gate_up, down, act_name = self.names
         self.add_module(gate_up, nn.ModuleList(nn.Linear(hidden, 2 * inter, bias=bias, device=device, dtype=dtype)
                                                for _ in range(count)))
@@ -101,8 +108,21 @@ class LinearExperts(nn.Module):
         self.add_module(act_name, act)
         self.hadamard: nn.Module | None = None
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down, act = (getattr(self, n) for n in self.names)
+        if self.fused_act:
+            h = act(gate_up[e](x))
+        else:
+            gate, up = gate_up[e](x).chunk(2, dim=-1)
+            h = act(gate) * up
+        if self.hadamard is not None:
+            h = self.hadamard(h)
+        return down[e](h)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None):
+        if self.routed_input:
+            return self._routed(hidden_states)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -112,19 +132,21 @@ class LinearExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tokens = torch.where(mask[e])
-            if self.fused_act:
-                h = act(gate_up[e](hidden_states[tokens]))
-            else:
-                gate, up = gate_up[e](hidden_states[tokens]).chunk(2, dim=-1)
-                h = act(gate) * up
-            if self.hadamard is not None:
-                h = self.hadamard(h)
-            h = down[e](h) * top_k_weights[tokens, pos, None]
+            h = self._expert(e, hidden_states[tokens]) * top_k_weights[tokens, pos, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out
 
+    def _routed(self, routed: torch.Tensor) -> torch.Tensor:
+        x = routed.view(self.num_experts, -1, routed.shape[-1])
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = x[e].abs().amax(-1).nonzero()[:, 0]
+            if rows.numel():
+                out[e, rows] = self._expert(e, x[e, rows]).to(out.dtype)
+        return out.view(-1, routed.shape[-1])
 
-EXPERT_FORMS = ("mixtral", "gpt_oss")
+
+EXPERT_FORMS = ("mixtral", "gpt_oss", "llama4")
 
 
 @torch.no_grad()
@@ -139,11 +161,14 @@ def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, for
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
         biases = (getattr(module, f"{gate_up}_bias"), getattr(module, f"{down}_bias"))
         activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
+    elif form == "llama4":  # x W storage (E x hidden x 2I, E x I x hidden), inputs already scaled by the routing
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+        biases, activation, fused = None, getattr(module, act), False
     else:
         biases, activation, fused = None, getattr(module, act), False
     count, two_inter, hidden = gu.shape
     new = LinearExperts(count, hidden, two_inter // 2, activation, (gate_up, down, act), device=gu.device,
-                        dtype=gu.dtype, bias=biases is not None, fused_act=fused)
+                        dtype=gu.dtype, bias=biases is not None, fused_act=fused, routed_input=form == "llama4")
     for e in range(count):
         getattr(new, gate_up)[e].weight.copy_(gu[e])
         getattr(new, down)[e].weight.copy_(dn[e])

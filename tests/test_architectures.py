@@ -1,4 +1,4 @@
-"""The architecture matrix: 45 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: 46 transformers families x 7 compression stages on tiny models built from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
@@ -48,9 +48,9 @@ def test_layouts_resolve_by_config_class_and_name_real_modules():
 
 def test_linearized_forms_compute_the_same_function():
     """Conv1D (GPT-2), FalconLinear and 3-D experts (Mixtral, Qwen3-MoE; GPT-OSS's transposed, biased, interleaved
-    and clamped ones) converted to nn.Linear: same logits (float32: the transformers experts kernel takes no
-    float64)."""
-    for family in ("GPT-2", "Falcon", "Mixtral", "Qwen3-MoE", "GPT-OSS"):
+    and clamped ones; Llama 4's transposed ones fed with score-scaled copies of every token) converted to nn.Linear:
+    same logits (float32: the transformers experts kernel takes no float64)."""
+    for family in ("GPT-2", "Falcon", "Mixtral", "Qwen3-MoE", "GPT-OSS", "Llama-4"):
         model = build(family).float()
         ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -160,3 +160,19 @@ def test_falcon_variants(variant, cell, monkeypatch):
     monkeypatch.setitem(matrix.FAMILIES, "Falcon", (config, model, {**kwargs, **variant}))
     status, detail = run_cell("Falcon", cell)
     assert status == "pass", detail
+
+
+def test_llama4_experts_see_only_the_tokens_routed_to_them():
+    """Llama 4 hands every expert a copy of every token scaled by its routing score (zero where not routed); the
+    linearized experts run on the routed rows only, so calibration counts each token once per expert it reaches:
+    ``top_k`` tokens' worth per token in all, not ``E``."""
+    from benchmarks.architectures import batches
+    from compression import collect_stats
+
+    model, layout, _ = prepared("Llama-4")
+    moe = layout.blocks[1].mlp
+    names = list(moe.readers)
+    stats = collect_stats(model, names, batches())
+    tokens = sum(b["input_ids"].numel() for b in batches())
+    counts = [stats[n].count for n in names]
+    assert sum(counts) == tokens * model.config.num_experts_per_tok and all(c < tokens for c in counts), counts

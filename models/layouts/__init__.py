@@ -23,6 +23,7 @@ from models.layouts import (
     gpt_neox,
     gpt_oss,
     llama,
+    llama4,
     moe,
     olmo2,
     opt,
@@ -30,8 +31,8 @@ from models.layouts import (
     starcoder2,
 )
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, deepseek, gpt_oss, olmo2, cohere, starcoder2, opt,
-                                     gpt2, gpt_neox, falcon)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, llama4, deepseek, gpt_oss, olmo2, cohere, starcoder2,
+                                     opt, gpt2, gpt_neox, falcon)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:
