@@ -119,7 +119,10 @@ class Method:
                 f"method {self.name!r} needs calibration statistics for layer {name!r}; none given"
                 + ("; the calibration forwards never reached it (a mixture-of-experts expert its router never chose "
                    "on these batches): calibrate on more or more varied tokens, or leave the layer out of the "
-                   f"targets (exclude: ['{name}'])" if expert else ""))
+                   f"targets (exclude: ['{name}'])" if expert else
+                   "; if they came from collect_stats, the calibration forwards never called this module (a branch "
+                   "these batches do not take, or a parent that uses its weight without calling it): leave it out "
+                   f"of the targets (exclude: ['{name}']) or calibrate on inputs that reach it"))
         if "gram" in self.needs and stats.gram is None:
             raise ValueError(f"method {self.name!r} needs a Gram matrix for layer {name!r}; "
                              "collect statistics with needs including 'gram' (with_gram=True)")

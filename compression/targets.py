@@ -10,7 +10,9 @@ Default filter (always applied, reported as skips):
 - only plain ``nn.Linear``: ``Conv1D`` (GPT-2), ``nn.Linear`` subclasses (Falcon) and 3-D expert tensors
   (Mixtral, Qwen2-MoE) become targets once converted by :func:`compression.forms.linearize_`
   (``CausalLMSpec`` does it when it builds the model); until then they are reported with that hint;
-- not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly);
+- not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly), nor any layer whose parent's
+  class reads its ``weight`` or ``bias`` for more than the dtype, device or shape (Jamba's and Mamba's
+  ``dt_proj.weight @ x``): a factorized layer has neither, so the model would break;
 - not an output layer whose weight is tied to an ``nn.Embedding``;
 - not a factor of an already compressed :class:`~compression.lowrank.LowRankLinear`, and
   not an already compressed layer (rerunning compression changes nothing).
@@ -23,6 +25,9 @@ says what a "ratio" does *not* cover (:func:`uncovered_weights`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -42,6 +47,32 @@ class Selection:
 
     names: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=256)
+def _source_of(cls: type) -> str:
+    """The source of ``cls`` and of its bases up to ``nn.Module`` ("" where unavailable: built-ins, REPL classes);
+    the module's other code (weight initialization, say) is not the forward's."""
+    parts = []
+    for base in cls.__mro__:
+        if base in (nn.Module, object) or base.__module__.startswith("torch."):
+            continue
+        try:
+            parts.append(inspect.getsource(base))
+        except (OSError, TypeError):
+            continue
+    return "\n".join(parts)
+
+
+def direct_weight_read(parent: nn.Module, child: str) -> str | None:
+    """The first source line where ``parent``'s class reads ``self.<child>.weight`` / ``.bias`` for a product
+    (anything but ``.dtype``, ``.device``, ``.shape``, an ``isinstance`` check or an ``nn.init`` call), or ``None``."""
+    pattern = re.compile(rf"\bself\.{re.escape(child)}\.(weight|bias)\b(?!\s*\.\s*(dtype|device|shape)\b)")
+    for line in _source_of(type(parent)).splitlines():
+        code = line.strip()
+        if pattern.search(code) and "isinstance(" not in code and not code.startswith("#") and "init." not in code:
+            return code
+    return None
 
 
 def _tied_embedding_weights(model: nn.Module) -> set[int]:
@@ -79,9 +110,18 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
                              "it when its forward is x Wᵀ + b and it is not a MoE router")
         elif id(module.weight) in embeddings:
             skipped[name] = "weight tied to an input embedding"
+        elif (read := _read_by_parent(model, name)) is not None:
+            skipped[name] = f"its parent reads its weight directly ({read!r}); a factorized layer has no weight"
         else:
             eligible[name] = module
     return eligible, skipped
+
+
+def _read_by_parent(model: nn.Module, name: str) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    if not parent_name:
+        return None
+    return direct_weight_read(model.get_submodule(parent_name), child)
 
 
 def _unmatched_error(kind: str, pattern: str, names: Sequence[str], skipped: dict[str, str] | None = None

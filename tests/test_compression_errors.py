@@ -82,7 +82,9 @@ def test_missing_statistics(tiny_llama, stats):
     with pytest.raises(ValueError, match="needs calibration statistics: pass stats= or batches="):
         compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=None)
     partial = collect_stats(tiny_llama, ["model.layers.1.mlp.down_proj"], [{"input_ids": torch.zeros(1, 4).long()}])
-    with pytest.raises(ValueError, match="needs calibration statistics for layer 'model.layers.0.self_attn.q_proj'"):
+    q = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match=f"needs calibration statistics for layer '{q}'.*never called this module"
+                                         f".*exclude: \\['{q}'\\]"):
         compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=partial)
     assert_unchanged(tiny_llama, snap)
 
@@ -132,3 +134,50 @@ def test_mha_out_proj_is_never_targeted():
     assert "mha.out_proj" in skipped
     with pytest.raises(ValueError, match="'out_proj' matches no eligible"):
         compress_(model, Recipe("svd", targets=["out_proj"]))
+
+
+class _ReadsWeight(torch.nn.Module):
+    """A parent that multiplies by its child's weight itself (as Mamba's mixers do with dt_proj), next to one that
+    only reads its child's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dt_proj = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x.to(self.out.weight.dtype)
+        return self.out(x @ self.dt_proj.weight.T)
+
+
+def test_a_layer_whose_parent_reads_its_weight_is_never_targeted():
+    """Factorized, such a layer has no ``weight``: the model would break at its next forward.  It is skipped with the
+    line that reads it, a dtype read is not, and an explicit target naming it says why it matches nothing."""
+    model = torch.nn.Sequential(_ReadsWeight())
+    eligible, skipped = eligible_linears(model)
+    assert list(eligible) == ["0.out"] and "self.dt_proj.weight.T" in skipped["0.dt_proj"]
+    with pytest.raises(ValueError, match="'dt_proj' matches no eligible.*parent reads its weight directly"):
+        compress_(model, Recipe("svd", targets=["dt_proj"]))
+
+
+def test_jamba_compresses_without_its_mixers_dt_proj():
+    """Jamba's Mamba mixer computes ``dt_proj.weight @ x`` on its CPU path: ``svd`` on the default targets used to
+    replace dt_proj and the compressed model failed at its first forward; now dt_proj is reported as not covered
+    and the compressed model runs."""
+    import transformers
+
+    from lightning_modules.specs import CausalLMSpec
+
+    config = transformers.JambaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=0, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4,
+        use_mamba_kernels=False, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.JambaForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    report = compress_(model, Recipe("svd", ratio=0.3), family=CausalLMSpec(model=model))
+    names = [r.name for r in report.layers]
+    assert "model.layers.1.mamba.in_proj" in names and "model.layers.1.mamba.dt_proj" not in names
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
