@@ -5,7 +5,8 @@ the compressed model runs.  Layout features (joint QKV, rotation, latent cache) 
 ("no model layout"); this is the plain SVD-LLM path.
 
 The check that whitening does its job on data it saw: on a calibration batch, ``svd_llm``'s logits are closer to
-the dense ones than plain ``svd``'s at the same ratio (measured 0.10 vs 0.15 .. 0.29 vs 0.52 relative).
+the dense ones than plain ``svd``'s at the same ratio (measured, relative: Qwen3-Next 0.097 vs 0.147, Bamba 0.151
+vs 0.248, LFM2 0.160 vs 0.224, Jamba 0.106 vs 0.164).
 """
 
 from __future__ import annotations
