@@ -4,7 +4,8 @@ Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP 
 the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
 Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
 Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger;
-Mistral 3: Pixtral, its patch-merging projector and a Mistral decoder) at toy sizes,
+Mistral 3: Pixtral, its patch-merging projector and a Mistral decoder; InternVL: InternViT, its pixel-shuffle
+projector and a Qwen2 decoder) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -23,10 +24,12 @@ family          prompt (one user turn with one image)                  image tok
 ``qwen3_vl``    same                                                   4-9 (patch 16: 64²-96² px)
 ``mistral3``    ``[INST][IMG]{text}[/INST]``                           up to 2 x 2 + row breaks (32 px,
                                                                        patch 8, merge 2x2)
+``internvl``    ChatML, the image as ``<img>`` + 4 ``<IMG_CONTEXT>``    4 (56 px, patch 14, pixel shuffle
+                + ``</img>``                                           0.5, one tile)
 ==============  ====================================================  ==========================
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
-Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen-VL), so a training target
+Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen-VL and InternVL), so a training target
 rendered by the template teaches the model where to stop.
 Everything is deterministic: the same ``seed`` gives the same weights, and the processor does
 not depend on the seed (a DataModule and a spec built separately agree).
@@ -41,7 +44,7 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl")
 QWEN_VL = ("qwen2_5_vl", "qwen3_vl")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
@@ -52,6 +55,9 @@ GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_s
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
 MISTRAL3_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
+# InternVL's named image tokens (its tokenizer's attributes) and ChatML turns
+INTERNVL_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 QWEN_VL_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}  # ViT patch; images resized to 4-6 merged tokens a side
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
@@ -83,6 +89,13 @@ _MISTRAL3_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<eos>"
     "{% endif %}{% endfor %}"
 )
+_INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>{{ '\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+)
 _QWEN_VL_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
@@ -103,15 +116,19 @@ def build_tiny_tokenizer(family: str) -> Any:
     _check(family)
     tok = build_byte_tokenizer()
     extra = {"idefics3": list(IDEFICS3_TOKENS), "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS],
-             "mistral3": list(MISTRAL3_TOKENS), **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
+             "mistral3": list(MISTRAL3_TOKENS),
+             "internvl": [*INTERNVL_IMAGE_TOKENS.values(), "<|im_start|>", "<|im_end|>"],
+             **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
     if family == "idefics3":
         tok.add_special_tokens({"eos_token": "<end_of_utterance>"})
     if family == "gemma3":
         tok.add_special_tokens({"eos_token": "<end_of_turn>"})
         tok._set_model_specific_special_tokens(GEMMA3_IMAGE_TOKENS)  # tok.boi_token(_id)..., saved with it
-    if family in QWEN_VL:
+    if family in (*QWEN_VL, "internvl"):
         tok.add_special_tokens({"eos_token": "<|im_end|>"})
+    if family == "internvl":
+        tok._set_model_specific_special_tokens(INTERNVL_IMAGE_TOKENS)
     return tok
 
 
@@ -139,6 +156,13 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
+    if family == "internvl":
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        one_tile = dict(size={"height": 56, "width": 56}, crop_to_patches=False, max_patches=1, min_patches=1)
+        return InternVLProcessor(image_processor=GotOcr2ImageProcessor(**one_tile), tokenizer=tok,
+                                 video_processor=InternVLVideoProcessor(size={"height": 56, "width": 56}),
+                                 image_seq_length=4, chat_template=_INTERNVL_TEMPLATE)
     if family == "mistral3":
         from transformers import PixtralImageProcessor, PixtralProcessor
 
@@ -179,6 +203,14 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
         return _gemma3_config(tokenizer, text)
     if family in QWEN_VL:
         return _qwen_vl_config(family, tokenizer, text)
+    if family == "internvl":
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=[56, 56], patch_size=[14, 14])
+        return InternVLConfig(vision_config=vision, text_config=Qwen2Config(**text), downsample_ratio=0.5,
+                              image_token_id=tokenizer.context_image_token_id, vision_feature_layer=-1,
+                              tie_word_embeddings=text["tie_word_embeddings"])
     if family == "mistral3":
         from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
 

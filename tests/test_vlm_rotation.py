@@ -3,6 +3,8 @@ plan rebuild, and joint QKV of both towers -- including why a fused ``qkv`` Line
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -25,8 +27,9 @@ from models.vlm_tiny import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3"]
+FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"]
 WRITERS = {
+    "internvl": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "mistral3": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "qwen3_vl": {"linears": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.0.linear_fc2"],
                  "vectors": []},
@@ -78,7 +81,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     # Qwen-VL's ViT has one fused qkv per block: compressing it is the joint factorization, no group needed
     tower = {"qwen2_5_vl": None, "qwen3_vl": None, "mistral3": ".transformer"}.get(family, ".encoder")
     vision = set() if tower is None else {f"{parts['vision_tower']}{tower}"}
-    assert {g.split(".layers.")[0] for g in groups} == {f"{parts['language_model']}"} | vision
+    assert {re.split(r"\.layers?\.", g)[0] for g in groups} == {f"{parts['language_model']}"} | vision
     stats = collect_stats(model, [n for g in groups.values() for n in g], [batch], forward=lambda m, b: m(**b))
     class Both:  # joint groups in both towers (the LM spec would name only the language model's)
         @staticmethod
@@ -103,7 +106,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
 
 
-@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3"])
+@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"])
 def test_projector_output_must_be_rotated(family, tmp_path):
     """Without rotating the stream writers the image tokens enter the rotated stream unrotated."""
     model, processor = build_tiny_vlm(family)
