@@ -505,7 +505,8 @@ def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_had
                   online: bool = True, writers: Mapping[str, list[str]] | None = None,
                   site: str | None = None) -> dict:
     """Fold norms, untie, rotate the residual stream by H1 (``site="stream"``) or rotate online after each reader
-    norm (``site="readers"``, the default for post-norm layouts, see the module docstring) and (``online``) add
+    norm (``site="readers"``, the default for post-norm, LayerNorm and parallel-block layouts: :func:`default_site`,
+    the module docstring) and (``online``) add
     the Hadamard before each MLP's output projection.  Works on dense, low-rank and joint-QKV layers, on causal
     LMs and on the language model of a VLM (whose projector output is rotated too).  Refuses layouts it cannot
     rotate exactly (up front, before touching the model).  Returns the plan's ``rotation`` entry (plain data;
@@ -523,6 +524,8 @@ def rotate_model_(model: nn.Module, layout: ModelLayout, kind: str = "random_had
                          "(site='readers'); folding their reader scales is what broke their weight quantization")
     writers = _stream_writers(layout, writers)
     _check_modules(model, layout, site, writers)
+    if online:
+        _online_targets(model, layout, seed)  # refuses an MLP it cannot wrap before anything changes
     rotation = StreamRotation(layout.hidden, kind, seed).to(model.get_submodule(layout.token_embedding).weight.device)
     entry = {"residual": {"kind": kind, "seed": seed, "size": layout.hidden}}
     if site == "readers":
