@@ -163,6 +163,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                 dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=32,
                      intermediate_size_mlp=64, moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=8,
                      use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1)),
+    "Qwen3-Next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(_COMMON, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"])),
     "Granite-MoE": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
                     dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.2,
                          residual_multiplier=0.7, embedding_multiplier=3.0, logits_scaling=2.5)),
@@ -182,7 +186,7 @@ LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
 NO_ROTATION_FAMILIES: tuple[str, ...] = ()
-NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4")
+NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4", "Qwen3-Next")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 
@@ -326,7 +330,7 @@ def cell_joint(family: str) -> str:
         bias = r.params_before - r.out_features * r.in_features
         assert r.params_after == r.rank * (r.in_features + r.out_features) + bias, r
     attn = layout.blocks[0].attn
-    kind = "fused qkv" if attn.fused else "MLA q/kv stream readers" if attn.inputs else "separate q/k/v"
+    kind = "fused qkv" if attn.fused else "stream readers, no q/k/v triple" if attn.inputs else "separate q/k/v"
     return f"{kind}: full rank rel {err:.0e}; ranks {[r.rank for r in report.layers]}"
 
 

@@ -1,4 +1,4 @@
-"""The architecture matrix: 46 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: 47 transformers families x 7 compression stages on tiny models built from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in

@@ -28,11 +28,12 @@ from models.layouts import (
     olmo2,
     opt,
     phi3,
+    qwen3_next,
     starcoder2,
 )
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, llama4, deepseek, gpt_oss, olmo2, cohere, starcoder2,
-                                     opt, gpt2, gpt_neox, falcon)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, llama4, deepseek, qwen3_next, gpt_oss, olmo2, cohere,
+                                     starcoder2, opt, gpt2, gpt_neox, falcon)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:
