@@ -28,6 +28,8 @@ apart by their *config class* (never by a name substring) and each names its thr
 - ``mistral3`` (``Mistral3Config``, Mistral Small 3.1 / 3.2): ``model.vision_tower`` (Pixtral: rotary 2-D
   patch positions, separate q/k/v), ``model.multi_modal_projector`` (RMSNorm, a 2x2 patch merger's
   ``merging_layer``, ``linear_1``, GELU, ``linear_2``), ``model.language_model`` (Mistral);
+- ``llava_onevision`` (``LlavaOnevisionConfig``): LLaVA-NeXT's parts and ``image_newline`` with a SigLIP tower
+  and a Qwen2 language model;
 - ``internvl`` (``InternVLConfig``, InternVL 3 / 3.5): ``model.vision_tower`` (InternViT, separate q/k/v),
   ``model.multi_modal_projector`` (pixel shuffle, LayerNorm, ``linear_1``, GELU, ``linear_2``),
   ``model.language_model`` (Qwen2 / Qwen3 / LLaMA, resolved by its own config).
@@ -125,6 +127,9 @@ FAMILIES: dict[str, VLMFamily] = {
                   writer_lists=(("model.visual.deepstack_merger_list", "linear_fc2"),)),
         VLMFamily("mistral3", "Mistral3Config", "Mistral3ForConditionalGeneration", "model.vision_tower",
                   "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2"),
+        VLMFamily("llava_onevision", "LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+                  "model.vision_tower", "model.multi_modal_projector", "model.language_model",
+                  "model.multi_modal_projector.linear_2", stream_vectors=("model.image_newline",)),
         VLMFamily("internvl", "InternVLConfig", "InternVLForConditionalGeneration", "model.vision_tower",
                   "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2"),
     )
@@ -202,7 +207,8 @@ def _read_config_json(path: Path) -> dict:
 def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
-    known = {"llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"}
+    known = {"llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+             "mistral3", "internvl"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -224,7 +230,7 @@ def resolve_vlm(name_or_path: str) -> str:
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
                                 "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl / "
-                                "tiny-qwen3_vl / tiny-mistral3 / tiny-internvl")
+                                "tiny-qwen3_vl / tiny-mistral3 / tiny-internvl / tiny-llava_onevision")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -255,7 +261,8 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
             ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl`` /
-            ``tiny-qwen3_vl`` / ``tiny-mistral3`` / ``tiny-internvl`` (random-init test models built in-process,
+            ``tiny-qwen3_vl`` / ``tiny-mistral3`` / ``tiny-internvl`` / ``tiny-llava_onevision`` (random-init test
+            models built in-process,
             seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).

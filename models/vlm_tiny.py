@@ -5,7 +5,7 @@ the family's projector, a LLaMA language model with grouped-query attention; Gem
 Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
 Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger;
 Mistral 3: Pixtral, its patch-merging projector and a Mistral decoder; InternVL: InternViT, its pixel-shuffle
-projector and a Qwen2 decoder) at toy sizes,
+projector and a Qwen2 decoder; LLaVA-OneVision: SigLIP, LLaVA's projector and a Qwen2 decoder) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
 tokenizer of :func:`models.causal_lm.build_byte_tokenizer` plus the family's special tokens,
 and a chat template in the family's style:
@@ -28,6 +28,9 @@ family          prompt (one user turn with one image)                  image tok
                 + ``</img>``                                           0.5, one tile)
 ==============  ====================================================  ==========================
 
+``llava_onevision`` renders LLaVA's prompt and tiles images as ``llava_next`` does (SigLIP, every patch's
+features).
+
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
 Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen-VL and InternVL), so a training target
 rendered by the template teaches the model where to stop.
@@ -44,7 +47,8 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
+                 "llava_onevision")
 QWEN_VL = ("qwen2_5_vl", "qwen3_vl")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
@@ -156,6 +160,14 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+        ip = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                          image_grid_pinpoints=LLAVA_PINPOINTS)
+        return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok,
+                                       video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
+                                       vision_feature_select_strategy="full", chat_template=_LLAVA_TEMPLATE)
     if family == "internvl":
         from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
@@ -203,6 +215,15 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
         return _gemma3_config(tokenizer, text)
     if family in QWEN_VL:
         return _qwen_vl_config(family, tokenizer, text)
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=28, patch_size=14, vision_use_head=False)
+        return LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**text), vision_feature_layer=-1,
+                                    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                    vision_feature_select_strategy="full", image_grid_pinpoints=LLAVA_PINPOINTS,
+                                    tie_word_embeddings=text["tie_word_embeddings"])
     if family == "internvl":
         from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 

@@ -79,7 +79,8 @@ def test_vizwiz_reader_majority_and_server_only_test(vizwiz_root, tmp_path):
 @pytest.mark.parametrize("family, eos", [("llava", "<eos>"), ("llava_next", "<eos>"),
                                          ("idefics3", "<end_of_utterance>"), ("gemma3", "<end_of_turn>"),
                                          ("qwen2_5_vl", "<|im_end|>"), ("qwen3_vl", "<|im_end|>"),
-                                         ("mistral3", "<eos>"), ("internvl", "<|im_end|>")])
+                                         ("mistral3", "<eos>"), ("internvl", "<|im_end|>"),
+                                         ("llava_onevision", "<eos>")])
 def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_root, vizwiz_root):
     processor = load_processor(f"tiny-{family}")
     tok = processor.tokenizer
@@ -91,7 +92,7 @@ def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_ro
         ids = train["input_ids"][i][train["attention_mask"][i].bool()]
         n = learned.numel()
         # Idefics3's, Gemma 3's and Qwen2.5-VL's templates put a newline after the turn's EOS (not learned)
-        last = family in ("llava", "llava_next", "mistral3")
+        last = family in ("llava", "llava_next", "mistral3", "llava_onevision")
         assert torch.equal(ids[-n:], learned) if last else torch.equal(ids[-n - 1:-1], learned)
     # right padding: labels never cover padding
     assert not ((train["labels"] != -100) & (train["attention_mask"] == 0)).any()

@@ -14,7 +14,8 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"]
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
+            "llava_onevision"]
 NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
 PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
@@ -22,6 +23,7 @@ PARTS = {
     "qwen3_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "mistral3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "llava_onevision": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "idefics3": ("model.vision_model", "model.connector", "model.text_model"),

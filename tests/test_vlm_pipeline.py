@@ -26,7 +26,8 @@ from tests.fixtures_vqa import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz"), ("gemma3", "scienceqa"),
-         ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa"), ("mistral3", "vizwiz"), ("internvl", "scienceqa")]
+         ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa"), ("mistral3", "vizwiz"), ("internvl", "scienceqa"),
+         ("llava_onevision", "scienceqa")]
 
 
 def _trainer(callbacks=(), **kw) -> Trainer:

@@ -27,8 +27,9 @@ from models.vlm_tiny import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"]
+FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl", "llava_onevision"]
 WRITERS = {
+    "llava_onevision": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": ["model.image_newline"]},
     "internvl": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "mistral3": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "qwen3_vl": {"linears": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.0.linear_fc2"],
@@ -106,7 +107,8 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
 
 
-@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl"])
+@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
+                                    "llava_onevision"])
 def test_projector_output_must_be_rotated(family, tmp_path):
     """Without rotating the stream writers the image tokens enter the rotated stream unrotated."""
     model, processor = build_tiny_vlm(family)
