@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Block, ModelLayout
+from compression.layout import Block, ModelLayout
 from models.layouts.common import join, rms
-from models.layouts.llama import decoder_layers, decoder_layout
+from models.layouts.llama import decoder_layers, decoder_layout, fused_gated_mlp
 
 CONFIGS = ("GlmConfig", "Glm4Config")
 
@@ -27,8 +27,7 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
         mp = join(p, "mlp")
         blocks.append(Block(
             path=p, attn=attn,
-            mlp=MLP(mp, "gated_fused", (join(mp, "gate_up_proj"),), join(mp, "down_proj"),
-                    names=(("gate_up", "gate_up_proj"), ("act", "activation_fn"), ("down", "down_proj"))),
+            mlp=fused_gated_mlp(mp),
             attn_norm=rms(join(p, "input_layernorm")), mlp_norm=rms(join(p, "post_attention_layernorm")),
             attn_out_norm=rms(join(p, "post_self_attn_layernorm")) if post else None,
             mlp_out_norm=rms(join(p, "post_mlp_layernorm")) if post else None))

@@ -93,9 +93,19 @@ def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tupl
         eager=eager_of(attn))
 
 
-def gated_mlp(path: str) -> MLP:
+def gated_mlp(path: str, act: str = "act_fn") -> MLP:
+    """LLaMA's ``down_proj(act(gate_proj(x)) * up_proj(x))``; ``act``: the activation's attribute name (Llama 4:
+    ``activation_fn``)."""
     return MLP(path, "gated", (join(path, "gate_proj"), join(path, "up_proj")), join(path, "down_proj"),
-               names=(("gate", "gate_proj"), ("up", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
+               names=(("gate", "gate_proj"), ("up", "up_proj"), ("act", act), ("down", "down_proj")))
+
+
+def fused_gated_mlp(path: str, gate_up: str = "gate_up_proj", act: str = "activation_fn",
+                    down: str = "down_proj") -> MLP:
+    """``down(act(g) * u)`` with ``g, u = chunk(gate_up(x))`` (Phi-3, GLM; Granite-MoE-Shared's shared expert:
+    ``input_linear`` / ``activation`` / ``output_linear``)."""
+    return MLP(path, "gated_fused", (join(path, gate_up),), join(path, down),
+               names=(("gate_up", gate_up), ("act", act), ("down", down)))
 
 
 def plain_mlp(path: str) -> MLP:

@@ -16,17 +16,12 @@ from torch import nn
 
 from compression.layout import MLP, Block, Experts, ModelLayout
 from models.layouts.common import join, rms
-from models.layouts.llama import decoder_layers, decoder_layout
+from models.layouts.llama import decoder_layers, decoder_layout, gated_mlp
 from models.layouts.moe import experts_readers
 
 CONFIGS = ("Llama4TextConfig",)
 LATENT_REASON = ("Llama 4's attention (complex RoPE frequencies, L2 q/k norms on RoPE layers, a position-dependent "
                  "query temperature on NoPE layers, chunked attention) has no latent K/V rebuild")
-
-
-def _gated(path: str) -> MLP:
-    return MLP(path, "gated", (join(path, "gate_proj"), join(path, "up_proj")), join(path, "down_proj"),
-               names=(("gate", "gate_proj"), ("up", "up_proj"), ("act", "activation_fn"), ("down", "down_proj")))
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
@@ -39,9 +34,9 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
             experts = Experts(path=ep, gate_up="gate_up_proj", down="down_proj", act="act_fn",
                               count=config.num_local_experts, router=join(fp, "router"), form="llama4")
             mlp = MLP(fp, "moe", experts_readers(layer.feed_forward.experts, ep, "gate_up_proj"), None,
-                      experts=experts, shared=_gated(join(fp, "shared_expert")))
+                      experts=experts, shared=gated_mlp(join(fp, "shared_expert"), act="activation_fn"))
         else:
-            mlp = _gated(fp)
+            mlp = gated_mlp(fp, act="activation_fn")
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=rms(join(p, "input_layernorm")),
                             mlp_norm=rms(join(p, "post_attention_layernorm"))))
     return decoder_layout(model, "llama4", config, base, head, blocks, rms(join(base, "norm")),

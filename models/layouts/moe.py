@@ -44,9 +44,7 @@ def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]
 def _granite_shared(layer: nn.Module, block: str) -> MLP | None:
     if getattr(layer, "shared_mlp", None) is None:
         return None
-    sp = join(block, "shared_mlp")
-    return MLP(sp, "gated_fused", (join(sp, "input_linear"),), join(sp, "output_linear"),
-               names=(("gate_up", "input_linear"), ("act", "activation"), ("down", "output_linear")))
+    return llama.fused_gated_mlp(join(block, "shared_mlp"), "input_linear", "activation", "output_linear")
 
 
 def moe_mlp(layer: nn.Module, path: str) -> MLP:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout, row_ranges
+from compression.layout import Attention, Block, ModelLayout, row_ranges
 from models.layouts.common import eager_of, join, rms, sliding_kwargs
+from models.layouts.llama import fused_gated_mlp
 
 CONFIGS = ("Phi3Config",)
 
@@ -24,8 +25,7 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
                          heads=h, kv_heads=g, head_dim=d, rotary=join(base, "rotary_emb"),
                          attention_kwargs=sliding_kwargs(a, config, "config"), eager=eager_of(a))
         mp = join(p, "mlp")
-        mlp = MLP(mp, "gated_fused", (join(mp, "gate_up_proj"),), join(mp, "down_proj"),
-                  names=(("gate_up", "gate_up_proj"), ("act", "activation_fn"), ("down", "down_proj")))
+        mlp = fused_gated_mlp(mp)
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=rms(join(p, "input_layernorm")),
                             mlp_norm=rms(join(p, "post_attention_layernorm"))))
     return ModelLayout(family="phi3", model_class=type(model).__name__, hidden=config.hidden_size,
