@@ -157,14 +157,12 @@ def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, for
         raise ValueError(f"{type(module).__name__}: expected 3-D expert tensors {gate_up!r} and {down!r}")
     if form not in EXPERT_FORMS:
         raise ValueError(f"experts form must be one of {EXPERT_FORMS}, got {form!r}")
-    if form == "gpt_oss":  # x W + b storage, biases, the clamped SwiGLU on interleaved gate/up
+    if form in ("gpt_oss", "llama4"):  # stored for x W (E x hidden x 2I, E x I x hidden)
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    if form == "gpt_oss":  # biases, the clamped SwiGLU on interleaved gate/up
         biases = (getattr(module, f"{gate_up}_bias"), getattr(module, f"{down}_bias"))
         activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
-    elif form == "llama4":  # x W storage (E x hidden x 2I, E x I x hidden), inputs already scaled by the routing
-        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-        biases, activation, fused = None, getattr(module, act), False
-    else:
+    else:  # Llama 4's inputs arrive already scaled by the routing (routed_input)
         biases, activation, fused = None, getattr(module, act), False
     count, two_inter, hidden = gu.shape
     new = LinearExperts(count, hidden, two_inter // 2, activation, (gate_up, down, act), device=gu.device,
@@ -190,8 +188,7 @@ def linearize_(model: nn.Module, layout: ModelLayout | None = None) -> dict:
     conv1d = _conv1d_class()
     entry: dict = {"conv1d": [], "linear": [], "experts": {}}
     # a MoE router stays as it is, whatever its class (Phi-3.5-MoE's is an nn.Linear subclass returning the routing)
-    blocks = layout.blocks if layout is not None else ()
-    routers = {b.mlp.experts.router for b in blocks if b.mlp.experts is not None}
+    routers = set(layout.routers()) if layout is not None else set()
     for name, module in list(model.named_modules()):
         if conv1d is not None and type(module) is conv1d:
             _set(model, name, _plain_linear(module.weight.T, module.bias))
