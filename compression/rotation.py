@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from compression.forms import LinearExperts
-from compression.hadamard import HadamardTransform, is_hadamard_order, random_signs, rotation_matrix
+from compression.hadamard import HadamardTransform, rotation_matrix
 from compression.joint import JointProjection
 from compression.latent_rotation import (  # noqa: F401  (re-exported: callers import them from here)
     capture_inputs,
@@ -58,6 +58,13 @@ from compression.latent_rotation import (  # noqa: F401  (re-exported: callers i
 )
 from compression.layout import MLP, ModelLayout, Norm
 from compression.lowrank import LowRankLinear
+from compression.rotation_modules import (  # noqa: F401  (re-exported: callers import them from here)
+    HadamardAfterAct,
+    HadamardMLP,
+    RotatedOutput,
+    SignedHadamard,
+    StreamRotation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,43 +226,6 @@ def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
         norm.weight.fill_(1.0 - spec.offset)
 
 
-class StreamRotation(nn.Module):
-    """``x [..., n] -> x Q`` for ``Q = rotation_matrix(n, kind, seed)``: random signs then a fast Hadamard when
-    ``Q`` is a (randomized) Hadamard, else the dense matrix.  Non-persistent buffers (rebuilt from the plan)."""
-
-    def __init__(self, n: int, kind: str, seed: int) -> None:
-        super().__init__()
-        self.n, self.kind, self.seed = n, kind, seed
-        self.fast = kind in ("hadamard", "random_hadamard") and is_hadamard_order(n)
-        if self.fast:
-            self.hadamard = HadamardTransform(n)
-            signs = random_signs(n, seed) if kind == "random_hadamard" else torch.ones(n, dtype=torch.float64)
-            self.register_buffer("signs", signs, persistent=False)
-        else:
-            self.register_buffer("matrix", rotation_matrix(n, kind, seed), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast:
-            return self.hadamard(x * self.signs.to(x.dtype))
-        return x @ self.matrix.to(x.dtype)
-
-
-class RotatedOutput(nn.Module):
-    """``y -> inner(y) Q``: a norm whose output enters the rotated stream (a post-norm) or rotated readers (a reader
-    norm rotated at the readers, scale kept).  It *shares* the inner module's
-    parameters (same names, so state-dict keys do not change); the rotation has no stored state."""
-
-    def __init__(self, inner: nn.Module, rotation: StreamRotation) -> None:
-        super().__init__()
-        self._parameters = inner._parameters  # shared dict: moves, casts and loads reach the inner module
-        self._buffers = inner._buffers
-        object.__setattr__(self, "inner", inner)
-        self.rotation = rotation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotation(self.inner(x))
-
-
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -316,77 +286,6 @@ def rotate_residual_(model: nn.Module, layout: ModelLayout, q: torch.Tensor, wri
     return wrapped
 
 
-class SignedHadamard(nn.Module):
-    """``h -> (h ⊙ s) H`` with random signs ``s`` (``signs_seed``), or ``h -> h H`` (``None``); nothing stored."""
-
-    def __init__(self, n: int, signs_seed: int | None) -> None:
-        super().__init__()
-        self.transform = HadamardTransform(n)
-        self.register_buffer("signs", None if signs_seed is None else random_signs(n, signs_seed), persistent=False)
-
-    def matrix(self) -> torch.Tensor:
-        """Dense float64 ``M`` with ``forward(h) = h M``."""
-        m = self.transform.matrix()
-        return m if self.signs is None else self.signs.double().cpu()[:, None] * m
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.transform(h if self.signs is None else h * self.signs.to(h.dtype))
-
-
-class HadamardMLP(nn.Module):
-    """An MLP computing ``down(H(inner activations))`` with an online Hadamard ``H``; same child names as the
-    MLP it replaces.  ``kind`` / ``roles`` come from the layout (:class:`compression.layout.MLP`): ``gated``
-    ``act(gate(x)) * up(x)``, ``gated_fused`` ``act(g) * u`` with ``g, u = chunk(gate_up(x))``, ``plain``
-    ``act(fc(x))``.
-
-    ``signs_seed``: random signs before ``H`` (``h ↦ (h ⊙ s) H``).  A plain MLP's activations (GELU, ReLU²) are
-    nearly all non-negative, and a bare Hadamard gathers their mean into its first coefficient, one outlier per
-    token that a per-token activation quantizer then has to span (measured: the A4 error of the down projection
-    3-4x *worse* than unrotated on GPT-2, GPT-NeoX, Falcon and StarCoder2 shapes); the signs remove it.  A gated
-    MLP's activations are signed, and its plans keep the bare ``H`` they were written with."""
-
-    def __init__(self, mlp: nn.Module, kind: str, roles: Mapping[str, str], signs_seed: int | None = None) -> None:
-        super().__init__()
-        if kind not in ("gated", "gated_fused", "plain"):
-            raise ValueError(f"HadamardMLP supports gated, gated_fused and plain MLPs, not {kind!r}")
-        for name, child in mlp.named_children():
-            self.add_module(name, child)
-        self.kind, self.roles = kind, dict(roles)
-        self.hadamard = SignedHadamard(getattr(self, self.roles["down"]).in_features, signs_seed)
-
-    def matrix(self) -> torch.Tensor:
-        """The online transform as a dense float64 matrix ``M`` (``forward`` feeds ``down`` with ``h M``)."""
-        return self.hadamard.matrix()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = {role: getattr(self, name) for role, name in self.roles.items()}
-        if self.kind == "gated":
-            h = r["act"](r["gate"](x)) * r["up"](x)
-        elif self.kind == "gated_fused":
-            gate, up = r["gate_up"](x).chunk(2, dim=-1)
-            h = r["act"](gate) * up
-        else:
-            h = r["act"](r["fc"](x))
-        return r["down"](self.hadamard(h))
-
-
-class HadamardAfterAct(nn.Module):
-    """``x -> (act(x) ⊙ s) H``: the online Hadamard of an MLP that has no module of its own (OPT's ``fc1`` /
-    ``fc2`` sit on the decoder layer), placed on its activation module, which runs right before the down
-    projection; ``act`` keeps its own (parameter-free or not) state under ``act``."""
-
-    def __init__(self, act: nn.Module, n: int, signs_seed: int | None) -> None:
-        super().__init__()
-        self.act = act
-        self.hadamard = SignedHadamard(n, signs_seed)
-
-    def matrix(self) -> torch.Tensor:
-        return self.hadamard.matrix()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hadamard(self.act(x))
-
-
 def _online_targets(model: nn.Module, layout: ModelLayout, seed: int
                     ) -> tuple[dict[str, dict], dict[str, dict], list[str], list[str]]:
     """``(mlp path -> {kind, roles[, signs_seed]})`` of dense MLPs (plain ones get random signs, see
@@ -427,11 +326,10 @@ def _install_hadamard_act(model: nn.Module, path: str, spec: Mapping, fuse: bool
     act = model.get_submodule(path)
     if isinstance(act, HadamardAfterAct):
         return False
-    down = model.get_submodule(spec["down"])
-    new = HadamardAfterAct(act, input_weights(down)[0].shape[1], spec.get("signs_seed"))
-    new = new.to(input_weights(down)[0].device)
+    weights = input_weights(model.get_submodule(spec["down"]))
+    new = HadamardAfterAct(act, weights[0].shape[1], spec.get("signs_seed")).to(weights[0].device)
     if fuse:
-        _right_(input_weights(down), new.matrix())
+        _right_(weights, new.matrix())
     _set(model, path, new)
     return True
 
@@ -491,12 +389,11 @@ def _post_norms(layout: ModelLayout) -> bool:
 def _check_modules(model: nn.Module, layout: ModelLayout, site: str, writers: Mapping[str, list[str]]) -> None:
     """Find every weight the rotation will change before changing any: a module it cannot rotate (a ``Conv1D``
     not yet linearized, say) raises here, with the model untouched."""
-    _reader_groups(model, layout)
+    _reader_groups(model, layout)  # every reader, the MLPs' and experts' included
     if site == "stream":
         input_weights(model.get_submodule(layout.head))
         for b in layout.blocks:
             output_params(model.get_submodule(b.attn.o))
-            _mlp_readers(model, b.mlp)
         for name in writers["linears"]:
             output_params(model.get_submodule(name))
 
