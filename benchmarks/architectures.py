@@ -30,19 +30,24 @@ class and the missing piece); ``refused`` cells are listed with the reason.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the family table is imported as benchmarks.architecture_families
+    sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.architecture_families import FAMILIES, HIDDEN, VOCAB  # noqa: E402
 from compression import (  # noqa: E402
     ActQuantConfig,
     LowRankLinear,
@@ -64,125 +69,7 @@ from lightning_modules.specs import CausalLMSpec  # noqa: E402
 from models.causal_lm import output_cache  # noqa: E402
 from models.layouts import layout_of  # noqa: E402
 
-VOCAB, HIDDEN = 128, 32
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-# family -> (transformers config class, model class, config kwargs)
-FAMILIES: dict[str, tuple[str, str, dict]] = {
-    "LLaMA": ("LlamaConfig", "LlamaForCausalLM", _COMMON),
-    "Mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=8)),
-    "Qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _COMMON),
-    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, head_dim=8)),
-    "Granite": ("GraniteConfig", "GraniteForCausalLM",
-                dict(_COMMON, attention_multiplier=0.2, residual_multiplier=0.7, embedding_multiplier=3.0,
-                     logits_scaling=2.5)),
-    "Ministral": ("MinistralConfig", "MinistralForCausalLM",
-                  dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",
-                dict(_COMMON, head_dim=8, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=4,
-                     layer_types=["sliding_attention", "full_attention"])),
-    "Seed-OSS": ("SeedOssConfig", "SeedOssForCausalLM",
-                 dict(_COMMON, head_dim=8, attention_bias=True, attention_out_bias=True, mlp_bias=True)),
-    "Ernie4.5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(_COMMON, head_dim=8, use_bias=True)),
-    "Helium": ("HeliumConfig", "HeliumForCausalLM", dict(_COMMON, head_dim=8)),
-    # the query scale grows past position 8 (the "original context"), inside the latent-cache cell's 21 tokens
-    "Ministral3": ("Ministral3Config", "Ministral3ForCausalLM",
-                   dict(_COMMON, head_dim=8, sliding_window=16,
-                        rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=8.0, max_position_embeddings=64,
-                                             original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
-                                             mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
-    "HunYuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(_COMMON, head_dim=8)),
-    "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                    attn_logit_softcapping=0.5, final_logit_softcapping=3.0, query_pre_attn_scalar=12)),
-    "Phi-3": ("Phi3Config", "Phi3ForCausalLM", _COMMON),
-    "OLMoE": ("OlmoeConfig", "OlmoeForCausalLM", dict(_COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2)),
-    "GLM": ("GlmConfig", "GlmForCausalLM", dict(_COMMON, head_dim=8, partial_rotary_factor=0.5)),
-    "GLM-4": ("Glm4Config", "Glm4ForCausalLM", dict(_COMMON, head_dim=8, partial_rotary_factor=0.5)),
-    "Arcee": ("ArceeConfig", "ArceeForCausalLM", dict(_COMMON, head_dim=8)),
-    "Apertus": ("ApertusConfig", "ApertusForCausalLM", dict(_COMMON, head_dim=8)),
-    "OLMo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, head_dim=8)),
-    "OLMo3": ("Olmo3Config", "Olmo3ForCausalLM",
-              dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    "EXAONE4": ("Exaone4Config", "Exaone4ForCausalLM",
-                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    "Phi-3.5-MoE": ("PhimoeConfig", "PhimoeForCausalLM",
-                    # without q/k/v biases: with them, this tiny router never picks one expert of layer 1
-                    dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
-    "GPT-OSS": ("GptOssConfig", "GptOssForCausalLM",
-                dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                     layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.05,
-                     rope_parameters=dict(rope_type="default", rope_theta=150000.0))),
-    "Cohere": ("CohereConfig", "CohereForCausalLM", dict(_COMMON, use_qk_norm=True, logit_scale=0.5)),
-    "Cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
-                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    "StarCoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
-                   dict(_COMMON, sliding_window=8, use_bias=True, norm_epsilon=1e-5)),
-    "OPT": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
-                                                num_attention_heads=4, max_position_embeddings=64,
-                                                word_embed_proj_dim=HIDDEN, pad_token_id=0, bos_token_id=1,
-                                                eos_token_id=2)),
-    "GPT-2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4,
-                                                   n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "GPT-NeoX": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                                             num_hidden_layers=2, num_attention_heads=4,
-                                                             max_position_embeddings=64, bos_token_id=1,
-                                                             eos_token_id=2)),
-    "Falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-                                                         num_attention_heads=4, bos_token_id=1, eos_token_id=2)),
-    "Mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
-    "GLM-4.5": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
-                dict(_COMMON, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                     n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, partial_rotary_factor=0.5)),
-    "MiniMax-M2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
-                   dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, rotary_dim=4)),
-    "Ernie4.5-MoE": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
-                     dict(_COMMON, moe_intermediate_size=32, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-                          moe_layer_start_index=0)),
-    "dots.llm1": ("Dots1Config", "Dots1ForCausalLM",
-                  dict(_COMMON, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                       n_shared_experts=1, first_k_dense_replace=1, sliding_window=4, max_window_layers=1,
-                       layer_types=["full_attention", "sliding_attention"])),
-    "HunYuan-MoE": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
-                    dict(_COMMON, head_dim=8, num_experts=4, moe_topk=2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
-    "FlexOlmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(_COMMON, num_experts=4, num_experts_per_tok=2)),
-    "DeepSeek-V2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(_COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
-                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
-                         kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
-                         topk_group=1)),
-    "DeepSeek-V3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
-                    dict(_COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
-                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
-                         kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, n_group=1,
-                         topk_group=1)),
-    "Llama-4": ("Llama4TextConfig", "Llama4ForCausalLM",
-                dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=32,
-                     intermediate_size_mlp=64, moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=8,
-                     use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1)),
-    "Qwen3-Next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
-                   dict(_COMMON, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-                        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                        shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"])),
-    "Granite-MoE": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
-                    dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.2,
-                         residual_multiplier=0.7, embedding_multiplier=3.0, logits_scaling=2.5)),
-    "Granite-MoE-Shared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
-                           dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
-                                attention_multiplier=0.2, residual_multiplier=0.7, embedding_multiplier=3.0,
-                                logits_scaling=2.5)),
-    "Qwen2-MoE": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
-                       num_experts_per_tok=2)),
-    "Qwen3-MoE": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(_COMMON, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                       norm_topk_prob=True, mlp_only_layers=[1], sliding_window=8)),
-}
 CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent cache", "export", "U/V LoRA")
-LAYERNORM_FAMILIES = ("OPT", "GPT-2", "GPT-NeoX", "Falcon")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
 NO_ROTATION_FAMILIES: tuple[str, ...] = ()
