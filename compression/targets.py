@@ -10,9 +10,10 @@ Default filter (always applied, reported as skips):
 - only plain ``nn.Linear``: ``Conv1D`` (GPT-2), ``nn.Linear`` subclasses (Falcon) and 3-D expert tensors
   (Mixtral, Qwen2-MoE) become targets once converted by :func:`compression.forms.linearize_`
   (``CausalLMSpec`` does it when it builds the model); until then they are reported with that hint;
-- not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly), nor any layer whose parent's
-  class reads its ``weight`` or ``bias`` for more than the dtype, device or shape (Jamba's and Mamba's
-  ``dt_proj.weight @ x``): a factorized layer has neither, so the model would break;
+- not ``nn.MultiheadAttention.out_proj`` (MHA reads ``out_proj.weight`` directly), nor any layer whose ``weight``
+  or ``bias`` the code of a module above it reads through its attribute path, for a product (Jamba's and Mamba's
+  ``dt_proj.weight @ x``) or only for its dtype (Ergo's decoder layer: ``self.self_attn.o_proj.weight.dtype``;
+  the DeepSeek-V3.2 indexer's ``weights_proj``): a factorized layer has neither, so the model would break;
 - not an output layer whose weight is tied to an ``nn.Embedding``;
 - not a factor of an already compressed :class:`~compression.lowrank.LowRankLinear`, and
   not an already compressed layer (rerunning compression changes nothing).
@@ -64,14 +65,34 @@ def _source_of(cls: type) -> str:
     return "\n".join(parts)
 
 
-def direct_weight_read(parent: nn.Module, child: str) -> str | None:
-    """The first source line where ``parent``'s class reads ``self.<child>.weight`` / ``.bias`` for a product
-    (anything but ``.dtype``, ``.device``, ``.shape``, an ``isinstance`` check or an ``nn.init`` call), or ``None``."""
-    pattern = re.compile(rf"\bself\.{re.escape(child)}\.(weight|bias)\b(?!\s*\.\s*(dtype|device|shape)\b)")
-    for line in _source_of(type(parent)).splitlines():
+_WEIGHT_READ = re.compile(r"\bself\.((?:[A-Za-z_]\w*\.)*?[A-Za-z_]\w*)\.(weight|bias)\b")
+
+
+@functools.lru_cache(maxsize=256)
+def weight_reads(cls: type) -> dict[str, str]:
+    """``attribute path -> first source line`` for every ``self.<path>.weight`` / ``.bias`` the code of ``cls``
+    reads (``self.dt_proj.weight``, ``self.self_attn.o_proj.weight.dtype``), leaving out comments, ``isinstance``
+    checks and ``nn.init`` calls.  A dtype or device read counts: a factorized layer has no ``weight`` to ask."""
+    reads: dict[str, str] = {}
+    for line in _source_of(cls).splitlines():
         code = line.strip()
-        if pattern.search(code) and "isinstance(" not in code and not code.startswith("#") and "init." not in code:
-            return code
+        if code.startswith("#") or "isinstance(" in code or "init." in code:
+            continue
+        for match in _WEIGHT_READ.finditer(code):
+            reads.setdefault(match.group(1), code)
+    return reads
+
+
+def ancestor_weight_read(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The first source line where the class of a module above ``name`` (its parent, grandparent... up to the
+    model; ``modules``: ``dict(model.named_modules())``) reads the ``weight`` or ``bias`` of the layer ``name``
+    through its attribute path (Jamba's mixer: ``self.dt_proj.weight``; Ergo's decoder layer:
+    ``self.self_attn.o_proj.weight.dtype``), or ``None``."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = modules.get(".".join(parts[:depth]))
+        if ancestor is not None and (line := weight_reads(type(ancestor)).get(".".join(parts[depth:]))) is not None:
+            return line
     return None
 
 
@@ -82,6 +103,7 @@ def _tied_embedding_weights(model: nn.Module) -> set[int]:
 def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
     """``(name -> layer)`` of layers the default filter allows, and ``name -> reason`` of the rest."""
     embeddings = _tied_embedding_weights(model)
+    modules = dict(model.named_modules())
     lowrank_children: set[str] = set()
     mha_out: set[str] = set()
     skipped: dict[str, str] = {}
@@ -110,18 +132,12 @@ def eligible_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, 
                              "it when its forward is x Wᵀ + b and it is not a MoE router")
         elif id(module.weight) in embeddings:
             skipped[name] = "weight tied to an input embedding"
-        elif (read := _read_by_parent(model, name)) is not None:
-            skipped[name] = f"its parent reads its weight directly ({read!r}); a factorized layer has no weight"
+        elif (read := ancestor_weight_read(modules, name)) is not None:
+            skipped[name] = (f"a module above it reads its weight directly ({read!r}); a factorized layer has "
+                             "no weight")
         else:
             eligible[name] = module
     return eligible, skipped
-
-
-def _read_by_parent(model: nn.Module, name: str) -> str | None:
-    parent_name, _, child = name.rpartition(".")
-    if not parent_name:
-        return None
-    return direct_weight_read(model.get_submodule(parent_name), child)
 
 
 def _unmatched_error(kind: str, pattern: str, names: Sequence[str], skipped: dict[str, str] | None = None

@@ -137,27 +137,50 @@ def test_mha_out_proj_is_never_targeted():
 
 
 class _ReadsWeight(torch.nn.Module):
-    """A parent that multiplies by its child's weight itself (as Mamba's mixers do with dt_proj), next to one that
-    only reads its child's dtype."""
+    """A parent that multiplies by its child's weight itself (as Mamba's mixers do with dt_proj), reads another
+    child's dtype only, and calls a third as a layer."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dt_proj = torch.nn.Linear(8, 8)
         self.out = torch.nn.Linear(8, 8)
+        self.plain = torch.nn.Linear(8, 8)
 
     def forward(self, x):
         x = x.to(self.out.weight.dtype)
-        return self.out(x @ self.dt_proj.weight.T)
+        return self.plain(self.out(x @ self.dt_proj.weight.T))
 
 
-def test_a_layer_whose_parent_reads_its_weight_is_never_targeted():
-    """Factorized, such a layer has no ``weight``: the model would break at its next forward.  It is skipped with the
-    line that reads it, a dtype read is not, and an explicit target naming it says why it matches nothing."""
-    model = torch.nn.Sequential(_ReadsWeight())
+class _ReadsGrandchild(torch.nn.Module):
+    """Ergo's decoder layer: ``branch_dtype = self.self_attn.o_proj.weight.dtype``, two levels down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ReadsWeight()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(self.inner(x.to(self.inner.plain.weight.dtype)))
+
+
+def test_a_layer_whose_weight_a_module_above_reads_is_never_targeted():
+    """Factorized, such a layer has no ``weight``: the model would break at its next forward, for a product and for
+    a dtype read alike (``AttributeError: 'LowRankLinear' object has no attribute 'weight'``).  Reads by the parent
+    and by any module further up are found; the layer is skipped with the line that reads it, and an explicit
+    target naming it says why it matches nothing.  What is compressed then runs."""
+    model = torch.nn.Sequential(_ReadsGrandchild())
     eligible, skipped = eligible_linears(model)
-    assert list(eligible) == ["0.out"] and "self.dt_proj.weight.T" in skipped["0.dt_proj"]
-    with pytest.raises(ValueError, match="'dt_proj' matches no eligible.*parent reads its weight directly"):
+    assert list(eligible) == ["0.proj"], list(eligible)
+    assert "self.dt_proj.weight.T" in skipped["0.inner.dt_proj"]
+    assert "self.out.weight.dtype" in skipped["0.inner.out"]
+    assert "self.inner.plain.weight.dtype" in skipped["0.inner.plain"]
+    with pytest.raises(ValueError, match="'dt_proj' matches no eligible.*reads its weight directly"):
         compress_(model, Recipe("svd", targets=["dt_proj"]))
+    x = torch.randn(3, 8)
+    ref = model(x)
+    report = compress_(model, Recipe("svd", ratio=0.2))
+    assert [r.name for r in report.layers] == ["0.proj"]
+    assert model(x).shape == ref.shape
 
 
 def test_jamba_compresses_without_its_mixers_dt_proj():
