@@ -1,0 +1,130 @@
+"""Every other causal-LM family transformers ships compresses correctly on the generic path.
+
+The architecture matrix (``tests/test_architectures.py``) runs every stage on the families with a model layout.  The
+rest of ``transformers``' causal LMs (decoders without a layout, hybrids with state-space or recurrent layers, the
+encoder-only models that have a causal-LM head) get the plain path: ``CausalLMSpec.default_targets`` picks every
+``nn.Linear`` that is safe to replace, and ``svd`` / ``svd_llm`` factorize them.  For each family here, a tiny model
+built from its config (hidden 32, 2 layers, vocab 128, float32) must show that:
+
+- the targets are safe: factorized at *full* rank (``U V = W`` up to float32 rounding) every default target leaves the
+  logits unchanged (relative difference <= 1e-5).  A layer whose weight the model reads elsewhere, or one the forward
+  never calls through its module, would break or change them; a wrong target is caught here, not at a user's run;
+- ``svd_llm`` at ratio 0.3 runs from calibration statistics and gives finite logits that differ from the dense ones.
+
+Families absent from the installed transformers are skipped.  What a family needs beyond the shared tiny sizes (its
+config's own names for layer patterns, state sizes, rotary widths...) is in :data:`EXTRA`; :data:`PLAIN` need nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+from compression import Recipe, compress_
+from lightning_modules.specs import CausalLMSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHARED = dict(vocab_size=128, hidden_size=32, n_embd=32, d_model=32, intermediate_size=64, n_inner=64, ffn_dim=64,
+              num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2, num_attention_heads=4, n_head=4, n_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_positions=64, moe_intermediate_size=32,
+              num_experts=4, n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+              q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2, shared_expert_intermediate_size=32, first_k_dense_replace=1,
+              first_dense_intermediate_size=64, n_group=1, topk_group=1)
+# families that build tiny from SHARED alone
+PLAIN = (
+    "afmoe", "apertus1p5_text", "aria_text", "axk1", "beam", "bert", "bert-generation", "big_bird", "biogpt",
+    "bitnet", "bloom", "camembert", "cohere2_moe", "cwm", "data2vec-text", "diffllama", "doge", "dory", "electra",
+    "ernie", "exaone_moe", "falcon_mamba", "flint", "gemma", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese",
+    "granite_swa", "granitemoe_swa", "hrm_text", "hy_v3", "hy_v4", "hyperclovax", "jais2", "jetmoe", "kolibri1",
+    "laguna", "lara_mini", "lfm2", "lfm3", "mamba", "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3",
+    "minicpm5_moe", "minimax", "minimax_m3_vl_text", "moshi", "mpt", "nanochat", "nemotron", "olmo", "persimmon",
+    "phi", "roberta", "roberta-prelayernorm", "roformer", "rwkv", "solar_open", "vaultgemma", "xglm", "xlm-roberta",
+    "xlm-roberta-xl", "youtu",
+)
+# model type -> config keywords on top of SHARED (the ones a family names its own way or needs to build tiny)
+EXTRA: dict[str, dict] = {
+    # families whose default sizes outlive SHARED under their own names (a 10240-wide MLP is a 10240² Gram)
+    "cpmant": dict(dim_ff=64, dim_head=8),
+    "ctrl": dict(dff=64),
+    "xlnet": dict(d_inner=64),
+    "ergo": dict(shared_intermediate_size=32),
+    "deepseek_v4": dict(o_lora_rank=16, o_groups=2),
+    "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4),
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
+                       moe_shared_expert_intermediate_size=32),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+                      mamba_chunk_size=8),
+    "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, global_head_dim=8,
+                        layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
+    "gptj": dict(rotary_dim=4),
+    "codegen": dict(rotary_dim=4),
+    "stablelm": {},
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False),
+    "kimi_linear": dict(linear_attn_config=dict(kda_layers=[1], full_attn_layers=[2], head_dim=8, num_heads=4,
+                                                short_conv_kernel_size=4)),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=32, attention_window_size=4),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "bamba": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, attn_layer_indices=[1],
+                  mamba_chunk_size=8),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+                             layer_types=["mamba", "attention"], mamba_chunk_size=8),
+    "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], mamba_headdim=16, n_mamba_heads=4, mamba_d_state=8,
+                   hybrid_layer_ids=[1]),
+    "deepseek_v32": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
+                         qk_nope_head_dim=4),
+}
+
+
+def _build(model_type: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config_cls = type(AutoConfig.for_model(model_type))
+    except ValueError:
+        pytest.skip(f"transformers has no {model_type!r}")
+    accepted = inspect.signature(config_cls.__init__).parameters
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    kwargs = {k: v for k, v in SHARED.items() if k in accepted or k in fields}
+    kwargs.update(FAMILIES[model_type])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_cls(**kwargs)).float().eval()
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+FAMILIES = {**{name: {} for name in PLAIN}, **EXTRA}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_generic_path_is_exact_at_full_rank_and_runs(model_type):
+    model = _build(model_type)
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000, "the tiny config did not take"
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 128, (2, 12), generator=g)} for _ in range(2)]
+    ids = batches[0]["input_ids"]
+    ref = _logits(model, ids)
+    targets = CausalLMSpec(model=model).default_targets(model)
+    assert targets, "no default target"
+    full = copy.deepcopy(model)
+    ranks = {n: {"rank": min(full.get_submodule(n).weight.shape)} for n in targets}
+    report = compress_(full, Recipe("svd", targets=targets, overrides=ranks), family=CausalLMSpec(model=full),
+                       batches=batches)
+    assert len(report.layers) == len(targets)
+    err = float((_logits(full, ids) - ref).norm() / ref.norm())
+    assert err <= 1e-5, err
+    low = copy.deepcopy(model)
+    compress_(low, Recipe("svd_llm", ratio=0.3), family=CausalLMSpec(model=low), batches=batches)
+    out = _logits(low, ids)
+    assert torch.isfinite(out).all()
+    assert float((out - ref).norm() / ref.norm()) > 1e-4
