@@ -61,7 +61,7 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module",
-                 "GptOssConfig": "module", "Dots1Config": "module"}
+                 "GptOssConfig": "module", "Dots1Config": "module", "VaultGemmaConfig": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:
