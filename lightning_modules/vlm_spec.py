@@ -1,7 +1,8 @@
 """VLM family spec (LLaVA-1.5, LLaVA-NeXT, SmolVLM/Idefics3): build, targets, calibration, loss, generation.
 
 - ``build``: :func:`models.vlm.load_vlm` (hub id, local folder, or ``tiny-<family>``); keeps the
-  processor for decoding.
+  processor for decoding; weights in other forms (3-D experts) become ``nn.Linear``
+  (:func:`compression.forms.linearize_`, listed in ``forms`` for the plan).
 - ``default_targets``: every eligible ``nn.Linear`` of the language model's decoder layers
   (attention q/k/v/o and MLP gate/up/down); optionally the vision tower's encoder layers
   (attention and MLP) and the projector.  ``lm_head`` is never a default target.
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import eligible_linears
+from compression.forms import linearize_
 from lightning_modules.specs import _DTYPES, ModelSpec
 from metrics.vqa import VQAScores
 
@@ -141,6 +143,8 @@ class VLMSpec(ModelSpec):
             from models.vlm import load_vlm
 
             model, self.processor = load_vlm(self.name_or_path, dtype=_DTYPES[self.dtype], seed=self.seed)
+        # weights in other forms (Qwen3.5-MoE's 3-D experts) as nn.Linear, as CausalLMSpec does; recorded for the plan
+        self.forms = linearize_(model, self.layout(model))
         if self.trainable is not None:
             freeze_except_(model, self.trainable)
         return model

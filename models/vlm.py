@@ -25,6 +25,9 @@ apart by their *config class* (never by a name substring) and each names its thr
   plus *deepstack*: features of some ViT blocks pass through their own mergers
   (``model.visual.deepstack_merger_list.i``) and are added to the stream at the image positions after the
   first decoder layers, so those mergers' ``linear_fc2`` write into the stream too (``writer_lists``);
+- ``qwen3_5`` / ``qwen3_5_moe`` (``Qwen3_5Config`` / ``Qwen3_5MoeConfig``, Qwen3.5): Qwen3-VL's ViT and merger
+  without deepstack, and the Qwen3.5 hybrid decoder (Gated DeltaNet and gated full attention, a gated MLP or
+  Qwen2-MoE experts; multimodal RoPE, no latent KV cache);
 - ``mistral3`` (``Mistral3Config``, Mistral Small 3.1 / 3.2): ``model.vision_tower`` (Pixtral: rotary 2-D
   patch positions, separate q/k/v), ``model.multi_modal_projector`` (RMSNorm, a 2x2 patch merger's
   ``merging_layer``, ``linear_1``, GELU, ``linear_2``), ``model.language_model`` (Mistral);
@@ -125,6 +128,10 @@ FAMILIES: dict[str, VLMFamily] = {
         VLMFamily("qwen3_vl", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "model.visual",
                   "model.visual.merger", "model.language_model", "model.visual.merger.linear_fc2",
                   writer_lists=(("model.visual.deepstack_merger_list", "linear_fc2"),)),
+        VLMFamily("qwen3_5", "Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "model.visual",
+                  "model.visual.merger", "model.language_model", "model.visual.merger.linear_fc2"),
+        VLMFamily("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "model.visual",
+                  "model.visual.merger", "model.language_model", "model.visual.merger.linear_fc2"),
         VLMFamily("mistral3", "Mistral3Config", "Mistral3ForConditionalGeneration", "model.vision_tower",
                   "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2"),
         VLMFamily("llava_onevision", "LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
@@ -208,7 +215,7 @@ def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
     known = {"llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-             "mistral3", "internvl"}
+             "qwen3_5", "qwen3_5_moe", "mistral3", "internvl"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -230,7 +237,7 @@ def resolve_vlm(name_or_path: str) -> str:
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
                                 "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl / "
-                                "tiny-qwen3_vl / tiny-mistral3 / tiny-internvl / tiny-llava_onevision")
+                                "tiny-qwen3_vl / tiny-qwen3_5 / tiny-mistral3 / tiny-internvl / tiny-llava_onevision")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -261,8 +268,8 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
             ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl`` /
-            ``tiny-qwen3_vl`` / ``tiny-mistral3`` / ``tiny-internvl`` / ``tiny-llava_onevision`` (random-init test
-            models built in-process,
+            ``tiny-qwen3_vl`` / ``tiny-qwen3_5`` / ``tiny-mistral3`` / ``tiny-internvl`` / ``tiny-llava_onevision``
+            (random-init test models built in-process,
             seeded with ``seed``).
         dtype: parameter dtype.
         seed: initialisation seed of the tiny models (ignored otherwise).

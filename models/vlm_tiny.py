@@ -4,6 +4,7 @@ Each tiny model has the real transformers architecture (CLIP or Idefics3/SigLIP 
 the family's projector, a LLaMA language model with grouped-query attention; Gemma 3: SigLIP and
 Gemma 3's own text decoder with sliding and full layers; Qwen2.5-VL: its windowed ViT, patch merger and
 Qwen2 decoder with multimodal RoPE; Qwen3-VL: the same with Qwen3's decoder and one deepstack merger;
+Qwen3.5: Qwen3-VL's ViT without deepstack and the Qwen3.5 hybrid decoder, a linear-attention and a full layer;
 Mistral 3: Pixtral, its patch-merging projector and a Mistral decoder; InternVL: InternViT, its pixel-shuffle
 projector and a Qwen2 decoder; LLaVA-OneVision: SigLIP, LLaVA's projector and a Qwen2 decoder) at toy sizes,
 and a real processor: the family's image processor class at a toy resolution, the byte-level
@@ -22,6 +23,7 @@ family          prompt (one user turn with one image)                  image tok
                 ``<|vision_end|>{text}<|im_end|>\\n``                   within 56²-84² px, patch 14,
                 ``<|im_start|>assistant\\n``                            2x2 patches merged)
 ``qwen3_vl``    same                                                   4-9 (patch 16: 64²-96² px)
+``qwen3_5``     same                                                   same
 ``mistral3``    ``[INST][IMG]{text}[/INST]``                           up to 2 x 2 + row breaks (32 px,
                                                                        patch 8, merge 2x2)
 ``internvl``    ChatML, the image as ``<img>`` + 4 ``<IMG_CONTEXT>``    4 (56 px, patch 14, pixel shuffle
@@ -47,9 +49,9 @@ from torch import nn
 
 from models.causal_lm import build_byte_tokenizer
 
-TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
-                 "llava_onevision")
-QWEN_VL = ("qwen2_5_vl", "qwen3_vl")
+TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3",
+                 "internvl", "llava_onevision")
+QWEN_VL = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
@@ -62,7 +64,8 @@ MISTRAL3_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
 # InternVL's named image tokens (its tokenizer's attributes) and ChatML turns
 INTERNVL_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-QWEN_VL_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}  # ViT patch; images resized to 4-6 merged tokens a side
+# ViT patch; images resized to 4-6 merged tokens a side
+QWEN_VL_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
 
 # Jinja: HF renders chat templates with trim_blocks, so literal newlines go through {{ '\n' }}.
 _LLAVA_TEMPLATE = (
@@ -278,7 +281,8 @@ def _qwen_vl_config(family: str, tokenizer: Any, text: dict) -> Any:
     """Qwen2.5-VL: a 2-block ViT (window attention in block 0, full in block 1) merging 2x2 patches into the
     language model's width, and Qwen2's decoder with multimodal RoPE (sections 2 + 3 + 3 of 8 frequencies).
     Qwen3-VL: a 2-block ViT with learned 4x4 position embeddings, a deepstack merger on block 0, and Qwen3's
-    decoder (per-head q/k norms, head_dim 16) with the same multimodal RoPE."""
+    decoder (per-head q/k norms, head_dim 16) with the same multimodal RoPE.  Qwen3.5: Qwen3-VL's ViT without
+    deepstack and the Qwen3.5 decoder (a Gated DeltaNet layer, then a gated full-attention layer)."""
     import transformers
 
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
@@ -287,13 +291,19 @@ def _qwen_vl_config(family: str, tokenizer: Any, text: dict) -> Any:
     if family == "qwen2_5_vl":
         vision.update(window_size=56, fullatt_block_indexes=[1])
         text = dict(text, rope_parameters=rope)
-    else:
+    elif family == "qwen3_vl":
         vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0])
         text = dict(text, head_dim=16, rope_parameters=rope)
+    else:
+        vision.update(num_position_embeddings=16)
+        text = dict(text, head_dim=16, rope_parameters=dict(rope, partial_rotary_factor=1.0),
+                    layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                    linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
                                                                ("video_token_id", "<|video_pad|>"),
                                                                ("vision_start_token_id", "<|vision_start|>"))}
-    config = getattr(transformers, "Qwen2_5_VLConfig" if family == "qwen2_5_vl" else "Qwen3VLConfig")
+    config = getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig",
+                                    "qwen3_5": "Qwen3_5Config"}[family])
     return config(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"], **ids)
 
 

@@ -79,7 +79,7 @@ def test_vizwiz_reader_majority_and_server_only_test(vizwiz_root, tmp_path):
 @pytest.mark.parametrize("family, eos", [("llava", "<eos>"), ("llava_next", "<eos>"),
                                          ("idefics3", "<end_of_utterance>"), ("gemma3", "<end_of_turn>"),
                                          ("qwen2_5_vl", "<|im_end|>"), ("qwen3_vl", "<|im_end|>"),
-                                         ("mistral3", "<eos>"), ("internvl", "<|im_end|>"),
+                                         ("qwen3_5", "<|im_end|>"), ("mistral3", "<eos>"), ("internvl", "<|im_end|>"),
                                          ("llava_onevision", "<eos>")])
 def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_root, vizwiz_root):
     processor = load_processor(f"tiny-{family}")
@@ -101,7 +101,8 @@ def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_ro
     assert (prompt["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends the row
     text = tok.decode(prompt["input_ids"][0][prompt["attention_mask"][0].bool()])
     ends = {"idefics3": "Assistant:", "gemma3": "<start_of_turn>model\n", "qwen2_5_vl": "<|im_start|>assistant\n",
-            "qwen3_vl": "<|im_start|>assistant\n", "mistral3": "[/INST]", "internvl": "<|im_start|>assistant\n"}
+            "qwen3_vl": "<|im_start|>assistant\n", "qwen3_5": "<|im_start|>assistant\n",
+            "mistral3": "[/INST]", "internvl": "<|im_start|>assistant\n"}
     assert text.endswith(ends.get(family, "ASSISTANT:"))
     assert batch["task"] == "scienceqa" and batch["qid"] == ["5", "6"] and batch["answer_index"] == [2, 0]
     assert batch["choices"] == [["red", "green", "blue"], ["yes", "no"]]

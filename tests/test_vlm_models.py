@@ -14,13 +14,14 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3", "internvl",
             "llava_onevision"]
 NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
 PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "qwen3_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen3_5": ("model.visual", "model.visual.merger", "model.language_model"),
     "mistral3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
@@ -170,5 +171,45 @@ def test_qwen2_vl_parts_layout_and_rotation_with_images():
         ref = model(**inputs).logits
     entry = rotate_model_(model, layout, seed=2)
     assert entry["site"] == "stream" and entry["stream_writers"]["linears"] == ["model.visual.merger.mlp.2"]
+    with torch.no_grad():
+        assert (model(**inputs).logits - ref).abs().max() < 1e-6 * ref.abs().max()
+
+
+def test_qwen3_5_moe_parts_layout_and_rotation_with_images():
+    """Qwen3.5-MoE (Qwen3.5 with Qwen2-MoE experts in its hybrid decoder) resolves to Qwen3.5's parts; its layout
+    reads each linear attention through its four projections, routes the MLPs through experts and refuses the latent
+    cache; ``VLMSpec.build`` turns the 3-D experts into ``nn.Linear`` and lists them in ``forms``; the fused rotation
+    keeps float64 logits with an image."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from compression.rotation import rotate_model_
+    from models.layouts import layout_of
+    from models.vlm_tiny import build_tiny_processor, tiny_config
+
+    processor = build_tiny_processor("qwen3_5")
+    tiny = tiny_config("qwen3_5", processor.tokenizer)
+    text = dict(tiny.text_config.to_dict(), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=32)
+    config = Qwen3_5MoeConfig(text_config=text, vision_config=tiny.vision_config.to_dict(),
+                              image_token_id=tiny.image_token_id, video_token_id=tiny.video_token_id,
+                              vision_start_token_id=tiny.vision_start_token_id)
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForConditionalGeneration(config).eval()
+    spec = VLMSpec(model=model, processor=processor)
+    assert spec.build() is model  # the spec turns the 3-D experts into nn.Linear (float64 can run those)
+    assert sorted(spec.forms["experts"]) == ["model.language_model.layers.0.mlp.experts",
+                                              "model.language_model.layers.1.mlp.experts"], spec.forms
+    model = model.double()
+    assert family_of(model).name == "qwen3_5_moe"
+    parts = vlm_parts(model)
+    assert (parts["vision_tower"], parts["projector"], parts["language_model"]) == PARTS["qwen3_5"]
+    layout = layout_of(model)
+    assert layout.writers == ("model.visual.merger.linear_fc2",) and not layout.supports("latent_cache")
+    assert [len(b.attn.inputs) for b in layout.blocks] == [4, 0] and all(b.mlp.kind == "moe" for b in layout.blocks)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in _inputs(processor, "qwen3_5").items()}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    entry = rotate_model_(model, layout, seed=2)
+    assert entry["stream_writers"]["linears"] == ["model.visual.merger.linear_fc2"]
     with torch.no_grad():
         assert (model(**inputs).logits - ref).abs().max() < 1e-6 * ref.abs().max()

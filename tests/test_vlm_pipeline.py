@@ -26,7 +26,8 @@ from tests.fixtures_vqa import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz"), ("gemma3", "scienceqa"),
-         ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa"), ("mistral3", "vizwiz"), ("internvl", "scienceqa"),
+         ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa"), ("qwen3_5", "vizwiz"),
+         ("mistral3", "vizwiz"), ("internvl", "scienceqa"),
          ("llava_onevision", "scienceqa")]
 
 
@@ -74,7 +75,9 @@ def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_
         assert plan["rotation"]["site"] == "readers" and "stream_writers" not in plan["rotation"]
     else:
         assert plan["rotation"]["stream_writers"]["linears"]  # the projector output was rotated
-    assert sum(isinstance(m, JointProjection) for m in model.modules()) == 3 * len(groups)
+    # one projection per group member: q/k/v, or the four stream readers of a Qwen3.5 linear attention
+    members = sum(len(g["members"]) for g in groups.values())
+    assert sum(isinstance(m, JointProjection) for m in model.modules()) == members
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, QuantLinear)
     first = trainer.test(module, datamodule=dm, verbose=False)[0]

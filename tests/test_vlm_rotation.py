@@ -27,7 +27,8 @@ from models.vlm_tiny import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl", "llava_onevision"]
+FAMILIES = ["llava", "llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3", "internvl",
+            "llava_onevision"]
 WRITERS = {
     "llava_onevision": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": ["model.image_newline"]},
     "internvl": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
@@ -35,6 +36,7 @@ WRITERS = {
     "qwen3_vl": {"linears": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.0.linear_fc2"],
                  "vectors": []},
     "qwen2_5_vl": {"linears": ["model.visual.merger.mlp.2"], "vectors": []},
+    "qwen3_5": {"linears": ["model.visual.merger.linear_fc2"], "vectors": []},
     "llava": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": []},
     "llava_next": {"linears": ["model.multi_modal_projector.linear_2"], "vectors": ["model.image_newline"]},
     "idefics3": {"linears": ["model.connector.modality_projection.proj"], "vectors": []},
@@ -80,7 +82,7 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     groups = find_joint_groups(model, layout_of(model))  # both towers: LM self_attn and vision self_attn
     parts = vlm_parts(model)
     # Qwen-VL's ViT has one fused qkv per block: compressing it is the joint factorization, no group needed
-    tower = {"qwen2_5_vl": None, "qwen3_vl": None, "mistral3": ".transformer"}.get(family, ".encoder")
+    tower = {"qwen2_5_vl": None, "qwen3_vl": None, "qwen3_5": None, "mistral3": ".transformer"}.get(family, ".encoder")
     vision = set() if tower is None else {f"{parts['vision_tower']}{tower}"}
     assert {re.split(r"\.layers?\.", g)[0] for g in groups} == {f"{parts['language_model']}"} | vision
     stats = collect_stats(model, [n for g in groups.values() for n in g], [batch], forward=lambda m, b: m(**b))
@@ -107,8 +109,8 @@ def test_fused_rotation_keeps_vlm_logits_with_images(family, tie, tmp_path):
     assert torch.equal(_logits(fresh, batch), _logits(model, batch))
 
 
-@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "mistral3", "internvl",
-                                    "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3",
+                                    "internvl", "llava_onevision"])
 def test_projector_output_must_be_rotated(family, tmp_path):
     """Without rotating the stream writers the image tokens enter the rotated stream unrotated."""
     model, processor = build_tiny_vlm(family)
