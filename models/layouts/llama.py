@@ -1,5 +1,6 @@
-"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, SmolLM3, Seed-OSS,
-Ernie 4.5, Helium, Arcee, Apertus, HunYuan (and the language model of LLaVA / Idefics3).
+"""LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, HunYuan, CWM (and the language model of LLaVA / Idefics3).  Granite-SWA
+and CWM alternate sliding and full layers by ``layer_types``.
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -31,7 +32,8 @@ from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, slid
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
-           "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig")
+           "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
+           "GraniteSWAConfig", "CwmConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
@@ -61,7 +63,8 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "Qwen2Config": "module", "Qwen3Config": "module", "Qwen3MoeConfig": "module",
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module",
-                 "GptOssConfig": "module", "Dots1Config": "module", "VaultGemmaConfig": "module"}
+                 "GptOssConfig": "module", "Dots1Config": "module", "VaultGemmaConfig": "module",
+                 "GraniteSWAConfig": "module", "CwmConfig": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:
