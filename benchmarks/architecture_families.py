@@ -41,6 +41,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "HunYuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(_COMMON, head_dim=8)),
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "Phi": ("PhiConfig", "PhiForCausalLM", dict(_COMMON, partial_rotary_factor=0.5)),
     "Gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_COMMON, head_dim=8)),
     "VaultGemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM",
                    dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],

@@ -162,6 +162,18 @@ def test_falcon_variants(variant, cell, monkeypatch):
     assert status == "pass", detail
 
 
+@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
+def test_phi_with_qk_layernorm(cell, monkeypatch):
+    """Phi's optional per-head q/k LayerNorms (``qk_layernorm``: mean subtracted, with biases) pass the cells the
+    default row (Phi-1 / 1.5 / 2, without them) shows."""
+    import benchmarks.architectures as matrix
+
+    config, model, kwargs = FAMILIES["Phi"]
+    monkeypatch.setitem(matrix.FAMILIES, "Phi", (config, model, {**kwargs, "qk_layernorm": True}))
+    status, detail = run_cell("Phi", cell)
+    assert status == "pass", detail
+
+
 def test_llama4_experts_see_only_the_tokens_routed_to_them():
     """Llama 4 hands every expert a copy of every token scaled by its routing score (zero where not routed); the
     linearized experts run on the routed rows only, so calibration counts each token once per expert it reaches:

@@ -83,7 +83,7 @@ def test_dense_propagation_reproduces_all_at_once(case):
                                     "StarCoder2", "Seed-OSS", "OLMo3", "GLM-4", "EXAONE4", "OLMoE", "Apertus",
                                     "Cohere", "HunYuan", "Phi-3.5-MoE", "Granite-MoE-Shared",
                                     "GLM-4.5", "HunYuan-MoE", "FlexOlmo", "DeepSeek-V3", "Llama-4",
-                                    "Qwen3-Next", "Qwen3.5-MoE", "VaultGemma"])
+                                    "Qwen3-Next", "Qwen3.5-MoE", "VaultGemma", "Phi"])
 def test_dense_propagation_other_layouts(family):
     """Gemma 3 gives sliding and full layers different masks and rotary tables; GPT-2 passes its mask
     positionally and its blocks come from Conv1D converted to nn.Linear; Qwen3-MoE routes through 3-D experts
@@ -98,7 +98,8 @@ def test_dense_propagation_other_layouts(family):
     HunYuan-MoE routes through a float32 nn.Linear; FlexOlmo is post-norm-only with experts; DeepSeek-V3's
     attention reads its own latents through q_b_proj and kv_b_proj; Llama 4 scales every token by its routing score
     before the experts; Qwen3-Next alternates linear (recurrent) and gated full attention; Qwen3.5-MoE's linear
-    attention reads the stream through four projections; VaultGemma caps its scores with no post-norms."""
+    attention reads the stream through four projections; VaultGemma caps its scores with no post-norms; Phi runs
+    attention and MLP in parallel off one LayerNorm with partial RoPE."""
     from benchmarks.architectures import VOCAB, prepared, targets
 
     model = prepared(family)[0].eval()

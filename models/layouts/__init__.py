@@ -27,13 +27,14 @@ from models.layouts import (
     moe,
     olmo2,
     opt,
+    phi,
     phi3,
     qwen3_next,
     starcoder2,
 )
 
 FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, llama4, deepseek, qwen3_next, gpt_oss, olmo2, cohere,
-                                     starcoder2, opt, gpt2, gpt_neox, falcon)
+                                     starcoder2, opt, gpt2, gpt_neox, falcon, phi)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:
