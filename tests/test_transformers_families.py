@@ -37,13 +37,13 @@ SHARED = dict(vocab_size=128, hidden_size=32, n_embd=32, d_model=32, intermediat
               first_dense_intermediate_size=64, n_group=1, topk_group=1)
 # families that build tiny from SHARED alone
 PLAIN = (
-    "afmoe", "apertus1p5_text", "aria_text", "axk1", "beam", "bert", "bert-generation", "big_bird", "biogpt",
-    "bitnet", "bloom", "camembert", "cohere2_moe", "data2vec-text", "diffllama", "doge", "dory", "electra", "ernie",
-    "exaone_moe", "falcon_mamba", "flint", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa",
-    "hrm_text", "hy_v3", "hy_v4", "hyperclovax", "jais2", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2",
-    "lfm3", "mamba", "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax",
-    "minimax_m3_vl_text", "moshi", "mpt", "nanochat", "nemotron", "olmo", "persimmon", "roberta",
-    "roberta-prelayernorm", "roformer", "rwkv", "solar_open", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
+    "afmoe", "aria_text", "axk1", "beam", "bert", "bert-generation", "big_bird", "biogpt", "bitnet", "bloom",
+    "camembert", "cohere2_moe", "data2vec-text", "diffllama", "doge", "dory", "electra", "ernie", "exaone_moe",
+    "falcon_mamba", "flint", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa", "hrm_text",
+    "hy_v3", "hy_v4", "hyperclovax", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2", "lfm3", "mamba",
+    "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax", "minimax_m3_vl_text",
+    "moshi", "mpt", "nanochat", "olmo", "persimmon", "roberta", "roberta-prelayernorm", "roformer", "rwkv",
+    "solar_open", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
 )
 # model type -> config keywords on top of SHARED (the ones a family names its own way or needs to build tiny)
 EXTRA: dict[str, dict] = {

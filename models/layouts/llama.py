@@ -1,6 +1,7 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
-Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, HunYuan, CWM (and the language model of LLaVA / Idefics3).  Granite-SWA
-and CWM alternate sliding and full layers by ``layer_types``.
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2 (and the language model of
+LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.  Nemotron and Jais 2 have
+LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of each head (partial RoPE).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -33,7 +34,7 @@ from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, slid
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
-           "GraniteSWAConfig", "CwmConfig")
+           "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
@@ -48,15 +49,16 @@ FAMILY_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "Coh
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig", "MiniMaxM2Config", "FlexOlmoConfig")
 # families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
-PLAIN_MLP = ("ArceeConfig", "ApertusConfig")
+PLAIN_MLP = ("ArceeConfig", "ApertusConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig")
 # q/k norms not named ``q_norm`` / ``k_norm``, and families that apply them after RoPE
 QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
                  "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config")
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
-LAYERNORM = ("PhimoeConfig",)
+LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config")
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
-NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm")}
+NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm"),
+              "Apertus1p5TextConfig": ("attention_layernorm", "feedforward_layernorm")}
 # where each family's attention forward takes the ``sliding_window`` it passes to the attention function
 WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcoder2Config": "config",
                  "Ministral3Config": "config", "OlmoeConfig": "config",
