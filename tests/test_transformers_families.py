@@ -63,7 +63,6 @@ EXTRA: dict[str, dict] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "gptj": dict(rotary_dim=4),
     "codegen": dict(rotary_dim=4),
-    "stablelm": {},
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False),
     "kimi_linear": dict(linear_attn_config=dict(kda_layers=[1], full_attn_layers=[2], head_dim=8, num_heads=4,
