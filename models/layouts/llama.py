@@ -56,8 +56,6 @@ QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config")
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
 LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config", "StableLmConfig")
-STABLELM_QK_REASON = ("StableLM's qk_layernorm normalizes q and k with one LayerNorm module per head "
-                      "(StableLmLayerNormPerHead), which the latent K/V rebuild does not apply")
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
 NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm"),
               "Apertus1p5TextConfig": ("attention_layernorm", "feedforward_layernorm")}
@@ -153,11 +151,11 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     mlp = mlp or (lambda la, q: plain_mlp(q) if name in PLAIN_MLP else gated_mlp(q))
     attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
     norm = layer_norm if name in LAYERNORM else rms
-    # StableLM's parallel residual (``use_parallel_residual``): attention and MLP both read ``input_layernorm``
-    blocks = [Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
-                    mlp_norm=None if getattr(layer, "use_parallel_residual", False) else norm(join(p, mlp_norm)),
-                    parallel=bool(getattr(layer, "use_parallel_residual", False))) for p, layer, attn in layers]
+    blocks = []
+    for p, layer, attn in layers:
+        # StableLM's parallel residual (``use_parallel_residual``): attention and MLP both read ``input_layernorm``
+        parallel = bool(getattr(layer, "use_parallel_residual", False))
+        blocks.append(Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
+                            mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel))
     unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
-    if name == "StableLmConfig" and config.qk_layernorm:
-        unsupported = (("latent_cache", STABLELM_QK_REASON),)
     return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")), unsupported=unsupported)
