@@ -50,6 +50,15 @@ class ModelSpec:
 
     forms: dict = {}  # the "forms" plan section of the conversions build() made (compression.forms)
 
+    def _linearize(self, model: nn.Module) -> None:
+        """Convert the model's weights in other forms to ``nn.Linear`` (``self.forms``: what was converted; the
+        causal-LM and VLM specs call it from ``build``)."""
+        try:
+            layout = self.layout(model)
+        except NotImplementedError:  # a family without a layout: convert Conv1D / Linear subclasses only
+            layout = None
+        self.forms = linearize_(model, layout)
+
     def build_streamed(self) -> tuple[nn.Module, str]:
         """``calibration.stream_weights``: the model with its parameters on ``meta`` and the local folder of
         safetensors its weights are read from, one block at a time."""
@@ -145,14 +154,6 @@ class CausalLMSpec(ModelSpec):
             model, self.tokenizer = load_causal_lm(self.name_or_path, dtype=_DTYPES[self.dtype])
         self._linearize(model)
         return model
-
-    def _linearize(self, model: nn.Module) -> None:
-        """Convert the model's weights in other forms to ``nn.Linear`` (``self.forms``: what was converted)."""
-        try:
-            layout = self.layout(model)
-        except NotImplementedError:  # a family without a layout: convert Conv1D / Linear subclasses only
-            layout = None
-        self.forms = linearize_(model, layout)
 
     def build_streamed(self) -> tuple[nn.Module, str]:
         """The model of ``name_or_path`` (a local ``save_pretrained`` folder with ``model.safetensors`` or

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import eligible_linears
-from compression.forms import linearize_
 from lightning_modules.specs import _DTYPES, ModelSpec
 from metrics.vqa import VQAScores
 
@@ -143,8 +142,7 @@ class VLMSpec(ModelSpec):
             from models.vlm import load_vlm
 
             model, self.processor = load_vlm(self.name_or_path, dtype=_DTYPES[self.dtype], seed=self.seed)
-        # weights in other forms (Qwen3.5-MoE's 3-D experts) as nn.Linear, as CausalLMSpec does; recorded for the plan
-        self.forms = linearize_(model, self.layout(model))
+        self._linearize(model)  # Qwen3.5-MoE's 3-D experts as nn.Linear, recorded for the plan
         if self.trainable is not None:
             freeze_except_(model, self.trainable)
         return model
