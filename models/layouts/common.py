@@ -14,6 +14,12 @@ def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def decoder_of(model: nn.Module, base: str) -> tuple[object, list[tuple[str, nn.Module]]]:
+    """``(config, [(layer path, layer)])``: the config of the decoder at ``base`` and its ``base.layers.i``."""
+    decoder = model.get_submodule(base)
+    return decoder.config, [(join(base, "layers", str(i)), layer) for i, layer in enumerate(decoder.layers)]
+
+
 def eager_of(attn: nn.Module) -> Callable | None:
     """The eager attention function defined next to ``attn``'s class in its transformers module."""
     return getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)

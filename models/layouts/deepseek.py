@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import Attention, Block, ModelLayout
-from models.layouts.common import join, rms
+from models.layouts.common import decoder_of, join, rms
 from models.layouts.llama import decoder_layout
 from models.layouts.moe import moe_mlp
 
@@ -28,11 +28,9 @@ MLA_CACHE = ("multi-head latent attention already caches a compressed latent (kv
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = model.config
+    config, layers = decoder_of(model, base)
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for p, layer in layers:
         ap = join(p, "self_attn")
         q = "q_a_proj" if getattr(layer.self_attn, "q_a_proj", None) is not None else "q_proj"
         heads = config.num_attention_heads

@@ -8,20 +8,18 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import eager_of, head_path, join, layer_norm
+from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm
 
 CONFIGS = ("GPTNeoXConfig",)
 
 
 def build(model: nn.Module, base: str = "gpt_neox", head: str | None = None) -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = model.config
+    config, layers = decoder_of(model, base)
     h = config.num_attention_heads
     d = config.hidden_size // h
     rows = tuple(tuple((j * 3 * d + part * d, j * 3 * d + (part + 1) * d) for j in range(h)) for part in range(3))
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for p, layer in layers:
         ap, mp = join(p, "attention"), join(p, "mlp")
         attn = Attention(path=ap, o=join(ap, "dense"), qkv=join(ap, "query_key_value"), qkv_rows=rows, heads=h,
                          kv_heads=h, head_dim=d, rotary=join(base, "rotary_emb"), eager=eager_of(layer.attention))

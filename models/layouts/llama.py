@@ -29,7 +29,7 @@ from collections.abc import Callable
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout, Norm
-from models.layouts.common import eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
+from models.layouts.common import decoder_of, eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
@@ -123,13 +123,11 @@ def decoder_layers(model: nn.Module, base: str, offset: float = 0.0
     """``(config, [(layer path, layer, attention spec)])`` of the LLaMA-shaped decoder at ``base``
     (``base.layers.i.self_attn``, rotary ``base.rotary_emb``, called with the layer's type in the families of
     :data:`ROTARY_BY_LAYER_TYPE`); ``offset``: the q/k norms' scale offset (Gemma: 1)."""
-    decoder = model.get_submodule(base)
-    config = decoder.config
+    config, layers = decoder_of(model, base)
     rotary = join(base, "rotary_emb")
     by_type = type(config).__name__ in ROTARY_BY_LAYER_TYPE
     out = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for i, (p, layer) in enumerate(layers):
         args = (config.layer_types[i],) if by_type else ()
         out.append((p, layer, attention(layer.self_attn, join(p, "self_attn"), config, rotary, args, offset)))
     return config, out

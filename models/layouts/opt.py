@@ -9,17 +9,16 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import eager_of, head_path, join, layer_norm
+from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm
 
 CONFIGS = ("OPTConfig",)
 
 
 def build(model: nn.Module, base: str = "model.decoder", head: str | None = None) -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = model.config
+    config, layers = decoder_of(model, base)
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p, ap = join(base, "layers", str(i)), join(base, "layers", str(i), "self_attn")
+    for p, layer in layers:
+        ap = join(p, "self_attn")
         d = config.hidden_size // config.num_attention_heads
         attn = Attention(path=ap, o=join(ap, "out_proj"), q=join(ap, "q_proj"), k=join(ap, "k_proj"),
                          v=join(ap, "v_proj"), heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
@@ -29,7 +28,7 @@ def build(model: nn.Module, base: str = "model.decoder", head: str | None = None
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
                             mlp_norm=layer_norm(join(p, "final_layer_norm"))))
     unsupported = []
-    if not config.do_layer_norm_before or getattr(decoder, "project_in", None) is not None:
+    if not config.do_layer_norm_before or getattr(model.get_submodule(base), "project_in", None) is not None:
         unsupported.append(("rotation", "post-norm blocks or a projected embedding (project_in/project_out) sit "
                                         "between the stream and its readers"))
     return ModelLayout(family="opt", model_class=type(model).__name__, hidden=config.hidden_size,

@@ -12,17 +12,15 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import eager_of, join, layer_norm
+from models.layouts.common import decoder_of, eager_of, join, layer_norm
 
 CONFIGS = ("PhiConfig",)
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
+    config, layers = decoder_of(model, base)
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for p, layer in layers:
         ap, mp = join(p, "self_attn"), join(p, "mlp")
         qk_norm = layer.self_attn.qk_layernorm
         attn = Attention(path=ap, o=join(ap, "dense"), q=join(ap, "q_proj"), k=join(ap, "k_proj"),

@@ -6,18 +6,16 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import Attention, Block, ModelLayout, row_ranges
-from models.layouts.common import eager_of, join, rms, sliding_kwargs
+from models.layouts.common import decoder_of, eager_of, join, rms, sliding_kwargs
 from models.layouts.llama import fused_gated_mlp
 
 CONFIGS = ("Phi3Config",)
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
+    config, layers = decoder_of(model, base)
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for p, layer in layers:
         a, ap = layer.self_attn, join(p, "self_attn")
         d, h, g = a.head_dim, config.num_attention_heads, config.num_key_value_heads
         attn = Attention(path=ap, o=join(ap, "o_proj"), qkv=join(ap, "qkv_proj"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from compression.layout import Attention, Block, ModelLayout
-from models.layouts.common import join, rms
+from models.layouts.common import decoder_of, join, rms
 from models.layouts.llama import attention, decoder_layout
 from models.layouts.moe import moe_mlp
 
@@ -29,12 +29,10 @@ LATENT_REASON = ("its linear-attention layers keep a recurrent state, not keys a
 
 
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
-    decoder = model.get_submodule(base)
-    config = decoder.config
+    config, layers = decoder_of(model, base)
     rotary = join(base, "rotary_emb")
     blocks = []
-    for i, layer in enumerate(decoder.layers):
-        p = join(base, "layers", str(i))
+    for p, layer in layers:
         if getattr(layer, "linear_attn", None) is not None:
             ap = join(p, "linear_attn")
             attn = Attention(path=ap, o=join(ap, "out_proj"), heads=config.linear_num_value_heads,
