@@ -34,7 +34,15 @@ random token ids, ``--calib-samples`` windows of ``--seq-len``, 4 to a batch::
         --repeats 2 --methods svd_llm --decompose-threads 1 --out docs/results/gpu/compression_cost_llama1b.md
 
 (``--decompose-threads 1``: one matrix at a time only, as the 1.1B model's run on an H200 was timed, where two
-threads had gained 1.08x on SmolLM2's shapes: docs/results/gpu/README.md.)
+threads had gained 1.08x on SmolLM2's shapes: docs/results/gpu/README.md.)  ``--calibration-only`` times the
+calibration variants and nothing else, which is how the 1.1B model's calibration was timed on 2 CPU cores (22
+minutes; its SVDs would take far longer)::
+
+    python benchmarks/compression_cost.py --model llama-1b --calibration-only --repeats 3 \
+        --out docs/results/compression_cost_llama1b_cpu.md
+
+Statistics are freed as soon as they are timed; the naive Grams kept for the comparison are capped at
+:data:`GRAM_CHECK_BYTES` (the first layers' Grams; the output says when the cap cut the comparison short).
 """
 
 from __future__ import annotations
@@ -78,6 +86,21 @@ def naive_calibration(model, names, batches, forward) -> dict[str, torch.Tensor]
         for h in handles:
             h.remove()
     return grams
+
+
+GRAM_CHECK_BYTES = 2 * 2**30
+"""The naive Grams kept for the comparison with ours, in layer order (all of SmolLM2-135M's 996 MiB; a 1.1B
+model's 10 GB next to its 4.4 GB of weights and our 7.8 GB would not fit a 24 GiB machine)."""
+
+
+def first_grams(grams: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+    """The leading entries of ``grams`` whose bytes fit in ``budget`` (at least one)."""
+    kept, total = {}, 0
+    for name, g in grams.items():
+        if kept and total + g.nbytes > budget:
+            break
+        kept[name], total = g, total + g.nbytes
+    return kept
 
 
 def sync() -> None:
@@ -173,6 +196,51 @@ def three_ways(mats: list[torch.Tensor], fn, threads: int) -> tuple[float, float
     return loop_s, batch_s, pool_s, diff
 
 
+def decomposition_tables(args, decomposition: dict, probe: list, calib: float) -> list[str]:
+    """The decomposition sections: each method's time one matrix at a time split by LAPACK call (and threaded),
+    the same-shape probe, and the calibration / decomposition split (``calib``: the default calibration's s)."""
+    threads = args.decompose_threads
+    lines = [
+        "",
+        "## Decomposition at ratio 0.2 (from the float32-GEMM statistics), one matrix at a time"
+        + (f" vs {threads} threads" if threads > 1 else ""), "",
+        f"*1 thread*: `decompose_threads=1` (one matrix at a time, {args.threads} intra-op threads), its time split "
+        "by linear-algebra call (LAPACK on a CPU, cuSOLVER on a GPU)" + (
+            f"; *{threads} threads*: `decompose_threads={threads}`, that many matrices at once in worker threads "
+            f"(holding {threads} matrices' float64 working sets instead of one). Factors: largest relative "
+            "difference (Frobenius) of a factor from the one-at-a-time run (ranks equal, else inf)." if threads > 1
+            else " (`--decompose-threads 1`: no threaded run)."), "",
+        "| method | 1 thread s | " + " | ".join(LINALG) + " | rest |"
+        + (f" {threads} threads s | speed-up | factors |" if threads > 1 else ""),
+        "|---|---|" + "---|" * (len(LINALG) + 1) + ("---|---|---|" if threads > 1 else ""),
+    ]
+    for method in args.methods:
+        one, spent, many, diff = decomposition[method]
+        rest = one - sum(spent.values())
+        lines.append(f"| {method} | {sec(one)} | " + " | ".join(f"{sec(spent.get(k, 0.0))}" for k in LINALG)
+                     + f" | {sec(rest)} |"
+                     + (f" {sec(many)} | **{one / many:.2f}x** | {diff:.0e} |" if threads > 1 else ""))
+    if probe:
+        lines += [
+            "", "Same-shaped matrices, one at a time vs one batched `torch.linalg` call on the stack vs "
+            f"{threads} worker threads (float64):", "",
+            f"| matrices | count | one at a time s | batched s | {threads} threads s | largest relative difference |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {what} | {count} | {sec(loop)} | {sec(batch)} | {sec(pool)} | {diff:.0e} |"
+                  for what, count, loop, batch, pool, diff in probe]
+    lines += ["", "## Split", "", "| method | calibration s | decomposition s, 1 thread | "
+              + (f"decomposition s, {threads} threads | decomposition share, 1 / {threads} threads |" if threads > 1
+                 else "decomposition share |"),
+              "|---|---|---|---|" + ("---|" if threads > 1 else "")]
+    for method in args.methods:
+        one, _, many, _ = decomposition[method]
+        lines.append(f"| {method} | {sec(calib)} | {sec(one)} | " + (
+            f"{sec(many)} | {one / (one + calib):.0%} / {many / (many + calib):.0%} |" if threads > 1
+            else f"{one / (one + calib):.0%} |"))
+    return lines
+
+
 def main() -> None:
     p = common.lm_parser(__doc__, calib_samples=16, eval_tokens=None, model_help=common.MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or cuda: model, calibration and decomposition on the GPU")
@@ -183,7 +251,11 @@ def main() -> None:
                         "(1: one matrix at a time only, no threaded run and no same-shape probe)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods whose decomposition is timed")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="time the calibration variants only: no decomposition, no same-shape probe")
     args = p.parse_args()
+    if args.calibration_only:
+        args.methods = []
     if args.decompose_threads < 1:
         p.error(f"--decompose-threads must be >= 1, got {args.decompose_threads}")
     common.require_device(p, args.device)
@@ -225,17 +297,32 @@ def main() -> None:
                                                            gemm_dtype=torch.bfloat16)
     rounds: dict[str, list[float]] = {k: [] for k in variants}
     best = {k: float("inf") for k in variants}
-    results = {}
+    # statistics are dropped as soon as they are measured (a 1.1B model's naive Grams are 10 GB, ours 7.8 GB):
+    # the first round compares each variant's Grams with the naive ones, only the default's are kept
+    sizes: dict[str, tuple[int, int]] = {}  # variant -> (Grams, bytes)
+    gram_err: dict[str, float] = {}
+    ours = naive = None
+    checked = 0
     for round_ in range(args.repeats):
+        ours = None  # the previous round's statistics are freed before this round's variants run
         for name, fn in variants.items():
-            seconds, results[name] = timed(fn)
+            seconds, result = timed(fn)
             rounds[name].append(seconds)
             best[name] = min(best[name], seconds)
+            if name == "naive":
+                sizes[name] = (len(result), sum(g.nbytes for g in result.values()))
+                naive = first_grams(result, GRAM_CHECK_BYTES) if round_ == 0 else None
+                checked = len(naive) if naive is not None else checked
+            elif name.startswith("ours"):
+                sizes[name] = (len(result.streams), result.nbytes())
+                if naive is not None:
+                    gram_err[name] = max(float((result[n].gram - g).norm() / g.norm()) for n, g in naive.items())
+                if name == "ours":
+                    ours = result
+            del result
+        naive = None
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()), file=sys.stderr)
-    naive, ours = results["naive"], results["ours"]
-    gram_err = {name: max(float((results[name][n].gram - g).norm() / g.norm()) for n, g in naive.items())
-                for name in variants if name.startswith("ours")}
-    naive_mib = sum(g.nbytes for g in naive.values()) / 2**20
+    naive_mib = sizes["naive"][1] / 2**20
 
     threads = args.decompose_threads
     # method -> (1-thread seconds, its LAPACK split, threaded seconds, factor difference; None at 1 thread)
@@ -249,7 +336,7 @@ def main() -> None:
         many = (runs[threads][0], factor_difference(runs[threads][2], runs[1][2])) if threads > 1 else (None, None)
         decomposition[method] = (runs[1][0], runs[1][1], *many)
         del runs
-    probe = same_shape_probe(model, ours, targets, threads) if threads > 1 else []
+    probe = same_shape_probe(model, ours, targets, threads) if threads > 1 and args.methods else []
 
     command = "python benchmarks/compression_cost.py " + " ".join(sys.argv[1:])
     f = best["forward only"]
@@ -264,59 +351,29 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         f"| forward only (no hooks) | 0 | 0 | {sec(f)} | {f / best['naive']:.2f}x | "
         f"{round_ratio(rounds, 'forward only'):.2f}x | - |",
-        f"| naive float64 hook per layer | {len(naive)} | {naive_mib:.0f} | {sec(best['naive'])} | 1.00x | 1.00x | "
+        f"| naive float64 hook per layer | {sizes['naive'][0]} | {naive_mib:.0f} | {sec(best['naive'])} | 1.00x | "
+        "1.00x | "
         f"{sec(best['naive'] - f)} |",
     ]
     labels = {"ours, float64": "one Gram per input, float64 GEMM",
               "ours": "**one Gram per input, float32 GEMM (default)**",
               "ours, bfloat16": "one Gram per input, bfloat16 GEMM (`gemm_dtype=torch.bfloat16`)"}
     for name in (n for n in variants if n.startswith("ours")):
-        stats, label = results[name], labels[name]
-        lines.append(f"| {label} | {len(stats.streams)} | {stats.nbytes() / 2**20:.0f} | {sec(best[name])} | "
+        (grams, nbytes), label = sizes[name], labels[name]
+        lines.append(f"| {label} | {grams} | {nbytes / 2**20:.0f} | {sec(best[name])} | "
                      f"**{best[name] / best['naive']:.2f}x** | {round_ratio(rounds, name):.2f}x | "
                      f"{sec(best[name] - f)} |")
     lines += [
         "", "Largest relative difference of a Gram from the naive float64 one (Frobenius): " + ", ".join(
             f"{name.removeprefix('ours, ') if ',' in name else 'float32'} GEMMs {err:.1e}"
-            for name, err in gram_err.items()) + ". Ours ends each forward just before the LM head "
-        "(`stop_early`), so it can beat *forward only*.", "",
-        "## Decomposition at ratio 0.2 (from the float32-GEMM statistics), one matrix at a time"
-        + (f" vs {threads} threads" if threads > 1 else ""), "",
-        f"*1 thread*: `decompose_threads=1` (one matrix at a time, {args.threads} intra-op threads), its time split "
-        "by linear-algebra call (LAPACK on a CPU, cuSOLVER on a GPU)" + (
-            f"; *{threads} threads*: `decompose_threads={threads}`, that many matrices at once in worker threads "
-            f"(holding {threads} matrices' float64 working sets instead of one). Factors: largest relative "
-            "difference (Frobenius) of a factor from the one-at-a-time run (ranks equal, else inf)." if threads > 1
-            else " (`--decompose-threads 1`: no threaded run)."), "",
-        "| method | 1 thread s | " + " | ".join(LINALG) + " | rest |"
-        + (f" {threads} threads s | speed-up | factors |" if threads > 1 else ""),
-        "|---|---|" + "---|" * (len(LINALG) + 1) + ("---|---|---|" if threads > 1 else ""),
+            for name, err in gram_err.items())
+        + (f" (the first {checked} of {sizes['naive'][0]} layers' Grams: the naive ones kept for the comparison "
+           f"are capped at {GRAM_CHECK_BYTES / 2**30:.0f} GiB)" if checked < sizes["naive"][0] else "")
+        + ". Ours ends each forward just before the LM head "
+        "(`stop_early`), so it can beat *forward only*.",
     ]
-    for method in args.methods:
-        one, spent, many, diff = decomposition[method]
-        rest = one - sum(spent.values())
-        lines.append(f"| {method} | {sec(one)} | " + " | ".join(f"{sec(spent.get(k, 0.0))}" for k in LINALG)
-                     + f" | {sec(rest)} |"
-                     + (f" {sec(many)} | **{one / many:.2f}x** | {diff:.0e} |" if threads > 1 else ""))
-    if probe:
-        lines += [
-            "", "Same-shaped matrices, one at a time vs one batched `torch.linalg` call on the stack vs "
-            f"{threads} worker threads (float64):", "",
-            f"| matrices | count | one at a time s | batched s | {threads} threads s | largest relative difference |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {what} | {count} | {sec(loop)} | {sec(batch)} | {sec(pool)} | {diff:.0e} |"
-                  for what, count, loop, batch, pool, diff in probe]
-    calib = best["ours"]
-    lines += ["", "## Split", "", "| method | calibration s | decomposition s, 1 thread | "
-              + (f"decomposition s, {threads} threads | decomposition share, 1 / {threads} threads |" if threads > 1
-                 else "decomposition share |"),
-              "|---|---|---|---|" + ("---|" if threads > 1 else "")]
-    for method in args.methods:
-        one, _, many, _ = decomposition[method]
-        lines.append(f"| {method} | {sec(calib)} | {sec(one)} | " + (
-            f"{sec(many)} | {one / (one + calib):.0%} / {many / (many + calib):.0%} |" if threads > 1
-            else f"{one / (one + calib):.0%} |"))
+    if args.methods:
+        lines += decomposition_tables(args, decomposition, probe, best["ours"])
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:  # the notes written under an earlier run's tables stay

@@ -86,3 +86,33 @@ def test_round_ratio_is_the_median_of_each_rounds_ratio(cost):
     rounds = {"naive": [10.0, 8.0, 12.0], "ours": [4.0, 8.0, 4.8]}  # round ratios 0.4, 1.0, 0.4
     assert cost.round_ratio(rounds, "ours") == 0.4
     assert cost.round_ratio(rounds, "naive") == 1.0
+
+
+def test_first_grams_keeps_the_leading_layers_within_the_budget(cost):
+    grams = {f"l{i}": torch.zeros(4 * (i + 1), 4 * (i + 1), dtype=torch.float64) for i in range(4)}
+    sizes = [g.nbytes for g in grams.values()]  # 128, 512, 1152, 2048 bytes
+    assert list(cost.first_grams(grams, sum(sizes))) == ["l0", "l1", "l2", "l3"]
+    assert list(cost.first_grams(grams, sizes[0] + sizes[1] + sizes[2] - 1)) == ["l0", "l1"]
+    assert list(cost.first_grams(grams, 1)) == ["l0"]  # at least one, whatever the budget
+    assert cost.first_grams(grams, sizes[0])["l0"] is grams["l0"]  # kept, not copied
+
+
+def test_calibration_only_run_with_a_capped_gram_check(cost, tmp_path, monkeypatch):
+    """``--calibration-only``: the calibration table and nothing else; with the naive Grams kept for the
+    comparison capped below the whole set, the line says how many layers were compared."""
+    import re
+    import sys
+
+    out = tmp_path / "cost.md"
+    monkeypatch.setattr(cost, "GRAM_CHECK_BYTES", 3 * 128 * 128 * 8)  # the tiny model's first 3 Grams (n = 128)
+    monkeypatch.setattr(sys, "argv", ["compression_cost.py", "--model", "tiny", "--calib-samples", "8", "--seq-len",
+                                      "32", "--repeats", "2", "--calibration-only", "--out", str(out)])
+    cost.main()
+    text = out.read_text()
+    assert "## Calibration" in text and "## Decomposition" not in text and "## Split" not in text
+    assert "Same-shaped" not in text
+    assert "(the first 3 of 28 layers' Grams" in text
+    errors = dict(re.findall(r"(float64|float32) GEMMs (\d\.\de[+-]\d+)", text))
+    assert float(errors["float64"]) < 1e-13 and float(errors["float32"]) < 1e-5
+    rows = [line.split("|") for line in text.splitlines() if "one Gram per input" in line]
+    assert [int(row[2]) for row in rows] == [16, 16]  # q/k/v and gate/up share: 4 Grams per block, 4 blocks
