@@ -191,6 +191,23 @@ def test_stablelm_variants(variant, cell, monkeypatch):
     assert status == "pass", detail
 
 
+@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
+def test_olmo_with_clip_qkv(cell, monkeypatch):
+    """OLMo's ``clip_qkv`` (OLMo 1.7) clamps q, k and v after their projections: the joint QKV and rotation cells pass
+    with the clamp biting (0.05 is below most of this tiny model's projected values); the latent cache, which rebuilds
+    K/V without it, is refused up front."""
+    import benchmarks.architectures as matrix
+
+    config, model, kwargs = FAMILIES["OLMo"]
+    monkeypatch.setitem(matrix.FAMILIES, "OLMo", (config, model, {**kwargs, "clip_qkv": 0.05}))
+    if cell == "latent cache":
+        with pytest.raises(NotImplementedError, match="clip_qkv: 0.05 clamps q, k and v"):
+            run_cell("OLMo", cell)
+        return
+    status, detail = run_cell("OLMo", cell)
+    assert status == "pass", detail
+
+
 def test_llama4_experts_see_only_the_tokens_routed_to_them():
     """Llama 4 hands every expert a copy of every token scaled by its routing score (zero where not routed); the
     linearized experts run on the routed rows only, so calibration counts each token once per expert it reaches:

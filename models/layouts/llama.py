@@ -1,7 +1,10 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
-Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2 (and the language model of
-LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.  Nemotron and Jais 2 have
-LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of each head (partial RoPE).
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo (and the language model
+of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.  Nemotron and
+Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of each head
+(partial RoPE).
+OLMo (1) has LayerNorms without weight or bias, and with ``clip_qkv`` clamps q, k and v after their projections:
+then the latent KV cache, which rebuilds K/V without a clamp, is refused.
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -34,7 +37,8 @@ from models.layouts.common import decoder_of, eager_of, join, layer_norm, rms, r
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
-           "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "StableLmConfig")
+           "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "StableLmConfig",
+           "OlmoConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
@@ -55,7 +59,7 @@ QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
                  "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config")
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
-LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config", "StableLmConfig")
+LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config", "StableLmConfig", "OlmoConfig")
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
 NORM_NAMES = {"ApertusConfig": ("attention_layernorm", "feedforward_layernorm"),
               "Apertus1p5TextConfig": ("attention_layernorm", "feedforward_layernorm")}
@@ -156,4 +160,7 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
         blocks.append(Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
                             mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel))
     unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
+    if getattr(config, "clip_qkv", None) is not None:
+        unsupported += (("latent_cache", f"clip_qkv: {config.clip_qkv} clamps q, k and v after their projections; "
+                         "the latent K/V rebuild (and its absorbed value projection) has no clamp"),)
     return decoder_layout(model, "llama", config, base, head, blocks, norm(join(base, "norm")), unsupported=unsupported)
