@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -83,15 +83,35 @@ def weight_reads(cls: type) -> dict[str, str]:
     return reads
 
 
+def _bloom_exact_tp(module: nn.Module) -> bool:
+    return module.pretraining_tp > 1 and module.slow_but_exact
+
+
+GUARDED_READS: dict[tuple[str, str], Callable[[nn.Module], bool]] = {
+    ("BloomAttention", "dense"): _bloom_exact_tp,
+    ("BloomMLP", "dense_4h_to_h"): _bloom_exact_tp,
+}
+"""Weight reads that run only in a branch the module's own flags decide: ``(class name, attribute path) -> whether
+the branch runs for this module``.  BLOOM slices ``dense.weight`` / ``dense_4h_to_h.weight`` only under
+``pretraining_tp > 1 and slow_but_exact`` (an exact replay of its tensor-parallel pretraining); its released configs
+have ``slow_but_exact: false``, and then its output projections are targets.  A class not listed here keeps every
+read (a renamed copy of BLOOM's code included)."""
+
+
 def ancestor_weight_read(modules: dict[str, nn.Module], name: str) -> str | None:
     """The first source line where the class of a module above ``name`` (its parent, grandparent... up to the
     model; ``modules``: ``dict(model.named_modules())``) reads the ``weight`` or ``bias`` of the layer ``name``
     through its attribute path (Jamba's mixer: ``self.dt_proj.weight``; Ergo's decoder layer:
-    ``self.self_attn.o_proj.weight.dtype``), or ``None``."""
+    ``self.self_attn.o_proj.weight.dtype``), or ``None``.  A read in a branch that does not run for this module
+    (:data:`GUARDED_READS`) does not count."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         ancestor = modules.get(".".join(parts[:depth]))
-        if ancestor is not None and (line := weight_reads(type(ancestor)).get(".".join(parts[depth:]))) is not None:
+        path = ".".join(parts[depth:])
+        if ancestor is None or (line := weight_reads(type(ancestor)).get(path)) is None:
+            continue
+        guard = GUARDED_READS.get((type(ancestor).__name__, path))
+        if guard is None or guard(ancestor):
             return line
     return None
 

@@ -204,3 +204,38 @@ def test_jamba_compresses_without_its_mixers_dt_proj():
     assert "model.layers.1.mamba.in_proj" in names and "model.layers.1.mamba.dt_proj" not in names
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("exact_tp", [False, True])
+def test_bloom_output_projections_are_targets_unless_its_exact_tp_branch_reads_them(exact_tp):
+    """BLOOM reads ``dense.weight`` / ``dense_4h_to_h.weight`` only under ``pretraining_tp > 1 and slow_but_exact``.
+    Without that flag (its released configs) its output projections are targets and, factorized at full rank, leave
+    the logits unchanged; with it they are skipped with the guarded line, and the model still compresses and runs."""
+    import copy
+
+    import transformers
+
+    from lightning_modules.specs import CausalLMSpec
+
+    config = transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
+                                      pretraining_tp=2 if exact_tp else 1, slow_but_exact=exact_tp)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(config).eval()
+    eligible, skipped = eligible_linears(model)
+    dense = ["transformer.h.0.self_attention.dense", "transformer.h.0.mlp.dense_4h_to_h"]
+    if exact_tp:
+        assert not set(dense) & set(eligible)
+        assert "self.dense.weight" in skipped[dense[0]] and "self.dense_4h_to_h.weight" in skipped[dense[1]]
+    else:
+        assert set(dense) <= set(eligible) and not set(dense) & set(skipped)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    targets = CausalLMSpec(model=model).default_targets(model)
+    full = copy.deepcopy(model)
+    ranks = {n: {"rank": min(full.get_submodule(n).weight.shape)} for n in targets}
+    report = compress_(full, Recipe("svd", targets=targets, overrides=ranks), family=CausalLMSpec(model=full))
+    assert len(report.layers) == len(targets) == (4 if exact_tp else 8)  # 2 of query_key_value/dense/h_to_4h/4h_to_h
+    with torch.no_grad():
+        err = float((full(input_ids=ids).logits - ref).norm() / ref.norm())
+    assert err <= 1e-5, err
