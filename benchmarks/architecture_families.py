@@ -28,6 +28,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Apertus1.5": ("Apertus1p5TextConfig", "Apertus1p5TextForCausalLM", dict(_COMMON, head_dim=8)),
     "StableLM": ("StableLmConfig", "StableLmForCausalLM", dict(_COMMON, partial_rotary_factor=0.5, use_qkv_bias=True)),
     "OLMo": ("OlmoConfig", "OlmoForCausalLM", _COMMON),
+    "NanoChat": ("NanoChatConfig", "NanoChatForCausalLM", _COMMON),
     "Ministral": ("MinistralConfig", "MinistralForCausalLM",
                   dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",

@@ -191,6 +191,8 @@ def _check_rotatable(layout: ModelLayout, site: str = "stream") -> None:
 
 
 def _scale_identity(norm: nn.Module, spec: Norm) -> bool:
+    if getattr(norm, "weight", None) is None:
+        return spec.offset == 0  # a norm without a scale
     return bool(torch.all(norm.weight + spec.offset == 1))
 
 
@@ -221,6 +223,8 @@ def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
     pairs.append((layout.final_norm, input_weights(model.get_submodule(layout.head))))
     for spec, readers in pairs:
         norm = model.get_submodule(spec.path)
+        if getattr(norm, "weight", None) is None and spec.offset == 0:
+            continue  # a norm without a scale (NanoChat's, OLMo's): nothing to fold
         scale = norm.weight.detach().double() + spec.offset
         _right_(readers, torch.diag(scale))
         norm.weight.fill_(1.0 - spec.offset)

@@ -42,7 +42,7 @@ PLAIN = (
     "falcon_mamba", "flint", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa", "hrm_text",
     "hy_v3", "hy_v4", "hyperclovax", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2", "lfm3", "mamba",
     "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax", "minimax_m3_vl_text",
-    "moshi", "mpt", "nanochat", "persimmon", "roberta", "roberta-prelayernorm", "roformer", "rwkv",
+    "moshi", "mpt", "persimmon", "roberta", "roberta-prelayernorm", "roformer", "rwkv",
     "solar_open", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
 )
 # model type -> config keywords on top of SHARED (the ones a family names its own way or needs to build tiny)

@@ -1,10 +1,13 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
-Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo (and the language model
-of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.  Nemotron and
-Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of each head
-(partial RoPE).
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo, NanoChat (and the
+language model of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.
+Nemotron and Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of
+each head (partial RoPE).
 OLMo (1) has LayerNorms without weight or bias, and with ``clip_qkv`` clamps q, k and v after their projections:
-then the latent KV cache, which rebuilds K/V without a clamp, is refused.
+then the latent KV cache, which rebuilds K/V without a clamp, is refused.  NanoChat's RMSNorms have no scale (one of
+them also normalizes the embeddings before the first layer, which commutes with the stream rotation), its q/k norms
+run after RoPE, its RoPE turns the other way (its own ``rotate_half``: ``(x2, -x1)``), and its MLP is plain
+(``fc2(relu²(fc1(x)))``).
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -38,7 +41,7 @@ CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Granit
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
            "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "StableLmConfig",
-           "OlmoConfig")
+           "OlmoConfig", "NanoChatConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
@@ -49,15 +52,17 @@ ROTARY_BY_LAYER_TYPE = ("Gemma3TextConfig", "Olmo3Config")
 # families whose RoPE is not LLaMA's rotate-half with full-width cos/sin: interleaved channel pairs
 # (``x[..., 0::2]``, ``x[..., 1::2]``), or GPT-OSS's half-width cos/sin; their own function is used
 FAMILY_ROPE = ("Ernie4_5Config", "HeliumConfig", "GlmConfig", "Glm4Config", "CohereConfig", "Cohere2Config",
-               "GptOssConfig", "Ernie4_5_MoeConfig")
+               "GptOssConfig", "Ernie4_5_MoeConfig", "NanoChatConfig")
 # families whose q_norm / k_norm normalize the whole projection, before the heads are split
 WHOLE_QK_NORM = ("Olmo2Config", "Olmo3Config", "OlmoeConfig", "MiniMaxM2Config", "FlexOlmoConfig")
-# families whose MLP is plain (``down(act(up(x)))``, no gate) under LLaMA's names
-PLAIN_MLP = ("ArceeConfig", "ApertusConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig")
+# families whose MLP is plain (``down(act(up(x)))``, no gate), and those that name its parts otherwise than
+# ``up_proj`` / ``act_fn`` / ``down_proj``: (input projection, activation, output projection)
+PLAIN_MLP = ("ArceeConfig", "ApertusConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "NanoChatConfig")
+PLAIN_MLP_NAMES = {"NanoChatConfig": ("fc1", "activation_fn", "fc2")}
 # q/k norms not named ``q_norm`` / ``k_norm``, and families that apply them after RoPE
 QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
                  "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
-QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config")
+QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config", "NanoChatConfig")
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
 LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config", "StableLmConfig", "OlmoConfig")
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
@@ -117,9 +122,8 @@ def fused_gated_mlp(path: str, gate_up: str = "gate_up_proj", act: str = "activa
                names=(("gate_up", gate_up), ("act", act), ("down", down)))
 
 
-def plain_mlp(path: str) -> MLP:
-    return MLP(path, "plain", (join(path, "up_proj"),), join(path, "down_proj"),
-               names=(("fc", "up_proj"), ("act", "act_fn"), ("down", "down_proj")))
+def plain_mlp(path: str, fc: str = "up_proj", act: str = "act_fn", down: str = "down_proj") -> MLP:
+    return MLP(path, "plain", (join(path, fc),), join(path, down), names=(("fc", fc), ("act", act), ("down", down)))
 
 
 def decoder_layers(model: nn.Module, base: str, offset: float = 0.0
@@ -150,7 +154,8 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     describes a block's MLP (default: the gated LLaMA MLP, or the plain one of Arcee / Apertus)."""
     config, layers = decoder_layers(model, base)
     name = type(config).__name__
-    mlp = mlp or (lambda la, q: plain_mlp(q) if name in PLAIN_MLP else gated_mlp(q))
+    plain_names = PLAIN_MLP_NAMES.get(name, ())
+    mlp = mlp or (lambda la, q: plain_mlp(q, *plain_names) if name in PLAIN_MLP else gated_mlp(q))
     attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
     norm = layer_norm if name in LAYERNORM else rms
     blocks = []
