@@ -208,6 +208,18 @@ def test_olmo_with_clip_qkv(cell, monkeypatch):
     assert status == "pass", detail
 
 
+@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
+def test_hyperclovax_without_post_norms(cell, monkeypatch):
+    """HyperCLOVAX with ``use_post_norm: false`` (its post-norms are ``nn.Identity``) is a pre-norm LLaMA block with
+    Granite's scalars: the cells pass there too (rotated on the stream instead of at the readers)."""
+    import benchmarks.architectures as matrix
+
+    config, model, kwargs = FAMILIES["HyperCLOVAX"]
+    monkeypatch.setitem(matrix.FAMILIES, "HyperCLOVAX", (config, model, {**kwargs, "use_post_norm": False}))
+    status, detail = run_cell("HyperCLOVAX", cell)
+    assert status == "pass", detail
+
+
 def test_llama4_experts_see_only_the_tokens_routed_to_them():
     """Llama 4 hands every expert a copy of every token scaled by its routing score (zero where not routed); the
     linearized experts run on the routed rows only, so calibration counts each token once per expert it reaches:

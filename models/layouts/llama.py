@@ -1,13 +1,14 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
-Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo, NanoChat (and the
-language model of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo, NanoChat, HyperCLOVAX
+(and the language model of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.
 Nemotron and Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of
 each head (partial RoPE).
 OLMo (1) has LayerNorms without weight or bias, and with ``clip_qkv`` clamps q, k and v after their projections:
 then the latent KV cache, which rebuilds K/V without a clamp, is refused.  NanoChat's RMSNorms have no scale (one of
 them also normalizes the embeddings before the first layer, which commutes with the stream rotation), its q/k norms
 run after RoPE, its RoPE turns the other way (its own ``rotate_half``: ``(x2, -x1)``), and its MLP is plain
-(``fc2(relu²(fc1(x)))``).
+(``fc2(relu²(fc1(x)))``).  HyperCLOVAX is Granite's block (the same scalars) with, when ``use_post_norm``, an RMSNorm
+on each sublayer's output before the residual add (``post_norm1`` / ``post_norm2``, Peri-LN): rotated at the readers.
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -41,7 +42,7 @@ CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Granit
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
            "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "StableLmConfig",
-           "OlmoConfig", "NanoChatConfig")
+           "OlmoConfig", "NanoChatConfig", "HyperCLOVAXConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
@@ -63,6 +64,9 @@ PLAIN_MLP_NAMES = {"NanoChatConfig": ("fc1", "activation_fn", "fc2")}
 QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
                  "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config", "NanoChatConfig")
+# post-norms on the attention's and the MLP's outputs before the residual add (HyperCLOVAX's Peri-LN, when
+# ``use_post_norm``: ``nn.Identity`` otherwise)
+OUT_NORMS = {"HyperCLOVAXConfig": ("post_norm1", "post_norm2")}
 # families with LayerNorm (mean subtracted, biases) where LLaMA has RMSNorm
 LAYERNORM = ("PhimoeConfig", "NemotronConfig", "Jais2Config", "StableLmConfig", "OlmoConfig")
 # reader norms not named ``input_layernorm`` / ``post_attention_layernorm``
@@ -162,8 +166,11 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     for p, layer, attn in layers:
         # StableLM's parallel residual (``use_parallel_residual``): attention and MLP both read ``input_layernorm``
         parallel = bool(getattr(layer, "use_parallel_residual", False))
+        out = [None if isinstance(getattr(layer, n), nn.Identity) else norm(join(p, n))
+               for n in OUT_NORMS.get(name, ())]
         blocks.append(Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
-                            mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel))
+                            mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel,
+                            attn_out_norm=out[0] if out else None, mlp_out_norm=out[1] if out else None))
     unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
     if getattr(config, "clip_qkv", None) is not None:
         unsupported += (("latent_cache", f"clip_qkv: {config.clip_qkv} clamps q, k and v after their projections; "
