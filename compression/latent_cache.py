@@ -350,13 +350,20 @@ def _layer_mode(model: nn.Module, spec: Attention, keys: str) -> str | None:
     return "plain" if _latent_rank(model, spec) < spec.kv_heads * spec.head_dim else None
 
 
-def _undescribed_children(attn: nn.Module, spec: Attention) -> list[str]:
+REBUILT_PARAMETERS = ("sinks",)
+"""Parameters of an attention module itself (not of a child) that :class:`LatentAttention` uses: GPT-OSS's
+per-head sink logits."""
+
+
+def _undescribed_parts(attn: nn.Module, spec: Attention) -> list[str]:
     """The children of ``attn`` holding parameters that no role of ``spec`` names (q, k, v, qkv, o, the q/k norms,
-    the joint latent): computation the rebuilt attention would leave out."""
+    the joint latent), and its own parameters other than :data:`REBUILT_PARAMETERS`: computation the rebuilt
+    attention would leave out."""
     known = {_relative(spec, getattr(spec, r)) for r in ("q", "k", "v", "qkv", "o")} | {LATENT_NAME}
     known |= {_relative(spec, norm.path) for norm in (spec.q_norm, spec.k_norm) if norm is not None}
-    return [name for name, child in attn.named_children()
-            if name not in known and next(child.parameters(), None) is not None]
+    children = [name for name, child in attn.named_children()
+                if name not in known and next(child.parameters(), None) is not None]
+    return children + [name for name, _ in attn.named_parameters(recurse=False) if name not in REBUILT_PARAMETERS]
 
 
 def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "latent") -> list[str]:
@@ -370,8 +377,9 @@ def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "lat
     Refused up front for layouts without a latent K/V rebuild (their layout says why), for attentions without
     rotary positions (NoPE layers, which rotate neither queries nor keys, rebuild their keys unrotated) and for
     attentions with a child holding parameters that the layout does not name (StableLM's per-head q/k LayerNorms
-    ``q_layernorm`` / ``k_layernorm``: rebuilt without them, its scores were off by 6e-2), before any layer is
-    swapped; attentions that are not joint keep the plain cache.
+    ``q_layernorm`` / ``k_layernorm``: rebuilt without them, its scores were off by 6e-2) or with a parameter of
+    their own that the rebuild does not use (any but GPT-OSS's ``sinks``), before any layer is swapped; attentions
+    that are not joint keep the plain cache.
     """
     if keys not in (*KEY_MODES, "auto"):
         raise ValueError(f"enable_latent_cache_: keys={keys!r}; choose one of {(*KEY_MODES, 'auto')}")
@@ -389,13 +397,13 @@ def enable_latent_cache_(model: nn.Module, layout: ModelLayout, keys: str = "lat
         if spec.rotary is None and not spec.nope:
             raise NotImplementedError(f"{layout.model_class}: the latent KV cache rebuilds rotary keys; {spec.path} "
                                       "has no rotary module")
-        unknown = _undescribed_children(attn, spec)
+        unknown = _undescribed_parts(attn, spec)
         if unknown:
             raise NotImplementedError(
                 f"{layout.model_class}: the latent KV cache rebuilds q, k and v from the latent with only the modules "
                 f"the layout names; {spec.path} also has {unknown} ({type(getattr(attn, unknown[0])).__name__}), "
-                "which the layout does not describe (per-head norms under other names, say), so the rebuild would "
-                "skip them")
+                "which the layout does not describe (per-head norms under other names, a learned scale...), so the "
+                "rebuild would skip them")
         swaps.append((spec, attn, mode))
     changed = []
     for spec, attn, mode in swaps:

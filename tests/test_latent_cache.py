@@ -110,6 +110,17 @@ def test_a_layer_without_positions_is_refused_before_any_layer_is_swapped(joint_
         dataclasses.replace(last.attn, nope=True)
 
 
+def test_an_attention_parameter_the_rebuild_does_not_use_is_refused(joint_pair):
+    """A parameter of the attention module itself (a learned scale, Flint-style sinks under another name...) that the
+    rebuilt attention would not apply: refused, naming it, before any layer is swapped; ``sinks`` is used (GPT-OSS)."""
+    plain, _ = joint_pair
+    model = copy.deepcopy(plain)
+    model.model.layers[1].self_attn.head_scale = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match=r"model.layers.1.self_attn also has \['head_scale'\] \(Parameter\)"):
+        enable_latent_cache_(model, layout_of(model))
+    assert not any(isinstance(m, LatentAttention) for m in model.modules())
+
+
 def test_requires_joint_layers():
     with pytest.raises(ValueError, match="joint_qkv: true"):
         enable_latent_cache_(make_tiny_llama(), layout_of(make_tiny_llama()))
