@@ -4,7 +4,9 @@ In this order (:mod:`compression.rotation`, :mod:`compression.beta_search`, :mod
 
 1. ``rotate``: fold the norm scales into their readers and rotate the residual stream by a
    (randomized) Hadamard ``H1`` fused into the weights, plus the online Hadamard before each
-   ``down_proj`` -- the float function is unchanged, the outliers are spread;
+   ``down_proj`` -- the float function is unchanged, the outliers are spread.  With calibration
+   batches, that is checked: the output head's rows on the first batch before and after must agree
+   (:func:`check_rotation`), else the run stops (a layout that misses part of a family's blocks);
 2. low-rank latents (every ``LowRankLinear`` and joint q/k/v group): with ``beta_search`` the
    exponent β splitting Σ between ``down = Σ^β Vᵀ`` and ``up = U Σ^(1-β)`` is chosen, then ``H2``
    (a random orthogonal ``r x r`` rotation, ``latent_rotation``) is fused into each pair; without
@@ -38,6 +40,54 @@ from compression.recipe import QuantRecipe
 log = logging.getLogger(__name__)
 
 
+ROTATION_CHECK_ROWS = 64
+"""Rows of the output head's output (token positions) compared before and after the rotation."""
+
+
+def rotation_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative output change a correct rotation leaves in a model of ``dtype``: float rounding of the
+    rotated weights (float64 1e-6, float32 1e-3, half precisions 0.1).  A layout that misses a norm, a scale or a
+    reader of the residual stream changes the output by 0.6-0.8 (HyperCLOVAX's post-norms, Jais 2's LayerNorm)."""
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 0.1)
+
+
+@torch.no_grad()
+def head_rows(model: nn.Module, layout: Any, batch: Any, forward: Callable | None) -> torch.Tensor | None:
+    """The first :data:`ROTATION_CHECK_ROWS` rows of what the output head (``layout.head``) returns on ``batch``, in
+    float32; ``None`` when the head did not run."""
+    from compression.collector import default_forward
+
+    rows: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, out: Any) -> None:
+        out = out[0] if isinstance(out, tuple) else out
+        rows.append(out.detach().reshape(-1, out.shape[-1])[:ROTATION_CHECK_ROWS].float().clone())
+
+    handle = model.get_submodule(layout.head).register_forward_hook(keep)
+    try:
+        (forward or default_forward)(model, batch)
+    finally:
+        handle.remove()
+    return rows[0] if rows else None
+
+
+def check_rotation(model: nn.Module, layout: Any, before: torch.Tensor, after: torch.Tensor | None) -> None:
+    """Stop the run when the rotation changed the model's function: the output head's rows on the first calibration
+    batch must agree within :func:`rotation_tolerance` (relative, Frobenius)."""
+    if after is None:
+        return
+    err = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    dtype = next(model.parameters()).dtype
+    if not err <= rotation_tolerance(dtype):
+        raise RuntimeError(
+            f"{layout.model_class}: rotating the residual stream changed the model's output by {err:.2e} (relative, "
+            f"head output on the first calibration batch; a correct rotation stays within "
+            f"{rotation_tolerance(dtype):g} in {dtype}). The model layout ({layout.family}) does not describe "
+            "something this model computes (a norm, a scale, a reader of the stream, a config option); the run "
+            "stops before quantizing. Set quantization.rotate: false to quantize without rotation, and report the "
+            "model class and config")
+
+
 def quant_configs(q: QuantRecipe) -> tuple[WeightQuantConfig | None, ActQuantConfig | None]:
     weight = None if q.weight_bits is None else WeightQuantConfig(
         bits=q.weight_bits, symmetric=q.symmetric, group_size=q.group_size, clip=q.clip_grid > 0,
@@ -69,7 +119,11 @@ def run_quantization(model: nn.Module, q: QuantRecipe, family: Any, batches: Cal
             if layout is None:
                 raise ValueError(f"quantization.rotate needs the model's layout (where its residual stream is "
                                  f"written and read); the family of {type(model).__name__} gives none")
+            batch = next(iter(batches()), None) if batches is not None else None
+            before = head_rows(model, layout, batch, forward) if batch is not None else None
             rotation = rotate_model_(model, layout, kind=q.rotation_kind, seed=q.seed, online=True)
+            if before is not None:
+                check_rotation(model, layout, before, head_rows(model, layout, batch, forward))
         pairs = lowrank_pairs(model)
         latent_seed = q.seed if q.latent_rotation else None
         if pairs and q.beta_search and q.beta_objective == "loss":

@@ -176,3 +176,58 @@ def test_full_qsvd_recipe_plan_round_trip(token_batches):
     assert torch.equal(_logits(fresh, x), _logits(model, x))
     with pytest.raises(ValueError, match="already quantized"):
         rotate_model_(model, layout_of(model))
+
+
+def _hyperclovax():
+    import transformers
+
+    from benchmarks.architecture_families import FAMILIES
+
+    config, model, kwargs = FAMILIES["HyperCLOVAX"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model)(getattr(transformers, config)(**kwargs)).eval()
+    with torch.no_grad():  # norm scales of 1 commute with a rotation, and would hide a norm the layout misses
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("layout_knows_post_norms", [True, False])
+def test_a_rotation_that_changes_the_output_stops_the_run(token_batches, monkeypatch, layout_knows_post_norms):
+    """The rotation stage compares the head's output on the first calibration batch before and after rotating: with
+    a layout that misses HyperCLOVAX's post-norms (as the LLaMA layout did before it knew them) the rotated model's
+    output is off by ~0.7 and the run stops there, naming the model; with its real layout the recipe runs."""
+    from compression import Recipe, compress_
+    from lightning_modules.specs import CausalLMSpec
+    from models.layouts import llama
+
+    if not layout_knows_post_norms:
+        monkeypatch.setattr(llama, "OUT_NORMS", {})
+    model = _hyperclovax()
+    recipe = Recipe("svd_llm", ratio=0.3, quantization={"weight_bits": 8, "act_bits": 8, "rotate": True})
+    batches = [{"input_ids": b["input_ids"] % 128} for b in token_batches]
+    if layout_knows_post_norms:
+        report = compress_(model, recipe, family=CausalLMSpec(model=model), batches=batches)
+        assert report.plan["rotation"]["site"] == "readers"
+        return
+    with pytest.raises(RuntimeError, match=r"HyperCLOVAXForCausalLM: rotating the residual stream changed the "
+                                           r"model's output by [0-9.]+e-01 .* within 0.001 in torch.float32"):
+        compress_(model, recipe, family=CausalLMSpec(model=model), batches=batches)
+
+
+def test_rotation_check_tolerances():
+    """A correct rotation's float error passes (SmolLM2-135M measured 1.3e-6 in float32, 2.9e-2 in bfloat16; Gemma-3
+    270M 1.4e-6 / 1.9e-2), a change of 0.6 and more (layouts missing a family's norms) does not."""
+    from compression.quantize_stage import check_rotation, rotation_tolerance
+
+    assert rotation_tolerance(torch.float32) == 1e-3 and rotation_tolerance(torch.bfloat16) == 0.1
+    model = make_tiny_llama()
+    layout = layout_of(model)
+    ref = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    check_rotation(model, layout, ref, ref * (1 + 5e-4))
+    check_rotation(model, layout, ref, None)  # the head did not run: nothing to compare
+    with pytest.raises(RuntimeError, match="changed the model's output by 2.00e-03"):
+        check_rotation(model, layout, ref, ref * (1 + 2e-3))
+    with pytest.raises(RuntimeError, match="by nan"):
+        check_rotation(model, layout, ref, ref * float("nan"))
