@@ -148,76 +148,41 @@ def test_mla_attention_reads_the_stream_through_its_first_projections():
         Attention(path="a", o="a.o", heads=1, kv_heads=1, head_dim=4, q="a.q", k="a.k", v="a.v", inputs=("a.x",))
 
 
-@pytest.mark.parametrize("variant", [dict(new_decoder_architecture=True, num_kv_heads=2),  # Falcon-40B / 180B
-                                     dict(multi_query=False, parallel_attn=False)])       # Falcon-RW
+# config options a family's default matrix row leaves off: (family, options, why it matters, {cell: refusal regex})
+VARIANTS = [
+    ("Falcon", dict(new_decoder_architecture=True, num_kv_heads=2),
+     "Falcon-40B / 180B: grouped kv heads in per-group blocks of the fused qkv", {}),
+    ("Falcon", dict(multi_query=False, parallel_attn=False),
+     "Falcon-RW: multi-head qkv interleaved per head, sequential block", {}),
+    ("Phi", dict(qk_layernorm=True), "per-head q/k LayerNorms (mean subtracted, with biases)", {}),
+    ("StableLM", dict(use_parallel_residual=True), "attention and MLP read one norm (parallel residual)", {}),
+    # rebuilt without its per-head q/k norms, StableLM 2 12B's latent-cache scores were off by 6e-2
+    ("StableLM", dict(qk_layernorm=True), "StableLM 2 12B: per-head q/k LayerNorms under their own names",
+     {"latent cache": r"\['q_layernorm', 'k_layernorm'\] \(StableLmLayerNormPerHead\)"}),
+    # 0.05 is below most of the tiny model's projected values: the clamp bites in the joint QKV and rotation cells
+    ("OLMo", dict(clip_qkv=0.05), "OLMo 1.7: q, k and v clamped after their projections",
+     {"latent cache": "clip_qkv: 0.05 clamps q, k and v"}),
+    ("HyperCLOVAX", dict(use_post_norm=False), "no post-norms: a pre-norm block with Granite's scalars, rotated on "
+     "the stream instead of at the readers", {}),
+]
+
+
 @pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
-def test_falcon_variants(variant, cell, monkeypatch):
-    """Falcon's other qkv layouts (grouped kv heads in per-group blocks; multi-head interleaved per head) and its
-    sequential block pass the cells the default (multi-query, parallel) row shows."""
+@pytest.mark.parametrize("family, options, why, refused", VARIANTS,
+                         ids=[f"{f}-{'-'.join(o)}" for f, o, _, _ in VARIANTS])
+def test_config_variants(family, options, why, refused, cell, monkeypatch):
+    """A family's config options that change its blocks pass the cells its default row shows, or are refused up front
+    where the matrix says why (:data:`VARIANTS`)."""
     import benchmarks.architectures as matrix
 
-    config, model, kwargs = FAMILIES["Falcon"]
-    monkeypatch.setitem(matrix.FAMILIES, "Falcon", (config, model, {**kwargs, **variant}))
-    status, detail = run_cell("Falcon", cell)
-    assert status == "pass", detail
-
-
-@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
-def test_phi_with_qk_layernorm(cell, monkeypatch):
-    """Phi's optional per-head q/k LayerNorms (``qk_layernorm``: mean subtracted, with biases) pass the cells the
-    default row (Phi-1 / 1.5 / 2, without them) shows."""
-    import benchmarks.architectures as matrix
-
-    config, model, kwargs = FAMILIES["Phi"]
-    monkeypatch.setitem(matrix.FAMILIES, "Phi", (config, model, {**kwargs, "qk_layernorm": True}))
-    status, detail = run_cell("Phi", cell)
-    assert status == "pass", detail
-
-
-@pytest.mark.parametrize("variant", [dict(use_parallel_residual=True), dict(qk_layernorm=True)])
-@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
-def test_stablelm_variants(variant, cell, monkeypatch):
-    """StableLM's parallel residual passes the cells the default row shows; with per-head q/k LayerNorms (StableLM 2
-    12B) the latent cache is refused up front: rebuilt without those norms its scores were off by 6e-2."""
-    import benchmarks.architectures as matrix
-
-    config, model, kwargs = FAMILIES["StableLM"]
-    monkeypatch.setitem(matrix.FAMILIES, "StableLM", (config, model, {**kwargs, **variant}))
-    if cell == "latent cache" and variant.get("qk_layernorm"):
-        with pytest.raises(NotImplementedError, match=r"\['q_layernorm', 'k_layernorm'\] \(StableLmLayerNormPerHead\)"):
-            run_cell("StableLM", cell)
+    config, model, kwargs = FAMILIES[family]
+    monkeypatch.setitem(matrix.FAMILIES, family, (config, model, {**kwargs, **options}))
+    if cell in refused:
+        with pytest.raises(NotImplementedError, match=refused[cell]):
+            run_cell(family, cell)
         return
-    status, detail = run_cell("StableLM", cell)
-    assert status == "pass", detail
-
-
-@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
-def test_olmo_with_clip_qkv(cell, monkeypatch):
-    """OLMo's ``clip_qkv`` (OLMo 1.7) clamps q, k and v after their projections: the joint QKV and rotation cells pass
-    with the clamp biting (0.05 is below most of this tiny model's projected values); the latent cache, which rebuilds
-    K/V without it, is refused up front."""
-    import benchmarks.architectures as matrix
-
-    config, model, kwargs = FAMILIES["OLMo"]
-    monkeypatch.setitem(matrix.FAMILIES, "OLMo", (config, model, {**kwargs, "clip_qkv": 0.05}))
-    if cell == "latent cache":
-        with pytest.raises(NotImplementedError, match="clip_qkv: 0.05 clamps q, k and v"):
-            run_cell("OLMo", cell)
-        return
-    status, detail = run_cell("OLMo", cell)
-    assert status == "pass", detail
-
-
-@pytest.mark.parametrize("cell", ["joint QKV", "rotation + W4A4", "latent cache"])
-def test_hyperclovax_without_post_norms(cell, monkeypatch):
-    """HyperCLOVAX with ``use_post_norm: false`` (its post-norms are ``nn.Identity``) is a pre-norm LLaMA block with
-    Granite's scalars: the cells pass there too (rotated on the stream instead of at the readers)."""
-    import benchmarks.architectures as matrix
-
-    config, model, kwargs = FAMILIES["HyperCLOVAX"]
-    monkeypatch.setitem(matrix.FAMILIES, "HyperCLOVAX", (config, model, {**kwargs, "use_post_norm": False}))
-    status, detail = run_cell("HyperCLOVAX", cell)
-    assert status == "pass", detail
+    status, detail = run_cell(family, cell)
+    assert status == "pass", (why, detail)
 
 
 def test_llama4_experts_see_only_the_tokens_routed_to_them():
