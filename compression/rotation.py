@@ -224,7 +224,7 @@ def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
     for spec, readers in pairs:
         norm = model.get_submodule(spec.path)
         if getattr(norm, "weight", None) is None and spec.offset == 0:
-            continue  # a norm without a scale (NanoChat's, OLMo's): nothing to fold
+            continue  # a norm without a scale (NanoChat's): nothing to fold
         scale = norm.weight.detach().double() + spec.offset
         _right_(readers, torch.diag(scale))
         norm.weight.fill_(1.0 - spec.offset)
