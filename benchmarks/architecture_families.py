@@ -142,6 +142,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                            dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
                                 attention_multiplier=0.2, residual_multiplier=0.7, embedding_multiplier=3.0,
                                 logits_scaling=2.5)),
+    # layer 0 sliding, rotary, a dense MLP; layer 1 full, NoPE, MoE with an always-on shared expert; attention sinks
+    "Flint": ("FlintConfig", "FlintForCausalLM",
+              dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                   mlp_only_layers=[0])),
     "Qwen2-MoE": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
                        num_experts_per_tok=2)),

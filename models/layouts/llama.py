@@ -64,6 +64,8 @@ PLAIN_MLP_NAMES = {"NanoChatConfig": ("fc1", "activation_fn", "fc2")}
 QK_NORM_NAMES = {"HunYuanDenseV1Config": ("query_layernorm", "key_layernorm"),
                  "HunYuanMoEV1Config": ("query_layernorm", "key_layernorm")}
 QK_NORM_AFTER_ROPE = ("HunYuanDenseV1Config", "HunYuanMoEV1Config", "NanoChatConfig")
+# families whose full-attention layers use no positions (only their sliding layers are rotary)
+NOPE_FULL_LAYERS = ("FlintConfig",)
 # post-norms on the attention's and the MLP's outputs before the residual add (HyperCLOVAX's Peri-LN, when
 # ``use_post_norm``: ``nn.Identity`` otherwise)
 OUT_NORMS = {"HyperCLOVAXConfig": ("post_norm1", "post_norm2")}
@@ -79,7 +81,7 @@ WINDOW_SOURCE = {"MistralConfig": "config", "MixtralConfig": "config", "Starcode
                  "MinistralConfig": "module", "SmolLM3Config": "module", "Gemma3TextConfig": "module",
                  "Gemma2Config": "module", "Olmo3Config": "module", "Cohere2Config": "module",
                  "GptOssConfig": "module", "Dots1Config": "module", "VaultGemmaConfig": "module",
-                 "GraniteSWAConfig": "module", "CwmConfig": "module"}
+                 "GraniteSWAConfig": "module", "CwmConfig": "module", "FlintConfig": "module"}
 
 
 def query_scale(attn: nn.Module, config) -> Callable | None:
@@ -95,8 +97,9 @@ def query_scale(attn: nn.Module, config) -> Callable | None:
 
 def attention(attn: nn.Module, path: str, config, rotary: str, rotary_args: tuple = (), offset: float = 0.0
               ) -> Attention:
-    nope = not getattr(attn, "use_rope", True)  # SmolLM3: q/k of its NoPE layers are not rotated
     name = type(config).__name__
+    nope = not getattr(attn, "use_rope", True)  # SmolLM3: q/k of its NoPE layers are not rotated
+    nope |= name in NOPE_FULL_LAYERS and attn.sliding_window is None
     qn, kn = QK_NORM_NAMES.get(name, ("q_norm", "k_norm"))
     q_norm = rms(join(path, qn), offset) if hasattr(attn, qn) else None
     k_norm = rms(join(path, kn), offset) if hasattr(attn, kn) else None

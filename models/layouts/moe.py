@@ -19,7 +19,9 @@ projections, Ernie 4.5 MoE rotates interleaved channel pairs (the family's own R
 router is an ``nn.Linear`` (``mlp.gate.wg``), its always-on expert ``mlp.shared_mlp``, its q/k norms act after
 RoPE as in dense HunYuan.  Routers are left out of the default targets and of quantization
 (:meth:`compression.layout.ModelLayout.routers`).
-The first ``first_k_dense_replace`` layers of GLM-4.5 and dots.llm1 have a dense gated MLP.
+The first ``first_k_dense_replace`` layers of GLM-4.5 and dots.llm1 have a dense gated MLP.  Flint is Qwen2-MoE's
+block with an always-on, ungated ``shared_expert``, per-head q/k norms, GPT-OSS-style attention sinks, and RoPE on its
+sliding layers only: its full-attention layers use no positions (``NOPE_FULL_LAYERS`` in :mod:`models.layouts.llama`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from models.layouts.common import join
 
 CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "PhimoeConfig", "GraniteMoeConfig",
            "GraniteMoeSharedConfig", "Glm4MoeConfig", "MiniMaxM2Config", "Ernie4_5_MoeConfig", "Dots1Config",
-           "HunYuanMoEV1Config")
+           "HunYuanMoEV1Config", "FlintConfig")
 
 
 def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
