@@ -32,6 +32,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "HyperCLOVAX": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM",
                     dict(_COMMON, attention_multiplier=0.2, residual_multiplier=0.7, embedding_multiplier=3.0,
                          logits_scaling=2.5)),
+    "DiffLlama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", _COMMON),
     "Ministral": ("MinistralConfig", "MinistralForCausalLM",
                   dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",

@@ -38,7 +38,7 @@ SHARED = dict(vocab_size=128, hidden_size=32, n_embd=32, d_model=32, intermediat
 # families that build tiny from SHARED alone
 PLAIN = (
     "afmoe", "aria_text", "axk1", "beam", "bert", "bert-generation", "big_bird", "biogpt", "bitnet", "bloom",
-    "camembert", "cohere2_moe", "data2vec-text", "diffllama", "doge", "dory", "electra", "ernie", "exaone_moe",
+    "camembert", "cohere2_moe", "data2vec-text", "doge", "dory", "electra", "ernie", "exaone_moe",
     "falcon_mamba", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa", "hrm_text",
     "hy_v3", "hy_v4", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2", "lfm3", "mamba",
     "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax", "minimax_m3_vl_text",

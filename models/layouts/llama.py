@@ -1,14 +1,15 @@
 """LLaMA-shaped decoders: LLaMA, Mistral, Ministral, Ministral 3, Qwen2, Qwen3, Granite, Granite-SWA, SmolLM3,
-Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo, NanoChat, HyperCLOVAX
-(and the language model of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by ``layer_types``.
-Nemotron and Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP; Nemotron rotates half of
-each head (partial RoPE).
+Seed-OSS, Ernie 4.5, Helium, Arcee, Apertus, Apertus 1.5, HunYuan, CWM, Nemotron, Jais 2, OLMo, NanoChat, HyperCLOVAX,
+DiffLlama (and the language model of LLaVA / Idefics3).  Granite-SWA and CWM alternate sliding and full layers by
+``layer_types``.  Nemotron and Jais 2 have LayerNorm (Nemotron's scales by ``1 + w``) and a plain ReLU² MLP;
+Nemotron rotates half of each head (partial RoPE).
 OLMo (1) has LayerNorms without weight or bias, and with ``clip_qkv`` clamps q, k and v after their projections:
 then the latent KV cache, which rebuilds K/V without a clamp, is refused.  NanoChat's RMSNorms have no scale (one of
 them also normalizes the embeddings before the first layer, which commutes with the stream rotation), its q/k norms
 run after RoPE, its RoPE turns the other way (its own ``rotate_half``: ``(x2, -x1)``), and its MLP is plain
 (``fc2(relu²(fc1(x)))``).  HyperCLOVAX is Granite's block (the same scalars) with, when ``use_post_norm``, an RMSNorm
 on each sublayer's output before the residual add (``post_norm1`` / ``post_norm2``, Peri-LN): rotated at the readers.
+DiffLlama's projections, norms and MLP are LLaMA's; its differential attention has no latent K/V rebuild.
 
 ``model.layers.i``: ``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` (+ per-head ``q_norm``/``k_norm`` on
 Qwen3) -> ``o_proj`` -> stream; ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` -> ``down_proj`` ->
@@ -42,10 +43,13 @@ CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Granit
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
            "ApertusConfig", "HunYuanDenseV1Config", "Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig",
            "GraniteSWAConfig", "CwmConfig", "NemotronConfig", "Jais2Config", "Apertus1p5TextConfig", "StableLmConfig",
-           "OlmoConfig", "NanoChatConfig", "HyperCLOVAXConfig")
+           "OlmoConfig", "NanoChatConfig", "HyperCLOVAXConfig", "DiffLlamaConfig")
 # text decoders of VLMs with multimodal RoPE (3-D positions: time, height, width), whose keys the latent KV cache
 # does not rebuild
 MROPE = {"Qwen2VLTextConfig", "Qwen2_5_VLTextConfig", "Qwen3VLTextConfig"}
+# families whose attention the latent K/V rebuild does not implement, and why
+LATENT_REASONS = {"DiffLlamaConfig": "differential attention: two softmax maps over the same q and k, subtracted with "
+                                     "learned λ and group-normalized; the latent rebuild computes one softmax"}
 MROPE_REASON = ("multimodal RoPE rotates q and k by 3-D positions (time, height, width) computed from the image "
                 "grid; the latent K/V rebuild implements 1-D RoPE only")
 # families whose rotary module takes the layer type (a different θ per type): Gemma 3, OLMo 3
@@ -175,6 +179,8 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
                             mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel,
                             attn_out_norm=out[0] if out else None, mlp_out_norm=out[1] if out else None))
     unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
+    if name in LATENT_REASONS:
+        unsupported += (("latent_cache", LATENT_REASONS[name]),)
     if getattr(config, "clip_qkv", None) is not None:
         unsupported += (("latent_cache", f"clip_qkv: {config.clip_qkv} clamps q, k and v after their projections; "
                          "the latent K/V rebuild (and its absorbed value projection) has no clamp"),)
