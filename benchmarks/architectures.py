@@ -105,6 +105,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
             elif "bias" in name and not p.any():  # zero-initialized biases nonzero, so that every bias path counts
                 p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            elif p.dim() == 1 and p.numel() > 1 and bool((p == p[0]).all()) and p[0] in (0, 1):
+                # any other constant-initialized vector (a per-channel residual or output scale at 1, a gate at 0):
+                # a constant commutes with a rotation, and would hide a scale the layout does not know
+                p.copy_(p + 0.5 * torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.25)
     return model
 
 
