@@ -51,24 +51,35 @@ def rotation_tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 0.1)
 
 
+class _HeadReached(Exception):
+    """Raised by :func:`head_rows`' hook: the forward ends at the head, whose input it has."""
+
+
 @torch.no_grad()
 def head_rows(model: nn.Module, layout: Any, batch: Any, forward: Callable | None) -> torch.Tensor | None:
-    """The first :data:`ROTATION_CHECK_ROWS` rows of what the output head (``layout.head``) returns on ``batch``, in
-    float32; ``None`` when the head did not run."""
+    """The output head (``layout.head``) applied to the first :data:`ROTATION_CHECK_ROWS` rows of its input on
+    ``batch``, in float32; ``None`` when the head did not run.  The forward stops at the head: the whole batch's
+    logits (gigabytes for a 128k vocabulary) are never formed."""
     from compression.collector import default_forward
 
+    head = model.get_submodule(layout.head)
     rows: list[torch.Tensor] = []
 
-    def keep(module: nn.Module, args: tuple, out: Any) -> None:
-        out = out[0] if isinstance(out, tuple) else out
-        rows.append(out.detach().reshape(-1, out.shape[-1])[:ROTATION_CHECK_ROWS].float().clone())
+    def keep(module: nn.Module, args: tuple) -> None:
+        rows.append(args[0].detach().reshape(-1, args[0].shape[-1])[:ROTATION_CHECK_ROWS])
+        raise _HeadReached
 
-    handle = model.get_submodule(layout.head).register_forward_hook(keep)
+    handle = head.register_forward_pre_hook(keep)
     try:
         (forward or default_forward)(model, batch)
+    except _HeadReached:
+        pass
     finally:
         handle.remove()
-    return rows[0] if rows else None
+    if not rows:
+        return None
+    out = head(rows[0])
+    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 def check_rotation(model: nn.Module, layout: Any, before: torch.Tensor, after: torch.Tensor | None) -> None:

@@ -231,3 +231,21 @@ def test_rotation_check_tolerances():
         check_rotation(model, layout, ref, ref * (1 + 2e-3))
     with pytest.raises(RuntimeError, match="by nan"):
         check_rotation(model, layout, ref, ref * float("nan"))
+
+
+def test_head_rows_stops_the_forward_at_the_head(token_batches):
+    """The check's forward ends at the head and applies it to the first 64 rows only (a 128k vocabulary's logits
+    for the whole batch would be gigabytes); the rows equal the model's own logits there."""
+    from compression.quantize_stage import ROTATION_CHECK_ROWS, head_rows
+    from lightning_modules.specs import CausalLMSpec
+
+    model = make_tiny_llama().eval()
+    batch = {"input_ids": torch.cat([b["input_ids"] for b in token_batches])}
+    assert batch["input_ids"].numel() > ROTATION_CHECK_ROWS
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    rows = head_rows(model, layout_of(model), batch, CausalLMSpec(model=model).calibration_forward)
+    assert seen == [ROTATION_CHECK_ROWS] and rows.shape == (ROTATION_CHECK_ROWS, model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(**batch).logits.reshape(-1, model.config.vocab_size)[:ROTATION_CHECK_ROWS]
+    torch.testing.assert_close(rows, ref.float(), rtol=1e-5, atol=1e-6)
