@@ -301,8 +301,7 @@ def main() -> None:
     # the first round compares each variant's Grams with the naive ones, only the default's are kept
     sizes: dict[str, tuple[int, int]] = {}  # variant -> (Grams, bytes)
     gram_err: dict[str, float] = {}
-    ours = naive = None
-    checked = 0
+    naive = None
     for round_ in range(args.repeats):
         ours = None  # the previous round's statistics are freed before this round's variants run
         for name, fn in variants.items():
@@ -311,8 +310,9 @@ def main() -> None:
             best[name] = min(best[name], seconds)
             if name == "naive":
                 sizes[name] = (len(result), sum(g.nbytes for g in result.values()))
-                naive = first_grams(result, GRAM_CHECK_BYTES) if round_ == 0 else None
-                checked = len(naive) if naive is not None else checked
+                if round_ == 0:  # the Grams the other variants are compared with (the first round only)
+                    naive = first_grams(result, GRAM_CHECK_BYTES)
+                    checked = len(naive)
             elif name.startswith("ours"):
                 sizes[name] = (len(result.streams), result.nbytes())
                 if naive is not None:

@@ -223,8 +223,8 @@ def fold_norms_(model: nn.Module, layout: ModelLayout) -> None:
     pairs.append((layout.final_norm, input_weights(model.get_submodule(layout.head))))
     for spec, readers in pairs:
         norm = model.get_submodule(spec.path)
-        if getattr(norm, "weight", None) is None and spec.offset == 0:
-            continue  # a norm without a scale (NanoChat's): nothing to fold
+        if _scale_identity(norm, spec):
+            continue  # a scale of 1, or none (NanoChat's norms): nothing to fold
         scale = norm.weight.detach().double() + spec.offset
         _right_(readers, torch.diag(scale))
         norm.weight.fill_(1.0 - spec.offset)
