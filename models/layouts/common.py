@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from compression.layout import Norm
+from compression.layout import MLP, Norm
 
 
 def join(*parts: str) -> str:
@@ -18,6 +18,11 @@ def decoder_of(model: nn.Module, base: str) -> tuple[object, list[tuple[str, nn.
     """``(config, [(layer path, layer)])``: the config of the decoder at ``base`` and its ``base.layers.i``."""
     decoder = model.get_submodule(base)
     return decoder.config, [(join(base, "layers", str(i)), layer) for i, layer in enumerate(decoder.layers)]
+
+
+def plain_mlp(path: str, fc: str, act: str, down: str) -> MLP:
+    """The MLP ``down(act(fc(x)))`` at ``path``, its three parts named as the family names them."""
+    return MLP(path, "plain", (join(path, fc),), join(path, down), names=(("fc", fc), ("act", act), ("down", down)))
 
 
 def eager_of(attn: nn.Module) -> Callable | None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout, row_ranges
-from models.layouts.common import head_path, join, layer_norm
+from compression.layout import Attention, Block, ModelLayout, row_ranges
+from models.layouts.common import head_path, join, layer_norm, plain_mlp
 
 CONFIGS = ("FalconConfig",)
 
@@ -37,8 +37,7 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         ap, mp = join(p, "self_attention"), join(p, "mlp")
         attn = Attention(path=ap, o=join(ap, "dense"), qkv=join(ap, "query_key_value"), qkv_rows=rows, heads=h,
                          kv_heads=kv, head_dim=d, rotary=join(base, "rotary_emb") if config.rotary else None)
-        mlp = MLP(mp, "plain", (join(mp, "dense_h_to_4h"),), join(mp, "dense_4h_to_h"),
-                  names=(("fc", "dense_h_to_4h"), ("act", "act"), ("down", "dense_4h_to_h")))
+        mlp = plain_mlp(mp, "dense_h_to_4h", "act", "dense_4h_to_h")
         if hasattr(layer, "ln_attn"):
             norms = (layer_norm(join(p, "ln_attn")), layer_norm(join(p, "ln_mlp")))
         elif config.parallel_attn:

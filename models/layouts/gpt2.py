@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout, row_ranges
-from models.layouts.common import eager_of, head_path, join, layer_norm
+from compression.layout import Attention, Block, ModelLayout, row_ranges
+from models.layouts.common import eager_of, head_path, join, layer_norm, plain_mlp
 
 CONFIGS = ("GPT2Config",)
 
@@ -22,8 +22,7 @@ def build(model: nn.Module, base: str = "transformer", head: str | None = None) 
         ap, mp = join(p, "attn"), join(p, "mlp")
         attn = Attention(path=ap, o=join(ap, "c_proj"), qkv=join(ap, "c_attn"), qkv_rows=row_ranges([e, e, e]),
                          heads=h, kv_heads=h, head_dim=e // h, eager=eager_of(layer.attn), nope=True)
-        mlp = MLP(mp, "plain", (join(mp, "c_fc"),), join(mp, "c_proj"),
-                  names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj")))
+        mlp = plain_mlp(mp, "c_fc", "act", "c_proj")
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "ln_1")),
                             mlp_norm=layer_norm(join(p, "ln_2"))))
     return ModelLayout(

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm
+from compression.layout import Attention, Block, ModelLayout
+from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm, plain_mlp
 
 CONFIGS = ("GPTNeoXConfig",)
 
@@ -23,8 +23,7 @@ def build(model: nn.Module, base: str = "gpt_neox", head: str | None = None) -> 
         ap, mp = join(p, "attention"), join(p, "mlp")
         attn = Attention(path=ap, o=join(ap, "dense"), qkv=join(ap, "query_key_value"), qkv_rows=rows, heads=h,
                          kv_heads=h, head_dim=d, rotary=join(base, "rotary_emb"), eager=eager_of(layer.attention))
-        mlp = MLP(mp, "plain", (join(mp, "dense_h_to_4h"),), join(mp, "dense_4h_to_h"),
-                  names=(("fc", "dense_h_to_4h"), ("act", "act"), ("down", "dense_4h_to_h")))
+        mlp = plain_mlp(mp, "dense_h_to_4h", "act", "dense_4h_to_h")
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "input_layernorm")),
                             mlp_norm=layer_norm(join(p, "post_attention_layernorm")),
                             parallel=bool(config.use_parallel_residual)))

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from torch import nn
 
 from compression.layout import MLP, Attention, Block, ModelLayout, Norm
-from models.layouts.common import decoder_of, eager_of, join, layer_norm, rms, rope_of, sliding_kwargs
+from models.layouts.common import decoder_of, eager_of, join, layer_norm, plain_mlp, rms, rope_of, sliding_kwargs
 
 CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "GraniteConfig", "MinistralConfig",
            "SmolLM3Config", "SeedOssConfig", "Ernie4_5Config", "HeliumConfig", "Ministral3Config", "ArceeConfig",
@@ -133,10 +133,6 @@ def fused_gated_mlp(path: str, gate_up: str = "gate_up_proj", act: str = "activa
                names=(("gate_up", gate_up), ("act", act), ("down", down)))
 
 
-def plain_mlp(path: str, fc: str = "up_proj", act: str = "act_fn", down: str = "down_proj") -> MLP:
-    return MLP(path, "plain", (join(path, fc),), join(path, down), names=(("fc", fc), ("act", act), ("down", down)))
-
-
 def decoder_layers(model: nn.Module, base: str, offset: float = 0.0
                    ) -> tuple[object, list[tuple[str, nn.Module, Attention]]]:
     """``(config, [(layer path, layer, attention spec)])`` of the LLaMA-shaped decoder at ``base``
@@ -165,7 +161,7 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     describes a block's MLP (default: the gated LLaMA MLP, or the plain one of Arcee / Apertus)."""
     config, layers = decoder_layers(model, base)
     name = type(config).__name__
-    plain_names = PLAIN_MLP_NAMES.get(name, ())
+    plain_names = PLAIN_MLP_NAMES.get(name, ("up_proj", "act_fn", "down_proj"))
     mlp = mlp or (lambda la, q: plain_mlp(q, *plain_names) if name in PLAIN_MLP else gated_mlp(q))
     attn_norm, mlp_norm = NORM_NAMES.get(name, ("input_layernorm", "post_attention_layernorm"))
     norm = layer_norm if name in LAYERNORM else rms

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm
+from compression.layout import Attention, Block, ModelLayout
+from models.layouts.common import decoder_of, eager_of, head_path, join, layer_norm, plain_mlp
 
 CONFIGS = ("OPTConfig",)
 
@@ -23,8 +23,7 @@ def build(model: nn.Module, base: str = "model.decoder", head: str | None = None
         attn = Attention(path=ap, o=join(ap, "out_proj"), q=join(ap, "q_proj"), k=join(ap, "k_proj"),
                          v=join(ap, "v_proj"), heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
                          head_dim=d, eager=eager_of(layer.self_attn), nope=True, prescaled_queries=True)
-        mlp = MLP(p, "plain", (join(p, "fc1"),), join(p, "fc2"),
-                  names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
+        mlp = plain_mlp(p, "fc1", "activation_fn", "fc2")
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "self_attn_layer_norm")),
                             mlp_norm=layer_norm(join(p, "final_layer_norm"))))
     unsupported = []

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Attention, Block, ModelLayout
-from models.layouts.common import decoder_of, eager_of, join, layer_norm
+from compression.layout import Attention, Block, ModelLayout
+from models.layouts.common import decoder_of, eager_of, join, layer_norm, plain_mlp
 
 CONFIGS = ("PhiConfig",)
 
@@ -29,8 +29,7 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> Model
                          q_norm=layer_norm(join(ap, "q_layernorm")) if qk_norm else None,
                          k_norm=layer_norm(join(ap, "k_layernorm")) if qk_norm else None,
                          eager=eager_of(layer.self_attn))
-        mlp = MLP(mp, "plain", (join(mp, "fc1"),), join(mp, "fc2"),
-                  names=(("fc", "fc1"), ("act", "activation_fn"), ("down", "fc2")))
+        mlp = plain_mlp(mp, "fc1", "activation_fn", "fc2")
         blocks.append(Block(path=p, attn=attn, mlp=mlp, attn_norm=layer_norm(join(p, "input_layernorm")),
                             mlp_norm=None, parallel=True))
     return ModelLayout(family="phi", model_class=type(model).__name__, hidden=config.hidden_size,

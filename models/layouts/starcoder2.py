@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from compression.layout import MLP, Block, ModelLayout
-from models.layouts.common import join, layer_norm
+from compression.layout import Block, ModelLayout
+from models.layouts.common import join, layer_norm, plain_mlp
 from models.layouts.llama import decoder_layers, decoder_layout
 
 CONFIGS = ("Starcoder2Config",)
@@ -20,8 +20,7 @@ CONFIGS = ("Starcoder2Config",)
 def build(model: nn.Module, base: str = "model", head: str = "lm_head") -> ModelLayout:
     config, layers = decoder_layers(model, base)
     blocks = [Block(path=p, attn=attn,
-                    mlp=MLP(join(p, "mlp"), "plain", (join(p, "mlp", "c_fc"),), join(p, "mlp", "c_proj"),
-                            names=(("fc", "c_fc"), ("act", "act"), ("down", "c_proj"))),
+                    mlp=plain_mlp(join(p, "mlp"), "c_fc", "act", "c_proj"),
                     attn_norm=layer_norm(join(p, "input_layernorm")),
                     mlp_norm=layer_norm(join(p, "post_attention_layernorm"))) for p, _, attn in layers]
     return decoder_layout(model, "starcoder2", config, base, head, blocks, layer_norm(join(base, "norm")))
