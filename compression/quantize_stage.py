@@ -89,11 +89,12 @@ def check_rotation(model: nn.Module, layout: Any, before: torch.Tensor, after: t
         return
     err = float((after - before).norm() / before.norm().clamp_min(1e-30))
     dtype = next(model.parameters()).dtype
-    if not err <= rotation_tolerance(dtype):
+    tolerance = rotation_tolerance(dtype)
+    if not err <= tolerance:
         raise RuntimeError(
             f"{layout.model_class}: rotating the residual stream changed the model's output by {err:.2e} (relative, "
             f"head output on the first calibration batch; a correct rotation stays within "
-            f"{rotation_tolerance(dtype):g} in {dtype}). The model layout ({layout.family}) does not describe "
+            f"{tolerance:g} in {dtype}). The model layout ({layout.family}) does not describe "
             "something this model computes (a norm, a scale, a reader of the stream, a config option); the run "
             "stops before quantizing. Set quantization.rotate: false to quantize without rotation, and report the "
             "model class and config")

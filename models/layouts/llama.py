@@ -169,11 +169,11 @@ def build(model: nn.Module, base: str = "model", head: str = "lm_head", mlp=None
     for p, layer, attn in layers:
         # StableLM's parallel residual (``use_parallel_residual``): attention and MLP both read ``input_layernorm``
         parallel = bool(getattr(layer, "use_parallel_residual", False))
-        out = [None if isinstance(getattr(layer, n), nn.Identity) else norm(join(p, n))
-               for n in OUT_NORMS.get(name, ())]
+        attn_out, mlp_out = [None if isinstance(getattr(layer, n), nn.Identity) else norm(join(p, n))
+                             for n in OUT_NORMS.get(name, ())] or (None, None)
         blocks.append(Block(path=p, attn=attn, mlp=mlp(layer, join(p, "mlp")), attn_norm=norm(join(p, attn_norm)),
                             mlp_norm=None if parallel else norm(join(p, mlp_norm)), parallel=parallel,
-                            attn_out_norm=out[0] if out else None, mlp_out_norm=out[1] if out else None))
+                            attn_out_norm=attn_out, mlp_out_norm=mlp_out))
     unsupported = (("latent_cache", MROPE_REASON),) if name in MROPE else ()
     if name in LATENT_REASONS:
         unsupported += (("latent_cache", LATENT_REASONS[name]),)
