@@ -178,33 +178,19 @@ def test_full_qsvd_recipe_plan_round_trip(token_batches):
         rotate_model_(model, layout_of(model))
 
 
-def _hyperclovax():
-    import transformers
-
-    from benchmarks.architecture_families import FAMILIES
-
-    config, model, kwargs = FAMILIES["HyperCLOVAX"]
-    torch.manual_seed(0)
-    model = getattr(transformers, model)(getattr(transformers, config)(**kwargs)).eval()
-    with torch.no_grad():  # norm scales of 1 commute with a rotation, and would hide a norm the layout misses
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.3)
-    return model
-
-
 @pytest.mark.parametrize("layout_knows_post_norms", [True, False])
 def test_a_rotation_that_changes_the_output_stops_the_run(token_batches, monkeypatch, layout_knows_post_norms):
     """The rotation stage compares the head's output on the first calibration batch before and after rotating: with
     a layout that misses HyperCLOVAX's post-norms (as the LLaMA layout did before it knew them) the rotated model's
     output is off by ~0.7 and the run stops there, naming the model; with its real layout the recipe runs."""
+    from benchmarks.architectures import build
     from compression import Recipe, compress_
     from lightning_modules.specs import CausalLMSpec
     from models.layouts import llama
 
     if not layout_knows_post_norms:
         monkeypatch.setattr(llama, "OUT_NORMS", {})
-    model = _hyperclovax()
+    model = build("HyperCLOVAX").float()  # the matrix's model: norm scales away from 1, where a rotation shows them
     recipe = Recipe("svd_llm", ratio=0.3, quantization={"weight_bits": 8, "act_bits": 8, "rotate": True})
     batches = [{"input_ids": b["input_ids"] % 128} for b in token_batches]
     if layout_knows_post_norms:
