@@ -44,6 +44,7 @@ from torch import nn
 
 from compression.gradient_allocation import targeted_backwards
 from compression.methods import Method
+from compression.stats import ieee_float32_matmul
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterabl
             g = grad.detach().reshape(-1, grad.shape[-1])
             if full:
                 g = g if g.dtype == torch.float64 else g.float()
-                sums[name].add_((g.T @ g).double())
+                with ieee_float32_matmul():  # no TF32 / bfloat16 rounding where the process allows it
+                    sums[name].add_(g.T @ g)
             else:
                 sums[name].add_(g.double().square().sum(0))
 

@@ -34,7 +34,10 @@ Cost and precision of the Gram.  Each batch ``X_b`` (``N_b x n``) is multiplied 
 The Gram is symmetric, so only its upper block triangle is computed: the ``n`` channels are
 cut into ``k = ceil(n / GRAM_BLOCK)`` column blocks and block ``i`` multiplies ``X_iᵀ [X_i ... X_last]``
 (``(k+1)/(2k)`` of the full product's FLOPs for ``k`` blocks); the lower triangle is mirrored
-when :attr:`ChannelStats.gram` is read.  Input activations are never copied to float64: the
+when :attr:`ChannelStats.gram` is read.  Off a CPU, where a block costs a launch more than its FLOPs, the blocks
+are up to 2048 channels wide (``GRAM_BLOCK_ACCELERATOR``): one full product up to that width.  Float32 GEMMs
+run as full float32 even where the process allows TF32 or bfloat16 matmuls (:func:`ieee_float32_matmul`).
+Input activations are never copied to float64: the
 GEMM reads them in place (one cast only for float16 / bfloat16 on a CPU), and the
 non-finite check reads the Gram's diagonal (``Σ_t x_tj²`` is NaN/inf iff some ``x_tj`` is, up to
 float32 overflow of squares above ~1.8e19, reported the same way) or the abs sums, not the
@@ -48,8 +51,9 @@ Everything is a sum (or a max), so accumulators from several processes combine e
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,9 +68,14 @@ CROSS = "cross"
 """The dense-target cross Gram ``(R - X)ᵀX`` (module docstring); asked for by the sequential mode only."""
 
 GRAM_BLOCK = 256
-"""Largest column block of the upper-triangle Gram update (see the module docstring): ``n`` is cut
+"""Largest column block of the upper-triangle Gram update on a CPU (see the module docstring): ``n`` is cut
 into ``k = ceil(n / 256)`` equal blocks.  Measured on 2 CPU cores, 1024 tokens, float32: 576
 channels 9.0 ms full product -> 6.3 ms in 3 blocks; 1536 channels 155 ms -> 38 ms in 6 blocks."""
+
+GRAM_BLOCK_ACCELERATOR = 2048
+"""The same off a CPU (a GPU): up to 2048 channels the Gram is one full product.  There each block costs a
+launch and its Python dispatch while the FLOPs are cheap; on an H200, SmolLM2's 576-channel updates in three
+blocks made calibration 2x slower than the naive one-GEMM hook (``docs/results/gpu``)."""
 
 _MIRROR_LOCK = threading.Lock()
 
@@ -160,12 +169,14 @@ class ChannelStats:
         device = self._held_device()
         if device is not None and x.device != device:
             x = x.to(device)
-        if self._gram is not None:
+        if self._gram is not None or self.cross is not None:
             dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
-            for chunk in x.split(GEMM_ROWS):
-                self._add_gram(chunk, dtype)
-        if self.cross is not None:
-            self._add_cross(x, reference, name)
+            with ieee_float32_matmul():
+                if self._gram is not None:
+                    for lo in range(0, x.shape[0], GEMM_ROWS):
+                        self._add_gram(x[lo:lo + GEMM_ROWS] if x.shape[0] > GEMM_ROWS else x, dtype)
+                if self.cross is not None:
+                    self._add_cross(x, reference, name, dtype)
         if self.abs_sum is not None:
             # the sum runs in float64 (exact abs-mean); the max is exact in any dtype
             ax = x.abs()
@@ -212,15 +223,19 @@ class ChannelStats:
                 raise ChannelStats._nonfinite(name)
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i``."""
+        """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i`` (one full product when the
+        device's block width covers ``n``).  ``add_`` on the block's view: ``view += ...`` would copy it back."""
         x, mm = _gemm(x, dtype)
-        blocks = -(-self.n // GRAM_BLOCK)
+        blocks = -(-self.n // (GRAM_BLOCK if x.device.type == "cpu" else GRAM_BLOCK_ACCELERATOR))
+        if blocks == 1:
+            self._gram.add_(mm(x.T, x))
+            return
         step = -(-self.n // blocks)
         for i in range(0, self.n, step):
-            self._gram[i:i + step, i:] += mm(x[:, i:i + step].T, x[:, i:])
+            self._gram[i:i + step, i:].add_(mm(x[:, i:i + step].T, x[:, i:]))
         self._mirrored = False
 
-    def _add_cross(self, x: torch.Tensor, reference: torch.Tensor | None, name: str) -> None:
+    def _add_cross(self, x: torch.Tensor, reference: torch.Tensor | None, name: str, dtype: torch.dtype) -> None:
         """``cross += fl((r - x)ᵀ x)`` over the tokens of ``x`` and their ``reference`` inputs ``r``."""
         if reference is None:
             raise ValueError(f"{name}: the dense-target cross Gram needs each token's reference input (the layer's "
@@ -229,11 +244,10 @@ class ChannelStats:
         if r.shape != x.shape:
             raise ValueError(f"{name}: reference input has shape {tuple(r.shape)}, the input {tuple(x.shape)}; "
                              "the two runs must see the same tokens")
-        dtype = gemm_dtype_for(x.dtype, x.device, self.gemm_dtype)
         for lo in range(0, x.shape[0], GEMM_ROWS):
             diff, _ = _gemm(r[lo:lo + GEMM_ROWS] - x[lo:lo + GEMM_ROWS], dtype)  # exactly 0 where r_t = x_t
             xc, mm = _gemm(x[lo:lo + GEMM_ROWS], dtype)
-            self.cross += mm(diff.T, xc)
+            self.cross.add_(mm(diff.T, xc))
 
     def _require_abs(self) -> None:
         if self.abs_sum is None:
@@ -377,6 +391,30 @@ def combine_stats(*parts: ActivationStats) -> ActivationStats:
             merged.cross = torch.stack([s.cross for s in streams]).sum(0)
         out.streams[key] = merged
     return out
+
+
+_MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+@contextlib.contextmanager
+def ieee_float32_matmul() -> Iterator[None]:
+    """Full float32 products inside, whatever the process allows elsewhere.
+
+    ``torch.set_float32_matmul_precision("high")`` (which Lightning suggests on every tensor-core GPU) lets a
+    float32 GEMM run in TF32 on CUDA, or in bfloat16 through oneDNN on a CPU: about 1e-3 relative error in a
+    Gram instead of 1e-7, unseen.  Each backend whose effective setting is not ``"ieee"`` is set to it and
+    restored on exit, through the per-backend settings only (``fp32_precision``), which leaves the legacy
+    ``allow_tf32`` / ``get_float32_matmul_precision`` readable afterwards."""
+    generic = torch.backends.fp32_precision
+    changed = [(b, b.fp32_precision) for b in _MATMUL_BACKENDS
+               if (b.fp32_precision if b.fp32_precision != "none" else generic) not in ("ieee", "none")]
+    for backend, _ in changed:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, previous in changed:
+            backend.fp32_precision = previous
 
 
 def _gemm(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Callable]:

@@ -325,3 +325,73 @@ def test_combine_stats_equals_one_pass_over_all_batches(tiny_llama, token_batche
     assert merged[names[0]].gram.data_ptr() != parts[0][names[0]].gram.data_ptr()  # new tensors
     with pytest.raises(ValueError, match="other layers"):
         combine_stats(parts[0], collect_stats(tiny_llama, names[:1], token_batches[:1]))
+
+
+def test_upper_block_triangle_equals_the_full_product(monkeypatch):
+    """On a CPU the Gram is accumulated in upper column blocks and mirrored on read: the float64 Gram within the
+    float32 GEMM bound, exactly symmetric, after each of several updates (each read mirrors what came since)."""
+    from compression import stats as stats_module
+
+    width = 40
+    monkeypatch.setattr(stats_module, "GRAM_BLOCK", 16)  # 3 blocks of 14, 14, 12 channels
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(tuple(b.shape)) or mm(a, b, **kw))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 7, width, generator=gen) for _ in range(3)]
+    st = stats_module.ChannelStats(width, needs={"gram"})
+    for i in range(3):
+        st.update(xs[i], "layer")
+        g = st.gram
+        x = torch.cat([t.reshape(-1, width) for t in xs[:i + 1]]).double()
+        err = (g - x.T @ x).abs()
+        assert bool((err <= 14 * 2.0**-24 * (x.abs().T @ x.abs())).all())
+        assert torch.equal(g, g.T)
+    assert products == [(14, 40), (14, 26), (14, 12)] * 3
+
+
+@pytest.mark.parametrize("device, blocks", [("cpu", 12), ("meta", 2)])
+def test_block_width_depends_on_the_device(monkeypatch, device, blocks):
+    """3000 channels: 12 blocks of 250 on a CPU, 2 of 1500 elsewhere (``GRAM_BLOCK_ACCELERATOR``; the meta device
+    stands in for a GPU: shapes only)."""
+    from compression.stats import ChannelStats
+
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(tuple(a.shape)) or mm(a, b, **kw))
+    ChannelStats(3000, needs={"gram"}, device=device).update(torch.ones(4, 3000, device=device), "layer",
+                                                            defer_check=True)
+    assert products == [(3000 // blocks, 4)] * blocks
+
+
+def test_gram_gemms_run_in_full_float32_whatever_the_process_allows(monkeypatch):
+    """``set_float32_matmul_precision("high")`` (Lightning's advice on a tensor-core GPU) lets float32 products run
+    in TF32 on CUDA or bfloat16 through oneDNN.  The Gram and cross-Gram GEMMs set both backends to full float32
+    while they run and put the process's settings back afterwards, also after an error."""
+    from compression.stats import ChannelStats
+
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    seen = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: seen.append([b_.fp32_precision for b_ in backends])
+                        or mm(a, b, **kw))
+    before = [b.fp32_precision for b in backends]
+    try:
+        for backend, value in zip(backends, ("tf32", "bf16")):
+            backend.fp32_precision = value
+        st = ChannelStats(6, needs={"gram", "cross"})
+        x = torch.randn(5, 6)
+        st.update(x, "layer", x + 1)
+        assert seen == [["ieee", "ieee"]] * 2  # the Gram and the cross Gram
+        assert [b.fp32_precision for b in backends] == ["tf32", "bf16"]
+        with pytest.raises(ValueError, match="reference input"):
+            st.update(x, "layer", None)
+        assert [b.fp32_precision for b in backends] == ["tf32", "bf16"]
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # already full: left alone
+        torch.backends.mkldnn.matmul.fp32_precision = "none"  # inherits the generic setting, here unset
+        seen.clear()
+        ChannelStats(6, needs={"gram"}).update(x, "layer")
+        assert seen == [["ieee", "none"]]
+    finally:
+        for backend, value in zip(backends, before):
+            backend.fp32_precision = value
