@@ -128,9 +128,9 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def timed_decomposition(model, method: str, stats, targets, threads: int):
-    """``compress_`` on a copy of ``model`` with ``threads`` decomposition threads: (seconds, seconds in
-    each LAPACK call -- summed over the threads --, the factors by layer name)."""
+def timed_decomposition(model, method: str, stats, targets, threads: int, solver: str | None = None):
+    """``compress_`` on a copy of ``model`` with ``threads`` decomposition threads (and the method's ``solver``, default
+    when ``None``): (seconds, seconds in each LAPACK call -- summed over the threads --, the factors by layer name)."""
     spent: dict[str, float] = defaultdict(float)
     originals = {name: getattr(torch.linalg, name) for name in LINALG}
 
@@ -146,7 +146,8 @@ def timed_decomposition(model, method: str, stats, targets, threads: int):
         return fn
 
     target = copy.deepcopy(model)
-    recipe = Recipe(method, ratio=0.2, targets=targets, decompose_threads=threads)
+    recipe = Recipe(method, ratio=0.2, targets=targets, decompose_threads=threads,
+                    method_args={"solver": solver} if solver else {})
     for name in LINALG:
         setattr(torch.linalg, name, wrap(name))
     try:
@@ -164,6 +165,12 @@ def factor_difference(a: dict, b: dict) -> float:
     if a.keys() != b.keys() or any(a[n][0].shape != b[n][0].shape for n in a):
         return float("inf")
     return max(float((x - y).norm() / y.norm()) for n in a for x, y in zip(a[n], b[n]))
+
+
+def product_difference(a: dict, b: dict) -> float:
+    """Largest relative difference (Frobenius) of a layer's product ``up @ down`` between two runs (factors of two
+    solvers differ by signs and rotations within equal singular values; their products do not)."""
+    return max(float((a[n][0] @ a[n][1] - b[n][0] @ b[n][1]).norm() / (b[n][0] @ b[n][1]).norm()) for n in b)
 
 
 def same_shape_probe(model, stats, targets, threads: int) -> list[tuple[str, int, float, float, float, float]]:
@@ -241,6 +248,21 @@ def decomposition_tables(args, decomposition: dict, probe: list, calib: float) -
     return lines
 
 
+def solver_table(decomposition: dict, solvers: dict) -> list[str]:
+    """The default solver (eigenvectors of the smaller Gram side) against the SVD, one matrix at a time."""
+    lines = ["", "## Solver: the Gram side's eigendecomposition (default) vs the SVD, one matrix at a time", "",
+             "`solver: gram_eigh` (default) factors each transformed weight through the eigenvectors of its smaller "
+             "Gram side; `solver: svd` calls the SVD (`compression.methods.thin_svd`). Product: largest relative "
+             "difference (Frobenius) of a layer's `up @ down` between the two.", "",
+             "| method | gram_eigh s | svd s | speed-up | svd s in `svd` calls | product |",
+             "|---|---|---|---|---|---|"]
+    for method, (svd_s, svd_spent, diff) in solvers.items():
+        one = decomposition[method][0]
+        lines.append(f"| {method} | {sec(one)} | {sec(svd_s)} | **{svd_s / one:.2f}x** | "
+                     f"{sec(svd_spent.get('svd', 0.0))} | {diff:.0e} |")
+    return lines
+
+
 def main() -> None:
     p = common.lm_parser(__doc__, calib_samples=16, eval_tokens=None, model_help=common.MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or cuda: model, calibration and decomposition on the GPU")
@@ -253,6 +275,8 @@ def main() -> None:
                    help="methods whose decomposition is timed")
     p.add_argument("--calibration-only", action="store_true",
                    help="time the calibration variants only: no decomposition, no same-shape probe")
+    p.add_argument("--no-solver-comparison", action="store_true",
+                   help="skip each method's second one-at-a-time decomposition with solver: svd")
     args = p.parse_args()
     if args.calibration_only:
         args.methods = []
@@ -327,6 +351,8 @@ def main() -> None:
     threads = args.decompose_threads
     # method -> (1-thread seconds, its LAPACK split, threaded seconds, factor difference; None at 1 thread)
     decomposition = {}
+    # method -> (1-thread seconds with solver: svd, its LAPACK split, product difference from the default solver's)
+    solvers = {}
     for i, method in enumerate(args.methods):  # ABBA against drift
         order = (1,) if threads == 1 else (1, threads) if i % 2 == 0 else (threads, 1)
         runs = {}
@@ -335,6 +361,10 @@ def main() -> None:
             print(f"{method}, {n} thread(s): {runs[n][0]:.1f} s", file=sys.stderr)
         many = (runs[threads][0], factor_difference(runs[threads][2], runs[1][2])) if threads > 1 else (None, None)
         decomposition[method] = (runs[1][0], runs[1][1], *many)
+        if not args.no_solver_comparison:
+            svd_s, svd_spent, svd_factors = timed_decomposition(model, method, ours, targets, 1, solver="svd")
+            print(f"{method}, 1 thread, solver svd: {svd_s:.1f} s", file=sys.stderr)
+            solvers[method] = (svd_s, svd_spent, product_difference(runs[1][2], svd_factors))
         del runs
     probe = same_shape_probe(model, ours, targets, threads) if threads > 1 and args.methods else []
 
@@ -374,6 +404,8 @@ def main() -> None:
     ]
     if args.methods:
         lines += decomposition_tables(args, decomposition, probe, best["ours"])
+    if solvers:
+        lines += solver_table(decomposition, solvers)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:  # the notes written under an earlier run's tables stay

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.methods import Method, MethodConfig, build_method
+from compression.methods import Method, MethodConfig, build_method, thin_svd
 from compression.stats import ActivationStats
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def gradient_importance(
             w = torch.cat([modules[n].weight.detach().double() for n in names], 0)
             w = w.to(dev) if dev is not None else w
             mat, ctx = method.transformed(w, st, key)
-            u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+            u, s, vh = thin_svd(mat, method.config.solver, key)
             bases[key] = _Basis(method.unmap_left(u, ctx), method.unmap(vh, ctx), s)
     sums = {k: torch.zeros_like(b.sigma) for k, b in bases.items()}
     count = 0

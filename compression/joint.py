@@ -47,7 +47,7 @@ from torch import nn
 
 from compression.lowrank import linear_num_parameters
 from compression.memo import InputMemo
-from compression.methods import Method
+from compression.methods import Method, thin_svd
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def decompose_joint(method: Method, weights: Sequence[torch.Tensor], stats, name
     method.check_stats(stats, name)
     sizes = [w.shape[0] for w in weights]
     mat, ctx = method.transformed(torch.cat([w.double() for w in weights], 0), stats, name)
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    u, s, vh = thin_svd(mat, method.config.solver, name)
     if not torch.isfinite(s).all():
         raise FloatingPointError(f"joint SVD of group {name!r} produced non-finite values")
     if components is not None:

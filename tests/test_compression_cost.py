@@ -37,7 +37,7 @@ def test_threaded_decomposition_is_timed_split_and_gives_the_same_factors(cost):
     two, _, got = cost.timed_decomposition(model, "svd_llm", stats, targets, 2)
     assert {name: getattr(torch.linalg, name) for name in cost.LINALG} == linalg  # wrappers removed
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # timed on a copy
-    assert set(ref) == set(targets) and spent["cholesky_ex"] > 0 and spent["svd"] > 0
+    assert set(ref) == set(targets) and spent["cholesky_ex"] > 0 and spent["eigh"] > 0 and "svd" not in spent  # the Gram-side solver
     assert one >= sum(spent.values()) and two > 0
     assert cost.factor_difference(got, ref) < 1e-6
     name = targets[0]
@@ -75,7 +75,9 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     assert "bfloat16" not in text  # a GPU-only variant
     assert "threads s" not in text and "Same-shaped" not in text  # one matrix at a time only
     split = [line for line in text.splitlines() if line.startswith("| svd_llm |")]
-    assert len(split) == 2 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6
+    assert len(split) == 3 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6
+    solver = split[2].split("|")  # gram_eigh s, svd s, speed-up, svd calls' s, product difference
+    assert len(solver) == 8 and float(solver[5]) > 0 and float(solver[6]) < 1e-8
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| one Gram per input")
             or line.startswith("| **one Gram per input")]
     assert len(rows) == 2 and all(row[5].strip(" *") == row[6].strip() for row in rows)  # one round: the same ratio
