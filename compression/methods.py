@@ -189,8 +189,9 @@ def thin_svd(mat: torch.Tensor, solver: str = "gram_eigh",
     for ``m < n`` the same from ``mat matᵀ``.  Since ``V`` is orthonormal, ``u diag(s) vh = mat V Vᵀ = mat``, a
     truncation to ``r`` triplets is the projection ``mat V_r V_rᵀ`` onto the top-``r`` right singular subspace, and
     ``sqrt(Σ_{i>r} s_i²)`` is its exact error: for any ``β``, ``u_r s_r^(1-β)`` and ``s_r^β vh_r`` multiply back to it
-    (an ``s_i = 0`` divides by 1).  On 2 CPU cores in float64 it ran 1.8x (576 x 576) to 5x (2048 x 5632) faster than
-    the SVD, with the same rank-``r/2`` truncation error to 7 digits on spectra spanning 9 decades.  The eigenvectors
+    (an ``s_i = 0`` divides by 1).  In two probes on 2 CPU cores in float64 it ran 1.6-1.8x (576 x 576) to 4-5x
+    (2048 x 5632) faster than the SVD, with the same rank-``r/2`` truncation error to 7 digits on spectra spanning 9
+    decades (whole decompositions: ``docs/results/compression_cost.md``).  The eigenvectors
     of singular values below about ``sqrt(ε) ‖mat‖`` (1.5e-8 of the largest in float64) are mixed among themselves:
     those ``s_i`` are not the exact singular values, but still the norms of what each triplet carries, under ``ε``
     of the energy."""

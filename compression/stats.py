@@ -401,10 +401,11 @@ def ieee_float32_matmul() -> Iterator[None]:
     """Full float32 products inside, whatever the process allows elsewhere.
 
     ``torch.set_float32_matmul_precision("high")`` (which Lightning suggests on every tensor-core GPU) lets a
-    float32 GEMM run in TF32 on CUDA, or in bfloat16 through oneDNN on a CPU: about 1e-3 relative error in a
-    Gram instead of 1e-7, unseen.  Each backend whose effective setting is not ``"ieee"`` is set to it and
-    restored on exit, through the per-backend settings only (``fp32_precision``), which leaves the legacy
-    ``allow_tf32`` / ``get_float32_matmul_precision`` readable afterwards."""
+    float32 GEMM run in TF32 on CUDA, and ``"medium"`` in bfloat16 through oneDNN on a CPU that has the
+    instructions: inputs rounded to 10 or 7 mantissa bits instead of 23, unseen in the Grams.  Each backend whose
+    effective setting is not ``"ieee"`` is set to it and restored on exit, through the per-backend settings only
+    (``fp32_precision``), which leaves the legacy ``allow_tf32`` / ``get_float32_matmul_precision`` readable
+    afterwards."""
     generic = torch.backends.fp32_precision
     changed = [(b, b.fp32_precision) for b in _MATMUL_BACKENDS
                if (b.fp32_precision if b.fp32_precision != "none" else generic) not in ("ieee", "none")]
