@@ -170,7 +170,11 @@ def factor_difference(a: dict, b: dict) -> float:
 def product_difference(a: dict, b: dict) -> float:
     """Largest relative difference (Frobenius) of a layer's product ``up @ down`` between two runs (factors of two
     solvers differ by signs and rotations within equal singular values; their products do not)."""
-    return max(float((a[n][0] @ a[n][1] - b[n][0] @ b[n][1]).norm() / (b[n][0] @ b[n][1]).norm()) for n in b)
+    worst = 0.0
+    for n, (up, down) in b.items():
+        ref = up @ down
+        worst = max(worst, float((a[n][0] @ a[n][1] - ref).norm() / ref.norm()))
+    return worst
 
 
 def same_shape_probe(model, stats, targets, threads: int) -> list[tuple[str, int, float, float, float, float]]:

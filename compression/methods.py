@@ -197,12 +197,10 @@ def thin_svd(mat: torch.Tensor, solver: str = "gram_eigh",
     of the energy."""
     if solver == "svd":
         return torch.linalg.svd(mat, full_matrices=False)
-    if solver != "gram_eigh":
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not torch.isfinite(mat).all():
         raise FloatingPointError(f"the matrix to factor for layer {name!r} has non-finite values")
-    tall = mat.shape[0] >= mat.shape[1]
-    _, vecs = torch.linalg.eigh(mat.T @ mat if tall else mat @ mat.T)
+    gram, tall = _gram_side(mat, solver)
+    _, vecs = torch.linalg.eigh(gram)
     image = mat @ vecs if tall else (vecs.T @ mat).T  # columns: mat v_i, or matᵀ u_i
     s, order = torch.linalg.vector_norm(image, dim=0).sort(descending=True)
     image = image[:, order] / torch.where(s > 0, s, torch.ones_like(s))
@@ -216,10 +214,16 @@ def singular_values(mat: torch.Tensor, solver: str = "gram_eigh") -> torch.Tenso
     under ``ε`` of the energy."""
     if solver == "svd":
         return torch.linalg.svdvals(mat)
+    return torch.linalg.eigvalsh(_gram_side(mat, solver)[0]).flip(-1).clamp_min(0).sqrt()
+
+
+def _gram_side(mat: torch.Tensor, solver: str) -> tuple[torch.Tensor, bool]:
+    """``(matᵀmat, True)`` for a tall or square ``mat``, else ``(mat matᵀ, False)``: the smaller Gram side that
+    ``gram_eigh`` decomposes (any other ``solver`` but ``svd`` is refused)."""
     if solver != "gram_eigh":
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    gram = mat.T @ mat if mat.shape[0] >= mat.shape[1] else mat @ mat.T
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+    tall = mat.shape[0] >= mat.shape[1]
+    return (mat.T @ mat if tall else mat @ mat.T), tall
 
 
 def stats_needs(*configs: MethodConfig | str) -> frozenset[str]:
