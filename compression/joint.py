@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compression.finite import all_finite
 from compression.lowrank import linear_num_parameters
 from compression.memo import InputMemo
 from compression.methods import Method, thin_svd
@@ -162,7 +163,7 @@ def decompose_joint(method: Method, weights: Sequence[torch.Tensor], stats, name
     sizes = [w.shape[0] for w in weights]
     mat, ctx = method.transformed(torch.cat([w.double() for w in weights], 0), stats, name)
     u, s, vh = thin_svd(mat, method.config.solver, name)
-    if not torch.isfinite(s).all():
+    if not all_finite(s):
         raise FloatingPointError(f"joint SVD of group {name!r} produced non-finite values")
     if components is not None:
         idx = torch.as_tensor(sorted(set(int(i) for i in components)), dtype=torch.long, device=s.device)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from compression.allocation import Matrix
+from compression.finite import all_finite
 from compression.targets import name_matches
 
 
@@ -30,7 +30,7 @@ def build_matrices(model: nn.Module, names: Sequence[str], joint_qkv: bool = Fal
     required with ``joint_qkv``."""
     modules = {n: model.get_submodule(n) for n in names}
     for name, layer in modules.items():
-        if layer.weight.device.type != "meta" and not torch.isfinite(layer.weight).all():  # meta: streamed
+        if layer.weight.device.type != "meta" and not all_finite(layer.weight):  # meta: streamed
             raise FloatingPointError(f"weight of layer {name!r} contains NaN/inf; refusing to compress it")
     groups: dict[str, list[str]] = {}
     if joint_qkv:

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from compression.finite import all_finite
 from compression.stats import ChannelStats
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class Method:
         self.check_stats(stats, name)
         mat, ctx = self.transformed(weight.detach().double(), stats, name)
         u, s, vh = thin_svd(mat, self.config.solver, name)
-        if not (torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()):
+        if not (all_finite(s) and all_finite(u) and all_finite(vh)):
             raise FloatingPointError(f"SVD of layer {name!r} produced non-finite values")
         rank = min(rank, s.numel())
         beta = self.config.beta
@@ -174,7 +175,7 @@ class Method:
         down = self.unmap(s_r.pow(beta)[:, None] * vh[:rank], ctx)
         tail = s[rank:]
         factors = Factors(up, down, float(tail.square().sum().sqrt()), float(s.square().sum()))
-        if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
+        if not (all_finite(factors.up) and all_finite(factors.down)):
             raise FloatingPointError(f"decomposition of layer {name!r} produced non-finite factors")
         return factors
 
@@ -197,7 +198,7 @@ def thin_svd(mat: torch.Tensor, solver: str = "gram_eigh",
     of the energy."""
     if solver == "svd":
         return torch.linalg.svd(mat, full_matrices=False)
-    if not torch.isfinite(mat).all():
+    if not all_finite(mat):
         raise FloatingPointError(f"the matrix to factor for layer {name!r} has non-finite values")
     gram, tall = _gram_side(mat, solver)
     _, vecs = torch.linalg.eigh(gram)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from compression.finite import all_finite
 from compression.gradient_allocation import targeted_backwards
 from compression.methods import Method
 from compression.stats import ieee_float32_matmul
@@ -92,7 +93,7 @@ def output_fisher(model: nn.Module, layer_names: Sequence[str], batches: Iterabl
     if count == 0:
         raise ValueError("output_fisher: no calibration batches")
     for n, f in sums.items():
-        if not torch.isfinite(f).all():
+        if not all_finite(f):
             raise FloatingPointError(f"output_fisher: non-finite output gradients at layer {n!r}")
     log.info("output Fisher of %d layers from %d batches", len(sums), count)
     return {n: f.cpu() for n, f in sums.items()}, count
@@ -107,7 +108,7 @@ def row_weights(fisher: torch.Tensor, damping: float, name: str) -> torch.Tensor
     f = fisher.double()
     diag = f if f.dim() == 1 else f.diagonal()
     mean = float(diag.mean())
-    if not (mean > 0.0 and torch.isfinite(f).all() and bool((diag >= 0).all())):
+    if not (mean > 0.0 and all_finite(f) and bool((diag >= 0).all())):
         raise ValueError(f"layer {name!r}: its output Fisher is zero, negative or non-finite; did the "
                          "calibration loss reach it?")
     if f.dim() == 1:

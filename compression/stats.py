@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compression.finite import all_finite
+
 ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
 """``fn(tensor, op)`` with ``op`` in ``{"sum", "max"}``; returns the reduced tensor."""
 
@@ -205,7 +207,7 @@ class ChannelStats:
         return parts
 
     def _all_finite(self) -> bool:
-        return all(bool(torch.isfinite(part).all()) for part in self._finiteness_parts())
+        return all(all_finite(part) for part in self._finiteness_parts())
 
     @staticmethod
     def check_deferred(streams: dict[str, ChannelStats]) -> None:
@@ -216,7 +218,7 @@ class ChannelStats:
         for st in streams.values():
             for part in st._finiteness_parts():
                 by_device.setdefault(part.device, []).append(part)
-        if all(bool(torch.isfinite(torch.cat(parts)).all()) for parts in by_device.values()):
+        if all(all_finite(torch.cat(parts)) for parts in by_device.values()):
             return
         for name, st in streams.items():  # the error path: which layer
             if not st._all_finite():
@@ -277,7 +279,7 @@ class ChannelStats:
         """Raise naming the layer and field when any statistic is NaN/inf."""
         fields = {"abs_sum": self.abs_sum, "abs_max": self.abs_max, "gram": self.gram, "cross": self.cross}
         for key, value in fields.items():
-            if value is not None and not torch.isfinite(value).all():
+            if value is not None and not all_finite(value):
                 raise FloatingPointError(f"statistics for layer {name!r}: field {key!r} contains NaN/inf")
 
     def nbytes(self) -> int:

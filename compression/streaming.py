@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compression.finite import all_finite
+
 INDEX = "model.safetensors.index.json"
 PLAN = "compression_plan.json"
 
@@ -175,7 +177,7 @@ class BlockStream:
     def before(self, index: int, path: str, block: nn.Module) -> None:
         self.weights.load(block, prefix=path + ".")
         for name, p in block.named_parameters():
-            if p.is_floating_point() and not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise FloatingPointError(f"weight {path}.{name} (streamed from {self.weights.folder}) contains NaN/inf")
 
     def after(self, index: int, path: str, block: nn.Module, write: bool) -> None:
