@@ -16,6 +16,8 @@ LoRA tooling (peft) can target either side by name and state dicts read
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -58,8 +60,12 @@ class LowRankLinear(nn.Module):
         without them the factors are freshly initialised (the structure only, e.g. to
         load a compressed state dict into).  The bias is always copied from ``linear``.
         """
+        if (up is None) != (down is None):
+            raise ValueError("from_linear needs both `up` and `down`, or neither")
         weight = linear.weight
-        layer = cls(
+        # with factors given, no random initialisation they would overwrite at once (two uniform fills per layer)
+        build = cls if up is None else functools.partial(nn.utils.skip_init, cls)
+        layer = build(
             linear.in_features,
             linear.out_features,
             rank,
@@ -67,8 +73,6 @@ class LowRankLinear(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        if (up is None) != (down is None):
-            raise ValueError("from_linear needs both `up` and `down`, or neither")
         if up is not None and down is not None:
             layer.set_factors(up, down)
         if linear.bias is not None:
