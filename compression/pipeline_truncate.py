@@ -31,7 +31,7 @@ from compression.lowrank import LowRankLinear, linear_num_parameters
 from compression.parallel import ordered_map
 from compression.plan import set_submodule
 from compression.report import LayerReport
-from compression.stats import STAT_FIELDS, ActivationStats
+from compression.stats import STAT_FIELDS, ActivationStats, shared_reads
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,9 @@ class TruncateStage:
         original goes to ``singles`` / ``groups`` (to put back if a later one fails)."""
         work = [k for k in keys if k not in self.allocation.dense]
         inputs = ((key, self._inputs(key)) for key in work)  # read in this thread, a bounded few at a time
-        with ordered_map(self._factor, inputs, self.recipe.decompose_threads) as results:
+        # layers reading one input stream (q/k/v, gate/up) share its whitening factor (compression.stats)
+        readers = [s for s in (self._stats_for(self.matrices[k].members[0]) for k in work) if s is not None]
+        with shared_reads(readers), ordered_map(self._factor, inputs, self.recipe.decompose_threads) as results:
             for key, factors in zip(work, results):
                 matrix = self.matrices[key]
                 if matrix.joint:

@@ -53,12 +53,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from compression.finite import all_finite
+
+T = TypeVar("T")
 
 ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
 """``fn(tensor, op)`` with ``op`` in ``{"sum", "max"}``; returns the reduced tensor."""
@@ -126,6 +129,7 @@ class ChannelStats:
         self.needs = check_needs(self.needs)
         self._gram: torch.Tensor | None = None
         self._mirrored = True  # the lower triangle of _gram is up to date
+        self._shared: _SharedReads | None = None  # set by shared_reads() for one pass over the layers
         if "abs" in self.needs:
             self.abs_sum = torch.zeros(self.n, dtype=torch.float64, device=self.device)
             self.abs_max = torch.zeros(self.n, dtype=torch.float64, device=self.device)
@@ -188,6 +192,13 @@ class ChannelStats:
         if not defer_check and not self._all_finite():
             raise self._nonfinite(name)
         self.count += x.shape[0]
+
+    def derived(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``: something derived from these statistics alone (a whitening factor of the Gram), for
+        ``key``.  Inside :func:`shared_reads` it is computed once for the layers that read this stream and let go
+        after the last of them; elsewhere it is computed on every call and nothing is kept."""
+        shared = self._shared
+        return compute() if shared is None else shared.get(key, compute)
 
     @staticmethod
     def _nonfinite(name: str) -> FloatingPointError:
@@ -393,6 +404,48 @@ def combine_stats(*parts: ActivationStats) -> ActivationStats:
             merged.cross = torch.stack([s.cross for s in streams]).sum(0)
         out.streams[key] = merged
     return out
+
+
+class _SharedReads:
+    """What :meth:`ChannelStats.derived` computed for one stream, kept for ``readers`` reads.  A reader computing
+    holds the lock: another thread reading the same stream waits for the value instead of computing it again."""
+
+    def __init__(self, readers: int) -> None:
+        self.left = readers
+        self.lock = threading.Lock()
+        self.values: dict = {}
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self.lock:
+            if key not in self.values:
+                self.values[key] = compute()
+            value = self.values[key]
+            self.left -= 1
+            if self.left <= 0:  # the last announced reader: let go (a reader beyond the count computes afresh)
+                self.values.clear()
+            return value
+
+
+@contextlib.contextmanager
+def shared_reads(readers: Iterable[ChannelStats]) -> Iterator[None]:
+    """One pass over layers: ``readers`` lists each layer's statistics (a stream read by q/k/v appears three
+    times).  Inside, what :meth:`ChannelStats.derived` computes for a stream listed more than once is computed
+    by its first reader and kept until its last one has it (at most until the pass ends); e.g. one Cholesky
+    factor or eigendecomposition of the q/k/v input's Gram instead of three.  Streams listed once keep
+    nothing."""
+    counts: dict[int, list] = {}
+    for stats in readers:
+        counts.setdefault(id(stats), [stats, 0])[1] += 1
+    shared = [stats for stats, n in counts.values() if n > 1]
+    if any(stats._shared is not None for stats in shared):
+        raise RuntimeError("shared_reads: these statistics are already in a pass")
+    for stats in shared:
+        stats._shared = _SharedReads(counts[id(stats)][1])
+    try:
+        yield
+    finally:
+        for stats in shared:
+            stats._shared = None
 
 
 _MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)

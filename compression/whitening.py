@@ -98,10 +98,16 @@ def shrink_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
     return out
 
 
-def _gram(stats, weight: torch.Tensor, name: str, shrinkage: float = 0.0) -> torch.Tensor:
-    gram = stats.gram.to(weight.device, torch.float64)
-    if gram.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"Gram of layer {name!r} is {tuple(gram.shape)}, weight has {weight.shape[1]} inputs")
+def _whitening(stats, weight: torch.Tensor, name: str, key: tuple, compute):
+    """``compute(gram)`` of the layer's Gram, computed once for the layers sharing the input stream during a
+    pass (:func:`compression.stats.shared_reads`); the Gram's shape is checked for every layer."""
+    if stats.gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"Gram of layer {name!r} is {tuple(stats.gram.shape)}, weight has {weight.shape[1]} inputs")
+    return stats.derived((*key, weight.device), lambda: compute(stats.gram.to(weight.device, torch.float64)))
+
+
+def _scaled(gram: torch.Tensor, name: str, shrinkage: float) -> torch.Tensor:
+    """The Gram shrunk by ``shrinkage``; refused when every activation was zero."""
     scale = float(gram.diagonal().mean())
     if scale <= 0.0:
         raise ValueError(f"layer {name!r}: every calibration activation was zero; cannot whiten")
@@ -120,8 +126,9 @@ def cholesky_with_jitter(gram: torch.Tensor, name: str, jitter: float, max_jitte
         chol, info = torch.linalg.cholesky_ex(gram + (eps * scale) * eye)
         if int(info) == 0:
             log.warning(
-                "layer %r: Gram matrix not positive definite; added jitter %.1e x mean(diag) = %.3e. "
-                "More (or more varied) calibration tokens avoid this; svd_llm_v2 needs no jitter.",
+                "layer %r: Gram matrix not positive definite; added jitter %.1e x mean(diag) = %.3e (for every "
+                "layer reading the same input). More (or more varied) calibration tokens avoid this; svd_llm_v2 "
+                "needs no jitter.",
                 name, eps, eps * scale,
             )
             return chol
@@ -141,7 +148,9 @@ class SVDLLM(Method):
 
     def _chol(self, weight, stats, name):
         cfg: SVDLLMConfig = self.config  # type: ignore[assignment]
-        return cholesky_with_jitter(_gram(stats, weight, name, cfg.shrinkage), name, cfg.jitter, cfg.max_jitter)
+        return _whitening(stats, weight, name, ("cholesky", cfg.shrinkage, cfg.jitter, cfg.max_jitter),
+                          lambda gram: cholesky_with_jitter(_scaled(gram, name, cfg.shrinkage), name, cfg.jitter,
+                                                            cfg.max_jitter))
 
     def _target_shift(self, weight, stats, chol):
         """``(1 - λ) W E L⁻ᵀ`` (module docstring); exactly zero when ``E`` is."""
@@ -198,14 +207,16 @@ class SVDLLMV2(Method):
 
     def transformed(self, weight, stats, name):
         cfg: SVDLLMV2Config = self.config  # type: ignore[assignment]
-        evals, evecs = torch.linalg.eigh(_gram(stats, weight, name, cfg.shrinkage))
+        evals, evecs = _whitening(stats, weight, name, ("eigh", cfg.shrinkage),
+                                  lambda gram: torch.linalg.eigh(_scaled(gram, name, cfg.shrinkage)))
         keep = evals > cfg.eig_rtol * float(evals.max())
         dropped = int((~keep).sum())
         if dropped:
             log.info("layer %r: %d of %d Gram directions unseen in calibration are dropped", name, dropped,
                      evals.numel())
-        q, root = evecs[:, keep], evals[keep].sqrt()
-        return (weight @ q) * root, (q, root)
+            evecs, evals = evecs[:, keep], evals[keep]
+        root = evals.sqrt()
+        return (weight @ evecs) * root, (evecs, root)
 
     def unmap(self, right, ctx):
         q, root = ctx
