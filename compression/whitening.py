@@ -17,7 +17,10 @@ So truncating the SVD of ``W T`` at rank r gives the *optimal* rank-r output err
   ``eig_rtol · max(S)``; the map back is the pseudo-inverse ``√S_k⁻¹ Q_kᵀ``.  This needs
   no positive definiteness: directions no calibration token visited are simply dropped
   (W' is zero there), which is still optimal for the output-error objective, e.g. when
-  there are fewer tokens than features.
+  there are fewer tokens than features.  When no eigenvalue is below the threshold nothing is
+  dropped, and since the truncation is the same for every square root (above), ``root: auto``
+  (default) then takes ``T = L`` as ``svd_llm`` does: one Cholesky shows it
+  (:func:`margin_cholesky`), 14x cheaper than the eigendecomposition at 576 and 1536 channels.
 
 Both take ``shrinkage`` ``λ ∈ [0, 1)``: the Gram is replaced by its ridge-shrunk version
 
@@ -180,6 +183,10 @@ class SVDLLM(Method):
         return torch.linalg.solve_triangular(ctx, right, upper=False, left=False)
 
 
+V2_ROOTS = ("auto", "eigh")
+"""How ``svd_llm_v2`` takes the Gram's square root (:class:`SVDLLMV2Config`)."""
+
+
 @dataclass
 class SVDLLMV2Config(MethodConfig):
     """SVD-LLM V2 loss-optimized truncation.
@@ -187,16 +194,50 @@ class SVDLLMV2Config(MethodConfig):
     ``eig_rtol``: eigenvalues of the Gram below ``eig_rtol · max`` are treated as zero
     (directions the calibration data never visited).
     ``shrinkage``: ridge weight of the Gram, as for ``svd_llm``.
+    ``root``: ``"auto"`` (default) takes the Cholesky factor when :func:`margin_cholesky` shows that no eigenvalue
+    is below ``eig_rtol · max`` -- nothing to drop, and any square root gives the same factors -- and the
+    eigendecomposition otherwise; ``"eigh"`` always takes the eigendecomposition.
     """
 
     eig_rtol: float = 1e-10
     shrinkage: float = 0.0
+    root: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.eig_rtol < 1.0:
             raise ValueError(f"eig_rtol must lie in (0, 1), got {self.eig_rtol}")
         _check_shrinkage(self.shrinkage)
+        if self.root not in V2_ROOTS:
+            raise ValueError(f"svd_llm_v2 root must be one of {V2_ROOTS}, got {self.root!r}")
+
+
+def margin_cholesky(gram: torch.Tensor, rtol: float) -> torch.Tensor | None:
+    """Lower ``L`` with ``L Lᵀ = G`` when every eigenvalue of ``G`` exceeds ``rtol · λ_max``, else ``None``; no
+    eigenvalue is computed.
+
+    ``τ = rtol · ‖G‖_∞`` (largest absolute row sum) is at least ``rtol · λ_max``, and ``G - τ I`` has a Cholesky
+    factor only when ``λ_min(G) > τ``, up to the factorization's backward error of order ``n ε ‖G‖`` (3e-13 ‖G‖
+    for ``n = 1536``; the eigendecomposition's own eigenvalues carry an error of order ``ε ‖G‖``).  When it does,
+    ``G`` is factored itself.  A "no" costs one Cholesky: ``τ`` overestimates ``rtol · λ_max`` by at most
+    ``sqrt(n)``, so a Gram with its smallest eigenvalue just above the threshold takes the eigendecomposition
+    (which then drops nothing).  On 2 CPU cores in float64 a Cholesky took 1.7 ms at 576 and 28 ms at 1536 channels,
+    the eigendecomposition 24 and 381 ms."""
+    tau = rtol * float(gram.abs().sum(1).max())
+    shifted = gram.clone()
+    shifted.diagonal().sub_(tau)
+    _, info = torch.linalg.cholesky_ex(shifted)
+    del shifted
+    if int(info) != 0:
+        return None
+    chol, info = torch.linalg.cholesky_ex(gram)
+    return chol if int(info) == 0 else None
+
+
+def _v2_root(gram: torch.Tensor, cfg: SVDLLMV2Config) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A Cholesky factor (``root: auto`` and nothing to drop) or the eigendecomposition ``(evals, evecs)``."""
+    chol = margin_cholesky(gram, cfg.eig_rtol) if cfg.root == "auto" else None
+    return chol if chol is not None else torch.linalg.eigh(gram)
 
 
 @register
@@ -207,8 +248,11 @@ class SVDLLMV2(Method):
 
     def transformed(self, weight, stats, name):
         cfg: SVDLLMV2Config = self.config  # type: ignore[assignment]
-        evals, evecs = _whitening(stats, weight, name, ("eigh", cfg.shrinkage),
-                                  lambda gram: torch.linalg.eigh(_scaled(gram, name, cfg.shrinkage)))
+        root = _whitening(stats, weight, name, ("v2", cfg.root, cfg.eig_rtol, cfg.shrinkage),
+                          lambda gram: _v2_root(_scaled(gram, name, cfg.shrinkage), cfg))
+        if isinstance(root, torch.Tensor):  # T = L: every eigenvalue above the threshold, nothing dropped
+            return weight @ root, root
+        evals, evecs = root
         keep = evals > cfg.eig_rtol * float(evals.max())
         dropped = int((~keep).sum())
         if dropped:
@@ -219,5 +263,7 @@ class SVDLLMV2(Method):
         return (weight @ evecs) * root, (evecs, root)
 
     def unmap(self, right, ctx):
+        if isinstance(ctx, torch.Tensor):  # right · L⁻¹, as svd_llm
+            return torch.linalg.solve_triangular(ctx, right, upper=False, left=False)
         q, root = ctx
         return (right / root) @ q.T
