@@ -19,7 +19,9 @@ Then the Grams are compared (float32 rounding against the naive float64 ones) an
 ``svd_llm_v2`` decompose at ratio 0.2 from the collected statistics, each twice in the same run: one
 matrix at a time (``decompose_threads=1``, the time split into the LAPACK calls -- Cholesky, triangular
 solves, eigendecomposition, SVD -- and the rest) and ``--decompose-threads`` matrices at once in worker
-threads (:mod:`compression.parallel`), whose factors are compared with the one-at-a-time ones.  A probe
+threads (:mod:`compression.parallel`), whose factors are compared with the one-at-a-time ones; then once more
+one matrix at a time with each alternative setting of :data:`ALTERNATIVES` (``solver: svd``; ``svd_llm_v2``'s
+``root: eigh``), whose products are compared with the defaults' (``--no-solver-comparison`` skips these).  A probe
 on same-shaped matrices (every block's ``q_proj`` weight: SVD; every block's q/k/v input Gram: eigh)
 times one matrix at a time, one batched ``torch.linalg`` call on the stack, and the worker threads.
 
@@ -128,9 +130,10 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def timed_decomposition(model, method: str, stats, targets, threads: int, solver: str | None = None):
-    """``compress_`` on a copy of ``model`` with ``threads`` decomposition threads (and the method's ``solver``, default
-    when ``None``): (seconds, seconds in each LAPACK call -- summed over the threads --, the factors by layer name)."""
+def timed_decomposition(model, method: str, stats, targets, threads: int, method_args: dict | None = None):
+    """``compress_`` on a copy of ``model`` with ``threads`` decomposition threads (and ``method_args``, e.g. a
+    non-default solver): (seconds, seconds in each LAPACK call -- summed over the threads --, the factors by layer
+    name)."""
     spent: dict[str, float] = defaultdict(float)
     originals = {name: getattr(torch.linalg, name) for name in LINALG}
 
@@ -146,8 +149,7 @@ def timed_decomposition(model, method: str, stats, targets, threads: int, solver
         return fn
 
     target = copy.deepcopy(model)
-    recipe = Recipe(method, ratio=0.2, targets=targets, decompose_threads=threads,
-                    method_args={"solver": solver} if solver else {})
+    recipe = Recipe(method, ratio=0.2, targets=targets, decompose_threads=threads, method_args=method_args or {})
     for name in LINALG:
         setattr(torch.linalg, name, wrap(name))
     try:
@@ -252,18 +254,27 @@ def decomposition_tables(args, decomposition: dict, probe: list, calib: float) -
     return lines
 
 
-def solver_table(decomposition: dict, solvers: dict) -> list[str]:
-    """The default solver (eigenvectors of the smaller Gram side) against the SVD, one matrix at a time."""
-    lines = ["", "## Solver: the Gram side's eigendecomposition (default) vs the SVD, one matrix at a time", "",
+ALTERNATIVES = {
+    "svd_llm": [("solver", "svd", "svd")],
+    "svd_llm_v2": [("solver", "svd", "svd"), ("root", "eigh", "eigh")],
+}
+"""Each method's settings timed against its defaults: (argument, value, the LAPACK call that value spends on)."""
+
+
+def alternatives_table(decomposition: dict, alternatives: dict) -> list[str]:
+    """Each method's defaults against the alternatives in :data:`ALTERNATIVES`, one matrix at a time."""
+    lines = ["", "## Defaults against their alternatives, one matrix at a time", "",
              "`solver: gram_eigh` (default) factors each transformed weight through the eigenvectors of its smaller "
-             "Gram side; `solver: svd` calls the SVD (`compression.methods.thin_svd`). Product: largest relative "
-             "difference (Frobenius) of a layer's `up @ down` between the two.", "",
-             "| method | gram_eigh s | svd s | speed-up | svd s in `svd` calls | product |",
-             "|---|---|---|---|---|---|"]
-    for method, (svd_s, svd_spent, diff) in solvers.items():
+             "Gram side; `solver: svd` calls the SVD (`compression.methods.thin_svd`). `svd_llm_v2`'s `root: auto` "
+             "(default) whitens with the Gram's Cholesky factor when no eigenvalue is below `eig_rtol · max`; "
+             "`root: eigh` always with its eigendecomposition (`compression.whitening.margin_cholesky`). Product: "
+             "largest relative difference (Frobenius) of a layer's `up @ down` between the two.", "",
+             "| method | alternative | default s | alternative s | speed-up | alternative's s in that call | product |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, arg, value, call), (alt_s, alt_spent, diff) in alternatives.items():
         one = decomposition[method][0]
-        lines.append(f"| {method} | {sec(one)} | {sec(svd_s)} | **{svd_s / one:.2f}x** | "
-                     f"{sec(svd_spent.get('svd', 0.0))} | {diff:.0e} |")
+        lines.append(f"| {method} | `{arg}: {value}` | {sec(one)} | {sec(alt_s)} | **{alt_s / one:.2f}x** | "
+                     f"{sec(alt_spent.get(call, 0.0))} (`{call}`) | {diff:.0e} |")
     return lines
 
 
@@ -280,7 +291,8 @@ def main() -> None:
     p.add_argument("--calibration-only", action="store_true",
                    help="time the calibration variants only: no decomposition, no same-shape probe")
     p.add_argument("--no-solver-comparison", action="store_true",
-                   help="skip each method's second one-at-a-time decomposition with solver: svd")
+                   help="skip the one-at-a-time decompositions with each method's alternative settings (solver: "
+                        "svd; svd_llm_v2's root: eigh)")
     args = p.parse_args()
     if args.calibration_only:
         args.methods = []
@@ -355,8 +367,9 @@ def main() -> None:
     threads = args.decompose_threads
     # method -> (1-thread seconds, its LAPACK split, threaded seconds, factor difference; None at 1 thread)
     decomposition = {}
-    # method -> (1-thread seconds with solver: svd, its LAPACK split, product difference from the default solver's)
-    solvers = {}
+    # (method, argument, value, call) -> (1-thread seconds with that setting, its LAPACK split, product difference
+    # from the defaults')
+    alternatives = {}
     for i, method in enumerate(args.methods):  # ABBA against drift
         order = (1,) if threads == 1 else (1, threads) if i % 2 == 0 else (threads, 1)
         runs = {}
@@ -365,10 +378,10 @@ def main() -> None:
             print(f"{method}, {n} thread(s): {runs[n][0]:.1f} s", file=sys.stderr)
         many = (runs[threads][0], factor_difference(runs[threads][2], runs[1][2])) if threads > 1 else (None, None)
         decomposition[method] = (runs[1][0], runs[1][1], *many)
-        if not args.no_solver_comparison:
-            svd_s, svd_spent, svd_factors = timed_decomposition(model, method, ours, targets, 1, solver="svd")
-            print(f"{method}, 1 thread, solver svd: {svd_s:.1f} s", file=sys.stderr)
-            solvers[method] = (svd_s, svd_spent, product_difference(runs[1][2], svd_factors))
+        for arg, value, call in [] if args.no_solver_comparison else ALTERNATIVES[method]:
+            alt_s, alt_spent, alt_factors = timed_decomposition(model, method, ours, targets, 1, {arg: value})
+            print(f"{method}, 1 thread, {arg} {value}: {alt_s:.1f} s", file=sys.stderr)
+            alternatives[method, arg, value, call] = (alt_s, alt_spent, product_difference(runs[1][2], alt_factors))
         del runs
     probe = same_shape_probe(model, ours, targets, threads) if threads > 1 and args.methods else []
 
@@ -408,8 +421,8 @@ def main() -> None:
     ]
     if args.methods:
         lines += decomposition_tables(args, decomposition, probe, best["ours"])
-    if solvers:
-        lines += solver_table(decomposition, solvers)
+    if alternatives:
+        lines += alternatives_table(decomposition, alternatives)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:  # the notes written under an earlier run's tables stay

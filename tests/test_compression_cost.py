@@ -65,7 +65,8 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     out = tmp_path / "cost.md"
     out.write_text("# an earlier run\n\n| old | table |\n\n## Reading (notes)\n\n- kept across reruns\n")
     monkeypatch.setattr(sys, "argv", ["compression_cost.py", "--model", "tiny", "--calib-samples", "8", "--seq-len",
-                                      "32", "--repeats", "1", "--methods", "svd_llm", "--decompose-threads", "1",
+                                      "32", "--repeats", "1", "--methods", "svd_llm", "svd_llm_v2",
+                                      "--decompose-threads", "1",
                                       "--out", str(out)])
     cost.main()
     text = out.read_text()
@@ -77,8 +78,13 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     assert "threads s" not in text and "Same-shaped" not in text  # one matrix at a time only
     split = [line for line in text.splitlines() if line.startswith("| svd_llm |")]
     assert len(split) == 3 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6
-    solver = split[2].split("|")  # gram_eigh s, svd s, speed-up, svd calls' s, product difference
-    assert len(solver) == 8 and float(solver[5]) > 0 and float(solver[6]) < 1e-8
+    # alternative, default s, alternative s, speed-up, the alternative's s in its call, product difference
+    alternatives = [line.split("|") for line in text.splitlines() if line.startswith("| svd_llm") and "| `" in line]
+    assert [(row[1].strip(), row[2].strip()) for row in alternatives] == [
+        ("svd_llm", "`solver: svd`"), ("svd_llm_v2", "`solver: svd`"), ("svd_llm_v2", "`root: eigh`")]
+    for row in alternatives:
+        assert len(row) == 9 and float(row[6].split()[0]) > 0 and float(row[7]) < 1e-8
+    assert [row[6].split()[1] for row in alternatives] == ["(`svd`)", "(`svd`)", "(`eigh`)"]
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| one Gram per input")
             or line.startswith("| **one Gram per input")]
     assert len(rows) == 2 and all(row[5].strip(" *") == row[6].strip() for row in rows)  # one round: the same ratio
