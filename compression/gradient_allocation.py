@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from compression.methods import Method, MethodConfig, build_method, thin_svd
-from compression.stats import ActivationStats
+from compression.stats import ActivationStats, shared_reads
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,12 @@ def gradient_importance(
             raise TypeError(f"gradient_importance: {n!r} is a {type(mod).__name__}; run it before compression")
     dev = torch.device(device) if device is not None else None
     bases: dict[str, _Basis] = {}
-    with torch.no_grad():
+    streams = {key: stats[names[0]] if stats is not None and names[0] in stats else None
+               for key, names in groups.items()}
+    # matrices reading one input share its whitening factor (compression.stats.shared_reads)
+    with torch.no_grad(), shared_reads([st for st in streams.values() if st is not None]):
         for key, names in groups.items():
-            st = stats[names[0]] if stats is not None and names[0] in stats else None
+            st = streams[key]
             method.check_stats(st, key)
             w = torch.cat([modules[n].weight.detach().double() for n in names], 0)
             w = w.to(dev) if dev is not None else w

@@ -125,3 +125,29 @@ def test_nested_passes_over_the_same_statistics_are_refused():
                 pass
         assert st._shared is outer and fresh._shared is None  # neither pass's state is left behind
     assert st._shared is None
+
+
+def test_gradient_importance_shares_the_whitening_too(monkeypatch):
+    import contextlib
+    import importlib
+
+    gradient_allocation = importlib.import_module("compression.gradient_allocation")  # the package's name is a function
+
+    model = make_tiny_llama().double()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    batches = _batches()
+    stats = collect_stats(model, names, batches, forward=CausalLMSpec(model=model).calibration_forward)
+
+    def loss(m, batch):
+        return m(**batch, labels=batch["input_ids"]).loss
+
+    computed = []
+    scaled = whitening._scaled
+    monkeypatch.setattr(whitening, "_scaled", lambda gram, name, s: computed.append(name) or scaled(gram, name, s))
+    shared = gradient_allocation.gradient_importance(model, names, batches[:1], loss, "svd_llm", stats)
+    assert len(computed) == len(stats.streams) == 8
+    computed.clear()
+    monkeypatch.setattr(gradient_allocation, "shared_reads", lambda readers: contextlib.nullcontext())
+    alone = gradient_allocation.gradient_importance(model, names, batches[:1], loss, "svd_llm", stats)
+    assert len(computed) == len(names) == 14
+    assert shared.keys() == alone.keys() and all(torch.equal(shared[k], alone[k]) for k in alone)
