@@ -43,6 +43,12 @@ minutes; its SVDs would take far longer)::
     python benchmarks/compression_cost.py --model llama-1b --calibration-only --repeats 3 \
         --out docs/results/compression_cost_llama1b_cpu.md
 
+Like the inference benchmarks, it times what a user's process gets: the OpenMP runtime's own wait policy
+(spin, then sleep), not the passive waiting the other scripts set for shared machines (``benchmarks/common.py``),
+which made the decomposition about 1.7x slower (LAPACK's many small parallel regions) and the calibration 3 %
+slower in one probe.  The table says which policy ran; run it under the heavy-job lock, from a shell that does not
+export ``OMP_WAIT_POLICY``.
+
 Statistics are freed as soon as they are timed; the naive Grams kept for the comparison are capped at
 :data:`GRAM_CHECK_BYTES` (the first layers' Grams; the output says when the cap cut the comparison short).
 """
@@ -50,17 +56,19 @@ Statistics are freed as soon as they are timed; the naive Grams kept for the com
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
 
-import common
-import torch
+os.environ.setdefault("SVD_VGGT_OMP_WAIT", "default")  # time what a user's process gets (see benchmarks/common.py)
+import common  # noqa: E402
+import torch  # noqa: E402
 
-from compression import LowRankLinear, Recipe, collect_stats, compress_
-from compression.parallel import ordered_map
-from lightning_modules.specs import CausalLMSpec
+from compression import LowRankLinear, Recipe, collect_stats, compress_  # noqa: E402
+from compression.parallel import ordered_map  # noqa: E402
+from lightning_modules.specs import CausalLMSpec  # noqa: E402
 
 LINALG = ("cholesky_ex", "solve_triangular", "eigh", "svd")
 METHODS = ("svd_llm", "svd_llm_v2")
@@ -317,7 +325,7 @@ def main() -> None:
     forward = CausalLMSpec(model=model).calibration_forward
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     note = common.gpu_note(args.device)
-    where = f"{note}, {dtype}" if cuda else f"{args.threads} CPU threads ({note}), {dtype}"
+    where = f"{note}, {dtype}" if cuda else f"{args.threads} CPU threads ({note}; {common.omp_note()}), {dtype}"
     print(f"{where}; {tokens} tokens in {len(batches)} batches", file=sys.stderr)
 
     def forward_only():

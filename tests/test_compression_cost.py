@@ -71,11 +71,12 @@ def test_config_model_run_one_thread_writes_calibration_and_split(cost, tmp_path
     cost.main()
     text = out.read_text()
     assert "8 x 32 of uniformly random token ids" in text and "torch.float32" in text
+    assert "OMP_WAIT_POLICY" in text  # the wait policy it ran under (the tests' passive one here)
     assert "| old | table |" not in text and text.endswith("## Reading (notes)\n\n- kept across reruns\n")
     errors = dict(re.findall(r"(float64|float32) GEMMs (\d\.\de[+-]\d+)", text))
     assert float(errors["float64"]) < 1e-13 and float(errors["float32"]) < 1e-5
     assert "bfloat16" not in text  # a GPU-only variant
-    assert "threads s" not in text and "Same-shaped" not in text  # one matrix at a time only
+    assert "| 1 thread s |" in text and "threads s |" not in text and "Same-shaped" not in text  # one at a time only
     split = [line for line in text.splitlines() if line.startswith("| svd_llm |")]
     assert len(split) == 3 and len(split[0].split("|")) == 9 and len(split[1].split("|")) == 6
     # alternative, default s, alternative s, speed-up, the alternative's s in its call, product difference
