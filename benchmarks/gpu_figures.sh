@@ -10,8 +10,8 @@
 #     every model (the GEMM timings measured in the run);
 #   - compression_cost.py: calibration (131,072 random-token positions: naive float64 hooks against ours with
 #     float64 / float32 / bfloat16 GEMMs) and the decomposition time on the GPU, split by cuSOLVER call, with the
-#     default solver (the Gram side's eigendecomposition) against `solver: svd` (the 1.1B model: svd_llm only, one
-#     matrix at a time: its float64 SVDs take minutes).
+#     defaults against their alternatives (`solver: svd`; svd_llm_v2's `root: eigh`) (the 1.1B model: svd_llm
+#     only, one matrix at a time: its float64 SVDs take minutes).
 # Each step runs under `timeout`, within DEADLINE seconds from the start (default 540), and a step that fails
 # or runs out of time does not stop the next one; all output goes to $OUT/log.txt too. COMPILE=1 adds, as the
 # last step, SmolLM2's torch.compile'd models (8 graphs to compile: minutes; it gets what time is left).
