@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from compression.finite import all_finite
-from compression.lowrank import linear_num_parameters
+from compression.lowrank import linear_num_parameters, merged_linear
 from compression.memo import InputMemo
 from compression.methods import Method, thin_svd
 
@@ -105,16 +105,9 @@ class JointProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.latent(x))
 
-    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Dense ``nn.Linear`` with ``W = up.weight @ down.weight``."""
-        w = self.up.weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None, device=w.device,
-                        dtype=w.dtype)
-        lin.weight.copy_((w.double() @ self.latent.down.weight.double()).to(w.dtype))
-        if self.up.bias is not None:
-            lin.bias.copy_(self.up.bias)
-        return lin
+        return merged_linear(self.up, self.latent.down.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (shared down)"

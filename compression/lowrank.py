@@ -94,18 +94,9 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
-    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Merge back into a dense ``nn.Linear`` with ``W = up.weight @ down.weight``."""
-        w = self.up.weight
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.up.bias is not None, device=w.device, dtype=w.dtype
-        )
-        merged = self.up.weight.double() @ self.down.weight.double()
-        linear.weight.copy_(merged.to(w.dtype))
-        if self.up.bias is not None:
-            linear.bias.copy_(self.up.bias)
-        return linear
+        return merged_linear(self.up, self.down.weight)
 
     def num_parameters(self) -> int:
         """Stored parameters: ``rank * (in + out)`` plus the bias."""
@@ -121,6 +112,19 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.up.bias is not None}"
         )
+
+
+@torch.no_grad()
+def merged_linear(up: nn.Linear, down_weight: torch.Tensor) -> nn.Linear:
+    """A dense ``nn.Linear`` with ``W = up.weight @ down_weight`` (multiplied in float64) and ``up``'s bias, built
+    without the random initialisation it would overwrite at once."""
+    w = up.weight
+    linear = nn.utils.skip_init(nn.Linear, down_weight.shape[1], w.shape[0], bias=up.bias is not None,
+                                device=w.device, dtype=w.dtype)
+    linear.weight.copy_((w.double() @ down_weight.double()).to(w.dtype))
+    if up.bias is not None:
+        linear.bias.copy_(up.bias)
+    return linear
 
 
 def dense_flops_per_token(linear: nn.Linear) -> int:
