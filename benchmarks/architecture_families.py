@@ -52,6 +52,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "Phi": ("PhiConfig", "PhiForCausalLM", dict(_COMMON, partial_rotary_factor=0.5)),
+    # Gemma 4: E2B / E4B-style (per-layer embeddings; the last two layers reuse the first two's keys and values and
+    # have double-wide MLPs; full layers take their values from the key projection, with their own head size and
+    # KV heads), the 26B-A4B-style MoE block beside the dense MLP, and a dense model with neither
+    "Gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+               dict(_COMMON, head_dim=8, sliding_window=4, num_hidden_layers=4,
+                    layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                    hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, use_double_wide_mlp=True,
+                    attention_k_eq_v=True, global_head_dim=16, num_global_key_value_heads=1)),
+    "Gemma4-MoE": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                   dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                        hidden_size_per_layer_input=0, global_head_dim=16, enable_moe_block=True, num_experts=4,
+                        top_k_experts=2, moe_intermediate_size=32)),
+    "Gemma4-dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                     dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                          hidden_size_per_layer_input=0, global_head_dim=16, final_logit_softcapping=3.0)),
     "Gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_COMMON, head_dim=8)),
     "VaultGemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM",
                    dict(_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],

@@ -72,8 +72,9 @@ from models.layouts import layout_of  # noqa: E402
 CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent cache", "export", "U/V LoRA")
 # cells each family refuses up front (and the test asserts the refusal): the latent cache needs LLaMA-like attention
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
-NO_ROTATION_FAMILIES: tuple[str, ...] = ()
-NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4", "Qwen3-Next", "Qwen3.5", "Qwen3.5-MoE", "DiffLlama")
+NO_ROTATION_FAMILIES: tuple[str, ...] = ("Gemma4-MoE",)
+NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4", "Qwen3-Next", "Qwen3.5", "Qwen3.5-MoE", "DiffLlama",
+                      "Gemma4", "Gemma4-MoE", "Gemma4-dense")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 
@@ -203,7 +204,9 @@ def _joint(model, layout, ratio=None, full=False, method="svd"):
         recipe = Recipe(method, ratio=ratio or RATIO, targets=names, overrides=full_ranks if full else {})
         return compress_(model, recipe, family=CausalLMSpec(model=model), batches=batches())
     names = [n for b in layout.blocks for n in b.attn.readers]
-    full_ranks = {b.attn.path: {"rank": layout.hidden} for b in layout.blocks}
+    # an attention with one stream reader (Gemma 4's KV-sharing layers: q_proj alone) is no group, its layer a single
+    full_ranks = {b.attn.path if len(b.attn.readers) > 1 else b.attn.readers[0]: {"rank": layout.hidden}
+                  for b in layout.blocks}
     recipe = Recipe(method, ratio=ratio or RATIO, joint_qkv=True, targets=names, overrides=full_ranks if full else {})
     return compress_(model, recipe, family=CausalLMSpec(model=model), batches=batches())
 

@@ -117,9 +117,12 @@ def find_joint_groups(model: nn.Module, layout) -> dict[str, list[str]]:
     """``attention path -> [q, k, v full names]`` from ``layout`` (:class:`compression.layout.ModelLayout`): every
     attention with separate projections whose three members are still plain ``nn.Linear`` layers of one input
     size (already-joint or compressed groups are skipped).  A fused qkv is no group: compressing the fused matrix
-    is the joint factorization."""
+    is the joint factorization.  Nor is an attention with one stream reader (Gemma 4's KV-sharing layers keep only
+    ``q_proj``): there is no down to share, and the layer is factorized as any single layer."""
     groups = {}
     for name, members in layout.joint_groups().items():
+        if len(members) < 2:
+            continue
         children = [model.get_submodule(m) for m in members]
         if all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) == 1:
             groups[name] = list(members)

@@ -1,4 +1,5 @@
-"""The architecture matrix: 47 transformers families x 7 compression stages on tiny models built from configs.
+"""The architecture matrix: every transformers family with a layout x 7 compression stages, on tiny models built
+from configs.
 
 Every cell either passes its exactness / accounting check (``benchmarks/architectures.py`` says what each
 checks) or is a refusal raised up front, naming the model class, without touching the model.  The table in
@@ -48,9 +49,10 @@ def test_layouts_resolve_by_config_class_and_name_real_modules():
 
 def test_linearized_forms_compute_the_same_function():
     """Conv1D (GPT-2), FalconLinear and 3-D experts (Mixtral, Qwen3-MoE; GPT-OSS's transposed, biased, interleaved
-    and clamped ones; Llama 4's transposed ones fed with score-scaled copies of every token) converted to nn.Linear:
+    and clamped ones; Llama 4's transposed ones fed with score-scaled copies of every token; Gemma 4's beside a dense
+    MLP) converted to nn.Linear:
     same logits (float32: the transformers experts kernel takes no float64)."""
-    for family in ("GPT-2", "Falcon", "Mixtral", "Qwen3-MoE", "GPT-OSS", "Llama-4"):
+    for family in ("GPT-2", "Falcon", "Mixtral", "Qwen3-MoE", "GPT-OSS", "Llama-4", "Gemma4-MoE"):
         model = build(family).float()
         ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -60,7 +62,7 @@ def test_linearized_forms_compute_the_same_function():
         with torch.no_grad():
             torch.testing.assert_close(linear.float()(ids).logits, ref, rtol=0, atol=2e-6)
         assert not any(type(m).__name__ in ("Conv1D", "FalconLinear", "MixtralExperts", "Qwen3MoeExperts",
-                                            "GptOssExperts") for m in linear.modules())
+                                            "GptOssExperts", "Gemma4TextExperts") for m in linear.modules())
 
 
 def test_untied_gpt2_head_is_not_the_only_target():

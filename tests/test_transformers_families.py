@@ -58,8 +58,6 @@ EXTRA: dict[str, dict] = {
                        moe_shared_expert_intermediate_size=32),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
                       mamba_chunk_size=8),
-    "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, global_head_dim=8,
-                        layer_types=["sliding_attention", "full_attention"], sliding_window=4),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "gptj": dict(rotary_dim=4),
     "codegen": dict(rotary_dim=4),

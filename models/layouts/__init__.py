@@ -18,6 +18,7 @@ from models.layouts import (
     deepseek,
     falcon,
     gemma3,
+    gemma4,
     glm,
     gpt2,
     gpt_neox,
@@ -33,8 +34,8 @@ from models.layouts import (
     starcoder2,
 )
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, glm, phi3, moe, llama4, deepseek, qwen3_next, gpt_oss, olmo2, cohere,
-                                     starcoder2, opt, gpt2, gpt_neox, falcon, phi)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, gemma4, glm, phi3, moe, llama4, deepseek, qwen3_next, gpt_oss, olmo2,
+                                     cohere, starcoder2, opt, gpt2, gpt_neox, falcon, phi)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:
