@@ -30,12 +30,17 @@ Design (why a fixed structure and step boundaries):
   registers the parameters that require grad when it wraps the model, so the stage-2
   adapters would never be all-reduced.  This also avoids rebuilding optimizers mid-fit.
 - Everything that is not an adapter is frozen (peft does that; checked and logged).
+- The stage's random draws are its own: peft draws ``lora_A`` from a generator seeded with ``lora.seed`` (default:
+  the run's ``seed_everything``), and a fresh fit reseeds the global generator with ``seed + 1`` at train start
+  (dropout masks).  Otherwise they would come from wherever the compression stages left the global generator, and
+  a compression change that draws one number fewer would move every recovery.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -114,6 +119,11 @@ def fold_lora_state_dict_(state_dict: dict[str, torch.Tensor], scaling: float) -
 _BASE_LR = "uvlora_base_lr"
 
 
+def _cuda_devices() -> list[int]:
+    """Every CUDA device, so that seeding inside ``fork_rng`` leaves no generator changed (none without CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
 def cosine_factor(warmup: int, total: int, step: int) -> float:
     """Learning-rate factor at ``step`` (0-based) of ``total``: linear warm-up to 1 over ``warmup`` steps
     (``(step + 1) / warmup``), then cosine decay to 0 at ``total`` (LLaVA's schedule; the module's
@@ -165,6 +175,13 @@ class UVLoRA(Callback):
     def scaling(self) -> float:
         return self.alpha / self.r
 
+    @property
+    def seed(self) -> int:
+        """``lora.seed``, else the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``), else 0."""
+        if self.recipe.seed is not None:
+            return self.recipe.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     # -- structure: called from CompressionModule.configure_model, before any checkpoint loads -----
     def run_compression_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not already_compressed(pl_module):
@@ -181,7 +198,9 @@ class UVLoRA(Callback):
 
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
                             target_modules=[f"{n}.{side}" for n in names for side in SIDES])
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        with torch.random.fork_rng(devices=_cuda_devices()):  # peft draws lora_A from the global generator
+            torch.manual_seed(self.seed)
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         for name, p in pl_module.named_parameters():
             p.requires_grad_(".lora_" in name)
         counts = self.parameter_counts(pl_module)
@@ -247,6 +266,8 @@ class UVLoRA(Callback):
                 f"{boundaries}; resume with the same steps/epochs (and train loader length)"
             )
         self.boundaries = boundaries
+        if self._restored is None and trainer.global_step == 0:
+            torch.manual_seed(self.seed + 1)  # the stage's own draws (dropout), whatever ran before it
         if self.schedule != "constant" and trainer.lr_scheduler_configs:
             raise ValueError(f"lora.schedule {self.schedule!r} sets the learning rate of every step itself; leave "
                              "the module's lr_schedule at 'constant' and give no --lr_scheduler (a second scheduler "

@@ -269,6 +269,11 @@ class LoRARecipe:
             CPU without bf16 instructions it is emulated and slower: leave it off there.  ``None``
             (default): no autocast.  (``trainer.precision: bf16-mixed`` would autocast the validation and
             test perplexities too.)
+        seed: seed of the stage's random draws: the adapters' initial values (``lora_A``) come from a generator
+            seeded with it, and the global generator is reseeded with ``seed + 1`` when training starts (dropout
+            masks and anything else drawn during fit; a resumed run is not reseeded).  ``None`` (default): the
+            run's seed (``seed_everything``), else 0.  So the recovery does not depend on what the stages before
+            it drew (a compression change that draws one number fewer would otherwise move every LoRA result).
     """
 
     order: list[str] = field(default_factory=lambda: ["down", "up"])
@@ -284,6 +289,7 @@ class LoRARecipe:
     schedule: str = "constant"
     warmup: float = 0.0
     autocast: str | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         self.order = list(self.order)

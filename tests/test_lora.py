@@ -65,10 +65,11 @@ def probe_logits(pl_module):
     return out
 
 
-def lora_module(learning_rate: float = 1e-2, seed: int = 0, **lora) -> tuple[CompressionModule, UVLoRA]:
-    """svd_llm at 0.3, then U/V LoRA with ``lora`` (the recipe's lora part); the module and its UVLoRA stage."""
+def lora_module(learning_rate: float = 1e-2, model_seed: int = 0, **lora) -> tuple[CompressionModule, UVLoRA]:
+    """svd_llm at 0.3, then U/V LoRA with ``lora`` (the recipe's lora part) on the tiny LLaMA initialized with
+    ``model_seed``; the module and its UVLoRA stage."""
     recipe = Recipe("svd_llm", ratio=0.3, calibration={"progress": False}, lora=lora)
-    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=seed)), compression=recipe,
+    module = CompressionModule(CausalLMSpec(model=make_tiny_llama(seed=model_seed)), compression=recipe,
                                learning_rate=learning_rate)
     return module, module.stage_callbacks()[-1]
 
@@ -250,6 +251,39 @@ def test_recovery_lowers_training_loss_and_evaluates_the_same_after_reload(tmp_p
     assert reloaded.keys() == in_memory.keys() == {"test/ppl/a", "test/ppl/b"}
     for key in in_memory:
         assert reloaded[key] == pytest.approx(in_memory[key], rel=1e-6)
+
+
+class Drain(Callback):
+    """Draws ``n`` numbers from the global generator when fit starts, before the compression stage runs: what a
+    stage that draws more (or fewer) numbers than before would do to everything after it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def setup(self, trainer, pl_module, stage):
+        torch.rand(self.n)
+
+
+def _recovered(tmp_path, drain: int, **lora) -> dict[str, torch.Tensor]:
+    """The factors after svd_llm and 2 + 2 U/V LoRA steps with dropout (random masks) from random adapters."""
+    module, stage = lora_module(steps=[2, 2], r=2, alpha=4, dropout=0.2, **lora)
+    lora_trainer(tmp_path / f"run{drain}", [Drain(drain)]).fit(module, datamodule=OrderedTokens())
+    return {k: v.clone() for k, v in module.model.state_dict().items() if k.endswith(("down.weight", "up.weight"))}
+
+
+def test_recovery_does_not_depend_on_what_ran_before_it(tmp_path, monkeypatch):
+    """The adapters' initial values and the training's dropout masks come from ``lora.seed`` (default: the run's
+    seed, else 0): draws before the stage change nothing; another seed changes the result."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    base = _recovered(tmp_path, 0)
+    drained = _recovered(tmp_path, 1000)
+    assert base.keys() == drained.keys() and len(base) == 28
+    assert all(torch.equal(base[k], drained[k]) for k in base)
+    other = _recovered(tmp_path, 0, seed=3)
+    assert sum(not torch.equal(base[k], other[k]) for k in base) == 28
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")  # what seed_everything(3) sets: the stage's default seed
+    run_seed = _recovered(tmp_path, 17)
+    assert all(torch.equal(other[k], run_seed[k]) for k in base)
 
 
 class SaveAt(Callback):
