@@ -38,12 +38,13 @@ SHARED = dict(vocab_size=128, hidden_size=32, n_embd=32, d_model=32, intermediat
 # families that build tiny from SHARED alone
 PLAIN = (
     "afmoe", "aria_text", "axk1", "beam", "bert", "bert-generation", "big_bird", "biogpt", "bitnet", "bloom",
-    "camembert", "cohere2_moe", "data2vec-text", "doge", "dory", "electra", "ernie", "exaone_moe",
-    "falcon_mamba", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa", "hrm_text",
-    "hy_v3", "hy_v4", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2", "lfm3", "mamba",
-    "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax", "minimax_m3_vl_text",
-    "moshi", "mpt", "persimmon", "roberta", "roberta-prelayernorm", "roformer", "rwkv",
-    "solar_open", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
+    "camembert", "cohere2_moe", "data2vec-text", "doge", "dory", "electra", "ernie", "exaone", "exaone_moe",
+    "falcon_mamba", "gemma4_unified_text", "glm4_moe_lite", "gpt_bigcode", "gpt_neox_japanese", "granitemoe_swa",
+    "hrm_text", "hy_v3", "hy_v4", "internlm3", "iquestcoder", "jetmoe", "kolibri1", "laguna", "lara_mini", "lfm2",
+    "lfm3", "mamba", "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax",
+    "minimax_m3_vl_text", "modernbert-decoder", "moshi", "mpt", "olmo_hybrid", "param2moe", "persimmon", "roberta",
+    "roberta-prelayernorm", "roformer", "rwkv", "sarvam_mla", "sarvam_moe", "solar_open", "xglm", "xlm-roberta",
+    "xlm-roberta-xl", "youtu",
 )
 # model type -> config keywords on top of SHARED (the ones a family names its own way or needs to build tiny)
 EXTRA: dict[str, dict] = {
@@ -74,6 +75,15 @@ EXTRA: dict[str, dict] = {
     "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8),
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], mamba_headdim=16, n_mamba_heads=4, mamba_d_state=8,
                    hybrid_layer_ids=[1]),
+    # sparse-attention MLA MoE decoders: GLM-5 (DSA) and A.X K2, dense first layer, sparse second
+    "glm_moe_dsa": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, mlp_layer_types=["dense", "sparse"]),
+    "axk2": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
+                 qk_nope_head_dim=4, mlp_layer_types=["dense", "sparse"]),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], layer_group_size=2),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
     "deepseek_v32": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
                          qk_nope_head_dim=4),
 }
