@@ -204,7 +204,7 @@ def thin_svd(mat: torch.Tensor, solver: str = "gram_eigh",
     _, vecs = torch.linalg.eigh(gram)
     image = mat @ vecs if tall else (vecs.T @ mat).T  # columns: mat v_i, or matᵀ u_i
     s, order = torch.linalg.vector_norm(image, dim=0).sort(descending=True)
-    image = image[:, order] / torch.where(s > 0, s, torch.ones_like(s))
+    image = image[:, order].div_(torch.where(s > 0, s, torch.ones_like(s)))  # the gather's copy, scaled in place
     vecs = vecs[:, order]
     return (image, s, vecs.T) if tall else (vecs, s, image.T)
 
