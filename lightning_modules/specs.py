@@ -21,6 +21,7 @@ so ``load_compressed`` replays the conversion on the freshly built model.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ from compression.forms import linearize_
 from compression.layout import ModelLayout
 from lightning_modules.lm_distill import chunked_distillation_loss, full_logits_distillation_loss
 from metrics.perplexity import Perplexity
+
+log = logging.getLogger(__name__)
 
 
 def shrinkable(layer: nn.Linear) -> bool:
@@ -127,6 +130,32 @@ def _routers(model: nn.Module) -> list[str]:
         return []
 
 
+EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+"""Config fields that hold a MoE model's expert count (in the config itself or its ``ffn_config``)."""
+
+
+def unlaid_router_suspects(model: nn.Module, names: list[str]) -> list[str]:
+    """Among ``names``, the linears shaped as a MoE router (hidden size -> the config's expert count) of a model
+    whose family has no layout, so whose routers are not known: a warning names them (an exact shape match, not a
+    module name, and only a suspicion: such a linear could be something else)."""
+    from models.layouts import layout_of
+
+    try:
+        layout_of(model)
+        return []
+    except NotImplementedError:
+        pass
+    config = getattr(model, "config", None)
+    sources = [c for c in (config, getattr(config, "ffn_config", None)) if c is not None]
+    counts = [v for c in sources for k in EXPERT_COUNTS if isinstance(v := getattr(c, k, None), int) and v > 1]
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if not counts or not isinstance(hidden, int):
+        return []
+    modules = dict(model.named_modules())
+    return [n for n in names if isinstance(m := modules.get(n), nn.Linear) and m.in_features == hidden
+            and m.out_features == counts[0]]
+
+
 class CausalLMSpec(ModelSpec):
     """Any ``transformers`` causal LM; perplexity as the metric.
 
@@ -194,11 +223,20 @@ class CausalLMSpec(ModelSpec):
         """Every eligible ``nn.Linear`` except the output head (the LM head is never factorized
         by default: it is tied on small models and its error hits every token directly) and layers no rank
         can shrink (``m n <= m + n``, e.g. Qwen2-MoE's ``1 x E`` shared-expert gate); both are reported as
-        not covered.  A MoE router that is a plain ``nn.Linear`` (HunYuan-MoE's ``gate.wg``) is left out too."""
+        not covered.  A MoE router that is a plain ``nn.Linear`` (HunYuan-MoE's ``gate.wg``) is left out too.  A family
+        without a layout has no known routers: linears shaped as one are named in a warning
+        (:func:`unlaid_router_suspects`)."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         routers = set(_routers(model))
         names = [n for n, m in eligible.items() if m is not head and shrinkable(m) and n not in routers]
+        suspects = unlaid_router_suspects(model, names)
+        if suspects:
+            log.warning("%s has no model layout, so its MoE routers are not known and stay among the default targets; "
+                        "%d linear(s) have a router's shape (hidden size -> expert count): %s. A factorized router "
+                        "sends tokens to other experts: exclude them (exclude: [...]) to keep the routing exact",
+                        type(model).__name__, len(suspects), ", ".join(suspects[:4]) + (", ..." if len(suspects) > 4
+                                                                                      else ""))
         return names or None
 
     def quant_exclude(self, model: nn.Module) -> list[str]:

@@ -134,3 +134,29 @@ def test_generic_path_is_exact_at_full_rank_and_runs(model_type):
     out = _logits(low, ids)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) > 1e-4
+
+
+def test_routers_of_a_family_without_a_layout_are_named_in_a_warning(caplog):
+    """Without a layout the routers are not known and stay default targets; the linears shaped as a router
+    (hidden size -> the config's expert count: DBRX's ``ffn.router.layer``, JetMoE's two per layer) are named in a
+    warning, and nothing is named for a dense family or one whose layout knows its routers."""
+    from lightning_modules.specs import unlaid_router_suspects
+
+    expected = {"dbrx": [f"transformer.blocks.{i}.ffn.router.layer" for i in range(2)],
+                "jetmoe": [f"model.layers.{i}.{p}.router.layer" for i in range(2) for p in ("self_attention.experts",
+                                                                                            "mlp")],
+                "mpt": []}
+    for model_type, routers in expected.items():
+        model = _build(model_type)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lightning_modules.specs"):
+            targets = CausalLMSpec(model=model).default_targets(model)
+        assert sorted(unlaid_router_suspects(model, targets)) == sorted(routers), model_type
+        assert set(routers) <= set(targets)  # still targets: the warning says to exclude them
+        warned = [r.getMessage() for r in caplog.records if "router" in r.getMessage()]
+        assert len(warned) == (1 if routers else 0), model_type
+        assert all(r in warned[0] for r in routers[:4])
+    from benchmarks.architectures import build
+
+    mixtral = build("Mixtral")
+    assert unlaid_router_suspects(mixtral, [n for n, _ in mixtral.named_modules()]) == []
