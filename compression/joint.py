@@ -180,11 +180,14 @@ def decompose_joint(method: Method, weights: Sequence[torch.Tensor], stats, name
 
 def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.Tensor] | None,
                   down: torch.Tensor | None, rank: int) -> None:
-    """Replace ``attn.<members>`` (``nn.Linear``) by :class:`JointProjection` sharing ``attn.qkv_latent``.
+    """Replace ``attn.<members>`` (``nn.Linear``; a member may be a dotted path below ``attn``, e.g. Gemma 4's
+    ``q_proj.linear`` inside its clippable wrapper) by :class:`JointProjection` sharing ``attn.qkv_latent``.
 
     With ``ups``/``down`` ``None`` only the structure is built (to load a state dict into).
     """
-    layers = [getattr(attn, m) for m in members]
+    from compression.plan import set_submodule
+
+    layers = [attn.get_submodule(m) for m in members]
     ref = layers[0].weight
     latent = JointLatent(layers[0].in_features, rank, device=ref.device, dtype=ref.dtype, uses=len(layers))
     projections = []
@@ -201,13 +204,13 @@ def install_joint(attn: nn.Module, members: Sequence[str], ups: Sequence[torch.T
             latent.down.weight.copy_(down)
     setattr(attn, LATENT_NAME, latent)
     for m, proj in zip(members, projections):
-        setattr(attn, m, proj)
+        set_submodule(attn, m, proj)
 
 
 def joint_num_parameters(attn: nn.Module, members: Sequence[str]) -> int:
     """Parameters of one joint group: the shared down once plus the three ups (with biases)."""
     latent = getattr(attn, LATENT_NAME)
-    return latent.down.weight.numel() + sum(linear_num_parameters(getattr(attn, m).up) for m in members)
+    return latent.down.weight.numel() + sum(linear_num_parameters(attn.get_submodule(m).up) for m in members)
 
 
 def restore_joint_(model: nn.Module, originals: Mapping[str, Mapping[str, nn.Linear]]) -> None:
@@ -222,6 +225,13 @@ def restore_joint_(model: nn.Module, originals: Mapping[str, Mapping[str, nn.Lin
             set_submodule(model, name, linear)
 
 
+def _member(attn: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return attn.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def apply_joint_plan(model: nn.Module, joint_groups: Mapping[str, Mapping]) -> list[str]:
     """Rebuild joint groups from plan entries (fresh factors; load the state dict afterwards)."""
     todo = []
@@ -231,7 +241,7 @@ def apply_joint_plan(model: nn.Module, joint_groups: Mapping[str, Mapping]) -> l
         except AttributeError:
             raise ValueError(f"plan names joint group {gname!r}, which this model does not have") from None
         members = list(spec["members"])
-        current = [getattr(attn, m, None) for m in members]
+        current = [_member(attn, m) for m in members]
         if all(isinstance(c, JointProjection) for c in current):
             if current[0].rank != int(spec["rank"]):
                 raise ValueError(f"joint group {gname!r} already exists with rank {current[0].rank}, plan says "

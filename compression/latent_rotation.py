@@ -33,7 +33,8 @@ def lowrank_pairs(model: nn.Module) -> dict[str, tuple[nn.Linear, list[nn.Linear
             pairs[name] = (module.down, [module.up])
         latent = getattr(module, LATENT_NAME, None)
         if latent is not None:
-            ups = [c.up for c in module.children() if isinstance(c, JointProjection) and c.latent is latent]
+            # the members may sit below the group's module (Gemma 4's q_proj.linear in its wrapper)
+            ups = [c.up for c in module.modules() if isinstance(c, JointProjection) and c.latent is latent]
             pairs[f"{name}.{LATENT_NAME}" if name else LATENT_NAME] = (latent.down, ups)
     return pairs
 

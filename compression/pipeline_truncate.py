@@ -196,7 +196,7 @@ class TruncateStage:
         key, model = matrix.key, self.model
         layers = [model.get_submodule(n) for n in matrix.members]
         rank = f.down.shape[0]
-        short = [n.rsplit(".", 1)[-1] for n in matrix.members]
+        short = [n.removeprefix(key + ".") for n in matrix.members]  # paths below the group's module
         install_joint(model.get_submodule(key), short, f.ups, f.down, rank)
         self.plan_groups[key] = {"members": short, "rank": rank, "in_features": matrix.in_features,
                                  "out_features": list(matrix.out_sizes),

@@ -1,4 +1,4 @@
-"""Vision-language models through ``transformers``: LLaVA-1.5, LLaVA-NeXT, SmolVLM (Idefics3) and Gemma 3.
+"""Vision-language models through ``transformers``: LLaVA, SmolVLM, Gemma 3 / 4, Qwen-VL, Mistral 3, InternVL.
 
 A VLM here is ``vision tower -> projector -> language model``: the vision tower encodes image
 patches, the projector maps them into the language model's residual stream, where they replace
@@ -36,6 +36,12 @@ apart by their *config class* (never by a name substring) and each names its thr
 - ``internvl`` (``InternVLConfig``, InternVL 3 / 3.5): ``model.vision_tower`` (InternViT, separate q/k/v),
   ``model.multi_modal_projector`` (pixel shuffle, LayerNorm, ``linear_1``, GELU, ``linear_2``),
   ``model.language_model`` (Qwen2 / Qwen3 / LLaMA, resolved by its own config).
+- ``gemma4`` (``Gemma4Config``, Gemma 4 E2B / E4B / 26B-A4B / 31B): ``model.vision_tower`` (its own ViT: 2-D rotary
+  patch positions, q/k/v inside ``Gemma4ClippableLinear`` wrappers, pooled patches), ``model.embed_vision`` (an
+  RMSNorm without scale, then ``embedding_projection``, the stream writer), ``model.language_model`` (Gemma 4's
+  text decoder, :mod:`models.layouts.gemma4`: post-norms, rotated at the readers); the processor's
+  ``mm_token_type_ids`` mark the image tokens, which attend to each other both ways.  An audio tower
+  (``model.audio_tower``, E2B / E4B) is no part here: it is not a default target and the VQA data never reach it.
 
 ``lm_head`` is always the top-level ``lm_head``.
 
@@ -139,6 +145,8 @@ FAMILIES: dict[str, VLMFamily] = {
                   "model.multi_modal_projector.linear_2", stream_vectors=("model.image_newline",)),
         VLMFamily("internvl", "InternVLConfig", "InternVLForConditionalGeneration", "model.vision_tower",
                   "model.multi_modal_projector", "model.language_model", "model.multi_modal_projector.linear_2"),
+        VLMFamily("gemma4", "Gemma4Config", "Gemma4ForConditionalGeneration", "model.vision_tower",
+                  "model.embed_vision", "model.language_model", "model.embed_vision.embedding_projection"),
     )
 }
 
@@ -215,7 +223,7 @@ def _check_hf_format(raw: dict, where: str) -> None:
     """Original LLaVA-repo checkpoints (``llava_llama``...) are not transformers VLM checkpoints."""
     model_type = raw.get("model_type", "")
     known = {"llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-             "qwen3_5", "qwen3_5_moe", "mistral3", "internvl"}
+             "qwen3_5", "qwen3_5_moe", "mistral3", "internvl", "gemma4"}
     if model_type not in known:
         hint = (" This is an original LLaVA-repo checkpoint; use its transformers conversion instead "
                 "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)."
@@ -237,7 +245,8 @@ def resolve_vlm(name_or_path: str) -> str:
         raise FileNotFoundError(f"no VLM folder at {path}: pass a folder written by save_pretrained (config.json, "
                                 "*.safetensors, processor and tokenizer files), a hub id, clip-smollm2, or "
                                 "tiny-llava / tiny-llava_next / tiny-idefics3 / tiny-gemma3 / tiny-qwen2_5_vl / "
-                                "tiny-qwen3_vl / tiny-qwen3_5 / tiny-mistral3 / tiny-internvl / tiny-llava_onevision")
+                                "tiny-qwen3_vl / tiny-qwen3_5 / tiny-mistral3 / tiny-internvl / tiny-llava_onevision / "
+                                "tiny-gemma4")
     if hub_offline() and not _in_hub_cache(name_or_path):
         leaf = name_or_path.rsplit("/", 1)[-1]
         raise FileNotFoundError(
@@ -268,7 +277,8 @@ def load_vlm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 
         name_or_path: a hub id (online, or already in the Hugging Face cache), a local
             ``save_pretrained`` folder, ``clip-smollm2`` (:mod:`models.vlm_real`), or
             ``tiny-llava`` / ``tiny-llava_next`` / ``tiny-idefics3`` / ``tiny-gemma3`` / ``tiny-qwen2_5_vl`` /
-            ``tiny-qwen3_vl`` / ``tiny-qwen3_5`` / ``tiny-mistral3`` / ``tiny-internvl`` / ``tiny-llava_onevision``
+            ``tiny-qwen3_vl`` / ``tiny-qwen3_5`` / ``tiny-mistral3`` / ``tiny-internvl`` / ``tiny-llava_onevision`` /
+            ``tiny-gemma4``
             (random-init test models built in-process,
             seeded with ``seed``).
         dtype: parameter dtype.

@@ -28,14 +28,16 @@ family          prompt (one user turn with one image)                  image tok
                                                                        patch 8, merge 2x2)
 ``internvl``    ChatML, the image as ``<img>`` + 4 ``<IMG_CONTEXT>``    4 (56 px, patch 14, pixel shuffle
                 + ``</img>``                                           0.5, one tile)
+``gemma4``      ``<|turn>user\\n<|image|>{text}<turn|>\\n``              up to 70 (patch 7, pooled 2x2,
+                ``<|turn>model\\n``                                     aspect kept)
 ==============  ====================================================  ==========================
 
 ``llava_onevision`` renders LLaVA's prompt and tiles images as ``llava_next`` does (SigLIP, every patch's
 features).
 
 The assistant turn ends with the tokenizer's EOS (``<eos>``; ``<end_of_utterance>`` for
-Idefics3, ``<end_of_turn>`` for Gemma 3, ``<|im_end|>`` for Qwen-VL and InternVL), so a training target
-rendered by the template teaches the model where to stop.
+Idefics3, ``<end_of_turn>`` for Gemma 3, ``<turn|>`` for Gemma 4, ``<|im_end|>`` for Qwen-VL and InternVL), so a
+training target rendered by the template teaches the model where to stop.
 Everything is deterministic: the same ``seed`` gives the same weights, and the processor does
 not depend on the seed (a DataModule and a spec built separately agree).
 """
@@ -50,7 +52,7 @@ from torch import nn
 from models.causal_lm import build_byte_tokenizer
 
 TINY_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3",
-                 "internvl", "llava_onevision")
+                 "internvl", "llava_onevision", "gemma4")
 QWEN_VL = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
@@ -59,6 +61,10 @@ LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
 GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                        "eoi_token": "<end_of_image>"}
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
+# Gemma 4's named image and audio tokens (its processor reads all six from the tokenizer) and turn markers
+GEMMA4_TOKENS = {"boi_token": "<|image>", "image_token": "<|image|>", "eoi_token": "<image|>",
+                 "boa_token": "<|audio>", "audio_token": "<|audio|>", "eoa_token": "<audio|>"}
+GEMMA4_TURNS = ("<|turn>", "<turn|>")
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
 MISTRAL3_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
 # InternVL's named image tokens (its tokenizer's attributes) and ChatML turns
@@ -88,6 +94,13 @@ _GEMMA3_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "<end_of_turn>{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
+)
+_GEMMA4_TEMPLATE = (
+    "{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}{{ '\n' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<turn|>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model{{ '\n' }}{% endif %}"
 )
 _MISTRAL3_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}[INST]"
@@ -123,6 +136,7 @@ def build_tiny_tokenizer(family: str) -> Any:
     _check(family)
     tok = build_byte_tokenizer()
     extra = {"idefics3": list(IDEFICS3_TOKENS), "gemma3": [*GEMMA3_IMAGE_TOKENS.values(), *GEMMA3_TURNS],
+             "gemma4": [*GEMMA4_TOKENS.values(), *GEMMA4_TURNS],
              "mistral3": list(MISTRAL3_TOKENS),
              "internvl": [*INTERNVL_IMAGE_TOKENS.values(), "<|im_start|>", "<|im_end|>"],
              **dict.fromkeys(QWEN_VL, list(QWEN_VL_TOKENS))}.get(family, ["<image>"])
@@ -132,6 +146,9 @@ def build_tiny_tokenizer(family: str) -> Any:
     if family == "gemma3":
         tok.add_special_tokens({"eos_token": "<end_of_turn>"})
         tok._set_model_specific_special_tokens(GEMMA3_IMAGE_TOKENS)  # tok.boi_token(_id)..., saved with it
+    if family == "gemma4":
+        tok.add_special_tokens({"eos_token": "<turn|>"})
+        tok._set_model_specific_special_tokens(GEMMA4_TOKENS)
     if family in (*QWEN_VL, "internvl"):
         tok.add_special_tokens({"eos_token": "<|im_end|>"})
     if family == "internvl":
@@ -163,6 +180,19 @@ def build_tiny_processor(family: str) -> Any:
 
         ip = Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=_GEMMA3_TEMPLATE)
+    if family == "gemma4":
+        from transformers import (
+            Gemma4AudioFeatureExtractor,
+            Gemma4ImageProcessor,
+            Gemma4Processor,
+            Gemma4VideoProcessor,
+        )
+
+        # aspect-preserving resize to at most 70 soft tokens (its smallest budget): patches of 7 px pooled 2x2
+        ip = Gemma4ImageProcessor(patch_size=7, max_soft_tokens=70, pooling_kernel_size=2)
+        return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=ip, tokenizer=tok,
+                               video_processor=Gemma4VideoProcessor(), image_seq_length=70,
+                               chat_template=_GEMMA4_TEMPLATE)
     if family == "llava_onevision":
         from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
@@ -216,6 +246,8 @@ def tiny_config(family: str, tokenizer: Any, **text_overrides: Any) -> Any:
     text.update(text_overrides)
     if family == "gemma3":
         return _gemma3_config(tokenizer, text)
+    if family == "gemma4":
+        return _gemma4_config(tokenizer, text)
     if family in QWEN_VL:
         return _qwen_vl_config(family, tokenizer, text)
     if family == "llava_onevision":
@@ -275,6 +307,25 @@ def _gemma3_config(tokenizer: Any, text: dict) -> Any:
     return Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4,
                         boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
                         image_token_index=tokenizer.image_token_id, tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def _gemma4_config(tokenizer: Any, text: dict) -> Any:
+    """Gemma 4: its own ViT (two layers, 2-D rotary patch positions, 2x2 pooling; patch 7) and Gemma 4's text decoder
+    (a sliding and a full layer; image tokens attend to each other both ways, marked by the processor's
+    ``mm_token_type_ids``), no audio tower."""
+    from transformers import Gemma4Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=7, pooling_kernel_size=2, position_embedding_size=64)
+    text = dict(text, head_dim=16, global_head_dim=16, sliding_window=8, hidden_size_per_layer_input=0,
+                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
+    ids = {f"{k.removesuffix('_token')}_token_id": tokenizer.convert_tokens_to_ids(t) for k, t in GEMMA4_TOKENS.items()}
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                        boi_token_id=ids["boi_token_id"], eoi_token_id=ids["eoi_token_id"],
+                        image_token_id=ids["image_token_id"], boa_token_id=ids["boa_token_id"],
+                        eoa_token_index=ids["eoa_token_id"], audio_token_id=ids["audio_token_id"],
+                        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+                        tie_word_embeddings=text["tie_word_embeddings"])
 
 
 def _qwen_vl_config(family: str, tokenizer: Any, text: dict) -> Any:

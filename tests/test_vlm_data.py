@@ -80,7 +80,7 @@ def test_vizwiz_reader_majority_and_server_only_test(vizwiz_root, tmp_path):
                                          ("idefics3", "<end_of_utterance>"), ("gemma3", "<end_of_turn>"),
                                          ("qwen2_5_vl", "<|im_end|>"), ("qwen3_vl", "<|im_end|>"),
                                          ("qwen3_5", "<|im_end|>"), ("mistral3", "<eos>"), ("internvl", "<|im_end|>"),
-                                         ("llava_onevision", "<eos>")])
+                                         ("llava_onevision", "<eos>"), ("gemma4", "<turn|>")])
 def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_root, vizwiz_root):
     processor = load_processor(f"tiny-{family}")
     tok = processor.tokenizer
@@ -100,7 +100,8 @@ def test_collation_masks_the_prompt_and_pads_generation_left(family, eos, sqa_ro
     prompt = batch["prompt"]
     assert (prompt["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends the row
     text = tok.decode(prompt["input_ids"][0][prompt["attention_mask"][0].bool()])
-    ends = {"idefics3": "Assistant:", "gemma3": "<start_of_turn>model\n", "qwen2_5_vl": "<|im_start|>assistant\n",
+    ends = {"idefics3": "Assistant:", "gemma3": "<start_of_turn>model\n", "gemma4": "<|turn>model\n",
+            "qwen2_5_vl": "<|im_start|>assistant\n",
             "qwen3_vl": "<|im_start|>assistant\n", "qwen3_5": "<|im_start|>assistant\n",
             "mistral3": "[/INST]", "internvl": "<|im_start|>assistant\n"}
     assert text.endswith(ends.get(family, "ASSISTANT:"))

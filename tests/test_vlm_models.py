@@ -15,10 +15,11 @@ from models.vlm_tiny import build_tiny_vlm, tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "mistral3", "internvl",
-            "llava_onevision"]
-NESTED = ("idefics3", "gemma3")  # processors taking one list of images per text
+            "llava_onevision", "gemma4"]
+NESTED = ("idefics3", "gemma3", "gemma4")  # processors taking one list of images per text
 PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "gemma4": ("model.vision_tower", "model.embed_vision", "model.language_model"),
     "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "qwen3_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "qwen3_5": ("model.visual", "model.visual.merger", "model.language_model"),
@@ -213,3 +214,27 @@ def test_qwen3_5_moe_parts_layout_and_rotation_with_images():
     assert entry["stream_writers"]["linears"] == ["model.visual.merger.linear_fc2"]
     with torch.no_grad():
         assert (model(**inputs).logits - ref).abs().max() < 1e-6 * ref.abs().max()
+
+
+def test_gemma4_image_tokens_attend_both_ways_and_its_clippable_qkv_group_only_unclamped():
+    """Gemma 4's processor marks the image tokens (``mm_token_type_ids``), which attend to each other both ways.  Its
+    ViT wraps q/k/v in ``Gemma4ClippableLinear``: the inner linears form the joint group, unless the wrappers clamp
+    their inputs (``use_clipped_linears``), when each projection reads its own clamped copy and there is no group."""
+    from compression.joint import find_joint_groups
+    from models.layouts import layout_of
+
+    model, processor = build_tiny_vlm("gemma4")
+    inputs = _inputs(processor, "gemma4")
+    image = processor.tokenizer.image_token_id
+    assert torch.equal(inputs["mm_token_type_ids"].bool(), inputs["input_ids"] == image)
+    assert 0 < int((inputs["input_ids"] == image).sum()) <= 70  # aspect-preserving, at most 70 soft tokens
+    with torch.no_grad():
+        both = model(**inputs).logits
+        causal = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits
+    assert (both - causal).abs().max() > 1e-3
+    attn = "model.vision_tower.encoder.layers.0.self_attn"
+    groups = find_joint_groups(model, layout_of(model))
+    assert groups[attn] == [f"{attn}.{p}_proj.linear" for p in "qkv"]
+    for p in "qkv":
+        getattr(model.get_submodule(attn), f"{p}_proj").use_clipped_linears = True
+    assert attn not in find_joint_groups(model, layout_of(model))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [("llava", "scienceqa"), ("llava_next", "scienceqa"), ("idefics3", "vizwiz"), ("gemma3", "scienceqa"),
          ("qwen2_5_vl", "vizwiz"), ("qwen3_vl", "scienceqa"), ("qwen3_5", "vizwiz"),
          ("mistral3", "vizwiz"), ("internvl", "scienceqa"),
-         ("llava_onevision", "scienceqa")]
+         ("llava_onevision", "scienceqa"), ("gemma4", "vizwiz")]
 
 
 def _trainer(callbacks=(), **kw) -> Trainer:
@@ -71,7 +71,7 @@ def test_qsvd_w4a4_end_to_end_and_checkpoint_reload(family, dataset, roots, tmp_
     else:
         assert any(".vision_" in g for g in groups)
     assert plan["allocation"] == "gradient" and "rotation" in plan and plan["quantization"]["act"]["bits"] == 4
-    if family == "gemma3":  # post-norms: rotated at the readers, the stream (and the projector output) untouched
+    if family in ("gemma3", "gemma4"):  # post-norms: rotated at the readers, the stream and projector untouched
         assert plan["rotation"]["site"] == "readers" and "stream_writers" not in plan["rotation"]
     else:
         assert plan["rotation"]["stream_writers"]["linears"]  # the projector output was rotated

@@ -171,16 +171,18 @@ def test_fused_qkv_compressed_per_matrix_is_the_joint_factorization():
     assert (per_matrix - dense).abs().max() > 1e-3  # a real truncation (rank 12 of 32), not the dense weight
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
 @pytest.mark.parametrize("tie", [False, True])
-def test_gemma3_vlm_rotates_its_language_model_at_the_readers(tie, tmp_path):
-    """Gemma 3's text decoder has post-norms, so its rotation rides on the reader norms' outputs: nothing is folded,
-    the head stays as it was (tied or not), the stream and the projector output are untouched, and the logits with
-    images stay to float64 rounding; the plan rebuilds the online rotations on a fresh model bit-exactly."""
-    model, processor = build_tiny_vlm("gemma3", tie_word_embeddings=tie)
+def test_gemma_vlm_rotates_its_language_model_at_the_readers(family, tie, tmp_path):
+    """Gemma 3's and Gemma 4's text decoders have post-norms, so their rotation rides on the reader norms' outputs:
+    nothing is folded, the head stays as it was (tied or not), the stream and the projector output are untouched, and
+    the logits with images stay to float64 rounding; the plan rebuilds the online rotations on a fresh model
+    bit-exactly."""
+    model, processor = build_tiny_vlm(family, tie_word_embeddings=tie)
     model = model.double()
     _random_norms_(model)
     batch = _double(_batch(processor, tmp_path))
-    assert "token_type_ids" in batch
+    assert {"gemma3": "token_type_ids", "gemma4": "mm_token_type_ids"}[family] in batch
     groups = find_joint_groups(model, layout_of(model))
     stats = collect_stats(model, [n for g in groups.values() for n in g], [batch], forward=lambda m, b: m(**b))
 
@@ -198,7 +200,7 @@ def test_gemma3_vlm_rotates_its_language_model_at_the_readers(tie, tmp_path):
     assert len(entry["rotated_outputs"]) == 2 * 2  # input_layernorm, pre_feedforward_layernorm per layer
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
     assert (_logits(model, batch) - ref).abs().max() < 1e-9 * ref.abs().max()
-    fresh = build_tiny_vlm("gemma3", seed=9, tie_word_embeddings=tie)[0].double()
+    fresh = build_tiny_vlm(family, seed=9, tie_word_embeddings=tie)[0].double()
     apply_plan(fresh, {**report.plan, "rotation": entry})
     compress_(fresh, Recipe("svd", ratio=0.3, targets=["o_proj", "down_proj"]))
     fresh.load_state_dict(model.state_dict(), strict=True)

@@ -84,7 +84,7 @@ def _images_arg(processor: Any, images: list[Image.Image]) -> list:
     """Idefics3-style (and Gemma 3) processors take one list of images per text; LLaVA-style ones a flat list."""
     import transformers
 
-    names = ("Idefics3Processor", "SmolVLMProcessor", "Gemma3Processor")
+    names = ("Idefics3Processor", "SmolVLMProcessor", "Gemma3Processor", "Gemma4Processor")
     nested = tuple(getattr(transformers, n) for n in names if hasattr(transformers, n))
     return [[img] for img in images] if isinstance(processor, nested) else images
 
