@@ -69,12 +69,17 @@ def omp_note() -> str:
     return f"OMP_WAIT_POLICY={policy}"
 
 
-def write_keeping_notes(path: Path, text: str, heading: str = "## Reading") -> None:
-    """Write a regenerated results file, keeping what an existing one has from ``heading`` on: the notes
+NOTE_HEADINGS = ("## Reading", "## Notes")
+"""Headings under which a results file keeps notes written by hand after its tables."""
+
+
+def write_keeping_notes(path: Path, text: str, headings: tuple[str, ...] = NOTE_HEADINGS) -> None:
+    """Write a regenerated results file, keeping what an existing one has from its first note heading on: the notes
     written by hand after a run survive a rerun of the command that made the tables above them."""
     old = path.read_text() if path.exists() else ""
-    if heading in old:
-        text += "\n" + old[old.index(heading):]
+    starts = [old.index(h) for h in headings if h in old]
+    if starts:
+        text += "\n" + old[min(starts):]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

@@ -66,7 +66,9 @@ def main() -> None:
     md = render(rows, args, seconds, command)
     print(md)
     if args.out:
-        args.out.write_text(md)
+        from common import write_keeping_notes  # here: its OpenMP default is not this run's
+
+        write_keeping_notes(args.out, md)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 

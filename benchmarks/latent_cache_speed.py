@@ -124,7 +124,7 @@ def main() -> None:
     text = render(rows, sizes, args)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "sizes": sizes}, indent=1))
 
 

@@ -77,7 +77,7 @@ def main() -> None:
     text = render(rows, list(tests), args, time.perf_counter() - t_start)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 

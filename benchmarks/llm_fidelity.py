@@ -92,7 +92,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 

@@ -61,7 +61,7 @@ def main() -> None:
     text = render(errors, targets, ranks, args, time.perf_counter() - t0)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                              "ranks": ranks, "errors": errors}, indent=1))
 

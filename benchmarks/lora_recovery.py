@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results, args, command)
     print(table)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+        from common import write_keeping_notes  # here, not at the top: its OpenMP default is not this run's
+
+        write_keeping_notes(args.out, table)  # the notes under the tables survive a rerun
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 

@@ -174,7 +174,7 @@ def main() -> None:
     results = [run(m, args) for m in args.models]
     text = markdown(results, args, "flock /tmp/svd-vggt-heavy.lock .venv/bin/python " + " ".join(sys.argv))
     if args.out:
-        args.out.write_text(text)
+        common.write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(text)
 

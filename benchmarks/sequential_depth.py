@@ -193,7 +193,9 @@ def main() -> None:
     text = render(rows, args, command)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        from common import write_keeping_notes  # here: its OpenMP default is not this run's
+
+        write_keeping_notes(args.out, text)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 

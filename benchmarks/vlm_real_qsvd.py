@@ -190,7 +190,7 @@ def main() -> None:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
-            args.out.write_text(table(out))
+            common.write_keeping_notes(args.out, table(out))
 
     for label, recipe, group in plan:
         model, report, t0 = dense, None, time.perf_counter()

@@ -68,5 +68,21 @@ def test_regenerated_results_keep_the_notes_written_after_a_run(tmp_path):
     out.write_text(out.read_text() + "\n## Reading\n\n- a note\n")
     write_keeping_notes(out, "# Table\n\n| b |\n")
     assert out.read_text() == "# Table\n\n| b |\n\n## Reading\n\n- a note\n"
-    write_keeping_notes(out, "# Table\n\n| c |\n", heading="## Other")  # no such heading: nothing kept
+    write_keeping_notes(out, "# Table\n\n| c |\n", headings=("## Other",))  # no such heading: nothing kept
     assert out.read_text() == "# Table\n\n| c |\n"
+    # "## Notes" is kept too, from the first note heading on
+    out.write_text("# Table\n\n| c |\n\n## Notes (by hand)\n\n- n\n\n## Reading\n\n- r\n")
+    write_keeping_notes(out, "# Table\n\n| d |\n")
+    assert out.read_text() == "# Table\n\n| d |\n\n## Notes (by hand)\n\n- n\n\n## Reading\n\n- r\n"
+
+
+def test_benchmarks_whose_results_carry_notes_keep_them_on_a_rerun():
+    """Every results file with hand-written notes under its tables is written by a benchmark that keeps them: a
+    plain ``write_text`` of the regenerated tables would erase the notes the file says a rerun keeps."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in sorted((root / "benchmarks").glob("*.py")):
+        src = script.read_text()
+        plain = [line.strip() for line in src.splitlines() if "args.out.write_text(" in line and "json" not in line]
+        assert not plain, (script.name, plain)

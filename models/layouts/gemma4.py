@@ -52,7 +52,6 @@ LATENT_PARTS = ("it normalizes each value head (v_norm)", "its last layers reuse
                 "its full layers take their values from the key projection (attention_k_eq_v)")
 
 
-
 def _latent_reason(config, shared: int) -> str:
     """Why the latent K/V rebuild cannot serve this model: the value norm always, KV sharing and ``k_eq_v`` values
     where the config has them."""
