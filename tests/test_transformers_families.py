@@ -84,9 +84,18 @@ EXTRA: dict[str, dict] = {
     "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+    # Gemma 3n: AltUp and per-layer inputs, no KV sharing at two layers
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0,
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, sliding_window=4,
+                         activation_sparsity_pattern=[0.0, 0.0], altup_num_inputs=2, laurel_rank=4),
     "deepseek_v32": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
                          qk_nope_head_dim=4),
 }
+
+
+# parameters a family initializes to zero that a trained checkpoint has away from zero, set to 1 after the build: Gemma
+# 3n's AltUp output scale at 0 zeroes the per-layer-input gate's input, which then cannot be whitened
+NONZERO = {"gemma3n_text": "altup.correct_output_scale"}
 
 
 def _build(model_type: str) -> torch.nn.Module:
@@ -101,7 +110,12 @@ def _build(model_type: str) -> torch.nn.Module:
     kwargs = {k: v for k, v in SHARED.items() if k in accepted or k in fields}
     kwargs.update(FAMILIES[model_type])
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config_cls(**kwargs)).float().eval()
+    model = AutoModelForCausalLM.from_config(config_cls(**kwargs)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if model_type in NONZERO and name.endswith(NONZERO[model_type]):
+                p.fill_(1.0)
+    return model
 
 
 @torch.no_grad()
