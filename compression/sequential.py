@@ -96,9 +96,7 @@ def block_paths(model: nn.Module, family: Any = None) -> list[str]:
         if layout is None:
             raise ValueError("calibration.mode: sequential needs the model's blocks: pass family= with a layout "
                              "(e.g. CausalLMSpec(model=model)) or a blocks(model) hook")
-        require = getattr(layout, "require", None)
-        if callable(require):  # blocks that read each other's state are refused (Gemma 4's KV sharing)
-            require("sequential")
+        layout.require("sequential")  # blocks that read each other's state are refused (Gemma 4's KV sharing)
         paths = [b.path for b in layout.blocks]
     if not paths:
         raise ValueError("calibration.mode: sequential: the model family lists no blocks")

@@ -120,14 +120,20 @@ class ModelSpec:
         raise NotImplementedError
 
 
-def _routers(model: nn.Module) -> list[str]:
-    """The layout's MoE router paths, or none when the family has no layout."""
+def _layout_or_none(model: nn.Module) -> ModelLayout | None:
+    """The model's layout, or ``None`` when its family has none (the generic path)."""
     from models.layouts import layout_of
 
     try:
-        return layout_of(model).routers()
+        return layout_of(model)
     except NotImplementedError:
-        return []
+        return None
+
+
+def _routers(model: nn.Module) -> list[str]:
+    """The layout's MoE router paths, or none when the family has no layout."""
+    layout = _layout_or_none(model)
+    return layout.routers() if layout is not None else []
 
 
 EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -138,13 +144,8 @@ def unlaid_router_suspects(model: nn.Module, names: list[str]) -> list[str]:
     """Among ``names``, the linears shaped as a MoE router (hidden size -> the config's expert count) of a model
     whose family has no layout, so whose routers are not known: a warning names them (an exact shape match, not a
     module name, and only a suspicion: such a linear could be something else)."""
-    from models.layouts import layout_of
-
-    try:
-        layout_of(model)
+    if _layout_or_none(model) is not None:
         return []
-    except NotImplementedError:
-        pass
     config = getattr(model, "config", None)
     sources = [c for c in (config, getattr(config, "ffn_config", None)) if c is not None]
     counts = [v for c in sources for k in EXPERT_COUNTS if isinstance(v := getattr(c, k, None), int) and v > 1]

@@ -319,11 +319,10 @@ def _gemma4_config(tokenizer: Any, text: dict) -> Any:
                   num_key_value_heads=2, head_dim=16, patch_size=7, pooling_kernel_size=2, position_embedding_size=64)
     text = dict(text, head_dim=16, global_head_dim=16, sliding_window=8, hidden_size_per_layer_input=0,
                 layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
-    ids = {f"{k.removesuffix('_token')}_token_id": tokenizer.convert_tokens_to_ids(t) for k, t in GEMMA4_TOKENS.items()}
     return Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
-                        boi_token_id=ids["boi_token_id"], eoi_token_id=ids["eoi_token_id"],
-                        image_token_id=ids["image_token_id"], boa_token_id=ids["boa_token_id"],
-                        eoa_token_index=ids["eoa_token_id"], audio_token_id=ids["audio_token_id"],
+                        boi_token_id=tokenizer.boi_token_id, eoi_token_id=tokenizer.eoi_token_id,
+                        image_token_id=tokenizer.image_token_id, boa_token_id=tokenizer.boa_token_id,
+                        eoa_token_index=tokenizer.eoa_token_id, audio_token_id=tokenizer.audio_token_id,
                         video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
                         tie_word_embeddings=text["tie_word_embeddings"])
 
