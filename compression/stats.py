@@ -32,8 +32,11 @@ Cost and precision of the Gram.  Each batch ``X_b`` (``N_b x n``) is multiplied 
 - ``bfloat16`` (CUDA only): bf16 inputs, float32 accumulation and output (``out_dtype``).
 
 The Gram is symmetric, so only its upper block triangle is computed: the ``n`` channels are
-cut into ``k = ceil(n / GRAM_BLOCK)`` column blocks and block ``i`` multiplies ``X_iᵀ [X_i ... X_last]``
-(``(k+1)/(2k)`` of the full product's FLOPs for ``k`` blocks); the lower triangle is mirrored
+cut into ``k = ceil(n / GRAM_BLOCK)`` column blocks and block ``j`` multiplies ``[X_1 ... X_j]ᵀ X_j``
+(``(k+1)/(2k)`` of the full product's FLOPs for ``k`` blocks).  On 2 CPU cores these tall products ran at 173-181
+GFLOP/s on random data against 148-160 for the same blocks taken as rows, ``X_jᵀ [X_j ... X_last]``, but inside a
+SmolLM2 calibration, on activations still warm from the forward, the Gram updates took only about 2 % less time
+(3.12-3.16 s against 3.15-3.48 s, 6 alternating rounds; bit-identical Grams).  The lower triangle is mirrored
 when :attr:`ChannelStats.gram` is read.  Off a CPU, where a block costs a launch more than its FLOPs, the blocks
 are up to 2048 channels wide (``GRAM_BLOCK_ACCELERATOR``): one full product up to that width.  Float32 GEMMs
 run as full float32 even where the process allows TF32 or bfloat16 matmuls (:func:`ieee_float32_matmul`).
@@ -236,16 +239,17 @@ class ChannelStats:
                 raise ChannelStats._nonfinite(name)
 
     def _add_gram(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        """``_gram[upper blocks] += fl(x_iᵀ x[:, i:])`` for the column blocks ``i`` (one full product when the
-        device's block width covers ``n``).  ``add_`` on the block's view: ``view += ...`` would copy it back."""
+        """``_gram[:j + w, j:j + w] += fl(x[:, :j + w]ᵀ x_j)`` for the column blocks ``x_j`` of width ``w`` (one
+        full product when the device's block width covers ``n``).  ``add_`` on the block's view: ``view += ...``
+        would copy it back."""
         x, mm = _gemm(x, dtype)
         blocks = -(-self.n // (GRAM_BLOCK if x.device.type == "cpu" else GRAM_BLOCK_ACCELERATOR))
         if blocks == 1:
             self._gram.add_(mm(x.T, x))
             return
         step = -(-self.n // blocks)
-        for i in range(0, self.n, step):
-            self._gram[i:i + step, i:].add_(mm(x[:, i:i + step].T, x[:, i:]))
+        for j in range(0, self.n, step):  # block column j: rows 0 .. j + step, the tall product the GEMM runs fastest
+            self._gram[:j + step, j:j + step].add_(mm(x[:, :j + step].T, x[:, j:j + step]))
         self._mirrored = False
 
     def _add_cross(self, x: torch.Tensor, reference: torch.Tensor | None, name: str, dtype: torch.dtype) -> None:

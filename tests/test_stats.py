@@ -336,7 +336,7 @@ def test_upper_block_triangle_equals_the_full_product(monkeypatch):
     monkeypatch.setattr(stats_module, "GRAM_BLOCK", 16)  # 3 blocks of 14, 14, 12 channels
     products = []
     mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(tuple(b.shape)) or mm(a, b, **kw))
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append((a.shape[0], b.shape[1])) or mm(a, b, **kw))
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 7, width, generator=gen) for _ in range(3)]
     st = stats_module.ChannelStats(width, needs={"gram"})
@@ -347,7 +347,7 @@ def test_upper_block_triangle_equals_the_full_product(monkeypatch):
         err = (g - x.T @ x).abs()
         assert bool((err <= 14 * 2.0**-24 * (x.abs().T @ x.abs())).all())
         assert torch.equal(g, g.T)
-    assert products == [(14, 40), (14, 26), (14, 12)] * 3
+    assert products == [(14, 14), (28, 14), (40, 12)] * 3  # block columns: rows 0 .. j + w
 
 
 @pytest.mark.parametrize("device, blocks", [("cpu", 12), ("meta", 2)])
@@ -358,10 +358,10 @@ def test_block_width_depends_on_the_device(monkeypatch, device, blocks):
 
     products = []
     mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(tuple(a.shape)) or mm(a, b, **kw))
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(tuple(b.shape)) or mm(a, b, **kw))
     ChannelStats(3000, needs={"gram"}, device=device).update(torch.ones(4, 3000, device=device), "layer",
                                                             defer_check=True)
-    assert products == [(3000 // blocks, 4)] * blocks
+    assert products == [(4, 3000 // blocks)] * blocks
 
 
 def test_gram_gemms_run_in_full_float32_whatever_the_process_allows(monkeypatch):
