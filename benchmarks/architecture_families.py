@@ -88,6 +88,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Phi-3.5-MoE": ("PhimoeConfig", "PhimoeForCausalLM",
                     # without q/k/v biases: with them, this tiny router never picks one expert of layer 1
                     dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
+    # DBRX's own config names; its released checkpoints clamp the fused qkv output at 8
+    "DBRX": ("DbrxConfig", "DbrxForCausalLM",
+             dict(vocab_size=VOCAB, d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64, pad_token_id=0,
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                  ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2))),
     "GPT-OSS": ("GptOssConfig", "GptOssForCausalLM",
                 dict(_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                      layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.05,

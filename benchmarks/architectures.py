@@ -74,7 +74,7 @@ CELLS = ("svd_llm", "svd_llm_v2 + v2", "joint QKV", "rotation + W4A4", "latent c
 # (rotary, q/k/v, 1-D positions); MLA caches its own latent
 NO_ROTATION_FAMILIES: tuple[str, ...] = ("Gemma4-MoE",)
 NO_LATENT_FAMILIES = ("DeepSeek-V2", "DeepSeek-V3", "Llama-4", "Qwen3-Next", "Qwen3.5", "Qwen3.5-MoE", "DiffLlama",
-                      "Gemma4", "Gemma4-MoE", "Gemma4-dense")
+                      "Gemma4", "Gemma4-MoE", "Gemma4-dense", "DBRX")
 REFUSED = {(f, "rotation + W4A4") for f in NO_ROTATION_FAMILIES} | {(f, "latent cache") for f in NO_LATENT_FAMILIES}
 RATIO = 0.3
 

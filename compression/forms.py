@@ -123,6 +123,9 @@ class LinearExperts(nn.Module):
                 top_k_weights: torch.Tensor | None = None):
         if self.routed_input:
             return self._routed(hidden_states)
+        if hidden_states.dim() > 2:  # DBRX passes [B, S, E] with the routing of its B·S tokens
+            return self.forward(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index,
+                                top_k_weights).view(hidden_states.shape)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -146,22 +149,41 @@ class LinearExperts(nn.Module):
         return out.view(-1, routed.shape[-1])
 
 
-EXPERT_FORMS = ("mixtral", "gpt_oss", "llama4")
+EXPERT_FORMS = ("mixtral", "gpt_oss", "llama4", "dbrx")
+
+
+def _dbrx_experts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """DBRX's ``mlp.w1`` (gate), ``mlp.v1`` (up) and ``mlp.w2`` (down, used as ``h w2``), each ``E·I x hidden`` with
+    expert ``e`` in rows ``e·I .. (e+1)·I``, as ``(gate_up [E, 2I, hidden], down [E, hidden, I])``."""
+    mlp = getattr(module, "mlp", None)
+    weights = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    count = getattr(module, "num_experts", None)
+    if not (isinstance(count, int) and all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights)
+            and len({w.shape for w in weights}) == 1 and weights[0].shape[0] % count == 0):
+        raise ValueError(f"{type(module).__name__}: expected DBRX experts (num_experts and mlp.w1 / v1 / w2 of "
+                         "shape [num_experts * I, hidden])")
+    w1, v1, w2 = (w.view(count, -1, w.shape[1]) for w in weights)
+    return torch.cat([w1, v1], dim=1), w2.transpose(1, 2)
 
 
 @torch.no_grad()
 def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, form: str = "mixtral"
                        ) -> LinearExperts:
-    gu, dn = getattr(module, gate_up), getattr(module, down)
-    if not (isinstance(gu, torch.Tensor) and gu.dim() == 3 and isinstance(dn, torch.Tensor) and dn.dim() == 3):
-        raise ValueError(f"{type(module).__name__}: expected 3-D expert tensors {gate_up!r} and {down!r}")
     if form not in EXPERT_FORMS:
         raise ValueError(f"experts form must be one of {EXPERT_FORMS}, got {form!r}")
+    if form == "dbrx":
+        gu, dn = _dbrx_experts(module)
+    else:
+        gu, dn = getattr(module, gate_up), getattr(module, down)
+        if not (isinstance(gu, torch.Tensor) and gu.dim() == 3 and isinstance(dn, torch.Tensor) and dn.dim() == 3):
+            raise ValueError(f"{type(module).__name__}: expected 3-D expert tensors {gate_up!r} and {down!r}")
     if form in ("gpt_oss", "llama4"):  # stored for x W (E x hidden x 2I, E x I x hidden)
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
     if form == "gpt_oss":  # biases, the clamped SwiGLU on interleaved gate/up
         biases = (getattr(module, f"{gate_up}_bias"), getattr(module, f"{down}_bias"))
         activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
+    elif form == "dbrx":  # the activation lives on the weights' module
+        biases, activation, fused = None, module.mlp.activation_fn, False
     else:  # Llama 4's inputs arrive already scaled by the routing (routed_input)
         biases, activation, fused = None, getattr(module, act), False
     count, two_inter, hidden = gu.shape

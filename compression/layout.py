@@ -116,7 +116,9 @@ class Experts:
     act: str
     count: int
     router: str                # module with an ``(n x E)`` ``weight`` reading the stream; kept dense by default
-    form: str = "mixtral"      # "gpt_oss": stored as ``x W + b`` with biases, interleaved gate/up, clamped SwiGLU
+    form: str = "mixtral"      # "gpt_oss": stored as ``x W + b`` with biases, interleaved gate/up, clamped SwiGLU;
+    #                            "llama4": stored as ``x W``, inputs already scaled by the routing; "dbrx": flat
+    #                            ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2`` (``E·I x n``), down used as ``h w2``
 
 
 @dataclass(frozen=True)

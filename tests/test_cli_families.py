@@ -8,7 +8,8 @@ the library directly: 3-D experts linearized on load (Qwen3-MoE), an nn.Linear-s
 layers (Cohere2), multi-head latent attention with shared experts (DeepSeek-V3), an nn.Linear router kept in
 float32 by the family and left out of the targets (HunYuan-MoE), experts fed score-scaled copies of every token
 (Llama 4), per-layer embeddings and layers reusing earlier layers' keys and values (Gemma 4), a MoE block beside a
-dense MLP with a router reading its own norm (Gemma 4 MoE)."""
+dense MLP with a router reading its own norm (Gemma 4 MoE), experts stored as flat ``E·I x n`` matrices behind a
+fused, clamped qkv (DBRX)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the layers the matrix factorizes in each (its svd_llm column): every expert matrix of the MoE families included
 LAYERS = {"Qwen3-MoE": 19, "Phi-3.5-MoE": 24, "OLMo2": 14, "Gemma2": 14, "Cohere2": 14, "DeepSeek-V3": 24,
-          "HunYuan-MoE": 30, "Llama-4": 22, "Gemma4": 32, "Gemma4-MoE": 30}
+          "HunYuan-MoE": 30, "Llama-4": 22, "Gemma4": 32, "Gemma4-MoE": 30,
+          "DBRX": 20}
 
 
 @pytest.mark.parametrize("family", list(LAYERS))

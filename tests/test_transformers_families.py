@@ -81,9 +81,6 @@ EXTRA: dict[str, dict] = {
     "axk2": dict(num_key_value_heads=4, index_head_dim=8, index_n_heads=2, index_topk=4, qk_rope_head_dim=4,
                  qk_nope_head_dim=4, mlp_layer_types=["dense", "sparse"]),
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], layer_group_size=2),
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
-                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
-                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
     # Gemma 3n: AltUp and per-layer inputs, no KV sharing at two layers
     "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0,
                          hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, sliding_window=4,
@@ -152,11 +149,12 @@ def test_generic_path_is_exact_at_full_rank_and_runs(model_type):
 
 def test_routers_of_a_family_without_a_layout_are_named_in_a_warning(caplog):
     """Without a layout the routers are not known and stay default targets; the linears shaped as a router
-    (hidden size -> the config's expert count: DBRX's ``ffn.router.layer``, JetMoE's two per layer) are named in a
-    warning, and nothing is named for a dense family or one whose layout knows its routers."""
+    (hidden size -> the config's expert count: AFMoE's ``mlp.router.gate`` on its sparse layer, JetMoE's two per
+    layer) are named in a warning, and nothing is named for a dense family or one whose layout knows its routers
+    (Mixtral, DBRX)."""
     from lightning_modules.specs import unlaid_router_suspects
 
-    expected = {"dbrx": [f"transformer.blocks.{i}.ffn.router.layer" for i in range(2)],
+    expected = {"afmoe": ["model.layers.1.mlp.router.gate"],
                 "jetmoe": [f"model.layers.{i}.{p}.router.layer" for i in range(2) for p in ("self_attention.experts",
                                                                                             "mlp")],
                 "mpt": []}
@@ -172,5 +170,6 @@ def test_routers_of_a_family_without_a_layout_are_named_in_a_warning(caplog):
         assert all(r in warned[0] for r in routers[:4])
     from benchmarks.architectures import build
 
-    mixtral = build("Mixtral")
-    assert unlaid_router_suspects(mixtral, [n for n, _ in mixtral.named_modules()]) == []
+    for family in ("Mixtral", "DBRX"):
+        model = build(family)
+        assert unlaid_router_suspects(model, [n for n, _ in model.named_modules()]) == [], family

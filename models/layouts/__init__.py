@@ -15,6 +15,7 @@ from torch import nn
 from compression.layout import ModelLayout
 from models.layouts import (
     cohere,
+    dbrx,
     deepseek,
     falcon,
     gemma3,
@@ -35,7 +36,7 @@ from models.layouts import (
 )
 
 FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, gemma4, glm, phi3, moe, llama4, deepseek, qwen3_next, gpt_oss, olmo2,
-                                     cohere, starcoder2, opt, gpt2, gpt_neox, falcon, phi)
+                                     dbrx, cohere, starcoder2, opt, gpt2, gpt_neox, falcon, phi)
 
 
 def _config_classes(family: ModuleType) -> tuple[type, ...]:

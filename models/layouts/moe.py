@@ -38,8 +38,9 @@ CONFIGS = ("MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig", "
 
 
 def experts_readers(experts: nn.Module, path: str, name: str) -> tuple[str, ...]:
-    """Per-expert linears when linearized, else nothing (the 3-D tensor is rotated through the Experts spec)."""
-    value = getattr(experts, name)
+    """Per-expert linears when linearized, else nothing (the 3-D tensor is rotated through the Experts spec; DBRX's
+    flat weights, which are not named ``name``, are linearized first)."""
+    value = getattr(experts, name, None)
     return tuple(join(path, name, str(e)) for e in range(len(value))) if isinstance(value, nn.ModuleList) else ()
 
 
