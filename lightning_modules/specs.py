@@ -142,8 +142,11 @@ EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_nu
 
 def unlaid_router_suspects(model: nn.Module, names: list[str]) -> list[str]:
     """Among ``names``, the linears shaped as a MoE router (hidden size -> the config's expert count) of a model
-    whose family has no layout, so whose routers are not known: a warning names them (an exact shape match, not a
-    module name, and only a suspicion: such a linear could be something else)."""
+    whose family has no layout, so whose routers are not known (an exact shape match, not a module name, and only a
+    suspicion: such a linear could be something else, like Laguna's per-head attention gate when it has as many
+    heads as experts).  :meth:`CausalLMSpec.default_targets` and :meth:`CausalLMSpec.quant_exclude` keep them dense
+    and name them in a warning: a wrongly kept linear costs its few ``n x E`` weights, a factorized router sends
+    tokens to other experts."""
     if _layout_or_none(model) is not None:
         return []
     config = getattr(model, "config", None)
@@ -225,26 +228,28 @@ class CausalLMSpec(ModelSpec):
         by default: it is tied on small models and its error hits every token directly) and layers no rank
         can shrink (``m n <= m + n``, e.g. Qwen2-MoE's ``1 x E`` shared-expert gate); both are reported as
         not covered.  A MoE router that is a plain ``nn.Linear`` (HunYuan-MoE's ``gate.wg``) is left out too.  A family
-        without a layout has no known routers: linears shaped as one are named in a warning
-        (:func:`unlaid_router_suspects`)."""
+        without a layout has no known routers: the linears shaped as one are left out and named in a warning
+        (:func:`unlaid_router_suspects`); list them in ``targets`` to factorize them anyway."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         routers = set(_routers(model))
         names = [n for n, m in eligible.items() if m is not head and shrinkable(m) and n not in routers]
-        suspects = unlaid_router_suspects(model, names)
+        suspects = set(unlaid_router_suspects(model, names))
         if suspects:
-            log.warning("%s has no model layout, so its MoE routers are not known and stay among the default targets; "
-                        "%d linear(s) have a router's shape (hidden size -> expert count): %s. A factorized router "
-                        "sends tokens to other experts: exclude them (exclude: [...]) to keep the routing exact",
-                        type(model).__name__, len(suspects), ", ".join(suspects[:4]) + (", ..." if len(suspects) > 4
-                                                                                      else ""))
-        return names or None
+            shown = sorted(suspects)
+            log.warning("%s has no model layout, so its MoE routers are not known; %d linear(s) have a router's shape "
+                        "(hidden size -> expert count) and are left out of the default targets and of quantization, "
+                        "kept dense so that the routing stays exact: %s. List them in targets to factorize them",
+                        type(model).__name__, len(shown), ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else ""))
+        return [n for n in names if n not in suspects] or None
 
     def quant_exclude(self, model: nn.Module) -> list[str]:
         """The output head stays in high precision (its error hits every token's logits directly), and so do
-        MoE routers (a changed routing sends tokens to other experts)."""
+        MoE routers (a changed routing sends tokens to other experts) and, in a family without a layout, the linears
+        shaped as one (:func:`unlaid_router_suspects`)."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return [n for n, m in model.named_modules() if head is not None and m is head] + _routers(model)
+        suspects = unlaid_router_suspects(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+        return [n for n, m in model.named_modules() if head is not None and m is head] + _routers(model) + suspects
 
     def calibration_forward(self, model: nn.Module, batch: dict) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)

@@ -147,11 +147,11 @@ def test_generic_path_is_exact_at_full_rank_and_runs(model_type):
     assert float((out - ref).norm() / ref.norm()) > 1e-4
 
 
-def test_routers_of_a_family_without_a_layout_are_named_in_a_warning(caplog):
-    """Without a layout the routers are not known and stay default targets; the linears shaped as a router
-    (hidden size -> the config's expert count: AFMoE's ``mlp.router.gate`` on its sparse layer, JetMoE's two per
-    layer) are named in a warning, and nothing is named for a dense family or one whose layout knows its routers
-    (Mixtral, DBRX)."""
+def test_router_shaped_linears_of_a_family_without_a_layout_are_kept_dense_and_named(caplog):
+    """Without a layout the routers are not known; the linears shaped as a router (hidden size -> the config's expert
+    count: AFMoE's ``mlp.router.gate`` on its sparse layer, JetMoE's two per layer) are left out of the default targets
+    and of quantization and named in a warning; nothing is named for a dense family or one whose layout knows its
+    routers (Mixtral, DBRX).  Listed as targets, they are factorized."""
     from lightning_modules.specs import unlaid_router_suspects
 
     expected = {"afmoe": ["model.layers.1.mlp.router.gate"],
@@ -161,13 +161,20 @@ def test_routers_of_a_family_without_a_layout_are_named_in_a_warning(caplog):
     for model_type, routers in expected.items():
         model = _build(model_type)
         caplog.clear()
+        spec = CausalLMSpec(model=model)
         with caplog.at_level("WARNING", logger="lightning_modules.specs"):
-            targets = CausalLMSpec(model=model).default_targets(model)
-        assert sorted(unlaid_router_suspects(model, targets)) == sorted(routers), model_type
-        assert set(routers) <= set(targets)  # still targets: the warning says to exclude them
+            targets = spec.default_targets(model)
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        assert sorted(unlaid_router_suspects(model, linears)) == sorted(routers), model_type
+        assert not set(routers) & set(targets)
+        assert set(routers) <= set(spec.quant_exclude(model))
         warned = [r.getMessage() for r in caplog.records if "router" in r.getMessage()]
         assert len(warned) == (1 if routers else 0), model_type
         assert all(r in warned[0] for r in routers[:4])
+        if routers:  # listed as targets, they are factorized
+            report = compress_(model, Recipe("svd", ratio=0.3, targets=targets + routers), family=spec,
+                               batches=[{"input_ids": torch.randint(3, 128, (2, 12))}])
+            assert set(routers) <= {layer.name for layer in report.layers}
     from benchmarks.architectures import build
 
     for family in ("Mixtral", "DBRX"):
