@@ -4,14 +4,25 @@ A projection ``y = x Wᵀ + b`` (``W: out x in``) is stored in several ways by `
 
 - ``nn.Linear`` subclasses (Falcon's ``FalconLinear``): the same maths under another class.  Converted to a
   plain ``nn.Linear`` sharing nothing but the values, after checking on a random input that the module's
-  forward *is* ``x Wᵀ + b`` (a subclass that computes something else is refused, naming it);
+  forward *is* ``x Wᵀ + b`` (a subclass that computes something else stays as it is, named in a warning, and is no
+  compression target: the target filter skips every class but ``nn.Linear``);
 - ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W: in x out``; converted with ``W ← Wᵀ``;
 - mixture-of-experts tensors (Mixtral, Qwen2-MoE): ``gate_up (n x 2I x E)``, ``down (n x E x I)``; each
   expert matrix becomes its own ``nn.Linear`` in :class:`LinearExperts`, which routes exactly like the
   original module (same top-k weights, same accumulation order), so the outputs are bit-identical.  GPT-OSS
   (form ``"gpt_oss"``) stores them the other way round (``gate_up (n x E x 2I)``, ``down (n x I x E)``, applied
   as ``x W + b``) with biases, interleaves gate and up (``h[..., ::2]``, ``h[..., 1::2]``) and clamps its SwiGLU
-  (:class:`ClampedSwiGLU`); its experts become the same per-expert linears, with biases.
+  (:class:`ClampedSwiGLU`); its experts become the same per-expert linears, with biases.  DBRX (form ``"dbrx"``)
+  keeps flat ``E·I x n`` matrices ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2``.
+
+Families without a layout (:func:`linearize_` with ``layout=None``) are searched for experts modules in the
+transformers experts interface: ``forward(hidden_states, top_k_index, top_k_weights)``, an ``act_fn`` (a module or a
+function), no biases, a 3-D ``down_proj`` and either a 3-D ``gate_up_proj`` (gated; stored ``E x 2I x n`` as in
+Mixtral, or ``E x n x 2I`` for ``x W`` as in Aria) or a 3-D ``up_proj`` (plain, ``down(act(up(x)))``: NemotronH).
+Each reading the shapes allow is tried, and a module is linearized only when the per-expert linears give its own
+output on a random probe (every expert reached, relative difference at most :data:`PROBE_RTOL` of the dtype); one
+that matches no reading (a clamped gate, per-expert norms, weights applied elsewhere) stays as it is with a warning
+naming it, and its matrices are not compressed.
 
 :func:`linearize_` returns a plain-data plan section (``"forms"``) that :func:`apply_forms_plan` replays on a
 freshly built model before the low-rank layers are rebuilt (:func:`compression.plan.apply_plan`), so an
@@ -20,6 +31,7 @@ export of a linearized model loads back bit-exactly.  The router of a MoE block 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 
@@ -47,11 +59,16 @@ def _ours(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def is_linear_map(module: nn.Linear) -> bool:
-    """Whether ``module(x) == x Wᵀ + b`` on a random input (float64 copy, relative 1e-9)."""
+    """Whether ``module(x) == x Wᵀ + b`` on a random input ``[3, in_features]`` (a forward that fails on it, like
+    DeepSeek-V4's grouped output projection reshaping its input into groups, is not)."""
     w = module.weight.detach()
     x = torch.randn(3, module.in_features, dtype=w.dtype, device=w.device,
                     generator=torch.Generator(device=w.device).manual_seed(0))
-    got, want = module(x), F.linear(x, w, module.bias)
+    try:
+        got = module(x)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    want = F.linear(x, w, module.bias)
     return (isinstance(got, torch.Tensor) and got.shape == want.shape
             and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6)))
 
@@ -86,7 +103,8 @@ class LinearExperts(nn.Module):
     """Experts as per-expert ``nn.Linear``: ``<gate_up>.e: E -> 2I``, ``<down>.e: I -> E`` (``nn.ModuleList``
     named like the 3-D parameters they replace).  ``forward(x [T, E], top_k_index [T, k], top_k_weights [T, k])``
     routes exactly as the transformers experts module: ``Σ_k w_k · down_e(act(gate) * up)``, or, when ``act``
-    takes the whole ``gate_up`` output (``fused_act``: GPT-OSS's :class:`ClampedSwiGLU`), ``down_e(act(gate_up))``.
+    takes the whole ``gate_up`` output (``fused_act``: GPT-OSS's :class:`ClampedSwiGLU`, or plain experts whose first
+    projection is ``up`` alone, ``gate_up_width = I``: NemotronH), ``down_e(act(gate_up))``.
     ``routed_input`` (Llama 4): ``forward(x [E·T, E_dim])`` takes every expert's copy of the tokens already scaled by
     its routing score (zero rows for the tokens not routed to it) and returns the experts' outputs in that layout;
     each expert runs on its nonzero rows only (a zero row's output is zero: no biases), so calibration sees the
@@ -95,13 +113,14 @@ class LinearExperts(nn.Module):
 
     def __init__(self, count: int, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str],
                  device=None, dtype=None, bias: bool = False, fused_act: bool = False,
-                 routed_input: bool = False) -> None:
+                 routed_input: bool = False, gate_up_width: int | None = None) -> None:
         super().__init__()
         if routed_input and bias:
             raise ValueError("routed_input experts have no biases (a zero row must give a zero output)")
         self.num_experts, self.names, self.fused_act, self.routed_input = count, tuple(names), fused_act, routed_input
         gate_up, down, act_name = self.names
-        self.add_module(gate_up, nn.ModuleList(nn.Linear(hidden, 2 * inter, bias=bias, device=device, dtype=dtype)
+        width = 2 * inter if gate_up_width is None else gate_up_width
+        self.add_module(gate_up, nn.ModuleList(nn.Linear(hidden, width, bias=bias, device=device, dtype=dtype)
                                                for _ in range(count)))
         self.add_module(down, nn.ModuleList(nn.Linear(inter, hidden, bias=bias, device=device, dtype=dtype)
                                             for _ in range(count)))
@@ -149,7 +168,29 @@ class LinearExperts(nn.Module):
         return out.view(-1, routed.shape[-1])
 
 
-EXPERT_FORMS = ("mixtral", "gpt_oss", "llama4", "dbrx")
+EXPERT_FORMS = ("mixtral", "gpt_oss", "llama4", "dbrx", "transposed", "plain")
+"""How a family stores its experts (:func:`_linearize_experts`): ``mixtral`` ``gate_up (E x 2I x n)``, ``down
+(E x n x I)``; ``gpt_oss`` / ``llama4`` / ``transposed`` (Aria) the same stored for ``x W`` (``E x n x 2I``,
+``E x I x n``), with GPT-OSS's biases and clamped SwiGLU or Llama 4's routed input; ``dbrx`` flat matrices;
+``plain`` one ``up (E x I x n)`` and ``down(act(up(x)))`` (NemotronH)."""
+
+
+class FunctionActivation(nn.Module):
+    """A plain function used as an experts module's activation (LFM2-MoE's ``act_fn = F.silu``) as a module."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def _as_module(act) -> nn.Module:
+    return act if isinstance(act, nn.Module) else FunctionActivation(act)
 
 
 def _dbrx_experts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,18 +218,19 @@ def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, for
         gu, dn = getattr(module, gate_up), getattr(module, down)
         if not (isinstance(gu, torch.Tensor) and gu.dim() == 3 and isinstance(dn, torch.Tensor) and dn.dim() == 3):
             raise ValueError(f"{type(module).__name__}: expected 3-D expert tensors {gate_up!r} and {down!r}")
-    if form in ("gpt_oss", "llama4"):  # stored for x W (E x hidden x 2I, E x I x hidden)
+    if form in ("gpt_oss", "llama4", "transposed"):  # stored for x W (E x hidden x 2I, E x I x hidden)
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
     if form == "gpt_oss":  # biases, the clamped SwiGLU on interleaved gate/up
         biases = (getattr(module, f"{gate_up}_bias"), getattr(module, f"{down}_bias"))
         activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
     elif form == "dbrx":  # the activation lives on the weights' module
         biases, activation, fused = None, module.mlp.activation_fn, False
-    else:  # Llama 4's inputs arrive already scaled by the routing (routed_input)
-        biases, activation, fused = None, getattr(module, act), False
-    count, two_inter, hidden = gu.shape
-    new = LinearExperts(count, hidden, two_inter // 2, activation, (gate_up, down, act), device=gu.device,
-                        dtype=gu.dtype, bias=biases is not None, fused_act=fused, routed_input=form == "llama4")
+    else:  # Llama 4's inputs arrive already scaled by the routing (routed_input); plain: act on the whole up
+        biases, activation, fused = None, _as_module(getattr(module, act)), form == "plain"
+    count, width, hidden = gu.shape
+    new = LinearExperts(count, hidden, dn.shape[2], activation, (gate_up, down, act), device=gu.device,
+                        dtype=gu.dtype, bias=biases is not None, fused_act=fused, routed_input=form == "llama4",
+                        gate_up_width=width)
     for e in range(count):
         getattr(new, gate_up)[e].weight.copy_(gu[e])
         getattr(new, down)[e].weight.copy_(dn[e])
@@ -198,6 +240,64 @@ def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, for
     return new
 
 
+PROBE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+"""Largest relative difference (Frobenius) between a generic experts module and its per-expert linears on the probe,
+by dtype: a few roundings for the same products in another order; a misread layout is off by O(1)."""
+
+
+def _experts_interface(module: nn.Module) -> bool:
+    """Whether ``module`` is called as transformers' experts modules are, ``forward(hidden_states, top_k_index,
+    top_k_weights)``, and holds 3-D weights of its own."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[:3] == ["hidden_states", "top_k_index", "top_k_weights"] and any(
+        p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def _generic_expert_forms(module: nn.Module) -> list[tuple[str, str]]:
+    """``[(form, first projection's name)]``: the readings of ``module``'s 3-D expert weights its shapes allow (see
+    the module docstring), to be tried on the probe in this order; ``[]`` for any other module."""
+    dn = getattr(module, "down_proj", None)
+    if not (isinstance(dn, nn.Parameter) and dn.dim() == 3) or dn.is_meta or not callable(getattr(module, "act_fn",
+                                                                                                  None)):
+        return []
+    if getattr(module, "gate_up_proj_bias", None) is not None or getattr(module, "down_proj_bias", None) is not None:
+        return []
+    if not _experts_interface(module):
+        return []
+    count, a, b = dn.shape
+    gu, up = getattr(module, "gate_up_proj", None), getattr(module, "up_proj", None)
+    forms = []
+    if isinstance(gu, nn.Parameter) and gu.dim() == 3:
+        if gu.shape == (count, 2 * b, a):  # down n x I: gate_up 2I x n
+            forms.append(("mixtral", "gate_up_proj"))
+        if gu.shape == (count, b, 2 * a):  # down I x n (for x W): gate_up n x 2I
+            forms.append(("transposed", "gate_up_proj"))
+    elif isinstance(up, nn.Parameter) and up.dim() == 3 and up.shape == (count, b, a):
+        forms.append(("plain", "up_proj"))
+    return forms
+
+
+@torch.no_grad()
+def _probe_difference(old: nn.Module, new: LinearExperts) -> float:
+    """Relative difference (Frobenius) of ``new``'s output from ``old``'s on random tokens routed to every expert
+    (two experts a token where there are two, random weights)."""
+    ref = old.down_proj
+    count, hidden = new.num_experts, getattr(new, new.names[1])[0].out_features
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens, k = 2 * count + 3, min(2, count)
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)
+    index = torch.rand(tokens, count, generator=g).argsort(-1)[:, :k].to(ref.device)
+    weights = torch.rand(tokens, k, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)
+    want, got = old(x, index, weights), new(x, index, weights)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return float("inf")
+    want, got = want.double(), got.double()
+    return float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -205,8 +305,9 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def linearize_(model: nn.Module, layout: ModelLayout | None = None) -> dict:
-    """Convert every ``Conv1D``, every foreign ``nn.Linear`` subclass and (with ``layout``) every block's 3-D
-    experts to ``nn.Linear`` form, in place, function unchanged; return the ``"forms"`` plan section."""
+    """Convert every ``Conv1D``, every foreign ``nn.Linear`` subclass and every block's experts (those the ``layout``
+    names; without one, the standard-form experts modules that pass the probe: module docstring) to ``nn.Linear``
+    form, in place, function unchanged; return the ``"forms"`` plan section."""
     conv1d = _conv1d_class()
     entry: dict = {"conv1d": [], "linear": [], "experts": {}}
     # a MoE router stays as it is, whatever its class (Phi-3.5-MoE's is an nn.Linear subclass returning the routing)
@@ -218,10 +319,33 @@ def linearize_(model: nn.Module, layout: ModelLayout | None = None) -> dict:
         elif (isinstance(module, nn.Linear) and type(module) is not nn.Linear and not _ours(module)
               and name not in routers):
             if not is_linear_map(module):
-                raise NotImplementedError(f"{name} is a {type(module).__name__}, an nn.Linear subclass whose forward "
-                                          "is not x Wᵀ + b; it cannot be compressed as a linear layer")
+                log.warning("%s is a %s, an nn.Linear subclass whose forward is not x Wᵀ + b on a probe input; it "
+                            "stays as it is and is no compression target", name, type(module).__name__)
+                continue
             _set(model, name, _plain_linear(module.weight, module.bias))
             entry["linear"].append(name)
+    if layout is None:
+        for name, module in list(model.named_modules()):
+            diffs = []
+            for form, first in _generic_expert_forms(module):
+                new = _linearize_experts(module, first, "down_proj", "act_fn", form)
+                diffs.append(_probe_difference(module, new))
+                if diffs[-1] <= PROBE_RTOL.get(module.down_proj.dtype, 1e-5):
+                    _set(model, name, new)
+                    entry["experts"][name] = {"gate_up": first, "down": "down_proj", "act": "act_fn",
+                                              **({"form": form} if form != "mixtral" else {})}
+                    break
+            else:
+                if diffs:
+                    log.warning("%s (%s) has 3-D expert weights but per-expert linears do not reproduce its output "
+                                "(relative difference %s on a random probe); it stays as it is and its matrices are "
+                                "not compressed. A model layout (models/layouts) says how this family's experts "
+                                "compute", name, type(module).__name__, ", ".join(f"{d:.1e}" for d in diffs))
+                elif _experts_interface(module) and not any(p.is_meta for p in module.parameters(recurse=False)):
+                    log.warning("%s (%s) holds 3-D expert weights (%s) in a form this package does not read; it stays "
+                                "as it is and its matrices are not compressed. A model layout (models/layouts) says "
+                                "how this family's experts compute", name, type(module).__name__,
+                                ", ".join(n for n, p in module.named_parameters(recurse=False) if p.dim() == 3))
     for block in layout.blocks if layout is not None else ():
         spec = block.mlp.experts
         if spec is None or isinstance(model.get_submodule(spec.path), LinearExperts):
@@ -264,4 +388,4 @@ def apply_forms_plan(model: nn.Module, entry: Mapping) -> list[str]:
     return changed
 
 
-__all__ = ["ClampedSwiGLU", "LinearExperts", "apply_forms_plan", "is_linear_map", "linearize_"]
+__all__ = ["ClampedSwiGLU", "FunctionActivation", "LinearExperts", "apply_forms_plan", "is_linear_map", "linearize_"]

@@ -87,10 +87,11 @@ def test_untied_gpt2_head_is_not_the_only_target():
     assert skipped["lm_head.weight"].startswith("output head") and "[4,096 parameters]" in skipped["lm_head.weight"]
 
 
-def test_linearize_refuses_a_linear_subclass_that_is_not_a_linear_map_but_leaves_routers_alone():
-    """A foreign nn.Linear subclass whose forward is not ``x Wᵀ + b`` (here: one returning a tuple, as Phi-3.5-MoE's
-    router does) is refused by name, not crashed on; the same module as the layout's MoE router is left as it is,
-    and the report counts its weight as not covered."""
+def test_linearize_leaves_a_linear_subclass_that_is_not_a_linear_map_and_routers_alone(caplog):
+    """A foreign nn.Linear subclass whose forward is not ``x Wᵀ + b`` (one returning a tuple, as Phi-3.5-MoE's router
+    does; one whose forward cannot take a ``[3, in]`` probe, as DeepSeek-V4's grouped projection) stays as it is,
+    named in a warning, and is no default target (skipped with the reason); the same module as the layout's MoE
+    router is left as it is, and the report counts its weight as not covered."""
     from torch import nn
 
     from compression.forms import linearize_
@@ -100,10 +101,20 @@ def test_linearize_refuses_a_linear_subclass_that_is_not_a_linear_map_but_leaves
         def forward(self, x):
             return super().forward(x), x
 
+    class Grouped(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.reshape(-1, 2, self.in_features))
+
     model = build("LLaMA")
     model.model.layers[0].mlp.extra = Routing(32, 4)
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.extra is a Routing.*not x Wᵀ \+ b"):
-        linearize_(model)
+    model.model.layers[1].mlp.extra = Grouped(32, 4)
+    with caplog.at_level("WARNING", logger="compression.forms"):
+        assert linearize_(model) == {}
+    assert type(model.model.layers[0].mlp.extra) is Routing and type(model.model.layers[1].mlp.extra) is Grouped
+    for i, cls in enumerate(("Routing", "Grouped")):
+        assert f"model.layers.{i}.mlp.extra is a {cls}, an nn.Linear subclass whose forward is not x Wᵀ + b" \
+            in caplog.text
+        assert select_targets(model).skipped[f"model.layers.{i}.mlp.extra"].startswith(f"not a plain nn.Linear ({cls})")
 
     model, layout, forms = prepared("Phi-3.5-MoE")
     router = model.get_submodule(layout.blocks[0].mlp.experts.router)
