@@ -151,6 +151,19 @@ def _compress(model, method="svd_llm", allocation="uniform"):
     return compress_(model, Recipe(method, ratio=RATIO, allocation=allocation, targets=names), stats), names
 
 
+def sequential_vs_all_at_once(model: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits of model, of a copy)`` on the first calibration batch after ``svd_llm`` at :data:`RATIO` on
+    ``names``: ``model`` compressed block by block with dense propagation (in place), the copy with every statistic
+    collected in one pass.  The two are the same computation, so the logits must be equal bit for bit."""
+    ref = copy.deepcopy(model)
+    compress_(ref, Recipe("svd_llm", ratio=RATIO, targets=names), collect_stats(ref, names, batches()))
+    compress_(model, Recipe("svd_llm", ratio=RATIO, targets=names, calibration={"mode": "sequential",
+                                                                               "propagate": "dense"}),
+              family=CausalLMSpec(model=model), batches=batches())
+    ids = batches()[0]["input_ids"]
+    return logits(model, ids), logits(ref, ids)
+
+
 def _refusal(fn, model) -> str:
     """Run ``fn``; it must refuse (NotImplementedError naming the model class) without changing the model."""
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -9,7 +9,8 @@ layers (Cohere2), multi-head latent attention with shared experts (DeepSeek-V3),
 float32 by the family and left out of the targets (HunYuan-MoE), experts fed score-scaled copies of every token
 (Llama 4), per-layer embeddings and layers reusing earlier layers' keys and values (Gemma 4), a MoE block beside a
 dense MLP with a router reading its own norm (Gemma 4 MoE), experts stored as flat ``E·I x n`` matrices behind a
-fused, clamped qkv (DBRX)."""
+fused, clamped qkv (DBRX); and two families without a layout whose experts the generic path converts after its probe
+(LFM2-MoE, whose activation is a plain function; Aria's text model, whose experts are stored for ``x W``)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,29 @@ LAYERS = {"Qwen3-MoE": 19, "Phi-3.5-MoE": 24, "OLMo2": 14, "Gemma2": 14, "Cohere
           "DBRX": 20}
 
 
+# families without a layout whose experts the generic path converts (compression.forms), with the layers it factorizes
+GENERIC_LAYERS = {"lfm2_moe": 14, "aria_text": 26}
+
+
 @pytest.mark.parametrize("family", list(LAYERS))
 def test_fit_then_evaluate_from_a_saved_folder(family, tmp_path, monkeypatch):
+    _fit_then_evaluate(build(family).float(), family, LAYERS[family], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("model_type", list(GENERIC_LAYERS))
+def test_generic_experts_fit_then_evaluate_from_a_saved_folder(model_type, tmp_path, monkeypatch):
+    """The generic path's converted experts (no layout) are calibrated, factorized and rebuilt from the checkpoint
+    (its forms entry replays the reading) in evaluate.py as a layout family's are."""
+    from tests.test_transformers_families import _build
+
+    _fit_then_evaluate(_build(model_type), model_type, GENERIC_LAYERS[model_type], tmp_path, monkeypatch)
+
+
+def _fit_then_evaluate(model, family, layers, tmp_path, monkeypatch):
     from tests.test_llm_data import byte_tokenizer
 
     folder = tmp_path / "model"
-    build(family).float().save_pretrained(folder)
+    model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     monkeypatch.chdir(tmp_path)
     spec = {"class_path": "lightning_modules.specs.CausalLMSpec", "init_args": {"name_or_path": str(folder)}}
@@ -43,7 +61,7 @@ def test_fit_then_evaluate_from_a_saved_folder(family, tmp_path, monkeypatch):
     cli = CompressionCLI(args=["fit", "--config", str(path)])
     ckpt = tmp_path / "out" / "run" / "version_0" / "compressed.ckpt"
     summary = json.loads((ckpt.parent / "summary.json").read_text())
-    assert summary["compression"]["layers"] == LAYERS[family], summary["compression"]
+    assert summary["compression"]["layers"] == layers, summary["compression"]
     assert 0.2 < summary["compression"]["params_ratio"] < 0.4
     compressed = summary["test"]
     dense = {f"test/ppl/{k}": v["ppl"] for k, v in summary["dense"].items()}
