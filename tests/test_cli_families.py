@@ -32,7 +32,7 @@ LAYERS = {"Qwen3-MoE": 19, "Phi-3.5-MoE": 24, "OLMo2": 14, "Gemma2": 14, "Cohere
 
 
 # families without a layout whose experts the generic path converts (compression.forms), with the layers it factorizes
-GENERIC_LAYERS = {"lfm2_moe": 14, "aria_text": 26}
+GENERIC_LAYERS = {"lfm2_moe": 17, "aria_text": 46}
 
 
 @pytest.mark.parametrize("family", list(LAYERS))
