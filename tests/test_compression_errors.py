@@ -83,10 +83,34 @@ def test_missing_statistics(tiny_llama, stats):
         compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=None)
     partial = collect_stats(tiny_llama, ["model.layers.1.mlp.down_proj"], [{"input_ids": torch.zeros(1, 4).long()}])
     q = "model.layers.0.self_attn.q_proj"
-    with pytest.raises(ValueError, match=f"needs calibration statistics for layer '{q}'.*never called this module"
-                                         f".*exclude: \\['{q}'\\]"):
+    with pytest.raises(ValueError, match=f"has none for 13 of them: {q}, .*forwards never call.*exclude: \\[\"{q}\""):
         compress_(tiny_llama, Recipe("svd_llm", ratio=0.2), stats=partial)
+    with pytest.raises(ValueError, match=f"needs calibration statistics for layer '{q}'.*never called this module"
+                                         f".*exclude: \\['{q}'\\]"):  # one layer: the per-layer message
+        compress_(tiny_llama, Recipe("svd_llm", ratio=0.2, targets=[q, "model.layers.1.mlp.down_proj"]), stats=partial)
     assert_unchanged(tiny_llama, snap)
+
+
+def test_every_unreached_layer_is_named_with_the_exclude_list_that_leaves_it_dense():
+    """One token reaches 2 of the tiny Mixtral's 4 experts a layer: the error names every unreached expert matrix at
+    once (not the first only), counts them, and ends with an ``exclude`` list that, pasted, lets the run through."""
+    import json
+
+    from benchmarks.architectures import prepared, targets
+
+    model, _, _ = prepared("Mixtral")
+    names = targets(model)
+    stats = collect_stats(model, names, [{"input_ids": torch.tensor([[5]])}])
+    missing = [n for n in names if n not in stats]
+    assert len(missing) == 8 and all(".experts." in n for n in missing)  # 2 experts x 2 matrices x 2 layers
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"has none for 8 of them \(8 of them mixture-of-experts experts") as err:
+        compress_(model, Recipe("svd_llm", ratio=0.3, targets=names), stats)
+    assert_unchanged(model, snap)
+    exclude = json.loads(str(err.value).split("exclude: ", 1)[1])
+    assert exclude == missing
+    report = compress_(model, Recipe("svd_llm", ratio=0.3, targets=names, exclude=exclude), stats)
+    assert len(report.layers) == len(names) - 8
 
 
 def test_non_finite_weight(tiny_llama, stats):
