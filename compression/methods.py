@@ -24,6 +24,7 @@ before any layer is cut: :meth:`Method.spectrum` (singular values only) and
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import weakref
@@ -64,6 +65,20 @@ class Factors:
 
 SOLVERS = ("gram_eigh", "svd")
 """How the transformed weight's singular triplets are computed (:func:`thin_svd`)."""
+
+
+def missing_stats_error(method: str, missing: list[str]) -> str:
+    """The error for targeted layers without calibration statistics, naming every one of them and the ``exclude``
+    list that leaves them dense."""
+    experts = sum(".experts." in n for n in missing)
+    shown = ", ".join(missing[:6]) + (f", ... ({len(missing) - 6} more)" if len(missing) > 6 else "")
+    why = (f" ({experts} of them mixture-of-experts experts, which a router may never choose on the calibration "
+           "batches)" if experts else "")
+    return (f"method {method!r} needs calibration statistics for every targeted layer and has none for {len(missing)} "
+            f"of them{why}: {shown}. Statistics collected for these targets (collect_stats with the same layer names) "
+            "miss only the layers the calibration forwards never call (an expert not chosen, a branch these batches do "
+            "not take): calibrate on more or more varied tokens, or leave them out of the targets: exclude: "
+            f"{json.dumps(missing)}")
 
 
 @dataclass

@@ -27,7 +27,6 @@ batches, reduce across processes and log).  ``family`` is the model family's spe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -47,7 +46,7 @@ from compression.allocation import (
 from compression.collector import collect_stats, default_forward
 from compression.lowrank import linear_num_parameters
 from compression.matrices import build_matrices, fixed_by_overrides
-from compression.methods import build_method
+from compression.methods import build_method, missing_stats_error
 from compression.output_fisher import OutputWeighted, output_fisher
 from compression.pipeline_truncate import TruncateStage
 from compression.plan import make_plan
@@ -66,20 +65,6 @@ STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)} | {"fisher": STAGES.i
 """Each stage's place; the output Fisher weights share the statistics' (either may come first: the
 sequential mode needs the weights for its spectra pass, before its statistics)."""
 
-
-
-def _unreached_error(method: str, missing: list[str]) -> str:
-    """The error for targeted layers without calibration statistics, naming every one of them and the ``exclude``
-    list that leaves them dense."""
-    experts = sum(".experts." in n for n in missing)
-    shown = ", ".join(missing[:6]) + (f", ... ({len(missing) - 6} more)" if len(missing) > 6 else "")
-    why = (f" ({experts} of them mixture-of-experts experts, which a router may never choose on the calibration "
-           "batches)" if experts else "")
-    return (f"method {method!r} needs calibration statistics for every targeted layer and has none for {len(missing)} "
-            f"of them{why}: {shown}. Statistics collected for these targets (collect_stats with the same layer names) "
-            "miss only the layers the calibration forwards never call (an expert not chosen, a branch these batches do "
-            "not take): calibrate on more or more varied tokens, or leave them out of the targets: exclude: "
-            f"{json.dumps(missing)}")
 
 
 class CompressionPipeline(TruncateStage):
@@ -198,7 +183,7 @@ class CompressionPipeline(TruncateStage):
                                  "statistics; none were given")
             missing = [name for name in self.names if name not in stats]
             if len(missing) > 1:  # all of them at once: a MoE's unreached experts are often many
-                raise ValueError(_unreached_error(self.recipe.method, missing))
+                raise ValueError(missing_stats_error(self.recipe.method, missing))
             for name in self.names:
                 self.method.check_stats(stats[name] if name in stats else None, name)
         self.stats = stats

@@ -111,6 +111,15 @@ def test_every_unreached_layer_is_named_with_the_exclude_list_that_leaves_it_den
     assert exclude == missing
     report = compress_(model, Recipe("svd_llm", ratio=0.3, targets=names, exclude=exclude), stats)
     assert len(report.layers) == len(names) - 8
+    # block by block the same: the first block's four unreached expert matrices, before anything of it changes
+    from lightning_modules.specs import CausalLMSpec
+
+    model, _, _ = prepared("Mixtral")
+    with pytest.raises(ValueError, match=r"has none for 4 of them \(4 of them mixture-of-experts") as err:
+        compress_(model, Recipe("svd_llm", ratio=0.3, targets=names, calibration={"mode": "sequential"}),
+                  family=CausalLMSpec(model=model), batches=[{"input_ids": torch.tensor([[5]])}])
+    assert json.loads(str(err.value).split("exclude: ", 1)[1]) == missing[:4]
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
 def test_non_finite_weight(tiny_llama, stats):
