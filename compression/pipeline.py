@@ -66,7 +66,6 @@ STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)} | {"fisher": STAGES.i
 sequential mode needs the weights for its spectra pass, before its statistics)."""
 
 
-
 class CompressionPipeline(TruncateStage):
     """See the module docstring.  Attributes filled by the stages: ``stats``, ``importances``,
     ``allocation``, ``report``, ``quantization``, ``rotation``, ``plan``."""
