@@ -16,13 +16,17 @@ A projection ``y = x Wᵀ + b`` (``W: out x in``) is stored in several ways by `
   keeps flat ``E·I x n`` matrices ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2``.
 
 Families without a layout (:func:`linearize_` with ``layout=None``) are searched for experts modules in the
-transformers experts interface: ``forward(hidden_states, top_k_index, top_k_weights)``, an ``act_fn`` (a module or a
-function), no biases, a 3-D ``down_proj`` and either a 3-D ``gate_up_proj`` (gated; stored ``E x 2I x n`` as in
-Mixtral, or ``E x n x 2I`` for ``x W`` as in Aria) or a 3-D ``up_proj`` (plain, ``down(act(up(x)))``: NemotronH).
-Each reading the shapes allow is tried, and a module is linearized only when the per-expert linears give its own
-output on a random probe (every expert reached, relative difference at most :data:`PROBE_RTOL` of the dtype); one
-that matches no reading (a clamped gate, per-expert norms, weights applied elsewhere) stays as it is with a warning
-naming it, and its matrices are not compressed.
+transformers experts interface: ``forward(hidden_states, top_k_index, top_k_weights)``, no biases, a 3-D
+``down_proj`` and either a 3-D ``gate_up_proj`` (gated; stored ``E x 2I x n`` as in Mixtral, or ``E x n x 2I`` for
+``x W`` as in Aria) with an ``act_fn`` (a module or a function) or a gate of the class's own (``_apply_gate``:
+DeepSeek-V4's and HY-V4's clamps, run as :class:`OwnGate`), or a 3-D ``up_proj`` with an ``act_fn`` (plain,
+``down(act(up(x)))``: NemotronH).  The marks transformers' experts decorator leaves on the class
+(``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``, ``has_post_expert_norm``) choose the reading,
+else the shapes do.  A module is linearized only when the per-expert linears give its own output on a random probe,
+at unit scale and scaled until the first projections reach about 100 (a clamp the reading left out shows there):
+every expert reached, relative difference at most :data:`PROBE_RTOL` of the dtype.  One that matches no reading
+(per-expert norms, interleaved gate/up, weights applied elsewhere) stays as it is with a warning naming it, and its
+matrices are not compressed.
 
 :func:`linearize_` returns a plain-data plan section (``"forms"``) that :func:`apply_forms_plan` replays on a
 freshly built model before the low-rank layers are rebuilt (:func:`compression.plan.apply_plan`), so an
@@ -31,6 +35,7 @@ export of a linearized model loads back bit-exactly.  The router of a MoE block 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Mapping
@@ -193,6 +198,31 @@ def _as_module(act) -> nn.Module:
     return act if isinstance(act, nn.Module) else FunctionActivation(act)
 
 
+class OwnGate(nn.Module):
+    """A gated experts module's own ``_apply_gate(gate_up)`` (DeepSeek-V4's, Bailing's and HY-V4's clamp the gate and
+    up halves), as the fused activation of its :class:`LinearExperts`.  It runs on a shallow copy of the experts module
+    that holds none of its weights (its limits, activation and config are what the gate reads)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        owner = copy.copy(experts)
+        owner._parameters, owner._buffers = {}, {}
+        object.__setattr__(self, "owner", owner)  # not a submodule: no second experts module in the tree
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return type(self.owner)._apply_gate(self.owner, gate_up)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.owner).__name__}._apply_gate"
+
+
+def _own_gate(module: nn.Module) -> bool:
+    """Whether ``module``'s class gates its ``gate_up`` output in its own ``_apply_gate``, not transformers' default
+    ``act(gate) * up``."""
+    gate = getattr(type(module), "_apply_gate", None)
+    return callable(gate) and getattr(gate, "__module__", "") != "transformers.integrations.moe"
+
+
 def _dbrx_experts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """DBRX's ``mlp.w1`` (gate), ``mlp.v1`` (up) and ``mlp.w2`` (down, used as ``h w2``), each ``E·I x hidden`` with
     expert ``e`` in rows ``e·I .. (e+1)·I``, as ``(gate_up [E, 2I, hidden], down [E, hidden, I])``."""
@@ -225,6 +255,8 @@ def _linearize_experts(module: nn.Module, gate_up: str, down: str, act: str, for
         activation, fused = ClampedSwiGLU(module.alpha, module.limit), True
     elif form == "dbrx":  # the activation lives on the weights' module
         biases, activation, fused = None, module.mlp.activation_fn, False
+    elif form in ("mixtral", "transposed") and _own_gate(module):  # the family's clamped or scaled gate, exactly
+        biases, activation, fused = None, OwnGate(module), True
     else:  # Llama 4's inputs arrive already scaled by the routing (routed_input); plain: act on the whole up
         biases, activation, fused = None, _as_module(getattr(module, act)), form == "plain"
     count, width, hidden = gu.shape
@@ -257,25 +289,31 @@ def _experts_interface(module: nn.Module) -> bool:
 
 
 def _generic_expert_forms(module: nn.Module) -> list[tuple[str, str]]:
-    """``[(form, first projection's name)]``: the readings of ``module``'s 3-D expert weights its shapes allow (see
-    the module docstring), to be tried on the probe in this order; ``[]`` for any other module."""
+    """``[(form, first projection's name)]``: the readings of ``module``'s 3-D expert weights (see the module
+    docstring), to be tried on the probe in this order; ``[]`` for any other module.  Where transformers' experts
+    decorator has marked the class (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``,
+    ``has_post_expert_norm``), the marks choose the reading; otherwise the shapes do."""
     dn = getattr(module, "down_proj", None)
-    if not (isinstance(dn, nn.Parameter) and dn.dim() == 3) or dn.is_meta or not callable(getattr(module, "act_fn",
-                                                                                                  None)):
+    if not (isinstance(dn, nn.Parameter) and dn.dim() == 3) or dn.is_meta or not _experts_interface(module):
         return []
     if getattr(module, "gate_up_proj_bias", None) is not None or getattr(module, "down_proj_bias", None) is not None:
         return []
-    if not _experts_interface(module):
-        return []
+    if (getattr(module, "has_bias", False) or getattr(module, "has_post_expert_norm", False)
+            or getattr(module, "is_concatenated", True) is False):
+        return []  # biases, a norm after each expert, interleaved gate/up: no reading here
     count, a, b = dn.shape
     gu, up = getattr(module, "gate_up_proj", None), getattr(module, "up_proj", None)
+    transposed = getattr(module, "is_transposed", None)
+    gated = getattr(module, "has_gate", True) is not False
     forms = []
-    if isinstance(gu, nn.Parameter) and gu.dim() == 3:
-        if gu.shape == (count, 2 * b, a):  # down n x I: gate_up 2I x n
+    if gated and isinstance(gu, nn.Parameter) and gu.dim() == 3 and (_own_gate(module) or callable(
+            getattr(module, "act_fn", None))):
+        if gu.shape == (count, 2 * b, a) and transposed is not True:  # down n x I: gate_up 2I x n
             forms.append(("mixtral", "gate_up_proj"))
-        if gu.shape == (count, b, 2 * a):  # down I x n (for x W): gate_up n x 2I
+        if gu.shape == (count, b, 2 * a) and transposed is not False:  # down I x n (for x W): gate_up n x 2I
             forms.append(("transposed", "gate_up_proj"))
-    elif isinstance(up, nn.Parameter) and up.dim() == 3 and up.shape == (count, b, a):
+    elif (not gated or gu is None) and isinstance(up, nn.Parameter) and up.dim() == 3 and up.shape == (count, b, a) \
+            and callable(getattr(module, "act_fn", None)) and transposed is not True:
         forms.append(("plain", "up_proj"))
     return forms
 
@@ -291,11 +329,18 @@ def _probe_difference(old: nn.Module, new: LinearExperts) -> float:
     x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)
     index = torch.rand(tokens, count, generator=g).argsort(-1)[:, :k].to(ref.device)
     weights = torch.rand(tokens, k, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)
-    want, got = old(x, index, weights), new(x, index, weights)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return float("inf")
-    want, got = want.double(), got.double()
-    return float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny))
+    first = getattr(new, new.names[0])
+    # a second probe scaled so that the first projections' outputs reach about 100: a clamp or saturation the reading
+    # left out shows there (random weights keep them near 0.1, far under any limit)
+    reach = max(float(first[e](x).abs().amax()) for e in range(count))
+    worst = 0.0
+    for scale in (1.0, 100.0 / max(reach, 1e-12)):
+        want, got = old(x * scale, index, weights), new(x * scale, index, weights)
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            return float("inf")
+        want, got = want.double(), got.double()
+        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny)))
+    return worst
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

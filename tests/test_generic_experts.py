@@ -55,18 +55,63 @@ def test_each_reading_is_exact_and_its_export_loads_back_bit_exact(model_type, p
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+class HiddenClamp(torch.nn.Module):
+    """Experts in the interface, Mixtral's shapes and an ``act_fn``, that clamp the gate at 5 inside ``forward`` (not
+    in an ``_apply_gate``): the plain reading matches at the probe's unit scale and misses once the gate passes 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate_up_proj = torch.nn.Parameter(0.1 * torch.randn(4, 16, 8, generator=g))
+        self.down_proj = torch.nn.Parameter(0.1 * torch.randn(4, 8, 8, generator=g))
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                gate, up = torch.nn.functional.linear(hidden_states[t], self.gate_up_proj[e]).chunk(2)
+                h = self.act_fn(gate.clamp(max=5.0)) * up
+                out[t] += top_k_weights[t, j] * torch.nn.functional.linear(h, self.down_proj[e])
+        return out
+
+
 def test_experts_no_reading_reproduces_stay_as_they_are_and_are_named(caplog):
-    """Ergo's experts have a ``down_proj`` and an ``up_proj`` of the plain shapes but compute otherwise: the plain
-    reading is tried, misses by O(1) on the probe, and is not taken.  HY-V4's clamp their gate and have no ``act_fn``:
-    no reading is tried.  Both modules stay as they were, named in a warning."""
-    for model_type, path, words in (("ergo", "model.layers.1.mlp.experts", "do not reproduce its output"),
-                                    ("hy_v4", "model.layers.1.mlp.experts", "in a form this package does not read")):
-        model = _build(model_type)
-        before = type(model.get_submodule(path))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="compression.forms"):
-            forms = linearize_(model)
-        assert "experts" not in forms and type(model.get_submodule(path)) is before
-        assert f"{path} ({before.__name__})" in caplog.text and words in caplog.text, caplog.text
-        if model_type == "ergo":  # the plain reading's difference on the probe is named: O(1), not rounding
-            assert float(caplog.text.split("relative difference ")[1].split(" ")[0]) > 0.1
+    """A hidden clamp: the reading is tried, misses on the scaled probe, and is not taken.  Ergo's experts (a norm per
+    expert, ``up_proj`` stored for ``x W``): no reading is tried.  Both stay as they were, named in a warning."""
+    model = torch.nn.Module()
+    model.experts = HiddenClamp()
+    with caplog.at_level("WARNING", logger="compression.forms"):
+        assert linearize_(model) == {}
+    assert type(model.experts) is HiddenClamp
+    assert "experts (HiddenClamp) has 3-D expert weights but per-expert linears do not reproduce" in caplog.text
+    assert float(caplog.text.split("relative difference ")[1].split(" ")[0]) > 0.1
+    model, path = _build("ergo"), "model.layers.1.mlp.experts"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="compression.forms"):
+        assert "experts" not in linearize_(model)
+    assert type(model.get_submodule(path)).__name__ == "ErgoExperts"
+    assert f"{path} (ErgoExperts) holds 3-D expert weights (up_proj, down_proj) in a form this package does not read" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("model_type, path", [("deepseek_v4", "model.layers.0.mlp.experts"),
+                                              ("hy_v4", "model.layers.1.mlp.experts")])
+def test_a_family_gate_of_its_own_is_kept(model_type, path):
+    """DeepSeek-V4 and HY-V4 clamp the gate and up halves in their ``_apply_gate``: the per-expert linears run that very
+    method (on a copy of the module holding no weights), exact at both probe scales, where the plain ``act(gate) * up``
+    reading would miss DeepSeek-V4's by O(1) on the scaled probe."""
+    from compression.forms import OwnGate, _as_module, _probe_difference
+
+    model = _build(model_type)
+    old = model.get_submodule(path)
+    forms = linearize_(model)
+    new = model.get_submodule(path)
+    assert path in forms["experts"] and isinstance(new.act_fn, OwnGate) and new.fused_act
+    assert not list(new.act_fn.parameters()) and not list(new.act_fn.children())
+    assert _probe_difference(old, new) <= 1e-5
+    if hasattr(old, "act_fn"):  # DeepSeek-V4 has an act_fn beside its clamps
+        plain = LinearExperts(4, 32, old.down_proj.shape[2], _as_module(old.act_fn), new.names)
+        plain.load_state_dict(new.state_dict())
+        assert _probe_difference(old, plain) > 1.0

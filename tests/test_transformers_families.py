@@ -130,13 +130,14 @@ FAMILIES = {**{name: {} for name in PLAIN}, **EXTRA}
 
 
 # experts modules the generic path linearizes (compression.forms: the transformers experts interface, checked on a
-# probe), per family; the rest of the MoE families here keep experts in a form no reading reproduces (HY-V4's clamped
-# gate, Ergo's per-expert norms), which stay as they are, or have per-expert linears already
-EXPERTS = {"afmoe": 1, "aria_text": 2, "axk1": 1, "axk2": 1, "bailing_hybrid": 1, "cohere2_moe": 2, "deepseek_v32": 1,
-           "deepseek_v4": 2, "exaone_moe": 1, "glm4_moe_lite": 1, "glm_moe_dsa": 1, "granitemoe_swa": 2,
-           "granitemoehybrid": 2, "hy_v3": 1, "inkling_text": 2, "jamba": 1, "kimi_linear": 1, "kolibri1": 2,
-           "laguna": 1, "lara_mini": 2, "lfm2_moe": 1, "mellum": 2, "mimo_v2_flash": 1, "minicpm5_moe": 1,
-           "minimax": 2, "nemotron_h": 1, "param2moe": 1, "sarvam_mla": 1, "sarvam_moe": 1, "solar_open": 2}
+# probe), per family; the rest of the MoE families here keep experts in a form no reading reproduces (Ergo's
+# per-expert norms, JetMoE's own layout), which stay as they are, or have per-expert linears already
+EXPERTS = {"afmoe": 1, "aria_text": 2, "axk1": 1, "axk2": 1, "bailing_hybrid": 1, "cohere2_moe": 2,
+           "deepseek_v32": 1, "deepseek_v4": 2, "exaone_moe": 1, "glm4_moe_lite": 1, "glm_moe_dsa": 1,
+           "granitemoe_swa": 2, "granitemoehybrid": 2, "hy_v3": 1, "hy_v4": 1, "inkling_text": 2, "jamba": 1,
+           "kimi_linear": 1, "kolibri1": 2, "laguna": 1, "lara_mini": 2, "lfm2_moe": 1, "mellum": 2,
+           "mimo_v2_flash": 1, "minicpm5_moe": 1, "minimax": 2, "minimax_m3_vl_text": 2, "nemotron_h": 1,
+           "param2moe": 1, "sarvam_mla": 1, "sarvam_moe": 1, "solar_open": 2}
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
