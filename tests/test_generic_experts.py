@@ -1,8 +1,8 @@
 """Experts of families without a layout (``compression.forms``): modules in the transformers experts interface are
-linearized in whichever reading of their 3-D weights reproduces them on a probe, so that their matrices are compressed
-like a layout family's; a module no reading reproduces stays as it is, named in a warning.  The families are tiny
-models from ``tests/test_transformers_families.py`` (which checks every generic family exact at full rank after this
-conversion, with the number of experts modules each converts)."""
+linearized in whichever reading of their 3-D weights reproduces them on a probe (the class's own gate included), so
+that their matrices are compressed like a layout family's; a module no reading reproduces stays as it is, named in a
+warning.  The families are tiny models from ``tests/test_transformers_families.py`` (which checks every generic family
+exact at full rank after this conversion, with the number of experts modules each converts)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("lfm2_moe", "model.layers.1.feed_forward.experts", None, "gate_up_proj", 64),  # act_fn = F.silu, a function
     ("aria_text", "model.layers.0.mlp.experts", "transposed", "gate_up_proj", 128),  # stored for x W
     ("nemotron_h", "model.layers.1.mixer.experts", "plain", "up_proj", 32),  # down(act(up(x)))
+    ("hy_v4", "model.layers.1.mlp.experts", None, "gate_up_proj", 64),  # its own clamped gate, rebuilt on load
 ])
 def test_each_reading_is_exact_and_its_export_loads_back_bit_exact(model_type, path, form, first, width):
     model = _build(model_type)
