@@ -28,6 +28,7 @@ import json
 import logging
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -136,6 +137,19 @@ class Method:
         return left
 
     # -- shared -----------------------------------------------------------------------------------
+    def check_all_stats(self, stats, names: Iterable[str]) -> None:
+        """:meth:`check_stats` for each of ``names`` in ``stats`` (an :class:`ActivationStats` or ``None``); two or
+        more names without statistics are one error naming them all (:func:`missing_stats_error`: a MoE's unreached
+        experts are often many).  A method that needs no statistics checks nothing."""
+        if not self.needs:
+            return
+        names = list(names)
+        missing = [n for n in names if stats is None or n not in stats]
+        if len(missing) > 1:
+            raise ValueError(missing_stats_error(self.name, missing))
+        for n in names:
+            self.check_stats(stats[n] if stats is not None and n in stats else None, n)
+
     def check_stats(self, stats: ChannelStats | None, name: str) -> None:
         if not self.needs:
             return

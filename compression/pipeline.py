@@ -46,7 +46,7 @@ from compression.allocation import (
 from compression.collector import collect_stats, default_forward
 from compression.lowrank import linear_num_parameters
 from compression.matrices import build_matrices, fixed_by_overrides
-from compression.methods import build_method, missing_stats_error
+from compression.methods import build_method
 from compression.output_fisher import OutputWeighted, output_fisher
 from compression.pipeline_truncate import TruncateStage
 from compression.plan import make_plan
@@ -180,11 +180,7 @@ class CompressionPipeline(TruncateStage):
             if stats is None:
                 raise ValueError(f"method {self.recipe.method!r} (budget {self.recipe.budget}) needs calibration "
                                  "statistics; none were given")
-            missing = [name for name in self.names if name not in stats]
-            if len(missing) > 1:  # all of them at once: a MoE's unreached experts are often many
-                raise ValueError(missing_stats_error(self.recipe.method, missing))
-            for name in self.names:
-                self.method.check_stats(stats[name] if name in stats else None, name)
+            self.method.check_all_stats(stats, self.names)
         self.stats = stats
 
     def defer_statistics(self, spectra: dict[str, torch.Tensor] | None = None,

@@ -28,7 +28,6 @@ from torch import nn
 from compression.allocation import Matrix
 from compression.joint import decompose_joint, install_joint, joint_num_parameters, restore_joint_
 from compression.lowrank import LowRankLinear, linear_num_parameters
-from compression.methods import missing_stats_error
 from compression.parallel import ordered_map
 from compression.plan import set_submodule
 from compression.report import LayerReport
@@ -77,12 +76,7 @@ class TruncateStage:
             self._singles: list[tuple[str, nn.Module]] = []
             self._groups: dict[str, dict[str, nn.Module]] = {}
         if self.stat_needs & STAT_FIELDS:
-            members = [name for key in keys for name in self.matrices[key].members]
-            missing = [name for name in members if stats is None or name not in stats]
-            if len(missing) > 1:  # all of the block's at once (a MoE block's unreached experts)
-                raise ValueError(missing_stats_error(self.recipe.method, missing))
-            for name in members:
-                self.method.check_stats(stats[name] if stats is not None and name in stats else None, name)
+            self.method.check_all_stats(stats, [name for key in keys for name in self.matrices[key].members])
         counts, self.stats = self.stats, stats
         start = len(self.layer_reports)
         try:

@@ -130,12 +130,6 @@ def _layout_or_none(model: nn.Module) -> ModelLayout | None:
         return None
 
 
-def _routers(model: nn.Module) -> list[str]:
-    """The layout's MoE router paths, or none when the family has no layout."""
-    layout = _layout_or_none(model)
-    return layout.routers() if layout is not None else []
-
-
 EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 """Config fields that hold a MoE model's expert count (in the config itself or its ``ffn_config``)."""
 
@@ -147,8 +141,11 @@ def unlaid_router_suspects(model: nn.Module, names: list[str]) -> list[str]:
     heads as experts).  :meth:`CausalLMSpec.default_targets` and :meth:`CausalLMSpec.quant_exclude` keep them dense
     and name them in a warning: a wrongly kept linear costs its few ``n x E`` weights, a factorized router sends
     tokens to other experts."""
-    if _layout_or_none(model) is not None:
-        return []
+    return [] if _layout_or_none(model) is not None else _router_shaped(model, names)
+
+
+def _router_shaped(model: nn.Module, names: list[str]) -> list[str]:
+    """Among ``names``, the linears shaped as a MoE router (:func:`unlaid_router_suspects`), layout or none."""
     config = getattr(model, "config", None)
     sources = [c for c in (config, getattr(config, "ffn_config", None)) if c is not None]
     counts = [v for c in sources for k in EXPERT_COUNTS if isinstance(v := getattr(c, k, None), int) and v > 1]
@@ -232,9 +229,10 @@ class CausalLMSpec(ModelSpec):
         (:func:`unlaid_router_suspects`); list them in ``targets`` to factorize them anyway."""
         eligible, _ = eligible_linears(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        routers = set(_routers(model))
+        layout = _layout_or_none(model)
+        routers = set(layout.routers()) if layout is not None else set()
         names = [n for n, m in eligible.items() if m is not head and shrinkable(m) and n not in routers]
-        suspects = set(unlaid_router_suspects(model, names))
+        suspects = set(_router_shaped(model, names)) if layout is None else set()
         if suspects:
             shown = sorted(suspects)
             log.warning("%s has no model layout, so its MoE routers are not known; %d linear(s) have a router's shape "
@@ -248,8 +246,11 @@ class CausalLMSpec(ModelSpec):
         MoE routers (a changed routing sends tokens to other experts) and, in a family without a layout, the linears
         shaped as one (:func:`unlaid_router_suspects`)."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        suspects = unlaid_router_suspects(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
-        return [n for n, m in model.named_modules() if head is not None and m is head] + _routers(model) + suspects
+        modules = list(model.named_modules())
+        layout = _layout_or_none(model)
+        routers = (layout.routers() if layout is not None
+                   else _router_shaped(model, [n for n, m in modules if isinstance(m, nn.Linear)]))
+        return [n for n, m in modules if head is not None and m is head] + routers
 
     def calibration_forward(self, model: nn.Module, batch: dict) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
