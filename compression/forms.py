@@ -282,13 +282,15 @@ by dtype: a few roundings for the same products in another order; a misread layo
 
 def _experts_interface(module: nn.Module) -> bool:
     """Whether ``module`` is called as transformers' experts modules are, ``forward(hidden_states, top_k_index,
-    top_k_weights)``, and holds 3-D weights of its own."""
+    top_k_weights)``, and holds 3-D weights of its own (tested first: the signature is read only for such modules,
+    not for every module of the model)."""
+    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        return False
     try:
         params = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return False
-    return params[:3] == ["hidden_states", "top_k_index", "top_k_weights"] and any(
-        p.dim() == 3 for p in module.parameters(recurse=False))
+    return params[:3] == ["hidden_states", "top_k_index", "top_k_weights"]
 
 
 def _generic_expert_forms(module: nn.Module) -> list[tuple[str, str]]:
